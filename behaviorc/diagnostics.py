@@ -1,0 +1,118 @@
+"""Source locations and diagnostics shared by every stage.
+
+A diagnostic is rendered the same way wherever it comes from (parser, checker, a task at
+run time that fails on data the spec named):
+
+    specs/listen.behavior:7:14: error: unknown setting `strenght`
+       7 |     strenght 4.0
+         |     ^^^^^^^^
+      hint: did you mean `strength`?
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Severity = Literal["error", "warning"]
+
+
+class Location(BaseModel):
+    """A span in a source file; lines and columns are 1-based, end is exclusive."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    severity: Severity
+    message: str
+    loc: Location | None = None
+    hint: str | None = None
+
+    def render(self, source: str | None = None) -> str:
+        """The whole diagnostic: header, the source line and a caret underline, the hint."""
+        where = f"{self.loc}: " if self.loc else ""
+        lines = [f"{where}{self.severity}: {self.message}"]
+        if self.loc is not None:
+            text = source if source is not None else _read_source(self.loc.file)
+            if text is not None:
+                lines.extend(_underline(text, self.loc))
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
+
+
+def _read_source(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _underline(source: str, loc: Location) -> list[str]:
+    src_lines = source.splitlines()
+    if not 1 <= loc.line <= len(src_lines):
+        return []
+    text = src_lines[loc.line - 1].expandtabs(1)
+    start = max(loc.column - 1, 0)
+    end = loc.end_column - 1 if loc.end_line == loc.line else len(text)
+    width = max(1, min(end, len(text)) - start)
+    gutter = f"{loc.line:>4} | "
+    return [gutter + text, " " * (len(gutter) - 2) + "| " + " " * start + "^" * width]
+
+
+@dataclass
+class DiagnosticSink:
+    """Collects every diagnostic of a run, so all errors in a file are reported at once."""
+
+    items: list[Diagnostic] = field(default_factory=list)
+
+    def error(self, message: str, loc: Location | None = None, hint: str | None = None) -> None:
+        self.items.append(Diagnostic("error", message, loc, hint))
+
+    def warning(self, message: str, loc: Location | None = None, hint: str | None = None) -> None:
+        self.items.append(Diagnostic("warning", message, loc, hint))
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.items if d.severity == "error"]
+
+    def render(self) -> str:
+        return "\n".join(d.render() for d in self.items)
+
+
+class BehaviorError(Exception):
+    """An error a user can act on, with the diagnostics that say where and why.
+
+    Raised at any stage (a bad model folder, a server that refuses a push, a data file
+    that changed under a build). The CLI prints the diagnostics and exits 1; nothing
+    else in behaviorc turns exceptions into text.
+    """
+
+    def __init__(self, message: str, loc: Location | None = None, hint: str | None = None,
+                 diagnostics: Iterable[Diagnostic] = ()):
+        self.diagnostics = list(diagnostics) or [Diagnostic("error", message, loc, hint)]
+        super().__init__(message)
+
+    def render(self) -> str:
+        return "\n".join(d.render() for d in self.diagnostics)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """A hint naming the closest known word, or None when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else None

@@ -1,0 +1,64 @@
+"""The one way every method reaches a model.
+
+Two engines implement it: `EmbeddedEngine` (transformers, in process; the default) and
+`VLLMEngine` (a live vLLM server over HTTP, with behaviorc's worker extension). Steering,
+training verification, composition checks and experiments talk only to this protocol.
+
+Conventions:
+- Layers are 0-based decoder-layer indices. Steering at layer L adds
+  `strength * vector` to the residual stream at the output of decoder layer L, at every
+  position, for every request until cleared.
+- Log-probs are natural-log, one float per completion token, where the completion is
+  tokenized as the continuation of the prompt (tokens of prompt+completion after the
+  prompt's tokens).
+- Tensors returned are float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # what the user named (built-in name or folder)
+    path: str  # the Hugging Face folder being served or loaded
+    architecture: str  # e.g. Qwen3NextForCausalLM
+    num_layers: int
+    hidden_size: int
+    layer_kinds: tuple[Literal["gdn", "attention"], ...]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32,
+                 temperature: float = 0.0, seed: int = 0) -> list[str]:
+        """Completions (text after the prompt), batched; greedy when temperature is 0."""
+
+    def completion_logprobs(self, prompts: Sequence[str],
+                            completions: Sequence[str]) -> list[list[float]]:
+        """Per-token log-probs of each completion after its prompt."""
+
+    def hidden_states(self, prompts: Sequence[str], completions: Sequence[str],
+                      layers: Sequence[int],
+                      read: Literal["last", "mean"] = "mean") -> dict[int, torch.Tensor]:
+        """Residual stream at the output of each layer, [n, hidden] per layer: at the
+        last token of prompt+completion, or averaged over the completion's tokens. The
+        forward stops after the deepest layer asked for."""
+
+    def set_steering(self, vectors: Mapping[int, torch.Tensor], strength: float) -> None:
+        """Replace all steering with `strength * vectors[layer]` at each layer."""
+
+    def clear_steering(self) -> None:
+        """Remove all steering; log-probs return exactly to the unsteered ones."""
+
+    def load_weights(self, source: Path | Mapping[str, torch.Tensor]) -> None:
+        """Replace weights from a model folder or a (possibly partial) state dict in
+        checkpoint names. All-or-nothing: on any error the old weights stay."""

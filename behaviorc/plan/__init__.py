@@ -1,0 +1,1 @@
+"""Lowering the checked spec to a Plan: a DAG of frozen, hashable tasks."""
