@@ -80,8 +80,11 @@ class Store:
             self._lock_fd = None
 
     def _remove_staging(self) -> None:
+        """Remove staging folders of dead builds, and scratch folders of tasks whose
+        result was stored (a kill can land between storing and removing the scratch)."""
         for entry in self.root.iterdir():
-            if ".tmp-" in entry.name or ".old-" in entry.name:
+            finished_scratch = entry.name.endswith(".scratch") and self.entry(entry.name[:-8]).is_dir()
+            if ".tmp-" in entry.name or ".old-" in entry.name or finished_scratch:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # --- paths ------------------------------------------------------------------------
