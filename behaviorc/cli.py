@@ -17,6 +17,7 @@ from behaviorc import __version__
 from behaviorc.diagnostics import BehaviorError
 
 COMMAND_MODULES = (
+    "behaviorc.model.commands",
 )
 
 DESCRIPTION = """\

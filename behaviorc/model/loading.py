@@ -1,0 +1,252 @@
+"""Finding, checking and loading models: built-in names, local folders, cached hub ids.
+
+Everything here works offline: hub ids are looked up only in the local Hugging Face
+cache, and nothing is ever downloaded. A model folder is checked before transformers
+sees it, so a missing config, a truncated safetensors file or an unknown dtype is a
+BehaviorError naming the file, never a traceback from deep inside a loader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.model.adapter import ArchitectureAdapter
+from behaviorc.model.builtin import BUILTINS, ensure_builtin
+
+# Set before transformers / huggingface_hub are first imported, so nothing is fetched.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DTYPES = ("float32", "bfloat16", "float16")
+# What config.json may say about the stored dtype (both spellings transformers writes).
+_CONFIG_DTYPES = {"float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "auto"}
+_SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def resolve_model_source(source: str, loc: Location | None = None) -> Path:
+    """The local folder for a built-in name, a folder path, or a cached hub id."""
+    if source in BUILTINS:
+        return ensure_builtin(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        validate_model_folder(path, loc)
+        return path.resolve()
+    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        folder = _cached_hub_snapshot(source, loc)
+        validate_model_folder(folder, loc)
+        return folder
+    raise BehaviorError(
+        f"no model folder `{source}`", loc,
+        hint=f"use a built-in ({', '.join(BUILTINS)}), a local Hugging Face folder, "
+             "or a hub id already in the local cache")
+
+
+def _cached_hub_snapshot(repo_id: str, loc: Location | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise BehaviorError(
+            f"this machine is offline; `{repo_id}` is not in the local Hugging Face cache "
+            "and cannot be downloaded", loc,
+            hint="download it on a connected machine (`huggingface-cli download "
+                 f"{repo_id} --local-dir DIR`), copy the folder here and point `model` "
+                 "at the local folder") from None
+
+
+def validate_model_folder(path: Path, loc: Location | None = None) -> ArchitectureAdapter:
+    """Check a Hugging Face folder without loading it; the adapter for its config."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BehaviorError(f"model folder `{path}` is not a folder", loc)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise BehaviorError(
+            f"`{path}` has no config.json, so it is not a Hugging Face model folder", loc,
+            hint="a model folder holds config.json, *.safetensors and tokenizer files")
+    config = _read_config(config_path)
+    _check_config_dtype(config_path, config)
+    try:
+        adapter = ArchitectureAdapter.for_config(config)
+    except BehaviorError as err:
+        raise BehaviorError(str(err), _field_location(config_path, "model_type"),
+                            hint=err.diagnostics[0].hint) from None
+    for weights in _weight_files(path, loc):
+        check_safetensors_file(weights)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise BehaviorError(
+            f"`{path}` has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})", loc)
+    return adapter
+
+
+def _read_config(config_path: Path) -> dict[str, Any]:
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BehaviorError(f"cannot read `{config_path}`: {err}") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        where = Location(file=str(config_path), line=err.lineno, column=err.colno,
+                         end_line=err.lineno, end_column=err.colno + 1)
+        raise BehaviorError(f"config.json is not valid JSON: {err.msg}", where) from None
+    if not isinstance(config, dict):
+        raise BehaviorError(f"`{config_path}` must hold a JSON object")
+    return config
+
+
+def _check_config_dtype(config_path: Path, config: dict[str, Any]) -> None:
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if value is not None and value not in _CONFIG_DTYPES:
+            raise BehaviorError(
+                f"unknown dtype `{value}` in config.json `{key}`",
+                _field_location(config_path, key),
+                hint=f"one of {', '.join(sorted(_CONFIG_DTYPES - {'auto'}))}")
+
+
+def _field_location(config_path: Path, key: str) -> Location:
+    """Where `"key"` appears in a JSON file (its first line if it does not)."""
+    needle = f'"{key}"'
+    for number, line in enumerate(config_path.read_text(encoding="utf-8").splitlines(), 1):
+        column = line.find(needle)
+        if column >= 0:
+            return Location(file=str(config_path), line=number, column=column + 1,
+                            end_line=number, end_column=column + 1 + len(needle))
+    return Location(file=str(config_path), line=1, column=1, end_line=1, end_column=2)
+
+
+def _weight_files(path: Path, loc: Location | None) -> list[Path]:
+    index_path = path / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            shards = sorted(set(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise BehaviorError(f"`{index_path}` is not a valid safetensors index") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise BehaviorError(f"`{index_path}` lists shards that are missing: "
+                                f"{', '.join(missing)}")
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise BehaviorError(
+            f"`{path}` has only pickle weights (.bin/.pt); behaviorc loads safetensors only",
+            loc, hint="convert the weights to safetensors with transformers' save_pretrained")
+    raise BehaviorError(f"`{path}` has no weights (*.safetensors)", loc)
+
+
+def check_safetensors_file(file: Path) -> None:
+    """Check a safetensors file's header against its size: catches truncation, a corrupt
+    header and unknown dtypes without reading the tensors."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise BehaviorError(f"`{file}` is truncated: {size} bytes, not even a header")
+        header_len = struct.unpack("<Q", head)[0]
+        if header_len > size - 8:
+            raise BehaviorError(
+                f"`{file}` is truncated or corrupt: its header claims {header_len} bytes, "
+                f"the file has {size}")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (ValueError, UnicodeDecodeError):
+            raise BehaviorError(f"`{file}` is corrupt: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise BehaviorError(f"`{file}` is corrupt: its header is not a JSON object")
+    data_size = size - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise BehaviorError(f"`{file}` is corrupt: bad header entry for `{name}`") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise BehaviorError(f"`{file}`: tensor `{name}` has unknown dtype `{dtype}`")
+        count = 1
+        for dim in shape:
+            count *= dim
+        if end - begin != count * _SAFETENSORS_DTYPES[dtype] or begin < 0:
+            raise BehaviorError(f"`{file}` is corrupt: tensor `{name}` has the wrong byte size")
+        if end > data_size:
+            raise BehaviorError(
+                f"`{file}` is truncated: tensor `{name}` needs {end} data bytes, "
+                f"the file holds {data_size}",
+                hint="copy or download the file again")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BehaviorError("device `cuda` was asked for, but this machine has no CUDA GPU",
+                            hint="use `device cpu` or `device auto`")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise BehaviorError(f"unknown device `{device}`", hint="one of cpu, cuda, auto")
+    return device
+
+
+def torch_dtype(dtype: str) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise BehaviorError(f"unknown dtype `{dtype}`", hint=f"one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def load_model(path: Path | str, dtype: str = "float32", device: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) from a checked local folder, in eval mode on `device`."""
+    torch_type = torch_dtype(dtype)
+    target = resolve_device(device)
+    path = Path(path)
+    validate_model_folder(path)
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # the folder passed our checks; transformers still refused it
+        raise BehaviorError(f"transformers could not load `{path}`: {err}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(target).eval(), tokenizer
+
+
+class _DropKernelFallbackNotice(logging.Filter):
+    """transformers warns on every run that GDN layers use the reference PyTorch kernels
+    when `fla` / `causal_conv1d` are absent; on CPU that is expected, so say nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "falling back to its reference PyTorch implementation" not in record.getMessage()
+
+
+@cache
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and kernel-fallback notices, once."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers.integrations.hub_kernels").addFilter(_DropKernelFallbackNotice())
