@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 SEED = 0
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -66,8 +66,9 @@ def _tiny_gdn(vocab_size: int) -> dict[str, Any]:
         "intermediate_size": 256,
         "partial_rotary_factor": 0.25,
         "linear_conv_kernel_dim": 4,
-        "linear_key_head_dim": 32,
-        "linear_value_head_dim": 32,
+        # vLLM's CPU Gated DeltaNet kernel takes only equal key/value head dims of 64+.
+        "linear_key_head_dim": 64,
+        "linear_value_head_dim": 64,
         "linear_num_key_heads": 2,
         "linear_num_value_heads": 4,
         "decoder_sparse_step": 1,
