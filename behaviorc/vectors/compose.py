@@ -1,0 +1,193 @@
+"""W_base + merge(w_i * tau_i) as a new Hugging Face model folder, streamed.
+
+One parameter name at a time: read it from the base and from every term, merge, write
+it to the output shard, forget it. Peak memory is a few copies of the largest tensor in
+float32 (the base, one delta per term that has it, the merged delta) plus a constant,
+whatever the model's size. The folder is built beside the target and renamed into place
+when complete, with the base's config, generation config and tokenizer files, the
+provenance (`behaviorc.json`) and the same composition as mergekit YAML.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from behaviorc.diagnostics import BehaviorError
+from behaviorc.vectors.atomic import atomic_folder
+from behaviorc.vectors.merge import MergeOptions, merged_delta
+from behaviorc.vectors.mergekit_yaml import mergekit_yaml
+from behaviorc.vectors.safetensors_io import (
+    DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, WeightFolder, plan_shards, sha256_file,
+    sha256_files, write_index)
+from behaviorc.vectors.sources import DeltaSource, open_source
+
+PROVENANCE_FILE = "behaviorc.json"
+MERGEKIT_FILE = "mergekit.yaml"
+# Files of a model folder that are its weights or describe them; everything else
+# (config, generation config, tokenizer, chat template) is copied from the base.
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_NOT_COPIED_NAMES = frozenset({INDEX_FILE, "pytorch_model.bin.index.json", PROVENANCE_FILE,
+                               MERGEKIT_FILE})
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term of a composition: where its vector is and how much of it to add."""
+
+    label: str  # the behavior's name
+    path: Path  # a task-vector file or a fine-tuned model folder
+    weight: float
+    sha256: str = ""  # computed when empty
+
+
+@dataclass(frozen=True)
+class Composition:
+    """What a composed folder is made of; written to its `behaviorc.json`."""
+
+    base: Path
+    terms: tuple[Term, ...]
+    options: MergeOptions
+    name: str = ""
+    expression: str = ""
+    spec_path: str = ""
+    spec_sha256: str = ""
+    base_fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def compose(composition: Composition, out: Path, *, max_shard_bytes: int | None = None,
+            overwrite: bool = False,
+            progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Write the composed model folder `out`; returns its provenance record."""
+    if not composition.terms:
+        raise BehaviorError("a composition needs at least one term")
+    with WeightFolder(composition.base) as base:
+        sources: list[DeltaSource] = []
+        try:
+            for term in composition.terms:
+                source = open_source(term.path)
+                sources.append(source)
+                source.check_against(base)
+            merged = _parameters_to_merge(base, sources, composition.options.groups)
+            plan = [PlannedTensor(info.name, info.dtype, info.shape)
+                    for info in sorted(base.tensors.values(), key=lambda i: (i.file, i.offset))]
+            shards = plan_shards(plan, max_shard_bytes)
+            with atomic_folder(out, overwrite=overwrite) as staging:
+                writer = StreamWriter(staging, shards, {"behaviorc": "composed"})
+                try:
+                    for done, planned in enumerate(plan):
+                        if progress is not None:
+                            progress(done, len(plan), planned.name)
+                        writer.write(planned.name, _output_tensor(
+                            planned.name, base, sources, composition, planned.name in merged))
+                    writer.finish()
+                finally:
+                    writer.close()
+                write_index(staging, shards)
+                _copy_model_files(composition.base, staging)
+                record = provenance(composition, sources, len(merged), len(shards),
+                                    _float_dtype(base))
+                (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+                (staging / MERGEKIT_FILE).write_text(mergekit_yaml(record))
+        finally:
+            for source in sources:
+                source.close()
+    return record
+
+
+def _parameters_to_merge(base: WeightFolder, sources: Sequence[DeltaSource],
+                         groups: tuple[str, ...]) -> set[str]:
+    """Float parameters that some term changes, narrowed to `groups` when given."""
+    touched = {name for source in sources for name in source.tensors
+               if base.tensors[name].is_float}
+    if not groups:
+        return touched
+    from behaviorc.model.adapter import check_groups, group_of
+
+    wanted = set(check_groups(groups))
+    selected = {name for name in touched if group_of(name) in wanted}
+    if not selected:
+        raise BehaviorError(
+            f"no parameter the terms change is in the groups {', '.join(groups)}",
+            hint="check the groups against the model's architecture (gdn.* needs a GDN model)")
+    return selected
+
+
+def _output_tensor(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
+                   composition: Composition, merge: bool) -> torch.Tensor:
+    stored = base.read(name)
+    if not merge:
+        return stored
+    base_values = stored.to(torch.float32)
+    deltas, weights, indices = [], [], []
+    for index, (source, term) in enumerate(zip(sources, composition.terms)):
+        delta = source.delta(name, base_values)
+        if delta is not None:
+            deltas.append(delta)
+            weights.append(term.weight)
+            indices.append(index)
+    mixed = merged_delta(name, deltas, weights, indices, composition.options)
+    return base_values.add_(mixed).to(stored.dtype)
+
+
+def _copy_model_files(base: Path, staging: Path) -> None:
+    for item in sorted(base.iterdir()):
+        if (item.is_file() and item.name not in _NOT_COPIED_NAMES
+                and not item.name.endswith(_NOT_COPIED_SUFFIXES)):
+            shutil.copy2(item, staging / item.name)
+
+
+def provenance(composition: Composition, sources: Sequence[DeltaSource], merged_count: int,
+               shard_count: int, dtype: str) -> dict[str, Any]:
+    """The record a composed folder carries: enough to tell what it is and redo it."""
+    return {
+        "kind": "composed",
+        "name": composition.name,
+        "expression": composition.expression,
+        "spec": {"path": composition.spec_path, "sha256": composition.spec_sha256},
+        "base": {"path": str(composition.base),
+                 "fingerprint": composition.base_fingerprint or fingerprint(composition.base)},
+        "terms": [_term_record(term, source) for term, source in zip(composition.terms, sources)],
+        "merge": composition.options.describe(),
+        "parameters_merged": merged_count,
+        "shards": shard_count,
+        "dtype": dtype,
+        **composition.extra,
+    }
+
+
+def _term_record(term: Term, source: DeltaSource) -> dict[str, Any]:
+    record: dict[str, Any] = {"behavior": term.label, "weight": term.weight,
+                              "path": str(term.path), "kind": source.kind,
+                              "sha256": term.sha256 or fingerprint(term.path)}
+    # The fine-tuned folder a vector came from, when known: mergekit needs folders.
+    model = str(term.path) if source.kind == "model" else source.metadata.get("finetuned")
+    if model:
+        record["model"] = model
+    return record
+
+
+def _float_dtype(base: WeightFolder) -> str:
+    """The torch name of the dtype most of the base's float parameters are stored in."""
+    sizes: dict[str, int] = {}
+    for info in base.tensors.values():
+        if info.is_float:
+            sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
+    stored = max(sizes, key=sizes.__getitem__) if sizes else "F32"
+    return str(DTYPES[stored]).removeprefix("torch.")
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a task-vector file, or over a model folder's config and weight files."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    files = [p for p in path.iterdir() if p.is_file() and (
+        p.suffix == ".safetensors" or p.name in ("config.json", INDEX_FILE))]
+    return sha256_files(files)

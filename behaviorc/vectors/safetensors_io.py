@@ -1,0 +1,322 @@
+"""Reading and writing safetensors one tensor at a time.
+
+Inputs are read with plain positioned reads instead of `safe_open`: a memory map keeps
+every page it has touched resident (and counted in RSS) until it is closed, so reading a
+whole model through one costs the model's size in memory. A positioned read costs only
+the tensor at hand; the file's pages stay in the kernel's page cache.
+
+Outputs are written as a stream: every tensor's name, dtype and shape are known before
+the first byte (they are the base model's), so a shard's header is written first and the
+tensors follow in order as they are computed. Nothing holds a whole model in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+import torch
+
+from behaviorc.diagnostics import BehaviorError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# The dtypes a task vector can live in: arithmetic on them is meaningful.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # the safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+class SafetensorsFile:
+    """One .safetensors file: its header parsed, its tensors read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._handle: BinaryIO = open(self.path, "rb")
+        except FileNotFoundError:
+            raise BehaviorError(f"no such file: {self.path}") from None
+        except OSError as err:
+            raise BehaviorError(f"cannot read {self.path}: {err.strerror}") from None
+        try:
+            self.metadata, self.tensors = self._read_header()
+        except BaseException:
+            self._handle.close()
+            raise
+
+    def _read_header(self) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+        size = os.fstat(self._handle.fileno()).st_size
+        raw_length = self._handle.read(8)
+        if len(raw_length) < 8:
+            raise self._corrupt("shorter than a safetensors header")
+        (header_length,) = struct.unpack("<Q", raw_length)
+        if header_length > min(_MAX_HEADER_BYTES, size - 8):
+            raise self._corrupt("header length is larger than the file")
+        try:
+            header = json.loads(self._handle.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._corrupt(f"header is not JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise self._corrupt("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        data_start = 8 + header_length
+        tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            try:
+                dtype = entry["dtype"]
+                shape = tuple(int(s) for s in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._corrupt(f"malformed header entry for tensor `{name}`") from None
+            if dtype not in DTYPES:
+                raise self._corrupt(f"tensor `{name}` has unknown dtype {dtype}")
+            info = TensorInfo(name, dtype, shape, self.path, data_start + begin, end - begin)
+            if info.nbytes != info.numel * DTYPES[dtype].itemsize or data_start + end > size:
+                raise self._corrupt(f"tensor `{name}` does not fit its shape or the file")
+            tensors[name] = info
+        return {str(k): str(v) for k, v in metadata.items()}, tensors
+
+    def _corrupt(self, why: str) -> BehaviorError:
+        return BehaviorError(f"{self.path} is not a valid safetensors file: {why}")
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh tensor with the stored dtype and shape."""
+        info = self.tensors[name]
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < info.nbytes:
+            got = os.preadv(self._handle.fileno(), [view[done:]], info.offset + done)
+            if got == 0:
+                raise self._corrupt(f"file ends inside tensor `{name}`")
+            done += got
+        return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WeightFolder:
+    """The weights of a Hugging Face model folder: `model.safetensors`, or shards named by
+    `model.safetensors.index.json`. Tensor names are checkpoint names."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise BehaviorError(f"model folder not found: {self.path}")
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            shard_names = sorted(set(_read_index(index).values()))
+        elif (self.path / SINGLE_FILE).is_file():
+            shard_names = [SINGLE_FILE]
+        else:
+            raise BehaviorError(
+                f"{self.path} has no safetensors weights",
+                hint=f"a model folder needs {SINGLE_FILE} or {INDEX_FILE} with its shards")
+        self.files: list[SafetensorsFile] = []
+        self.tensors: dict[str, TensorInfo] = {}
+        try:
+            for shard in shard_names:
+                opened = SafetensorsFile(self.path / shard)
+                self.files.append(opened)
+                self.tensors.update(opened.tensors)
+        except BaseException:
+            self.close()
+            raise
+        self._file_of = {name: f for f in self.files for name in f.tensors}
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._file_of[name].read(name)
+
+    def close(self) -> None:
+        for opened in self.files:
+            opened.close()
+
+    def __enter__(self) -> "WeightFolder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BehaviorError(f"{index}: not a safetensors index ({err})") from None
+    if not isinstance(weight_map, dict):
+        raise BehaviorError(f"{index}: `weight_map` is not an object")
+    return weight_map
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = DTYPES[self.dtype].itemsize
+        for size in self.shape:
+            count *= size
+        return count
+
+
+class StreamWriter:
+    """Writes planned tensors, in plan order, into one or more safetensors files.
+
+    `shards` is a list of (file name, tensors) in the order they are written; a header
+    is written when its shard is reached. `write` checks each tensor against the plan,
+    so a bug cannot produce a file whose header lies about its data.
+    """
+
+    def __init__(self, folder: Path, shards: list[tuple[str, list[PlannedTensor]]],
+                 metadata: dict[str, str]):
+        self.folder = folder
+        self._metadata = {"format": "pt", **metadata}
+        self._pending: Iterator[tuple[str, list[PlannedTensor]]] = iter(shards)
+        self._queue: list[PlannedTensor] = []
+        self._handle: BinaryIO | None = None
+        self._file_name = ""
+        self._digest = hashlib.sha256()
+        self.sha256: dict[str, str] = {}  # file name -> hash of its bytes, once written
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if not self._queue:
+            self._open_next_shard()
+        planned = self._queue.pop(0)
+        if (planned.name, planned.dtype, planned.shape) != (
+                name, DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape)):
+            raise AssertionError(f"tensor {name} does not match the planned {planned}")
+        assert self._handle is not None
+        data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._handle.write(data)
+        self._digest.update(data)
+        if not self._queue:
+            self._finish_shard()
+
+    def _open_next_shard(self) -> None:
+        file_name, tensors = next(self._pending)
+        header: dict[str, object] = {"__metadata__": self._metadata}
+        offset = 0
+        for planned in tensors:
+            header[planned.name] = {"dtype": planned.dtype, "shape": list(planned.shape),
+                                    "data_offsets": [offset, offset + planned.nbytes]}
+            offset += planned.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+        self._handle = open(self.folder / file_name, "wb")
+        self._file_name = file_name
+        self._digest = hashlib.sha256()
+        for part in (struct.pack("<Q", len(encoded)), encoded):
+            self._handle.write(part)
+            self._digest.update(part)
+        self._queue = list(tensors)
+
+    def _finish_shard(self) -> None:
+        assert self._handle is not None
+        self._handle.close()
+        self._handle = None
+        self.sha256[self._file_name] = self._digest.hexdigest()
+
+    def close(self) -> None:
+        """Closes an unfinished file (after a failure; the caller discards the folder)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def finish(self) -> None:
+        """Checks that every planned tensor was written; writes shards planned empty."""
+        if self._queue:
+            raise AssertionError(f"{len(self._queue)} planned tensors were never written")
+        for file_name, tensors in self._pending:
+            if tensors:
+                raise AssertionError(f"shard {file_name} was never written")
+            self._pending = iter([(file_name, tensors)])
+            self._open_next_shard()
+            self._finish_shard()
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int | None
+                ) -> list[tuple[str, list[PlannedTensor]]]:
+    """Split tensors, in order, into shards of at most `max_shard_bytes` (a tensor larger
+    than that gets a shard of its own). One shard is named `model.safetensors`."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for planned in tensors:
+        if max_shard_bytes is not None and groups[-1] and size + planned.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(planned)
+        size += planned.nbytes
+    if len(groups) == 1:
+        return [(SINGLE_FILE, groups[0])]
+    count = len(groups)
+    return [(f"model-{i + 1:05d}-of-{count:05d}.safetensors", group)
+            for i, group in enumerate(groups)]
+
+
+def write_index(folder: Path, shards: list[tuple[str, list[PlannedTensor]]]) -> None:
+    """The index file transformers and vLLM read for sharded weights (none for one shard)."""
+    if len(shards) == 1:
+        return
+    total = sum(p.nbytes for _, group in shards for p in group)
+    weight_map = {p.name: file_name for file_name, group in shards for p in group}
+    (folder / INDEX_FILE).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def sha256_file(path: Path, block: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    """One hash over several files, each contributing its name and its content hash."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()

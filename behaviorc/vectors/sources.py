@@ -1,0 +1,132 @@
+"""Where a composition term's delta comes from: a task-vector file (tau itself) or a
+fine-tuned model folder (tau = W_ft - W_base, computed as each tensor is needed).
+
+Both are checked against the base before anything is written: every tensor must name a
+base parameter with the same shape, and carry floating-point values. Values are checked
+as they stream (a NaN or inf anywhere stops the composition, which then leaves nothing
+behind).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from behaviorc.diagnostics import BehaviorError, did_you_mean
+from behaviorc.vectors.safetensors_io import SafetensorsFile, TensorInfo, WeightFolder
+
+
+class DeltaSource(Protocol):
+    path: Path
+    kind: str  # "task_vector" or "model"
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]  # a task-vector file's header metadata; empty for a folder
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """tau for base parameter `name` as a fresh float32 tensor (`base` is that
+        parameter in float32), or None when this source leaves it unchanged."""
+
+    def close(self) -> None: ...
+
+
+class TaskVectorSource:
+    kind = "task_vector"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = SafetensorsFile(self.path)
+        self.tensors = self.file.tensors
+        self.metadata = self.file.metadata
+
+    def check_against(self, base: WeightFolder) -> None:
+        for name, info in self.tensors.items():
+            base_info = _base_tensor(base, name, self.path)
+            _check_shape(info, base_info, self.path)
+            _check_float(info, self.path)
+            _check_float(base_info, base.path)
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        if name not in self.tensors:
+            return None
+        tau = self.file.read(name).to(torch.float32)
+        check_finite(tau, name, self.path)
+        return tau
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class FinetunedSource:
+    kind = "model"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.folder = WeightFolder(self.path)
+        self.tensors = self.folder.tensors
+        self.metadata: dict[str, str] = {}
+
+    def check_against(self, base: WeightFolder) -> None:
+        check_same_parameters(base, self.folder)
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        weights = self.folder.read(name).to(torch.float32)
+        check_finite(weights, name, self.path)
+        return weights.sub_(base)
+
+    def close(self) -> None:
+        self.folder.close()
+
+
+def open_source(path: Path) -> TaskVectorSource | FinetunedSource:
+    """A model folder or a task-vector file, by what is on disk."""
+    path = Path(path)
+    if path.is_dir():
+        return FinetunedSource(path)
+    if path.is_file():
+        return TaskVectorSource(path)
+    raise BehaviorError(f"no such task vector or model folder: {path}")
+
+
+def check_same_parameters(base: WeightFolder, other: WeightFolder) -> None:
+    """A fine-tuned folder must hold exactly the base's parameters, shaped alike, with
+    floating-point values wherever the base has them."""
+    for name, info in other.tensors.items():
+        base_info = _base_tensor(base, name, other.path)
+        _check_shape(info, base_info, other.path)
+        if base_info.is_float:
+            _check_float(info, other.path)
+    missing = sorted(set(base.tensors) - set(other.tensors))
+    if missing:
+        raise BehaviorError(
+            f"{other.path}: tensor `{missing[0]}` of the base model is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+            hint=f"is {other.path} fine-tuned from {base.path}?")
+
+
+def check_finite(values: torch.Tensor, name: str, path: Path) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise BehaviorError(f"{path}: tensor `{name}` holds NaN or infinite values",
+                            hint="a diverged fine-tune cannot be composed; retrain or drop it")
+
+
+def _base_tensor(base: WeightFolder, name: str, path: Path) -> TensorInfo:
+    if name not in base.tensors:
+        raise BehaviorError(f"{path}: tensor `{name}` is not a parameter of the base model "
+                            f"{base.path}", hint=did_you_mean(name, base.tensors))
+    return base.tensors[name]
+
+
+def _check_shape(info: TensorInfo, base_info: TensorInfo, path: Path) -> None:
+    if info.shape != base_info.shape:
+        raise BehaviorError(
+            f"{path}: tensor `{info.name}` has shape {list(info.shape)}, the base model's "
+            f"has {list(base_info.shape)}",
+            hint="a task vector only applies to the base it was made from")
+
+
+def _check_float(info: TensorInfo, path: Path) -> None:
+    if not info.is_float:
+        raise BehaviorError(f"{path}: tensor `{info.name}` has dtype {info.dtype}; "
+                            "task vectors need floating-point parameters")
