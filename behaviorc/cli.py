@@ -18,6 +18,7 @@ from behaviorc.diagnostics import BehaviorError
 
 COMMAND_MODULES = (
     "behaviorc.model.commands",
+    "behaviorc.vectors.commands",
 )
 
 DESCRIPTION = """\
