@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from behaviorc import ir
+from behaviorc.diagnostics import BehaviorError, did_you_mean
 
 Method = Literal["task_arithmetic", "ties", "dare"]
 
@@ -44,6 +45,13 @@ class MergeOptions:
     normalize: bool = True  # ties: divide by the summed weights of the agreeing terms
     seed: int = 0  # dare: the random drop
     groups: tuple[str, ...] = ()  # only these parameter groups merge; empty: all
+
+    def __post_init__(self) -> None:
+        if self.method not in ("task_arithmetic", "ties", "dare"):
+            raise BehaviorError(f"unknown merge method `{self.method}`",
+                                hint=did_you_mean(self.method, ("task_arithmetic", "ties", "dare")))
+        if not 0 < self.density <= 1:
+            raise BehaviorError(f"merge density {self.density} is outside (0, 1]")
 
     @classmethod
     def from_ir(cls, merge: ir.Merge) -> "MergeOptions":
