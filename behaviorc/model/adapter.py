@@ -190,9 +190,10 @@ class ArchitectureAdapter:
         """The model's parameters under their checkpoint names, as views sharing storage
         with the model: writing into a view writes the weight. transformers keeps MoE
         experts fused in memory (`experts.gate_up_proj` [E, 2I, H], gate rows first;
-        `experts.down_proj` [E, H, I]); checkpoints store one matrix per expert."""
+        `experts.down_proj` [E, H, I]); checkpoints store one matrix per expert. Tied
+        weights appear under each of their names."""
         views: dict[str, Any] = {}
-        for name, param in model.named_parameters():
+        for name, param in model.named_parameters(remove_duplicate=False):
             data = param.data
             if name.endswith("experts.gate_up_proj") and data.dim() == 3:
                 prefix = name[: -len("gate_up_proj")]

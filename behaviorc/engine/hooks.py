@@ -1,0 +1,59 @@
+"""Forward hooks on decoder layers: add a steering vector, read the residual stream.
+
+A transformers decoder layer returns its output hidden states (a tensor, or a tuple
+whose first item is the tensor in older layers); both hooks here handle either form.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def add_to_output(delta: torch.Tensor):
+    """A forward hook adding `delta` to a layer's output at every position."""
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (output[0] + delta, *output[1:])
+        return output + delta
+
+    return hook
+
+
+class _StopForward(Exception):
+    """Raised from the deepest capture hook: nothing after that layer is computed."""
+
+
+@contextmanager
+def capture_outputs(layers: Sequence[torch.nn.Module], indices: Sequence[int],
+                    stop_after_deepest: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """Collect the outputs of `layers[i]` for each i in `indices` during the forward run
+    inside the block. With `stop_after_deepest`, the forward ends as soon as the deepest
+    of them has run (the block swallows that early stop), which is what makes reading a
+    middle layer cost about half a forward."""
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(indices)
+
+    def hook_for(index: int):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            captured[index] = _hidden(output)
+            if stop_after_deepest and index == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [layers[i].register_forward_hook(hook_for(i)) for i in sorted(set(indices))]
+    try:
+        yield captured
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
