@@ -10,7 +10,9 @@ Emitted by the executor:
     task_start    kind, key
     progress      done, total, what          (throttled to a few per second per task)
     cache_invalid reason                     (a stored result failed verification; rebuilt)
-    task_end      status done|cached|failed|skipped|cancelled, seconds, metrics, data
+    task_end      status done|cached|failed|skipped|cancelled, seconds, metrics, data,
+                  artifacts (absolute paths)
+    engine_loaded / engine_freed   path, dtype, device
     task_failed   error (rendered diagnostic), loc, internal (bool), log (traceback file)
     build_end     ok, cancelled, seconds, counts {status: n}
 
@@ -52,8 +54,10 @@ class EventLog:
         self._file: TextIO | None = None
 
     def open(self) -> None:
-        """Start a new log (the previous build's log is replaced)."""
+        """Start a new log. The previous build's log is unlinked rather than truncated,
+        so a reader following it sees a new file (another inode), never a rewind."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)
         self._file = open(self.path, "w", encoding="utf-8")
 
     def close(self) -> None:

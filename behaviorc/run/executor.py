@@ -188,7 +188,8 @@ class Executor:
     def _emit_end(self, record: TaskRecord) -> None:
         result = record.result or TaskResult()
         self.events.emit("task_end", record.task.id, status=record.status,
-                         seconds=round(record.seconds, 4), metrics=result.metrics, data=result.data)
+                         seconds=round(record.seconds, 4), metrics=result.metrics, data=result.data,
+                         artifacts=result.artifacts)
 
     def _save_traceback(self, task: Task) -> Path:
         logs = self.out / LOG_DIR

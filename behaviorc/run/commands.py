@@ -1,0 +1,191 @@
+"""`behaviorc build`, `behaviorc clean` and `behaviorc dash`."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from behaviorc.diagnostics import BehaviorError, did_you_mean
+from behaviorc.plan.task import Task
+from behaviorc.run.context import CancelSignal
+from behaviorc.run.events import EVENTS_FILE
+from behaviorc.run.executor import CANCEL_FILE, LOG_DIR, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint
+from behaviorc.run.report import REPORT_FILE
+from behaviorc.run.store import Store
+
+BUILD_EPILOG = """\
+examples:
+  behaviorc build specs/listen.behavior              build into out/listen
+  behaviorc build specs/listen.behavior --tui        and watch it in the dashboard
+  behaviorc build specs/persona.behavior --only train:listen
+  behaviorc build specs/listen.behavior --force      rebuild even what is stored
+
+An unchanged rebuild runs nothing; a changed strength or weight reruns only what depends
+on it. Ctrl-C stops at the next checkpoint and keeps every finished task (exit 130).
+Results: DIR/report.json, events: DIR/events.jsonl, stored artifacts: DIR/.store/.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    build = subparsers.add_parser(
+        "build", help="run a spec: steer, train, compose, deploy",
+        description="Run every task of a spec's plan, reusing stored results whose inputs "
+                    "did not change.",
+        epilog=BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_argument("spec", type=Path, help="the .behavior file")
+    build.add_argument("--out", type=Path, help="build folder (default: out/<spec name>)")
+    build.add_argument("--force", action="store_true", help="rerun tasks even when stored")
+    build.add_argument("--tui", action="store_true", help="show the Textual dashboard")
+    build.add_argument("--only", metavar="TASK",
+                       help="build one task and what it needs (an id like train:listen, "
+                            "or a name when only one task has it)")
+    build.set_defaults(run=run_build)
+
+    clean = subparsers.add_parser(
+        "clean", help="remove a build folder's stored results, events and report",
+        description="Remove what `behaviorc build` wrote into a build folder.",
+        epilog="example:\n  behaviorc clean out/listen",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    clean.add_argument("dir", type=Path, help="the build folder (--out of the build)")
+    clean.set_defaults(run=run_clean)
+
+    dash = subparsers.add_parser(
+        "dash", help="watch a running build, or replay a finished one",
+        description="The dashboard for a build folder: follows a build while it runs; "
+                    "key c asks it to stop.",
+        epilog="example:\n  behaviorc build specs/listen.behavior &\n  behaviorc dash out/listen",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    dash.add_argument("dir", type=Path, help="the build folder (--out of the build)")
+    dash.set_defaults(run=run_dash)
+
+
+# --- build ------------------------------------------------------------------------------
+
+def load_plan(spec_path: Path) -> tuple[str, list[Task]]:
+    """Check and lower a spec: its hash and its tasks in dependency order."""
+    from behaviorc.lang import check_file
+    from behaviorc.plan.lower import lower
+
+    spec = check_file(spec_path)
+    return spec.sha256, list(lower(spec).tasks)
+
+
+def select(tasks: Sequence[Task], wanted: str) -> Task:
+    by_id = {t.id: t for t in tasks}
+    if wanted in by_id:
+        return by_id[wanted]
+    named = [t for t in tasks if t.name == wanted]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise BehaviorError(f"`{wanted}` names {len(named)} tasks",
+                            hint="use one id: " + ", ".join(t.id for t in named))
+    raise BehaviorError(f"no task `{wanted}` in this plan",
+                        hint=did_you_mean(wanted, by_id) or "see `behaviorc plan SPEC` for the ids")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    spec_path: Path = args.spec
+    sha256, tasks = load_plan(spec_path)
+    targets = [select(tasks, args.only)] if args.only else tasks
+    out: Path = args.out or Path("out") / spec_path.stem
+    out.mkdir(parents=True, exist_ok=True)
+    cancel = CancelSignal(out / CANCEL_FILE)
+    settings = dict(force=args.force, spec_path=str(spec_path.resolve()), spec_sha256=sha256, cancel=cancel)
+    if args.tui:
+        return _build_with_dashboard(out, targets, cancel, settings)
+
+    from rich.console import Console
+    from behaviorc.run.progress import TerminalProgress
+
+    console = Console()
+    progress = TerminalProgress(console, cancel)
+    executor = Executor(out, listeners=[progress], **settings)
+    with cancel_on_sigint(cancel), progress:
+        outcome = executor.run(targets)
+    _print_outcome(outcome, out)
+    return outcome.exit_code
+
+
+def _build_with_dashboard(out: Path, targets: list[Task], cancel: CancelSignal, settings: dict) -> int:
+    """The executor in a thread, the app on the main thread (Textual needs it)."""
+    from behaviorc.tui.app import Dashboard
+
+    finished: dict[str, BuildOutcome | BaseException] = {}
+
+    def build() -> None:
+        try:
+            finished["outcome"] = Executor(out, **settings).run(targets)
+        except BaseException as err:  # handed to the main thread, reported there
+            finished["error"] = err
+            cancel.cancel("the build stopped")
+
+    thread = threading.Thread(target=build, name="behaviorc-build", daemon=True)
+    thread.start()
+    Dashboard(out, cancel=cancel.cancel, build_thread=thread).run()
+    cancel.cancel("the dashboard was closed")  # quitting mid-build stops it
+    thread.join()
+    if "error" in finished:
+        raise finished["error"]
+    outcome = finished["outcome"]
+    _print_outcome(outcome, out)
+    return outcome.exit_code
+
+
+def _print_outcome(outcome: BuildOutcome, out: Path) -> None:
+    for record in outcome.failed:
+        print(f"\ntask {record.task.id} failed:\n{record.error}", file=sys.stderr)
+    counts: dict[str, int] = {}
+    for record in outcome.records:
+        counts[record.status] = counts.get(record.status, 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+    if outcome.cancelled:
+        print(f"behaviorc: stopped ({summary}); finished tasks are kept, build again to resume",
+              file=sys.stderr)
+    else:
+        verdict = "built" if outcome.ok else "build failed"
+        print(f"{verdict}: {summary}; report: {outcome.report_path}",
+              file=sys.stdout if outcome.ok else sys.stderr)
+
+
+# --- clean, dash ------------------------------------------------------------------------
+
+BUILD_OUTPUTS = (STORE_DIR, EVENTS_FILE, REPORT_FILE, LOG_DIR, CANCEL_FILE)
+
+
+def run_clean(args: argparse.Namespace) -> int:
+    folder: Path = args.dir
+    if not (folder / STORE_DIR).is_dir() and not (folder / REPORT_FILE).exists():
+        raise BehaviorError(f"{folder} is not a build folder (no {STORE_DIR} or {REPORT_FILE} in it)",
+                            hint="pass the --out folder of a build")
+    store = Store(folder / STORE_DIR)
+    store.acquire()  # refuses while a build runs there
+    store.release()
+    for name in BUILD_OUTPUTS:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    print(f"removed the build in {folder}")
+    return 0
+
+
+def run_dash(args: argparse.Namespace) -> int:
+    folder: Path = args.dir
+    if not (folder / EVENTS_FILE).exists():
+        raise BehaviorError(f"no build in {folder} (no {EVENTS_FILE})",
+                            hint="start one with `behaviorc build SPEC --out DIR`, or use --tui")
+    from behaviorc.tui.app import Dashboard
+
+    def request_cancel() -> None:
+        (folder / CANCEL_FILE).write_text("requested by behaviorc dash\n")
+
+    Dashboard(folder, cancel=request_cancel).run()
+    return 0

@@ -1,0 +1,173 @@
+"""A build's state folded from its events: what the terminal progress and the
+dashboard draw. Reading events is the only way either learns about a build, so a live
+build and a replayed log look the same.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+RECENT_EVENTS = 500  # events kept for the log panel
+
+
+@dataclass
+class TaskState:
+    id: str
+    kind: str
+    key: str = ""
+    deps: list[str] = field(default_factory=list)
+    loc: dict[str, Any] | None = None
+    status: str = "pending"
+    started: float | None = None  # event time of task_start
+    seconds: float | None = None
+    progress: tuple[int, int, str] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    error_loc: dict[str, Any] | None = None
+    internal: bool = False
+    log: str | None = None
+    note: str | None = None  # e.g. why a cached result was rebuilt
+
+    @property
+    def where(self) -> str:
+        loc = self.error_loc or self.loc
+        return f"{loc['file']}:{loc['line']}:{loc['column']}" if loc else ""
+
+
+@dataclass
+class BuildState:
+    spec: str = ""
+    spec_sha256: str = ""
+    out: str = ""
+    started: float | None = None
+    last_t: float | None = None
+    finished: bool = False
+    ok: bool | None = None
+    cancelled: bool = False
+    tasks: dict[str, TaskState] = field(default_factory=dict)
+    losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    train_margins: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    sweeps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+    health: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pushes: list[dict[str, Any]] = field(default_factory=list)
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+    events_seen: int = 0
+
+    def apply(self, event: dict[str, Any]) -> None:
+        self.events_seen += 1
+        self.last_t = event.get("t", self.last_t)
+        handler = getattr(self, f"_on_{event.get('type')}", None)
+        if handler is not None:
+            handler(event)
+        if event.get("type") != "progress":
+            self.recent.append(event)
+
+    def task(self, event: dict[str, Any]) -> TaskState:
+        task_id = event.get("task") or "?"
+        if task_id not in self.tasks:  # an event for a task the plan did not list
+            self.tasks[task_id] = TaskState(task_id, task_id.split(":")[0])
+        return self.tasks[task_id]
+
+    @property
+    def running(self) -> list[TaskState]:
+        return [t for t in self.tasks.values() if t.status == "running"]
+
+    @property
+    def failed(self) -> list[TaskState]:
+        return [t for t in self.tasks.values() if t.status == "failed"]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tasks.values():
+            counts[t.status] = counts.get(t.status, 0) + 1
+        return counts
+
+    # --- executor events --------------------------------------------------------------
+
+    def _on_build_start(self, event: dict[str, Any]) -> None:
+        fresh = BuildState(events_seen=self.events_seen)
+        self.__dict__.update(fresh.__dict__)
+        self.spec, self.spec_sha256, self.out = event.get("spec", ""), event.get("spec_sha256", ""), event.get("out", "")
+        self.started = event.get("t")
+        for entry in event.get("tasks", []):
+            self.tasks[entry["id"]] = TaskState(entry["id"], entry.get("kind", ""), entry.get("key", ""),
+                                                list(entry.get("deps", [])), entry.get("loc"))
+
+    def _on_task_start(self, event: dict[str, Any]) -> None:
+        task = self.task(event)
+        task.status, task.started, task.progress = "running", event.get("t"), None
+
+    def _on_progress(self, event: dict[str, Any]) -> None:
+        self.task(event).progress = (int(event.get("done", 0)), int(event.get("total", 0)), event.get("what", ""))
+
+    def _on_cache_invalid(self, event: dict[str, Any]) -> None:
+        self.task(event).note = f"stored result rejected: {event.get('reason', '')}"
+
+    def _on_task_end(self, event: dict[str, Any]) -> None:
+        task = self.task(event)
+        task.status = event.get("status", task.status)
+        task.seconds = event.get("seconds")
+        task.metrics = dict(event.get("metrics") or {})
+        task.data = dict(event.get("data") or {})
+        task.artifacts = dict(event.get("artifacts") or {})
+        if task.kind == "steer.verify" and task.id not in self.sweeps and task.data.get("sweep"):
+            self.sweeps[task.id] = list(task.data["sweep"])
+
+    def _on_task_failed(self, event: dict[str, Any]) -> None:
+        task = self.task(event)
+        task.error, task.error_loc = event.get("error"), event.get("loc")
+        task.internal, task.log = bool(event.get("internal")), event.get("log")
+
+    def _on_build_end(self, event: dict[str, Any]) -> None:
+        self.finished, self.ok, self.cancelled = True, bool(event.get("ok")), bool(event.get("cancelled"))
+
+    # --- task events ------------------------------------------------------------------
+
+    def _on_train_step(self, event: dict[str, Any]) -> None:
+        if "loss" in event:
+            self.losses.setdefault(event["task"], []).append((int(event.get("step", 0)), float(event["loss"])))
+        if "margin" in event:
+            self._on_train_eval(event)
+
+    def _on_train_eval(self, event: dict[str, Any]) -> None:
+        self.train_margins.setdefault(event["task"], []).append(
+            (int(event.get("step", 0)), float(event["margin"])))
+
+    def _on_steer_sweep(self, event: dict[str, Any]) -> None:
+        point = {k: event[k] for k in ("strength", "margin", "general_nll") if k in event}
+        self.sweeps.setdefault(event["task"], []).append(point)
+
+    def _on_compose_weights(self, event: dict[str, Any]) -> None:
+        self.weights[event["task"]] = {"terms": list(event.get("terms", [])), "merge": event.get("merge")}
+
+    def _on_server_health(self, event: dict[str, Any]) -> None:
+        self.health[event.get("url", "?")] = {k: v for k, v in event.items() if k not in ("type", "url")}
+
+    def _on_push(self, event: dict[str, Any]) -> None:
+        self.pushes.append({k: v for k, v in event.items() if k != "type"})
+
+
+def summarize(event: dict[str, Any]) -> str:
+    """One line for an event in a log: its fields other than t/type/task."""
+    fields = {k: v for k, v in event.items() if k not in ("t", "type", "task", "tasks", "data")}
+    parts = []
+    for name, value in fields.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, (dict, list)):
+            value = _short(value)
+        elif isinstance(value, str) and "\n" in value:
+            value = value.splitlines()[0]
+        parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,199 @@
+"""The dashboard driven with the pilot against recorded event logs (tests/data/, made by
+tests/data/make_event_logs.py with the real executor)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from textual.widgets import TabbedContent
+
+from behaviorc.run.state import BuildState
+from behaviorc.tui.app import Dashboard
+from behaviorc.tui.tail import EventTail
+from behaviorc.tui.widgets import PlanTree, StatePanel, TaskDetail, render_curve
+
+pytestmark = pytest.mark.anyio  # the async tests run through anyio's pytest plugin
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # Textual runs on asyncio
+
+DATA = Path(__file__).parent / "data"
+NOW = 1_764_000_004.0  # a fixed clock, inside the recorded builds
+
+
+def build_dir(tmp_path: Path, log: str) -> Path:
+    folder = tmp_path / "build"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA / log, folder / "events.jsonl")
+    return folder
+
+
+def text_of(renderable) -> str:
+    console = Console(width=100, record=True, file=open("/dev/null", "w"))
+    console.print(renderable)
+    return console.export_text()
+
+
+async def settle(app: Dashboard, pilot, until) -> None:
+    """Let the tail worker deliver events and the app redraw, until `until()` holds."""
+    for _ in range(200):
+        await pilot.pause(0.02)
+        if until():
+            break
+    await pilot.pause(0.15)  # one more redraw tick after the last batch
+
+
+def panel_text(app: Dashboard, panel_id: str) -> str:
+    return text_of(app.query_one(f"#{panel_id}", StatePanel).draw(app.state))
+
+
+def tree_labels(app: Dashboard) -> dict[str, str]:
+    tree = app.query_one(PlanTree)
+    return {task_id: node.label.plain for task_id, node in tree._leaves.items()}
+
+
+async def test_replaying_a_finished_build_shows_every_task_and_panel(tmp_path):
+    app = Dashboard(build_dir(tmp_path, "events_ok.jsonl"), now=lambda: NOW)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot, lambda: app.state.finished)
+        assert app.state.ok and len(app.state.tasks) == 9
+        labels = tree_labels(app)
+        assert labels["train:listen"].startswith("✓ train ")
+        assert all(label.startswith("✓") for label in labels.values())
+        assert "ok · 9/9 tasks" in app.status_line()
+
+        training = panel_text(app, "train-view")
+        assert "train:listen  [done]" in training and "step 60: 0.4245" in training
+        assert "margin" in training and "+0.600" in training
+
+        steering = panel_text(app, "steer-view")
+        assert "-0.400" in steering and "0.485" in steering  # margins before / steered
+        assert [p["strength"] for p in app.state.sweeps["steer.verify:listen"]] == [0, 2, 4, 6, 8]
+
+        deploy = panel_text(app, "deploy-view")
+        assert "composition persona" in deploy and "+0.5" in deploy and "ties" in deploy
+        assert "http://127.0.0.1:8000" in deploy and "pushes (3)" in deploy
+
+        assert "no errors" in panel_text(app, "errors-view")
+
+
+async def test_keys_switch_panels_and_enter_opens_a_task(tmp_path):
+    app = Dashboard(build_dir(tmp_path, "events_ok.jsonl"), now=lambda: NOW)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot, lambda: app.state.finished)
+        panels = app.query_one(TabbedContent)
+        assert panels.active == "train"
+        await pilot.press("3")
+        assert panels.active == "deploy"
+        await pilot.press("tab")
+        assert panels.active == "errors"
+        await pilot.press("tab")
+        assert panels.active == "train"
+        await pilot.press("2")
+        assert panels.active == "steer"
+
+        tree = app.query_one(PlanTree)
+        assert app.focused is tree
+        row = next(n.line for n in tree._leaves.values() if n.data == "train:listen")
+        tree.cursor_line = row
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, TaskDetail)
+        detail = text_of(app.screen.body)
+        assert "train:listen" in detail and "loss_last" in detail and "demo.behavior:10:3" in detail
+        await pilot.press("escape")
+        await pilot.pause(0.05)
+        assert not isinstance(app.screen, TaskDetail)
+
+
+async def test_a_failed_build_shows_the_error_with_its_spec_location(tmp_path):
+    app = Dashboard(build_dir(tmp_path, "events_failed.jsonl"), now=lambda: NOW)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot, lambda: app.state.finished)
+        assert "FAILED" in app.status_line() and "1 failed · 3 skipped" in app.status_line()
+        labels = tree_labels(app)
+        assert labels["train:concise"].startswith("✗") and labels["compose:persona"].startswith("-")
+        errors = panel_text(app, "errors-view")
+        assert "✗ train:concise" in errors
+        assert "tests/data/demo.behavior:17:3: error: loss is NaN" in errors
+        assert "17 |   train {" in errors and "hint: try lr 3e-5" in errors
+
+
+async def test_cancel_from_the_dashboard_writes_the_request_only_for_a_live_build(tmp_path):
+    requests: list[str] = []
+    live = Dashboard(build_dir(tmp_path, "events_live.jsonl"), cancel=lambda: requests.append("cancel"),
+                     now=lambda: NOW)
+    async with live.run_test(size=(80, 24)) as pilot:
+        await settle(live, pilot, lambda: live.state.losses.get("train:listen"))
+        assert live.state.tasks["train:listen"].status == "running"
+        await pilot.press("c")
+        assert requests == ["cancel"] and "stopping…" in live.status_line()
+
+    finished = Dashboard(build_dir(tmp_path / "other", "events_ok.jsonl"),
+                         cancel=lambda: requests.append("late"), now=lambda: NOW)
+    async with finished.run_test(size=(80, 24)) as pilot:
+        await settle(finished, pilot, lambda: finished.state.finished)
+        await pilot.press("c")
+        assert requests == ["cancel"]  # nothing to cancel after the build ended
+
+
+async def test_following_a_live_log_and_a_new_build_replacing_it(tmp_path):
+    folder = tmp_path / "build"
+    folder.mkdir()
+    lines = (DATA / "events_ok.jsonl").read_text().splitlines(keepends=True)
+    log = folder / "events.jsonl"
+    log.write_text("".join(lines[:40]) + lines[40][:25])  # the last line half-written
+    app = Dashboard(folder, now=lambda: NOW)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot, lambda: app.state.events_seen >= 40)
+        assert app.state.events_seen == 40 and not app.state.finished
+        with open(log, "a") as handle:
+            handle.write(lines[40][25:] + "".join(lines[41:]))
+        await settle(app, pilot, lambda: app.state.finished)
+        assert app.state.events_seen == len(lines) and app.state.ok
+
+        log.unlink()  # what a new build does before writing its first event
+        log.write_text("".join(lines[:3]))
+        await settle(app, pilot, lambda: not app.state.finished)
+        assert app.state.events_seen == 3 and not app.state.finished
+        assert "running" in app.status_line()
+
+
+def test_the_tail_skips_lines_cut_by_a_kill(tmp_path):
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"t": 1, "type": "a", "task": null}\n{"t": 2, "type": "b", "ta')
+    tail = EventTail(log)
+    events, restarted = tail.read()
+    assert [e["type"] for e in events] == ["a"] and not restarted
+    with open(log, "a") as handle:
+        handle.write('sk": null}\nnot json\n')
+    events, _ = tail.read()
+    assert [e["type"] for e in events] == ["b"]
+    tail.close()
+
+
+def test_state_from_events_and_the_curve():
+    state = BuildState()
+    state.apply({"t": 1, "type": "build_start", "task": None, "tasks": [{"id": "train:x", "kind": "train"}]})
+    state.apply({"t": 2, "type": "train_step", "task": "train:x", "step": 1, "loss": 2.0, "margin": 0.1})
+    state.apply({"t": 3, "type": "something_new", "task": "train:x", "value": 1})
+    assert state.losses["train:x"] == [(1, 2.0)] and state.train_margins["train:x"] == [(1, 0.1)]
+    assert state.recent[-1]["type"] == "something_new"
+    assert render_curve([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
+    assert len(render_curve(list(range(1000)), width=40)) == 40
+    assert render_curve([]) == ""
+
+
+@pytest.mark.parametrize("log", ["events_ok.jsonl", "events_failed.jsonl", "events_live.jsonl"])
+def test_fixture_logs_fold_into_a_consistent_state(log):
+    from behaviorc.run.events import read_events
+    state = BuildState()
+    for event in read_events(DATA / log):
+        state.apply(event)
+    assert set(state.tasks) >= {"train:listen", "deploy:persona"}
+    assert state.finished == (log != "events_live.jsonl")

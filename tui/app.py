@@ -1,0 +1,161 @@
+"""The build dashboard: `behaviorc build --tui` and `behaviorc dash DIR`.
+
+A worker thread follows `DIR/events.jsonl` and posts `EventsRead` batches; the app folds
+them into a `BuildState` on its own thread and redraws at most `REDRAW_HZ` times a
+second, so a fast stream of events costs one redraw per frame, not one per event.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane, Tree
+from textual.worker import get_current_worker
+
+from behaviorc.run.events import EVENTS_FILE
+from behaviorc.run.state import BuildState, summarize
+from behaviorc.tui.tail import EventsRead, EventTail
+from behaviorc.tui.widgets import (PlanTree, StatePanel, TaskDetail, draw_compose_deploy, draw_errors,
+                                   draw_steering, draw_task_detail, draw_training)
+
+REDRAW_HZ = 10
+POLL_SECONDS = 0.05  # how long the tail worker sleeps when the log has nothing new
+PANELS = ("train", "steer", "deploy", "errors")
+
+
+class Dashboard(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "behaviorc"
+    BINDINGS = [
+        Binding("q", "quit_dashboard", "quit"),
+        Binding("c", "cancel_build", "cancel build"),
+        Binding("tab", "next_panel", "next panel", priority=True),
+        Binding("1", "panel(0)", "train", show=False),
+        Binding("2", "panel(1)", "steer", show=False),
+        Binding("3", "panel(2)", "deploy", show=False),
+        Binding("4", "panel(3)", "errors", show=False),
+    ]
+
+    def __init__(self, build_dir: Path, cancel: Callable[[], None] | None = None,
+                 build_thread: threading.Thread | None = None, now: Callable[[], float] = time.time):
+        super().__init__()
+        self.build_dir = Path(build_dir)
+        self.cancel = cancel
+        self.build_thread = build_thread
+        self.now = now
+        self.state = BuildState()
+        self.cancel_requested = False
+        self._dirty = True
+        self._new_log_lines: list[str] = []
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="status")
+        with Horizontal():
+            yield PlanTree(id="plan")
+            with TabbedContent(id="panels", initial="train"):
+                with TabPane("1 Train", id="train"):
+                    yield StatePanel(draw_training, id="train-view")
+                with TabPane("2 Steer", id="steer"):
+                    yield StatePanel(draw_steering, id="steer-view")
+                with TabPane("3 Deploy", id="deploy"):
+                    yield StatePanel(draw_compose_deploy, id="deploy-view")
+                with TabPane("4 Errors", id="errors"):
+                    with Vertical():
+                        yield StatePanel(draw_errors, id="errors-view")
+                        yield RichLog(id="log", max_lines=500, wrap=False, markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(PlanTree).focus()
+        self.set_interval(1 / REDRAW_HZ, self.redraw)
+        self.follow_events()
+
+    # --- events -----------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True)
+    def follow_events(self) -> None:
+        tail = EventTail(self.build_dir / EVENTS_FILE)
+        worker = get_current_worker()
+        try:
+            while not worker.is_cancelled:
+                events, restarted = tail.read()
+                if events or restarted:
+                    self.post_message(EventsRead(events, restarted))
+                else:
+                    time.sleep(POLL_SECONDS)
+        finally:
+            tail.close()
+
+    def on_events_read(self, message: EventsRead) -> None:
+        if message.restarted:
+            self.state = BuildState()
+            self.cancel_requested = False
+        for event in message.events:
+            self.state.apply(event)
+            if event.get("type") != "progress":
+                self._new_log_lines.append(f"{event.get('task') or 'build'}  {event.get('type')}  {summarize(event)}")
+        self._dirty = True
+
+    def redraw(self) -> None:
+        if not self._dirty and not self.state.running:
+            return
+        self._dirty = False
+        now = self.now()
+        self.query_one("#status", Static).update(self.status_line())
+        self.query_one(PlanTree).refresh_labels(self.state, now)
+        for panel in self.query(StatePanel):
+            panel.show(self.state)
+        if self._new_log_lines:
+            log = self.query_one("#log", RichLog)
+            for line in self._new_log_lines[-500:]:
+                log.write(line)
+            self._new_log_lines.clear()
+
+    def status_line(self) -> str:
+        state = self.state
+        if state.started is None:
+            return f"waiting for a build in {self.build_dir}"
+        counts = state.counts()
+        finished = counts.get("done", 0) + counts.get("cached", 0)
+        spec = Path(state.spec).name or str(self.build_dir)
+        if state.finished:
+            verdict = "stopped" if state.cancelled else ("ok" if state.ok else "FAILED")
+        else:
+            verdict = "stopping…" if self.cancel_requested else "running"
+        extra = "".join(f" · {counts[s]} {s}" for s in ("cached", "failed", "skipped") if counts.get(s))
+        return f"{spec} · {verdict} · {finished}/{len(state.tasks)} tasks{extra}"
+
+    # --- keys -------------------------------------------------------------------------
+
+    def action_panel(self, index: int) -> None:
+        self.query_one(TabbedContent).active = PANELS[index]
+
+    def action_next_panel(self) -> None:
+        panels = self.query_one(TabbedContent)
+        panels.active = PANELS[(PANELS.index(panels.active) + 1) % len(PANELS)]
+
+    def action_cancel_build(self) -> None:
+        if self.cancel is None or self.state.finished or self.state.started is None:
+            self.notify("no build is running", severity="warning")
+            return
+        self.cancel()
+        self.cancel_requested = True
+        self._dirty = True
+        self.notify("asked the build to stop; finished tasks are kept")
+
+    def action_quit_dashboard(self) -> None:
+        if self.build_thread is not None and self.build_thread.is_alive() and self.cancel is not None:
+            self.cancel()  # the build runs inside this process: it cannot outlive the app
+        self.exit()
+
+    def on_tree_node_selected(self, message: Tree.NodeSelected) -> None:
+        task_id = message.node.data
+        if task_id in self.state.tasks:
+            self.push_screen(TaskDetail(draw_task_detail(self.state, task_id, self.now())))

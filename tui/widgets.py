@@ -1,0 +1,228 @@
+"""The dashboard's widgets. Each draws from a `BuildState`; none reads files or events.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static, Tree
+
+from behaviorc.run.progress import STATUS_STYLE, format_metrics
+from behaviorc.run.state import BuildState, TaskState, summarize
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+CURVE_WIDTH = 40
+
+
+def render_curve(values: list[float], width: int = CURVE_WIDTH) -> str:
+    """A one-line plot: the values resampled to `width` columns, as block heights."""
+    if not values:
+        return ""
+    if len(values) > width:  # the mean of each column's share of the points
+        step = len(values) / width
+        values = [sum(chunk) / len(chunk) for chunk in
+                  (values[int(i * step): max(int((i + 1) * step), int(i * step) + 1)] for i in range(width))]
+    low, high = min(values), max(values)
+    span = high - low or 1.0
+    return "".join(BLOCKS[min(int((v - low) / span * (len(BLOCKS) - 1) + 0.5), len(BLOCKS) - 1)] for v in values)
+
+
+def task_seconds(task: TaskState, now: float) -> str:
+    if task.status == "running" and task.started is not None:
+        return f"{max(now - task.started, 0.0):.1f}s"
+    if task.seconds is not None and task.status not in ("pending", "skipped"):
+        return f"{task.seconds:.1f}s"
+    return ""
+
+
+def task_label(task: TaskState, now: float) -> Text:
+    icon, style = STATUS_STYLE.get(task.status, ("?", ""))
+    label = Text.assemble((icon + " ", style), (task.kind, style))
+    seconds = task_seconds(task, now)
+    if task.status == "running" and task.progress and task.progress[1]:
+        seconds = f"{task.progress[0]}/{task.progress[1]} {seconds}"
+    if seconds:
+        label.append(f" {seconds}", "dim")
+    return label
+
+
+class PlanTree(Tree[str]):
+    """The plan: one branch per model, behavior or composition, its tasks as leaves
+    (data: the task id); enter opens a task's detail."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__("plan", **kwargs)
+        self.show_root = False
+        self._leaves: dict[str, Any] = {}
+
+    def show_plan(self, state: BuildState, now: float) -> None:
+        self.clear()
+        self._leaves.clear()
+        branches: dict[str, Any] = {}
+        for task in state.tasks.values():
+            name = task.id.split(":", 1)[-1]
+            if name not in branches:
+                branches[name] = self.root.add(name, expand=True)
+            self._leaves[task.id] = branches[name].add_leaf(task_label(task, now), data=task.id)
+
+    def refresh_labels(self, state: BuildState, now: float) -> None:
+        if set(self._leaves) != set(state.tasks):
+            self.show_plan(state, now)
+            return
+        for task_id, node in self._leaves.items():
+            node.set_label(task_label(state.tasks[task_id], now))
+
+
+class StatePanel(Static):
+    """A panel drawn entirely from the build state by a render function."""
+
+    def __init__(self, draw: Callable[[BuildState], RenderableType], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.draw = draw
+
+    def show(self, state: BuildState) -> None:
+        self.update(self.draw(state))
+
+
+def _heading(text: str) -> Text:
+    return Text(text, style="bold")
+
+
+def _metric(metrics: dict[str, float], name: str) -> str:
+    return f"{metrics[name]:.3f}" if name in metrics else "–"
+
+
+def draw_training(state: BuildState) -> RenderableType:
+    trains = [t for t in state.tasks.values() if t.kind == "train"]
+    if not trains and not state.losses:
+        return Text("no training in this plan", style="dim")
+    parts: list[RenderableType] = []
+    for task_id in dict.fromkeys([t.id for t in trains] + list(state.losses)):
+        task = state.tasks.get(task_id)
+        losses = state.losses.get(task_id, [])
+        margins = state.train_margins.get(task_id, [])
+        status = task.status if task else "?"
+        parts.append(_heading(f"{task_id}  [{status}]"))
+        if losses:
+            step, loss = losses[-1]
+            parts.append(Text(f"loss {render_curve([l for _, l in losses])}  step {step}: {loss:.4f}"))
+        if margins:
+            step, margin = margins[-1]
+            parts.append(Text(f"margin {render_curve([m for _, m in margins])}  {margin:+.3f}"))
+        if task and task.metrics:
+            parts.append(Text(format_metrics(task.metrics, limit=8), style="dim"))
+        parts.append(Text(""))
+    return Group(*parts)
+
+
+def draw_steering(state: BuildState) -> RenderableType:
+    verifies = [t for t in state.tasks.values() if t.kind == "steer.verify"]
+    if not verifies:
+        return Text("no steering in this plan", style="dim")
+    table = Table("behavior", "before", "steered", "after", box=None, pad_edge=False)
+    for task in verifies:
+        m = task.metrics
+        table.add_row(task.id.split(":", 1)[-1], _metric(m, "margin_before"),
+                      _metric(m, "margin_steered"), _metric(m, "margin_after"))
+    parts: list[RenderableType] = [_heading("margins"), table]
+    for task_id, sweep in state.sweeps.items():
+        parts += [Text(""), _heading(f"strength sweep  {task_id.split(':', 1)[-1]}")]
+        rows = Table("strength", "margin", "general nll", box=None, pad_edge=False)
+        for point in sweep:
+            rows.add_row(f"{point.get('strength', 0):g}", f"{point.get('margin', 0):+.3f}",
+                         f"{point['general_nll']:.3f}" if "general_nll" in point else "–")
+        parts += [Text(render_curve([p.get("margin", 0.0) for p in sweep])), rows]
+    return Group(*parts)
+
+
+def draw_compose_deploy(state: BuildState) -> RenderableType:
+    parts: list[RenderableType] = []
+    for task_id, weights in state.weights.items():
+        parts.append(_heading(f"composition {task_id.split(':', 1)[-1]}"))
+        table = Table("behavior", "weight", box=None, pad_edge=False)
+        for term in weights["terms"]:
+            table.add_row(str(term.get("behavior")), f"{term.get('weight', 0):+g}")
+        parts.append(table)
+        if weights.get("merge"):
+            parts.append(Text(f"merge: {json.dumps(weights['merge'])}", style="dim"))
+    if state.health:
+        parts += [Text(""), _heading("vLLM servers")]
+        for url, health in state.health.items():
+            ok = health.get("ok")
+            latency = f"{health['latency_ms']:.0f} ms" if "latency_ms" in health else ""
+            parts.append(Text.assemble(("● " if ok else "✗ ", "green" if ok else "red"), url, f"  {latency}",
+                                       (f"  {health.get('detail', '')}", "dim")))
+    if state.pushes:
+        parts += [Text(""), _heading(f"pushes ({len(state.pushes)})")]
+        table = Table("url", "step", "ms", "ok", box=None, pad_edge=False)
+        for push in state.pushes[-8:]:
+            table.add_row(str(push.get("url", "")), str(push.get("step", "")),
+                          f"{push.get('ms', 0):.0f}", "yes" if push.get("ok") else f"no {push.get('error', '')}")
+        parts.append(table)
+    return Group(*parts) if parts else Text("no composition or deploy in this plan", style="dim")
+
+
+def draw_errors(state: BuildState) -> RenderableType:
+    failed = state.failed
+    notes = [t for t in state.tasks.values() if t.note]
+    if not failed and not notes:
+        return Text("no errors", style="green")
+    parts: list[RenderableType] = []
+    for task in failed:
+        parts.append(Text(f"✗ {task.id}" + (" (internal error)" if task.internal else ""), style="bold red"))
+        parts.append(Text(task.error or "", style="red"))
+    for task in notes:
+        parts.append(Text(f"! {task.id}: {task.note}", style="yellow"))
+    return Group(*parts)
+
+
+def draw_task_detail(state: BuildState, task_id: str, now: float) -> RenderableType:
+    task = state.tasks[task_id]
+    facts = Table.grid(padding=(0, 1))
+    facts.add_column(style="bold")
+    facts.add_column()
+    facts.add_row("task", task.id)
+    facts.add_row("status", task.status + (f"  {task_seconds(task, now)}" if task_seconds(task, now) else ""))
+    facts.add_row("key", task.key)
+    facts.add_row("spec", task.where or "–")
+    facts.add_row("needs", ", ".join(task.deps) or "–")
+    for name, value in task.metrics.items():
+        facts.add_row(name, f"{value:.5g}")
+    for name, path in task.artifacts.items():
+        facts.add_row(name, path)
+    if task.log:
+        facts.add_row("traceback", task.log)
+    parts: list[RenderableType] = [facts]
+    if task.error:
+        parts += [Text(""), Text(task.error, style="red")]
+    if task.note:
+        parts += [Text(""), Text(task.note, style="yellow")]
+    if task.data:
+        parts += [Text(""), _heading("data"), Text(json.dumps(task.data, indent=1, default=str)[:4000])]
+    own = [e for e in state.recent if e.get("task") == task_id][-12:]
+    if own:
+        parts += [Text(""), _heading("recent events")]
+        parts += [Text(f"{e['type']}  {summarize(e)}", style="dim") for e in own]
+    return Group(*parts)
+
+
+class TaskDetail(ModalScreen[None]):
+    """Everything known about one task; escape closes."""
+
+    BINDINGS = [Binding("escape,enter,q", "dismiss", "close")]
+
+    def __init__(self, body: RenderableType):
+        super().__init__()
+        self.body = body
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="detail"):
+            yield Static(self.body)
