@@ -19,6 +19,7 @@ from behaviorc.diagnostics import BehaviorError
 COMMAND_MODULES = (
     "behaviorc.model.commands",
     "behaviorc.vectors.commands",
+    "behaviorc.run.commands",
 )
 
 DESCRIPTION = """\
