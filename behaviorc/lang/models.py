@@ -1,0 +1,98 @@
+"""Where a model or an externally trained behavior comes from, and its fingerprint.
+
+Fingerprints change when the model's files do, so cache keys follow them; computing one
+never loads weights (a built-in's is its builder version, a folder's hashes its config
+and lists its files' names, sizes and modification times).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from behaviorc.diagnostics import DiagnosticSink, did_you_mean
+from behaviorc.lang import ast
+from behaviorc.lang.data import resolve_path
+from behaviorc.model.builtin import BUILDER_VERSION, BUILTINS
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    source: str
+    kind: Literal["builtin", "folder", "hub"]
+    num_layers: int | None
+    fingerprint: str
+
+
+def resolve_model_source(name: ast.Str, base_dir: str, sink: DiagnosticSink) -> ModelSource | None:
+    """A built-in name, an existing folder (relative to the spec), else a hub id."""
+    source = name.value
+    if source in BUILTINS:
+        layers = BUILTINS[source].config(365)["num_hidden_layers"]
+        return ModelSource(source, "builtin", layers, f"builtin:{source}:v{BUILDER_VERSION}")
+    path = resolve_path(source, base_dir) if source.strip() else ""
+    if path and os.path.exists(path):
+        folder = read_model_folder(name, path, sink)
+        if folder is None:
+            return None
+        layers, fingerprint = folder
+        return ModelSource(os.path.abspath(path), "folder", layers, fingerprint)
+    if HUB_ID.match(source) and not source.startswith((".", "~")):
+        return ModelSource(source, "hub", None, f"hub:{source}")
+    if "/" in source or source.startswith((".", "~")) or not source.strip():
+        sink.error(f"model folder `{source}` not found", name.loc,
+                   f"paths are relative to the spec's folder, `{base_dir or '.'}`")
+    else:
+        sink.error(f"unknown model `{source}`", name.loc,
+                   did_you_mean(source, BUILTINS) or
+                   f"use a built-in ({', '.join(BUILTINS)}), a model folder, or a hub id "
+                   "like `Qwen/Qwen3-0.6B`")
+    return None
+
+
+def read_model_folder(name: ast.Str, path: str, sink: DiagnosticSink) -> tuple[int | None, str] | None:
+    """(layer count, fingerprint) of a Hugging Face model folder, or None after an error."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        sink.error(f"`{name.value}` is a file; a model is a folder with config.json", name.loc)
+        return None
+    try:
+        with open(config_path, "rb") as f:
+            raw = f.read()
+        config = json.loads(raw)
+    except FileNotFoundError:
+        sink.error(f"`{name.value}` is not a Hugging Face model folder: it has no config.json",
+                   name.loc)
+        return None
+    except (OSError, ValueError) as err:
+        sink.error(f"cannot read {name.value}/config.json: {err}", name.loc)
+        return None
+    if not isinstance(config, dict):
+        sink.error(f"{name.value}/config.json is not a JSON object", name.loc)
+        return None
+    layers = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers")
+                        if isinstance(config.get("text_config"), dict) else None)
+    return (layers if isinstance(layers, int) else None), folder_fingerprint(path, raw)
+
+
+def folder_fingerprint(path: str, config: bytes) -> str:
+    digest = hashlib.sha256(config)
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_file():
+            stat = entry.stat()
+            digest.update(f"\0{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return "folder:" + digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
