@@ -130,6 +130,8 @@ class BuildState:
     # --- task events ------------------------------------------------------------------
 
     def _on_train_step(self, event: dict[str, Any]) -> None:
+        if "steps" in event:  # steps are the progress of training, whatever progress said last
+            self.task(event).progress = (int(event.get("step", 0)), int(event["steps"]), "steps")
         if "loss" in event:
             self.losses.setdefault(event["task"], []).append((int(event.get("step", 0)), float(event["loss"])))
         if "margin" in event:
