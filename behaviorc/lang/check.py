@@ -24,13 +24,11 @@ from behaviorc.lang.data import (DataFiles, read_example, read_pair, read_prompt
 from behaviorc.lang.linear import canonical_text, linearize
 from behaviorc.lang.models import file_sha256, read_model_folder, resolve_model_source
 from behaviorc.lang.parse import parse_text
+from behaviorc.plan.plan import REPORTED_METRICS
 
-# Which metrics each part of a behavior reports (see the task classes in plan/tasks.py).
-STEER_METRICS = ("margin_before", "margin_steered", "margin_after", "general_nll_before",
-                 "general_nll_steered")
-TRAIN_METRICS = ("loss_first", "loss_last", "margin_before", "margin_after",
-                 "general_nll_before", "general_nll_after", "steps_skipped")
-DEPLOY_METRICS = ("push_ms", "requests_failed")
+STEER_METRICS = REPORTED_METRICS["steer.verify"]
+TRAIN_METRICS = REPORTED_METRICS["train"]
+DEPLOY_METRICS = REPORTED_METRICS["deploy"]
 KNOWN_METRICS = tuple(dict.fromkeys(STEER_METRICS + TRAIN_METRICS + DEPLOY_METRICS))
 
 PAIR_LINE = '{"prompt", "positive", "negative"}'
