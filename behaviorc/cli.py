@@ -17,6 +17,7 @@ from behaviorc import __version__
 from behaviorc.diagnostics import BehaviorError
 
 COMMAND_MODULES = (
+    "behaviorc.lang.commands",
     "behaviorc.model.commands",
     "behaviorc.vectors.commands",
     "behaviorc.run.commands",

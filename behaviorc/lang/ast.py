@@ -16,6 +16,7 @@ from behaviorc.diagnostics import Location
 @dataclass(frozen=True, slots=True)
 class Str:
     value: str
+    raw: str  # as written, quotes and escapes included (fmt prints it unchanged)
     loc: Location
 
 

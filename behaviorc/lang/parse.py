@@ -234,7 +234,7 @@ class _AstBuilder(Transformer):
         token = children[0]
         raw = token.value
         quote = 3 if raw[:3] in ('"""', "'''") else 1
-        return ast.Str(self._unescape(raw[quote:-quote], token), self._loc(meta))
+        return ast.Str(self._unescape(raw[quote:-quote], token), raw, self._loc(meta))
 
     def _unescape(self, body: str, token: Token) -> str:
         if "\\" not in body:
