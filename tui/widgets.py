@@ -173,9 +173,15 @@ def draw_compose_deploy(state: BuildState) -> RenderableType:
 def draw_errors(state: BuildState) -> RenderableType:
     failed = state.failed
     notes = [t for t in state.tasks.values() if t.note]
-    if not failed and not notes:
+    if not failed and not notes and not state.unmet:
         return Text("no errors", style="green")
     parts: list[RenderableType] = []
+    for unmet in state.unmet:
+        loc = unmet.get("loc")
+        where = f"{loc['file']}:{loc['line']}:{loc['column']}: " if loc else ""
+        actual = "not measured" if unmet.get("actual") is None else f"measured {unmet['actual']:.4g}"
+        parts.append(Text(f"{where}expect {unmet['metric']} {unmet['op']} {unmet['value']:g}: "
+                          f"{actual} by {unmet['task']}", style="bold red"))
     for task in failed:
         parts.append(Text(f"✗ {task.id}" + (" (internal error)" if task.internal else ""), style="bold red"))
         parts.append(Text(task.error or "", style="red"))

@@ -7,7 +7,7 @@ import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from behaviorc.diagnostics import BehaviorError, did_you_mean
 from behaviorc.plan.task import Task
@@ -16,6 +16,9 @@ from behaviorc.run.events import EVENTS_FILE
 from behaviorc.run.executor import CANCEL_FILE, LOG_DIR, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint
 from behaviorc.run.report import REPORT_FILE
 from behaviorc.run.store import Store
+
+if TYPE_CHECKING:
+    from behaviorc.plan.plan import Plan
 
 BUILD_EPILOG = """\
 examples:
@@ -65,13 +68,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # --- build ------------------------------------------------------------------------------
 
-def load_plan(spec_path: Path) -> tuple[str, list[Task]]:
-    """Check and lower a spec: its hash and its tasks in dependency order."""
+def load_plan(spec_path: Path) -> "Plan":
+    """Check and lower a spec. Warnings go to stderr; errors stop here (all of them)."""
     from behaviorc.lang import check_file
     from behaviorc.plan.lower import lower
 
-    spec = check_file(spec_path)
-    return spec.sha256, list(lower(spec).tasks)
+    spec, diagnostics = check_file(str(spec_path))
+    if spec is None:
+        raise BehaviorError("the spec has errors", diagnostics=diagnostics)
+    for warning in diagnostics:
+        print(warning.render(), file=sys.stderr)
+    return lower(spec)
 
 
 def select(tasks: Sequence[Task], wanted: str) -> Task:
@@ -90,12 +97,13 @@ def select(tasks: Sequence[Task], wanted: str) -> Task:
 
 def run_build(args: argparse.Namespace) -> int:
     spec_path: Path = args.spec
-    sha256, tasks = load_plan(spec_path)
-    targets = [select(tasks, args.only)] if args.only else tasks
+    plan = load_plan(spec_path)
+    targets = [select(plan.tasks, args.only)] if args.only else list(plan.tasks)
     out: Path = args.out or Path("out") / spec_path.stem
     out.mkdir(parents=True, exist_ok=True)
     cancel = CancelSignal(out / CANCEL_FILE)
-    settings = dict(force=args.force, spec_path=str(spec_path.resolve()), spec_sha256=sha256, cancel=cancel)
+    settings = dict(force=args.force, spec_path=str(spec_path.resolve()), spec_sha256=plan.spec.sha256,
+                    cancel=cancel, expectations=plan.expectations)
     if args.tui:
         return _build_with_dashboard(out, targets, cancel, settings)
 
@@ -139,6 +147,8 @@ def _build_with_dashboard(out: Path, targets: list[Task], cancel: CancelSignal, 
 def _print_outcome(outcome: BuildOutcome, out: Path) -> None:
     for record in outcome.failed:
         print(f"\ntask {record.task.id} failed:\n{record.error}", file=sys.stderr)
+    for verdict in outcome.unmet:
+        print(f"\n{verdict.render()}", file=sys.stderr)
     counts: dict[str, int] = {}
     for record in outcome.records:
         counts[record.status] = counts.get(record.status, 0) + 1

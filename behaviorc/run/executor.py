@@ -29,6 +29,7 @@ from behaviorc.plan.task import Cancelled, Task, TaskResult
 from behaviorc.plan.tasks import ResolveModel
 from behaviorc.run.context import CancelSignal, EngineLoader, EnginePool, RunContext, load_embedded_engine
 from behaviorc.run.events import EVENTS_FILE, EventLog, Listener, location_fields
+from behaviorc.run.expect import Expectation, Verdict, judge
 from behaviorc.run.report import REPORT_FILE, Report, TaskRecord
 from behaviorc.run.store import InvalidEntry, Store
 
@@ -43,14 +44,20 @@ class BuildOutcome:
     cancelled: bool
     report_path: Path
     events_path: Path
+    verdicts: list[Verdict]
 
     @property
     def ok(self) -> bool:
-        return not self.cancelled and all(r.status in ("done", "cached") for r in self.records)
+        return (not self.cancelled and all(r.status in ("done", "cached") for r in self.records)
+                and not self.unmet)
 
     @property
     def failed(self) -> list[TaskRecord]:
         return [r for r in self.records if r.status == "failed"]
+
+    @property
+    def unmet(self) -> list[Verdict]:
+        return [v for v in self.verdicts if not v.met]
 
     @property
     def exit_code(self) -> int:
@@ -75,7 +82,7 @@ class Executor:
     def __init__(self, out: Path, *, force: bool = False, spec_path: str = "",
                  spec_sha256: str = "", listeners: Sequence[Listener] = (),
                  engine_loader: EngineLoader = load_embedded_engine,
-                 cancel: CancelSignal | None = None):
+                 cancel: CancelSignal | None = None, expectations: Sequence[Expectation] = ()):
         self.out = Path(out).resolve()
         self.force = force
         self.spec_path = spec_path
@@ -84,6 +91,7 @@ class Executor:
         self.events = EventLog(self.out / EVENTS_FILE, list(listeners))
         self.engines = EnginePool(self.events, engine_loader)
         self.cancel = cancel or CancelSignal(self.out / CANCEL_FILE)
+        self.expectations = list(expectations)
         self._results: dict[str, TaskResult] = {}
 
     def run(self, targets: Sequence[Task]) -> BuildOutcome:
@@ -110,8 +118,11 @@ class Executor:
         finally:
             self.engines.close_all()
             cancelled = self.cancel.is_set()
+            report.verdicts = judge(self.expectations, records)
             report.write(finished=True, cancelled=cancelled)
-            outcome = BuildOutcome(records, cancelled, report.path, self.events.path)
+            outcome = BuildOutcome(records, cancelled, report.path, self.events.path, report.verdicts)
+            for verdict in outcome.unmet:
+                self.events.emit("expectation_unmet", verdict.task_id, **verdict.as_json())
             counts: dict[str, int] = {}
             for r in records:
                 counts[r.status] = counts.get(r.status, 0) + 1

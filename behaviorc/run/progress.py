@@ -56,7 +56,7 @@ class TerminalProgress:
         with self._lock:
             self.state.apply(event)
         if self._live is None and event["type"] == "task_end":
-            self.console.print(self._line(self.state.tasks[event["task"]]), highlight=False)
+            self.console.print(self._line(self.state.tasks[event["task"]]), highlight=False, soft_wrap=True)
 
     def __rich__(self) -> RenderableType:
         with self._lock:

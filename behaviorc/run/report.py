@@ -1,9 +1,12 @@
 """`DIR/report.json`: what a build did, task by task.
 
     {"spec": path, "spec_sha256": hex, "out": DIR, "ok": bool, "cancelled": bool,
-     "finished": bool, "started": t, "seconds": s,
+     "finished": bool, "started": t, "seconds": s, "counts": {status: n},
      "tasks": [{"id", "kind", "key", "deps", "status", "seconds", "metrics", "data",
-                "artifacts" (absolute paths), "error", "loc", "log"}]}
+                "artifacts" (absolute paths), "error", "loc", "internal", "log"}],
+     "expectations": [{"task", "metric", "op", "value", "actual", "met", "loc"}]}
+
+`ok` means every task finished (done or cached) and every judged `expect` line held.
 
 `status` is one of pending, running, done, cached, failed, skipped, cancelled. The file is
 replaced atomically, at the start, at most every `min_interval` seconds while tasks end,
@@ -16,11 +19,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from behaviorc.diagnostics import Location
 from behaviorc.plan.task import Task, TaskResult
 from behaviorc.run.store import write_json_atomic
+
+if TYPE_CHECKING:
+    from behaviorc.run.expect import Verdict
 
 REPORT_FILE = "report.json"
 STATUSES = ("pending", "running", "done", "cached", "failed", "skipped", "cancelled")
@@ -69,11 +75,13 @@ class Report:
     records: list[TaskRecord]
     min_interval: float = 0.5
     started: float = field(default_factory=time.time)
+    verdicts: list["Verdict"] = field(default_factory=list)  # judged at the end of the build
     _last_write: float = 0.0
 
     def as_json(self, finished: bool, cancelled: bool) -> dict[str, Any]:
         statuses = [r.status for r in self.records]
-        ok = finished and not cancelled and all(s in ("done", "cached") for s in statuses)
+        ok = (finished and not cancelled and all(s in ("done", "cached") for s in statuses)
+              and all(v.met for v in self.verdicts))
         return {
             "spec": self.spec,
             "spec_sha256": self.spec_sha256,
@@ -85,6 +93,7 @@ class Report:
             "seconds": round(time.time() - self.started, 4),
             "counts": {s: statuses.count(s) for s in STATUSES if s in statuses},
             "tasks": [r.as_json() for r in self.records],
+            "expectations": [v.as_json() for v in self.verdicts],
         }
 
     def write(self, finished: bool = False, cancelled: bool = False) -> None:

@@ -56,6 +56,7 @@ class BuildState:
     weights: dict[str, dict[str, Any]] = field(default_factory=dict)
     health: dict[str, dict[str, Any]] = field(default_factory=dict)
     pushes: list[dict[str, Any]] = field(default_factory=list)
+    unmet: list[dict[str, Any]] = field(default_factory=list)  # `expect` lines that did not hold
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
     events_seen: int = 0
 
@@ -123,6 +124,9 @@ class BuildState:
         task = self.task(event)
         task.error, task.error_loc = event.get("error"), event.get("loc")
         task.internal, task.log = bool(event.get("internal")), event.get("log")
+
+    def _on_expectation_unmet(self, event: dict[str, Any]) -> None:
+        self.unmet.append(event)
 
     def _on_build_end(self, event: dict[str, Any]) -> None:
         self.finished, self.ok, self.cancelled = True, bool(event.get("ok")), bool(event.get("cancelled"))
