@@ -1,0 +1,248 @@
+"""APOLLO: AdamW-like updates with SGD-like optimizer memory (arXiv 2412.05270).
+
+Written from the paper's Algorithm 1, not from its (CC-BY-NC) reference code.
+
+AdamW scales every gradient element by its own factor. APOLLO coarsens that to one
+factor per channel (or per tensor for APOLLO-Mini) and estimates those factors from Adam
+moments kept in a random rank-r projection of the gradient, so a matrix's state is
+r x n instead of 2 x m x n.
+
+For a matrix gradient G oriented as d x n, with d the SMALLER side (a tall weight is
+handled through its transpose, so n is always the larger side and the projected
+gradient is r x n):
+
+    P    ~ N(0, 1/r), r x d, redrawn every `refresh` steps from a seed derived from
+           (seed, parameter number, step // refresh): a resumed run redraws the same P
+           and nothing about P is stored
+    R    = P G                                  (r x n)
+    M, V = Adam moments of R, bias-corrected to M^, V^
+    R~   = M^ / (sqrt(V^) + eps)
+    s_j  = ||R~[:, j]|| / ||R[:, j]||           channel-wise (APOLLO)
+    s    = ||R~|| / ||R||                       tensor-wise (APOLLO-Mini, rank 1)
+    U    = alpha * G diag(s)
+    W   <- W - lr * U - lr * weight_decay * W   (decoupled weight decay)
+
+Scale alpha. A column of R~ has r entries of magnitude ~1, a column of AdamW's scaled
+gradient has d, while ||R[:, j]|| ~= ||G[:, j]|| (Johnson-Lindenstrauss). So s_j is about
+sqrt(r/d) times AdamW's channel factor and alpha = sqrt(d / r) brings the update back to
+AdamW's magnitude, which lets the same learning rates work. d is the side the projection
+compresses (the smaller one); the paper's code exposes this as `scale` with
+alpha = sqrt(scale), and its APOLLO-Mini default scale = 128 is this formula for d = 128,
+r = 1. Pass `scale` to override alpha.
+
+Norm-growth limiter (gamma = 1.01): if ||U_t|| > gamma * ||U_{t-1}|| the update is shrunk
+to gamma * ||U_{t-1}||; each activation is counted (`limiter_activations`).
+
+Parameters that are not matrices, or whose smaller side is not larger than the rank
+(A_log, dt_bias, conv1d weights [3-D], norms, fused MoE experts [3-D], small matrices),
+get plain AdamW inside the same optimizer.
+
+State per projected d x n matrix (`state_bytes`): exp_avg and exp_avg_sq, both r x n
+float32 (2 * r * n * 4 bytes), `step` (int64, 8), `previous_norm` (float32, 4) and
+`limited` (int64, 8): 2*r*n*4 + 20 bytes. AdamW-routed parameters hold the usual two
+moments in the parameter's dtype plus `step`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+
+Scaling = Literal["channel", "tensor"]
+
+
+class APOLLO(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 256,
+        refresh: int = 200,
+        limiter: float | None = 1.01,
+        scale: float | None = None,
+        scaling: Scaling = "channel",
+        seed: int = 0,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("lr, eps and weight_decay must be non-negative")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1): {betas}")
+        if rank < 1 or refresh < 1:
+            raise ValueError("rank and refresh must be at least 1")
+        if limiter is not None and limiter <= 1:
+            raise ValueError(f"the limiter's gamma must be above 1: {limiter}")
+        if scaling not in ("channel", "tensor"):
+            raise ValueError(f"scaling must be 'channel' or 'tensor': {scaling}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                        refresh=refresh, limiter=limiter, scale=scale, scaling=scaling, seed=seed)
+        super().__init__(params, defaults)
+
+    @classmethod
+    def mini(cls, params: Iterable[Any], **options: Any) -> "APOLLO":
+        """APOLLO-Mini: rank 1, one scaling factor per tensor."""
+        return cls(params, **{"rank": 1, "scaling": "tensor", **options})
+
+    # -- routing and accounting ------------------------------------------------------
+
+    @staticmethod
+    def is_projected(param: torch.Tensor, rank: int) -> bool:
+        """Whether APOLLO (rather than AdamW) updates this parameter."""
+        return param.ndim == 2 and min(param.shape) > rank
+
+    @property
+    def limiter_activations(self) -> int:
+        """How many times, over all steps and matrices, the limiter shrank an update."""
+        return sum(int(s["limited"]) for s in self.state.values() if "limited" in s)
+
+    def state_bytes(self, param: torch.Tensor | None = None) -> int:
+        """Bytes of optimizer state held for one parameter, or for all of them."""
+        states = [self.state[param]] if param is not None else list(self.state.values())
+        return sum(v.numel() * v.element_size() for s in states for v in s.values()
+                   if isinstance(v, torch.Tensor))
+
+    # -- the step -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        number = 0  # a parameter's position over all groups: stable across a resume
+        for group in self.param_groups:
+            plain: list[torch.Tensor] = []
+            projected: list[tuple[int, torch.Tensor]] = []
+            for param in group["params"]:
+                if param.grad is not None:
+                    if param.grad.is_sparse:
+                        raise RuntimeError("APOLLO does not support sparse gradients")
+                    if self.is_projected(param, group["rank"]):
+                        projected.append((number, param))
+                    else:
+                        plain.append(param)
+                number += 1
+            if plain:
+                self._adamw(plain, group)
+            if projected:
+                self._apollo(projected, group)
+        return loss
+
+    def _adamw(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        grads = [p.grad for p in params]
+        states = [self._init_adamw_state(p) for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        steps = []
+        for s in states:
+            s["step"] += 1
+            steps.append(int(s["step"]))
+
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** t) for t in steps])
+        torch._foreach_add_(denominators, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators,
+                                [-lr / (1 - beta1 ** t) for t in steps])
+
+    def _init_adamw_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.int64)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    def _apollo(self, numbered: list[tuple[int, torch.Tensor]], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, rank = group["lr"], group["eps"], group["rank"]
+
+        # Project every gradient, then run the Adam moment updates on all of them at once.
+        oriented, projections, states = [], [], []
+        for number, param in numbered:
+            g = _oriented(param.grad.float())
+            state = self._init_apollo_state(param, rank, g.shape[1])
+            state["step"] += 1
+            p_matrix = _projection(group["seed"], number, int(state["step"]) - 1,
+                                   group["refresh"], rank, g.shape[0], g.device)
+            oriented.append(g)
+            projections.append(p_matrix @ g)
+            states.append(state)
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avgs, projections, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, projections, projections, value=1 - beta2)
+
+        for (number, param), g, r_grad, state in zip(numbered, oriented, projections, states):
+            t = int(state["step"])
+            denominator = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(eps)
+            r_scaled = state["exp_avg"] / (1 - beta1 ** t) / denominator
+            alpha = group["scale"] if group["scale"] is not None else math.sqrt(g.shape[0] / rank)
+            factors = _scaling_factors(r_grad, r_scaled, group["scaling"])
+            # factors index the channels of the oriented gradient; map them back onto G.
+            tall = param.shape[0] > param.shape[1]
+            update = param.grad * (factors.unsqueeze(1) if tall else factors.unsqueeze(0)).to(param.dtype)
+            update_norm = alpha * float(update.norm())
+
+            gamma = group["limiter"]
+            previous = float(state["previous_norm"])
+            if gamma is not None and previous > 0 and update_norm > gamma * previous:
+                alpha *= gamma * previous / update_norm
+                update_norm = gamma * previous
+                state["limited"] += 1
+            state["previous_norm"].fill_(update_norm)
+
+            if group["weight_decay"]:
+                param.mul_(1 - lr * group["weight_decay"])
+            param.add_(update, alpha=-lr * alpha)
+
+    def _init_apollo_state(self, param: torch.Tensor, rank: int, channels: int) -> dict[str, torch.Tensor]:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.int64)
+            state["exp_avg"] = torch.zeros(rank, channels, dtype=torch.float32, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(rank, channels, dtype=torch.float32, device=param.device)
+            state["previous_norm"] = torch.zeros((), dtype=torch.float32)
+            state["limited"] = torch.zeros((), dtype=torch.int64)
+        return state
+
+    @staticmethod
+    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
+        # torch casts loaded float state to the parameter's dtype; ours keeps its own
+        # (float32 moments beside bf16 weights, int64 counters), so only move devices.
+        return value.to(device=param.device) if value.ndim > 0 else value
+
+
+def _oriented(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient as d x n with d <= n (a view; tall matrices are transposed)."""
+    return grad.T if grad.shape[0] > grad.shape[1] else grad
+
+
+def _projection(seed: int, number: int, step: int, refresh: int, rank: int, side: int,
+                device: torch.device) -> torch.Tensor:
+    """The r x d Gaussian projection for this parameter during this refresh period."""
+    period = step // refresh
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + number) * 1_000_033 + period)
+    return torch.randn(rank, side, generator=generator, device=device) / math.sqrt(rank)
+
+
+def _scaling_factors(r_grad: torch.Tensor, r_scaled: torch.Tensor, scaling: Scaling) -> torch.Tensor:
+    """Per-channel factors s (or one, tensor-wide), from the projected gradient R and
+    its Adam-scaled version R~."""
+    tiny = torch.finfo(torch.float32).tiny
+    if scaling == "tensor":
+        return (r_scaled.norm() / r_grad.norm().clamp_min(tiny)).reshape(1)
+    # square-then-sum: torch's strided norm(dim=0) is several times slower on CPU
+    return (r_scaled.square().sum(0) / r_grad.square().sum(0).clamp_min(tiny)).sqrt_()

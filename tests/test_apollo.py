@@ -1,0 +1,160 @@
+"""APOLLO: convergence against AdamW, state size to the byte, the limiter, exact resume."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from behaviorc.train.apollo import APOLLO
+from behaviorc.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+def _regression(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(512, 96, generator=g)
+    target_weight = torch.randn(64, 96, generator=g) / math.sqrt(96)
+    targets = inputs @ target_weight.T + 0.01 * torch.randn(512, 64, generator=g)
+    start = torch.randn(64, 96, generator=g) * 0.01
+    return inputs, targets, start
+
+
+def _fit(make_optimizer, steps: int = 150) -> tuple[float, float]:
+    inputs, targets, start = _regression()
+    weight = torch.nn.Parameter(start.clone())
+    bias = torch.nn.Parameter(torch.zeros(64))
+    optimizer = make_optimizer([weight, bias])
+    first = None
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(inputs @ weight.T + bias, targets)
+        first = float(loss.detach()) if first is None else first
+        loss.backward()
+        optimizer.step()
+    return first, float(torch.nn.functional.mse_loss(inputs @ weight.T + bias, targets))
+
+
+def test_regression_apollo_within_1_5x_of_adamw_final_loss():
+    first, adamw = _fit(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0))
+    _, apollo = _fit(lambda ps: APOLLO(ps, lr=1e-2, rank=16))
+    _, mini = _fit(lambda ps: APOLLO.mini(ps, lr=1e-2))
+    assert adamw < 0.05 * first
+    assert apollo < 0.05 * first
+    assert apollo <= 1.5 * adamw, (apollo, adamw)
+    assert mini < 0.2 * first  # rank 1, tensor-wise: slower, but it learns
+
+
+def test_tiny_gdn_apollo_loss_drop_at_least_0_7x_adamw(tiny_gdn):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gdn)
+    text = ["I will use the existing parser as asked.", "The tests should read the data now."]
+    batch = tokenizer(text, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gdn, dtype=torch.float32)
+
+    def drop(make_optimizer, steps: int = 8) -> float:
+        model = copy.deepcopy(base)
+        optimizer = make_optimizer(model.parameters())
+        losses = []
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = model(**batch, labels=labels).loss
+            losses.append(float(loss))
+            loss.backward()
+            optimizer.step()
+        return losses[0] - losses[-1]
+
+    adamw = drop(lambda ps: torch.optim.AdamW(ps, lr=5e-3, weight_decay=0.0))
+    apollo = drop(lambda ps: APOLLO(ps, lr=5e-3, rank=16))
+    print(f"loss drop over 8 steps: AdamW {adamw:.3f}, APOLLO {apollo:.3f}")
+    assert adamw > 0.5
+    assert apollo >= 0.7 * adamw, (apollo, adamw)
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (96, 64)])
+def test_state_of_projected_matrix_to_the_byte(shape):
+    rank = 8
+    weight = torch.nn.Parameter(torch.randn(*shape))
+    optimizer = APOLLO([weight], rank=rank)
+    weight.grad = torch.randn(*shape)
+    optimizer.step()
+    n = max(shape)
+    # two float32 r x n moments + int64 step + float32 previous norm + int64 limiter count
+    assert optimizer.state_bytes(weight) == 2 * rank * n * 4 + 8 + 4 + 8
+    assert optimizer.state_bytes(weight) * 4 <= 2 * weight.numel() * 4  # <= 1/4 of AdamW's here
+
+
+def test_small_and_non_matrix_parameters_take_adamw():
+    conv = torch.nn.Parameter(torch.randn(8, 1, 4))  # a conv1d weight: 3-D
+    small = torch.nn.Parameter(torch.randn(4, 100))  # smaller side not above the rank
+    gate = torch.nn.Parameter(torch.randn(4))
+    optimizer = APOLLO([conv, small, gate], rank=4, lr=1e-2)
+    for p in (conv, small, gate):
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in (conv, small, gate)]
+    optimizer.step()
+    for p, b in zip((conv, small, gate), before):
+        assert optimizer.state_bytes(p) == 2 * p.numel() * 4 + 8
+        # AdamW's first step moves every element by lr against the gradient's sign
+        torch.testing.assert_close(p.detach(), b - 1e-2, rtol=0, atol=1e-6)
+
+
+def test_update_magnitude_matches_adamw_on_the_first_step():
+    """alpha = sqrt(d/r) makes the first update's RMS about AdamW's (which is 1 * lr)."""
+    weight = torch.nn.Parameter(torch.zeros(256, 512))
+    optimizer = APOLLO([weight], lr=1.0, rank=32, limiter=None)
+    weight.grad = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
+    optimizer.step()
+    rms = float(weight.detach().pow(2).mean().sqrt())
+    assert 0.8 < rms < 1.25, rms
+
+
+def test_limiter_keeps_update_norm_growth_at_most_1_01_per_step():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.zeros(32, 48))
+    optimizer = APOLLO([weight], lr=1e-3, rank=4, limiter=1.01)
+    norms = []
+    for step in range(30):
+        before = weight.detach().clone()
+        # gradients that grow fast and change direction: the raw update would jump
+        weight.grad = torch.randn(32, 48) * (1.5 ** step)
+        optimizer.step()
+        norms.append(float((weight.detach() - before).norm()) / 1e-3)
+    ratios = [b / a for a, b in zip(norms, norms[1:])]
+    assert max(ratios) <= 1.01 + 1e-5, max(ratios)
+    assert optimizer.limiter_activations > 0
+
+
+def _train(model: torch.nn.Module, optimizer: APOLLO, steps: range) -> None:
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        inputs = torch.randn(16, 40, generator=g)
+        optimizer.zero_grad()
+        model(inputs).square().mean().backward()
+        optimizer.step()
+
+
+def _model_and_optimizer() -> tuple[torch.nn.Module, APOLLO]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.Tanh(), torch.nn.Linear(64, 24))
+    return model, APOLLO(model.parameters(), lr=1e-2, rank=8, refresh=3, weight_decay=0.01)
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    model, optimizer = _model_and_optimizer()
+    _train(model, optimizer, range(0, 10))
+    uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    model, optimizer = _model_and_optimizer()
+    _train(model, optimizer, range(0, 4))  # the resume lands mid refresh-period (refresh 3)
+    save_checkpoint(tmp_path / "ckpt", dict(model.named_parameters()), optimizer, {"step": 4})
+
+    model, optimizer = _model_and_optimizer()  # fresh objects: nothing carried in memory
+    scalars = load_checkpoint(tmp_path / "ckpt", dict(model.named_parameters()), optimizer)
+    _train(model, optimizer, range(scalars["step"], 10))
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), uninterrupted[name], rtol=0, atol=0)
