@@ -1,0 +1,189 @@
+"""Steering directions from contrast pairs, through any Engine.
+
+For each pair the engine reads the residual stream at the output of the chosen layers,
+for the positive and the negative completion after the same prompt (at the last token,
+or averaged over the completion's tokens). The direction at a layer is then
+
+- `mean_diff`: the mean of the paired differences (positive - negative);
+- `pca`: the first principal direction of the paired differences, not centered
+  (centering would subtract the mean difference, which is the very signal), with the
+  sign chosen so positives project higher, and scaled to the mean difference's length
+  along it, so that a strength means the same for both methods.
+
+Reading is batched with length bucketing: all 2n texts are sorted by length and cut
+into batches, so a batch pads little; each batch is one call that reads every layer in
+one forward, which stops after the deepest layer asked for.
+
+`layers auto` scores every layer by how consistently held-out pairs separate along the
+mean-difference direction of the other half (two folds, see `score_layers`) and keeps
+the best one (`best_layer`); the scores come back so the build can report the choice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from behaviorc import ir
+from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.engine.protocol import Engine
+from behaviorc.steer.vectors import SteeringVectors
+
+Method = Literal["mean_diff", "pca"]
+Read = Literal["last", "mean"]
+Progress = Callable[[int, int], None]
+
+DEFAULT_BATCH = 32
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    """How well pairs separate at one layer, measured on held-out pairs.
+
+    consistency: mean / root-mean-square of the held-out differences projected on the
+    direction, in [-1, 1]: 1 when every pair moves the same distance the right way,
+    near 0 when the direction says nothing. accuracy: the fraction of held-out pairs
+    whose positive projects higher than its negative.
+    """
+
+    layer: int
+    consistency: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Extraction:
+    vectors: SteeringVectors
+    scores: tuple[LayerScore, ...] = ()  # every layer's score when layers were `auto`
+
+
+def check_pairs(pairs: Sequence[ir.Pair], loc: Location | None = None) -> None:
+    """Refuse pairs that cannot define a direction."""
+    if not pairs:
+        raise BehaviorError("no steering pairs to extract from", loc)
+    for number, pair in enumerate(pairs, 1):
+        for side in ("positive", "negative"):
+            if not getattr(pair, side).strip():
+                raise BehaviorError(f"steering pair {number}: the {side} completion is empty", loc)
+        if pair.positive == pair.negative:
+            raise BehaviorError(
+                f"steering pair {number}: positive and negative are the same text", loc,
+                hint="a pair contrasts a wanted and an unwanted completion of one prompt")
+
+
+def check_layers(layers: Sequence[int], num_layers: int, loc: Location | None = None) -> None:
+    for layer in layers:
+        if not 0 <= layer < num_layers:
+            raise BehaviorError(
+                f"layer {layer} is out of range: the model has {num_layers} layers "
+                f"(0..{num_layers - 1})", loc)
+
+
+def read_pairs(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int], read: Read,
+               batch_size: int = DEFAULT_BATCH, progress: Progress | None = None,
+               ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Hidden states of every positive and every negative, [n, hidden] per layer."""
+    texts = [(pair.prompt, getattr(pair, side)) for pair in pairs for side in ("positive", "negative")]
+    # Characters stand in for tokens: the protocol has no tokenizer (a vLLM engine is
+    # remote), and bucketing only needs lengths in the right order.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i][0]) + len(texts[i][1]))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    gathered: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(texts) for layer in layers}
+    for done, batch in enumerate(batches, 1):
+        states = engine.hidden_states([texts[i][0] for i in batch], [texts[i][1] for i in batch],
+                                      list(layers), read)
+        for layer in layers:
+            for row, index in enumerate(batch):
+                gathered[layer][index] = states[layer][row]
+        if progress is not None:
+            progress(done, len(batches))
+    positives = {layer: torch.stack(rows[0::2]).float() for layer, rows in gathered.items()}
+    negatives = {layer: torch.stack(rows[1::2]).float() for layer, rows in gathered.items()}
+    return positives, negatives
+
+
+def direction(positives: torch.Tensor, negatives: torch.Tensor, method: Method) -> torch.Tensor:
+    """One layer's steering direction from paired states [n, hidden]."""
+    differences = (positives - negatives).double()
+    mean = differences.mean(dim=0)
+    if method == "mean_diff":
+        return mean.float()
+    # Rows are pairs, so the first right singular vector is the first principal
+    # direction of the uncentered differences.
+    _, _, right = torch.linalg.svd(differences, full_matrices=False)
+    axis = right[0]
+    along = float(mean @ axis)
+    if along < 0:
+        axis, along = -axis, -along
+    return (axis * along).float()
+
+
+def score_layers(positives: dict[int, torch.Tensor], negatives: dict[int, torch.Tensor]) -> list[LayerScore]:
+    """Two-fold held-out separation at each layer: the direction comes from the even
+    pairs and is scored on the odd ones, then the other way round; scores average."""
+    scores = []
+    for layer in positives:
+        differences = (positives[layer] - negatives[layer]).double()
+        folds = [(differences[0::2], differences[1::2]), (differences[1::2], differences[0::2])]
+        consistency, accuracy = [], []
+        for train, held in folds:
+            if len(train) == 0 or len(held) == 0:
+                continue
+            axis = train.mean(dim=0)
+            norm = axis.norm()
+            projected = held @ (axis / norm) if norm > 0 else torch.zeros(len(held), dtype=torch.float64)
+            rms = projected.square().mean().sqrt()
+            consistency.append(float(projected.mean() / rms) if rms > 0 else 0.0)
+            accuracy.append(float((projected > 0).double().mean()))
+        scores.append(LayerScore(layer, sum(consistency) / len(consistency), sum(accuracy) / len(accuracy)))
+    return scores
+
+
+def best_layer(scores: Sequence[LayerScore]) -> int:
+    """The most consistent layer (accuracy breaks ties, then the shallower layer).
+
+    Layer 0 is chosen only when it is the only layer: llama.cpp cannot carry a control
+    vector there (see steer.vectors), and repeng does not read it either.
+    """
+    candidates = [s for s in scores if s.layer > 0] or list(scores)
+    return max(candidates, key=lambda s: (s.consistency, s.accuracy, -s.layer)).layer
+
+
+def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Literal["auto"],
+            method: Method = "mean_diff", read: Read = "mean", batch_size: int = DEFAULT_BATCH,
+            progress: Progress | None = None, loc: Location | None = None) -> Extraction:
+    """Steering vectors for `pairs` at `layers` (or the best layer, for `auto`)."""
+    check_pairs(pairs, loc)
+    info = engine.info
+    if layers == "auto":
+        if len(pairs) < 2:
+            raise BehaviorError("`layers auto` needs at least 2 steering pairs to score layers "
+                                f"on held-out pairs (got {len(pairs)})", loc)
+        wanted = list(range(info.num_layers))
+    else:
+        wanted = sorted(set(layers))
+        if not wanted:
+            raise BehaviorError("no layers to steer", loc)
+        check_layers(wanted, info.num_layers, loc)
+    positives, negatives = read_pairs(engine, pairs, wanted, read, batch_size, progress)
+    scores: tuple[LayerScore, ...] = ()
+    if layers == "auto":
+        scores = tuple(score_layers(positives, negatives))
+        wanted = [best_layer(scores)]
+    directions = {layer: direction(positives[layer], negatives[layer], method) for layer in wanted}
+    vectors = SteeringVectors(
+        directions=directions, method=method, model=info.name, read=read,
+        model_type=model_type(info.path) or info.architecture)
+    return Extraction(vectors, scores)
+
+
+def model_type(folder: str) -> str:
+    """config.json's model_type (what repeng writes as the GGUF model hint), if readable."""
+    try:
+        return str(json.loads((Path(folder) / "config.json").read_text())["model_type"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""

@@ -1,0 +1,162 @@
+"""Extraction on tiny-gdn with planted pairs, through the embedded engine."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from behaviorc import ir
+from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.steer.extract import (LayerScore, best_layer, check_pairs, direction, extract,
+                                     read_pairs, score_layers)
+
+SUBJECTS = ["I", "You", "We", "The model", "The user", "The parser", "The test", "The assistant"]
+VERBS = ["will use", "should write", "can read", "might change", "wants"]
+OBJECTS = ["the plan", "the tests", "the data", "short answers", "the old code"]
+# Planted contrast: every positive answers " Yes. Yes.", every negative " No. No.".
+POSITIVE, NEGATIVE = " Yes. Yes.", " No. No."
+
+
+def planted_pairs(count: int, offset: int = 0) -> list[ir.Pair]:
+    prompts = [f"{s} {v} {o}?" for s in SUBJECTS for v in VERBS for o in OBJECTS]
+    chosen = prompts[offset::7][:count]
+    return [ir.Pair(prompt=p, positive=POSITIVE, negative=NEGATIVE) for p in chosen]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gdn, tmp_path_factory):
+    """tiny-gdn with its output head set to its input embeddings.
+
+    A random model's untied head maps the residual stream to logits in directions that
+    have nothing to do with the tokens, so no hidden-state direction can be expected to
+    raise one completion's probability (measured: the margin moves with either sign).
+    With head = embeddings, the representation of " Yes" predicts " Yes", as in a trained
+    model, so "steering raises the margin" is a property the test can demand.
+    """
+    from behaviorc.engine.embedded import EmbeddedEngine
+
+    folder = tmp_path_factory.mktemp("tiny-gdn-tied") / "model"
+    shutil.copytree(tiny_gdn, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return EmbeddedEngine.load(folder, name="tiny-gdn-tied")
+
+
+def margin(engine, pairs) -> float:
+    pos = engine.completion_logprobs([p.prompt for p in pairs], [p.positive for p in pairs])
+    neg = engine.completion_logprobs([p.prompt for p in pairs], [p.negative for p in pairs])
+    return sum(sum(a) / len(a) - sum(b) / len(b) for a, b in zip(pos, neg)) / len(pairs)
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca"])
+def test_direction_raises_the_held_out_margin_with_the_right_sign(engine, method):
+    train, held = planted_pairs(12), planted_pairs(6, offset=3)
+    assert not {p.prompt for p in train} & {p.prompt for p in held}
+    vectors = extract(engine, train, [2], method=method, read="mean").vectors
+    assert vectors.layers == (2,) and vectors.method == method
+    before = margin(engine, held)
+    try:
+        engine.set_steering(vectors.directions, 4.0)
+        raised = margin(engine, held)
+        engine.set_steering(vectors.directions, -4.0)
+        lowered = margin(engine, held)
+    finally:
+        engine.clear_steering()
+    assert raised > before + 0.1
+    assert lowered < before - 0.1
+    assert margin(engine, held) == pytest.approx(before, abs=1e-6)
+
+
+def test_pca_and_mean_diff_agree_in_sign(engine):
+    pairs = planted_pairs(10)
+    positives, negatives = read_pairs(engine, pairs, [1, 3], "last")
+    for layer in (1, 3):
+        mean_diff = direction(positives[layer], negatives[layer], "mean_diff")
+        pca = direction(positives[layer], negatives[layer], "pca")
+        assert torch.cosine_similarity(mean_diff, pca, dim=0) > 0.5
+        # positives project higher along the PCA direction
+        assert float(((positives[layer] - negatives[layer]) @ pca).mean()) > 0
+
+
+def test_pca_sign_is_fixed_by_the_pairs_not_by_the_solver():
+    generator = torch.Generator().manual_seed(0)
+    negatives = torch.randn(8, 16, generator=generator)
+    shift = torch.zeros(16)
+    shift[3] = 2.0
+    positives = negatives + shift + 0.01 * torch.randn(8, 16, generator=generator)
+    for pos, neg, sign in ((positives, negatives, 1.0), (negatives, positives, -1.0)):
+        found = direction(pos, neg, "pca")
+        assert sign * float(found[3]) > 1.9  # scaled to the mean difference along it
+
+
+def test_reading_in_length_buckets_matches_reading_one_by_one(engine):
+    pairs = planted_pairs(5) + [ir.Pair(prompt="Hi", positive=" Yes.", negative=" No thanks, not now.")]
+    batched, _ = read_pairs(engine, pairs, [2], "mean", batch_size=4)
+    for i, pair in enumerate(pairs):
+        single = engine.hidden_states([pair.prompt], [pair.positive], [2], "mean")[2][0]
+        assert torch.allclose(batched[2][i], single, atol=1e-5)
+
+
+def test_auto_scores_every_layer_and_reports_the_choice(engine):
+    result = extract(engine, planted_pairs(10), "auto", read="mean")
+    assert [s.layer for s in result.scores] == list(range(engine.info.num_layers))
+    best = max((s for s in result.scores if s.layer > 0), key=lambda s: s.consistency)
+    assert result.vectors.layers == (best.layer,)
+    assert best.consistency > 0.9 and best.accuracy == 1.0
+
+
+def test_auto_picks_the_layer_where_held_out_pairs_separate():
+    generator = torch.Generator().manual_seed(1)
+    negatives = {layer: torch.randn(12, 16, generator=generator) for layer in range(4)}
+    positives = {layer: negatives[layer] + torch.randn(12, 16, generator=generator) for layer in range(4)}
+    shift = torch.zeros(16)
+    shift[0] = 3.0
+    positives[2] = negatives[2] + shift + 0.3 * torch.randn(12, 16, generator=generator)
+    scores = score_layers(positives, negatives)
+    assert best_layer(scores) == 2
+    assert scores[2].accuracy == 1.0 and scores[2].consistency > 0.9
+    # noise layers score by chance (spread about 0.4 with 6 held-out pairs a fold)
+    assert max(s.consistency for s in scores if s.layer != 2) < scores[2].consistency - 0.2
+
+
+def test_auto_never_picks_layer_zero_when_another_layer_exists():
+    scores = [LayerScore(0, 1.0, 1.0), LayerScore(1, 0.5, 0.8)]
+    assert best_layer(scores) == 1
+    assert best_layer(scores[:1]) == 0
+
+
+def test_progress_is_reported_per_batch(engine):
+    seen = []
+    extract(engine, planted_pairs(6), [1], batch_size=4, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+LOC = Location(file="listen.behavior", line=4, column=5, end_line=4, end_column=15)
+
+
+def test_a_layer_out_of_range_for_the_model_is_located(engine):
+    with pytest.raises(BehaviorError) as caught:
+        extract(engine, planted_pairs(3), [1, 4], loc=LOC)
+    assert "layer 4 is out of range" in str(caught.value) and "0..3" in str(caught.value)
+    assert caught.value.diagnostics[0].loc == LOC
+
+
+@pytest.mark.parametrize("pair, message", [
+    (ir.Pair(prompt="Q?", positive="", negative=" no"), "positive completion is empty"),
+    (ir.Pair(prompt="Q?", positive=" yes", negative="  "), "negative completion is empty"),
+    (ir.Pair(prompt="Q?", positive=" same", negative=" same"), "same text"),
+])
+def test_bad_pairs_are_located(pair, message):
+    with pytest.raises(BehaviorError, match=message) as caught:
+        check_pairs([ir.Pair(prompt="ok", positive=" a", negative=" b"), pair], LOC)
+    assert "pair 2" in str(caught.value)
+    assert caught.value.diagnostics[0].loc == LOC
+
+
+def test_auto_needs_two_pairs(engine):
+    with pytest.raises(BehaviorError, match="at least 2"):
+        extract(engine, planted_pairs(1), "auto", loc=LOC)
