@@ -156,6 +156,10 @@ def test_a_killed_long_task_resumes_from_its_scratch_checkpoint(tmp_path):
     assert final_digests(rebuilt) == expected
 
 
-if __name__ == "__main__":
-    from behaviorc.run.executor import Executor
-    sys.exit(Executor(Path(sys.argv[1])).run(plan()).exit_code)
+if __name__ == "__main__":  # the build these tests kill (and test_run_cli interrupts)
+    from behaviorc.run.context import CancelSignal
+    from behaviorc.run.executor import Executor, cancel_on_sigint
+    out = Path(sys.argv[1])
+    cancel = CancelSignal(out / "cancel")
+    with cancel_on_sigint(cancel):
+        sys.exit(Executor(out, cancel=cancel).run(plan()).exit_code)

@@ -122,7 +122,8 @@ class Executor:
             report.write(finished=True, cancelled=cancelled)
             outcome = BuildOutcome(records, cancelled, report.path, self.events.path, report.verdicts)
             for verdict in outcome.unmet:
-                self.events.emit("expectation_unmet", verdict.task_id, **verdict.as_json())
+                fields = verdict.as_json()
+                self.events.emit("expectation_unmet", fields.pop("task"), **fields)
             counts: dict[str, int] = {}
             for r in records:
                 counts[r.status] = counts.get(r.status, 0) + 1

@@ -1,0 +1,111 @@
+"""`behaviorc build`, `clean` and `dash` from the command line, on real specs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from behaviorc import ir
+from behaviorc.cli import main
+from behaviorc.diagnostics import Location
+from behaviorc.plan.plan import Expectation
+from behaviorc.plan.task import Task, TaskContext, TaskResult
+from behaviorc.run.executor import Executor
+
+REPO = Path(__file__).resolve().parents[1]
+LISTEN = REPO / "specs" / "listen.behavior"
+
+
+def test_a_spec_with_errors_is_reported_with_locations_and_exit_1(tmp_path, capsys):
+    spec = tmp_path / "bad.behavior"
+    spec.write_text('model base = "tiny-gdn"\nbehavior b {\n  steer { strenght 4.0 }\n}\n')
+    assert main(["build", str(spec), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{spec}:3:" in err and "error:" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_build_only_one_task_then_rebuild_cached_then_clean(tmp_path, capsys, tiny_gdn):
+    out = tmp_path / "out"
+    assert main(["build", str(LISTEN), "--out", str(out), "--only", "model:base"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and report["spec"] == str(LISTEN)
+    assert [(t["id"], t["status"]) for t in report["tasks"]] == [("model:base", "done")]
+    assert len(report["spec_sha256"]) == 64
+    assert "built: 1 done" in capsys.readouterr().out
+
+    assert main(["build", str(LISTEN), "--out", str(out), "--only", "base"]) == 0  # by name
+    report = json.loads((out / "report.json").read_text())
+    assert [(t["id"], t["status"]) for t in report["tasks"]] == [("model:base", "cached")]
+
+    assert main(["clean", str(out)]) == 0
+    assert not out.exists()
+
+
+def test_an_unknown_task_gets_a_suggestion(tmp_path, capsys, tiny_gdn):
+    assert main(["build", str(LISTEN), "--out", str(tmp_path / "out"), "--only", "train:lisen"]) == 1
+    err = capsys.readouterr().err
+    assert "no task `train:lisen`" in err and "did you mean `train:listen`?" in err
+
+
+def test_clean_and_dash_refuse_a_folder_that_holds_no_build(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["clean", str(tmp_path)]) == 1
+    assert main(["dash", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "is not a build folder" in err and "no build in" in err
+    assert (tmp_path / "notes.txt").exists()
+
+
+class Measured(Task):
+    kind: ClassVar[str] = "test.measured"
+    margin: float
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return TaskResult(metrics={"margin_after": self.margin})
+
+
+def test_expect_lines_are_judged_into_the_report(tmp_path):
+    loc = Location(file="x.behavior", line=9, column=5, end_line=9, end_column=30)
+    good, bad = Measured(name="good", margin=0.8), Measured(name="bad", margin=0.1)
+    expect = ir.Expectation(metric="margin_after", op=">", value=0.5, loc=loc)
+    outcome = Executor(tmp_path / "out", expectations=[
+        Expectation(good.id, expect), Expectation(bad.id, expect),
+        Expectation("test.measured:not-built", expect)]).run([good, bad])
+    assert [(v.task_id, v.met) for v in outcome.verdicts] == [(good.id, True), (bad.id, False)]
+    assert not outcome.ok and outcome.exit_code == 1
+    assert "expectation not met: margin_after > 0.5 (measured 0.1 by test.measured:bad)" in \
+        outcome.unmet[0].render()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ok"] is False
+    assert [e["met"] for e in report["expectations"]] == [True, False]
+
+
+def test_ctrl_c_stops_the_build_keeps_finished_work_and_exits_130(tmp_path):
+    out = tmp_path / "out"
+    script = REPO / "tests" / "test_run_kill.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    events = out / "events.jsonl"
+    deadline = time.monotonic() + 60  # only guards against a hung subprocess
+    while time.monotonic() < deadline:
+        if events.exists() and '"task_start", "task": "kill.steps:d"' in events.read_text():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    report = json.loads((out / "report.json").read_text())
+    status = {t["id"]: t["status"] for t in report["tasks"]}
+    assert report["cancelled"] and status["kill.steps:d"] == "cancelled"
+    assert status["kill.chunks:b"] == "done"
+    assert "Traceback" not in err
+    assert not [p for p in (out / ".store").iterdir() if ".tmp-" in p.name]
+    steps_key = next(t["key"] for t in report["tasks"] if t["id"] == "kill.steps:d")
+    assert os.listdir(out / ".store" / f"{steps_key}.scratch")  # its checkpoint, for the rerun
