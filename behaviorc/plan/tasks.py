@@ -142,6 +142,7 @@ class DeployModel(Task):
     model: ResolveModel
     source: TrainBehavior | ImportModel | ComposeBehaviors
     steering: ExtractSteering | ComposeBehaviors | None = None
+    steering_strength: float = 1.0  # the behavior's steer strength (1.0 for a composition)
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         from behaviorc.engine.tasks import deploy_model
