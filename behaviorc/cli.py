@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "behaviorc.model.commands",
     "behaviorc.vectors.commands",
     "behaviorc.run.commands",
+    "behaviorc.engine.commands",
 )
 
 DESCRIPTION = """\
