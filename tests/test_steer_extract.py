@@ -52,28 +52,27 @@ def margin(engine, pairs) -> float:
     return sum(sum(a) / len(a) - sum(b) / len(b) for a, b in zip(pos, neg)) / len(pairs)
 
 
-@pytest.mark.parametrize("method", ["mean_diff", "pca"])
-def test_direction_raises_the_held_out_margin_with_the_right_sign(engine, method):
-    train, held = planted_pairs(12), planted_pairs(6, offset=3)
+def test_direction_raises_the_held_out_margin_with_the_right_sign(engine):
+    train, held = planted_pairs(8), planted_pairs(4, offset=3)
     assert not {p.prompt for p in train} & {p.prompt for p in held}
-    vectors = extract(engine, train, [2], method=method, read="mean").vectors
-    assert vectors.layers == (2,) and vectors.method == method
     before = margin(engine, held)
-    try:
-        engine.set_steering(vectors.directions, 4.0)
-        raised = margin(engine, held)
-        engine.set_steering(vectors.directions, -4.0)
-        lowered = margin(engine, held)
-    finally:
-        engine.clear_steering()
-    assert raised > before + 0.1
-    assert lowered < before - 0.1
+    for method in ("mean_diff", "pca"):
+        vectors = extract(engine, train, [2], method=method, read="mean").vectors
+        assert vectors.layers == (2,) and vectors.method == method
+        try:
+            engine.set_steering(vectors.directions, 4.0)
+            raised = margin(engine, held)
+            engine.set_steering(vectors.directions, -4.0)
+            lowered = margin(engine, held)
+        finally:
+            engine.clear_steering()
+        assert raised > before + 0.1, method
+        assert lowered < before - 0.1, method
     assert margin(engine, held) == pytest.approx(before, abs=1e-6)
 
 
 def test_pca_and_mean_diff_agree_in_sign(engine):
-    pairs = planted_pairs(10)
-    positives, negatives = read_pairs(engine, pairs, [1, 3], "last")
+    positives, negatives = read_pairs(engine, planted_pairs(8), [1, 3], "last")
     for layer in (1, 3):
         mean_diff = direction(positives[layer], negatives[layer], "mean_diff")
         pca = direction(positives[layer], negatives[layer], "pca")
@@ -94,15 +93,15 @@ def test_pca_sign_is_fixed_by_the_pairs_not_by_the_solver():
 
 
 def test_reading_in_length_buckets_matches_reading_one_by_one(engine):
-    pairs = planted_pairs(5) + [ir.Pair(prompt="Hi", positive=" Yes.", negative=" No thanks, not now.")]
-    batched, _ = read_pairs(engine, pairs, [2], "mean", batch_size=4)
+    pairs = planted_pairs(3) + [ir.Pair(prompt="Hi", positive=" Yes.", negative=" No thanks, not now.")]
+    batched, _ = read_pairs(engine, pairs, [2], "mean", batch_size=3)
     for i, pair in enumerate(pairs):
         single = engine.hidden_states([pair.prompt], [pair.positive], [2], "mean")[2][0]
         assert torch.allclose(batched[2][i], single, atol=1e-5)
 
 
 def test_auto_scores_every_layer_and_reports_the_choice(engine):
-    result = extract(engine, planted_pairs(10), "auto", read="mean")
+    result = extract(engine, planted_pairs(8), "auto", read="mean")
     assert [s.layer for s in result.scores] == list(range(engine.info.num_layers))
     best = max((s for s in result.scores if s.layer > 0), key=lambda s: s.consistency)
     assert result.vectors.layers == (best.layer,)
