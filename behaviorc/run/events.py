@@ -15,6 +15,7 @@ Emitted by the executor:
     engine_loaded / engine_freed   path, dtype, device
     task_failed   error (rendered diagnostic), loc, internal (bool), log (traceback file)
     expectation_unmet  metric, op, value, actual, loc   (an `expect` line that did not hold)
+    store_sync_failed  error                 (an fsync failed; the entry is verified when read)
     build_end     ok, cancelled, seconds, counts {status: n}
 
 Emitted by tasks through `ctx.emit` (the dashboard draws these; other types are listed

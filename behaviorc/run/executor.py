@@ -108,15 +108,20 @@ class Executor:
             self.events.emit("build_start", None, spec=self.spec_path, spec_sha256=self.spec_sha256,
                              out=str(self.out), tasks=[_plan_entry(r) for r in records])
             report.write()
-            for index, record in enumerate(records):
+            model_users = _model_users(tasks)
+            for record in records:
                 if self.cancel.is_set():
                     break
                 upstream = [by_key[u.key] for u in record.task.arguments().values()]
                 self._run_task(record, upstream)
                 report.write_soon()
-                self.engines.keep_only(self._models_needed(records[index + 1:]))
+                for model_key in _model_keys(record.task):
+                    model_users[model_key] -= 1
+                self.engines.keep_only(self._model_paths(model_users))
         finally:
             self.engines.close_all()
+            for failure in self.store.wait_durable():
+                self.events.emit("store_sync_failed", None, error=failure)
             cancelled = self.cancel.is_set()
             report.verdicts = judge(self.expectations, records)
             report.write(finished=True, cancelled=cancelled)
@@ -210,17 +215,24 @@ class Executor:
         path.write_text(traceback.format_exc(), encoding="utf-8")
         return path
 
-    def _models_needed(self, remaining: list[TaskRecord]) -> set[str]:
-        """Model folders (resolved by ResolveModel) that tasks still to run read."""
-        needed = set()
-        for record in remaining:
-            if record.status != "pending":
-                continue
-            for upstream in record.task.arguments().values():
-                resolved = self._results.get(upstream.key)
-                if isinstance(upstream, ResolveModel) and resolved and "path" in resolved.data:
-                    needed.add(str(resolved.data["path"]))
-        return needed
+    def _model_paths(self, model_users: dict[str, int]) -> set[str]:
+        """Folders of the resolved models that tasks still to run read."""
+        return {str(self._results[key].data["path"]) for key, users in model_users.items()
+                if users > 0 and key in self._results and "path" in self._results[key].data}
+
+
+def _model_keys(task: Task) -> set[str]:
+    """The ResolveModel tasks a task reads its model from."""
+    return {u.key for u in task.arguments().values() if isinstance(u, ResolveModel)}
+
+
+def _model_users(tasks: list[Task]) -> dict[str, int]:
+    """For each ResolveModel (by key), how many tasks read its model directly."""
+    users: dict[str, int] = {}
+    for task in tasks:
+        for key in _model_keys(task):
+            users[key] = users.get(key, 0) + 1
+    return users
 
 
 def _plan_entry(record: TaskRecord) -> dict:
