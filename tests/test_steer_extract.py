@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from behaviorc import ir
 from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.measure import behavior_margin
 from behaviorc.steer.extract import (LayerScore, best_layer, check_pairs, direction, extract,
                                      read_pairs, score_layers)
 
@@ -26,8 +27,8 @@ def planted_pairs(count: int, offset: int = 0) -> list[ir.Pair]:
     return [ir.Pair(prompt=p, positive=POSITIVE, negative=NEGATIVE) for p in chosen]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_gdn, tmp_path_factory):
+@pytest.fixture(scope="session")
+def tied_gdn(tiny_gdn, tmp_path_factory):
     """tiny-gdn with its output head set to its input embeddings.
 
     A random model's untied head maps the residual stream to logits in directions that
@@ -36,39 +37,38 @@ def engine(tiny_gdn, tmp_path_factory):
     With head = embeddings, the representation of " Yes" predicts " Yes", as in a trained
     model, so "steering raises the margin" is a property the test can demand.
     """
-    from behaviorc.engine.embedded import EmbeddedEngine
-
     folder = tmp_path_factory.mktemp("tiny-gdn-tied") / "model"
     shutil.copytree(tiny_gdn, folder)
     weights = load_file(str(folder / "model.safetensors"))
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return EmbeddedEngine.load(folder, name="tiny-gdn-tied")
+    return folder
 
 
-def margin(engine, pairs) -> float:
-    pos = engine.completion_logprobs([p.prompt for p in pairs], [p.positive for p in pairs])
-    neg = engine.completion_logprobs([p.prompt for p in pairs], [p.negative for p in pairs])
-    return sum(sum(a) / len(a) - sum(b) / len(b) for a, b in zip(pos, neg)) / len(pairs)
+@pytest.fixture(scope="module")
+def engine(tied_gdn):
+    from behaviorc.engine.embedded import EmbeddedEngine
+
+    return EmbeddedEngine.load(tied_gdn, name="tiny-gdn-tied")
 
 
 def test_direction_raises_the_held_out_margin_with_the_right_sign(engine):
     train, held = planted_pairs(8), planted_pairs(4, offset=3)
     assert not {p.prompt for p in train} & {p.prompt for p in held}
-    before = margin(engine, held)
+    before = behavior_margin(engine, held)
     for method in ("mean_diff", "pca"):
         vectors = extract(engine, train, [2], method=method, read="mean").vectors
         assert vectors.layers == (2,) and vectors.method == method
         try:
             engine.set_steering(vectors.directions, 4.0)
-            raised = margin(engine, held)
+            raised = behavior_margin(engine, held)
             engine.set_steering(vectors.directions, -4.0)
-            lowered = margin(engine, held)
+            lowered = behavior_margin(engine, held)
         finally:
             engine.clear_steering()
         assert raised > before + 0.1, method
         assert lowered < before - 0.1, method
-    assert margin(engine, held) == pytest.approx(before, abs=1e-6)
+    assert behavior_margin(engine, held) == pytest.approx(before, abs=1e-6)
 
 
 def test_pca_and_mean_diff_agree_in_sign(engine):
@@ -145,8 +145,9 @@ def test_a_layer_out_of_range_for_the_model_is_located(engine):
 
 
 @pytest.mark.parametrize("pair, message", [
-    (ir.Pair(prompt="Q?", positive="", negative=" no"), "positive completion is empty"),
-    (ir.Pair(prompt="Q?", positive=" yes", negative="  "), "negative completion is empty"),
+    (ir.Pair(prompt="Q?", positive="", negative=" no"), "`positive` is empty"),
+    (ir.Pair(prompt="Q?", positive=" yes", negative="  "), "`negative` is empty"),
+    (ir.Pair(prompt="", positive=" yes", negative=" no"), "`prompt` is empty"),
     (ir.Pair(prompt="Q?", positive=" same", negative=" same"), "same text"),
 ])
 def test_bad_pairs_are_located(pair, message):

@@ -62,17 +62,17 @@ class Extraction:
 
 
 def check_pairs(pairs: Sequence[ir.Pair], loc: Location | None = None) -> None:
-    """Refuse pairs that cannot define a direction."""
+    """Refuse pairs that cannot define a direction (the checker's rule for data files,
+    applied again here because extraction is also called on pairs made in code)."""
+    from behaviorc.lang.data import pair_problem
+
     if not pairs:
         raise BehaviorError("no steering pairs to extract from", loc)
     for number, pair in enumerate(pairs, 1):
-        for side in ("positive", "negative"):
-            if not getattr(pair, side).strip():
-                raise BehaviorError(f"steering pair {number}: the {side} completion is empty", loc)
-        if pair.positive == pair.negative:
-            raise BehaviorError(
-                f"steering pair {number}: positive and negative are the same text", loc,
-                hint="a pair contrasts a wanted and an unwanted completion of one prompt")
+        problem = pair_problem(pair.prompt, pair.positive, pair.negative)
+        if problem:
+            raise BehaviorError(f"steering pair {number}: {problem}", loc,
+                                hint="a pair contrasts a wanted and an unwanted completion of one prompt")
 
 
 def check_layers(layers: Sequence[int], num_layers: int, loc: Location | None = None) -> None:

@@ -1,0 +1,132 @@
+"""Verification, the plan's steering tasks run by the real executor, and spec errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from behaviorc import ir
+from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.measure import DEFAULT_GENERAL_TEXTS, behavior_margin
+from behaviorc.plan.tasks import ExtractSteering, ResolveModel, VerifySteering
+from behaviorc.steer.extract import extract
+from behaviorc.steer.vectors import SteeringVectors, load_steering, read_gguf
+from behaviorc.steer.verify import check_fits, verify
+from test_steer_extract import engine, planted_pairs, tied_gdn  # noqa: F401 (fixtures)
+
+GENERAL = DEFAULT_GENERAL_TEXTS[:2]
+LOC = Location(file="listen.behavior", line=6, column=5, end_line=6, end_column=14)
+
+
+def test_verify_measures_off_on_and_a_sweep_and_clears_steering(engine):
+    train, held = planted_pairs(8), planted_pairs(4, offset=3)
+    vectors = extract(engine, train, [2]).vectors
+    seen = []
+    result = verify(engine, vectors, 4.0, held, GENERAL, sweep=(4.0, -4.0, 0.0),
+                    on_point=lambda point, done, total: seen.append((point.strength, done, total)))
+    assert result.before.strength == 0.0 and result.steered.strength == 4.0
+    assert result.steered.margin > result.before.margin + 0.1
+    assert [p.strength for p in result.sweep] == [-4.0, 0.0, 4.0]
+    margins = [p.margin for p in result.sweep]
+    assert margins == sorted(margins)  # the margin rises with the strength
+    assert result.sweep[1] == result.before and result.sweep[2] == result.steered
+    assert all(p.general_nll > 0 for p in result.sweep)
+    # each strength measured once: 0, 4 and -4
+    assert seen == [(0.0, 1, 3), (4.0, 2, 3), (-4.0, 3, 3)]
+    assert behavior_margin(engine, held) == pytest.approx(result.before.margin, abs=1e-6)
+
+
+def test_vectors_that_do_not_fit_the_model_are_refused(engine):
+    wide = SteeringVectors({1: torch.ones(64)}, method="mean_diff", model="other")
+    with pytest.raises(BehaviorError, match="hidden size 64") as caught:
+        check_fits(engine, wide, LOC)
+    assert caught.value.diagnostics[0].loc == LOC
+    deep = SteeringVectors({9: torch.ones(engine.info.hidden_size)}, method="mean_diff", model="m")
+    with pytest.raises(BehaviorError, match="layer 9"):
+        verify(engine, deep, 4.0, planted_pairs(2), GENERAL)
+
+
+def _plan(folder, layers, held_out=4):
+    decl = ir.ModelDecl(name="base", source=str(folder), kind="folder")
+    model = ResolveModel(name="base", decl=decl)
+    extraction = ExtractSteering(name="yes", model=model, layers=layers, method="mean_diff",
+                                 read="mean", pairs=tuple(planted_pairs(8)), loc=LOC)
+    verification = VerifySteering(name="yes", model=model, vectors=extraction, strength=4.0,
+                                  sweep=(0.0, 2.0, 4.0), pairs=tuple(planted_pairs(held_out, offset=3)),
+                                  general=tuple(GENERAL), loc=LOC)
+    return extraction, verification
+
+
+def test_tasks_under_the_executor_write_artifacts_and_report_metrics(tied_gdn, tmp_path):
+    from behaviorc.run.executor import Executor
+
+    extraction, verification = _plan(tied_gdn, "auto")
+    outcome = Executor(tmp_path / "out").run([verification])
+    assert outcome.ok, [r.error for r in outcome.records]
+    extracted = outcome.record(extraction.id).result
+    chosen = extracted.data["chosen"]
+    assert extracted.data["layers"] == [chosen] and chosen > 0
+    assert [s["layer"] for s in extracted.data["scores"]] == [0, 1, 2, 3]
+    vectors = load_steering(extracted.path("vectors"))
+    assert vectors.layers == (chosen,) and vectors.extra["task_key"] == extraction.key
+    assert extracted.data["norms"][str(chosen)] == pytest.approx(vectors.norms[chosen])
+    control = read_gguf(extracted.path("control_vector"))
+    assert torch.equal(control.directions[chosen], vectors.directions[chosen])
+
+    verified = outcome.record(verification.id).result
+    metrics = verified.metrics
+    assert metrics["margin_steered"] > metrics["margin_before"] + 0.1
+    assert metrics["margin_after"] == metrics["margin_steered"]
+    assert {"general_nll_before", "general_nll_steered"} <= set(metrics)
+    assert [p["strength"] for p in verified.data["sweep"]] == [0.0, 2.0, 4.0]
+    report = json.loads(outcome.report_path.read_text())
+    assert report["ok"] is True
+    events = [json.loads(line) for line in outcome.events_path.read_text().splitlines()]
+    assert sum(e["type"] == "steer.point" for e in events) == 3
+
+    # a rebuild runs nothing again
+    again = Executor(tmp_path / "out").run([verification])
+    assert {r.status for r in again.records} == {"cached"}
+
+
+def test_a_layer_out_of_range_at_run_time_fails_the_task_at_the_spec_line(tied_gdn, tmp_path):
+    from behaviorc.run.executor import Executor
+
+    extraction, verification = _plan(tied_gdn, (2, 7))
+    outcome = Executor(tmp_path / "out").run([verification])
+    failed = outcome.record(extraction.id)
+    assert failed.status == "failed" and not failed.internal
+    assert failed.loc == LOC
+    assert "layer 7 is out of range" in failed.error
+    assert outcome.record(verification.id).status == "skipped"
+
+
+def test_a_spec_with_bad_pairs_gets_located_diagnostics(tmp_path):
+    from behaviorc.lang.check import check_text
+
+    (tmp_path / "pairs.jsonl").write_text(
+        '{"prompt": "Q?", "positive": " yes", "negative": " no"}\n'
+        '{"prompt": "Q?", "positive": " yes"}\n')
+    text = """model base = "tiny-gdn"
+
+behavior yes {
+  steer {
+    layers 1
+    pair "Q?" {
+      positive " same"
+      negative " same"
+    }
+    pairs "pairs.jsonl"
+  }
+}
+"""
+    path = tmp_path / "bad.behavior"
+    path.write_text(text)
+    spec, diagnostics = check_text(text, str(path))
+    assert spec is None
+    errors = [d for d in diagnostics if d.severity == "error"]
+    assert any("same text" in d.message and d.loc and d.loc.line in (6, 7, 8) for d in errors)
+    assert any("pairs.jsonl:2" in d.message and "negative" in d.message and d.loc and d.loc.line == 10
+               for d in errors), [d.render() for d in errors]
