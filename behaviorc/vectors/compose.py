@@ -12,22 +12,28 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from behaviorc.diagnostics import BehaviorError
 from behaviorc.vectors.atomic import atomic_folder
-from behaviorc.vectors.merge import MergeOptions, merged_delta
+from behaviorc.vectors.merge import MergeOptions, keep_count, kth_largest_of_parts, merged_delta
 from behaviorc.vectors.mergekit_yaml import mergekit_yaml
 from behaviorc.vectors.safetensors_io import (
-    DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, WeightFolder, plan_shards, sha256_file,
+    DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, plan_shards, sha256_file,
     sha256_files, write_index)
 from behaviorc.vectors.sources import DeltaSource, open_source
 
 PROVENANCE_FILE = "behaviorc.json"
+# Parameters larger than this are merged in blocks of rows, so that memory stays a few
+# blocks (16 MB each in float32) whatever the size of the largest parameter.
+BLOCK_ENTRIES = 1 << 22
+# Entries sampled to bracket a ties threshold over a parameter merged in blocks.
+_SAMPLE_ENTRIES = 1 << 15
 MERGEKIT_FILE = "mergekit.yaml"
 # Files of a model folder that are its weights or describe them; everything else
 # (config, generation config, tokenizer, chat template) is copied from the base.
@@ -67,9 +73,13 @@ def compose(composition: Composition, out: Path, *, max_shard_bytes: int | None 
     """Write the composed model folder `out`; returns its provenance record."""
     if not composition.terms:
         raise BehaviorError("a composition needs at least one term")
+    hasher = ThreadPoolExecutor(max_workers=1)
     with WeightFolder(composition.base) as base:
         sources: list[DeltaSource] = []
         try:
+            # Hashing the inputs for provenance reads them once more; hashlib releases the
+            # GIL, so it overlaps the merge instead of adding to it.
+            hashes = _start_fingerprints(composition, hasher)
             for term in composition.terms:
                 source = open_source(term.path)
                 sources.append(source)
@@ -84,21 +94,39 @@ def compose(composition: Composition, out: Path, *, max_shard_bytes: int | None 
                     for done, planned in enumerate(plan):
                         if progress is not None:
                             progress(done, len(plan), planned.name)
-                        writer.write(planned.name, _output_tensor(
+                        writer.write(planned.name, _output_parts(
                             planned.name, base, sources, composition, planned.name in merged))
                     writer.finish()
                 finally:
                     writer.close()
                 write_index(staging, shards)
                 _copy_model_files(composition.base, staging)
-                record = provenance(composition, sources, len(merged), len(shards),
-                                    _float_dtype(base))
+                record = provenance(composition, sources,
+                                    {path: job.result() for path, job in hashes.items()},
+                                    len(merged), len(shards), _float_dtype(base))
                 (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
                 (staging / MERGEKIT_FILE).write_text(mergekit_yaml(record))
         finally:
+            hasher.shutdown(wait=False, cancel_futures=True)
             for source in sources:
                 source.close()
     return record
+
+
+def _start_fingerprints(composition: Composition, hasher: ThreadPoolExecutor
+                        ) -> dict[str, Future[str]]:
+    known = {str(term.path): term.sha256 for term in composition.terms if term.sha256}
+    if composition.base_fingerprint:
+        known[str(composition.base)] = composition.base_fingerprint
+    jobs: dict[str, Future[str]] = {}
+    for path in [composition.base, *(term.path for term in composition.terms)]:
+        job: Future[str] = Future()
+        if str(path) in known:
+            job.set_result(known[str(path)])
+        else:
+            job = hasher.submit(fingerprint, Path(path))
+        jobs[str(path)] = job
+    return jobs
 
 
 def _parameters_to_merge(base: WeightFolder, sources: Sequence[DeltaSource],
@@ -119,21 +147,57 @@ def _parameters_to_merge(base: WeightFolder, sources: Sequence[DeltaSource],
     return selected
 
 
-def _output_tensor(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
-                   composition: Composition, merge: bool) -> torch.Tensor:
-    stored = base.read(name)
+def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
+                  composition: Composition, merge: bool) -> Iterator[torch.Tensor]:
+    """The output parameter, as consecutive blocks of rows (one block when small)."""
+    info = base.tensors[name]
+    blocks = row_blocks(info)
     if not merge:
-        return stored
-    base_values = stored.to(torch.float32)
-    deltas, weights, indices = [], [], []
-    for index, (source, term) in enumerate(zip(sources, composition.terms)):
-        delta = source.delta(name, base_values)
-        if delta is not None:
-            deltas.append(delta)
-            weights.append(term.weight)
-            indices.append(index)
-    mixed = merged_delta(name, deltas, weights, indices, composition.options)
-    return base_values.add_(mixed).to(stored.dtype)
+        for rows in blocks:
+            yield base.read(name, rows)
+        return
+    options = composition.options
+    present = [i for i, source in enumerate(sources) if name in source.tensors]
+    thresholds = None
+    if options.method == "ties" and options.density < 1 and len(blocks) > 1:
+        thresholds = [_threshold(name, base, sources[i], blocks,
+                                 keep_count(options.density, info.numel)) for i in present]
+    for rows in blocks:
+        stored = base.read(name, rows)
+        base_values = stored.to(torch.float32)
+        deltas = [sources[i].delta(name, base_values, rows) for i in present]
+        mixed = merged_delta(name, deltas, [composition.terms[i].weight for i in present],
+                             present, options, thresholds, offset=rows[0] if rows else 0)
+        yield base_values.add_(mixed).to(stored.dtype)
+
+
+def row_blocks(info: TensorInfo) -> list[tuple[int, int] | None]:
+    """Row ranges of at most BLOCK_ENTRIES entries each; [None] (the whole tensor) when
+    it is that small or has no rows to split."""
+    if info.numel <= BLOCK_ENTRIES or len(info.shape) < 2:
+        return [None]
+    rows = info.shape[0]
+    step = max(1, BLOCK_ENTRIES // (info.numel // rows))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _threshold(name: str, base: WeightFolder, source: DeltaSource,
+               blocks: list[tuple[int, int] | None], keep: int) -> torch.Tensor:
+    """The ties trim threshold of one term's delta for a parameter too large for one
+    block: the keep-th largest magnitude, selected over the blocks."""
+    info = base.tensors[name]
+
+    def magnitudes(ranges: Sequence[tuple[int, int] | None]) -> Iterator[torch.Tensor]:
+        for rows in ranges:
+            base_values = base.read(name, rows).to(torch.float32)
+            yield source.delta(name, base_values, rows).abs_().reshape(-1)
+
+    # The sample: whole rows spread evenly over the tensor (cheap to read).
+    rows = info.shape[0]
+    wanted_rows = max(1, min(rows, _SAMPLE_ENTRIES // (info.numel // rows)))
+    picked = sorted({round(i * (rows - 1) / max(1, wanted_rows - 1)) for i in range(wanted_rows)})
+    sample = torch.cat(list(magnitudes([(r, r + 1) for r in picked])))
+    return kth_largest_of_parts(lambda: magnitudes(blocks), info.numel, keep, sample)
 
 
 def _copy_model_files(base: Path, staging: Path) -> None:
@@ -143,8 +207,9 @@ def _copy_model_files(base: Path, staging: Path) -> None:
             shutil.copy2(item, staging / item.name)
 
 
-def provenance(composition: Composition, sources: Sequence[DeltaSource], merged_count: int,
-               shard_count: int, dtype: str) -> dict[str, Any]:
+def provenance(composition: Composition, sources: Sequence[DeltaSource],
+               hashes: dict[str, str], merged_count: int, shard_count: int,
+               dtype: str) -> dict[str, Any]:
     """The record a composed folder carries: enough to tell what it is and redo it."""
     return {
         "kind": "composed",
@@ -152,8 +217,9 @@ def provenance(composition: Composition, sources: Sequence[DeltaSource], merged_
         "expression": composition.expression,
         "spec": {"path": composition.spec_path, "sha256": composition.spec_sha256},
         "base": {"path": str(composition.base),
-                 "fingerprint": composition.base_fingerprint or fingerprint(composition.base)},
-        "terms": [_term_record(term, source) for term, source in zip(composition.terms, sources)],
+                 "fingerprint": hashes[str(composition.base)]},
+        "terms": [_term_record(term, source, hashes[str(term.path)])
+                  for term, source in zip(composition.terms, sources)],
         "merge": composition.options.describe(),
         "parameters_merged": merged_count,
         "shards": shard_count,
@@ -162,10 +228,9 @@ def provenance(composition: Composition, sources: Sequence[DeltaSource], merged_
     }
 
 
-def _term_record(term: Term, source: DeltaSource) -> dict[str, Any]:
+def _term_record(term: Term, source: DeltaSource, sha256: str) -> dict[str, Any]:
     record: dict[str, Any] = {"behavior": term.label, "weight": term.weight,
-                              "path": str(term.path), "kind": source.kind,
-                              "sha256": term.sha256 or fingerprint(term.path)}
+                              "path": str(term.path), "kind": source.kind, "sha256": sha256}
     # The fine-tuned folder a vector came from, when known: mergekit needs folders.
     model = str(term.path) if source.kind == "model" else source.metadata.get("finetuned")
     if model:

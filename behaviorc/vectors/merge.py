@@ -6,8 +6,8 @@ mergekit's `task_arithmetic` and `ties` so that a composition exported as mergek
 reproduces there:
 
 - task_arithmetic: sum_i w_i * tau_i, times lambda.
-- ties: trim each tau_i to its top `density` entries by magnitude (exactly
-  max(1, int(density * n)) of them), weight them, elect a sign per entry by the sign of
+- ties: trim each tau_i to its top `density` entries by magnitude (the
+  max(1, int(density * n)) largest, and any tied with the smallest of those), weight them, elect a sign per entry by the sign of
   the weighted sum, keep the weighted entries that agree with it, and (normalize)
   divide by the sum of the weights of the agreeing terms, a disjoint weighted mean;
   times lambda. As in mergekit the divisor sums signed weights, so a negative term
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 
@@ -33,8 +33,8 @@ from behaviorc.diagnostics import BehaviorError, did_you_mean
 
 Method = Literal["task_arithmetic", "ties", "dare"]
 
-# Below this many entries an exact selection on the whole tensor is as cheap as any.
-_SAMPLE_SIZE = 1 << 16
+# kth_largest's random sample; tensors under 16 samples' worth are selected directly.
+_SAMPLE_SIZE = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,19 @@ class MergeOptions:
 
 
 def merged_delta(name: str, deltas: list[torch.Tensor], weights: list[float],
-                 term_indices: list[int], options: MergeOptions) -> torch.Tensor:
-    """The delta to add to base parameter `name`. `deltas` (float32, consumed) and
-    `weights` cover the terms that have this parameter; `term_indices` are those terms'
-    positions in the composition (they seed dare's drop)."""
+                 term_indices: list[int], options: MergeOptions,
+                 thresholds: list[torch.Tensor] | None = None, offset: int = 0) -> torch.Tensor:
+    """The delta to add to base parameter `name`, or to a block of its rows.
+
+    `deltas` (float32, consumed) and `weights` cover the terms that have this parameter;
+    `term_indices` are those terms' positions in the composition. A block of a larger
+    parameter passes each term's ties `thresholds`, found over the whole parameter (see
+    `kth_largest_of_parts`), and its first row as `offset` (it seeds dare's drop)."""
     if options.method == "ties":
-        mixed = _ties(deltas, weights, options.density, options.normalize)
+        mixed = _ties(deltas, weights, options.density, options.normalize, thresholds)
     elif options.method == "dare":
         for delta, index in zip(deltas, term_indices):
-            drop_randomly_(delta, options.density, _seed_for(options.seed, name, index))
+            drop_randomly_(delta, options.density, _seed_for(options.seed, name, index, offset))
         mixed = _weighted_sum(deltas, weights)
     else:
         mixed = _weighted_sum(deltas, weights)
@@ -98,79 +102,116 @@ def _weighted_sum(deltas: list[torch.Tensor], weights: list[float]) -> torch.Ten
 
 
 def _ties(deltas: list[torch.Tensor], weights: list[float], density: float,
-          normalize: bool) -> torch.Tensor:
-    for delta, weight in zip(deltas, weights):
-        trim_to_top_(delta, density)
-        delta.mul_(weight)
-    mass = deltas[0].clone()
-    for delta in deltas[1:]:
-        mass.add_(delta)
-    positive = mass >= 0  # the elected sign; a tie elects +
+          normalize: bool, thresholds: list[torch.Tensor] | None) -> torch.Tensor:
+    # Weights are applied before summing, and sums add in term order, as mergekit does:
+    # the same roundings, so the elected signs agree even where the mass is nearly 0.
+    scratch = torch.empty_like(deltas[0])
+    mass = torch.zeros_like(deltas[0])
+    for index, (delta, weight) in enumerate(zip(deltas, weights)):
+        if thresholds is None:
+            trim_to_top_(delta, density, scratch)
+        else:
+            delta.mul_(torch.abs(delta, out=scratch) >= thresholds[index])
+        mass.add_(delta.mul_(weight))
+    # The elected sign per entry, +1 where the weighted mass is >= 0. A weighted entry
+    # agrees where it times the elected sign is > 0 (a zero has no sign and never agrees,
+    # so trimmed entries drop out); clamping that product at 0 keeps exactly the agreeing
+    # entries, and multiplying the sum by the elected sign once restores their signs.
+    elected = torch.where(mass >= 0, 1.0, -1.0)
     mixed = mass.zero_()
-    divisor = torch.zeros_like(mixed) if normalize else None
+    divisor = scratch.zero_() if normalize else None
     for delta, weight in zip(deltas, weights):
-        # A zero entry has no sign and so never agrees: trimmed entries drop out here.
-        agrees = torch.where(positive, delta > 0, delta < 0)
-        mixed.add_(delta.mul_(agrees))
+        aligned = delta.mul_(elected).clamp_(min=0)
+        mixed.add_(aligned)
         if divisor is not None:
-            divisor.add_(agrees.to(divisor.dtype).mul_(weight))
+            divisor.add_(aligned != 0, alpha=weight)
+    mixed.mul_(elected)
     if divisor is not None:
         divisor.masked_fill_(divisor == 0, 1.0)
         mixed.div_(divisor)
     return mixed
 
 
-def trim_to_top_(delta: torch.Tensor, density: float) -> None:
-    """Zero all but the max(1, int(density * n)) entries largest in magnitude, in place.
-    Entries tied with the smallest kept magnitude are kept in index order."""
+def trim_to_top_(delta: torch.Tensor, density: float,
+                 scratch: torch.Tensor | None = None) -> None:
+    """Zero all but the `keep_count(density, n)` entries largest in magnitude, in place.
+    Entries tied with the smallest kept magnitude are all kept, so the result does not
+    depend on the order of entries (mergekit keeps an arbitrary subset of them)."""
     if density >= 1:
         return
-    count = delta.numel()
-    if density <= 0 or count == 0:
-        delta.zero_()
+    if delta.numel() == 0:
         return
-    keep_count = max(1, int(density * count))
-    flat = delta.view(-1)
-    magnitude = flat.abs()
-    threshold = kth_largest(magnitude, keep_count)
-    keep = magnitude > threshold
-    missing = keep_count - int(keep.count_nonzero())
-    if missing > 0:
-        tied = (magnitude == threshold).nonzero().view(-1)[:missing]
-        keep[tied] = True
-    flat.mul_(keep)
+    magnitude = torch.abs(delta, out=scratch) if scratch is not None else delta.abs()
+    threshold = kth_largest(magnitude.view(-1), keep_count(density, delta.numel()))
+    delta.mul_(magnitude >= threshold)
+
+
+def keep_count(density: float, count: int) -> int:
+    """How many entries ties keeps: int(density * n), at least one (as mergekit)."""
+    return max(1, int(density * count))
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest of a 1-D tensor in O(n): bracket it with quantiles of a random
-    sample, count what lies above the bracket, and select exactly inside it; fall back to
-    a selection over everything when the sample misjudged the bracket."""
+    """The k-th largest of a 1-D tensor in O(n) (see `kth_largest_of_parts`)."""
     count = values.numel()
-    if count <= 4 * _SAMPLE_SIZE:
+    if count <= 16 * _SAMPLE_SIZE:
         return torch.kthvalue(values, count - k + 1).values
     generator = torch.Generator().manual_seed(count)
     sample = values[torch.randint(count, (_SAMPLE_SIZE,), generator=generator)]
-    sample = torch.sort(sample, descending=True).values
-    # Where the k-th largest falls in the sample, give or take 4 binomial deviations.
+    return kth_largest_of_parts(lambda: iter([values]), count, k, sample)
+
+
+def kth_largest_of_parts(parts: Callable[[], Iterator[torch.Tensor]], count: int, k: int,
+                         sample: torch.Tensor) -> torch.Tensor:
+    """The k-th largest of non-negative float32 values that come in parts (`parts()`
+    yields them afresh on each call), in O(n) and the memory of one part.
+
+    Quantiles of `sample` (values drawn from all parts) bracket the answer; one pass
+    counts what lies above the bracket and keeps what lies inside, and an exact
+    selection among those finishes. When the sample misjudged the bracket, a radix
+    selection on the float bit patterns (three histogram passes) finds it anyway.
+    """
+    sample = torch.sort(sample.reshape(-1), descending=True).values
+    size = sample.numel()
     share = k / count
-    rank = share * _SAMPLE_SIZE
-    margin = 4 * (_SAMPLE_SIZE * share * (1 - share)) ** 0.5 + 8
-    upper_rank, lower_rank = int(rank - margin), int(rank + margin)
-    upper = sample[upper_rank] if upper_rank >= 0 else None
-    lower = sample[lower_rank] if lower_rank < _SAMPLE_SIZE else None
-    above = int((values > upper).count_nonzero()) if upper is not None else 0
-    if upper is not None and lower is not None:
-        inside = values[(values >= lower) & (values <= upper)]
-    elif upper is not None:
-        inside = values[values <= upper]
-    elif lower is not None:
-        inside = values[values >= lower]
-    else:
-        inside = values
-    wanted = k - above  # the rank, from the top, of the answer among `inside`
-    if 1 <= wanted <= inside.numel():
-        return torch.kthvalue(inside, inside.numel() - wanted + 1).values
-    return torch.kthvalue(values, count - k + 1).values
+    margin = 5 * (size * share * (1 - share)) ** 0.5 + 8  # binomial deviations, and some
+    upper_rank, lower_rank = int(share * size - margin), int(share * size + margin)
+    upper = float(sample[upper_rank]) if upper_rank >= 0 else float("inf")
+    lower = float(sample[lower_rank]) if lower_rank < size else float("-inf")
+    above, inside, held = 0, [], 0
+    for part in parts():
+        above += int((part > upper).count_nonzero())
+        inside.append(part[(part >= lower).logical_and_(part <= upper)])
+        held += inside[-1].numel()
+        if held > max(count // 16, 16 * size):  # the bracket is too wide to hold
+            return _radix_select(parts, k)
+    candidates = torch.cat(inside)
+    wanted = k - above  # the answer's rank, from the top, among the candidates
+    if 1 <= wanted <= candidates.numel():
+        return torch.kthvalue(candidates, candidates.numel() - wanted + 1).values
+    return _radix_select(parts, k)
+
+
+def _radix_select(parts: Callable[[], Iterator[torch.Tensor]], k: int) -> torch.Tensor:
+    # Non-negative float32 values order like their bit patterns read as integers: fix
+    # the 31 value bits 11, 10 and 10 at a time, each by a histogram of the entries
+    # that match the bits fixed so far.
+    prefix, fixed_from, remaining = 0, 31, k
+    for width in (11, 10, 10):
+        shift = fixed_from - width
+        histogram = torch.zeros(1 << width, dtype=torch.int64)
+        for part in parts():
+            bits = part.reshape(-1).view(torch.int32)
+            if fixed_from < 31:
+                bits = bits[(bits >> fixed_from) == prefix]
+            histogram += torch.bincount(((bits >> shift) & ((1 << width) - 1)).long(),
+                                        minlength=1 << width)
+        from_top = histogram.flip(0).cumsum(0)
+        position = int((from_top >= remaining).nonzero()[0])
+        bucket = (1 << width) - 1 - position
+        remaining -= int(from_top[position] - histogram[bucket])
+        prefix, fixed_from = (prefix << width) | bucket, shift
+    return torch.tensor([prefix], dtype=torch.int32).view(torch.float32)[0]
 
 
 def drop_randomly_(delta: torch.Tensor, density: float, seed: int) -> None:
@@ -185,6 +226,6 @@ def drop_randomly_(delta: torch.Tensor, density: float, seed: int) -> None:
     delta.mul_(keep).div_(density)
 
 
-def _seed_for(seed: int, name: str, term_index: int) -> int:
-    digest = hashlib.sha256(f"{seed}\0{name}\0{term_index}".encode()).digest()
+def _seed_for(seed: int, name: str, term_index: int, offset: int) -> int:
+    digest = hashlib.sha256(f"{seed}\0{name}\0{term_index}\0{offset}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -112,18 +112,24 @@ class SafetensorsFile:
     def _corrupt(self, why: str) -> BehaviorError:
         return BehaviorError(f"{self.path} is not a valid safetensors file: {why}")
 
-    def read(self, name: str) -> torch.Tensor:
-        """A fresh tensor with the stored dtype and shape."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A fresh tensor with the stored dtype: the whole tensor, or rows [start, stop)
+        of its first dimension."""
         info = self.tensors[name]
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if rows is not None:
+            row_bytes = info.nbytes // info.shape[0]
+            shape = (rows[1] - rows[0], *info.shape[1:])
+            offset, nbytes = info.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         done = 0
-        while done < info.nbytes:
-            got = os.preadv(self._handle.fileno(), [view[done:]], info.offset + done)
+        while done < nbytes:
+            got = os.preadv(self._handle.fileno(), [view[done:]], offset + done)
             if got == 0:
                 raise self._corrupt(f"file ends inside tensor `{name}`")
             done += got
-        return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+        return buffer.view(DTYPES[info.dtype]).reshape(shape)
 
     def close(self) -> None:
         self._handle.close()
@@ -164,8 +170,8 @@ class WeightFolder:
             raise
         self._file_of = {name: f for f in self.files for name in f.tensors}
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._file_of[name].read(name)
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return self._file_of[name].read(name, rows)
 
     def close(self) -> None:
         for opened in self.files:
@@ -221,17 +227,25 @@ class StreamWriter:
         self._digest = hashlib.sha256()
         self.sha256: dict[str, str] = {}  # file name -> hash of its bytes, once written
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, parts: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Write the next planned tensor, whole or as consecutive row blocks."""
         if not self._queue:
             self._open_next_shard()
         planned = self._queue.pop(0)
-        if (planned.name, planned.dtype, planned.shape) != (
-                name, DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape)):
-            raise AssertionError(f"tensor {name} does not match the planned {planned}")
         assert self._handle is not None
-        data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-        self._handle.write(data)
-        self._digest.update(data)
+        if planned.name != name:
+            raise AssertionError(f"tensor {name} written where {planned.name} was planned")
+        written = 0
+        for part in [parts] if isinstance(parts, torch.Tensor) else parts:
+            if DTYPE_NAMES.get(part.dtype) != planned.dtype or (
+                    part.dim() > 1 and tuple(part.shape[1:]) != planned.shape[1:]):
+                raise AssertionError(f"a part of {name} does not match the planned {planned}")
+            data = memoryview(part.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._handle.write(data)
+            self._digest.update(data)
+            written += len(data)
+        if written != planned.nbytes:
+            raise AssertionError(f"{written} bytes written for {planned}")
         if not self._queue:
             self._finish_shard()
 

@@ -1,0 +1,294 @@
+"""Composition speed, memory and agreement: behaviorc's streaming merge beside mergekit.
+
+The bench writes a random Qwen3 base model and K fine-tuned variants of it (the base plus
+random perturbations of every parameter, bfloat16) into a temporary folder, then merges
+them with weights (1.0, 0.5, -0.8, ...) as TIES (density 0.2) and as task arithmetic,
+once with `behaviorc merge` and once with mergekit 0.1.5's `mergekit-yaml`, each in its
+own process (mergekit in a virtual environment the bench creates beside this machine's
+torch). mergekit reads the YAML behaviorc exports for the same composition, so the
+export is exercised too. Both compute in float32 and write bfloat16.
+
+Reported per method: wall seconds and peak RSS of each process, and the largest
+difference between the two outputs. TIES keeps exactly max(1, int(density * n)) entries
+per vector; with bfloat16 inputs many entries tie at the trim threshold, and which of the
+tied entries survive is arbitrary in mergekit (an unstable sort), so differences at
+entries tied at a threshold are counted apart; everywhere else the outputs must agree to
+bfloat16 rounding (one unit in the last place).
+
+Sizes (parameters): small ~59M (hidden 512, 8 layers, default), 125m ~134M (hidden 768,
+12 layers). If mergekit cannot be installed the baseline is an in-memory torch merge
+(`--baseline torch`), said so in the output.
+
+  python bench/compose.py                 # small, about 2-3 minutes here
+  python bench/compose.py --size 125m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from behaviorc.vectors.safetensors_io import PlannedTensor, StreamWriter, WeightFolder
+
+SIZES = {
+    "tiny": dict(hidden=256, layers=2, intermediate=768, vocab=8000, heads=4, kv_heads=2),
+    "small": dict(hidden=512, layers=8, intermediate=1536, vocab=32000, heads=8, kv_heads=4),
+    "125m": dict(hidden=768, layers=12, intermediate=2048, vocab=32000, heads=12, kv_heads=4),
+}
+HEAD_DIM = 64
+WEIGHTS = (1.0, 0.5, -0.8, 0.7, -0.3, 0.9)
+MERGEKIT_VERSION = "0.1.5"
+
+
+def qwen3_config(size: dict[str, int]) -> dict[str, object]:
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+        "hidden_size": size["hidden"], "num_hidden_layers": size["layers"],
+        "intermediate_size": size["intermediate"], "vocab_size": size["vocab"],
+        "num_attention_heads": size["heads"], "num_key_value_heads": size["kv_heads"],
+        "head_dim": HEAD_DIM, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "bfloat16",
+        "bos_token_id": 0, "eos_token_id": 0, "rope_theta": 1000000.0,
+    }
+
+
+def parameter_shapes(size: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
+    """Qwen3ForCausalLM checkpoint names and shapes."""
+    hidden, inner, vocab = size["hidden"], size["intermediate"], size["vocab"]
+    q_width, kv_width = size["heads"] * HEAD_DIM, size["kv_heads"] * HEAD_DIM
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for layer in range(size["layers"]):
+        prefix = f"model.layers.{layer}."
+        shapes += [
+            (prefix + "input_layernorm.weight", (hidden,)),
+            (prefix + "post_attention_layernorm.weight", (hidden,)),
+            (prefix + "self_attn.q_proj.weight", (q_width, hidden)),
+            (prefix + "self_attn.k_proj.weight", (kv_width, hidden)),
+            (prefix + "self_attn.v_proj.weight", (kv_width, hidden)),
+            (prefix + "self_attn.o_proj.weight", (hidden, q_width)),
+            (prefix + "self_attn.q_norm.weight", (HEAD_DIM,)),
+            (prefix + "self_attn.k_norm.weight", (HEAD_DIM,)),
+            (prefix + "mlp.gate_proj.weight", (inner, hidden)),
+            (prefix + "mlp.up_proj.weight", (inner, hidden)),
+            (prefix + "mlp.down_proj.weight", (hidden, inner)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
+
+
+def generate_models(root: Path, size: dict[str, int], count: int) -> tuple[Path, list[Path]]:
+    """A random base and `count` perturbed copies, streamed tensor by tensor to disk."""
+    shapes = parameter_shapes(size)
+    plan = [PlannedTensor(name, "BF16", shape) for name, shape in shapes]
+    folders = [root / "base"] + [root / f"finetuned_{i}" for i in range(count)]
+    writers = []
+    for folder in folders:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(qwen3_config(size), indent=2))
+        writers.append(StreamWriter(folder, [("model.safetensors", plan)], {}))
+    generator = torch.Generator().manual_seed(0)
+    for name, shape in shapes:
+        is_norm = len(shape) == 1
+        base = (torch.ones(shape) if is_norm else torch.randn(shape, generator=generator) * 0.02)
+        writers[0].write(name, base.to(torch.bfloat16))
+        for writer in writers[1:]:
+            noise = torch.randn(shape, generator=generator) * (0.01 if is_norm else 0.002)
+            writer.write(name, (base + noise).to(torch.bfloat16))
+    for writer in writers:
+        writer.finish()
+    return folders[0], folders[1:]
+
+
+def run_measured(command: list[str]) -> tuple[float, float]:
+    """Run a command to completion; its wall seconds and peak RSS in MB."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = process.stdout.read() if process.stdout else b""
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        sys.stderr.write(output.decode(errors="replace")[-4000:])
+        raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def ensure_mergekit(venv: Path) -> Path | None:
+    """mergekit-yaml in a virtual environment that shares this machine's torch."""
+    script = venv / "bin" / "mergekit-yaml"
+    if script.is_file():
+        return script
+    print(f"installing mergekit {MERGEKIT_VERSION} into {venv} ...", flush=True)
+    created = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
+    if created.returncode == 0:
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q",
+                        f"mergekit=={MERGEKIT_VERSION}"])
+    return script if script.is_file() else None
+
+
+def in_memory_merge(args: argparse.Namespace) -> None:
+    """The fallback baseline: every model loaded whole, TIES with a full sort."""
+    from safetensors.torch import load_file, save_file
+
+    base = load_file(Path(args.base) / "model.safetensors")
+    tuned = [load_file(Path(p) / "model.safetensors") for p in args.models]
+    weights = torch.tensor(args.weights)
+    merged = {}
+    for name, original in base.items():
+        b = original.float()
+        deltas = torch.stack([t[name].float() - b for t in tuned])
+        if args.method == "ties":
+            for delta in deltas:
+                keep = max(1, int(args.density * delta.numel()))
+                order = torch.argsort(delta.abs().view(-1), descending=True)
+                mask = torch.zeros(delta.numel())
+                mask[order[:keep]] = 1
+                delta.mul_(mask.view_as(delta))
+        weighted = deltas * weights.view(-1, *[1] * b.dim())
+        if args.method == "ties":
+            agree = weighted.sign() == torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+            mixed = (weighted * agree).sum(0)
+            divisor = (weights.view(-1, *[1] * b.dim()) * agree).sum(0)
+            mixed /= torch.where(divisor == 0, 1.0, divisor)
+        else:
+            mixed = weighted.sum(0)
+        merged[name] = (b + mixed).to(original.dtype)
+    Path(args.out).mkdir(parents=True)
+    save_file(merged, Path(args.out) / "model.safetensors", metadata={"format": "pt"})
+
+
+def compare(ours: Path, theirs: Path, base_dir: Path, tuned: list[Path], density: float,
+            method: str) -> dict[str, float]:
+    """Largest differences between two merged models; for ties, differences at entries
+    tied at a trim threshold (where the choice is arbitrary) are counted apart."""
+    worst_all = worst_ulps_elsewhere = 0.0
+    tied_entries = 0
+    with WeightFolder(ours) as a, WeightFolder(theirs) as b, WeightFolder(base_dir) as base:
+        if set(a.tensors) != set(b.tensors):
+            raise SystemExit(f"outputs hold different tensors: {set(a.tensors) ^ set(b.tensors)}")
+        tuned_folders = [WeightFolder(p) for p in tuned]
+        for name in a.tensors:
+            x, y = a.read(name).float(), b.read(name).float()
+            diff = (x - y).abs()
+            worst_all = max(worst_all, float(diff.max()))
+            ulp = torch.exp2(torch.floor(torch.log2(torch.maximum(x.abs(), y.abs())
+                                                    .clamp_min(1e-30))) - 7)
+            ulps = diff / ulp
+            if method == "ties" and bool((ulps > 1).any()):
+                tied = _at_trim_threshold(name, base, tuned_folders, density)
+                tied_entries += int(((ulps > 1) & tied).sum())
+                ulps = ulps[~tied]
+            if ulps.numel():
+                worst_ulps_elsewhere = max(worst_ulps_elsewhere, float(ulps.max()))
+        for folder in tuned_folders:
+            folder.close()
+    return {"max_abs_diff": worst_all, "max_ulps_outside_ties": worst_ulps_elsewhere,
+            "differing_entries_tied_at_threshold": tied_entries}
+
+
+def _at_trim_threshold(name: str, base: WeightFolder, tuned: list[WeightFolder],
+                       density: float) -> torch.Tensor:
+    original = base.read(name).float()
+    tied = torch.zeros(original.shape, dtype=torch.bool)
+    for folder in tuned:
+        magnitude = (folder.read(name).float() - original).abs()
+        keep = max(1, int(density * magnitude.numel()))
+        threshold = torch.kthvalue(magnitude.view(-1), magnitude.numel() - keep + 1).values
+        tied |= magnitude == threshold
+    return tied
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=tuple(SIZES), default="small")
+    parser.add_argument("--k", type=int, default=3, help="fine-tuned variants (default 3)")
+    parser.add_argument("--density", type=float, default=0.2)
+    parser.add_argument("--methods", default="ties,task_arithmetic")
+    parser.add_argument("--baseline", choices=("mergekit", "torch"), default="mergekit")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (default 1: on a shared machine "
+                             "more threads wait on each other)")
+    parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir())
+                        / f"behaviorc-bench-mergekit-{MERGEKIT_VERSION}")
+    parser.add_argument("--in-memory-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", nargs="*", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.in_memory_worker:
+        in_memory_merge(args)
+        return
+
+    # Both processes inherit this, so both run under the same thread count.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    size = SIZES[args.size]
+    weights = list(WEIGHTS[:args.k])
+    mergekit = ensure_mergekit(args.venv) if args.baseline == "mergekit" else None
+    baseline = "mergekit" if mergekit else "torch in-memory"
+    if args.baseline == "mergekit" and mergekit is None:
+        print("mergekit could not be installed: the baseline is an in-memory torch merge")
+
+    with tempfile.TemporaryDirectory(prefix="behaviorc-bench-compose-") as scratch:
+        root = Path(scratch)
+        started = time.perf_counter()
+        base, tuned = generate_models(root, size, args.k)
+        shapes = parameter_shapes(size)
+        parameters = sum(torch.Size(s).numel() for _, s in shapes)
+        largest_bytes = max(torch.Size(s).numel() for _, s in shapes) * 2
+        print(f"size {args.size}: {parameters / 1e6:.1f}M parameters, K={args.k}, bfloat16, "
+              f"weights {weights}, {args.threads} thread(s) each; models written in {time.perf_counter() - started:.1f} s")
+        rss_target_mb = 1024 + largest_bytes * (args.k + 1) / 2**20
+        figures: dict[str, float] = {"parameters_m": round(parameters / 1e6, 1),
+                                     "rss_target_mb": round(rss_target_mb)}
+        for method in args.methods.split(","):
+            ours_out, theirs_out = root / f"ours_{method}", root / f"theirs_{method}"
+            ours_cmd = [sys.executable, "-m", "behaviorc.cli", "merge", str(base), str(ours_out),
+                        "--method", method, "--density", str(args.density)]
+            for path, weight in zip(tuned, weights):
+                ours_cmd += ["--add", f"{path}={weight}"]
+            ours_s, ours_rss = run_measured(ours_cmd)
+            if mergekit:
+                theirs_cmd = [str(mergekit), str(ours_out / "mergekit.yaml"), str(theirs_out),
+                              "--quiet"]
+            else:
+                theirs_cmd = [sys.executable, __file__, "--in-memory-worker", "--base", str(base),
+                              "--models", *map(str, tuned), "--weights", *map(str, weights),
+                              "--method", method, "--density", str(args.density),
+                              "--out", str(theirs_out)]
+            theirs_s, theirs_rss = run_measured(theirs_cmd)
+            agreement = compare(ours_out, theirs_out, base, tuned, args.density, method)
+            print(f"{method:>16}: behaviorc {ours_s:6.1f} s {ours_rss:6.0f} MB | {baseline} "
+                  f"{theirs_s:6.1f} s {theirs_rss:6.0f} MB | speedup {theirs_s / ours_s:4.1f}x | "
+                  f"max |diff| {agreement['max_abs_diff']:.3g}, outside threshold ties "
+                  f"{agreement['max_ulps_outside_ties']:.2f} ulp(bf16), tied entries differing "
+                  f"{agreement['differing_entries_tied_at_threshold']}", flush=True)
+            figures.update({
+                f"{method}_ours_s": round(ours_s, 2), f"{method}_baseline_s": round(theirs_s, 2),
+                f"{method}_ours_rss_mb": round(ours_rss), f"{method}_baseline_rss_mb": round(theirs_rss),
+                f"{method}_speedup": round(theirs_s / ours_s, 2),
+                **{f"{method}_{k}": v for k, v in agreement.items()},
+            })
+        print(f"peak RSS target: <= 1 GB + largest tensor x (K+1) = {rss_target_mb:.0f} MB")
+    headline_method = "ties" if "ties_speedup" in figures else args.methods.split(",")[0]
+    print(json.dumps({
+        "bench": "compose",
+        "figures": {"baseline": baseline, "size": args.size, **figures},
+        "headline": {"what": f"{headline_method} merge wall time, {baseline} / behaviorc "
+                             f"({args.size}, K={args.k})",
+                     "ratio": figures[f"{headline_method}_speedup"], "target": 5.0},
+    }))
+
+
+if __name__ == "__main__":
+    main()

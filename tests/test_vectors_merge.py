@@ -1,0 +1,113 @@
+"""Merge methods on small hand-made tensors, against results worked out by hand."""
+
+import pytest
+import torch
+
+from behaviorc.diagnostics import BehaviorError
+from behaviorc.vectors.merge import (
+    MergeOptions, _radix_select, kth_largest, kth_largest_of_parts, merged_delta, trim_to_top_)
+
+
+def merge(deltas, weights, **options):
+    copies = [torch.tensor(d, dtype=torch.float32) for d in deltas]
+    return merged_delta("w", copies, list(weights), list(range(len(deltas))),
+                        MergeOptions(**options))
+
+
+def test_ties_equals_the_hand_computed_result():
+    # density 0.5 keeps 2 of 4 entries per vector:
+    #   tau1 -> [0.5, 0, 0, -0.875]   tau2 -> [-0.375, 0.25, 0, 0]   tau3 -> [0, -0.625, 0, 0.75]
+    # summed mass [0.125, -0.375, 0, -0.125] elects signs [+, -, +, -]; the agreeing
+    # entries' mean: [0.5, -0.625, 0 (nobody has it), -0.875].
+    result = merge([[0.5, -0.25, 0.125, -0.875],
+                    [-0.375, 0.25, 0.0625, -0.125],
+                    [0.25, -0.625, -0.375, 0.75]],
+                   [1.0, 1.0, 1.0], method="ties", density=0.5)
+    assert torch.equal(result, torch.tensor([0.5, -0.625, 0.0, -0.875]))
+
+
+def test_ties_weights_lambda_and_the_signed_divisor():
+    # No trim (density 1). Weighted: [0.5, 0.25] and [-0.25, 0.5] (weight -1); both
+    # entries elect +. Entry 0: only term 1 agrees -> 0.5 / 1. Entry 1: both agree, the
+    # weights sum to 0, so (as in mergekit) the divisor becomes 1 -> 0.75. Lambda 2.
+    result = merge([[0.5, 0.25], [0.25, -0.5]], [1.0, -1.0],
+                   method="ties", density=1.0, lambda_=2.0)
+    assert torch.equal(result, torch.tensor([1.0, 1.5]))
+
+
+def test_ties_without_normalize_sums_the_agreeing_entries():
+    # Weighted: [1.0, -0.5] and [0.5, 0.25]; mass [1.5, -0.25] elects [+, -].
+    result = merge([[0.5, -0.25], [1.0, 0.5]], [2.0, 0.5], method="ties", normalize=False)
+    assert torch.equal(result, torch.tensor([1.5, -0.5]))
+
+
+def test_task_arithmetic_is_the_weighted_sum():
+    result = merge([[1.0, -2.0], [0.5, 0.5]], [0.5, -2.0], method="task_arithmetic",
+                   lambda_=0.5)
+    assert torch.equal(result, torch.tensor([-0.25, -1.0]))
+
+
+def test_dare_at_density_one_is_task_arithmetic():
+    generator = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(64, 32, generator=generator) for _ in range(3)]
+    weights = [1.0, 0.5, -0.8]
+    dare = merged_delta("w", [d.clone() for d in deltas], weights, [0, 1, 2],
+                        MergeOptions(method="dare", density=1.0, seed=7))
+    plain = merged_delta("w", [d.clone() for d in deltas], weights, [0, 1, 2],
+                         MergeOptions(method="task_arithmetic"))
+    assert torch.equal(dare, plain)
+
+
+def test_dare_drops_and_rescales_reproducibly():
+    tau = torch.full((100_000,), 0.25)
+    first = merged_delta("w", [tau.clone()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=1))
+    again = merged_delta("w", [tau.clone()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=1))
+    other = merged_delta("w", [tau.clone()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=2))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert set(first.unique().tolist()) == {0.0, 1.0}  # survivors scaled by 1/density
+    assert abs(float((first != 0).float().mean()) - 0.25) < 0.01
+
+
+def test_trim_keeps_exactly_the_top_share_and_everything_tied_with_the_last():
+    values = torch.tensor([0.1, -0.9, 0.3, 0.3, -0.2, 0.05, 0.7, -0.3])
+    distinct = torch.tensor([0.1, -0.9, 0.35, 0.3, -0.2, 0.05, 0.7, -0.4])
+    trim_to_top_(distinct, 0.5)
+    assert torch.equal(distinct, torch.tensor([0, -0.9, 0.35, 0, 0, 0, 0.7, -0.4]))
+    trim_to_top_(values, 0.5)  # the 4th largest magnitude, 0.3, is shared by three entries
+    assert torch.equal(values, torch.tensor([0, -0.9, 0.3, 0.3, 0, 0, 0.7, -0.3]))
+
+
+@pytest.mark.parametrize("kind", ["normal", "quantized", "constant", "sparse"])
+def test_kth_largest_matches_a_full_selection(kind):
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(600_000, generator=generator).abs()
+    if kind == "quantized":  # bfloat16 steps: many entries tie at any threshold
+        values = values.to(torch.bfloat16).float()
+    elif kind == "constant":  # the sample's bracket cannot separate anything
+        values = torch.full((600_000,), 0.5)
+    elif kind == "sparse":
+        values[values < 1.5] = 0
+    for share in (0.001, 0.2, 0.5, 0.99):
+        k = max(1, int(share * values.numel()))
+        expected = torch.kthvalue(values, values.numel() - k + 1).values
+        assert kth_largest(values, k) == expected
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(BehaviorError, match="density"):
+        MergeOptions(method="ties", density=0)
+    with pytest.raises(BehaviorError) as refused:
+        MergeOptions(method="tie")
+    assert "did you mean `ties`" in refused.value.render()
+
+
+def test_selection_over_parts_and_by_radix_matches_a_full_selection():
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(300_000, generator=generator).abs().to(torch.bfloat16).float()
+    parts = lambda: iter(values.split(70_000))
+    for k in (1, 1234, 60_000, 299_999):
+        expected = torch.kthvalue(values, values.numel() - k + 1).values
+        assert _radix_select(parts, k) == expected
+        assert kth_largest_of_parts(parts, values.numel(), k, values[:5000]) == expected
+        # A sample from elsewhere misjudges the bracket; the answer is still exact.
+        assert kth_largest_of_parts(parts, values.numel(), k, values[:5000] * 3) == expected
