@@ -197,3 +197,34 @@ def test_fixture_logs_fold_into_a_consistent_state(log):
         state.apply(event)
     assert set(state.tasks) >= {"train:listen", "deploy:persona"}
     assert state.finished == (log != "events_live.jsonl")
+
+
+async def test_a_live_build_redraws_while_a_task_detail_is_open(tmp_path):
+    """A live build keeps redrawing under an open detail screen; nothing is looked up on
+    the screen on top."""
+    app = Dashboard(build_dir(tmp_path, "events_live.jsonl"), now=lambda: NOW)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot, lambda: app.state.losses.get("train:listen"))
+        tree = app.query_one(PlanTree)
+        tree.cursor_line = tree._leaves["train:listen"].line
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, TaskDetail)
+        with open(app.build_dir / "events.jsonl", "a") as handle:
+            handle.write('{"t": 1764000003.0, "type": "train_step", "task": "train:listen", '
+                         '"step": 31, "steps": 60, "loss": 0.85}\n')
+        await settle(app, pilot, lambda: app.state.losses["train:listen"][-1][0] == 31)
+        assert isinstance(app.screen, TaskDetail)
+        await pilot.press("escape", "2")
+        await pilot.pause(0.1)
+        assert app.query_one(TabbedContent).active == "steer"
+        assert "step 31: 0.8500" in panel_text(app, "train-view")
+
+
+def test_unmet_expectations_are_listed_with_their_location():
+    from behaviorc.tui.widgets import draw_errors
+    state = BuildState()
+    state.apply({"t": 1, "type": "expectation_unmet", "task": "train:x", "metric": "margin_after",
+                 "op": ">", "value": 0.5, "actual": 0.1, "met": False,
+                 "loc": {"file": "a.behavior", "line": 9, "column": 5, "end_line": 9, "end_column": 9}})
+    assert "a.behavior:9:5: expect margin_after > 0.5: measured 0.1 by train:x" in text_of(draw_errors(state))

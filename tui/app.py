@@ -73,7 +73,14 @@ class Dashboard(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(PlanTree).focus()
+        # Held, not queried at each redraw: a query searches the screen on top, which is
+        # a task's detail while one is open.
+        self._status_bar = self.query_one("#status", Static)
+        self._plan_tree = self.query_one(PlanTree)
+        self._panels = list(self.query(StatePanel))
+        self._log_view = self.query_one("#log", RichLog)
+        self._tabs = self.query_one(TabbedContent)
+        self._plan_tree.focus()
         self.set_interval(1 / REDRAW_HZ, self.redraw)
         self.follow_events()
 
@@ -104,19 +111,17 @@ class Dashboard(App[None]):
         self._dirty = True
 
     def redraw(self) -> None:
-        if not self._dirty and not self.state.running:
-            return
+        if (not self._dirty and not self.state.running) or not self._status_bar.is_attached:
+            return  # nothing new, or the app is closing
         self._dirty = False
         now = self.now()
-        self.query_one("#status", Static).update(self.status_line())
-        self.query_one(PlanTree).refresh_labels(self.state, now)
-        for panel in self.query(StatePanel):
+        self._status_bar.update(self.status_line())
+        self._plan_tree.refresh_labels(self.state, now)
+        for panel in self._panels:
             panel.show(self.state)
-        if self._new_log_lines:
-            log = self.query_one("#log", RichLog)
-            for line in self._new_log_lines[-500:]:
-                log.write(line)
-            self._new_log_lines.clear()
+        for line in self._new_log_lines[-500:]:
+            self._log_view.write(line)
+        self._new_log_lines.clear()
 
     def status_line(self) -> str:
         state = self.state
@@ -135,11 +140,10 @@ class Dashboard(App[None]):
     # --- keys -------------------------------------------------------------------------
 
     def action_panel(self, index: int) -> None:
-        self.query_one(TabbedContent).active = PANELS[index]
+        self._tabs.active = PANELS[index]
 
     def action_next_panel(self) -> None:
-        panels = self.query_one(TabbedContent)
-        panels.active = PANELS[(PANELS.index(panels.active) + 1) % len(PANELS)]
+        self._tabs.active = PANELS[(PANELS.index(self._tabs.active) + 1) % len(PANELS)]
 
     def action_cancel_build(self) -> None:
         if self.cancel is None or self.state.finished or self.state.started is None:
