@@ -12,22 +12,59 @@ from typing import Union
 
 from behaviorc.diagnostics import Location
 
+# (file, line, column, end line, end column): a Location not yet built. Parsing makes
+# one per token; building pydantic Locations for all of them would cost more than the
+# parse, and only the few a diagnostic or the IR needs are ever read.
+Span = tuple[str, int, int, int, int]
+
+_LOCATION_FIELDS = frozenset(Location.model_fields)
+
+
+def make_location(file: str, line: int, column: int, end_line: int, end_column: int) -> Location:
+    """A Location from trusted parser positions, skipping validation (as model_construct)."""
+    loc = object.__new__(Location)
+    object.__setattr__(loc, "__dict__", {"file": file, "line": line, "column": column,
+                                         "end_line": end_line, "end_column": end_column})
+    object.__setattr__(loc, "__pydantic_fields_set__", _LOCATION_FIELDS)
+    object.__setattr__(loc, "__pydantic_extra__", None)
+    object.__setattr__(loc, "__pydantic_private__", None)
+    return loc
+
+
+class Located:
+    """Every node: `span` as parsed, `loc` as a Location when asked for."""
+
+    __slots__ = ()
+    span: Span
+
+    @property
+    def loc(self) -> Location:
+        return make_location(*self.span)
+
+    @property
+    def line(self) -> int:
+        return self.span[1]
+
+    @property
+    def end_line(self) -> int:
+        return self.span[3]
+
 
 @dataclass(frozen=True, slots=True)
-class Str:
+class Str(Located):
     value: str
     raw: str  # as written, quotes and escapes included (fmt prints it unchanged)
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
-class Num:
+class Num(Located):
     """A number as written: `text` keeps the source spelling (fmt prints it unchanged)."""
 
     text: str
     negative: bool
     percent: bool
-    loc: Location
+    span: Span
 
     @property
     def value(self) -> float:
@@ -42,136 +79,135 @@ class Num:
 
 
 @dataclass(frozen=True, slots=True)
-class Word:
+class Word(Located):
     """A bare name: a reference (`listen`), a choice (`mean_diff`) or a group (`gdn.gates`)."""
 
     name: str
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
-class Span:
+class LayerRange(Located):
     """A layer or a layer range: `2` or `1..3`."""
 
     start: Num
     end: Num | None
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
-class Op:
+class Op(Located):
     """A comparison operator in `expect`."""
 
     text: str
-    loc: Location
+    span: Span
 
 
-Value = Union[Str, Num, Word, Span, Op]
+Value = Union[Str, Num, Word, LayerRange, Op]
 
 
 @dataclass(frozen=True, slots=True)
-class Setting:
+class Setting(Located):
     """`key values... [{ settings... }]`, e.g. `strength 4.0` or `pair "p" { ... }`."""
 
     key: str
     values: tuple[Value, ...]
     block: tuple["Setting", ...] | None
-    loc: Location
+    span: Span
 
     @property
     def key_loc(self) -> Location:
-        return Location.model_construct(
-            file=self.loc.file, line=self.loc.line, column=self.loc.column,
-            end_line=self.loc.line, end_column=self.loc.column + len(self.key))
+        file, line, column, _, _ = self.span
+        return make_location(file, line, column, line, column + len(self.key))
 
 
 @dataclass(frozen=True, slots=True)
-class Import:
+class Import(Located):
     path: Str
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
-class ModelDecl:
+class ModelDecl(Located):
     name: Word
     source: Str
     options: tuple[Setting, ...] | None
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
-class External:
+class External(Located):
     """`from model "folder"` or `from task_vector "file.safetensors"`."""
 
     kind: Word
     path: Str
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
-class BehaviorDecl:
+class BehaviorDecl(Located):
     name: Word
     model: Word | None  # `on NAME`; None: the spec's only model
     external: External | None
     sections: tuple[Setting, ...] | None  # steer / train / eval
-    loc: Location
+    span: Span
 
 
 # Compose expressions, as written; the checker reduces them to (behavior, weight) terms.
 
 @dataclass(frozen=True, slots=True)
-class Ref:
+class Ref(Located):
     name: str
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
-class Const:
+class Const(Located):
     number: Num
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
-class Neg:
+class Neg(Located):
     operand: "Expr"
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
-class Binary:
+class Binary(Located):
     op: str  # + - * /
     left: "Expr"
     right: "Expr"
-    loc: Location
+    span: Span
 
 
 Expr = Union[Ref, Const, Neg, Binary]
 
 
 @dataclass(frozen=True, slots=True)
-class ComposeDecl:
+class ComposeDecl(Located):
     name: Word
     expr: Expr
     options: tuple[Setting, ...] | None
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
-class DeployDecl:
+class DeployDecl(Located):
     target: Word
     engine: Word  # `vllm`
     urls: tuple[Str, ...] | Word  # Word: `auto`
     options: tuple[Setting, ...] | None
-    loc: Location
+    span: Span
 
 
 Item = Union[Import, ModelDecl, BehaviorDecl, ComposeDecl, DeployDecl]
 
 
 @dataclass(frozen=True, slots=True)
-class Comment:
+class Comment(Located):
     text: str  # including the leading `#`
-    loc: Location
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)

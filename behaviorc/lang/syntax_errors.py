@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 
-from lark import Lark, Token
-from lark.exceptions import UnexpectedCharacters
+from lark import Lark
 from lark.lexer import PatternStr
 
 from behaviorc.diagnostics import Diagnostic, Location, did_you_mean
+from behaviorc.lang.ast import make_location
+from behaviorc.lang.tokens import Tok
 
 _VALUE_NAMES = {
     "NAME": "a name",
@@ -48,15 +49,15 @@ class SyntaxMessages:
         self.top_level = tuple(top_level)
         self.all_settings = {s for settings in self.sections.values() for s in settings}
 
-    def declaration_keyword(self, token: Token) -> Token | None:
+    def declaration_keyword(self, token: Tok) -> Tok | None:
         """`token` as a declaration keyword when it starts a line with one (`deploy`), else
         None. The contextual lexer may have read it as a name; this is where recovery
         from an error can safely start again."""
         if token.column != 1 or token.value not in self.top_level:
             return None
-        return Token.new_borrow_pos(token.value.upper(), token.value, token)
+        return token.retyped(token.value.upper())
 
-    def unexpected_token(self, token: Token, expected: set[str], path: str,
+    def unexpected_token(self, token: Tok, expected: set[str], path: str,
                          text: str) -> tuple[Diagnostic, bool]:
         """The diagnostic for `token` where the parser can only take `expected`, and
         whether skipping from here drops exactly one unknown setting or declaration."""
@@ -85,19 +86,19 @@ class SyntaxMessages:
         message = f"expected {self._expected_list(expected, section)}, found {found}"
         return Diagnostic("error", message, loc, self._hint_for(token, expected)), False
 
-    def unexpected_character(self, err: UnexpectedCharacters, path: str, text: str) -> Diagnostic:
-        char = text[err.pos_in_stream]
-        line_end = text.find("\n", err.pos_in_stream)
-        line_end = len(text) if line_end < 0 else line_end
+    def unexpected_character(self, text: str, pos: int, line: int, column: int,
+                             path: str) -> Diagnostic:
+        char = text[pos]
         if char in "\"'":
-            loc = Location.model_construct(file=path, line=err.line, column=err.column, end_line=err.line,
-                                           end_column=err.column + line_end - err.pos_in_stream)
+            line_end = text.find("\n", pos)
+            width = (len(text) if line_end < 0 else line_end) - pos
+            loc = make_location(path, line, column, line, column + width)
             return Diagnostic("error", "unterminated string", loc,
                               f"close it with {char} on the same line, or use triple quotes "
                               f"({char * 3}) for text over several lines")
-        loc = Location.model_construct(file=path, line=err.line, column=err.column,
-                                       end_line=err.line, end_column=err.column + 1)
-        return Diagnostic("error", f"unexpected character `{char}`", loc,
+        shown = char if char.isprintable() else repr(char)[1:-1]
+        return Diagnostic("error", f"unexpected character `{shown}`",
+                          make_location(path, line, column, line, column + 1),
                           "comments start with `#`" if char in "/;" else None)
 
     def _section_expected(self, expected: set[str]) -> str | None:
@@ -128,7 +129,7 @@ class SyntaxMessages:
             return ", ".join(names)
         return _join(names, "or")
 
-    def _hint_for(self, token: Token, expected: set[str]) -> str | None:
+    def _hint_for(self, token: Tok, expected: set[str]) -> str | None:
         if token.type == "NUMBER" and "NUMBER" not in expected and "STRING" in expected:
             return "put text in quotes"
         if token.type == "NAME" and "STRING" in expected and "NAME" not in expected:
@@ -154,9 +155,8 @@ def _short(text: str, width: int = 24) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def _loc(token: Token, path: str) -> Location:
-    return Location.model_construct(file=path, line=token.line, column=token.column,
-                                    end_line=token.end_line, end_column=token.end_column)
+def _loc(token: Tok, path: str) -> Location:
+    return make_location(path, token.line, token.column, token.end_line, token.end_column)
 
 
 def _end_loc(text: str, path: str) -> Location:
@@ -164,5 +164,4 @@ def _end_loc(text: str, path: str) -> Location:
     body = text.rstrip()
     line = body.count("\n") + 1
     column = len(body) - (body.rfind("\n") + 1) + 1
-    return Location.model_construct(file=path, line=line, column=column,
-                                    end_line=line, end_column=column + 1)
+    return make_location(path, line, column, line, column + 1)

@@ -44,10 +44,11 @@ class _Lowering:
             self._compose(compose)
         for deploy in self.spec.deploys:
             self._deploy(deploy)
+        # Every task is created after the tasks it depends on, so creation order is a
+        # dependency order; equal keys are the same work, kept once.
         ordered: dict[str, Task] = {}
         for task in self.created:
-            for step in task.walk():
-                ordered.setdefault(step.key, step)
+            ordered.setdefault(task.key, task)
         return Plan(self.spec, tuple(ordered.values()), tuple(self.notes), tuple(self.expectations))
 
     def _add(self, task: Task) -> Task:
