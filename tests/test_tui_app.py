@@ -228,3 +228,19 @@ def test_unmet_expectations_are_listed_with_their_location():
                  "op": ">", "value": 0.5, "actual": 0.1, "met": False,
                  "loc": {"file": "a.behavior", "line": 9, "column": 5, "end_line": 9, "end_column": 9}})
     assert "a.behavior:9:5: expect margin_after > 0.5: measured 0.1 by train:x" in text_of(draw_errors(state))
+
+
+def test_the_event_names_the_task_implementations_use_are_drawn():
+    state = BuildState()
+    state.apply({"t": 1, "type": "build_start", "task": None,
+                 "tasks": [{"id": "steer.verify:b", "kind": "steer.verify"}, {"id": "compose:p", "kind": "compose"},
+                           {"id": "deploy:p", "kind": "deploy"}]})
+    state.apply({"t": 2, "type": "steer.point", "task": "steer.verify:b", "strength": 4.0, "margin": 0.3,
+                 "general_nll": 3.0})
+    state.apply({"t": 3, "type": "task_end", "task": "compose:p", "status": "done", "metrics": {},
+                 "data": {"provenance": {"terms": [{"behavior": "b", "weight": -0.8}], "merge": "ties"}}})
+    state.apply({"t": 4, "type": "deploy.push", "task": "deploy:p", "urls": ["http://a:1", "http://b:2"],
+                 "push_ms": 33.0, "requests_failed": 0})
+    assert state.sweeps["steer.verify:b"] == [{"strength": 4.0, "margin": 0.3, "general_nll": 3.0}]
+    assert state.weights["compose:p"]["terms"] == [{"behavior": "b", "weight": -0.8}]
+    assert [(p["url"], p["ms"]) for p in state.pushes] == [("http://a:1", 33.0), ("http://b:2", 33.0)]

@@ -24,9 +24,13 @@ in its log panel as they come):
     train_step    step, steps, loss, [lr], [margin]   one per optimizer step (or every k)
     train_eval    step, margin                        the behavior margin during training
     steer_sweep   strength, margin, [general_nll]     one per strength tried
-    compose_weights  terms: [{behavior, weight}], merge
+                  (steer.point, as steer/tasks.py names it, is read the same way)
+    compose_weights  terms: [{behavior, weight}], merge  (else read from the compose
+                  task's result data["provenance"])
     server_health url, ok, [latency_ms], [detail]
     push          url, ok, ms, [step], [error]
+    deploy.push   urls, push_ms, requests_failed     (engine/tasks.py: one all-or-nothing
+                  push to several servers)
 """
 
 from __future__ import annotations

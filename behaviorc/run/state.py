@@ -63,7 +63,7 @@ class BuildState:
     def apply(self, event: dict[str, Any]) -> None:
         self.events_seen += 1
         self.last_t = event.get("t", self.last_t)
-        handler = getattr(self, f"_on_{event.get('type')}", None)
+        handler = getattr(self, "_on_" + str(event.get("type")).replace(".", "_"), None)
         if handler is not None:
             handler(event)
         if event.get("type") != "progress":
@@ -117,8 +117,12 @@ class BuildState:
         task.metrics = dict(event.get("metrics") or {})
         task.data = dict(event.get("data") or {})
         task.artifacts = dict(event.get("artifacts") or {})
+        # Results carry what a task may not have emitted as it went.
         if task.kind == "steer.verify" and task.id not in self.sweeps and task.data.get("sweep"):
             self.sweeps[task.id] = list(task.data["sweep"])
+        provenance = task.data.get("provenance")
+        if task.kind == "compose" and task.id not in self.weights and isinstance(provenance, dict):
+            self.weights[task.id] = {"terms": list(provenance.get("terms", [])), "merge": provenance.get("merge")}
 
     def _on_task_failed(self, event: dict[str, Any]) -> None:
         task = self.task(event)
@@ -157,6 +161,17 @@ class BuildState:
 
     def _on_push(self, event: dict[str, Any]) -> None:
         self.pushes.append({k: v for k, v in event.items() if k != "type"})
+
+    # The names the task implementations emit (steer/tasks.py, engine/tasks.py).
+
+    def _on_steer_point(self, event: dict[str, Any]) -> None:
+        self._on_steer_sweep(event)
+
+    def _on_deploy_push(self, event: dict[str, Any]) -> None:
+        """One push to several servers, all or nothing: a row per server."""
+        for url in event.get("urls", []):
+            self._on_push({"task": event.get("task"), "url": url, "ok": True, "ms": event.get("push_ms", 0.0),
+                           "requests_failed": event.get("requests_failed")})
 
 
 def summarize(event: dict[str, Any]) -> str:
