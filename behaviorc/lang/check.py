@@ -8,6 +8,7 @@ DiagnosticSink; a spec with any error yields no IR.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import os
@@ -54,7 +55,15 @@ def check_text(text: str, path: str) -> tuple[ir.Spec | None, list[Diagnostic]]:
     """Check spec `text` as if it were the file at `path` (imports and data files are
     resolved relative to its folder)."""
     sink = DiagnosticSink()
-    spec = _Checker(sink).check(text, path)
+    # A large spec allocates hundreds of thousands of small acyclic objects (tokens,
+    # nodes, IR); the cycle collector would rescan them over and over for nothing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        spec = _Checker(sink).check(text, path)
+    finally:
+        if collecting:
+            gc.enable()
     diagnostics = sorted(sink.items, key=_order)
     return (spec if not sink.errors else None), diagnostics
 
@@ -326,7 +335,7 @@ class _Checker:
                               "check it with `sweep`, e.g. `sweep 2, 4, 8, 16`")
         sweep = tuple(self._number_at(v, "sweep") for v in _values(block.one("sweep")))
         pairs, sources = self._pairs(block, base)
-        if not pairs and not block.all("pairs"):
+        if not block.all("pair") and not block.all("pairs"):
             self.sink.error("steer has no pairs", section.key_loc,
                             'add `pair "prompt" { positive "..." negative "..." }` '
                             'or `pairs "file.jsonl"`')

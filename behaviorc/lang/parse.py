@@ -101,7 +101,8 @@ def _drive(language: _Language, text: str, path: str,
             elif depth > 0:
                 depth += {"LBRACE": 1, "RBRACE": -1}.get(token.type, 0)
                 continue
-            elif token.type not in machine.expects():
+            elif token.type == "LBRACE" or token.type not in machine.expects():
+                # a block after a mistake belongs to the mistake: skip it whole
                 depth = 1 if token.type == "LBRACE" else 0
                 continue
         try:

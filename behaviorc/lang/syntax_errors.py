@@ -78,7 +78,8 @@ class SyntaxMessages:
                 message = f"`{word}` does not belong in `{section}`"
                 hint = f"`{word}` goes in {_join([f'`{o}`' for o in owners], 'or')}"
             else:
-                message = f"unknown setting `{word}` in `{section}`"
+                kind = "section" if section == "behavior" else "setting"
+                message = f"unknown {kind} `{word}` in `{section}`"
                 hint = did_you_mean(word, settings) or \
                     f"`{section}` takes {_join([f'`{s}`' for s in settings], 'and')}"
             return Diagnostic("error", message, loc, hint), True
