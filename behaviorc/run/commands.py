@@ -135,7 +135,10 @@ def _build_with_dashboard(out: Path, targets: list[Task], cancel: CancelSignal, 
     thread = threading.Thread(target=build, name="behaviorc-build", daemon=True)
     thread.start()
     Dashboard(out, cancel=cancel.cancel, build_thread=thread).run()
-    cancel.cancel("the dashboard was closed")  # quitting mid-build stops it
+    if thread.is_alive():  # quitting mid-build stops it
+        cancel.cancel("the dashboard was closed")
+        print("behaviorc: stopping the build at the running task's next checkpoint "
+              "(Ctrl-C to stop at once)", file=sys.stderr)
     thread.join()
     if "error" in finished:
         raise finished["error"]
