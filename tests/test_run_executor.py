@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,6 +16,7 @@ from behaviorc import ir
 from behaviorc.run.context import CancelSignal
 from behaviorc.run.events import read_events
 from behaviorc.run.executor import Executor, plan_order
+from behaviorc.run.store import Store
 
 
 class Source(Task):
@@ -273,10 +275,11 @@ def test_a_second_build_in_the_same_folder_is_refused(tmp_path):
         def execute(self, ctx: TaskContext) -> TaskResult:
             with pytest.raises(BehaviorError, match="another build is running"):
                 Executor(out).run([Source(name="s", text="x")])
-            return TaskResult(metrics={"refused": 1.0})
+            return TaskResult(metrics={"refused": 1.0, "holder": float(Store(out / ".store").holder())})
 
     outcome = Executor(out).run([BuildsAgain(name="b")])
-    assert outcome.ok and outcome.records[0].result.metrics == {"refused": 1.0}
+    assert outcome.records[0].result.metrics == {"refused": 1.0, "holder": float(os.getpid())}
+    assert outcome.ok and Store(out / ".store").holder() is None  # what the dashboard asks
 
 
 def test_a_task_naming_a_missing_artifact_fails_as_a_bug(tmp_path):

@@ -3,6 +3,7 @@ tests/data/make_event_logs.py with the real executor)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def build_dir(tmp_path: Path, log: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(DATA / log, folder / "events.jsonl")
     return folder
+
+
+def mark_running(folder: Path) -> None:
+    """What a running build leaves in its store: its pid in the lock (here, ours)."""
+    (folder / ".store").mkdir(exist_ok=True)
+    (folder / ".store" / "lock").write_text(f"{os.getpid()}\n")
 
 
 def text_of(renderable) -> str:
@@ -126,8 +133,9 @@ async def test_a_failed_build_shows_the_error_with_its_spec_location(tmp_path):
 
 async def test_cancel_from_the_dashboard_writes_the_request_only_for_a_live_build(tmp_path):
     requests: list[str] = []
-    live = Dashboard(build_dir(tmp_path, "events_live.jsonl"), cancel=lambda: requests.append("cancel"),
-                     now=lambda: NOW)
+    folder = build_dir(tmp_path, "events_live.jsonl")
+    mark_running(folder)
+    live = Dashboard(folder, cancel=lambda: requests.append("cancel"), now=lambda: NOW)
     async with live.run_test(size=(80, 24)) as pilot:
         await settle(live, pilot, lambda: live.state.losses.get("train:listen"))
         assert live.state.tasks["train:listen"].status == "running"
@@ -142,12 +150,26 @@ async def test_cancel_from_the_dashboard_writes_the_request_only_for_a_live_buil
         assert requests == ["cancel"]  # nothing to cancel after the build ended
 
 
+async def test_a_build_killed_before_it_finished_is_shown_as_gone(tmp_path):
+    requests: list[str] = []
+    folder = build_dir(tmp_path, "events_live.jsonl")
+    (folder / ".store").mkdir()
+    (folder / ".store" / "lock").write_text("")  # released by the kernel, nothing written since
+    app = Dashboard(folder, cancel=lambda: requests.append("cancel"), now=lambda: NOW)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot, lambda: app.state.losses.get("train:listen"))
+        assert "stopped without finishing" in app.status_line()
+        await pilot.press("c")
+        assert requests == []
+
+
 async def test_following_a_live_log_and_a_new_build_replacing_it(tmp_path):
     folder = tmp_path / "build"
     folder.mkdir()
     lines = (DATA / "events_ok.jsonl").read_text().splitlines(keepends=True)
     log = folder / "events.jsonl"
     log.write_text("".join(lines[:40]) + lines[40][:25])  # the last line half-written
+    mark_running(folder)
     app = Dashboard(folder, now=lambda: NOW)
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(app, pilot, lambda: app.state.events_seen >= 40)

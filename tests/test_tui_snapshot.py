@@ -4,6 +4,7 @@ and look at the SVGs before committing them."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,9 @@ def dashboard(tmp_path: Path, log: str) -> Dashboard:
     folder = tmp_path / "build"
     folder.mkdir()
     shutil.copy(DATA / log, folder / "events.jsonl")
+    if log == "events_live.jsonl":  # a running build's pid in its store lock (ours)
+        (folder / ".store").mkdir()
+        (folder / ".store" / "lock").write_text(f"{os.getpid()}\n")
     return Dashboard(folder, now=lambda: NOW)
 
 

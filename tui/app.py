@@ -20,13 +20,16 @@ from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane, Tre
 from textual.worker import get_current_worker
 
 from behaviorc.run.events import EVENTS_FILE
+from behaviorc.run.executor import STORE_DIR
 from behaviorc.run.state import BuildState, summarize
+from behaviorc.run.store import Store
 from behaviorc.tui.tail import EventsRead, EventTail
 from behaviorc.tui.widgets import (PlanTree, StatePanel, TaskDetail, draw_compose_deploy, draw_errors,
                                    draw_steering, draw_task_detail, draw_training)
 
 REDRAW_HZ = 10
 POLL_SECONDS = 0.05  # how long the tail worker sleeps when the log has nothing new
+LIVENESS_SECONDS = 1.0  # how often to ask whether an unfinished build still runs
 PANELS = ("train", "steer", "deploy", "errors")
 
 
@@ -54,6 +57,8 @@ class Dashboard(App[None]):
         self.cancel_requested = False
         self._dirty = True
         self._new_log_lines: list[str] = []
+        self._store = Store(self.build_dir / STORE_DIR)
+        self._alive = (0.0, True)  # (when asked, the answer)
 
     def compose(self) -> ComposeResult:
         yield Static(id="status")
@@ -132,10 +137,23 @@ class Dashboard(App[None]):
         spec = Path(state.spec).name or str(self.build_dir)
         if state.finished:
             verdict = "stopped" if state.cancelled else ("ok" if state.ok else "FAILED")
+        elif not self.build_alive():
+            verdict = "stopped without finishing (the build process is gone)"
         else:
             verdict = "stopping…" if self.cancel_requested else "running"
         extra = "".join(f" · {counts[s]} {s}" for s in ("cached", "failed", "skipped") if counts.get(s))
         return f"{spec} · {verdict} · {finished}/{len(state.tasks)} tasks{extra}"
+
+    def build_alive(self) -> bool:
+        """Whether the build writing this log still runs (a killed one never says so)."""
+        asked, alive = self._alive
+        if time.monotonic() - asked >= LIVENESS_SECONDS:
+            if self.build_thread is not None:
+                alive = self.build_thread.is_alive()
+            else:
+                alive = self._store.holder() is not None
+            self._alive = (time.monotonic(), alive)
+        return alive
 
     # --- keys -------------------------------------------------------------------------
 
@@ -146,7 +164,8 @@ class Dashboard(App[None]):
         self._tabs.active = PANELS[(PANELS.index(self._tabs.active) + 1) % len(PANELS)]
 
     def action_cancel_build(self) -> None:
-        if self.cancel is None or self.state.finished or self.state.started is None:
+        if (self.cancel is None or self.state.finished or self.state.started is None
+                or not self.build_alive()):
             self.notify("no build is running", severity="warning")
             return
         self.cancel()

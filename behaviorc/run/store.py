@@ -87,13 +87,33 @@ class Store:
                 f"another build is running in {self.root.parent}",
                 hint="wait for it to finish, or cancel it (`behaviorc dash DIR`, key c)") from None
         self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for `holder`: is a build still running?
         self._remove_staging()
+
+    def holder(self) -> int | None:
+        """The pid of the build using this store, None when no build is running.
+        Reads what `acquire` wrote; a pid that is gone (a killed build) is None."""
+        try:
+            pid = int((self.root / "lock").read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+        if pid <= 0:
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+        return pid
 
     def release(self) -> list[str]:
         """Wait until every entry this build stored is on disk, then let the store go.
         Returns the entries that could not be synced (they are verified when read)."""
         failures = self.wait_durable()
         if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
         return failures
