@@ -54,6 +54,13 @@ def test_an_unknown_task_gets_a_suggestion(tmp_path, capsys, tiny_gdn):
     assert "no task `train:lisen`" in err and "did you mean `train:listen`?" in err
 
 
+def test_an_out_folder_that_is_a_file_is_refused(tmp_path, capsys, tiny_gdn):
+    (tmp_path / "taken").write_text("a file")
+    assert main(["build", str(LISTEN), "--out", str(tmp_path / "taken"), "--only", "model:base"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot use {tmp_path / 'taken'} as the build folder" in err and "Traceback" not in err
+
+
 def test_clean_and_dash_refuse_a_folder_that_holds_no_build(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["clean", str(tmp_path)]) == 1

@@ -100,7 +100,11 @@ def run_build(args: argparse.Namespace) -> int:
     plan = load_plan(spec_path)
     targets = [select(plan.tasks, args.only)] if args.only else list(plan.tasks)
     out: Path = args.out or Path("out") / spec_path.stem
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BehaviorError(f"cannot use {out} as the build folder: {err.strerror or err}",
+                            hint="pass another folder with --out") from None
     cancel = CancelSignal(out / CANCEL_FILE)
     settings = dict(force=args.force, spec_path=str(spec_path.resolve()), spec_sha256=plan.spec.sha256,
                     cancel=cancel, expectations=plan.expectations)
