@@ -1,0 +1,50 @@
+"""A composed tiny-gdn in a live vLLM server (the session's `vllm_server`): the served
+log-probs equal transformers' on the same folder, to bfloat16 rounding."""
+
+from __future__ import annotations
+
+import pytest
+
+from behaviorc.engine.embedded import EmbeddedEngine
+from behaviorc.engine.push import push_weights
+from behaviorc.engine.vllm import VLLMEngine
+from behaviorc.vectors.compose import Composition, Term, compose
+from behaviorc.vectors.merge import MergeOptions
+from behaviorc.vectors.taskvector import extract_task_vector
+from test_vectors_compose import perturbed_copy
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["I will use", "The model", "def add(a, b):"]
+COMPLETIONS = [" the existing parser.", " wants the data", "\n    return a + b"]
+BF16_TOLERANCE = 0.03  # both sides run bfloat16; they differ by rounding only
+
+
+def max_difference(a: list[list[float]], b: list[list[float]]) -> float:
+    assert [len(row) for row in a] == [len(row) for row in b]
+    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
+
+
+def test_a_composed_model_serves_with_the_log_probs_of_transformers(vllm_server, tiny_gdn,
+                                                                   tmp_path):
+    tuned = perturbed_copy(tiny_gdn, tmp_path / "tuned", seed=3)
+    other = perturbed_copy(tiny_gdn, tmp_path / "other", seed=4)
+    extract_task_vector(tiny_gdn, tuned, tmp_path / "tuned.safetensors")
+    composed = tmp_path / "composed"
+    compose(Composition(tiny_gdn, (Term("tuned", tmp_path / "tuned.safetensors", 1.0),
+                                   Term("other", other, -0.6)),
+                        MergeOptions(method="ties", density=0.5)),
+            composed, max_shard_bytes=300_000)  # sharded, with an index file
+
+    expected = EmbeddedEngine.load(composed, dtype="bfloat16").completion_logprobs(
+        PROMPTS, COMPLETIONS)
+    original = EmbeddedEngine.load(tiny_gdn, dtype="bfloat16").completion_logprobs(
+        PROMPTS, COMPLETIONS)
+    assert max_difference(expected, original) > 10 * BF16_TOLERANCE  # composing changed it
+    try:
+        push_weights([vllm_server.url], composed)
+        with VLLMEngine(vllm_server.url) as live:
+            served = live.completion_logprobs(PROMPTS, COMPLETIONS)
+        assert max_difference(served, expected) < BF16_TOLERANCE
+    finally:
+        push_weights([vllm_server.url], vllm_server.model_dir)
