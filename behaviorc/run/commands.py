@@ -14,7 +14,7 @@ from behaviorc.plan.task import Task
 from behaviorc.run.context import CancelSignal
 from behaviorc.run.events import EVENTS_FILE
 from behaviorc.run.executor import CANCEL_FILE, LOG_DIR, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint
-from behaviorc.run.report import REPORT_FILE
+from behaviorc.run.report import REPORT_FILE, count_statuses
 from behaviorc.run.store import Store
 
 if TYPE_CHECKING:
@@ -156,10 +156,7 @@ def _print_outcome(outcome: BuildOutcome, out: Path) -> None:
         print(f"\ntask {record.task.id} failed:\n{record.error}", file=sys.stderr)
     for verdict in outcome.unmet:
         print(f"\n{verdict.render()}", file=sys.stderr)
-    counts: dict[str, int] = {}
-    for record in outcome.records:
-        counts[record.status] = counts.get(record.status, 0) + 1
-    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+    summary = ", ".join(f"{n} {status}" for status, n in count_statuses(outcome.records).items())
     if outcome.cancelled:
         print(f"behaviorc: stopped ({summary}); finished tasks are kept, build again to resume",
               file=sys.stderr)

@@ -30,7 +30,7 @@ from behaviorc.plan.tasks import ResolveModel
 from behaviorc.run.context import CancelSignal, EngineLoader, EnginePool, RunContext, load_embedded_engine
 from behaviorc.run.events import EVENTS_FILE, EventLog, Listener, location_fields
 from behaviorc.run.expect import Expectation, Verdict, judge
-from behaviorc.run.report import REPORT_FILE, Report, TaskRecord
+from behaviorc.run.report import REPORT_FILE, Report, TaskRecord, count_statuses
 from behaviorc.run.store import InvalidEntry, Store
 
 STORE_DIR = ".store"
@@ -96,8 +96,10 @@ class Executor:
 
     def run(self, targets: Sequence[Task]) -> BuildOutcome:
         tasks = plan_order(targets)
-        records = [TaskRecord(t, deps=[u.id for u in t.arguments().values()]) for t in tasks]
+        records = [TaskRecord(t, deps=list(dict.fromkeys(u.id for u in t.arguments().values())))
+                   for t in tasks]
         by_key = {r.task.key: r for r in records}
+        self._results = {}
         self.out.mkdir(parents=True, exist_ok=True)
         self.store.acquire()
         (self.out / CANCEL_FILE).unlink(missing_ok=True)  # a request meant for an earlier build
@@ -112,30 +114,32 @@ class Executor:
             for record in records:
                 if self.cancel.is_set():
                     break
-                upstream = [by_key[u.key] for u in record.task.arguments().values()]
-                self._run_task(record, upstream)
+                self._run_task(record, [by_key[u.key] for u in record.task.arguments().values()])
                 report.write_soon()
                 for model_key in _model_keys(record.task):
                     model_users[model_key] -= 1
                 self.engines.keep_only(self._model_paths(model_users))
         finally:
-            self.engines.close_all()
-            for failure in self.store.wait_durable():
-                self.events.emit("store_sync_failed", None, error=failure)
-            cancelled = self.cancel.is_set()
-            report.verdicts = judge(self.expectations, records)
-            report.write(finished=True, cancelled=cancelled)
-            outcome = BuildOutcome(records, cancelled, report.path, self.events.path, report.verdicts)
-            for verdict in outcome.unmet:
-                fields = verdict.as_json()
-                self.events.emit("expectation_unmet", fields.pop("task"), **fields)
-            counts: dict[str, int] = {}
-            for r in records:
-                counts[r.status] = counts.get(r.status, 0) + 1
-            self.events.emit("build_end", None, ok=outcome.ok, cancelled=cancelled,
-                             seconds=round(time.perf_counter() - started, 4), counts=counts)
-            self.events.close()
-            self.store.release()
+            outcome = self._finish(records, report, time.perf_counter() - started)
+        return outcome
+
+    def _finish(self, records: list[TaskRecord], report: Report, seconds: float) -> BuildOutcome:
+        """Free engines, make the store durable, judge expectations, write the final
+        report and close the log; runs however the build ended."""
+        self.engines.close_all()
+        for failure in self.store.wait_durable():
+            self.events.emit("store_sync_failed", None, error=failure)
+        cancelled = self.cancel.is_set()
+        report.verdicts = judge(self.expectations, records)
+        report.write(finished=True, cancelled=cancelled)
+        outcome = BuildOutcome(records, cancelled, report.path, self.events.path, report.verdicts)
+        for verdict in outcome.unmet:
+            fields = verdict.as_json()
+            self.events.emit("expectation_unmet", fields.pop("task"), **fields)
+        self.events.emit("build_end", None, ok=outcome.ok, cancelled=cancelled,
+                         seconds=round(seconds, 4), counts=count_statuses(records))
+        self.events.close()
+        self.store.release()
         return outcome
 
     # --- one task ---------------------------------------------------------------------

@@ -66,6 +66,11 @@ class TaskRecord:
         }
 
 
+def count_statuses(records: list[TaskRecord]) -> dict[str, int]:
+    statuses = [r.status for r in records]
+    return {s: statuses.count(s) for s in STATUSES if s in statuses}
+
+
 @dataclass
 class Report:
     path: Path
@@ -91,7 +96,7 @@ class Report:
             "cancelled": cancelled,
             "started": self.started,
             "seconds": round(time.time() - self.started, 4),
-            "counts": {s: statuses.count(s) for s in STATUSES if s in statuses},
+            "counts": count_statuses(self.records),
             "tasks": [r.as_json() for r in self.records],
             "expectations": [v.as_json() for v in self.verdicts],
         }
