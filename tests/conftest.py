@@ -15,3 +15,30 @@ def tiny_gdn() -> Path:
 def tiny_dense() -> Path:
     from behaviorc.model.builtin import ensure_builtin
     return ensure_builtin("tiny-dense")
+
+
+class _LiveServer:
+    """A running vLLM server: `url`, and `model_dir`, the folder it serves (a copy)."""
+
+    def __init__(self, url: str, model_dir: Path, log_path: Path):
+        self.url = url
+        self.model_dir = model_dir
+        self.log_path = log_path
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_gdn, tmp_path_factory):
+    """One vLLM server of tiny-gdn for the whole session (a start takes 25-70 s here).
+
+    It serves a copy of the built-in folder, so nothing a test pushes can reach the
+    shared cache. Tests that change its weights or steering put them back.
+    """
+    import shutil
+
+    from behaviorc.engine.server import serve
+
+    root = tmp_path_factory.mktemp("vllm")
+    model_dir = root / "tiny-gdn"
+    shutil.copytree(tiny_gdn, model_dir)
+    with serve(model_dir, log_path=root / "server.log") as server:
+        yield _LiveServer(server.url, model_dir, server.log_path)

@@ -105,12 +105,17 @@ class VLLMEngine:
         self.close()
 
     @cached_property
-    def info(self) -> ModelInfo:
+    def _described(self) -> dict[str, Any]:
         found = self.client.rpc("behaviorc_info", doing="describing the served model")
         if not isinstance(found, dict):
             raise BehaviorError(
                 f"the vLLM server at {self.url} does not run behaviorc's worker extension",
                 hint="start it with `behaviorc serve MODEL`")
+        return found
+
+    @cached_property
+    def info(self) -> ModelInfo:
+        found = self._described
         return ModelInfo(name=self._name or found["path"], path=found["path"],
                          architecture=found["architecture"],
                          num_layers=int(found["num_layers"]),
@@ -127,10 +132,13 @@ class VLLMEngine:
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32,
                  temperature: float = 0.0, seed: int = 0) -> list[str]:
+        if temperature < 0:
+            raise BehaviorError(f"temperature must be 0 or more, not {temperature}")
         if not prompts:
             return []
-        answer = self._complete(list(prompts), max_tokens=max_new_tokens,
-                                temperature=temperature, seed=seed, doing="generating")
+        rows = [self._prompt_ids(p) for p in prompts]
+        answer = self._complete(rows, max_tokens=max_new_tokens, temperature=temperature,
+                                seed=seed, doing="generating")
         return [choice["text"] for choice in answer]
 
     def completion_logprobs(self, prompts: Sequence[str],
@@ -139,21 +147,37 @@ class VLLMEngine:
             raise BehaviorError(f"{len(prompts)} prompts but {len(completions)} completions")
         if not prompts:
             return []
-        prompt_ids = [self.tokenize(p) for p in prompts]
-        full_ids = [self.tokenize(p + c) for p, c in zip(prompts, completions)]
-        for prompt, ids in zip(prompts, prompt_ids):
-            if not ids:
-                raise BehaviorError(f"prompt {prompt!r} has no tokens: a completion's first "
-                                    f"token needs something before it")
+        encoded = [self._encode(p, c) for p, c in zip(prompts, completions)]
         # prompt_logprobs=0 returns exactly the log-prob of each given token.
-        answer = self._complete(full_ids, max_tokens=1, temperature=0.0, seed=0,
-                                prompt_logprobs=0, doing="scoring completions")
+        answer = self._complete([ids for ids, _ in encoded], max_tokens=1, temperature=0.0,
+                                seed=0, prompt_logprobs=0, doing="scoring completions")
         scores: list[list[float]] = []
-        for start, ids, choice in zip(map(len, prompt_ids), full_ids, answer):
+        for (ids, start), choice in zip(encoded, answer):
             per_position = choice["prompt_logprobs"]
             scores.append([float(per_position[i][str(ids[i])]["logprob"])
                            for i in range(start, len(ids))])
         return scores
+
+    # Tokenization as the embedded engine does it: a completion is the tokens of
+    # prompt+completion after the prompt's; an empty prompt starts from one start token.
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenize(prompt) or [self._start_token_id]
+
+    def _encode(self, prompt: str, completion: str) -> tuple[list[int], int]:
+        prompt_ids = self.tokenize(prompt)
+        full = self.tokenize(prompt + completion)
+        if not prompt_ids:
+            return [self._start_token_id, *full], 1
+        return full, min(len(prompt_ids), len(full))
+
+    @cached_property
+    def _start_token_id(self) -> int:
+        start = self._described.get("start_token_id")
+        if start is None:
+            raise BehaviorError("the served tokenizer has no BOS or EOS token to start an "
+                                "empty prompt with")
+        return int(start)
 
     def tokenize(self, text: str) -> list[int]:
         answer = self.client.request(

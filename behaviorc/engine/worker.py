@@ -148,7 +148,18 @@ class BehaviorWorker:
             "hidden_size": int(text_config.hidden_size),
             "layer_kinds": _layer_kinds(text_config, count),
             "dtype": str(self.model_runner.model_config.dtype).removeprefix("torch."),
+            "start_token_id": self._behaviorc_start_token_id(),
         }
+
+    def _behaviorc_start_token_id(self) -> int | None:
+        """The token an empty prompt starts from: BOS, else EOS (as the embedded engine)."""
+        from transformers import AutoTokenizer
+
+        model_config = self.model_runner.model_config
+        tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer,
+                                                  trust_remote_code=model_config.trust_remote_code)
+        start = tokenizer.bos_token_id
+        return start if start is not None else tokenizer.eos_token_id
 
     def behaviorc_manifest(self) -> dict[str, Any]:
         served = self._behaviorc_served()
