@@ -15,11 +15,11 @@ tied entries survive is arbitrary in mergekit (an unstable sort), so differences
 entries tied at a threshold are counted apart; everywhere else the outputs must agree to
 bfloat16 rounding (one unit in the last place).
 
-Sizes (parameters): small ~59M (hidden 512, 8 layers, default), 125m ~134M (hidden 768,
-12 layers). If mergekit cannot be installed the baseline is an in-memory torch merge
+Sizes (parameters): tiny ~6M, small ~34M (hidden 384, 6 layers, vocab 32000; the
+default), 125m ~134M (hidden 768, 12 layers, vocab 32000; the size the issue measured). If mergekit cannot be installed the baseline is an in-memory torch merge
 (`--baseline torch`), said so in the output.
 
-  python bench/compose.py                 # small, about 2-3 minutes here
+  python bench/compose.py                 # small: about 2 minutes on an idle 2-core machine
   python bench/compose.py --size 125m
 """
 
@@ -40,7 +40,7 @@ from behaviorc.vectors.safetensors_io import PlannedTensor, StreamWriter, Weight
 
 SIZES = {
     "tiny": dict(hidden=256, layers=2, intermediate=768, vocab=8000, heads=4, kv_heads=2),
-    "small": dict(hidden=512, layers=8, intermediate=1536, vocab=32000, heads=8, kv_heads=4),
+    "small": dict(hidden=384, layers=6, intermediate=1024, vocab=32000, heads=6, kv_heads=2),
     "125m": dict(hidden=768, layers=12, intermediate=2048, vocab=32000, heads=12, kv_heads=4),
 }
 HEAD_DIM = 64

@@ -33,7 +33,7 @@ from behaviorc.diagnostics import BehaviorError, did_you_mean
 
 Method = Literal["task_arithmetic", "ties", "dare"]
 
-# kth_largest's random sample; tensors under 16 samples' worth are selected directly.
+# kth_largest's random sample; tensors under 4 samples' worth are selected directly.
 _SAMPLE_SIZE = 1 << 14
 
 
@@ -154,7 +154,7 @@ def keep_count(density: float, count: int) -> int:
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest of a 1-D tensor in O(n) (see `kth_largest_of_parts`)."""
     count = values.numel()
-    if count <= 16 * _SAMPLE_SIZE:
+    if count <= 4 * _SAMPLE_SIZE:
         return torch.kthvalue(values, count - k + 1).values
     generator = torch.Generator().manual_seed(count)
     sample = values[torch.randint(count, (_SAMPLE_SIZE,), generator=generator)]
