@@ -180,6 +180,9 @@ class _Checker:
         self.files.append(result.file)
 
     def _import(self, item: ast.Import, importer: str, stack: tuple[str, ...]) -> None:
+        if "\0" in item.path.value or not item.path.value.strip():
+            self.sink.error("not a file name", item.path.loc)
+            return
         path = os.path.normpath(os.path.join(os.path.dirname(importer), item.path.value))
         identity = os.path.realpath(path)
         if identity in stack:
@@ -646,7 +649,8 @@ class _Checker:
                             ref.loc, "a composition adds task vectors of one base model")
         block = _Block(decl.options, "compose", self.sink)
         merge = self._merge(block.one("merge"), block.one("groups"))
-        if len(self.sink.errors) > errors or not terms or merge is None:
+        # no model: its behaviors have no model either, and say why
+        if len(self.sink.errors) > errors or not terms or merge is None or not models:
             return None
         return ir.Compose(name=decl.name.name, model=next(iter(models)),
                           terms=tuple(ir.Term(behavior=n, weight=w) for n, w in terms),

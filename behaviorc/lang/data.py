@@ -124,6 +124,9 @@ class DataFiles:
         if not name.value.strip():
             self.sink.error("the data file name is empty", name.loc)
             return None
+        if "\0" in name.value:
+            self.sink.error("a file name cannot contain a NUL character", name.loc)
+            return None
         try:
             with open(path, "rb") as f:
                 raw = f.read()
