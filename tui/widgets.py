@@ -151,8 +151,16 @@ def draw_compose_deploy(state: BuildState) -> RenderableType:
         for term in weights["terms"]:
             table.add_row(str(term.get("behavior")), f"{term.get('weight', 0):+g}")
         parts.append(table)
-        if weights.get("merge"):
-            parts.append(Text(f"merge: {json.dumps(weights['merge'])}", style="dim"))
+        merge = weights.get("merge")
+        if merge:
+            parts.append(Text(f"merge: {merge if isinstance(merge, str) else json.dumps(merge)}", style="dim"))
+    deploys = [t for t in state.tasks.values() if t.kind == "deploy"]
+    for task in deploys:
+        parts += [Text(""), _heading(f"deploy {task.id.split(':', 1)[-1]}  [{task.status}]")]
+        if task.data.get("urls"):
+            parts.append(Text(", ".join(task.data["urls"])))
+        if task.metrics:
+            parts.append(Text(format_metrics(task.metrics, limit=4), style="dim"))
     if state.health:
         parts += [Text(""), _heading("vLLM servers")]
         for url, health in state.health.items():
