@@ -74,25 +74,34 @@ class _RebindingLinearAttentionLayer(LinearAttentionLayer):
 
 @torch.no_grad()
 def freeze_contexts(model: torch.nn.Module, contexts: Sequence[Sequence[int]]) -> list[FrozenContext]:
-    """Run each context once without gradient and keep detached copies of its states.
-    Contexts of equal length run together as one batch."""
+    """Run the contexts once, as one left-padded batch without gradient, and keep each
+    one's states unpadded. Left padding is exact: padded keys are masked out, and
+    transformers zeroes masked inputs of GDN layers, so their state stays zero until
+    the context begins (as it does for a context run alone)."""
+    empty = FrozenContext(0, (), ())
+    rows = [i for i, ids in enumerate(contexts) if len(ids) > 0]
+    if not rows:
+        return [empty] * len(contexts)
     device = next(model.parameters()).device
-    frozen: list[FrozenContext | None] = [None] * len(contexts)
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(contexts):
-        by_length.setdefault(len(ids), []).append(i)
-    for length, indices in by_length.items():
-        if length == 0:
-            for i in indices:
-                frozen[i] = FrozenContext(0, (), ())
-            continue
-        input_ids = torch.tensor([list(contexts[i]) for i in indices], device=device)
-        cache = model(input_ids=input_ids, use_cache=True).past_key_values
-        kinds, per_layer = _read_cache(cache)
-        for row, i in enumerate(indices):
-            states = tuple((a[row:row + 1].clone(), b[row:row + 1].clone()) for a, b in per_layer)
-            frozen[i] = FrozenContext(length, kinds, states)
-    return frozen  # type: ignore[return-value]
+    longest = max(len(contexts[i]) for i in rows)
+    input_ids = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+    mask = torch.zeros_like(input_ids)
+    for row, i in enumerate(rows):
+        n = len(contexts[i])
+        input_ids[row, longest - n:] = torch.tensor(list(contexts[i]), device=device)
+        mask[row, longest - n:] = 1
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    cache = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+    kinds, per_layer = _read_cache(cache)
+    frozen = [empty] * len(contexts)
+    for row, i in enumerate(rows):
+        n = len(contexts[i])
+        states = tuple(
+            (a[row:row + 1, :, longest - n:].clone(), b[row:row + 1, :, longest - n:].clone())
+            if kind == "attention" else (a[row:row + 1].clone(), b[row:row + 1].clone())
+            for kind, (a, b) in zip(kinds, per_layer))
+        frozen[i] = FrozenContext(n, kinds, states)
+    return frozen
 
 
 def _read_cache(cache: DynamicCache) -> tuple[tuple[LayerKind, ...], list[tuple[torch.Tensor, torch.Tensor]]]:

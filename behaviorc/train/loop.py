@@ -1,0 +1,190 @@
+"""The training loop, top to bottom.
+
+1. Targets: only the parameters of the spec's groups train; everything else has
+   `requires_grad = False`, so it gets no gradient and no optimizer state.
+2. The optimizer: APOLLO, APOLLO-Mini or AdamW, over the targets in name order.
+3. Each step: the batch for that step (a pure function of seed and step), the response
+   loss (context frozen or full), gradient norm and clipping, a NaN/inf guard that skips
+   the step and counts it, the learning rate of the schedule, the optimizer step, an event.
+4. Checkpoints every `checkpoint_every` steps; a loop started over an existing
+   checkpoint resumes from it and ends with the same weights as one never interrupted.
+
+Learning rate: linear warmup over `warmup` steps, then constant or a cosine decay to
+10% of the peak at the last step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from behaviorc import ir
+from behaviorc.train.apollo import APOLLO
+from behaviorc.train.checkpoint import METADATA, load_checkpoint, save_checkpoint
+from behaviorc.train.data import BatchSchedule, TrainSequence
+from behaviorc.train.frozen import FrozenContext, collate, freeze_contexts, segment_logits, segment_loss_sum
+
+COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    step: int  # 1-based: the number of steps done
+    loss: float
+    grad_norm: float
+    lr: float
+    limiter: int  # limiter activations during this step
+    tokens_per_s: float
+    skipped: bool  # the NaN/inf guard dropped this step
+
+
+@dataclass
+class TrainSummary:
+    losses: list[float] = field(default_factory=list)  # of the steps run in this call
+    loss_first: float | None = None  # of step 1, also when this call resumed later
+    steps_skipped: int = 0
+    limiter_activations: int = 0
+    resumed_from: int = 0
+
+
+def make_optimizer(spec: ir.Optimizer, params: Sequence[torch.nn.Parameter], lr: float,
+                   seed: int) -> torch.optim.Optimizer:
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=spec.betas, weight_decay=spec.weight_decay,
+                                 foreach=True)
+    options = dict(lr=lr, betas=spec.betas, weight_decay=spec.weight_decay, refresh=spec.refresh,
+                   limiter=spec.limiter, scale=spec.scale, seed=seed)
+    if spec.name == "apollo_mini":
+        return APOLLO.mini(params, **options)
+    return APOLLO(params, rank=spec.rank, **options)
+
+
+def learning_rate(step: int, train: ir.Train) -> float:
+    """The learning rate for 0-based `step`."""
+    if step < train.warmup:
+        return train.lr * (step + 1) / train.warmup
+    if train.schedule == "constant":
+        return train.lr
+    span = max(train.steps - train.warmup - 1, 1)
+    progress = min((step - train.warmup) / span, 1.0)
+    return train.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class ResponseLoss:
+    """Mean loss over the response tokens of a batch, with the context frozen or not.
+    With `reuse_contexts`, each sequence's frozen context is computed once and kept
+    (keyed by the sequence): later steps skip the context forward, at the price
+    of states from the weights as they were when first seen."""
+
+    def __init__(self, model: torch.nn.Module, mode: str, pad_id: int, reuse_contexts: bool = False):
+        self.model, self.mode, self.pad_id = model, mode, pad_id
+        self._kept: dict[TrainSequence, FrozenContext] | None = {} if reuse_contexts else None
+
+    def __call__(self, batch: Sequence[TrainSequence]) -> tuple[torch.Tensor, int]:
+        if self.mode == "frozen":
+            contexts = self._contexts(batch)
+            inputs = collate(self.model, contexts, [s.context[-1:] + s.response for s in batch], self.pad_id)
+            total, count = segment_loss_sum(segment_logits(self.model, inputs), inputs)
+        else:
+            total, count = self._full(batch)
+        return total / count, count
+
+    def _contexts(self, batch: Sequence[TrainSequence]) -> list[FrozenContext]:
+        if self._kept is None:
+            return freeze_contexts(self.model, [s.context[:-1] for s in batch])
+        missing = list(dict.fromkeys(s for s in batch if s not in self._kept))
+        for sequence, context in zip(missing, freeze_contexts(self.model, [s.context[:-1] for s in missing])):
+            self._kept[sequence] = context
+        return [self._kept[s] for s in batch]
+
+    def _full(self, batch: Sequence[TrainSequence]) -> tuple[torch.Tensor, int]:
+        device = next(self.model.parameters()).device
+        width = max(s.tokens for s in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for row, s in enumerate(batch):
+            tokens = torch.tensor(s.context + s.response, device=device)
+            ids[row, :s.tokens], mask[row, :s.tokens] = tokens, 1
+            labels[row, len(s.context):s.tokens] = tokens[len(s.context):]
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        targets = labels[:, 1:]
+        total = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
+            targets.reshape(-1), ignore_index=-100, reduction="sum")
+        return total, int((targets != -100).sum())
+
+
+def train(
+    model: torch.nn.Module,
+    targets: dict[str, torch.nn.Parameter],
+    schedule: BatchSchedule,
+    spec: ir.Train,
+    *,
+    pad_id: int,
+    on_step: Callable[[StepEvent], None] = lambda event: None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 0,
+    reuse_contexts: bool = False,
+) -> TrainSummary:
+    """Train `targets` of `model` in place for `spec.steps` steps."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    names = sorted(targets)
+    params = [targets[n] for n in names]
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = make_optimizer(spec.optimizer, params, spec.lr, spec.seed)
+    response_loss = ResponseLoss(model, spec.context, pad_id, reuse_contexts)
+    summary = TrainSummary()
+
+    start = 0
+    if checkpoint_dir is not None and (checkpoint_dir / METADATA).is_file():
+        scalars = load_checkpoint(checkpoint_dir, targets, optimizer)
+        start = summary.resumed_from = int(scalars["step"])
+        summary.steps_skipped = int(scalars["steps_skipped"])
+        summary.loss_first = scalars["loss_first"]
+
+    for step in range(start, spec.steps):
+        began = time.perf_counter()
+        batch = schedule.at(step)
+        loss, _ = response_loss(batch)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            params, spec.clip if spec.clip > 0 else float("inf")))
+        lr = learning_rate(step, spec)
+        limited_before = _limiter_count(optimizer)
+        skipped = not (math.isfinite(float(loss)) and math.isfinite(grad_norm))
+        if skipped:
+            summary.steps_skipped += 1
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        limited = _limiter_count(optimizer) - limited_before
+        summary.losses.append(float(loss.detach()))
+        if summary.loss_first is None:
+            summary.loss_first = summary.losses[0]
+        summary.limiter_activations += limited
+        seconds = time.perf_counter() - began
+        on_step(StepEvent(step + 1, float(loss.detach()), grad_norm, lr, limited,
+                          sum(s.tokens for s in batch) / max(seconds, 1e-9), skipped))
+
+        done = step + 1
+        if checkpoint_dir is not None and checkpoint_every > 0 and done % checkpoint_every == 0 and done < spec.steps:
+            save_checkpoint(checkpoint_dir, targets, optimizer,
+                            {"step": done, "steps_skipped": summary.steps_skipped,
+                             "loss_first": summary.loss_first})
+    for param in params:
+        param.requires_grad_(False)
+    return summary
+
+
+def _limiter_count(optimizer: torch.optim.Optimizer) -> int:
+    return optimizer.limiter_activations if isinstance(optimizer, APOLLO) else 0

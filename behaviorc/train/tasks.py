@@ -1,0 +1,98 @@
+"""The TrainBehavior plan task: fine-tune a behavior's target groups with APOLLO.
+
+It trains a private copy of the model (the executor's shared engines stay untouched),
+measures the behavior margin and the general NLL before and after on that copy, and
+writes the fine-tuned model as a Hugging Face folder. Checkpoints go to the task's
+scratch folder when the executor offers one, so a build stopped mid-training resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from behaviorc.diagnostics import BehaviorError
+from behaviorc.plan.task import TaskContext, TaskResult
+from behaviorc.plan.tasks import TrainBehavior
+
+CHECKPOINT_EVERY = 50
+
+
+def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
+    from behaviorc.engine.embedded import EmbeddedEngine
+    from behaviorc.measure.margin import behavior_margin
+    from behaviorc.measure.nll import general_nll
+    from behaviorc.model.adapter import ArchitectureAdapter
+    from behaviorc.model.loading import load_model
+    from behaviorc.train.data import BatchSchedule, encode_examples, encode_texts
+    from behaviorc.train.loop import StepEvent, train
+
+    spec = task.train
+    if spec.distill is not None:
+        raise BehaviorError("distillation is not available yet", spec.distill.loc or spec.loc or task.loc,
+                            hint="train on `examples` for now")
+    decl = task.model.decl
+    path = ctx.result(task.model).data["path"]
+    ctx.progress(0, spec.steps, "loading the model")
+    model, tokenizer = load_model(path, decl.dtype, decl.device)
+    try:
+        targets = ArchitectureAdapter.for_model(model).parameters(model, spec.targets)
+    except BehaviorError as err:
+        raise BehaviorError(str(err), spec.loc, hint=err.diagnostics[0].hint) from None
+
+    behavior = encode_examples(tokenizer, spec.examples, spec.loc)
+    general = encode_texts(tokenizer, spec.mix.texts) if spec.mix else []
+    if not behavior:
+        raise BehaviorError(f"behavior `{task.name}` has no training examples", spec.loc,
+                            hint="add `examples \"FILE.jsonl\"` to its train block")
+    schedule = BatchSchedule(behavior, general, spec.batch, spec.mix.ratio if spec.mix else 0.0, spec.seed)
+
+    engine = EmbeddedEngine(model, tokenizer, name=decl.source, path=path)
+    metrics: dict[str, float] = {}
+    if task.eval_pairs:
+        metrics["margin_before"] = behavior_margin(engine, task.eval_pairs)
+    if task.general:
+        metrics["general_nll_before"] = general_nll(engine, task.general)
+
+    def on_step(event: StepEvent) -> None:
+        ctx.emit("train_step", step=event.step, loss=event.loss, grad_norm=event.grad_norm,
+                 lr=event.lr, limiter=event.limiter, tokens_per_s=event.tokens_per_s,
+                 skipped=event.skipped)
+        ctx.progress(event.step, spec.steps, f"loss {event.loss:.4f}")
+
+    scratch = getattr(ctx, "scratch", None)
+    summary = train(model, targets, schedule, spec, pad_id=tokenizer.pad_token_id, on_step=on_step,
+                    checkpoint_dir=Path(scratch) / "checkpoint" if scratch is not None else None,
+                    checkpoint_every=CHECKPOINT_EVERY)
+    ctx.check_cancelled()
+
+    metrics["loss_first"] = summary.loss_first if summary.loss_first is not None else float("nan")
+    metrics["loss_last"] = summary.losses[-1] if summary.losses else float("nan")
+    metrics["steps_skipped"] = float(summary.steps_skipped)
+    metrics["limiter_activations"] = float(summary.limiter_activations)
+    if task.eval_pairs:
+        metrics["margin_after"] = behavior_margin(engine, task.eval_pairs)
+    if task.general:
+        metrics["general_nll_after"] = general_nll(engine, task.general)
+
+    save_model(model, tokenizer, Path(ctx.out) / "model")
+    return TaskResult(metrics=metrics, artifacts={"model": "model"},
+                      data={"losses": summary.losses, "targets": sorted(targets),
+                            "resumed_from": summary.resumed_from})
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
+    """A Hugging Face folder (checkpoint format, safetensors), written beside and renamed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
