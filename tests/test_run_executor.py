@@ -69,6 +69,9 @@ class Fails(Task):
         raise ZeroDivisionError("boom")
 
 
+STOP = CancelSignal()  # the signal of the build in the cancel test
+
+
 class CancelsItself(Task):
     """Stands in for a user pressing Ctrl-C half way: it sets the build's cancel signal,
     then reports progress, where a real task would notice."""
@@ -78,7 +81,7 @@ class CancelsItself(Task):
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         (ctx.scratch / "checkpoint.txt").write_text("step 1")
-        ctx._cancel.cancel("test pressed Ctrl-C")
+        STOP.cancel("test pressed Ctrl-C")
         ctx.progress(1, 2, "working")
         raise AssertionError("progress should have raised Cancelled")
 
@@ -203,7 +206,7 @@ def test_cancel_keeps_finished_tasks_and_the_scratch_folder(tmp_path):
     source = Source(name="s", text="x")
     stopper = CancelsItself(name="stop", source=source)
     later = Shout(name="later", source=source)
-    outcome = Executor(out).run([stopper, later])
+    outcome = Executor(out, cancel=STOP).run([stopper, later])
     assert outcome.cancelled and outcome.exit_code == 130
     assert statuses(outcome) == {"test.source:s": "done", "test.cancels:stop": "cancelled",
                                  "test.shout:later": "pending"}

@@ -60,8 +60,7 @@ def panel_text(app: Dashboard, panel_id: str) -> str:
 
 
 def tree_labels(app: Dashboard) -> dict[str, str]:
-    tree = app.query_one(PlanTree)
-    return {task_id: node.label.plain for task_id, node in tree._leaves.items()}
+    return app.query_one(PlanTree).labels()
 
 
 async def test_replaying_a_finished_build_shows_every_task_and_panel(tmp_path):
@@ -106,8 +105,7 @@ async def test_keys_switch_panels_and_enter_opens_a_task(tmp_path):
 
         tree = app.query_one(PlanTree)
         assert app.focused is tree
-        row = next(n.line for n in tree._leaves.values() if n.data == "train:listen")
-        tree.cursor_line = row
+        tree.cursor_line = tree.node_for("train:listen").line
         await pilot.press("enter")
         await pilot.pause(0.1)
         assert isinstance(app.screen, TaskDetail)
@@ -228,7 +226,7 @@ async def test_a_live_build_redraws_while_a_task_detail_is_open(tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(app, pilot, lambda: app.state.losses.get("train:listen"))
         tree = app.query_one(PlanTree)
-        tree.cursor_line = tree._leaves["train:listen"].line
+        tree.cursor_line = tree.node_for("train:listen").line
         await pilot.press("enter")
         await pilot.pause(0.1)
         assert isinstance(app.screen, TaskDetail)

@@ -73,6 +73,13 @@ class PlanTree(Tree[str]):
                 branches[name] = self.root.add(name, expand=True)
             self._leaves[task.id] = branches[name].add_leaf(task_label(task, now), data=task.id)
 
+    def node_for(self, task_id: str) -> Any:
+        return self._leaves[task_id]
+
+    def labels(self) -> dict[str, str]:
+        """Each task's label as shown, by task id."""
+        return {task_id: node.label.plain for task_id, node in self._leaves.items()}
+
     def refresh_labels(self, state: BuildState, now: float) -> None:
         if set(self._leaves) != set(state.tasks):
             self.show_plan(state, now)
