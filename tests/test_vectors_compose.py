@@ -143,15 +143,20 @@ def test_ties_from_folders_and_from_vectors_agree_with_the_in_memory_merge(works
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
 def test_merging_in_blocks_of_rows_changes_nothing(workspace, tiny_gdn, tmp_path, monkeypatch,
                                                    method):
-    import behaviorc.vectors.compose as composing
+    import behaviorc.vectors.safetensors_io as io
 
     composition = Composition(tiny_gdn, (Term("a", workspace / "a.safetensors", 0.7),
                                          Term("b", workspace / "tuned_b", -1.2)),
                               MergeOptions(method=method, density=0.25))
     compose(composition, tmp_path / "whole")
-    monkeypatch.setattr(composing, "BLOCK_ENTRIES", 3000)  # embeddings: dozens of blocks
+    extract_task_vector(tiny_gdn, workspace / "tuned_b", tmp_path / "b_whole.safetensors")
+    monkeypatch.setattr(io, "BLOCK_ENTRIES", 3000)  # embeddings: dozens of blocks
     compose(composition, tmp_path / "blocks")
+    extract_task_vector(tiny_gdn, workspace / "tuned_b", tmp_path / "b_blocks.safetensors")
     whole, blocks = weights_of(tmp_path / "whole"), weights_of(tmp_path / "blocks")
+    assert all(torch.equal(whole[name], blocks[name]) for name in whole)
+    whole, blocks = (load_file(tmp_path / f"b_{x}.safetensors") for x in ("whole", "blocks"))
+    assert whole.keys() == blocks.keys()
     assert all(torch.equal(whole[name], blocks[name]) for name in whole)
 
 

@@ -1,9 +1,10 @@
 """W_base + merge(w_i * tau_i) as a new Hugging Face model folder, streamed.
 
 One parameter name at a time: read it from the base and from every term, merge, write
-it to the output shard, forget it. Peak memory is a few copies of the largest tensor in
-float32 (the base, one delta per term that has it, the merged delta) plus a constant,
-whatever the model's size. The folder is built beside the target and renamed into place
+it to the output shard, forget it. A large parameter goes in blocks of rows (a TIES
+threshold, which depends on the whole parameter, is selected first in a pass over its
+blocks), so peak memory is a few blocks per term plus a constant, whatever the size of
+the model or of its largest parameter. The folder is built beside the target and renamed into place
 when complete, with the base's config, generation config and tokenizer files, the
 provenance (`behaviorc.json`) and the same composition as mergekit YAML.
 """
@@ -24,17 +25,14 @@ from behaviorc.vectors.atomic import atomic_folder
 from behaviorc.vectors.merge import MergeOptions, keep_count, kth_largest_of_parts, merged_delta
 from behaviorc.vectors.mergekit_yaml import mergekit_yaml
 from behaviorc.vectors.safetensors_io import (
-    DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, plan_shards, sha256_file,
-    sha256_files, write_index)
+    DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, WeightFolder, plan_shards, row_blocks,
+    sha256_file, sha256_files, write_index)
 from behaviorc.vectors.sources import DeltaSource, open_source
 
 PROVENANCE_FILE = "behaviorc.json"
-# Parameters larger than this are merged in blocks of rows, so that memory stays a few
-# blocks (16 MB each in float32) whatever the size of the largest parameter.
-BLOCK_ENTRIES = 1 << 22
+MERGEKIT_FILE = "mergekit.yaml"
 # Entries sampled to bracket a ties threshold over a parameter merged in blocks.
 _SAMPLE_ENTRIES = 1 << 15
-MERGEKIT_FILE = "mergekit.yaml"
 # Files of a model folder that are its weights or describe them; everything else
 # (config, generation config, tokenizer, chat template) is copied from the base.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -169,16 +167,6 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
         mixed = merged_delta(name, deltas, [composition.terms[i].weight for i in present],
                              present, options, thresholds, offset=rows[0] if rows else 0)
         yield base_values.add_(mixed).to(stored.dtype)
-
-
-def row_blocks(info: TensorInfo) -> list[tuple[int, int] | None]:
-    """Row ranges of at most BLOCK_ENTRIES entries each; [None] (the whole tensor) when
-    it is that small or has no rows to split."""
-    if info.numel <= BLOCK_ENTRIES or len(info.shape) < 2:
-        return [None]
-    rows = info.shape[0]
-    step = max(1, BLOCK_ENTRIES // (info.numel // rows))
-    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def _threshold(name: str, base: WeightFolder, source: DeltaSource,

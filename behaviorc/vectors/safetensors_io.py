@@ -34,6 +34,9 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # The dtypes a task vector can live in: arithmetic on them is meaningful.
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
+# Parameters larger than this are read, merged and written in blocks of rows (16 MB each
+# in float32), so memory does not grow with the largest parameter.
+BLOCK_ENTRIES = 1 << 22
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -58,6 +61,16 @@ class TensorInfo:
     @property
     def is_float(self) -> bool:
         return self.dtype in FLOAT_DTYPES
+
+
+def row_blocks(info: TensorInfo) -> list[tuple[int, int] | None]:
+    """Row ranges [start, stop) of at most BLOCK_ENTRIES entries each (at least one row);
+    [None], the whole tensor, when it is that small or has no rows to split."""
+    if info.numel <= BLOCK_ENTRIES or len(info.shape) < 2:
+        return [None]
+    rows = info.shape[0]
+    step = max(1, BLOCK_ENTRIES // (info.numel // rows))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 class SafetensorsFile:

@@ -10,7 +10,7 @@ from: the base and fine-tuned folders with a sha256 of each, the method and the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -18,7 +18,7 @@ from behaviorc import __version__
 from behaviorc.diagnostics import BehaviorError
 from behaviorc.vectors.atomic import atomic_file
 from behaviorc.vectors.safetensors_io import (
-    DTYPES, PlannedTensor, StreamWriter, TensorInfo, WeightFolder)
+    DTYPES, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, row_blocks)
 from behaviorc.vectors.sources import TaskVectorSource, check_finite, check_same_parameters
 
 FORMAT = "behaviorc.task_vector/1"
@@ -54,10 +54,7 @@ def extract_task_vector(base_dir: Path, finetuned_dir: Path, out_file: Path, *,
             writer = StreamWriter(staging.parent, [(staging.name, plan)], header)
             try:
                 for planned in plan:
-                    dtype = DTYPES[planned.dtype]
-                    tau = finetuned.read(planned.name).to(dtype)
-                    tau.sub_(base.read(planned.name).to(dtype))
-                    writer.write(planned.name, tau)
+                    writer.write(planned.name, _differences(planned, base, finetuned))
                 writer.finish()
             finally:
                 writer.close()
@@ -67,18 +64,29 @@ def extract_task_vector(base_dir: Path, finetuned_dir: Path, out_file: Path, *,
 
 def _differs(info: TensorInfo, base: WeightFolder, finetuned: WeightFolder) -> bool:
     """Whether a parameter changed; a changed integer parameter cannot be a vector."""
-    tuned = finetuned.read(info.name)
-    original = base.read(info.name)
-    if not info.is_float:
-        if tuned.dtype != original.dtype or not torch.equal(tuned, original):
-            raise BehaviorError(
-                f"{finetuned.path}: non-floating-point tensor `{info.name}` differs from the "
-                "base; it cannot be expressed as a task vector")
-        return False
     dtype = DTYPES[_vector_dtype(info, finetuned.tensors[info.name])]
-    tuned = tuned.to(dtype)
-    check_finite(tuned, info.name, finetuned.path)
-    return not torch.equal(tuned, original.to(dtype))
+    for rows in row_blocks(info):
+        tuned, original = finetuned.read(info.name, rows), base.read(info.name, rows)
+        if not info.is_float:
+            if tuned.dtype != original.dtype or not torch.equal(tuned, original):
+                raise BehaviorError(
+                    f"{finetuned.path}: non-floating-point tensor `{info.name}` differs from "
+                    "the base; it cannot be expressed as a task vector")
+            continue
+        tuned = tuned.to(dtype)
+        check_finite(tuned, info.name, finetuned.path)
+        if not torch.equal(tuned, original.to(dtype)):
+            return True
+    return False
+
+
+def _differences(planned: PlannedTensor, base: WeightFolder,
+                 finetuned: WeightFolder) -> Iterator[torch.Tensor]:
+    dtype = DTYPES[planned.dtype]
+    for rows in row_blocks(base.tensors[planned.name]):
+        tau = finetuned.read(planned.name, rows).to(dtype)
+        check_finite(tau, planned.name, finetuned.path)  # also the rows after a change
+        yield tau.sub_(base.read(planned.name, rows).to(dtype))
 
 
 def _vector_dtype(base_info: TensorInfo, tuned_info: TensorInfo) -> str:
