@@ -210,3 +210,16 @@ def test_paths_in_ir_are_absolute(tmp_path: Path) -> None:
     spec, _ = check_text('model m = "tiny-gdn"\nbehavior a { steer { pairs "d/p.jsonl" } }\n',
                          str(tmp_path / "s.behavior"))
     assert spec.behavior("a").steer.sources[0].path == str(tmp_path / "d" / "p.jsonl")
+
+
+def test_readme_tour_parses_and_is_formatted() -> None:
+    import re
+
+    from behaviorc.lang.fmt import format_text
+
+    readme = (SPECS.parent / "README.md").read_text()
+    tour = readme[readme.index("## A tour of the language"):]
+    example = re.findall(r"```\n(.*?)```", tour, re.S)[0]
+    result = parse_text(example, "tour.behavior")
+    assert result.diagnostics == [] and len(result.file.items) == 8
+    assert format_text(example, "tour.behavior")[1] == []

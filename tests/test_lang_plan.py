@@ -7,9 +7,8 @@ from pathlib import Path
 
 from behaviorc.lang import check_text, load_spec
 from behaviorc.plan.lower import lower
-from behaviorc.plan.tasks import (ComposeBehaviors, DeployModel, ExtractSteering, ExtractTaskVector,
-                                  ImportModel, ImportTaskVector, ResolveModel, TrainBehavior,
-                                  VerifySteering)
+from behaviorc.plan.tasks import (ComposeBehaviors, DeployModel, ExtractTaskVector, ImportModel,
+                                  ImportTaskVector, ResolveModel)
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 

@@ -1,0 +1,306 @@
+"""The sections of a behavior, checked: `steer`, `train` (with its mix, optimizer and
+distillation) and `eval`. Each returns its IR node, or None after reporting why."""
+
+from __future__ import annotations
+
+from behaviorc import ir
+from behaviorc.diagnostics import DiagnosticSink, did_you_mean
+from behaviorc.lang import ast
+from behaviorc.lang.data import DataFiles, read_example, read_pair, read_prompt, read_text
+from behaviorc.lang.values import Block, Values, values_of
+from behaviorc.plan.plan import REPORTED_METRICS
+
+STEER_METRICS = REPORTED_METRICS["steer.verify"]
+TRAIN_METRICS = REPORTED_METRICS["train"]
+KNOWN_METRICS = tuple(dict.fromkeys(STEER_METRICS + TRAIN_METRICS + REPORTED_METRICS["deploy"]))
+
+PAIR_LINE = '{"prompt", "positive", "negative"}'
+EXAMPLE_LINE = '{"context", "response"} or {"messages": [{"role", "content"}, ...]}'
+TEXT_LINE = '{"text"}'
+PROMPT_LINE = '{"prompt"}'
+
+
+class Sections:
+    def __init__(self, sink: DiagnosticSink, data: DataFiles, values: Values) -> None:
+        self.sink, self.data, self.values = sink, data, values
+
+    def steer(self, section: ast.Setting, base: str, model: ir.ModelDecl | None) -> ir.Steer | None:
+        block = Block(section.block, "steer", self.sink, repeatable=("pair", "pairs"))
+        errors = len(self.sink.errors)
+        layers = self._layers(block.one("layers"), model)
+        method = self.values.choice(block.one("method"), ("mean_diff", "pca"), "method") or "mean_diff"
+        read = self.values.choice(block.one("read"), ("last", "mean"), "read position") or "mean"
+        strength = self.values.number(block.one("strength"), low=0, low_open=True, default=4.0)
+        if strength is not None and strength > 20:
+            self.sink.warning(f"strength {strength:g} is very strong: steered text often stops "
+                              "making sense above 20", block.one("strength").values[0].loc,
+                              "check it with `sweep`, e.g. `sweep 2, 4, 8, 16`")
+        sweep = tuple(self.values.number_at(v, "sweep") for v in values_of(block.one("sweep")))
+        pairs, sources = self._pairs(block, base)
+        if not block.all("pair") and not block.all("pairs"):
+            self.sink.error("steer has no pairs", section.key_loc,
+                            'add `pair "prompt" { positive "..." negative "..." }` '
+                            'or `pairs "file.jsonl"`')
+        elif method == "pca" and 0 < len(pairs) < 2:
+            self.sink.error("`method pca` needs at least 2 pairs", block.one("method").values[0].loc)
+        if len(self.sink.errors) > errors:
+            return None
+        return ir.Steer(layers=layers, method=method, strength=strength, read=read,
+                        pairs=tuple(pairs), sources=tuple(sources),
+                        sweep=tuple(s for s in sweep if s is not None), loc=section.loc)
+
+    def _layers(self, setting: ast.Setting | None, model: ir.ModelDecl | None):
+        if setting is None:
+            return "auto"
+        first = setting.values[0]
+        if isinstance(first, ast.Word):
+            return self.values.choice(setting, ("auto",), "layer choice") or "auto"
+        layers: list[int] = []
+        count = model.num_layers if model else None
+        for span in setting.values:
+            ends = [self._layer_number(span.start)] + \
+                ([self._layer_number(span.end)] if span.end else [])
+            if None in ends:
+                continue
+            start, end = ends[0], ends[-1]
+            if end < start:
+                self.sink.error(f"empty layer range {start}..{end}", span.loc,
+                                f"write the lower layer first: {end}..{start}")
+                continue
+            if count is not None and end >= count:
+                self.sink.error(f"layer {end} does not exist: `{model.name}` has {count} layers "
+                                f"(0..{count - 1})", span.loc, "layers are numbered from 0")
+                continue
+            layers.extend(range(start, end + 1))
+        return tuple(sorted(set(layers)))
+
+    def _layer_number(self, num: ast.Num) -> int | None:
+        value = num.value
+        if num.negative or num.percent or not value.is_integer():
+            self.sink.error(f"a layer is a whole number from 0, not {num.source}", num.loc)
+            return None
+        return int(value)
+
+    def _pairs(self, block: Block, base: str) -> tuple[list[ir.Pair], list[ir.DataFile]]:
+        pairs: list[ir.Pair] = []
+        for setting in block.all("pair"):
+            pair = self._inline_pair(setting)
+            if pair:
+                pairs.append(pair)
+        sources = []
+        for setting in block.all("pairs"):
+            loaded = self.data.load(setting.values[0], base, read_pair, PAIR_LINE)
+            if loaded:
+                pairs.extend(loaded.records)
+                sources.append(loaded.source)
+        return pairs, sources
+
+    def _inline_pair(self, setting: ast.Setting) -> ir.Pair | None:
+        prompt = setting.values[0]
+        inner = Block(setting.block, "pair", self.sink)
+        texts: dict[str, ast.Str] = {"prompt": prompt}
+        for side in ("positive", "negative"):
+            found = inner.one(side)
+            if found is None:
+                self.sink.error(f"pair is missing `{side}`", setting.key_loc,
+                                f'add `{side} "..."` inside the braces')
+                return None
+            texts[side] = found.values[0]
+        for field, text in texts.items():
+            if not text.value.strip():
+                self.sink.error(f"the pair's {field} is empty", text.loc)
+                return None
+        if texts["positive"].value == texts["negative"].value:
+            self.sink.error("`positive` and `negative` are the same text: the pair contrasts nothing",
+                            texts["negative"].loc, "the negative is the completion to steer away from")
+            return None
+        return ir.Pair(prompt=prompt.value, positive=texts["positive"].value,
+                       negative=texts["negative"].value)
+
+    def train(self, section: ast.Setting, base: str, steers: bool) -> ir.Train | None:
+        block = Block(section.block, "train", self.sink, repeatable=("example", "examples"))
+        errors = len(self.sink.errors)
+        examples: list[ir.Example] = []
+        sources: list[ir.DataFile] = []
+        for setting in block.all("example"):
+            response = Block(setting.block, "example", self.sink).one("response")
+            if response is None:
+                self.sink.error("example is missing `response`", setting.key_loc,
+                                'add `response "..."` inside the braces')
+            elif not response.values[0].value.strip():
+                self.sink.error("the example's response is empty", response.values[0].loc)
+            else:
+                examples.append(ir.Example(context=setting.values[0].value,
+                                           response=response.values[0].value))
+        for setting in block.all("examples"):
+            loaded = self.data.load(setting.values[0], base, read_example, EXAMPLE_LINE)
+            if loaded:
+                examples.extend(loaded.records)
+                sources.append(loaded.source)
+        distill = self._distill(block.one("distill"), base, steers)
+        if not block.all("example") and not block.all("examples") and not block.one("distill"):
+            self.sink.error("train has no examples", section.key_loc,
+                            'add `examples "file.jsonl"`, `example "context" { response "..." }` '
+                            "or `distill steering { ... }`")
+        defaults = ir.Train()
+        lr = self.values.number(block.one("lr"), low=0, high=1, low_open=True, default=defaults.lr)
+        if lr is not None and lr > 1e-3:
+            self.sink.warning(f"lr {block.one('lr').values[0].source} is high for fine-tuning",
+                              block.one("lr").values[0].loc, "fine-tuning usually uses 1e-5 .. 1e-4")
+        train = dict(
+            examples=tuple(examples), sources=tuple(sources), distill=distill,
+            mix=self._mix(block.one("mix"), base),
+            lr=lr,
+            steps=self.values.number(block.one("steps"), low=1, whole=True, default=defaults.steps),
+            batch=self.values.number(block.one("batch"), low=1, whole=True, default=defaults.batch),
+            warmup=self.values.number(block.one("warmup"), low=0, whole=True, default=defaults.warmup),
+            schedule=self.values.choice(block.one("schedule"), ("cosine", "constant"), "schedule"),
+            clip=self.values.number(block.one("clip"), low=0, default=defaults.clip),
+            seed=self.values.number(block.one("seed"), low=0, whole=True, default=defaults.seed),
+            context=self.values.choice(block.one("context"), ("frozen", "full"), "context mode"),
+            targets=self.values.groups(block.one("targets")),
+            optimizer=self._optimizer(block.one("optimizer")),
+        )
+        warmup, steps = block.one("warmup"), train["steps"]
+        if warmup and train["warmup"] is not None and steps is not None and train["warmup"] > steps:
+            self.sink.error(f"warmup ({train['warmup']}) is longer than training ({steps} steps)",
+                            warmup.values[0].loc)
+        if len(self.sink.errors) > errors:
+            return None
+        return ir.Train(**{k: v for k, v in train.items() if v is not None}, loc=section.loc)
+
+    def _mix(self, setting: ast.Setting | None, base: str) -> ir.Mix | None:
+        if setting is None:
+            return None
+        kind, ratio, file = (setting.values if len(setting.values) == 3 else (None, *setting.values))
+        if kind is not None and kind.name != "general":
+            self.sink.error(f"unknown mix `{kind.name}`", kind.loc,
+                            did_you_mean(kind.name, ["general"]) or "the mix is `general` data")
+        value = self.values.number_at(ratio, "mix", low=0, high=1, low_open=True, high_open=True,
+                                percent=True)
+        if value is not None and not ratio.percent:
+            self.sink.error("write the mix as a percentage", ratio.loc,
+                            f"e.g. `mix general {value * 100:g}%`")
+            return None
+        if value is not None and value > 0.5:
+            self.sink.warning(f"a {ratio.source} general mix leaves less than half of training "
+                              "for the behavior", ratio.loc, "25% is the usual share")
+        loaded = self.data.load(file, base, read_text, TEXT_LINE)
+        if value is None or loaded is None:
+            return None
+        return ir.Mix(ratio=value, texts=loaded.records, source=loaded.source, loc=setting.loc)
+
+    def _optimizer(self, setting: ast.Setting | None) -> ir.Optimizer | None:
+        if setting is None:
+            return None
+        name = self.values.choice(setting, ("apollo", "apollo_mini", "adamw"), "optimizer")
+        block = Block(setting.block, "optimizer", self.sink)
+        defaults = ir.Optimizer()
+        scale_setting = block.one("scale")
+        scale = None
+        if scale_setting and isinstance(scale_setting.values[0], ast.Word):
+            self.values.choice(scale_setting, ("auto",), "scale")
+        elif scale_setting:
+            scale = self.values.number(scale_setting, low=0, low_open=True)
+        betas = defaults.betas
+        if block.one("betas"):
+            found = [self.values.number_at(v, "betas", low=0, high=1, high_open=True)
+                     for v in block.one("betas").values]
+            betas = tuple(found) if None not in found else None
+        options = dict(
+            name=name,
+            rank=self.values.number(block.one("rank"), low=1, whole=True, default=defaults.rank),
+            refresh=self.values.number(block.one("refresh"), low=1, whole=True, default=defaults.refresh),
+            limiter=self.values.number(block.one("limiter"), low=1, default=defaults.limiter),
+            weight_decay=self.values.number(block.one("weight_decay"), low=0,
+                                      default=defaults.weight_decay),
+            betas=betas,
+        )
+        if None in options.values():
+            return None
+        return ir.Optimizer(**options, scale=scale)
+
+    def _distill(self, setting: ast.Setting | None, base: str, steers: bool) -> ir.Distill | None:
+        if setting is None:
+            return None
+        source = setting.values[0]
+        if source.name != "steering":
+            self.sink.error(f"cannot distill from `{source.name}`", source.loc,
+                            did_you_mean(source.name, ["steering"]) or
+                            "distill makes the behavior's steering permanent: `distill steering`")
+        elif not steers:
+            self.sink.error("`distill steering` needs a steer section in the same behavior",
+                            setting.key_loc, "add `steer { ... }` with the pairs to steer by")
+        block = Block(setting.block, "distill", self.sink, repeatable=("prompt",))
+        prompts: list[str] = []
+        for inline in block.all("prompt"):
+            if inline.values[0].value.strip():
+                prompts.append(inline.values[0].value)
+            else:
+                self.sink.error("the prompt is empty", inline.values[0].loc)
+        data_file = None
+        if block.one("prompts"):
+            loaded = self.data.load(block.one("prompts").values[0], base, read_prompt, PROMPT_LINE)
+            if loaded:
+                prompts.extend(loaded.records)
+                data_file = loaded.source
+        elif not block.all("prompt"):
+            self.sink.error("distill has no prompts", setting.key_loc,
+                            'add `prompts "file.jsonl"` or `prompt "..."` inside its braces')
+        defaults = ir.Distill(prompts=())
+        samples = self.values.number(block.one("samples"), low=1, whole=True, default=defaults.samples)
+        keep = self.values.number(block.one("keep"), low=1, whole=True, default=defaults.keep)
+        if samples is not None and keep is not None and keep > samples:
+            self.sink.error(f"cannot keep {keep} of {samples} samples",
+                            (block.one("keep") or setting).loc, "keep at most `samples`")
+        options = dict(
+            samples=samples, keep=keep,
+            temperature=self.values.number(block.one("temperature"), low=0,
+                                     default=defaults.temperature),
+            max_tokens=self.values.number(block.one("max_tokens"), low=1, whole=True,
+                                    default=defaults.max_tokens),
+            match_activations=self.values.number(block.one("match_activations"), low=0,
+                                           default=defaults.match_activations),
+        )
+        if None in options.values() or not prompts:
+            return None
+        return ir.Distill(prompts=tuple(prompts), source=data_file, loc=setting.loc, **options)
+
+    def eval(self, section: ast.Setting, base: str, behavior: str,
+             steers: bool, trains: bool) -> ir.Eval | None:
+        block = Block(section.block, "eval", self.sink,
+                       repeatable=("pair", "pairs", "general", "expect"))
+        errors = len(self.sink.errors)
+        pairs, sources = self._pairs(block, base)
+        general: list[str] = []
+        for setting in block.all("general"):
+            loaded = self.data.load(setting.values[0], base, read_text, TEXT_LINE)
+            if loaded:
+                general.extend(loaded.records)
+                sources.append(loaded.source)
+        reported = set(STEER_METRICS if steers else ()) | set(TRAIN_METRICS if trains else ())
+        if not reported:
+            self.sink.warning("nothing measures this eval: the behavior has no steer or train "
+                              "section", section.key_loc)
+        expects = []
+        for setting in block.all("expect"):
+            metric, op, value = setting.values
+            if metric.name not in KNOWN_METRICS:
+                self.sink.error(f"unknown metric `{metric.name}`", metric.loc,
+                                did_you_mean(metric.name, KNOWN_METRICS) or
+                                f"metrics: {', '.join(KNOWN_METRICS)}")
+                continue
+            if reported and metric.name not in reported:
+                self.sink.error(f"`{behavior}` does not report `{metric.name}`", metric.loc,
+                                f"it reports {', '.join(sorted(reported))}")
+                continue
+            number = self.values.number_at(value, "expect")
+            if number is not None:
+                expects.append(ir.Expectation(metric=metric.name, op=op.text, value=number,
+                                              loc=setting.loc))
+        if len(self.sink.errors) > errors:
+            return None
+        return ir.Eval(pairs=tuple(pairs), sources=tuple(sources), general=tuple(general),
+                       expect=tuple(expects), loc=section.loc)
+
+    # ---- compositions
