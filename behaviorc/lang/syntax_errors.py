@@ -1,7 +1,7 @@
 """Syntax errors in words a person reads: human token names and a short expected list.
 
 The sections of the language and their settings are read from the grammar's rules
-(`_steer_setting: s_layers | s_method ...`), so a new setting needs no change here.
+(`?steer_setting: s_layers | s_method ...`), so a new setting needs no change here.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ _VALUE_NAMES = {
     "$END": "the end of the file",
 }
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
-_SECTION_RULE = re.compile(r"_(\w+)_setting\Z")
+_SECTION_RULE = re.compile(r"(\w+)_setting\Z")
 MAX_EXPECTED = 5
 
 
@@ -43,7 +43,7 @@ class SyntaxMessages:
             if origin == "_item":
                 top_level.append(target.removesuffix("_decl"))
                 continue
-            section = "behavior" if origin == "_section" else _section_of(origin)
+            section = "behavior" if origin == "section" else _section_of(origin)
             if section and target.startswith("s_"):
                 self.sections[section] = self.sections.get(section, ()) + (target[2:],)
         self.top_level = tuple(top_level)
