@@ -223,3 +223,22 @@ def test_readme_tour_parses_and_is_formatted() -> None:
     result = parse_text(example, "tour.behavior")
     assert result.diagnostics == [] and len(result.file.items) == 8
     assert format_text(example, "tour.behavior")[1] == []
+
+
+@pytest.mark.parametrize("expr", ["- " * 3000 + "a", " + ".join(["a"] * 3000)])
+def test_absurdly_deep_expressions_are_errors_not_crashes(expr: str, tmp_path: Path) -> None:
+    from behaviorc.lang.fmt import format_text
+
+    text = (f'model m = "tiny-gdn"\nbehavior a {{ train {{ example "x" {{ response "y" }} }} }}\n'
+            f"compose c = {expr}\ndeploy c to vllm auto\n")
+    spec, diagnostics = check_text(text, str(tmp_path / "s.behavior"))
+    assert spec is None and [d.message for d in diagnostics] == \
+        ["expression nested more than 500 levels deep"]
+    assert diagnostics[0].loc.line == 3
+    assert format_text(text, "s.behavior")[0] is None
+
+
+def test_deeply_nested_json_is_a_data_error(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    messages = errors_of('model m = "tiny-gdn"\nbehavior a { steer { pairs "p.jsonl" } }\n', tmp_path)
+    assert messages == ["p.jsonl:1: JSON nested too deeply"]

@@ -19,7 +19,7 @@ from behaviorc.diagnostics import (BehaviorError, Diagnostic, DiagnosticSink, Lo
                                    did_you_mean)
 from behaviorc.lang import ast
 from behaviorc.lang.data import DataFiles, resolve_path
-from behaviorc.lang.linear import canonical_text, linearize
+from behaviorc.lang.linear import canonical_text, linearize, references
 from behaviorc.lang.models import file_sha256, read_model_folder, resolve_model_source
 from behaviorc.lang.parse import parse_text
 from behaviorc.lang.sections import Sections
@@ -418,7 +418,7 @@ class _Checker:
                          push_every=push_every, loc=decl.loc)
 
     def _compose_steers(self, decl: ast.ComposeDecl) -> bool:
-        names = _refs(decl.expr)
+        names = [ref.name for ref in references(decl.expr)]
         return any(self.facts[n].steers for n in names if n in self.facts)
 
     def _url(self, url: ast.Str) -> str:
@@ -427,16 +427,6 @@ class _Checker:
             self.sink.error(f"`{url.value}` is not an http(s) URL", url.loc,
                             'write the server\'s address, e.g. "http://127.0.0.1:8000"')
         return url.value
-
-
-def _refs(expr: ast.Expr) -> list[str]:
-    if isinstance(expr, ast.Ref):
-        return [expr.name]
-    if isinstance(expr, ast.Const):
-        return []
-    if isinstance(expr, ast.Neg):
-        return _refs(expr.operand)
-    return _refs(expr.left) + _refs(expr.right)
 
 
 def _declare_hint() -> str:

@@ -160,6 +160,8 @@ class DataFiles:
                     records.append(read(record))
             except json.JSONDecodeError as err:
                 problem = f"not valid JSON: {err.msg} (column {err.colno})"
+            except RecursionError:
+                problem = "JSON nested too deeply"
             except RecordError as err:
                 problem = str(err)
             if problem:

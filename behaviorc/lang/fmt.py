@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from behaviorc.diagnostics import Diagnostic
 from behaviorc.lang import ast
+from behaviorc.lang.linear import MAX_DEPTH, depth
 from behaviorc.lang.parse import parse_text
 
 INDENT = "  "
@@ -28,6 +29,10 @@ def format_text(text: str, path: str) -> tuple[str | None, list[Diagnostic]]:
     errors = [d for d in result.diagnostics if d.severity == "error"]
     if result.file is None or errors:
         return None, result.diagnostics
+    for item in result.file.items:
+        if isinstance(item, ast.ComposeDecl) and depth(item.expr) > MAX_DEPTH:
+            return None, [Diagnostic("error", f"expression nested more than {MAX_DEPTH} levels "
+                                              "deep", item.expr.loc)]
     return format_file(result.file), []
 
 

@@ -35,8 +35,47 @@ class Linear:
         return Linear(weights, self.constant + sign * other.constant, {**other.refs, **self.refs})
 
 
+MAX_DEPTH = 500  # recursion below stays well inside Python's 1,000 frames
+
+
+def depth(expr: ast.Expr) -> int:
+    """How deeply the expression nests, counted without recursion (a generated spec may
+    nest deeper than Python's stack)."""
+    deepest, stack = 0, [(expr, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(node, ast.Neg):
+            stack.append((node.operand, level + 1))
+        elif isinstance(node, ast.Binary):
+            stack += [(node.left, level + 1), (node.right, level + 1)]
+    return deepest
+
+
+def references(expr: ast.Expr) -> list[ast.Ref]:
+    """Every behavior reference in the expression, left to right."""
+    found, stack = [], [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Ref):
+            found.append(node)
+        elif isinstance(node, ast.Neg):
+            stack.append(node.operand)
+        elif isinstance(node, ast.Binary):
+            stack += [node.right, node.left]
+    return found
+
+
 def linearize(expr: ast.Expr, sink: DiagnosticSink) -> Linear | None:
     """The expression's linear form, or None after reporting why it is not linear."""
+    if depth(expr) > MAX_DEPTH:
+        sink.error(f"expression nested more than {MAX_DEPTH} levels deep", expr.loc,
+                   "write the terms out: `a * 0.5 + b * 0.25`")
+        return None
+    return _linearize(expr, sink)
+
+
+def _linearize(expr: ast.Expr, sink: DiagnosticSink) -> Linear | None:
     if isinstance(expr, ast.Ref):
         return Linear({expr.name: 1.0}, 0.0, {expr.name: expr})
     if isinstance(expr, ast.Const):
@@ -46,9 +85,9 @@ def linearize(expr: ast.Expr, sink: DiagnosticSink) -> Linear | None:
             return None
         return Linear({}, value)
     if isinstance(expr, ast.Neg):
-        operand = linearize(expr.operand, sink)
+        operand = _linearize(expr.operand, sink)
         return operand.scaled(-1.0) if operand else None
-    left, right = linearize(expr.left, sink), linearize(expr.right, sink)
+    left, right = _linearize(expr.left, sink), _linearize(expr.right, sink)
     if left is None or right is None:
         return None
     if expr.op in "+-":
