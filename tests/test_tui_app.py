@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from rich.console import Console
 from textual.widgets import TabbedContent
 
+from behaviorc.plan.task import Task, TaskContext, TaskResult
+from behaviorc.run.commands import BuildThread
+from behaviorc.run.context import CancelSignal
+from behaviorc.run.executor import Executor
 from behaviorc.run.state import BuildState
 from behaviorc.tui.app import Dashboard
 from behaviorc.tui.tail import EventTail
@@ -264,3 +270,45 @@ def test_the_event_names_the_task_implementations_use_are_drawn():
     assert state.sweeps["steer.verify:b"] == [{"strength": 4.0, "margin": 0.3, "general_nll": 3.0}]
     assert state.weights["compose:p"]["terms"] == [{"behavior": "b", "weight": -0.8}]
     assert [(p["url"], p["ms"]) for p in state.pushes] == [("http://a:1", 33.0), ("http://b:2", 33.0)]
+
+
+class Quick(Task):
+    kind: ClassVar[str] = "test.quick"
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return TaskResult(metrics={"answer": 42.0})
+
+
+class Slow(Task):
+    """Long work that reports progress, as training does."""
+
+    kind: ClassVar[str] = "test.slow"
+    before: Quick
+    steps: int = 400
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        for step in range(self.steps):
+            ctx.emit("train_step", step=step + 1, steps=self.steps, loss=1.0 / (step + 1))
+            ctx.progress(step + 1, self.steps, "steps")
+            time.sleep(0.02)
+        return TaskResult()
+
+
+async def test_build_tui_runs_the_build_beside_the_app_and_c_cancels_it(tmp_path):
+    """What `behaviorc build --tui` does: a real build in a thread, the app following it."""
+    out = tmp_path / "out"
+    signal = CancelSignal(out / "cancel")
+    thread = BuildThread(Executor(out, cancel=signal), [Slow(name="s", before=Quick(name="q"))])
+    app = Dashboard(out, cancel=signal.cancel, build_thread=thread)
+    async with app.run_test(size=(80, 24)) as pilot:
+        thread.start()
+        await settle(app, pilot, lambda: len(app.state.losses.get("test.slow:s", [])) >= 3)
+        assert "running" in app.status_line()
+        assert app.query_one(PlanTree).labels()["test.quick:q"].startswith("✓")
+        await pilot.press("c")
+        await settle(app, pilot, lambda: app.state.finished)
+        assert app.state.cancelled and "stopped" in app.status_line()
+        assert app.state.tasks["test.slow:s"].status == "cancelled"
+    outcome = thread.result()
+    assert outcome.exit_code == 130
+    assert outcome.record("test.quick:q").status == "done"

@@ -131,6 +131,8 @@ class Dashboard(App[None]):
     def status_line(self) -> str:
         state = self.state
         if state.started is None:
+            if self.build_thread is not None and not self.build_thread.is_alive():
+                return "the build stopped before it began: press q to see why"
             return f"waiting for a build in {self.build_dir}"
         counts = state.counts()
         finished = counts.get("done", 0) + counts.get("cached", 0)

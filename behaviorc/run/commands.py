@@ -123,30 +123,42 @@ def run_build(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+class BuildThread(threading.Thread):
+    """A build running beside the dashboard (Textual needs the main thread). Its outcome,
+    or the error that stopped it, is handed to the main thread by `result`."""
+
+    def __init__(self, executor: Executor, targets: Sequence[Task]):
+        super().__init__(name="behaviorc-build", daemon=True)
+        self.executor = executor
+        self.targets = targets
+        self.outcome: BuildOutcome | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.outcome = self.executor.run(self.targets)
+        except BaseException as err:  # raised again on the main thread, reported there
+            self.error = err
+
+    def result(self) -> BuildOutcome:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.outcome is not None
+        return self.outcome
+
+
 def _build_with_dashboard(out: Path, targets: list[Task], cancel: CancelSignal, settings: dict) -> int:
-    """The executor in a thread, the app on the main thread (Textual needs it)."""
     from behaviorc.tui.app import Dashboard
 
-    finished: dict[str, BuildOutcome | BaseException] = {}
-
-    def build() -> None:
-        try:
-            finished["outcome"] = Executor(out, **settings).run(targets)
-        except BaseException as err:  # handed to the main thread, reported there
-            finished["error"] = err
-            cancel.cancel("the build stopped")
-
-    thread = threading.Thread(target=build, name="behaviorc-build", daemon=True)
+    thread = BuildThread(Executor(out, **settings), targets)
     thread.start()
     Dashboard(out, cancel=cancel.cancel, build_thread=thread).run()
     if thread.is_alive():  # quitting mid-build stops it
         cancel.cancel("the dashboard was closed")
         print("behaviorc: stopping the build at the running task's next checkpoint "
               "(Ctrl-C to stop at once)", file=sys.stderr)
-    thread.join()
-    if "error" in finished:
-        raise finished["error"]
-    outcome = finished["outcome"]
+    outcome = thread.result()
     _print_outcome(outcome, out)
     return outcome.exit_code
 
