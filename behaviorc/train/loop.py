@@ -159,7 +159,7 @@ def train(
             params, spec.clip if spec.clip > 0 else float("inf")))
         lr = learning_rate(step, spec)
         limited_before = _limiter_count(optimizer)
-        skipped = not (math.isfinite(float(loss)) and math.isfinite(grad_norm))
+        skipped = not (math.isfinite(float(loss.detach())) and math.isfinite(grad_norm))
         if skipped:
             summary.steps_skipped += 1
         else:
