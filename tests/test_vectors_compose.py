@@ -239,7 +239,7 @@ def test_show_and_the_mergekit_export(workspace, tiny_gdn, tmp_path, capsys):
     capsys.readouterr()
     assert main(["show", str(out)]) == 0
     shown = capsys.readouterr().out
-    assert "a * 1 + tuned_b * -0.8" in shown and "density 0.2" in shown
+    assert "a * 1 - tuned_b * 0.8" in shown and "density 0.2" in shown
     assert "task_vector" in shown and "model" in shown
     assert main(["show", "--mergekit", str(out)]) == 0
     exported = capsys.readouterr().out

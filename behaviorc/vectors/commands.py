@@ -132,10 +132,11 @@ def _folder_text(path: Path, record: dict[str, Any]) -> str:
         base = record.get("base", {})
         lines.append(f"  base:     {base.get('path')} (sha256 {base.get('fingerprint', '')[:16]})")
         merge = record.get("merge", {})
-        lines.append("  merge:    " + ", ".join(f"{k} {v}" for k, v in merge.items()))
+        lines.append("  merge:    " + ", ".join(
+            f"{k} {', '.join(v) if isinstance(v, list) else v}" for k, v in merge.items()))
         lines.append("  terms:")
         for term in record.get("terms", []):
-            lines.append(f"    {term['weight']:+g} x {term['behavior']:<16} {term['kind']:<11} "
+            lines.append(f"    {term['weight']:>+6g} x {term['behavior']:<16} {term['kind']:<11} "
                          f"sha256 {term['sha256'][:16]}  {term['path']}")
         lines.append(f"  parameters merged: {record.get('parameters_merged')}, "
                      f"shards: {record.get('shards')}, dtype: {record.get('dtype')}")
@@ -166,7 +167,8 @@ def run_merge(args: argparse.Namespace) -> int:
     options = MergeOptions(method=args.method, density=args.density, lambda_=args.lambda_,
                            normalize=not args.no_normalize, seed=args.seed,
                            groups=tuple(g for g in args.groups.split(",") if g))
-    expression = " + ".join(f"{t.label} * {t.weight:g}" for t in terms)
+    expression = " ".join(f"{'-' if t.weight < 0 else '+'} {t.label} * {abs(t.weight):g}"
+                          for t in terms).removeprefix("+ ")
     record = compose(Composition(args.base, terms, options, expression=expression), args.out,
                      max_shard_bytes=_parse_size(args.max_shard_size),
                      overwrite=args.overwrite)
