@@ -1,23 +1,28 @@
-"""Merging task vectors, one tensor at a time.
+"""Merging task vectors, one tensor (or block of rows) at a time.
 
 Each method turns the deltas of one parameter (one per term, float32, already read) and
 the terms' weights into the single delta added to the base. The semantics follow
-mergekit's `task_arithmetic` and `ties` so that a composition exported as mergekit YAML
-reproduces there:
+mergekit's `task_arithmetic` and `ties` (with the same float32 roundings), so that a
+composition exported as mergekit YAML reproduces there:
 
-- task_arithmetic: sum_i w_i * tau_i, times lambda.
-- ties: trim each tau_i to its top `density` entries by magnitude (the
-  max(1, int(density * n)) largest, and any tied with the smallest of those), weight them, elect a sign per entry by the sign of
-  the weighted sum, keep the weighted entries that agree with it, and (normalize)
-  divide by the sum of the weights of the agreeing terms, a disjoint weighted mean;
-  times lambda. As in mergekit the divisor sums signed weights, so a negative term
-  that agrees with the elected sign lowers the divisor.
-- dare: drop each entry of tau_i with probability 1 - density (seeded per parameter and
-  term, so results do not depend on processing order), rescale the survivors by
-  1/density, then task arithmetic. At density 1 it is task arithmetic exactly.
+- task_arithmetic: sum_i w_i * tau_i, times lambda. (`normalize` is a ties option
+  here: dividing a task-arithmetic sum by its weights would turn `base - b` into
+  `base + b`.)
+- ties: trim each tau_i to its top `density` entries by magnitude, the
+  max(1, int(density * n)) largest and any tied with the smallest of those; weight
+  them; elect a sign per entry by the sign of the weighted sum (+ on a tie); keep the
+  weighted entries that agree with it and (normalize) divide by the sum of the agreeing
+  terms' weights, a disjoint weighted mean; times lambda. As in mergekit the divisor
+  sums signed weights, so an agreeing negative term lowers it, and a divisor of 0 is 1.
+  mergekit keeps exactly k entries, choosing arbitrarily among magnitudes tied at the
+  threshold (an unstable sort); keeping all of them makes the result independent of
+  the order of entries. Everywhere else the two agree exactly.
+- dare: drop each entry of tau_i with probability 1 - density (seeded per parameter,
+  term and block, so results do not depend on processing order), rescale the
+  survivors by 1/density, then task arithmetic. At density 1 it is task arithmetic.
 
-Functions here consume the deltas they are given (they work in place to keep peak
-memory at a few tensors, whatever the model size).
+Functions here consume the deltas they are given: they work in place, so that peak
+memory stays a few blocks per term.
 """
 
 from __future__ import annotations
