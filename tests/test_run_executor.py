@@ -131,6 +131,9 @@ def test_unchanged_rebuild_is_all_cached_and_a_change_reruns_only_downstream(tmp
     Executor(out).run([chain()[3]])
     again = Executor(out).run([chain()[3]])
     assert set(statuses(again).values()) == {"cached"}
+    replayed = [e for e in read_events(out / "events.jsonl") if e.get("replayed")]
+    assert [(e["type"], e["task"], e["chars"]) for e in replayed] == [
+        ("shouted", "test.shout:a", 6), ("shouted", "test.shout:b", 3)]
     assert Path(again.record("test.join:j").result.artifacts["joined"]).read_text() == "ABCABC+ABC"
 
     changed = Executor(out).run([chain(times=3)[3]])
@@ -256,6 +259,13 @@ def test_a_corrupted_artifact_is_detected_and_rebuilt(tmp_path):
     (out / ".store" / source.key / "result.json").write_text("{not json")
     third = Executor(out).run([join])
     assert statuses(third)["test.source:s"] == "done"
+
+    result_file = out / ".store" / source.key / "result.json"
+    result_file.write_text(result_file.read_text().replace('"length": 3', '"length": 4'))  # still JSON
+    fourth = Executor(out).run([join])
+    assert statuses(fourth)["test.source:s"] == "done"
+    assert "result.json changed on disk" in fourth.record("test.source:s").cache_note
+    assert fourth.record("test.source:s").result.metrics == {"length": 3}
 
 
 def test_a_staging_folder_left_by_a_killed_build_is_removed(tmp_path):

@@ -129,6 +129,7 @@ class RunContext:
         self._events = events
         self._cancel = cancel
         self._last_progress = 0.0
+        self.emitted: list[dict[str, Any]] = []  # stored with the result, replayed when reused
 
     @property
     def scratch(self) -> Path:
@@ -144,7 +145,8 @@ class RunContext:
         return self._engines.get(str(model_path), dtype, device, self.task.id)
 
     def emit(self, type: str, **fields: Any) -> None:
-        self._events.emit(type, self.task.id, **fields)
+        event = self._events.emit(type, self.task.id, **fields)
+        self.emitted.append({k: v for k, v in event.items() if k not in ("t", "task")})
 
     def progress(self, done: int, total: int, what: str = "") -> None:
         self.check_cancelled()

@@ -18,6 +18,9 @@ Emitted by the executor:
     store_sync_failed  error                 (an fsync failed; the entry is verified when read)
     build_end     ok, cancelled, seconds, counts {status: n}
 
+A cached task's own events (those below) are emitted again, with `replayed: true`,
+just before its task_end, so a rebuild's log shows what the stored result came from.
+
 Emitted by tasks through `ctx.emit` (the dashboard draws these; other types are listed
 in its log panel as they come):
 

@@ -167,7 +167,7 @@ class Executor:
             if not isinstance(result, TaskResult):
                 raise TypeError(f"{type(task).__name__}.execute returned "
                                 f"{type(result).__name__}, not a TaskResult")
-            stored = self.store.commit(task, staging, result, time.perf_counter() - started)
+            stored = self.store.commit(task, staging, result, time.perf_counter() - started, ctx.emitted)
             record.result = self._results[task.key] = stored.result
             record.status = "done"
         except (Cancelled, KeyboardInterrupt) as err:
@@ -202,6 +202,9 @@ class Executor:
             return False
         if stored is None:
             return False
+        for event in stored.events:  # what the task showed when it ran (curves, sweeps)
+            fields = {k: v for k, v in event.items() if k != "type"}
+            self.events.emit(event["type"], task.id, replayed=True, **fields)
         record.result = self._results[task.key] = stored.result
         record.status = "cached"
         return True

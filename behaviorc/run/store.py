@@ -4,8 +4,11 @@ Layout, all under `<out>/.store/` (inside the build's `--out` folder, so `behavi
 DIR` removes everything a build made and two specs never share half of a cache):
 
     <key>/                 a finished task: its artifacts, and `result.json` holding the
-                           TaskResult (artifact names relative to this folder) and a
-                           manifest with the sha256 of every artifact file
+                           TaskResult (artifact names relative to this folder), the
+                           events the task emitted (replayed when it is reused, so the
+                           dashboard of a cached build still shows its curves), a
+                           manifest with the sha256 of every artifact file, and the
+                           sha256 of the record itself
     <key>.tmp-<pid>/       the staging folder a running task writes into (`ctx.out`);
                            renamed to `<key>/` only once everything in it is on disk
     <key>.scratch/         a task's stable scratch folder (`ctx.scratch`): it survives a
@@ -47,7 +50,7 @@ from behaviorc.diagnostics import BehaviorError
 from behaviorc.plan.task import Task, TaskResult
 
 RESULT_FILE = "result.json"
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 _HASH_CHUNK = 1 << 20
 _SYNC_THREADS = 8
 
@@ -60,6 +63,7 @@ class StoredResult:
     path: Path
     result: TaskResult
     seconds: float
+    events: list[dict[str, Any]]  # what the task emitted while it ran: {"type", ...fields}
 
 
 class InvalidEntry(Exception):
@@ -168,6 +172,8 @@ class Store:
             record = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
             if record.get("format") != STORE_FORMAT or record.get("key") != key:
                 raise InvalidEntry(f"{RESULT_FILE} is not an entry for {key}")
+            if record.pop("sha256", None) != _record_hash(record):
+                raise InvalidEntry(f"{RESULT_FILE} changed on disk")
             manifest: dict[str, str] = record["manifest"]
             for name, digest in manifest.items():
                 actual = _sha256(folder / name)
@@ -179,7 +185,8 @@ class Store:
             raise InvalidEntry(f"missing file {Path(err.filename).name}") from err
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise InvalidEntry(f"unreadable entry: {err}") from err
-        return StoredResult(key, folder, _absolute(result, folder), float(record.get("seconds", 0.0)))
+        return StoredResult(key, folder, _absolute(result, folder), float(record["seconds"]),
+                            list(record["events"]))
 
     def discard(self, key: str) -> None:
         """Remove an entry (corrupt, or forced to rebuild)."""
@@ -191,7 +198,8 @@ class Store:
 
     # --- writing ----------------------------------------------------------------------
 
-    def commit(self, task: Task, staging: Path, result: TaskResult, seconds: float) -> StoredResult:
+    def commit(self, task: Task, staging: Path, result: TaskResult, seconds: float,
+               events: list[dict[str, Any]]) -> StoredResult:
         """Seal a staging folder as the entry for `task.key`: hash every file, write
         result.json last, rename the folder into place, and have it synced."""
         _check_artifacts(task, staging, result)
@@ -206,8 +214,10 @@ class Store:
             "version": task.version,
             "seconds": seconds,
             "result": result.model_dump(mode="json"),
+            "events": events,
             "manifest": manifest,
         }
+        record["sha256"] = _record_hash(record)
         (staging / RESULT_FILE).write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
         self.discard(task.key)
         entry = self.entry(task.key)
@@ -216,7 +226,7 @@ class Store:
         if self._sync_pool is None:
             self._sync_pool = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="store-sync")
         self._syncing.append(self._sync_pool.submit(_sync_entry, entry, self.root))
-        return StoredResult(task.key, entry, _absolute(result, entry), seconds)
+        return StoredResult(task.key, entry, _absolute(result, entry), seconds, events)
 
 
 def _check_artifacts(task: Task, staging: Path, result: TaskResult) -> None:
@@ -241,6 +251,10 @@ def _absolute(result: TaskResult, folder: Path) -> TaskResult:
     artifacts = {name: str(folder / value) if not Path(value).is_absolute() else value
                  for name, value in result.artifacts.items()}
     return result.model_copy(update={"artifacts": artifacts})
+
+
+def _record_hash(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
