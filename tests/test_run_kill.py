@@ -131,6 +131,7 @@ def test_a_build_killed_at_random_points_resumes_and_reuses_finished_work(tmp_pa
         reused_any |= bool(finished)
         store = out / ".store"
         assert not [p.name for p in store.iterdir() if ".tmp-" in p.name or ".scratch" in p.name]
+        assert not list(out.glob(".report.json.tmp-*"))
     # the kill points spread over the build: some kills came after finished tasks
     assert reused_any
 

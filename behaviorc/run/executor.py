@@ -103,6 +103,8 @@ class Executor:
         self.out.mkdir(parents=True, exist_ok=True)
         self.store.acquire()
         (self.out / CANCEL_FILE).unlink(missing_ok=True)  # a request meant for an earlier build
+        for leftover in self.out.glob(f".{REPORT_FILE}.tmp-*"):  # a report write a kill cut short
+            leftover.unlink(missing_ok=True)
         report = Report(self.out / REPORT_FILE, self.spec_path, self.spec_sha256, str(self.out), records)
         started = time.perf_counter()
         self.events.open()
