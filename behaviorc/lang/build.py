@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from behaviorc.diagnostics import Diagnostic
 from behaviorc.lang import ast
@@ -11,6 +12,9 @@ from behaviorc.lang.tokens import Tok
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
 _ESCAPE_HINT = ("write `\\\\` for a backslash; known escapes: \\n \\t \\r \\0 \\\\ \\\" \\' "
                 "\\uXXXX \\UXXXXXXXX")
+
+
+_VALUE_NODES = (ast.Str, ast.Num, ast.LayerRange)
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,7 @@ class AstBuilder:
 
     def __getattr__(self, rule: str):
         if rule.startswith("s_"):
-            key = rule[2:]
-            return lambda children: self._setting(key, children)
+            return partial(self._setting, rule[2:])
         raise AttributeError(rule)  # lark builds a plain tree for helper rules
 
     def _span(self, first, last) -> ast.Span:
@@ -52,6 +55,11 @@ class AstBuilder:
         return ast.Word(token.value, self._token_span(token))
 
     def _setting(self, key: str, children: list) -> ast.Setting:
+        keyword = children[0]
+        if len(children) == 2 and children[1].__class__ in _VALUE_NODES:  # the usual shape
+            value = children[1]
+            span = (self.path, keyword.line, keyword.column, value.span[3], value.span[4])
+            return ast.Setting(key, (value,), None, span)
         values: list[ast.Value] = []
         block = None
         last = children[0]
@@ -71,7 +79,7 @@ class AstBuilder:
                 last = child[-1]
             else:
                 values.append(child)
-        return ast.Setting(key, tuple(values), block, self._span(children[0], last))
+        return ast.Setting(key, tuple(values), block, self._span(keyword, last))
 
     def start(self, children):
         return tuple(children)
