@@ -58,35 +58,39 @@ def push_weights(urls: Sequence[str], source: Path | str | Mapping[str, Any],
     started = time.perf_counter()
     clients = [ServerClient(url, api_key, timeout) for url in urls]
     try:
-        manifests = [client.rpc("behaviorc_manifest", doing="reading the served weights")
-                     for client in clients]
-        for client, manifest in zip(clients, manifests):
-            if not isinstance(manifest, dict):
-                raise BehaviorError(
-                    f"the vLLM server at {client.url} does not run behaviorc's worker "
-                    f"extension", hint="start it with `behaviorc serve MODEL`")
         if isinstance(source, Mapping):
             complete = False
+            manifests = [_manifest(client) for client in clients]
             _check_state_dict(source, clients, manifests)
-            folder = _write_layers(source, manifests[0]["tensors"], _push_root(urls))
+            folder = _write_layers(source, manifests[0]["tensors"], _push_root(clients))
         else:
             complete = True
             folder = Path(source).expanduser().resolve()
+            if not folder.is_dir():
+                raise BehaviorError(f"cannot push `{source}`: not a model folder")
         if len(clients) > 1:  # every replica must accept before any is changed
             _check_on_servers(clients, folder, complete)
         answers = _push_all(clients, folder, complete)
         for client in clients:
             client.reset_prefix_cache()
-        tensors = len(_tensor_names(folder))
         # Served now, or the state a rollback would return to.
-        in_use = {f for answer in answers for f in answer["folders"]}
-        in_use |= {f for manifest in manifests for f in manifest["folders"]}
-        _forget_unused_pushes(_push_root(urls), in_use)
+        in_use = {f for answer in answers for f in answer["folders"] + answer["previous"]}
+        _forget_unused_pushes(_push_root(clients), in_use)
     finally:
         for client in clients:
             client.close()
-    return PushReport(tuple(c.url for c in clients), tensors, time.perf_counter() - started,
+    return PushReport(tuple(c.url for c in clients), int(answers[0]["tensors"]),
+                      time.perf_counter() - started,
                       tuple(float(answer["seconds"]) for answer in answers))
+
+
+def _manifest(client: ServerClient) -> dict[str, Any]:
+    manifest = client.rpc("behaviorc_manifest", doing="reading the served weights")
+    if not isinstance(manifest, dict):
+        raise BehaviorError(
+            f"the vLLM server at {client.url} does not run behaviorc's worker extension",
+            hint="start it with `behaviorc serve MODEL`")
+    return manifest
 
 
 def _check_state_dict(weights: Mapping[str, Any], clients: list[ServerClient],
@@ -204,16 +208,12 @@ def _write_layers(weights: Mapping[str, Any], served: dict[str, Any], root: Path
     return folder
 
 
-def _tensor_names(folder: Path) -> set[str]:
-    from behaviorc.engine.worker import read_headers
-    return set(read_headers(folder))
-
-
-def _push_root(urls: Sequence[str]) -> Path:
+def _push_root(clients: list[ServerClient]) -> Path:
     """Push folders for one set of replicas live together, so cleaning up after a push
     never touches a folder another deploy still serves."""
     from behaviorc.model.builtin import cache_root
-    replicas = hashlib.sha256("\n".join(sorted(urls)).encode()).hexdigest()[:16]
+    urls = sorted(client.url for client in clients)
+    replicas = hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
     return cache_root() / "pushes" / replicas
 
 

@@ -25,9 +25,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from behaviorc.diagnostics import BehaviorError
+
+if TYPE_CHECKING:
+    import httpx
 
 WORKER_EXTENSION = "behaviorc.engine.worker.BehaviorWorker"
 API_KEY_ENV = "BEHAVIORC_API_KEY"
@@ -147,26 +150,31 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
 
 
 def wait_until_ready(server: Server, timeout: float) -> None:
-    import httpx
+    from behaviorc.engine.vllm import http_client
 
     deadline = time.monotonic() + timeout
-    while True:
-        if server.process.poll() is not None:
-            raise BehaviorError(
-                f"the vLLM server for {server.model_dir} exited with code "
-                f"{server.process.returncode} while starting; its log "
-                f"({server.log_path}) ends with:\n{log_tail(server.log_path)}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass  # not listening yet
-        if time.monotonic() > deadline:
-            raise BehaviorError(
-                f"the vLLM server for {server.model_dir} did not answer {server.url}/health "
-                f"within {timeout:.0f} s; its log ({server.log_path}) ends with:\n"
-                f"{log_tail(server.log_path)}")
-        time.sleep(0.5)
+    with http_client(server.url, server.api_key, 2.0) as http:
+        while not _answers_health(server, http):
+            if time.monotonic() > deadline:
+                raise BehaviorError(
+                    f"the vLLM server for {server.model_dir} did not answer "
+                    f"{server.url}/health within {timeout:.0f} s; its log "
+                    f"({server.log_path}) ends with:\n{log_tail(server.log_path)}")
+            time.sleep(0.5)
+
+
+def _answers_health(server: Server, http: "httpx.Client") -> bool:
+    import httpx
+
+    if server.process.poll() is not None:
+        raise BehaviorError(
+            f"the vLLM server for {server.model_dir} exited with code "
+            f"{server.process.returncode} while starting; its log "
+            f"({server.log_path}) ends with:\n{log_tail(server.log_path)}")
+    try:
+        return http.get("/health").status_code == 200
+    except httpx.HTTPError:
+        return False  # not listening yet
 
 
 def stop_server(server: Server) -> None:

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import httpx
 
+from behaviorc.engine.vllm import http_client
+
 PROBE_PROMPT = "I will use the existing"
 
 
@@ -64,9 +66,7 @@ class RequestLoop:
         return [r for r in self.requests if not r.ok]
 
     def _client(self, url: str) -> None:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        with httpx.Client(base_url=url.rstrip("/"), headers=headers,
-                          timeout=self.timeout) as http:
+        with http_client(url, self.api_key, self.timeout) as http:
             model = http.get("/v1/models").json()["data"][0]["id"]
             body = {"model": model, "prompt": PROBE_PROMPT, "max_tokens": self.max_tokens,
                     "temperature": 0.0}

@@ -239,7 +239,8 @@ class BehaviorWorker:
         seconds = time.perf_counter() - started
         new_folders = [folder] if complete else _still_needed(served.folders + [folder])
         served.previous, served.folders = served.folders, new_folders
-        return {"ok": True, "seconds": seconds, "folders": served.folders}
+        return {"ok": True, "seconds": seconds, "folders": served.folders,
+                "previous": served.previous, "tensors": len(read_headers(Path(folder)))}
 
     def behaviorc_rollback(self) -> dict[str, Any]:
         """Undo the last successful push (used when another replica refused it)."""
