@@ -189,14 +189,16 @@ def run_clean(args: argparse.Namespace) -> int:
         raise BehaviorError(f"{folder} is not a build folder (no {STORE_DIR} or {REPORT_FILE} in it)",
                             hint="pass the --out folder of a build")
     store = Store(folder / STORE_DIR)
-    store.acquire()  # refuses while a build runs there
-    store.release()
-    for name in BUILD_OUTPUTS:
-        path = folder / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    store.acquire()  # refuses while a build runs there, and keeps one from starting
+    try:
+        for name in BUILD_OUTPUTS:
+            path = folder / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    finally:
+        store.release()
     if not any(folder.iterdir()):
         folder.rmdir()
     print(f"removed the build in {folder}")
