@@ -1,0 +1,1 @@
+"""The build dashboard (Textual), installed as `behaviorc.tui`: `Dashboard` in app.py."""
