@@ -242,3 +242,11 @@ def test_deeply_nested_json_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "p.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     messages = errors_of('model m = "tiny-gdn"\nbehavior a { steer { pairs "p.jsonl" } }\n', tmp_path)
     assert messages == ["p.jsonl:1: JSON nested too deeply"]
+
+
+def test_a_skipped_typo_does_not_also_report_what_it_left_missing(tmp_path: Path) -> None:
+    messages = errors_of('model m = "tiny-gdn"\nbehavior a {\n  steer { pairz "x.jsonl" }\n'
+                         '  train { exmples "y.jsonl" }\n}\nbehavior b { train { steps 3 } }\n',
+                         tmp_path)
+    assert messages == ["unknown setting `pairz` in `steer`", "unknown setting `exmples` in `train`",
+                        "train has no examples"]  # b has no typo: its omission is reported

@@ -49,6 +49,11 @@ class Located:
     def end_line(self) -> int:
         return self.span[3]
 
+    def encloses(self, loc: Location) -> bool:
+        """Whether `loc` starts inside this node."""
+        file, line, column, end_line, end_column = self.span
+        return loc.file == file and (line, column) <= (loc.line, loc.column) < (end_line, end_column)
+
 
 @dataclass(frozen=True, slots=True)
 class Str(Located):

@@ -87,7 +87,8 @@ class _Checker:
     def __init__(self, sink: DiagnosticSink) -> None:
         self.sink = sink
         self.values = Values(sink)
-        self.sections = Sections(sink, DataFiles(sink), self.values)
+        self.syntax_errors: list[Location] = []  # skipped unknown settings, see _load
+        self.sections = Sections(sink, DataFiles(sink), self.values, self.syntax_errors)
         self.files: list[ast.SourceFile] = []
         self.loaded: set[str] = set()
         self.syntax_ok = True
@@ -136,6 +137,7 @@ class _Checker:
         if result.file is None or not result.recovered_cleanly:
             self.syntax_ok = False
             return
+        self.syntax_errors.extend(d.loc for d in result.diagnostics if d.severity == "error")
         identity = os.path.realpath(path)
         self.loaded.add(identity)
         for item in result.file.items:
@@ -251,7 +253,8 @@ class _Checker:
             self.sink.error(f"`{name}` is trained elsewhere (`from {decl.external.kind.name}`), "
                             "so it cannot have a train section", train_s.key_loc,
                             "remove the train section, or the `from ...` part")
-        if not (steer_s or train_s or decl.external):
+        if not (steer_s or train_s or decl.external) and \
+                not any(decl.encloses(error) for error in self.syntax_errors):
             self.sink.error(f"behavior `{name}` does nothing", decl.name.loc,
                             "add a steer or train section, or `from model \"folder\"`")
         steer = self.sections.steer(steer_s, base, model) if steer_s else None

@@ -4,7 +4,7 @@ distillation) and `eval`. Each returns its IR node, or None after reporting why.
 from __future__ import annotations
 
 from behaviorc import ir
-from behaviorc.diagnostics import DiagnosticSink, did_you_mean
+from behaviorc.diagnostics import DiagnosticSink, Location, did_you_mean
 from behaviorc.lang import ast
 from behaviorc.lang.data import DataFiles, read_example, read_pair, read_prompt, read_text
 from behaviorc.lang.values import Block, Values, values_of
@@ -21,8 +21,16 @@ PROMPT_LINE = '{"prompt"}'
 
 
 class Sections:
-    def __init__(self, sink: DiagnosticSink, data: DataFiles, values: Values) -> None:
+    def __init__(self, sink: DiagnosticSink, data: DataFiles, values: Values,
+                 syntax_errors: list[Location]) -> None:
         self.sink, self.data, self.values = sink, data, values
+        self.syntax_errors = syntax_errors
+
+    def _missing(self, node: ast.Located, message: str, loc: Location, hint: str) -> None:
+        """Report that `node` lacks something, unless a syntax error inside it (an
+        unknown setting, skipped) already explains why."""
+        if not any(node.encloses(error) for error in self.syntax_errors):
+            self.sink.error(message, loc, hint)
 
     def steer(self, section: ast.Setting, base: str, model: ir.ModelDecl | None) -> ir.Steer | None:
         block = Block(section.block, "steer", self.sink, repeatable=("pair", "pairs"))
@@ -38,9 +46,9 @@ class Sections:
         sweep = tuple(self.values.number_at(v, "sweep") for v in values_of(block.one("sweep")))
         pairs, sources = self._pairs(block, base)
         if not block.all("pair") and not block.all("pairs"):
-            self.sink.error("steer has no pairs", section.key_loc,
-                            'add `pair "prompt" { positive "..." negative "..." }` '
-                            'or `pairs "file.jsonl"`')
+            self._missing(section, "steer has no pairs", section.key_loc,
+                          'add `pair "prompt" { positive "..." negative "..." }` '
+                          'or `pairs "file.jsonl"`')
         elif method == "pca" and 0 < len(pairs) < 2:
             self.sink.error("`method pca` needs at least 2 pairs", block.one("method").values[0].loc)
         if len(self.sink.errors) > errors:
@@ -102,8 +110,8 @@ class Sections:
         for side in ("positive", "negative"):
             found = inner.one(side)
             if found is None:
-                self.sink.error(f"pair is missing `{side}`", setting.key_loc,
-                                f'add `{side} "..."` inside the braces')
+                self._missing(setting, f"pair is missing `{side}`", setting.key_loc,
+                              f'add `{side} "..."` inside the braces')
                 return None
             texts[side] = found.values[0]
         for field, text in texts.items():
@@ -125,8 +133,8 @@ class Sections:
         for setting in block.all("example"):
             response = Block(setting.block, "example", self.sink).one("response")
             if response is None:
-                self.sink.error("example is missing `response`", setting.key_loc,
-                                'add `response "..."` inside the braces')
+                self._missing(setting, "example is missing `response`", setting.key_loc,
+                              'add `response "..."` inside the braces')
             elif not response.values[0].value.strip():
                 self.sink.error("the example's response is empty", response.values[0].loc)
             else:
@@ -139,9 +147,9 @@ class Sections:
                 sources.append(loaded.source)
         distill = self._distill(block.one("distill"), base, steers)
         if not block.all("example") and not block.all("examples") and not block.one("distill"):
-            self.sink.error("train has no examples", section.key_loc,
-                            'add `examples "file.jsonl"`, `example "context" { response "..." }` '
-                            "or `distill steering { ... }`")
+            self._missing(section, "train has no examples", section.key_loc,
+                          'add `examples "file.jsonl"`, `example "context" { response "..." }` '
+                          "or `distill steering { ... }`")
         defaults = ir.Train()
         lr = self.values.number(block.one("lr"), low=0, high=1, low_open=True, default=defaults.lr)
         if lr is not None and lr > 1e-3:
@@ -245,8 +253,8 @@ class Sections:
                 prompts.extend(loaded.records)
                 data_file = loaded.source
         elif not block.all("prompt"):
-            self.sink.error("distill has no prompts", setting.key_loc,
-                            'add `prompts "file.jsonl"` or `prompt "..."` inside its braces')
+            self._missing(setting, "distill has no prompts", setting.key_loc,
+                          'add `prompts "file.jsonl"` or `prompt "..."` inside its braces')
         defaults = ir.Distill(prompts=())
         samples = self.values.number(block.one("samples"), low=1, whole=True, default=defaults.samples)
         keep = self.values.number(block.one("keep"), low=1, whole=True, default=defaults.keep)
