@@ -44,6 +44,7 @@ def grammar_text() -> str:
 
 
 def parse_text(text: str, path: str) -> ParseResult:
+    """Parse one file. Not thread-safe: the shared builder holds the current path."""
     language = _language()
     builder = language.builder
     builder.path, builder.diagnostics = path, []

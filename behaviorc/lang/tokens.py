@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from typing import Iterator
+from typing import Callable, Container, Iterator
 
 from lark import Lark
 from lark.lexer import PatternStr
@@ -67,14 +67,15 @@ class Lexer:
         blank = by_name["WS"].pattern.to_regexp()
         self.token_re = re.compile(f"(?:{blank})?(?:" + "|".join(groups) + r"|\Z|(?P<BAD>(?s:.)))")
 
-    def tokens(self, text: str, path: str, accepts, comments: list[ast.Comment]) -> Iterator[Tok | BadCharacter]:
+    def tokens(self, text: str, path: str, accepts: Callable[[], Container[str]],
+               comments: list[ast.Comment]) -> Iterator[Tok | BadCharacter]:
         """Tokens of `text`. `accepts()` is the set of terminals the parser can take
         now (read when a word could be a keyword). Comments go to `comments`."""
         newlines = [m.start() for m in re.finditer("\n", text)]
         keywords, punctuation = self.keywords, self.punctuation
 
         def position(pos: int) -> tuple[int, int]:
-            line = bisect_right(newlines, pos - 1)
+            line = bisect_right(newlines, pos - 1)  # newlines before `pos`
             return line + 1, pos - (newlines[line - 1] if line else -1)
 
         for match in self.token_re.finditer(text):
@@ -83,9 +84,7 @@ class Lexer:
                 continue
             start = match.start(kind)
             value = match.group(kind)
-            line = bisect_right(newlines, start - 1)  # newlines before the token
-            column = start - (newlines[line - 1] if line else -1)
-            line += 1
+            line, column = position(start)
             if kind == "BAD":
                 yield BadCharacter(start, line, column)
                 continue
