@@ -32,6 +32,9 @@ from behaviorc.model.adapter import ArchitectureAdapter
 class EmbeddedEngine:
     def __init__(self, model: Any, tokenizer: Any, name: str = "", path: str = "",
                  batch_size: int = 16):
+        from behaviorc.model.loading import quiet_transformers
+
+        quiet_transformers()
         self.model = model
         self.tokenizer = tokenizer
         self.adapter = ArchitectureAdapter.for_model(model)
