@@ -105,3 +105,16 @@ def test_bad_folder_via_cli(gdn_copy, capsys):
     assert main(["models", "show", str(gdn_copy)]) == 1
     err = capsys.readouterr().err
     assert "truncated" in err and "Traceback" not in err
+
+
+def test_cached_hub_id_resolves_offline(tiny_dense, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # The local Hugging Face cache layout: models--org--name/{refs/main, snapshots/REV/}.
+    repo = tmp_path / "hub" / "models--some-org--tiny-dense"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_dense, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_source("some-org/tiny-dense") == snapshot
