@@ -130,3 +130,26 @@ behavior yes {
     assert any("same text" in d.message and d.loc and d.loc.line in (6, 7, 8) for d in errors)
     assert any("pairs.jsonl:2" in d.message and "negative" in d.message and d.loc and d.loc.line == 10
                for d in errors), [d.render() for d in errors]
+
+
+@pytest.mark.vllm
+def test_verify_on_a_live_vllm_server_agrees_with_the_embedded_engine(vllm_server):
+    """The same code verifies against a live server: margins off and on match the
+    embedded engine on the same weights (both bfloat16), and the server's steering is
+    cleared afterwards."""
+    from behaviorc.engine.embedded import EmbeddedEngine
+    from behaviorc.engine.vllm import VLLMEngine
+
+    embedded = EmbeddedEngine.load(vllm_server.model_dir, dtype="bfloat16")
+    vectors = extract(embedded, planted_pairs(8), [2]).vectors
+    # A strength that moves this random model's margin well past bfloat16 rounding.
+    strength = 4.0 / vectors.norms[2]
+    held = planted_pairs(4, offset=3)
+    local = verify(embedded, vectors, strength, held, GENERAL)
+    assert abs(local.steered.margin - local.before.margin) > 0.1
+    with VLLMEngine(vllm_server.url) as live:
+        served = verify(live, vectors, strength, held, GENERAL)
+        assert served.before.margin == pytest.approx(local.before.margin, abs=0.03)
+        assert served.steered.margin == pytest.approx(local.steered.margin, abs=0.03)
+        assert served.steered.general_nll == pytest.approx(local.steered.general_nll, abs=0.03)
+        assert behavior_margin(live, held) == pytest.approx(served.before.margin, abs=1e-6)
