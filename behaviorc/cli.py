@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "behaviorc.vectors.commands",
     "behaviorc.run.commands",
     "behaviorc.engine.commands",
+    "behaviorc.steer.commands",
 )
 
 DESCRIPTION = """\

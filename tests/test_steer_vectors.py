@@ -148,3 +148,21 @@ def test_a_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
         save_steering(make(seed=4), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
+
+
+def test_cli_shows_and_converts_steering_files(tmp_path, capsys):
+    from behaviorc.cli import main
+
+    source = save_steering(make(layers=(0, 2, 3)), tmp_path / "v.safetensors")
+    assert main(["steer", "show", str(source)]) == 0
+    shown = capsys.readouterr().out
+    assert "3 layer(s), hidden size 8" in shown and "layer   2  norm" in shown
+    # GGUF cannot hold layer 0: the error says so, nothing is written
+    assert main(["steer", "convert", str(source), str(tmp_path / "v.gguf")]) == 1
+    assert "layer 0" in capsys.readouterr().err and not (tmp_path / "v.gguf").exists()
+    assert main(["steer", "convert", str(source), str(tmp_path / "v.gguf"), "--layers", "2,3"]) == 0
+    back = read_gguf(tmp_path / "v.gguf")
+    assert back.layers == (2, 3)
+    assert torch.equal(back.directions[3], load_steering(source).directions[3])
+    assert main(["steer", "convert", str(tmp_path / "v.gguf"), str(tmp_path / "w.txt")]) == 1
+    assert "expected a .safetensors or .gguf" in capsys.readouterr().err

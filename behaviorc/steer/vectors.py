@@ -29,7 +29,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ class SteeringVectors:
             "extra": json.dumps(dict(self.extra), sort_keys=True),
         }
 
-    def with_directions(self, directions: Mapping[int, torch.Tensor], **changes: str) -> "SteeringVectors":
+    def with_directions(self, directions: Mapping[int, torch.Tensor], **changes: Any) -> "SteeringVectors":
         """The same provenance with new directions (and any field changed by name)."""
         fields = {
             "method": self.method, "model": self.model, "read": self.read,

@@ -1,0 +1,99 @@
+"""`behaviorc steer show` and `behaviorc steer convert`: steering files by hand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from behaviorc.diagnostics import BehaviorError
+
+EXAMPLES = """\
+examples:
+  behaviorc steer show out/listen/.store/<key>/vectors.safetensors
+  behaviorc steer show listen.gguf --json
+  behaviorc steer convert vectors.safetensors listen.gguf     for llama.cpp --control-vector
+  behaviorc steer convert repeng_vector.gguf listen.safetensors
+"""
+
+SUFFIXES = (".safetensors", ".gguf")
+
+
+def register(subparsers: Any) -> None:
+    steer = subparsers.add_parser(
+        "steer", help="inspect and convert steering-vector files",
+        description="Steering vectors are one direction per decoder layer (numbered from 0; "
+                    "the vector for layer L is added at the output of layer L). Builds write "
+                    "them as safetensors (`layer.L` tensors) and as GGUF control vectors "
+                    "(`direction.L`, the format llama.cpp and repeng read).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = steer.add_subparsers(dest="steer_command", metavar="COMMAND")
+    steer.set_defaults(run=lambda args: _usage(steer))
+
+    show = commands.add_parser(
+        "show", help="layers, norms and provenance of a steering file",
+        description="Print a steering file's layers with their norms and its metadata.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    show.add_argument("path", type=Path, help="a .safetensors or .gguf steering file")
+    show.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    show.set_defaults(run=run_show)
+
+    convert = commands.add_parser(
+        "convert", help="between safetensors and GGUF control vectors",
+        description="Read a steering file and write it in the format OUT's suffix names. "
+                    "GGUF cannot hold layer 0 (llama.cpp refuses it): leave it out with "
+                    "--layers.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert.add_argument("source", type=Path, help="a .safetensors or .gguf steering file")
+    convert.add_argument("out", type=Path, help="the .safetensors or .gguf file to write")
+    convert.add_argument("--layers", default="", help="comma-separated layers to keep (default: all)")
+    convert.set_defaults(run=run_convert)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def read_any(path: Path):
+    from behaviorc.steer.vectors import load_steering, read_gguf
+
+    return read_gguf(path) if _suffix(path) == ".gguf" else load_steering(path)
+
+
+def _suffix(path: Path) -> str:
+    if path.suffix not in SUFFIXES:
+        raise BehaviorError(f"`{path}`: expected a .safetensors or .gguf file")
+    return path.suffix
+
+
+def run_show(args: argparse.Namespace) -> int:
+    vectors = read_any(args.path)
+    if args.json:
+        print(json.dumps(vectors.metadata(), indent=2))
+        return 0
+    print(f"{args.path}: {len(vectors.layers)} layer(s), hidden size {vectors.hidden_size}")
+    print(f"  method {vectors.method}, read {vectors.read}, model {vectors.model or '?'}"
+          + (f" ({vectors.model_type})" if vectors.model_type else ""))
+    if vectors.provenance:
+        print(f"  made by {vectors.provenance}")
+    for layer, norm in vectors.norms.items():
+        print(f"  layer {layer:3d}  norm {norm:.6g}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from behaviorc.steer.vectors import export_gguf, save_steering
+
+    target = _suffix(args.out)
+    vectors = read_any(args.source)
+    if args.layers:
+        try:
+            layers = [int(part) for part in args.layers.split(",")]
+        except ValueError:
+            raise BehaviorError(f"--layers `{args.layers}` is not a comma-separated list of numbers") from None
+        vectors = vectors.select(layers)
+    (export_gguf if target == ".gguf" else save_steering)(vectors, args.out)
+    print(f"wrote {args.out}: layers {', '.join(map(str, vectors.layers))}")
+    return 0
