@@ -43,6 +43,12 @@ def served_weights(vllm_server) -> dict[str, torch.Tensor]:
     return load_file(vllm_server.model_dir / "model.safetensors")
 
 
+@pytest.fixture(scope="module")
+def embedded(vllm_server) -> EmbeddedEngine:
+    """The embedded engine on the weights the server starts with."""
+    return EmbeddedEngine.load(vllm_server.model_dir, dtype="bfloat16")
+
+
 @pytest.fixture
 def free_url() -> str:
     """A loopback URL nothing listens on."""
@@ -87,8 +93,7 @@ def test_engine_describes_the_served_model(engine, vllm_server):
     assert engine.health()
 
 
-def test_logprobs_match_embedded_engine(engine, vllm_server):
-    embedded = EmbeddedEngine.load(vllm_server.model_dir, dtype="bfloat16")
+def test_logprobs_match_embedded_engine(engine, embedded):
     live = engine.completion_logprobs(PROMPTS, COMPLETIONS)
     assert max_difference(live, embedded.completion_logprobs(PROMPTS, COMPLETIONS)) \
         < BF16_TOLERANCE
@@ -142,9 +147,7 @@ def margin(scores: list[list[float]], positives: int) -> float:
     return sum(means[:positives]) / positives - sum(means[positives:]) / (len(means) - positives)
 
 
-def test_steering_moves_margin_like_embedded_and_clear_restores(
-        engine, vllm_server, restore):
-    embedded = EmbeddedEngine.load(vllm_server.model_dir, dtype="bfloat16")
+def test_steering_moves_margin_like_embedded_and_clear_restores(engine, embedded, restore):
     prompts = ["Use the existing parser.", "Use the existing parser."]
     completions = [" I'll use the existing parser.", " I'll write a new parser instead."]
     # A direction toward the positive completion's tokens in the unembedding, added at

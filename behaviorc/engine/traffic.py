@@ -67,7 +67,12 @@ class RequestLoop:
 
     def _client(self, url: str) -> None:
         with http_client(url, self.api_key, self.timeout) as http:
-            model = http.get("/v1/models").json()["data"][0]["id"]
+            started = time.perf_counter()
+            try:
+                model = http.get("/v1/models").json()["data"][0]["id"]
+            except (httpx.HTTPError, ValueError, LookupError) as err:
+                self._record(started, False, f"listing models: {type(err).__name__}: {err}")
+                return
             body = {"model": model, "prompt": PROBE_PROMPT, "max_tokens": self.max_tokens,
                     "temperature": 0.0}
             for _ in range(self.limit):
@@ -78,8 +83,10 @@ class RequestLoop:
                     response = http.post("/v1/completions", json=body)
                     ok = response.status_code == 200 and bool(response.json().get("choices"))
                     error = "" if ok else f"HTTP {response.status_code}: {response.text[:200]}"
-                except httpx.HTTPError as err:
+                except (httpx.HTTPError, ValueError) as err:
                     ok, error = False, f"{type(err).__name__}: {err}"
-                with self._lock:
-                    self.requests.append(Request(started, time.perf_counter() - started,
-                                                 ok, error))
+                self._record(started, ok, error)
+
+    def _record(self, started: float, ok: bool, error: str) -> None:
+        with self._lock:
+            self.requests.append(Request(started, time.perf_counter() - started, ok, error))
