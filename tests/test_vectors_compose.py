@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from behaviorc.cli import main
 from behaviorc.diagnostics import BehaviorError
-from behaviorc.vectors.compose import Composition, Term, compose, fingerprint
+from behaviorc.vectors.compose import Composition, Term, compose
 from behaviorc.vectors.merge import MergeOptions, merged_delta
-from behaviorc.vectors.safetensors_io import sha256_file
+from behaviorc.vectors.safetensors_io import fingerprint, sha256_file
 from behaviorc.vectors.taskvector import extract_task_vector
 
 

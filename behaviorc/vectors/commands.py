@@ -160,7 +160,7 @@ def _task_vector_text(record: dict[str, Any]) -> str:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from behaviorc.vectors.compose import Composition, Term, compose
+    from behaviorc.vectors.compose import Composition, compose
     from behaviorc.vectors.merge import MergeOptions
 
     terms = tuple(_parse_term(text) for text in args.add)

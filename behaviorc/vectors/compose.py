@@ -25,8 +25,8 @@ from behaviorc.vectors.atomic import atomic_folder
 from behaviorc.vectors.merge import MergeOptions, keep_count, kth_largest_of_parts, merged_delta
 from behaviorc.vectors.mergekit_yaml import mergekit_yaml
 from behaviorc.vectors.safetensors_io import (
-    DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, WeightFolder, plan_shards, row_blocks,
-    sha256_file, sha256_files, write_index)
+    DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, WeightFolder, fingerprint, plan_shards,
+    row_blocks, write_index)
 from behaviorc.vectors.sources import DeltaSource, open_source
 
 PROVENANCE_FILE = "behaviorc.json"
@@ -234,13 +234,3 @@ def _float_dtype(base: WeightFolder) -> str:
             sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
     stored = max(sizes, key=sizes.__getitem__) if sizes else "F32"
     return str(DTYPES[stored]).removeprefix("torch.")
-
-
-def fingerprint(path: Path) -> str:
-    """sha256 of a task-vector file, or over a model folder's config and weight files."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    files = [p for p in path.iterdir() if p.is_file() and (
-        p.suffix == ".safetensors" or p.name in ("config.json", INDEX_FILE))]
-    return sha256_files(files)

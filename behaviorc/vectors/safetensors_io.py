@@ -347,3 +347,13 @@ def sha256_files(paths: Iterable[Path]) -> str:
     for path in sorted(paths, key=lambda p: p.name):
         digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a task-vector file, or over a model folder's config and weight files."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    files = [p for p in path.iterdir() if p.is_file() and (
+        p.suffix == ".safetensors" or p.name in ("config.json", INDEX_FILE))]
+    return sha256_files(files)

@@ -33,7 +33,7 @@ def import_model(task: ImportModel, ctx: TaskContext) -> TaskResult:
 
 def import_task_vector(task: ImportTaskVector, ctx: TaskContext) -> TaskResult:
     """artifacts: task_vector (the external file, checked against the base)."""
-    from behaviorc.vectors.compose import fingerprint
+    from behaviorc.vectors.safetensors_io import fingerprint
     from behaviorc.vectors.taskvector import check_task_vector
 
     path = Path(task.external.path)

@@ -18,7 +18,7 @@ from behaviorc import __version__
 from behaviorc.diagnostics import BehaviorError
 from behaviorc.vectors.atomic import atomic_file
 from behaviorc.vectors.safetensors_io import (
-    DTYPES, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, row_blocks)
+    DTYPES, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, fingerprint, row_blocks)
 from behaviorc.vectors.sources import TaskVectorSource, check_finite, check_same_parameters
 
 FORMAT = "behaviorc.task_vector/1"
@@ -30,8 +30,6 @@ def extract_task_vector(base_dir: Path, finetuned_dir: Path, out_file: Path, *,
                         metadata: dict[str, str] | None = None) -> dict[str, str]:
     """Write tau for a fine-tuned folder against its base; returns the file's metadata
     with its own `sha256` added."""
-    from behaviorc.vectors.compose import fingerprint
-
     with WeightFolder(base_dir) as base, WeightFolder(finetuned_dir) as finetuned:
         check_same_parameters(base, finetuned)
         ordered = sorted(base.tensors.values(), key=lambda info: (info.file, info.offset))
