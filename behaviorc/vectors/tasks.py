@@ -86,7 +86,8 @@ def compose_behaviors(task: ComposeBehaviors, ctx: TaskContext) -> TaskResult:
             ctx.out / MODEL_FOLDER, progress=ctx.progress)
     artifacts = {"model": MODEL_FOLDER}
     if task.steering:
-        _compose_steering(task, ctx)
+        with _located(spec.loc or task.loc):
+            _compose_steering(task, ctx)
         artifacts["steering"] = STEERING_FILE
     return TaskResult(artifacts=artifacts, data={"provenance": record},
                       metrics={"parameters_merged": float(record["parameters_merged"])})
