@@ -131,8 +131,11 @@ def train(
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 0,
     reuse_contexts: bool = False,
+    extra_loss: Callable[[Sequence[TrainSequence]], torch.Tensor] | None = None,
 ) -> TrainSummary:
-    """Train `targets` of `model` in place for `spec.steps` steps."""
+    """Train `targets` of `model` in place for `spec.steps` steps. `extra_loss`, when
+    given, is added to each step's response loss; it is called right after the forward
+    of that loss, so hooks it holds on the model have seen the batch."""
     for param in model.parameters():
         param.requires_grad_(False)
     names = sorted(targets)
@@ -154,6 +157,8 @@ def train(
         began = time.perf_counter()
         batch = schedule.at(step)
         loss, _ = response_loss(batch)
+        if extra_loss is not None:
+            loss = loss + extra_loss(batch)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             params, spec.clip if spec.clip > 0 else float("inf")))
