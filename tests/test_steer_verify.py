@@ -91,6 +91,17 @@ def test_tasks_under_the_executor_write_artifacts_and_report_metrics(tied_gdn, t
     assert {r.status for r in again.records} == {"cached"}
 
 
+def test_layer_zero_stays_in_the_safetensors_and_out_of_the_gguf(tied_gdn, tmp_path):
+    from behaviorc.run.executor import Executor
+
+    extraction, _ = _plan(tied_gdn, (0, 2))
+    outcome = Executor(tmp_path / "out").run([extraction])
+    result = outcome.record(extraction.id).result
+    assert load_steering(result.path("vectors")).layers == (0, 2)
+    assert result.data["control_vector_layers"] == [2]
+    assert read_gguf(result.path("control_vector")).layers == (2,)
+
+
 def test_a_layer_out_of_range_at_run_time_fails_the_task_at_the_spec_line(tied_gdn, tmp_path):
     from behaviorc.run.executor import Executor
 
