@@ -27,7 +27,7 @@ import os
 import re
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -62,7 +62,7 @@ class SteeringVectors:
     extra: Mapping[str, str] = field(default_factory=dict)  # free-form string metadata
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "directions", _checked_directions(self.directions, "steering vectors"))
+        object.__setattr__(self, "directions", _checked_directions(self.directions))
         object.__setattr__(self, "extra", dict(self.extra))
 
     @property
@@ -96,13 +96,7 @@ class SteeringVectors:
 
     def with_directions(self, directions: Mapping[int, torch.Tensor], **changes: Any) -> "SteeringVectors":
         """The same provenance with new directions (and any field changed by name)."""
-        fields = {
-            "method": self.method, "model": self.model, "read": self.read,
-            "spec_hash": self.spec_hash, "model_type": self.model_type,
-            "provenance": self.provenance, "extra": self.extra,
-        }
-        fields.update(changes)
-        return SteeringVectors(directions=directions, **fields)
+        return replace(self, directions=directions, **changes)
 
     def select(self, layers: Sequence[int]) -> "SteeringVectors":
         """Only the given layers (each must be present)."""
@@ -127,7 +121,8 @@ class SteeringVectors:
     __rmul__ = __mul__
 
 
-def _checked_directions(directions: Mapping[int, torch.Tensor], where: str) -> dict[int, torch.Tensor]:
+def _checked_directions(directions: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    where = "steering vectors"
     if not directions:
         raise BehaviorError(f"{where}: no layers")
     checked: dict[int, torch.Tensor] = {}
