@@ -81,6 +81,7 @@ class APOLLO(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         refresh=refresh, limiter=limiter, scale=scale, scaling=scaling, seed=seed)
         super().__init__(params, defaults)
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     @classmethod
     def mini(cls, params: Iterable[Any], **options: Any) -> "APOLLO":
@@ -168,14 +169,14 @@ class APOLLO(torch.optim.Optimizer):
         lr, eps, rank = group["lr"], group["eps"], group["rank"]
 
         # Project every gradient, then run the Adam moment updates on all of them at once.
-        oriented, projections, states = [], [], []
+        sides, projections, states = [], [], []
         for number, param in numbered:
             g = _oriented(param.grad.float())
             state = self._init_apollo_state(param, rank, g.shape[1])
             state["step"] += 1
             p_matrix = _projection(group["seed"], number, int(state["step"]) - 1,
                                    group["refresh"], rank, g.shape[0], g.device)
-            oriented.append(g)
+            sides.append(g.shape[0])
             projections.append(p_matrix @ g)
             states.append(state)
         exp_avgs = [s["exp_avg"] for s in states]
@@ -184,15 +185,27 @@ class APOLLO(torch.optim.Optimizer):
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, projections, projections, value=1 - beta2)
 
-        for (number, param), g, r_grad, state in zip(numbered, oriented, projections, states):
-            t = int(state["step"])
-            denominator = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(eps)
-            r_scaled = state["exp_avg"] / (1 - beta1 ** t) / denominator
-            alpha = group["scale"] if group["scale"] is not None else math.sqrt(g.shape[0] / rank)
-            factors = _scaling_factors(r_grad, r_scaled, group["scaling"])
+        # R~ = (M / bc1) / (sqrt(V / bc2) + eps). The scaling factors need only column sums
+        # of squares of R~ and R, so everything runs in place, on all matrices at once;
+        # 1/bc1 is a scalar and is applied to the factors.
+        steps = [int(s["step"]) for s in states]
+        squares = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(squares, [math.sqrt(1 - beta2 ** t) for t in steps])
+        torch._foreach_add_(squares, eps)
+        torch._foreach_reciprocal_(squares)
+        torch._foreach_mul_(squares, exp_avgs)  # R~ * bc1
+        torch._foreach_mul_(squares, squares)
+        torch._foreach_mul_(projections, projections)  # R is no longer needed as such
+
+        for (_, param), side, r_squared, scaled_squared, state, t in zip(
+                numbered, sides, projections, squares, states, steps):
+            alpha = group["scale"] if group["scale"] is not None else math.sqrt(side / rank)
+            factors = _scaling_factors(r_squared, scaled_squared, group["scaling"]) / (1 - beta1 ** t)
             # factors index the channels of the oriented gradient; map them back onto G.
             tall = param.shape[0] > param.shape[1]
-            update = param.grad * (factors.unsqueeze(1) if tall else factors.unsqueeze(0)).to(param.dtype)
+            update = self._workspace(param)
+            torch.mul(param.grad, (factors.unsqueeze(1) if tall else factors.unsqueeze(0)).to(param.dtype),
+                      out=update)
             update_norm = alpha * float(update.norm())
 
             gamma = group["limiter"]
@@ -206,6 +219,17 @@ class APOLLO(torch.optim.Optimizer):
             if group["weight_decay"]:
                 param.mul_(1 - lr * group["weight_decay"])
             param.add_(update, alpha=-lr * alpha)
+
+    def _workspace(self, param: torch.Tensor) -> torch.Tensor:
+        """A reused buffer for one matrix's update. Allocating a fresh full-size temporary
+        every step costs more than the arithmetic on a CPU (page faults on first touch);
+        this keeps one buffer the size of the largest projected matrix (per device and
+        dtype). It is scratch, not state: never saved, and not in `state_bytes`."""
+        key = (param.device, param.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < param.numel():
+            buffer = self._buffers[key] = torch.empty(param.numel(), device=param.device, dtype=param.dtype)
+        return buffer[:param.numel()].view(param.shape)
 
     def _init_apollo_state(self, param: torch.Tensor, rank: int, channels: int) -> dict[str, torch.Tensor]:
         state = self.state[param]
@@ -238,11 +262,10 @@ def _projection(seed: int, number: int, step: int, refresh: int, rank: int, side
     return torch.randn(rank, side, generator=generator, device=device) / math.sqrt(rank)
 
 
-def _scaling_factors(r_grad: torch.Tensor, r_scaled: torch.Tensor, scaling: Scaling) -> torch.Tensor:
-    """Per-channel factors s (or one, tensor-wide), from the projected gradient R and
-    its Adam-scaled version R~."""
+def _scaling_factors(r_squared: torch.Tensor, scaled_squared: torch.Tensor, scaling: Scaling) -> torch.Tensor:
+    """Per-channel factors s_j = ||R~[:, j]|| / ||R[:, j]|| (or one, tensor-wide), from the
+    element-wise squares of the projected gradient R and its Adam-scaled version R~."""
     tiny = torch.finfo(torch.float32).tiny
     if scaling == "tensor":
-        return (r_scaled.norm() / r_grad.norm().clamp_min(tiny)).reshape(1)
-    # square-then-sum: torch's strided norm(dim=0) is several times slower on CPU
-    return (r_scaled.square().sum(0) / r_grad.square().sum(0).clamp_min(tiny)).sqrt_()
+        return (scaled_squared.sum() / r_squared.sum().clamp_min(tiny)).sqrt_().reshape(1)
+    return (scaled_squared.sum(0) / r_squared.sum(0).clamp_min(tiny)).sqrt_()

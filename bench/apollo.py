@@ -1,0 +1,166 @@
+"""Optimizer state and step time: torch AdamW, the APOLLO reference code, and ours.
+
+    python bench/apollo.py                       hidden 2048, 2 blocks (~100M parameters)
+    python bench/apollo.py --hidden 4096 --blocks 4 --rank 256
+
+The "model" is the weight matrices of transformer blocks (q, k, v, o: hidden x hidden;
+gate, up: ffn x hidden; down: hidden x ffn) plus a norm vector per block, with fixed
+random gradients: an optimizer step does not care where gradients come from, and this
+keeps the forward/backward out of the measurement. Each optimizer gets its own copy.
+Rounds interleave the optimizers (one step each per round) so that load from other
+processes on the machine hits them alike; the figure is the median step.
+
+Baselines, measured in the same run: torch AdamW with foreach (fused on a GPU) and the
+reference APOLLO (`apollo-torch`, CC-BY-NC, used here only as a baseline and never
+imported by behaviorc). When it is not importable, the bench installs it and
+bitsandbytes (which its package imports), without dependencies, into a private folder
+under ~/.cache/behaviorc/bench-deps (never into the environment); when that fails it is
+skipped with a note.
+
+Targets (issue 8): state on the projected matrices <= 1/4 of AdamW's; step time
+<= 1.5x AdamW foreach on CPU (<= 1.0x fused AdamW on a GPU). The headline ratio is
+AdamW's step time / ours; its target is 1/1.5 on CPU, 1.0 on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from behaviorc.train.apollo import APOLLO  # noqa: E402
+
+DEPS = Path.home() / ".cache" / "behaviorc" / "bench-deps" / "apollo-torch"
+
+
+def make_params(hidden: int, ffn: int, blocks: int, device: str) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(hidden, hidden)] * 4 + [(ffn, hidden), (ffn, hidden), (hidden, ffn), (hidden,)]
+    params = []
+    for _ in range(blocks):
+        for shape in shapes:
+            p = torch.nn.Parameter((torch.randn(*shape, generator=g) * 0.02).to(device))
+            p.grad = torch.randn(*shape, generator=g).to(device)
+            params.append(p)
+    return params
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> int:
+    return sum(v.numel() * v.element_size()
+               for p in params for v in optimizer.state[p].values() if isinstance(v, torch.Tensor))
+
+
+def reference_apollo():
+    """The apollo-torch optimizer class, or (None, why not)."""
+    for attempt in range(2):
+        try:
+            if DEPS.is_dir() and str(DEPS) not in sys.path:
+                sys.path.insert(0, str(DEPS))
+            return importlib.import_module("apollo_torch").APOLLOAdamW, ""
+        except Exception as err:  # noqa: BLE001 - any import failure means: no baseline
+            if attempt == 1:
+                return None, f"apollo-torch not importable: {err}"
+            done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                                   "--target", str(DEPS), "apollo-torch", "bitsandbytes"], capture_output=True, text=True)
+            if done.returncode != 0:
+                return None, f"apollo-torch did not install: {done.stderr.strip()[-200:]}"
+    return None, "unreachable"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--ffn", type=int, default=5632)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on this shared 2-core machine every op's "
+                             "thread wake-up costs more than small ops, whoever runs them)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = device == "cuda"
+
+    def projected(params):
+        return [p for p in params if APOLLO.is_projected(p, args.rank)]
+
+    def reference(params):
+        matrices = projected(params)
+        others = [p for p in params if not APOLLO.is_projected(p, args.rank)]
+        groups = [{"params": others},
+                  {"params": matrices, "rank": args.rank, "proj": "random", "scale_type": "channel",
+                   "scale": 1, "update_proj_gap": 200, "proj_type": "std"}]
+        return reference_class(groups, lr=1e-4)
+
+    reference_class, note = reference_apollo()
+    contenders = {
+        "adamw_fused" if on_gpu else "adamw_foreach":
+            lambda ps: torch.optim.AdamW(ps, lr=1e-4, **({"fused": True} if on_gpu else {"foreach": True})),
+        "ours": lambda ps: APOLLO(ps, lr=1e-4, rank=args.rank),
+        # for information: torch also has a fused AdamW on CPU, far faster than foreach
+        **({} if on_gpu else {"adamw_fused_cpu": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)}),
+        "ours_mini": lambda ps: APOLLO.mini(ps, lr=1e-4),
+    }
+    if reference_class is not None:
+        contenders["reference"] = reference
+    else:
+        print(f"note: reference APOLLO skipped ({note})")
+
+    setups = {}
+    for name, make in contenders.items():
+        params = make_params(args.hidden, args.ffn, args.blocks, device)
+        optimizer = make(params)
+        optimizer.step()  # state allocated, first-step work done
+        setups[name] = (params, optimizer)
+    count = sum(p.numel() for p in setups["ours"][0])
+    print(f"{count / 1e6:.1f}M parameters on {device}, rank {args.rank}, {torch.get_num_threads()} threads")
+
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(args.rounds):
+        for name, (params, optimizer) in setups.items():
+            if on_gpu:
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            optimizer.step()
+            if on_gpu:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - began)
+
+    baseline = next(iter(setups))
+    figures: dict[str, float] = {}
+    print(f"{'optimizer':<16}{'step ms':>10}{'state MB':>11}{'state MB (projected)':>23}")
+    for name, (params, optimizer) in setups.items():
+        ms = statistics.median(times[name]) * 1000
+        total = state_bytes(optimizer, params)
+        on_projected = state_bytes(optimizer, projected(params))
+        figures[f"{name}_step_ms"] = round(ms, 2)
+        figures[f"{name}_state_mb"] = round(total / 1e6, 3)
+        figures[f"{name}_projected_state_mb"] = round(on_projected / 1e6, 3)
+        print(f"{name:<16}{ms:>10.1f}{total / 1e6:>11.1f}{on_projected / 1e6:>23.2f}")
+
+    time_ratio = figures[f"{baseline}_step_ms"] / figures["ours_step_ms"]
+    state_ratio = figures[f"{baseline}_projected_state_mb"] / figures["ours_projected_state_mb"]
+    figures["state_ratio_adamw_over_ours_projected"] = round(state_ratio, 2)
+    figures["state_target"] = 4.0
+    if "reference_step_ms" in figures:
+        figures["reference_over_ours_step"] = round(figures["reference_step_ms"] / figures["ours_step_ms"], 2)
+    target = 1.0 if on_gpu else round(1 / 1.5, 3)
+    print(f"AdamW state / ours on projected matrices: {state_ratio:.1f}x (target >= 4x)")
+    print(f"AdamW step / ours: {time_ratio:.2f} (target >= {target})")
+    print(json.dumps({"bench": "apollo", "figures": figures, "headline": {
+        "what": f"{baseline} step time / APOLLO step time (rank {args.rank}, {count / 1e6:.0f}M params, {device})",
+        "ratio": round(time_ratio, 3), "target": target}}))
+
+
+if __name__ == "__main__":
+    main()
