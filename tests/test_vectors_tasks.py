@@ -109,7 +109,7 @@ def test_an_imported_folder_that_is_not_a_model_fails_at_its_spec_line(plan, tmp
     spec, composed = plan
     (tmp_path / "tuned_a" / "tokenizer.json").unlink()
     (tmp_path / "tuned_a" / "tokenizer_config.json").unlink()
-    outcome = Executor(tmp_path / "out").run([composed])
+    outcome = Executor(tmp_path / "out").run([composed.vectors[0]])
     failed = outcome.record(composed.vectors[0].finetuned.id)
     assert failed.status == "failed" and failed.loc == at(spec, 3)
     assert "has no tokenizer" in failed.error
