@@ -153,6 +153,7 @@ def draw_steering(state: BuildState) -> RenderableType:
 def draw_compose_deploy(state: BuildState) -> RenderableType:
     parts: list[RenderableType] = []
     for task_id, weights in state.weights.items():
+        parts += [Text("")] if parts else []
         parts.append(_heading(f"composition {task_id.split(':', 1)[-1]}"))
         table = Table("behavior", "weight", box=None, pad_edge=False)
         for term in weights["terms"]:
