@@ -18,6 +18,7 @@ from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.engine.push import push_weights
 from behaviorc.engine.traffic import RequestLoop
 from behaviorc.engine.vllm import VLLMEngine
+from stand_in_server import stand_in_server
 
 pytestmark = pytest.mark.vllm
 
@@ -233,11 +234,34 @@ def test_folder_with_nan_is_refused(engine, vllm_server, served_weights, tmp_pat
     assert engine.completion_logprobs(PROMPTS, COMPLETIONS) == before
 
 
+def test_truncated_folder_is_refused(engine, vllm_server, tmp_path):
+    before = engine.completion_logprobs(PROMPTS, COMPLETIONS)
+    folder = tmp_path / "truncated"
+    shutil.copytree(vllm_server.model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    with pytest.raises(BehaviorError, match="cannot read the weights"):
+        push_weights([vllm_server.url], folder)
+    assert engine.completion_logprobs(PROMPTS, COMPLETIONS) == before
+
+
 def test_replica_that_cannot_be_reached_stops_the_push_everywhere(
         engine, vllm_server, served_weights, free_url):
     before = engine.completion_logprobs(PROMPTS, COMPLETIONS)
     with pytest.raises(BehaviorError, match=f"lost the vLLM server at {free_url}"):
         push_weights([vllm_server.url, free_url], changed_weights(served_weights, seed=3))
+    assert engine.completion_logprobs(PROMPTS, COMPLETIONS) == before
+
+
+def test_replica_refusing_the_push_rolls_back_the_ones_pushed(
+        engine, vllm_server, served_weights, tmp_path, restore):
+    before = engine.completion_logprobs(PROMPTS, COMPLETIONS)
+    change = {name: tensor * 1.1 for name, tensor in served_weights.items()}
+    folder = model_folder(tmp_path, vllm_server.model_dir, change)
+    with stand_in_server(folder, "refuse") as (refusing, _):
+        with pytest.raises(BehaviorError, match="the stand-in refuses every push"):
+            push_weights([vllm_server.url, refusing], folder)
+    # The real server took the push first, then went back to the weights it had.
     assert engine.completion_logprobs(PROMPTS, COMPLETIONS) == before
 
 

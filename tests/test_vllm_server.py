@@ -1,90 +1,32 @@
 """Server lifecycle and failure paths of the vLLM client.
 
 A server killed in the middle of a push is a real process that dies with SIGKILL when
-the push request reaches it: starting a second vLLM (about a minute here) only to kill
-it would test the same socket behaviour. The live vLLM tests use the shared fixture.
+the push request reaches it (tests/stand_in_server.py): starting a second vLLM (about a
+minute here) only to kill it would test the same socket behaviour.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-import time
-
-import httpx
 import pytest
+from stand_in_server import stand_in_server
 
 from behaviorc.cli import main
 from behaviorc.diagnostics import BehaviorError
 from behaviorc.engine.push import push_weights
-from behaviorc.engine.server import free_port, server_command, start_server
-
-# Answers the manifest like behaviorc's worker, then behaves as told on the push.
-FAKE_SERVER = textwrap.dedent("""
-    import json, os, signal, sys, time
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    folder, on_push = sys.argv[2], sys.argv[3]
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if body["method"] == "behaviorc_push":
-                if on_push == "die":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                time.sleep(3600)
-            answer = {"results": [{"folders": [folder], "previous": [], "tensors": {}}]}
-            data = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-""")
+from behaviorc.engine.server import server_command, start_server
 
 
-@pytest.fixture
-def fake_server(tmp_path, request):
-    port = free_port("127.0.0.1")
-    process = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, str(port),
-                                str(tmp_path), request.param])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(url, timeout=1.0)
-            break
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, "the stand-in server did not start"
-            time.sleep(0.1)
-    yield url, process
-    process.kill()
-    process.wait()
+def test_server_killed_mid_push_gives_a_clear_error(tiny_dense):
+    with stand_in_server(tiny_dense, "die") as (url, process):
+        with pytest.raises(BehaviorError, match=f"lost the vLLM server at {url} while pushing"):
+            push_weights([url], tiny_dense)
+        assert process.wait(timeout=10) == -9  # it really was killed during the push
 
 
-@pytest.mark.parametrize("fake_server", ["die"], indirect=True)
-def test_server_killed_mid_push_gives_a_clear_error(fake_server, tiny_dense):
-    url, process = fake_server
-    with pytest.raises(BehaviorError, match=f"lost the vLLM server at {url} while pushing"):
-        push_weights([url], tiny_dense)
-    assert process.wait(timeout=10) == -9  # it really was killed during the push
-
-
-@pytest.mark.parametrize("fake_server", ["hang"], indirect=True)
-def test_server_that_stops_answering_times_out(fake_server, tiny_dense):
-    url, _ = fake_server
-    with pytest.raises(BehaviorError, match="did not answer in time while pushing"):
-        push_weights([url], tiny_dense, timeout=2.0)
+def test_server_that_stops_answering_times_out(tiny_dense):
+    with stand_in_server(tiny_dense, "hang") as (url, _):
+        with pytest.raises(BehaviorError, match="did not answer in time while pushing"):
+            push_weights([url], tiny_dense, timeout=2.0)
 
 
 def test_public_host_needs_an_api_key():

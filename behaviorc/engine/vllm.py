@@ -19,6 +19,7 @@ from behaviorc.engine.protocol import ModelInfo
 
 REQUEST_TIMEOUT_S = 120.0
 PUSH_TIMEOUT_S = 600.0
+KEEPALIVE_S = 2.0
 
 
 class ServerClient:
@@ -73,10 +74,13 @@ class ServerClient:
 
 def http_client(url: str, api_key: str | None, timeout: float) -> httpx.Client:
     """A client for one server. Plain-HTTP servers get no TLS context: building the
-    default one loads the CA bundle, which costs more than a whole push on loopback."""
+    default one loads the CA bundle, which costs more than a whole push on loopback.
+    Idle connections are dropped before vLLM's server closes them (after 5 s), so a
+    request never goes out on a connection the server is closing."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
-                        verify=url.startswith("https://"))
+                        verify=url.startswith("https://"),
+                        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
 
 
 def _error_text(response: httpx.Response) -> str:

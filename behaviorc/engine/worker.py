@@ -87,7 +87,10 @@ def check_folder(folder: Path, served: dict[str, TensorEntry], complete: bool) -
     if not files:
         return [f"{folder} holds no .safetensors file"]
     problems: list[str] = []
-    incoming = read_headers(folder)
+    try:
+        incoming = read_headers(folder)
+    except Exception as err:  # a truncated or foreign file: safetensors says why
+        return [f"cannot read the weights in {folder}: {err}"]
     for name, entry in incoming.items():
         want = served.get(name)
         if want is None:
@@ -107,10 +110,13 @@ def check_folder(folder: Path, served: dict[str, TensorEntry], complete: bool) -
     if problems:
         return problems
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if not bool(torch.isfinite(handle.get_tensor(name)).all()):
-                    problems.append(f"tensor `{name}` holds NaN or infinite values")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    if not bool(torch.isfinite(handle.get_tensor(name)).all()):
+                        problems.append(f"tensor `{name}` holds NaN or infinite values")
+        except Exception as err:
+            problems.append(f"cannot read {file}: {err}")
     return problems
 
 
