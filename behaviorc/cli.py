@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("behaviorc: stopped", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader (`| head`) went away; point stdout at nothing so the final flush
+        # at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception:  # a bug: say so plainly, keep the details for the report
         print("behaviorc: internal error (this is a bug in behaviorc, please report it):",
               file=sys.stderr)
