@@ -38,6 +38,7 @@ class TaskContext(Protocol):
     """What the executor gives a running task."""
 
     out: Path  # an empty folder for this task's artifacts, promoted atomically on success
+    spec_sha256: str  # of the spec being built, for artifact metadata (not part of any key)
 
     def result(self, task: "Task") -> TaskResult:
         """An upstream task's result, artifact paths absolute."""

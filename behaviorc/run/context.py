@@ -120,9 +120,10 @@ def _return_memory() -> None:
 class RunContext:
     def __init__(self, task: Task, out: Path, scratch_dir: Callable[[], Path],
                  results: dict[str, TaskResult], engines: EnginePool, events: EventLog,
-                 cancel: CancelSignal):
+                 cancel: CancelSignal, spec_sha256: str = ""):
         self.task = task
         self.out = out
+        self.spec_sha256 = spec_sha256
         self._scratch_dir = scratch_dir
         self._results = results
         self._engines = engines

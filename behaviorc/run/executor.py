@@ -163,7 +163,7 @@ class Executor:
         record.status = "running"
         staging = self.store.staging(task.key)
         ctx = RunContext(task, staging, lambda: self.store.scratch(task.key), self._results,
-                         self.engines, self.events, self.cancel)
+                         self.engines, self.events, self.cancel, self.spec_sha256)
         try:
             result = task.execute(ctx)
             if not isinstance(result, TaskResult):

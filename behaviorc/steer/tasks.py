@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from behaviorc.plan.task import TaskContext, TaskResult
 from behaviorc.plan.tasks import ExtractSteering, VerifySteering
 from behaviorc.steer.extract import extract
@@ -26,6 +28,7 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     # The task key names exactly the inputs these vectors came from.
     vectors = extraction.vectors.with_directions(
         extraction.vectors.directions, extra={"task_key": task.key, "behavior": task.name})
+    vectors = replace(vectors, spec_hash=ctx.spec_sha256)
     save_steering(vectors, ctx.out / VECTORS_FILE)
     artifacts = {"vectors": VECTORS_FILE}
     data: dict = {
