@@ -107,18 +107,33 @@ def generate_models(root: Path, size: dict[str, int], count: int) -> tuple[Path,
     return folders[0], folders[1:]
 
 
+# Runs a command as its own child and reports that child's peak RSS. Measuring the
+# command as a direct child of this process would not do: Linux carries a process's
+# peak RSS across exec, and a child started with vfork (as subprocess does) inherits
+# the peak of the parent whose memory it shared, here the bench with its comparisons.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(f"@@peak_rss_kb {usage.ru_maxrss}", flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(command: list[str]) -> tuple[float, float]:
     """Run a command to completion; its wall seconds and peak RSS in MB."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = process.stdout.read() if process.stdout else b""
-    _, status, usage = os.wait4(process.pid, 0)
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, *command],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        sys.stderr.write(output.decode(errors="replace")[-4000:])
-        raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}")
-    return seconds, usage.ru_maxrss / 1024
+    output = done.stdout.decode(errors="replace")
+    if done.returncode != 0:
+        sys.stderr.write(output[-4000:])
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}")
+    peak_kb = int(output.rsplit("@@peak_rss_kb ", 1)[1].split()[0])
+    return seconds, peak_kb / 1024
 
 
 def ensure_mergekit(venv: Path) -> Path | None:
