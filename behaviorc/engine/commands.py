@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 
 DESCRIPTION = """\
@@ -38,6 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from behaviorc.engine.server import serve
 
+    # The server runs in its own process group, out of reach of the terminal's Ctrl-C
+    # and of a SIGTERM sent to us: both must end here, so the server is stopped too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     print(f"starting vLLM for {args.model} ...", flush=True)
     with serve(args.model, port=args.port, host=args.host, api_key=args.api_key) as server:
         print(f"serving {server.model_dir}", flush=True)
@@ -52,3 +57,7 @@ def run_serve(args: argparse.Namespace) -> int:
             return 0
     print(f"the server exited with code {server.process.returncode}; see {server.log_path}")
     return 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
