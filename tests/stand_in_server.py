@@ -47,8 +47,7 @@ SERVER = textwrap.dedent("""
                     os.kill(os.getpid(), signal.SIGKILL)
                 if on_push == "hang":
                     time.sleep(3600)
-                answer = {"ok": False, "problems": ["the stand-in refuses every push"],
-                          "restored": True}
+                answer = {"ok": False, "problems": ["the stand-in refuses every push"]}
             data = json.dumps({"results": [answer]}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

@@ -100,9 +100,13 @@ def _check_state_dict(weights: Mapping[str, Any], clients: list[ServerClient],
     if not weights:
         raise BehaviorError("the push holds no tensors")
     problems: list[str] = []
-    for client, manifest in zip(clients, manifests):
-        served = manifest["tensors"]
-        for name, tensor in weights.items():
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            problems.append(f"tensor `{name}` is {kind}, weights must be floating point")
+            continue
+        for client, manifest in zip(clients, manifests):
+            served = manifest["tensors"]
             want = served.get(name)
             if want is None:
                 hint = did_you_mean(name, served)
@@ -111,12 +115,14 @@ def _check_state_dict(weights: Mapping[str, Any], clients: list[ServerClient],
             elif list(tensor.shape) != want["shape"]:
                 problems.append(f"{client.url}: tensor `{name}` has shape "
                                 f"{list(tensor.shape)}, the served model has {want['shape']}")
-    for name, tensor in weights.items():
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            problems.append(f"tensor `{name}` is {kind}, weights must be floating point")
-        elif not bool(torch.isfinite(tensor).all()):
+        if not bool(torch.isfinite(tensor).all()):
             problems.append(f"tensor `{name}` holds NaN or infinite values")
+    # The rest of each pushed layer is read from the first replica's files: the others
+    # must serve the same checkpoint, or they would end up with a mix.
+    for client, manifest in zip(clients[1:], manifests[1:]):
+        if manifest["folders"] != manifests[0]["folders"]:
+            problems.append(f"{client.url} serves other weights than {clients[0].url}; "
+                            f"push a whole model folder to bring the replicas in line")
     if problems:
         raise _refused(problems)
 

@@ -143,16 +143,19 @@ class BehaviorWorker:
 
     # --- model description ---
 
+    def _behaviorc_text_config(self) -> Any:
+        config = self.model_runner.model_config.hf_config
+        return getattr(config, "text_config", config)
+
     def behaviorc_info(self) -> dict[str, Any]:
         config = self.model_runner.model_config.hf_config
-        text_config = getattr(config, "text_config", config)
         count = len(self._behaviorc_decoder_layers())
         return {
             "path": self._behaviorc_served().folders[0],
             "architecture": (getattr(config, "architectures", None) or ["?"])[0],
             "num_layers": count,
-            "hidden_size": int(text_config.hidden_size),
-            "layer_kinds": _layer_kinds(text_config, count),
+            "hidden_size": int(self._behaviorc_text_config().hidden_size),
+            "layer_kinds": _layer_kinds(self._behaviorc_text_config(), count),
             "dtype": str(self.model_runner.model_config.dtype).removeprefix("torch."),
             "start_token_id": self._behaviorc_start_token_id(),
         }
@@ -162,8 +165,8 @@ class BehaviorWorker:
         from transformers import AutoTokenizer
 
         model_config = self.model_runner.model_config
-        tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer,
-                                                  trust_remote_code=model_config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_config.tokenizer, trust_remote_code=model_config.trust_remote_code)
         start = tokenizer.bos_token_id
         return start if start is not None else tokenizer.eos_token_id
 
@@ -184,7 +187,7 @@ class BehaviorWorker:
         request = json.loads(payload)
         strength = float(request["strength"])
         layers = self._behaviorc_decoder_layers()
-        hidden = int(self.behaviorc_info()["hidden_size"])
+        hidden = int(self._behaviorc_text_config().hidden_size)
         additions: dict[int, list[float]] = {}
         for key, values in request["vectors"].items():
             index = int(key)
@@ -234,14 +237,14 @@ class BehaviorWorker:
         served = self._behaviorc_served()
         problems = check_folder(Path(folder), served.manifest(), complete)
         if problems:
-            return {"ok": False, "problems": problems, "restored": True}
+            return {"ok": False, "problems": problems}
         started = time.perf_counter()
         try:
             self._behaviorc_reload(folder, base=folder if complete else served.folders[0])
         except Exception as err:  # vLLM's loader fails in many ways; all mean: roll back
             self._behaviorc_replay(served.folders)
-            return {"ok": False, "problems": [f"vLLM could not load the weights: {err!r}"],
-                    "restored": True}
+            return {"ok": False, "problems": [f"vLLM could not load the weights: {err!r}; "
+                                              f"the previous weights are back"]}
         seconds = time.perf_counter() - started
         new_folders = [folder] if complete else _still_needed(served.folders + [folder])
         served.previous, served.folders = served.folders, new_folders
@@ -306,7 +309,9 @@ def _still_needed(folders: list[str]) -> list[str]:
 
 def _steering_hook(delta: Any) -> Any:
     def add_to_residual(module: Any, inputs: Any, output: Any) -> Any:
-        hidden, residual = output
-        return hidden + delta, residual
+        # (hidden, residual): the stream is their sum. A lone tensor is the stream itself.
+        if isinstance(output, tuple):
+            return (output[0] + delta, *output[1:])
+        return output + delta
 
     return add_to_residual
