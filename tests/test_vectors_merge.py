@@ -104,10 +104,13 @@ def test_bad_options_are_refused():
 def test_selection_over_parts_and_by_radix_matches_a_full_selection():
     generator = torch.Generator().manual_seed(1)
     values = torch.randn(300_000, generator=generator).abs().to(torch.bfloat16).float()
-    parts = lambda: iter(values.split(70_000))
+    doubled = values * 2
+    parts = lambda: ([a, b] for a, b in zip(values.split(70_000), doubled.split(70_000)))
     for k in (1, 1234, 60_000, 299_999):
         expected = torch.kthvalue(values, values.numel() - k + 1).values
-        assert _radix_select(parts, k) == expected
-        assert kth_largest_of_parts(parts, values.numel(), k, values[:5000]) == expected
-        # A sample from elsewhere misjudges the bracket; the answer is still exact.
-        assert kth_largest_of_parts(parts, values.numel(), k, values[:5000] * 3) == expected
+        assert _radix_select(lambda: iter(values.split(70_000)), k) == expected
+        found = kth_largest_of_parts(parts, values.numel(), k, [values[:5000], doubled[:5000]])
+        assert found == [expected, expected * 2]
+        # Samples from elsewhere misjudge the brackets; the answers are still exact.
+        found = kth_largest_of_parts(parts, values.numel(), k, [values[:5000] * 3, doubled[:9]])
+        assert found == [expected, expected * 2]

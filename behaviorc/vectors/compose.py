@@ -158,8 +158,8 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
     present = [i for i, source in enumerate(sources) if name in source.tensors]
     thresholds = None
     if options.method == "ties" and options.density < 1 and len(blocks) > 1:
-        thresholds = [_threshold(name, base, sources[i], blocks,
-                                 keep_count(options.density, info.numel)) for i in present]
+        thresholds = _thresholds(name, base, [sources[i] for i in present], blocks,
+                                 keep_count(options.density, info.numel))
     for rows in blocks:
         stored = base.read(name, rows)
         base_values = stored.to(torch.float32)
@@ -169,23 +169,24 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
         yield base_values.add_(mixed).to(stored.dtype)
 
 
-def _threshold(name: str, base: WeightFolder, source: DeltaSource,
-               blocks: list[tuple[int, int] | None], keep: int) -> torch.Tensor:
-    """The ties trim threshold of one term's delta for a parameter too large for one
-    block: the keep-th largest magnitude, selected over the blocks."""
+def _thresholds(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
+                blocks: list[tuple[int, int] | None], keep: int) -> list[torch.Tensor]:
+    """The ties trim threshold of each term's delta for a parameter merged in blocks:
+    the keep-th largest magnitude over the whole parameter, for all terms in one pass."""
     info = base.tensors[name]
 
-    def magnitudes(ranges: Sequence[tuple[int, int] | None]) -> Iterator[torch.Tensor]:
+    def magnitudes(ranges: Sequence[tuple[int, int] | None]) -> Iterator[list[torch.Tensor]]:
         for rows in ranges:
             base_values = base.read(name, rows).to(torch.float32)
-            yield source.delta(name, base_values, rows).abs_().reshape(-1)
+            yield [source.delta(name, base_values, rows).abs_().reshape(-1)
+                   for source in sources]
 
-    # The sample: whole rows spread evenly over the tensor (cheap to read).
+    # The samples: whole rows spread evenly over the tensor (cheap to read).
     rows = info.shape[0]
     wanted_rows = max(1, min(rows, _SAMPLE_ENTRIES // (info.numel // rows)))
     picked = sorted({round(i * (rows - 1) / max(1, wanted_rows - 1)) for i in range(wanted_rows)})
-    sample = torch.cat(list(magnitudes([(r, r + 1) for r in picked])))
-    return kth_largest_of_parts(lambda: magnitudes(blocks), info.numel, keep, sample)
+    samples = [torch.cat(series) for series in zip(*magnitudes([(r, r + 1) for r in picked]))]
+    return kth_largest_of_parts(lambda: magnitudes(blocks), info.numel, keep, samples)
 
 
 def _copy_model_files(base: Path, staging: Path) -> None:

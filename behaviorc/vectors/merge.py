@@ -163,38 +163,55 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.kthvalue(values, count - k + 1).values
     generator = torch.Generator().manual_seed(count)
     sample = values[torch.randint(count, (_SAMPLE_SIZE,), generator=generator)]
-    return kth_largest_of_parts(lambda: iter([values]), count, k, sample)
+    return kth_largest_of_parts(lambda: iter([[values]]), count, k, [sample])[0]
 
 
-def kth_largest_of_parts(parts: Callable[[], Iterator[torch.Tensor]], count: int, k: int,
-                         sample: torch.Tensor) -> torch.Tensor:
-    """The k-th largest of non-negative float32 values that come in parts (`parts()`
-    yields them afresh on each call), in O(n) and the memory of one part.
+def kth_largest_of_parts(parts: Callable[[], Iterator[list[torch.Tensor]]], count: int,
+                         k: int, samples: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The k-th largest of each of several series of `count` non-negative float32
+    values that come in parts: `parts()` yields, afresh on each call, a list holding the
+    next part of every series. O(n), in the memory of one part per series.
 
-    Quantiles of `sample` (values drawn from all parts) bracket the answer; one pass
-    counts what lies above the bracket and keeps what lies inside, and an exact
-    selection among those finishes. When the sample misjudged the bracket, a radix
-    selection on the float bit patterns (three histogram passes) finds it anyway.
+    Quantiles of each series' sample (values drawn from all its parts) bracket its
+    answer; one pass counts what lies above each bracket and keeps what lies inside,
+    and an exact selection among those finishes. Where a sample misjudged its bracket,
+    a radix selection on the float bit patterns (three histogram passes) finds it.
     """
-    sample = torch.sort(sample.reshape(-1), descending=True).values
-    size = sample.numel()
-    share = k / count
-    margin = 5 * (size * share * (1 - share)) ** 0.5 + 8  # binomial deviations, and some
-    upper_rank, lower_rank = int(share * size - margin), int(share * size + margin)
-    upper = float(sample[upper_rank]) if upper_rank >= 0 else float("inf")
-    lower = float(sample[lower_rank]) if lower_rank < size else float("-inf")
-    above, inside, held = 0, [], 0
+    brackets = [_bracket(sample, count, k) for sample in samples]
+    above = [0] * len(samples)
+    inside: list[list[torch.Tensor] | None] = [[] for _ in samples]
     for part in parts():
-        above += int((part > upper).count_nonzero())
-        inside.append(part[(part >= lower).logical_and_(part <= upper)])
-        held += inside[-1].numel()
-        if held > max(count // 16, 16 * size):  # the bracket is too wide to hold
-            return _radix_select(parts, k)
-    candidates = torch.cat(inside)
-    wanted = k - above  # the answer's rank, from the top, among the candidates
-    if 1 <= wanted <= candidates.numel():
-        return torch.kthvalue(candidates, candidates.numel() - wanted + 1).values
-    return _radix_select(parts, k)
+        for series, (values, (lower, upper)) in enumerate(zip(part, brackets)):
+            kept = inside[series]
+            if kept is None:
+                continue
+            above[series] += int((values > upper).count_nonzero())
+            kept.append(values[(values >= lower).logical_and_(values <= upper)])
+            if sum(t.numel() for t in kept) > max(count // 16, 16 * samples[series].numel()):
+                inside[series] = None  # the bracket is too wide to hold
+    answers = []
+    for series, kept in enumerate(inside):
+        candidates = torch.cat(kept) if kept is not None else torch.empty(0)
+        wanted = k - above[series]  # the answer's rank, from the top, among candidates
+        if kept is not None and 1 <= wanted <= candidates.numel():
+            answers.append(torch.kthvalue(candidates, candidates.numel() - wanted + 1).values)
+        else:
+            answers.append(_radix_select(
+                lambda series=series: (part[series] for part in parts()), k))
+    return answers
+
+
+def _bracket(sample: torch.Tensor, count: int, k: int) -> tuple[float, float]:
+    """Values that hold the k-th largest of `count` between them, judged by a sample,
+    give or take 5 binomial deviations (and a few entries more)."""
+    ordered = torch.sort(sample.reshape(-1), descending=True).values
+    size = ordered.numel()
+    share = k / count
+    margin = 5 * (size * share * (1 - share)) ** 0.5 + 8
+    upper_rank, lower_rank = int(share * size - margin), int(share * size + margin)
+    upper = float(ordered[upper_rank]) if upper_rank >= 0 else float("inf")
+    lower = float(ordered[lower_rank]) if lower_rank < size else float("-inf")
+    return lower, upper
 
 
 def _radix_select(parts: Callable[[], Iterator[torch.Tensor]], k: int) -> torch.Tensor:
