@@ -41,7 +41,8 @@ def import_task_vector(task: ImportTaskVector, ctx: TaskContext) -> TaskResult:
     with _located(task.external.loc or task.loc):
         metadata = check_task_vector(path, Path(base))
     return TaskResult(artifacts={"task_vector": str(path)},
-                      data={"sha256": task.external.fingerprint or fingerprint(path),
+                      data={"sha256": task.external.fingerprint.removeprefix("sha256:")
+                            or fingerprint(path),
                             "metadata": metadata})
 
 
