@@ -67,11 +67,12 @@ def test_persona_plan_composes_aligned_vectors() -> None:
 def test_deploy_plan_distills_and_serves_steering() -> None:
     plan = lower(load_spec(str(SPECS / "deploy.behavior")))
     tasks = by_id(plan)
-    train, deploy = tasks["train:listen"], tasks["deploy:listen"]
-    assert isinstance(deploy, DeployModel)
+    train = tasks["train:listen"]
     assert train.steering is tasks["steer.extract:listen"] and train.strength == 4.0
-    assert deploy.source is train and deploy.steering is tasks["steer.extract:listen"]
-    assert deploy.deploy.urls == "auto" and deploy.deploy.push_every == 10
+    # The hand-off deploys it live while it trains: one owner of the server, no DeployModel.
+    assert train.handoff.urls == "auto" and train.handoff.push_every == 10
+    assert not any(isinstance(t, DeployModel) for t in plan.tasks)
+    assert any("deployed live by its training" in note for note in plan.notes)
 
 
 def test_verification_holds_out_every_fifth_pair(tmp_path: Path) -> None:

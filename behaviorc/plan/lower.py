@@ -74,7 +74,8 @@ class _Lowering:
                 name=b.name, model=model, train=b.train,
                 eval_pairs=eval_pairs or (b.steer.pairs if b.steer else ()), general=general,
                 steering=self.steering[b.name] if distill else None,
-                strength=b.steer.strength if distill else 0.0, loc=b.train.loc))
+                strength=b.steer.strength if distill else 0.0,
+                handoff=self._handoff(b.name) if distill else None, loc=b.train.loc))
             if not train.eval_pairs:
                 self.notes.append(f"`{b.name}` has no pairs to measure its margin on: add an "
                                   "eval section with pairs")
@@ -93,6 +94,11 @@ class _Lowering:
             # Training reports the lasting effect; verification the steered one.
             source = train if train and expect.metric in REPORTED_METRICS["train"] else verify
             self.expectations.append(Expectation(source.id, expect))
+
+    def _handoff(self, name: str) -> ir.Deploy | None:
+        """The live deploy of `name` that hands its steering over to the weights while
+        it distills. Its training task owns the servers, so it is not deployed again."""
+        return next((d for d in self.spec.deploys if d.target == name and d.handoff and d.live), None)
 
     def _general(self, b: ir.Behavior) -> tuple[str, ...]:
         if b.eval and b.eval.general:
@@ -135,6 +141,11 @@ class _Lowering:
             loc=c.loc))
 
     def _deploy(self, d: ir.Deploy) -> None:
+        train = self.weights.get(d.target)
+        if isinstance(train, TrainBehavior) and train.handoff == d:
+            self.notes.append(f"`{d.target}` is deployed live by its training ({train.id}): the "
+                              "hand-off serves it from the first step to the final weights")
+            return
         if d.target in self.compositions:
             source = self.compositions[d.target]
             model = source.model

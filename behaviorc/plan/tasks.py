@@ -76,6 +76,9 @@ class TrainBehavior(Task):
     # sample with, at `strength`.
     steering: ExtractSteering | None = None
     strength: float = 0.0
+    # Set when a live deploy of this behavior says `handoff on`: this task then owns
+    # the deploy's servers and hands the steering over to the weights while it trains.
+    handoff: ir.Deploy | None = None
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         from behaviorc.train.tasks import train_behavior
