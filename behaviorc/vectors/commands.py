@@ -130,7 +130,7 @@ def _folder_text(path: Path, record: dict[str, Any]) -> str:
         if spec.get("path"):
             lines.append(f"  spec:     {spec['path']} (sha256 {spec.get('sha256', '')[:16]})")
         base = record.get("base", {})
-        lines.append(f"  base:     {base.get('path')} (sha256 {base.get('fingerprint', '')[:16]})")
+        lines.append(f"  base:     {base.get('path')} (fingerprint {base.get('fingerprint', '')[:24]})")
         merge = record.get("merge", {})
         lines.append("  merge:    " + ", ".join(
             f"{k} {', '.join(v) if isinstance(v, list) else v}" for k, v in merge.items()))
