@@ -166,14 +166,14 @@ def test_training_planted_examples_raises_the_margin_on_held_out_pairs(tmp_path)
     assert changed and all(".linear_attn." in n or ".self_attn.q_proj" in n or ".mlp." in n for n in changed)
 
 
-def test_distillation_is_refused_at_its_spec_line(tmp_path):
+def test_distillation_without_steering_is_refused_at_its_spec_line(tmp_path):
     from behaviorc.run.executor import Executor
 
     distill_loc = Location(file="listen.behavior", line=12, column=5, end_line=12, end_column=12)
     task = _task(steps=1, distill=ir.Distill(prompts=("Which parser?",), loc=distill_loc))
     outcome = Executor(tmp_path / "out").run([task])
     failed = outcome.record(task.id)
-    assert failed.status == "failed" and "distillation is not available yet" in failed.error
+    assert failed.status == "failed" and "needs the behavior's steering" in failed.error
     assert failed.loc == distill_loc
 
 

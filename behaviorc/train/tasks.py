@@ -32,8 +32,8 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
 
     spec = task.train
     if spec.distill is not None:
-        raise BehaviorError("distillation is not available yet", spec.distill.loc or spec.loc or task.loc,
-                            hint="train on `examples` for now")
+        from behaviorc.distill.pipeline import distill_behavior
+        return distill_behavior(task, ctx)
     decl = task.model.decl
     path = ctx.result(task.model).data["path"]
     ctx.progress(0, spec.steps, "loading the model")
