@@ -11,9 +11,11 @@ from behaviorc.diagnostics import BehaviorError
 
 SHOW_EXAMPLES = """\
 examples:
-  behaviorc show out/persona/compose.persona/model      what a composed model is made of
-  behaviorc show --mergekit out/persona/compose.persona/model > persona.yaml
-  behaviorc show vectors/listen.safetensors             a task-vector file's origin
+  behaviorc show merged/                       what a composed model folder is made of
+  behaviorc show --mergekit merged/ > persona.yaml
+  behaviorc show listen.safetensors            where a task-vector file came from
+
+A build's composed models are listed with their folders in OUT/report.json.
 """
 
 MERGE_EXAMPLES = """\
