@@ -22,7 +22,7 @@ def _regression(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return inputs, targets, start
 
 
-def _fit(make_optimizer, steps: int = 150) -> tuple[float, float]:
+def _fit(make_optimizer, steps: int = 40) -> tuple[float, float]:
     inputs, targets, start = _regression()
     weight = torch.nn.Parameter(start.clone())
     bias = torch.nn.Parameter(torch.zeros(64))
@@ -34,17 +34,22 @@ def _fit(make_optimizer, steps: int = 150) -> tuple[float, float]:
         first = float(loss.detach()) if first is None else first
         loss.backward()
         optimizer.step()
-    return first, float(torch.nn.functional.mse_loss(inputs @ weight.T + bias, targets))
+    with torch.no_grad():
+        return first, float(torch.nn.functional.mse_loss(inputs @ weight.T + bias, targets))
 
 
-def test_regression_apollo_within_1_5x_of_adamw_final_loss():
+def test_regression_apollo_final_loss_at_most_1_5x_adamw():
+    """40 steps at lr 1e-2: AdamW ends below 1% of the start, APOLLO (rank 16) and
+    APOLLO-Mini end at most 1.5x AdamW's loss (here both end lower). SGD at the same
+    rate barely moves, so the adaptive scaling is what the test measures."""
     first, adamw = _fit(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0))
     _, apollo = _fit(lambda ps: APOLLO(ps, lr=1e-2, rank=16))
     _, mini = _fit(lambda ps: APOLLO.mini(ps, lr=1e-2))
-    assert adamw < 0.05 * first
-    assert apollo < 0.05 * first
+    _, sgd = _fit(lambda ps: torch.optim.SGD(ps, lr=1e-2))
+    assert adamw < 0.01 * first
     assert apollo <= 1.5 * adamw, (apollo, adamw)
-    assert mini < 0.2 * first  # rank 1, tensor-wise: slower, but it learns
+    assert mini <= 1.5 * adamw, (mini, adamw)
+    assert sgd > 0.5 * first
 
 
 def test_tiny_gdn_apollo_loss_drop_at_least_0_7x_adamw(tiny_gdn):
