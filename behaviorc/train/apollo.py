@@ -206,19 +206,20 @@ class APOLLO(torch.optim.Optimizer):
             update = self._workspace(param)
             torch.mul(param.grad, (factors.unsqueeze(1) if tall else factors.unsqueeze(0)).to(param.dtype),
                       out=update)
-            update_norm = alpha * float(update.norm())
-
+            # The limiter stays in tensors on the parameter's device: no host sync per matrix.
+            update_norm = alpha * update.norm()
+            limit = torch.ones((), device=param.device)
             gamma = group["limiter"]
-            previous = float(state["previous_norm"])
-            if gamma is not None and previous > 0 and update_norm > gamma * previous:
-                alpha *= gamma * previous / update_norm
-                update_norm = gamma * previous
-                state["limited"] += 1
-            state["previous_norm"].fill_(update_norm)
+            if gamma is not None:
+                previous = state["previous_norm"]
+                capped = (previous > 0) & (update_norm > gamma * previous)
+                limit = torch.where(capped, gamma * previous / update_norm, limit)
+                state["limited"] += capped
+            state["previous_norm"].copy_(update_norm * limit)
 
             if group["weight_decay"]:
                 param.mul_(1 - lr * group["weight_decay"])
-            param.add_(update, alpha=-lr * alpha)
+            param.addcmul_(update, limit.to(param.dtype), value=-lr * alpha)
 
     def _workspace(self, param: torch.Tensor) -> torch.Tensor:
         """A reused buffer for one matrix's update. Allocating a fresh full-size temporary
@@ -237,15 +238,15 @@ class APOLLO(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.int64)
             state["exp_avg"] = torch.zeros(rank, channels, dtype=torch.float32, device=param.device)
             state["exp_avg_sq"] = torch.zeros(rank, channels, dtype=torch.float32, device=param.device)
-            state["previous_norm"] = torch.zeros((), dtype=torch.float32)
-            state["limited"] = torch.zeros((), dtype=torch.int64)
+            state["previous_norm"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["limited"] = torch.zeros((), dtype=torch.int64, device=param.device)
         return state
 
     @staticmethod
     def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
         # torch casts loaded float state to the parameter's dtype; ours keeps its own
         # (float32 moments beside bf16 weights, int64 counters), so only move devices.
-        return value.to(device=param.device) if value.ndim > 0 else value
+        return value if key == "step" else value.to(device=param.device)
 
 
 def _oriented(grad: torch.Tensor) -> torch.Tensor:
