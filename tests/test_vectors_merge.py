@@ -103,12 +103,12 @@ def test_bad_options_are_refused():
 
 def test_selection_over_parts_and_by_radix_matches_a_full_selection():
     generator = torch.Generator().manual_seed(1)
-    values = torch.randn(300_000, generator=generator).abs().to(torch.bfloat16).float()
+    values = torch.randn(120_000, generator=generator).abs().to(torch.bfloat16).float()
     doubled = values * 2
-    parts = lambda: ([a, b] for a, b in zip(values.split(70_000), doubled.split(70_000)))
-    for k in (1, 1234, 60_000, 299_999):
+    parts = lambda: ([a, b] for a, b in zip(values.split(50_000), doubled.split(50_000)))
+    for k in (1, 24_000, 119_999):
         expected = torch.kthvalue(values, values.numel() - k + 1).values
-        assert _radix_select(lambda: iter(values.split(70_000)), k) == expected
+        assert _radix_select(lambda: iter(values.split(50_000)), k) == expected
         found = kth_largest_of_parts(parts, values.numel(), k, [values[:5000], doubled[:5000]])
         assert found == [expected, expected * 2]
         # Samples from elsewhere misjudge the brackets; the answers are still exact.
