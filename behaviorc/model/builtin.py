@@ -36,6 +36,9 @@ class BuiltinModel:
     description: str
     architecture: str
     config: Callable[[int], dict[str, Any]]  # vocab size -> config.json fields
+    # Writes the whole folder itself (a model that is trained, not only initialized);
+    # None: initialize `config` with the shared tokenizer.
+    write: Callable[[Path], None] | None = None
 
 
 def _common(vocab_size: int) -> dict[str, Any]:
@@ -91,6 +94,11 @@ def _tiny_dense(vocab_size: int) -> dict[str, Any]:
     }
 
 
+def _write_testbed(folder: Path) -> None:
+    from behaviorc.testbed.build import write_testbed
+    write_testbed(folder)
+
+
 BUILTINS: dict[str, BuiltinModel] = {
     m.name: m
     for m in (
@@ -98,6 +106,9 @@ BUILTINS: dict[str, BuiltinModel] = {
                      "Qwen3NextForCausalLM", _tiny_gdn),
         BuiltinModel("tiny-dense", "Qwen3: 4 attention layers, hidden 128",
                      "Qwen3ForCausalLM", _tiny_dense),
+        BuiltinModel("tiny-gdn-testbed", "tiny-gdn pretrained on the testbed dialogues "
+                     "(behaviors at known rates; a few minutes to build)",
+                     "Qwen3NextForCausalLM", _tiny_gdn, write=_write_testbed),
     )
 }
 
@@ -139,6 +150,9 @@ def write_builtin(name: str, folder: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = BUILTINS[name]
+    if spec.write is not None:
+        spec.write(folder)
+        return
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(folder)
