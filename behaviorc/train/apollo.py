@@ -25,10 +25,16 @@ gradient is r x n):
 Scale alpha. A column of R~ has r entries of magnitude ~1, a column of AdamW's scaled
 gradient has d, while ||R[:, j]|| ~= ||G[:, j]|| (Johnson-Lindenstrauss). So s_j is about
 sqrt(r/d) times AdamW's channel factor and alpha = sqrt(d / r) brings the update back to
-AdamW's magnitude, which lets the same learning rates work. d is the side the projection
-compresses (the smaller one); the paper's code exposes this as `scale` with
-alpha = sqrt(scale), and its APOLLO-Mini default scale = 128 is this formula for d = 128,
-r = 1. Pass `scale` to override alpha.
+AdamW's magnitude, which lets the same learning rates work (checked by a test: the first
+update's RMS is AdamW's). In DESIGN.md's `alpha = sqrt(n/r)`, n is this d: the side the
+projection compresses, the smaller one. The paper's code takes a hand-tuned `scale` with
+alpha = sqrt(scale) (1 for APOLLO, 128 for APOLLO-Mini); pass `scale` to set alpha
+directly instead of this default.
+
+Cost: the projection is a dense r x d by d x n product per matrix and step (2 r d n
+flops). The rest runs in place on all matrices at once (foreach), the full-size update
+goes through one reused workspace (fresh full-size temporaries cost more than the
+arithmetic on a CPU), and the limiter stays on the device (no host sync per matrix).
 
 Norm-growth limiter (gamma = 1.01): if ||U_t|| > gamma * ||U_{t-1}|| the update is shrunk
 to gamma * ||U_{t-1}||; each activation is counted (`limiter_activations`).
