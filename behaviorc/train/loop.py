@@ -138,8 +138,7 @@ def train(
     of that loss, so hooks it holds on the model have seen the batch."""
     for param in model.parameters():
         param.requires_grad_(False)
-    names = sorted(targets)
-    params = [targets[n] for n in names]
+    params = [targets[name] for name in sorted(targets)]
     for param in params:
         param.requires_grad_(True)
     optimizer = make_optimizer(spec.optimizer, params, spec.lr, spec.seed)
@@ -164,7 +163,8 @@ def train(
             params, spec.clip if spec.clip > 0 else float("inf")))
         lr = learning_rate(step, spec)
         limited_before = _limiter_count(optimizer)
-        skipped = not (math.isfinite(float(loss.detach())) and math.isfinite(grad_norm))
+        loss_value = float(loss.detach())
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if skipped:
             summary.steps_skipped += 1
         else:
@@ -173,12 +173,11 @@ def train(
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         limited = _limiter_count(optimizer) - limited_before
-        summary.losses.append(float(loss.detach()))
-        if summary.loss_first is None:
-            summary.loss_first = summary.losses[0]
+        summary.losses.append(loss_value)
+        summary.loss_first = summary.losses[0] if summary.loss_first is None else summary.loss_first
         summary.limiter_activations += limited
         seconds = time.perf_counter() - began
-        on_step(StepEvent(step + 1, float(loss.detach()), grad_norm, lr, limited,
+        on_step(StepEvent(step + 1, loss_value, grad_norm, lr, limited,
                           sum(s.tokens for s in batch) / max(seconds, 1e-9), skipped))
 
         done = step + 1
