@@ -69,7 +69,7 @@ def test_tiny_gdn_apollo_loss_drop_at_least_0_7x_adamw(tiny_gdn):
         for _ in range(steps):
             optimizer.zero_grad()
             loss = model(**batch, labels=labels).loss
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             loss.backward()
             optimizer.step()
         return losses[0] - losses[-1]
