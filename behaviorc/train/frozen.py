@@ -138,6 +138,9 @@ def collate(model: torch.nn.Module, contexts: Sequence[FrozenContext],
     the frozen states are read, never written)."""
     device = next(model.parameters()).device
     width = max(len(s) for s in segments)
+    if width < 2:
+        # transformers' one-token decode path updates the GDN conv state in place
+        raise ValueError("trainable segments need at least two tokens (a context token and a response)")
     input_ids = torch.full((len(segments), width), pad_id, dtype=torch.long, device=device)
     segment_mask = torch.zeros(len(segments), width, dtype=torch.long, device=device)
     for row, seg in enumerate(segments):
