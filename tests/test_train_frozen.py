@@ -153,3 +153,24 @@ def test_gdn_projections_and_gates_get_gradient_on_frozen_state(tiny_gdn):
     gdn = model.model.layers[0].linear_attn
     for param in (gdn.in_proj_qkvz.weight, gdn.in_proj_ba.weight, gdn.A_log, gdn.dt_bias):
         assert param.grad is not None and param.grad.abs().sum() > 0
+
+
+def test_transformers_own_cache_fails_where_the_rebinding_cache_works(tiny_gdn):
+    """Why `frozen.py` builds its own cache: a gradient forward over transformers' cache
+    from a no_grad context breaks in the backward (its GDN layer copies the new state into
+    a tensor autograd saved). If this starts passing, the workaround may be unneeded."""
+    import copy
+
+    model = _load(tiny_gdn, torch.float32)
+    context, segment = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[11, 12, 13]])
+    with torch.no_grad():
+        cache = model(input_ids=context, use_cache=True).past_key_values
+    positions = torch.arange(6, 9)[None]
+    with pytest.raises(RuntimeError, match="inplace"):
+        model(input_ids=segment, position_ids=positions, past_key_values=copy.deepcopy(cache),
+              use_cache=True).logits.sum().backward()
+
+    [frozen] = freeze_contexts(model, [context[0].tolist()])
+    _, loss = _frozen_loss(model, [frozen], [segment[0].tolist()])
+    loss.backward()
+    assert model.model.layers[0].linear_attn.in_proj_qkvz.weight.grad is not None
