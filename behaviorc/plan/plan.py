@@ -15,7 +15,8 @@ REPORTED_METRICS: dict[str, tuple[str, ...]] = {
     "steer.verify": ("margin_before", "margin_steered", "margin_after", "general_nll_before",
                      "general_nll_steered"),
     "train": ("loss_first", "loss_last", "margin_before", "margin_after", "general_nll_before",
-              "general_nll_after", "steps_skipped"),
+              "general_nll_after", "steps_skipped",
+              "steered_share"),  # distillation: the share of the steered gain the weights carry
     "deploy": ("push_ms", "requests_failed"),
 }
 
