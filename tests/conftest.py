@@ -3,6 +3,12 @@
 from pathlib import Path
 
 import pytest
+import torch
+
+# The tiny models' ops are far too small to gain from a second thread, and on a shared
+# 2-core machine two threads per process thrash (measured: 124 s against 6 s for one
+# training test). Servers started by the tests keep their own settings.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import torch
 
 from behaviorc.train.apollo import APOLLO
 from behaviorc.train.checkpoint import load_checkpoint, save_checkpoint
-from test_train_frozen import one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def _regression(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

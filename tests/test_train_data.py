@@ -7,7 +7,6 @@ import pytest
 from behaviorc import ir
 from behaviorc.diagnostics import BehaviorError, Location
 from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, encode_texts, render_chat
-from test_train_frozen import one_torch_thread  # noqa: F401 (autouse fixture)
 
 LOC = Location(file="b.behavior", line=3, column=5, end_line=3, end_column=12)
 

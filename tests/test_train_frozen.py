@@ -13,17 +13,6 @@ from behaviorc.train.frozen import collate, freeze_contexts, segment_logits, seg
 SHAPES = [(20, 12), (13, 5), (9, 0)]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread while these tests run: on a shared 2-core machine, waking a second
-    thread for every small op of these tiny models costs far more than it saves (a
-    training test took 124 s with two threads under load, 6 s with one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _examples(seed: int = 0) -> tuple[list[list[int]], list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(5, 300, (n,), generator=g).tolist() for n, _ in SHAPES], [s for _, s in SHAPES]

@@ -27,6 +27,8 @@ def at(spec, line: int) -> Location:
     return Location(file=str(spec), line=line, column=3, end_line=line, end_column=20)
 
 
+SPEC_SHA256 = "5bec" * 16
+
 @pytest.fixture
 def plan(tmp_path, tiny_gdn):
     spec = tmp_path / "persona.behavior"
@@ -50,13 +52,14 @@ def plan(tmp_path, tiny_gdn):
         merge=ir.Merge(method="ties", density=0.5, groups=("gdn.proj", "gdn.gates", "mlp")),
         loc=at(spec, 7))
     composed = ComposeBehaviors(name="persona", model=model, compose=composition,
-                                vectors=(vector_a, vector_b), steering=(steering_a,))
+                                vectors=(vector_a, vector_b), steering=(steering_a,),
+                                steering_strengths=(4.0,))
     return spec, composed
 
 
 def test_a_composition_builds_with_provenance_and_steering(plan, tmp_path):
     spec, composed = plan
-    outcome = Executor(tmp_path / "out").run([composed])
+    outcome = Executor(tmp_path / "out", spec_sha256=SPEC_SHA256).run([composed])
     assert outcome.ok, [r.error for r in outcome.records]
     vector_a, vector_b = composed.vectors
     extracted = outcome.record(vector_a.id).result
@@ -67,7 +70,7 @@ def test_a_composition_builds_with_provenance_and_steering(plan, tmp_path):
     folder = result.path("model")
     provenance = json.loads((folder / "behaviorc.json").read_text())
     assert provenance == result.data["provenance"]
-    assert provenance["spec"] == {"path": str(spec), "sha256": sha256_file(spec)}
+    assert provenance["spec"] == {"path": str(spec), "sha256": SPEC_SHA256}
     assert provenance["expression"] == "a - b * 0.5"
     assert [(t["behavior"], t["weight"], t["sha256"]) for t in provenance["terms"]] == [
         ("a", 1.0, extracted.data["sha256"]), ("b", -0.5, sha256_file(tmp_path / "b.safetensors"))]
@@ -80,12 +83,13 @@ def test_a_composition_builds_with_provenance_and_steering(plan, tmp_path):
     assert not torch.equal(merged["model.layers.0.linear_attn.in_proj_qkvz.weight"],
                            base["model.layers.0.linear_attn.in_proj_qkvz.weight"])
 
-    # Only `a` steers, so the composed steering is 1.0 times a's.
+    # Only `a` steers, so the composed steering is its weight (1.0) times its strength
+    # (4.0) times a's vector.
     steering = load_steering(result.path("steering"))
     original = load_steering(outcome.record(composed.steering[0].id).result.path("vectors"))
     assert steering.layers == original.layers == (1, 2)
     for layer in steering.layers:
-        assert torch.equal(steering.directions[layer], original.directions[layer])
+        assert torch.equal(steering.directions[layer], 4.0 * original.directions[layer])
 
     again = Executor(tmp_path / "out").run([composed])
     assert {r.status for r in again.records} == {"cached"}

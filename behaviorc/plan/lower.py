@@ -138,6 +138,8 @@ class _Lowering:
             name=c.name, model=self._model(c.model), compose=c,
             vectors=tuple(self.vectors[n] for n in names),
             steering=tuple(self.steering[n] for n in names if n in self.steering),
+            steering_strengths=tuple(self.spec.behavior(n).steer.strength
+                                     for n in names if n in self.steering),
             loc=c.loc))
 
     def _deploy(self, d: ir.Deploy) -> None:
@@ -150,14 +152,17 @@ class _Lowering:
             source = self.compositions[d.target]
             model = source.model
             steering = source if d.steering else None
+            strength = 1.0  # the composed vector already carries each behavior's strength
         else:
+            behavior = self.spec.behavior(d.target)
             source = self.weights[d.target]
-            model = self._model(self.spec.behavior(d.target).model)
+            model = self._model(behavior.model)
             steering = self.steering[d.target] if d.steering else None
+            strength = behavior.steer.strength if steering else 1.0
         name, n = d.target, 1
         while f"{DeployModel.kind}:{name}" in self.deploy_ids:
             n += 1
             name = f"{d.target}.{n}"
         self.deploy_ids.add(f"{DeployModel.kind}:{name}")
         self._add(DeployModel(name=name, deploy=d, model=model, source=source, steering=steering,
-                              loc=d.loc))
+                              steering_strength=strength, loc=d.loc))

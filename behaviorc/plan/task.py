@@ -39,6 +39,9 @@ class TaskContext(Protocol):
 
     out: Path  # an empty folder for this task's artifacts, promoted atomically on success
     spec_sha256: str  # of the spec being built, for artifact metadata (not part of any key)
+    # A folder stable for the task's key that survives a killed build (removed once the
+    # result is stored): resumable state such as training checkpoints.
+    scratch: Path
 
     def result(self, task: "Task") -> TaskResult:
         """An upstream task's result, artifact paths absolute."""

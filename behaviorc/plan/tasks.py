@@ -130,6 +130,9 @@ class ComposeBehaviors(Task):
     compose: ir.Compose
     vectors: tuple[ExtractTaskVector | ImportTaskVector, ...]  # aligned with compose.terms
     steering: tuple[ExtractSteering, ...]  # for the terms whose behavior steers, by name
+    # Each of `steering`'s behavior strengths, in order: a composed vector is
+    # sum(weight * strength * vector), served at strength 1.
+    steering_strengths: tuple[float, ...]
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         from behaviorc.vectors.tasks import compose_behaviors

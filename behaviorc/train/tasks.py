@@ -63,13 +63,11 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
                  skipped=event.skipped)
         ctx.progress(event.step, spec.steps, f"loss {event.loss:.4f}")
 
-    # The executor's RunContext has a scratch folder that outlives a stopped build.
-    scratch = getattr(ctx, "scratch", None)
-    checkpoint = Path(scratch) / "checkpoint" if scratch is not None else None
+    # The scratch folder outlives a stopped build, so a rerun resumes from the checkpoint.
+    checkpoint = ctx.scratch / "checkpoint"
     summary = train(model, targets, schedule, spec, pad_id=tokenizer.pad_token_id, on_step=on_step,
                     checkpoint_dir=checkpoint, checkpoint_every=CHECKPOINT_EVERY)
-    if checkpoint is not None:
-        shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a rerun starts afresh
+    shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a rerun starts afresh
     ctx.check_cancelled()
 
     metrics["loss_first"] = summary.loss_first if summary.loss_first is not None else float("nan")

@@ -81,7 +81,7 @@ def compose_behaviors(task: ComposeBehaviors, ctx: TaskContext) -> TaskResult:
             Composition(base=Path(ctx.result(task.model).data["path"]), terms=terms,
                         options=MergeOptions.from_ir(spec.merge), name=spec.name,
                         expression=spec.expression, spec_path=spec_path,
-                        spec_sha256=_file_sha256(spec_path),
+                        spec_sha256=ctx.spec_sha256,
                         base_fingerprint=task.model.decl.fingerprint,
                         extra={"task_key": task.key}),
             ctx.out / MODEL_FOLDER, progress=ctx.progress)
@@ -99,17 +99,12 @@ def _compose_steering(task: ComposeBehaviors, ctx: TaskContext) -> None:
     from behaviorc.steer.vectors import combine, load_steering, save_steering
 
     by_behavior = {steering.name: steering for steering in task.steering}
+    strength = dict(zip(by_behavior, task.steering_strengths))
     weighted = [(load_steering(ctx.result(by_behavior[term.behavior]).path("vectors"),
-                               task.compose.loc), term.weight)
+                               task.compose.loc), term.weight * strength[term.behavior])
                 for term in task.compose.terms if term.behavior in by_behavior]
     save_steering(combine(weighted, provenance=task.compose.expression),
                   ctx.out / STEERING_FILE)
-
-
-def _file_sha256(path: str) -> str:
-    from behaviorc.vectors.safetensors_io import sha256_file
-
-    return sha256_file(Path(path)) if path and Path(path).is_file() else ""
 
 
 @contextmanager
