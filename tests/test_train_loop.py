@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from behaviorc import ir
-from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.diagnostics import Location
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
 from behaviorc.plan.tasks import ResolveModel, TrainBehavior
 from behaviorc.train.data import BatchSchedule, encode_examples, encode_texts
 from behaviorc.train.loop import learning_rate, train
-from test_train_frozen import one_torch_thread  # noqa: F401 (autouse fixture)
 
 LOC = Location(file="listen.behavior", line=9, column=3, end_line=9, end_column=8)
 ASKERS = ["the user", "the team", "my friend", "the client", "our lead", "the tester",
