@@ -326,6 +326,12 @@ class _Checker:
         # no model: its behaviors have no model either, and say why
         if len(self.sink.errors) > errors or not terms or merge is None or not models:
             return None
+        if merge.method == "ties" and merge.normalize and any(w < 0 for _, w in terms):
+            # mergekit's TIES divides by the summed weights of the agreeing terms: with a
+            # negative one that sum can be near zero or negative, flipping the result.
+            self.sink.warning("TIES with `normalize true` divides by signed weights, so a "
+                              "subtracted behavior can flip or amplify the merge", merge.loc,
+                              "write `normalize false` when a composition subtracts a behavior")
         return ir.Compose(name=decl.name.name, model=next(iter(models)),
                           terms=tuple(ir.Term(behavior=n, weight=w) for n, w in terms),
                           expression=canonical_text(terms), merge=merge, loc=decl.name.loc)
