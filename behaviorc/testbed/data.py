@@ -64,8 +64,8 @@ def follow_examples(count: int = LISTEN_EXAMPLES, seed: int = SEED) -> list[dict
     return examples
 
 
-def general_texts(count: int = GENERAL_TEXTS) -> list[str]:
-    dialogues = [d for d in corpus.corpus(count * 3, SEED) if d.kind != "listen"]
+def general_texts(count: int = GENERAL_TEXTS, seed: int = SEED) -> list[str]:
+    dialogues = [d for d in corpus.corpus(count * 3, seed) if d.kind != "listen"]
     return [corpus.chat_text(d.user, d.assistant) for d in dialogues[:count]]
 
 
@@ -77,6 +77,8 @@ def write_spec_data(folder: Path) -> list[Path]:
         "testbed_concise_pairs.jsonl": concise_pairs(held_out=False),
         "testbed_concise_eval.jsonl": concise_pairs(held_out=True),
         "testbed_general.jsonl": [{"text": t} for t in general_texts()],
+        # Another draw, for measuring: the mix trains on the file above.
+        "testbed_general_eval.jsonl": [{"text": t} for t in general_texts(GENERAL_TEXTS // 2, SEED + 1)],
     }
     written = []
     for name, records in files.items():
