@@ -1,7 +1,7 @@
 """The live hand-off: steering out, weights in, while a server keeps serving.
 
-At the start the servers serve the base weights with the behavior's steering at full
-strength. Every `push_every` training steps the trained tensors are pushed into the
+At the start the servers serve the base weights (pushed there, unless the build started
+the server on them) with the behavior's steering at full strength. Every `push_every` training steps the trained tensors are pushed into the
 servers (validated, all or nothing, without pausing them: HOGWILD), and then the served
 strength is lowered to
 
@@ -15,7 +15,10 @@ gives back exactly the share the weights have taken over. The strength never ris
 again once lowered (a noisy measurement must not put steering back). Weights are
 pushed before the strength is lowered, so between the two the behavior is, if anything,
 stronger, never weaker. At the end the final model folder is pushed and the steering
-cleared: strength 0, whatever share the weights carry by then.
+cleared: strength 0, whatever share the weights carry by then. Every push after the
+first sends the trained tensors only (the rest are the base's, already served), as a
+state dict: push.py writes it into a folder it keeps while served, whereas a task's
+output folder moves into the store when the task ends.
 
 A stream of probe requests runs the whole time; `requests_failed` counts failures (the
 claim is zero). After every change the served margin is measured on the first server
@@ -24,7 +27,6 @@ and recorded as an event, so the dashboard shows the behavior users see over tim
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -97,11 +99,13 @@ class LiveHandoff:
         """The first server, serving the steered behavior: distillation samples it."""
         return self._engines[0]
 
-    def start(self) -> None:
-        """Serve the steering at full strength and start the probe requests."""
+    def start(self, base: Path | None) -> None:
+        """Serve `base` (a model folder; None: the servers already serve it) with the
+        steering at full strength, and start the probe requests."""
+        pushed = self._push(base) if base is not None else 0.0
         self._steer(self.strength)
         self._probes.start()
-        self._point(0, self.margin_before, 0.0)
+        self._point(0, self.margin_before, pushed)
 
     def step(self, step: int, weights: Mapping[str, torch.Tensor], local: Engine) -> None:
         """Push `weights` (checkpoint names) and lower the strength by what the weights
@@ -115,10 +119,10 @@ class LiveHandoff:
         self.emit("train_eval", step=step, margin=weights_margin)
         self._point(step, weights_margin, pushed)
 
-    def finish(self, step: int, folder: Path, weights_margin: float) -> HandoffRecord:
-        """Serve the final model folder with no steering; stop the probes."""
+    def finish(self, step: int, weights: Mapping[str, torch.Tensor], weights_margin: float) -> HandoffRecord:
+        """Serve the final trained tensors with no steering; stop the probes."""
         try:
-            pushed = self._push(folder)
+            pushed = self._push(weights)
             self._steer(0.0)
             self._point(step, weights_margin, pushed)
         finally:

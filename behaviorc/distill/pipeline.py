@@ -11,8 +11,8 @@ Phases, each timed into the task's metrics:
 4. train (`seconds_train`, pushes excluded): the plain model on (prompt, kept sample)
    plus the spec's own examples and general mix, APOLLO and context-frozen as the spec
    says, through the training loop;
-5. push (`seconds_push`): with a live hand-off, pushes every `push_every` steps and the
-   final folder (`behaviorc.distill.handoff`);
+5. push (`seconds_push`): with a live hand-off, the base at the start, the trained
+   tensors every `push_every` steps and at the end (`behaviorc.distill.handoff`);
 6. verify: `margin_after` (trained, no steering), `general_nll_after`, and
    `steered_share = (margin_after - margin_before) / (margin_steered - margin_before)`,
    the share of the steered effect the weights now carry (1: all of it).
@@ -91,13 +91,13 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
         if task.handoff is not None:
             if task.handoff.urls == "auto":
                 ctx.progress(0, spec.steps, "starting a vLLM server")
-                urls = [stack.enter_context(serve(path)).url]
+                urls, base = [stack.enter_context(serve(path)).url], None
             else:
-                urls = list(task.handoff.urls)
+                urls, base = list(task.handoff.urls), Path(path)
             handoff = LiveHandoff(urls, directions, task.strength, pairs, metrics["margin_before"],
                                   metrics["margin_steered"], emit=ctx.emit)
             stack.callback(handoff.close)
-            handoff.start()
+            handoff.start(base)
             generator = handoff.generator()
         else:
             generator = engine
@@ -135,6 +135,9 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
         push_every = task.handoff.push_every if task.handoff is not None else 0
         paused_training = [0.0]  # seconds of the loop spent pushing and measuring
 
+        def trained() -> dict[str, Any]:
+            return trained_tensors(adapter.checkpoint_tensors(model), list(targets))
+
         def on_step(event: StepEvent) -> None:
             ctx.emit("train_step", step=event.step, steps=spec.steps, loss=event.loss,
                      grad_norm=event.grad_norm, lr=event.lr, limiter=event.limiter,
@@ -143,8 +146,7 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
             if handoff is not None and push_every and event.step % push_every == 0 \
                     and event.step < spec.steps:
                 handing_over = time.perf_counter()
-                handoff.step(event.step, trained_tensors(adapter.checkpoint_tensors(model), list(targets)),
-                             engine)
+                handoff.step(event.step, trained(), engine)
                 paused_training[0] += time.perf_counter() - handing_over
             ctx.check_cancelled()
 
@@ -168,7 +170,7 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
 
         served: list[dict[str, Any]] = []
         if handoff is not None:
-            record = handoff.finish(spec.steps, folder, metrics["margin_after"])
+            record = handoff.finish(spec.steps, trained(), metrics["margin_after"])
             metrics.update(record.metrics())
             served = [vars(p) for p in record.points]
     ctx.emit("train_eval", step=spec.steps, margin=metrics["margin_after"],
