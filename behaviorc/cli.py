@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "behaviorc.run.commands",
     "behaviorc.engine.commands",
     "behaviorc.steer.commands",
+    "behaviorc.experiments.commands",
 )
 
 DESCRIPTION = """\
