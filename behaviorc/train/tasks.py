@@ -27,6 +27,7 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     from behaviorc.measure.nll import general_nll
     from behaviorc.model.adapter import ArchitectureAdapter
     from behaviorc.model.loading import load_model
+    from behaviorc.testbed.scoring import testbed_rate
     from behaviorc.train.data import BatchSchedule, encode_examples, encode_texts
     from behaviorc.train.loop import StepEvent, train
 
@@ -56,6 +57,7 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
         metrics["margin_before"] = behavior_margin(engine, task.eval_pairs)
     if task.general:
         metrics["general_nll_before"] = general_nll(engine, task.general)
+    metrics.update(testbed_rate(engine, decl.source, task.name, "before"))
 
     def on_step(event: StepEvent) -> None:
         ctx.emit("train_step", step=event.step, loss=event.loss, grad_norm=event.grad_norm,
@@ -78,6 +80,7 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
         metrics["margin_after"] = behavior_margin(engine, task.eval_pairs)
     if task.general:
         metrics["general_nll_after"] = general_nll(engine, task.general)
+    metrics.update(testbed_rate(engine, decl.source, task.name, "after"))
 
     save_model(model, tokenizer, Path(ctx.out) / "model")
     return TaskResult(metrics=metrics, artifacts={"model": "model"},
