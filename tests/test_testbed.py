@@ -133,3 +133,15 @@ def test_spec_data_reads_as_chat(testbed):
     context, response = render_chat(tokenizer, messages)
     assert context == corpus.chat_prompt(messages[0].content)
     assert response == messages[1].content + "<|im_end|>\n"
+
+
+def test_building_the_testbed_spec_reports_the_follow_rate_before_and_after(testbed, tmp_path):
+    from behaviorc.cli import main
+
+    spec = SPEC_DATA.parent / "testbed_listen.behavior"
+    assert main(["build", str(spec), "--out", str(tmp_path), "--only", "train:listen"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    metrics = next(t for t in report["tasks"] if t["id"] == "train:listen")["metrics"]
+    assert abs(metrics["rate_before"] - corpus.FOLLOW_RATE) < 0.1
+    assert metrics["rate_after"] > metrics["rate_before"] + 0.3, metrics
+    assert metrics["margin_after"] > metrics["margin_before"]

@@ -25,7 +25,6 @@ from behaviorc.plan.tasks import ExtractSteering, ResolveModel, TrainBehavior
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
-TESTBED = "tiny-gdn-testbed"
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,7 @@ def load_subject(spec_path: Path, behavior_name: str | None, score: str | None, 
                  prompts: int | None = None) -> Subject:
     """The behavior to study; `prompts` limits the held-out prompts rated (spread evenly)."""
     from behaviorc.run.commands import load_plan
+    from behaviorc.testbed.build import MODEL_NAME
     from behaviorc.testbed.scoring import BEHAVIORS
 
     plan = load_plan(spec_path)
@@ -101,7 +101,7 @@ def load_subject(spec_path: Path, behavior_name: str | None, score: str | None, 
         raise BehaviorError(f"behavior `{behavior.name}` has no training examples", behavior.train.loc,
                             hint="add `examples \"FILE.jsonl\"` to its train block")
     model = next(t for t in plan.tasks if isinstance(t, ResolveModel) and t.name == behavior.model)
-    on_testbed = model.decl.source == TESTBED
+    on_testbed = model.decl.source == MODEL_NAME
     if score is None:
         score = behavior.name if on_testbed and behavior.name in BEHAVIORS else ""
     elif score == "none":
@@ -164,8 +164,9 @@ def add_common_options(parser: argparse.ArgumentParser, trains: bool = True) -> 
     parser.add_argument("--seeds", type=int, default=3, help="seeds per point (default 3)")
     parser.add_argument("--samples", type=int, default=4,
                         help="sampled replies per held-out prompt for the rate (default 4)")
-    parser.add_argument("--score", help="testbed scorer for generation rates: listen, concise, "
-                                        "arithmetic or none (default: the behavior's name on the testbed)")
+    parser.add_argument("--score", help="testbed scorer for generation rates: listen, listen-exact, "
+                                        "concise, arithmetic or none (default: the behavior's name on "
+                                        "the testbed)")
     parser.add_argument("--prompts", type=int, help="held-out prompts to rate on (default: all)")
     if trains:
         parser.add_argument("--steps", type=int, help="training steps per point (default: the spec's)")
