@@ -1,0 +1,203 @@
+"""Distillation on tiny-gdn with planted pairs: steer, sample, train the plain model, remove
+the steering; and the live hand-off against a real vLLM server."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from behaviorc import ir
+from behaviorc.diagnostics import Location
+from behaviorc.distill.data import distill_data, keep_best
+from behaviorc.distill.handoff import lowered_strength, trained_tensors
+from behaviorc.plan.tasks import ExtractSteering, ResolveModel, TrainBehavior
+from test_steer_extract import OBJECTS, SUBJECTS, VERBS, planted_pairs, tied_gdn  # noqa: F401 (fixture)
+
+LOC = Location(file="yes.behavior", line=8, column=5, end_line=8, end_column=12)
+PROMPTS = [f"{s} {v} {o}?" for s in SUBJECTS for v in VERBS for o in OBJECTS]
+HELD_OUT = tuple(planted_pairs(6, offset=3))
+# Measured on this machine (seeded, tiny-gdn with a tied head): see test_* below.
+KEEPS_AT_LEAST = 0.5
+
+
+def distill_spec(**fields) -> ir.Distill:
+    defaults = dict(prompts=tuple(PROMPTS[1::5][:8]), samples=2, keep=1, temperature=0.7,
+                    max_tokens=6, match_activations=1.0, loc=LOC)
+    return ir.Distill(**{**defaults, **fields})
+
+
+class CountingEngine:
+    """The embedded engine, counting its generate calls and their batch sizes."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts, **options):
+        self.calls.append(len(prompts))
+        return self.engine.generate(prompts, **options)
+
+
+@pytest.fixture(scope="module")
+def embedded(tied_gdn):
+    from behaviorc.engine.embedded import EmbeddedEngine
+    return EmbeddedEngine.load(tied_gdn, name="tiny-gdn-tied")
+
+
+@pytest.fixture(scope="module")
+def directions(embedded):
+    from behaviorc.steer.extract import extract
+    return dict(extract(embedded, planted_pairs(8), [2]).vectors.directions)
+
+
+def test_keep_best_takes_the_top_distinct_samples_of_each_prompt():
+    kept = keep_best(["a", "b"], [["x", "y", "x", "z"], ["p", "q"]],
+                     [[0.1, 0.5, 0.9, None], [None, -1.0]], keep=2)
+    # "x" counts once, at its first score; a sample with no tokens is never kept
+    assert [(s.prompt, s.response, s.score) for s in kept] == [("a", "y", 0.5), ("a", "x", 0.1),
+                                                               ("b", "q", -1.0)]
+
+
+def test_samples_are_generated_in_batches_and_scored_by_the_steering(embedded, directions):
+    counting = CountingEngine(embedded)
+    spec = distill_spec(samples=3, keep=2)
+    counting.set_steering(directions, 4.0)
+    try:
+        data = distill_data(counting, embedded, directions, 4.0, spec, seed=0, loc=LOC)
+    finally:
+        counting.clear_steering()
+    # one call per sample round over all 8 prompts, never one prompt at a time
+    assert counting.calls == [8, 8, 8]
+    assert data.generated == 24 and 8 <= len(data.kept) <= 16
+    assert all(s.prompt in spec.prompts and s.response for s in data.kept)
+    # the kept samples are the ones the steering made more likely than the plain model did
+    assert data.mean_score > 0
+    examples = data.examples
+    assert examples[0] == ir.Example(context=data.kept[0].prompt, response=data.kept[0].response)
+
+
+def test_the_served_strength_gives_back_what_the_weights_took_over():
+    assert lowered_strength(4.0, 0.0, 2.0) == 4.0
+    assert lowered_strength(4.0, 0.5, 2.0) == 3.0
+    assert lowered_strength(4.0, 2.5, 2.0) == 0.0  # the weights carry more than the steering
+    assert lowered_strength(4.0, -1.0, 2.0) == 4.0  # never above the spec strength
+    assert lowered_strength(4.0, 0.3, 0.0) == 0.0  # steering that adds nothing is dropped
+
+
+def test_pushed_tensors_are_the_trained_ones_in_checkpoint_names(embedded):
+    from behaviorc.model.adapter import ArchitectureAdapter
+
+    model = embedded.model
+    adapter = ArchitectureAdapter.for_model(model)
+    targets = adapter.parameters(model, ["gdn.gates", "mlp"])
+    pushed = trained_tensors(adapter.checkpoint_tensors(model), list(targets))
+    assert any(name.endswith(".experts.0.gate_proj.weight") for name in pushed)
+    assert any(name.endswith(".A_log") for name in pushed)
+    assert all(".experts." in n or ".linear_attn." in n or ".mlp." in n for n in pushed)
+    name = next(n for n in pushed if n.endswith(".A_log"))
+    assert torch.equal(pushed[name], dict(model.named_parameters())[name])
+
+
+TRAIN = ir.Train(lr=2e-3, steps=12, batch=4, schedule="constant", loc=LOC,
+                 targets=("gdn.gates", "gdn.proj", "gdn.out", "attn.q", "mlp", "head"),
+                 optimizer=ir.Optimizer(rank=16))
+GENERAL = ("The cat sat on the mat.", "Numbers: one, two, three.")
+
+
+def distill_plan(folder, steps: int = 12, handoff: ir.Deploy | None = None,
+                 **distill) -> TrainBehavior:
+    decl = ir.ModelDecl(name="base", source=str(folder), kind="folder")
+    model = ResolveModel(name="base", decl=decl)
+    extraction = ExtractSteering(name="yes", model=model, layers=(2,), method="mean_diff", read="mean",
+                                 pairs=tuple(planted_pairs(8)))
+    train = TRAIN.model_copy(update={"distill": distill_spec(**distill), "steps": steps})
+    return TrainBehavior(name="yes", model=model, train=train, eval_pairs=HELD_OUT, general=GENERAL,
+                         steering=extraction, strength=4.0, handoff=handoff, loc=LOC)
+
+
+def run_plan(task: TrainBehavior, out):
+    from behaviorc.run.executor import Executor
+
+    record = Executor(out).run([task]).record(task.id)
+    assert record.status == "done", record.error
+    return record.result
+
+
+def test_distilled_weights_keep_half_the_steered_gain_without_steering(tied_gdn, embedded, tmp_path):
+    from behaviorc.engine.embedded import EmbeddedEngine
+    from behaviorc.measure import behavior_margin
+
+    result = run_plan(distill_plan(tied_gdn), tmp_path / "out")
+    m = result.metrics
+    gain = m["margin_steered"] - m["margin_before"]
+    assert gain > 0.5  # the steering works on the held-out pairs
+    assert m["steered_share"] == pytest.approx((m["margin_after"] - m["margin_before"]) / gain)
+    assert m["steered_share"] >= KEEPS_AT_LEAST  # measured here: 0.80
+
+    # Distillation skipped: the same training on the same prompts, answered by the plain
+    # model (no steering while sampling, no activation targets), keeps far less of it.
+    spec = distill_spec()
+    plain = embedded.generate(list(spec.prompts), max_new_tokens=spec.max_tokens,
+                              temperature=spec.temperature, seed=0)
+    examples = tuple(ir.Example(context=p, response=r) for p, r in zip(spec.prompts, plain) if r)
+    control = distill_plan(tied_gdn).model_copy(update={
+        "train": TRAIN.model_copy(update={"examples": examples}), "steering": None, "strength": 0.0})
+    skipped = run_plan(control, tmp_path / "control").metrics
+    assert (skipped["margin_after"] - skipped["margin_before"]) / gain < KEEPS_AT_LEAST
+    # the written folder is the distilled model, unsteered
+    written = EmbeddedEngine.load(result.path("model"))
+    assert behavior_margin(written, HELD_OUT) == pytest.approx(m["margin_after"], abs=1e-4)
+    assert m["samples_kept"] == 8 and m["samples_generated"] == 16
+    assert all(m[f"seconds_{phase}"] > 0 for phase in ("generate", "targets", "train"))
+    assert abs(m["general_nll_after"] - m["general_nll_before"]) < 1.0
+
+
+PROBE_PROMPTS = ["I will use", "The model", "You should write the plan?"]
+PROBE_COMPLETIONS = [" the existing parser.", " wants the data", " Yes. Yes."]
+BF16_TOLERANCE = 0.03  # vLLM and transformers both in bfloat16 differ by rounding only
+
+
+@pytest.mark.vllm
+def test_live_handoff_ends_unsteered_on_the_written_weights(vllm_server, tied_gdn, tmp_path):
+    import json
+
+    from behaviorc.engine.embedded import EmbeddedEngine
+    from behaviorc.engine.push import push_weights
+    from behaviorc.engine.vllm import VLLMEngine
+    from behaviorc.run.events import EVENTS_FILE
+
+    url = vllm_server.url
+    deploy = ir.Deploy(target="yes", urls=(url,), steering=True, handoff=True, push_every=4)
+    try:
+        result = run_plan(distill_plan(tied_gdn, steps=12, handoff=deploy), tmp_path / "out")
+        with VLLMEngine(url) as live:
+            served = live.completion_logprobs(PROBE_PROMPTS, PROBE_COMPLETIONS)
+    finally:
+        with VLLMEngine(url) as live:
+            live.clear_steering()
+        push_weights([url], vllm_server.model_dir)
+
+    m = result.metrics
+    assert m["requests_failed"] == 0 and m["requests_served"] > 0
+    assert m["pushes"] == 4  # the base at the start, after steps 4 and 8, the final weights
+    points = result.data["served"]
+    assert [p["step"] for p in points] == [0, 4, 8, 12]
+    strengths = [p["strength"] for p in points]
+    assert strengths[0] == 4.0 and strengths == sorted(strengths, reverse=True)
+    assert m["strength_end"] == 0.0 and strengths[-1] == 0.0
+    # Stated tolerance: the served margin may fall below its start by the part of the
+    # steered gain the final weights do not carry, (1 - steered_share) * gain (steering
+    # must end at zero), plus bf16 rounding on both ends; at no point by more.
+    gain = m["margin_steered"] - m["margin_before"]
+    tolerance = (1 - m["steered_share"]) * gain + 2 * BF16_TOLERANCE
+    assert m["served_margin_min"] >= m["served_margin_start"] - tolerance
+    assert min(p["served_margin"] for p in points) == m["served_margin_min"]
+    # What the server serves at the end is the written folder, with no steering.
+    expected = EmbeddedEngine.load(result.path("model"), dtype="bfloat16").completion_logprobs(
+        PROBE_PROMPTS, PROBE_COMPLETIONS)
+    assert max(abs(a - b) for x, y in zip(served, expected) for a, b in zip(x, y)) < BF16_TOLERANCE
+    events = [json.loads(line) for line in (tmp_path / "out" / EVENTS_FILE).read_text().splitlines()]
+    assert [e["step"] for e in events if e["type"] == "distill.served"] == [0, 4, 8, 12]
+    assert [e["step"] for e in events if e["type"] == "push"] == [0, 4, 8, 12]
