@@ -113,6 +113,10 @@ def load_subject(spec_path: Path, behavior_name: str | None, score: str | None, 
         (behavior.steer.pairs if behavior.steer else ())
     general = (behavior.eval.general if behavior.eval and behavior.eval.general else
                behavior.train.mix.texts if behavior.train and behavior.train.mix else ())
+    if not score and not eval_pairs:
+        raise BehaviorError(f"behavior `{behavior.name}` has nothing to be measured by: no eval or steer pairs "
+                            "for a margin, and no testbed scorer for a generation rate", behavior.loc,
+                            hint="add `eval { pairs \"FILE.jsonl\" }`")
     users = spread(BEHAVIORS[score].eval_prompts(), prompts) if score else ()
     return Subject(spec_path, plan, behavior, model, score, users, eval_pairs, general, on_testbed)
 
@@ -157,7 +161,8 @@ def _items(text: str, option: str) -> list[str]:
     return values
 
 
-def add_common_options(parser: argparse.ArgumentParser, trains: bool = True) -> None:
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every experiment that trains the behavior."""
     parser.add_argument("spec", type=Path, help="the .behavior file")
     parser.add_argument("--behavior", help="the behavior to study (default: the first that trains)")
     parser.add_argument("--out", type=Path, help="result folder (default: out/experiments/NAME-SPEC)")
@@ -168,8 +173,7 @@ def add_common_options(parser: argparse.ArgumentParser, trains: bool = True) -> 
                                         "concise, arithmetic or none (default: the behavior's name on "
                                         "the testbed)")
     parser.add_argument("--prompts", type=int, help="held-out prompts to rate on (default: all)")
-    if trains:
-        parser.add_argument("--steps", type=int, help="training steps per point (default: the spec's)")
+    parser.add_argument("--steps", type=int, help="training steps per point (default: the spec's)")
 
 
 def check_counts(args: argparse.Namespace) -> None:

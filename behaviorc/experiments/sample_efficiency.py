@@ -84,6 +84,9 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(f"**Answer:** {results['smallest_n']} examples are the fewest in the grid whose "
                      f"change in {measure} is distinguishable from zero (its 95% bootstrap interval "
                      "excludes 0).")
+        if results["smallest_n"] == results["grid"][0]:
+            lines.append(f"That is the grid's smallest N: fewer may do; try `--grid` below "
+                         f"{results['smallest_n']}.")
     lines += ["", f"Base {measure} per seed: " + ", ".join(f"{v:.3f}" for v in results["before"]), "",
               f"| N | {measure} after (per seed) | change, mean and 95% CI | distinguishable |",
               "|---|---|---|---|"]
