@@ -15,7 +15,8 @@ Phases, each timed into the task's metrics:
    tensors every `push_every` steps and at the end (`behaviorc.distill.handoff`);
 6. verify: `margin_after` (trained, no steering), `general_nll_after`, and
    `steered_share = (margin_after - margin_before) / (margin_steered - margin_before)`,
-   the share of the steered effect the weights now carry (1: all of it).
+   the share of the steered effect the weights now carry (1: all of it; not reported
+   when the steering did not raise the margin).
 
 The live server has one owner: for a behavior whose deploy says `handoff on`, lowering
 gives the deploy to this task and emits no separate DeployModel. With `auto` this task
@@ -159,8 +160,11 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
         if general:
             metrics["general_nll_after"] = general_nll(engine, general)
         gain = metrics["margin_steered"] - metrics["margin_before"]
-        metrics["steered_share"] = ((metrics["margin_after"] - metrics["margin_before"]) / gain
-                                    if gain != 0 else float("nan"))
+        if gain > 0:
+            metrics["steered_share"] = (metrics["margin_after"] - metrics["margin_before"]) / gain
+        else:  # a ratio over a gain that is not there would be noise, not a share
+            ctx.emit("distill.note", message=f"the steering did not raise the margin ({gain:+.4f}), "
+                     "so there is no steered effect for the weights to carry: no steered_share")
         metrics["loss_first"] = summary.loss_first if summary.loss_first is not None else float("nan")
         metrics["loss_last"] = summary.losses[-1] if summary.losses else float("nan")
         metrics["steps_skipped"] = float(summary.steps_skipped)
@@ -174,7 +178,7 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
             metrics.update(record.metrics())
             served = [vars(p) for p in record.points]
     ctx.emit("train_eval", step=spec.steps, margin=metrics["margin_after"],
-             steered_share=metrics["steered_share"])
+             steered_share=metrics.get("steered_share"))
     return TaskResult(
         metrics=metrics, artifacts={"model": "model"},
         data={"losses": summary.losses, "targets": sorted(targets), "served": served,
