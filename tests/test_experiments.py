@@ -84,6 +84,8 @@ def test_gdn_state(spec, out):
         assert len(row["alignment_values"]) == 4 and len(row["control_values"]) == 4
         assert -1 <= row["alignment"]["mean"] <= 1
         assert row["state_change_norm"] > 0 and row["steer_change_norm"] > 0
+        assert row["direction_shaped"] == (row["alignment"]["low"] > 0 and row["above_control"])
+    assert results["direction_shaped"] == any(r["direction_shaped"] for r in results["points"])
 
 
 def test_steer_complexity(spec, out):

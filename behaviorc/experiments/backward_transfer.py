@@ -57,7 +57,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    {k: done[t.key].metrics for k, t in points.items()})
 
 
-
 def analyze(subject: common.Subject, arms: list[str], seeds: list[int], mix: float, samples: int,
             before: dict[int, dict], after: dict[tuple[str, int], dict]) -> dict[str, Any]:
     measured = ["general_nll", subject.measure] + (["arithmetic_accuracy"] if subject.arithmetic else [])

@@ -46,17 +46,14 @@ class Subject:
         """What a point's behavior is read as: the generation rate, else the margin."""
         return "rate" if self.score else "margin"
 
-    def steering(self, behavior: str | None = None) -> ExtractSteering:
-        name = behavior or self.behavior.name
+    def steering(self) -> ExtractSteering:
+        """The plan's extraction task for the behavior's steering vectors."""
+        name = self.behavior.name
         task = next((t for t in self.plan.tasks if isinstance(t, ExtractSteering) and t.name == name), None)
         if task is None:
-            raise BehaviorError(f"behavior `{name}` has no steer section", self._behavior_loc(name),
+            raise BehaviorError(f"behavior `{name}` has no steer section", self.behavior.loc,
                                 hint="add `steer { layers ...  pairs ... }` to it")
         return task
-
-    def _behavior_loc(self, name: str):
-        found = next((b for b in self.plan.spec.behaviors if b.name == name), None)
-        return found.loc if found else None
 
     def measure_point(self, label: str, weights: TrainBehavior | None, seed: int, samples: int) -> MeasurePoint:
         """Everything a training experiment reads off one model: the behavior's rate and

@@ -134,22 +134,23 @@ def analyze(subject: common.Subject, layers: list[int], seeds: list[int], base, 
                      "alignment_values": behavior, "control_values": other,
                      "state_change_norm": float(sum((trained[s][layer] - base[layer]).norm() for s in seeds) / len(seeds)),
                      "steer_change_norm": float(direction.norm()),
-                     "above_control": ours.low > theirs.high})
+                     "above_control": ours.low > theirs.high,
+                     "direction_shaped": ours.low > 0 and ours.low > theirs.high})
     return {"experiment": NAME, **common.describe(subject), "layers": layers, "seeds": seeds,
             "probes": probes, "strength": strength, "control": control_name, "points": rows,
-            "direction_shaped": any(r["above_control"] for r in rows)}
+            "direction_shaped": any(r["direction_shaped"] for r in rows)}
 
 
 def summary(results: dict[str, Any]) -> str:
     lines = [f"# GDN state after training: `{results['behavior']}` on {results['model']}", ""]
-    shaped = [r["layer"] for r in results["points"] if r["above_control"]]
+    shaped = [r["layer"] for r in results["points"] if r["direction_shaped"]]
     if shaped:
         lines.append(f"**Answer:** yes: in GDN layer(s) {', '.join(map(str, shaped))} training moved the "
-                     "recurrent state along the steering direction more than the control did (95% intervals "
-                     "do not overlap).")
+                     "recurrent state along the steering direction (alignment above 0) and more than the "
+                     "control did (95% intervals do not overlap).")
     else:
         lines.append("**Answer:** not shown: in no GDN layer was the state change's alignment with the steering "
-                     "direction distinguishable from the control's.")
+                     "direction both above 0 and above the control's (95% intervals).")
     lines += ["", "## The measure", "",
               "For each probe prompt p and GDN layer l after the steering layer: alignment = cos(S_trained - S_base, "
               "S_steered - S_base), where S is the layer's recurrent state after reading p, S_steered is read with "
@@ -157,11 +158,11 @@ def summary(results: dict[str, Any]) -> str:
               "on the behavior. The control is the same fine-tune on "
               f"{results['control']}. Cosine is over the flattened [heads, key, value] state; random directions "
               "of that size have cosine near 0.", "",
-              "| GDN layer | alignment (95% CI) | control (95% CI) | above control | mean |state change| | |steering change| |",
+              "| GDN layer | alignment (95% CI) | control (95% CI) | direction-shaped | mean |state change| | |steering change| |",
               "|---|---|---|---|---|---|"]
     for row in results["points"]:
         lines.append(f"| {row['layer']} | {common.fmt_interval(row['alignment'])} | "
-                     f"{common.fmt_interval(row['control_alignment'])} | {'yes' if row['above_control'] else 'no'} | "
+                     f"{common.fmt_interval(row['control_alignment'])} | {'yes' if row['direction_shaped'] else 'no'} | "
                      f"{row['state_change_norm']:.4f} | {row['steer_change_norm']:.4f} |")
     lines += ["", f"{results['probes']} probe prompts x {len(results['seeds'])} training seeds; intervals resample "
               "the (probe, seed) cosines.", ""]

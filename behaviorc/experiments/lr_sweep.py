@@ -76,7 +76,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return analyze(subject, lrs, seeds, args.samples, args.max_nll_cost, before, after)
 
 
-
 def analyze(subject: common.Subject, lrs: list[float], seeds: list[int], samples: int, max_cost: float,
             before: dict[int, dict], after: dict[tuple[float, int], dict]) -> dict[str, Any]:
     measure = subject.measure
@@ -125,22 +124,21 @@ def plots(results: dict[str, Any]) -> list[tuple[str, Any]]:
     rows = results["points"]
     lrs = [r["lr"] for r in rows]
 
-    def errorbars(ax, key: str, label: str) -> None:
+    def errorbars(ax, key: str, label: str, color: str) -> None:
         means = [r[key]["mean"] for r in rows]
         ax.errorbar(lrs, means, yerr=[[m - r[key]["low"] for m, r in zip(means, rows)],
                                       [r[key]["high"] - m for m, r in zip(means, rows)]],
-                    marker="o", capsize=4, label=label)
+                    marker="o", capsize=4, label=label, color=color)
 
     def gain_and_cost(figure) -> None:
         ax = figure.add_subplot()
-        errorbars(ax, "gain", f"gain in {results['measure']}")
+        errorbars(ax, "gain", f"gain in {results['measure']}", "tab:blue")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel(f"gain in {results['measure']}")
         other = ax.twinx()
-        errorbars(other, "nll_cost", "general-NLL cost")
-        other.get_lines()[0].set_color("tab:red")
-        other.set_ylabel("general-NLL cost (nats/token)")
+        errorbars(other, "nll_cost", "general-NLL cost", "tab:red")
+        other.set_ylabel("general-NLL cost (nats/token)", color="tab:red")
         if results["best_lr"] is not None:
             ax.axvline(results["best_lr"], color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"learning rate: {results['behavior']}")

@@ -56,7 +56,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    {k: done[t.key].metrics for k, t in points.items()})
 
 
-
 def analyze(subject: common.Subject, grid: list[int], seeds: list[int], samples: int,
             base: dict[int, dict], points: dict[tuple[int, int], dict]) -> dict[str, Any]:
     measure = subject.measure

@@ -25,7 +25,7 @@ HELP = "steering a simple feature and a multi-token pattern across strengths"
 EPILOG = """\
 example:
   behaviorc experiment steer-complexity specs/testbed_listen.behavior --simple concise --complex listen \\
-      --strengths 0,2,4,8
+      --strengths 0,0.5,1,2
 """
 
 
@@ -33,7 +33,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", type=Path, help="the .behavior file")
     parser.add_argument("--simple", default="concise", help="the simple-feature behavior (default concise)")
     parser.add_argument("--complex", default="listen", help="the multi-token behavior (default listen)")
-    parser.add_argument("--strengths", default="0,2,4,8", help="steering strengths (default 0,2,4,8)")
+    parser.add_argument("--strengths", default="0,0.25,0.5,1,2",
+                        help="steering strengths (default 0,0.25,0.5,1,2)")
     parser.add_argument("--max-nll-cost", type=float, default=0.5,
                         help="largest acceptable rise of general NLL, nats/token (default 0.5)")
     parser.add_argument("--out", type=Path, help="result folder")

@@ -89,7 +89,10 @@ def pretrain(model, tokenizer, dialogues: list[Dialogue], steps: int,
     """AdamW over every token of the dialogues, `BATCH` per step, in corpus order."""
     import torch
 
-    rows = [tokenizer(chat_text(d.user, d.assistant)).input_ids for d in dialogues]
+    # Each dialogue follows the start token (EOS, as this tokenizer has no BOS), the way
+    # training data and `general_nll` present a text, so a text's first token is learned.
+    start = tokenizer.eos_token_id
+    rows = [[start, *tokenizer(chat_text(d.user, d.assistant)).input_ids] for d in dialogues]
     optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.98),
                                   weight_decay=0.01)
     model.train()
