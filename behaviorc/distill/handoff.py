@@ -40,6 +40,8 @@ from behaviorc.engine.traffic import RequestLoop
 from behaviorc.engine.vllm import VLLMEngine
 from behaviorc.measure.margin import behavior_margin
 
+PROBES_AT_MOST = 1_000_000  # per server: RequestLoop's default (1000) ends in minutes
+
 
 @dataclass(frozen=True)
 class ServedPoint:
@@ -93,7 +95,8 @@ class LiveHandoff:
         self.served = strength
         self.record = HandoffRecord()
         self._engines = [VLLMEngine(url) for url in self.urls]
-        self._probes = RequestLoop(self.urls, threads=1)
+        # Probes for the whole hand-off, however long training runs.
+        self._probes = RequestLoop(self.urls, threads=1, limit=PROBES_AT_MOST)
 
     def generator(self) -> Engine:
         """The first server, serving the steered behavior: distillation samples it."""
