@@ -167,6 +167,7 @@ def test_live_handoff_ends_unsteered_on_the_written_weights(vllm_server, tied_gd
     from behaviorc.engine.push import push_weights
     from behaviorc.engine.vllm import VLLMEngine
     from behaviorc.run.events import EVENTS_FILE
+    from behaviorc.run.state import BuildState
 
     url = vllm_server.url
     deploy = ir.Deploy(target="yes", urls=(url,), steering=True, handoff=True, push_every=4)
@@ -201,3 +202,9 @@ def test_live_handoff_ends_unsteered_on_the_written_weights(vllm_server, tied_gd
     events = [json.loads(line) for line in (tmp_path / "out" / EVENTS_FILE).read_text().splitlines()]
     assert [e["step"] for e in events if e["type"] == "distill.served"] == [0, 4, 8, 12]
     assert [e["step"] for e in events if e["type"] == "push"] == [0, 4, 8, 12]
+    # what the dashboard draws from them: the pushes table and the margin curve
+    state = BuildState()
+    for event in events:
+        state.apply(event)
+    assert [push["step"] for push in state.pushes] == [0, 4, 8, 12]
+    assert [step for step, _ in state.train_margins["train:yes"]] == [0, 4, 8, 12]
