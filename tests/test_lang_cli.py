@@ -67,11 +67,16 @@ def test_bad_arguments_are_usage_errors(capsys) -> None:
 
 
 def test_plan_tree_and_json(capsys) -> None:
+    # deploy.behavior hands its live server over from steering to the distilled weights,
+    # so its training task owns the deploy and the plan says so.
     code, out, _ = run(capsys, "plan", str(SPECS / "deploy.behavior"))
-    assert code == 0 and "deploy:listen" in out and "└── steer.extract:listen (above)" in out
+    assert code == 0 and "└── steer.extract:listen (above)" in out
+    assert "`listen` is deployed live by its training (train:listen)" in out
     code, out, _ = run(capsys, "plan", str(SPECS / "deploy.behavior"), "--json")
     data = json.loads(out)
-    assert code == 0 and [t["id"] for t in data["tasks"]][-1] == "deploy:listen"
+    assert code == 0 and [t["id"] for t in data["tasks"]] == [
+        "model:base", "steer.extract:listen", "steer.verify:listen", "train:listen",
+        "task_vector:listen"]
 
 
 def test_plan_of_a_bad_spec_fails(tmp_path: Path, capsys) -> None:
