@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from behaviorc.atomic import atomic_file
 from behaviorc.diagnostics import BehaviorError, Location
 
 FORMAT = "behaviorc.steering"
@@ -202,7 +200,7 @@ def save_steering(vectors: SteeringVectors, path: str | Path) -> Path:
 
     path = Path(path)
     tensors = {f"layer.{layer}": v for layer, v in vectors.directions.items()}
-    with _atomic_path(path) as staging:
+    with atomic_file(path, overwrite=True) as staging:
         save_file(tensors, str(staging), metadata=vectors.metadata())
     return path
 
@@ -279,7 +277,7 @@ def export_gguf(vectors: SteeringVectors, path: str | Path) -> Path:
             "llama.cpp refuses `direction.0`",
             hint="steer at layers 1 and up, or export `vectors.select(...)` without layer 0")
     path = Path(path)
-    with _atomic_path(path) as staging:
+    with atomic_file(path, overwrite=True) as staging:
         writer = gguf.GGUFWriter(str(staging), GGUF_ARCH)
         writer.add_string(f"{GGUF_ARCH}.model_hint", vectors.model_type or vectors.model)
         writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(vectors.directions))
@@ -340,15 +338,3 @@ def read_gguf(path: str | Path, loc: Location | None = None) -> SteeringVectors:
 
 # ---------------------------------------------------------------- files
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A staging file beside `path`, moved over it only when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    staging = Path(name)
-    try:
-        yield staging
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)

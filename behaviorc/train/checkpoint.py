@@ -12,14 +12,13 @@ the previous checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from behaviorc.atomic import atomic_folder
 
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -55,24 +54,11 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
 
 def save_checkpoint(folder: Path, parameters: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, scalars: dict[str, Any]) -> None:
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(Path(folder), overwrite=True) as staging:
         save_file({n: p.detach().cpu().contiguous() for n, p in parameters.items()}, staging / WEIGHTS)
         tensors, meta = optimizer_to_flat(optimizer)
         save_file(tensors, staging / OPTIMIZER)
         (staging / METADATA).write_text(json.dumps({**meta, "loop": scalars}, indent=1))
-        if folder.exists():
-            previous = folder.with_name(f".{folder.name}-old")
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(folder, previous)
-            os.replace(staging, folder)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_checkpoint(folder: Path, parameters: dict[str, torch.Tensor],

@@ -8,12 +8,11 @@ scratch folder when the executor offers one, so a build stopped mid-training res
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from behaviorc.atomic import atomic_folder
 from behaviorc.diagnostics import BehaviorError
 from behaviorc.plan.task import TaskContext, TaskResult
 from behaviorc.plan.tasks import TrainBehavior
@@ -90,13 +89,6 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
 
 def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
     """A Hugging Face folder (checkpoint format, safetensors), written beside and renamed."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, overwrite=True) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from behaviorc.diagnostics import BehaviorError
-from behaviorc.vectors.atomic import atomic_folder
+from behaviorc.atomic import atomic_folder
 from behaviorc.vectors.merge import MergeOptions, keep_count, kth_largest_of_parts, merged_delta
 from behaviorc.vectors.mergekit_yaml import mergekit_yaml
 from behaviorc.vectors.safetensors_io import (

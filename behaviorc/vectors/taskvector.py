@@ -16,7 +16,7 @@ import torch
 
 from behaviorc import __version__
 from behaviorc.diagnostics import BehaviorError
-from behaviorc.vectors.atomic import atomic_file
+from behaviorc.atomic import atomic_file
 from behaviorc.vectors.safetensors_io import (
     DTYPES, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, fingerprint, row_blocks)
 from behaviorc.vectors.sources import TaskVectorSource, check_finite, check_same_parameters

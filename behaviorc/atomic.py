@@ -1,4 +1,4 @@
-"""Artifacts appear whole or not at all.
+"""Artifacts appear whole or not at all (shared by every area that writes files or folders).
 
 Everything is built in a temporary sibling of the target (same file system, so the final
 rename is atomic) and renamed into place only when complete; on any failure the
