@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PYTHON) -m behaviorc.cli build specs/listen.behavior --out out/listen
+	$(PYTHON) -m behaviorc.cli build specs/testbed_listen.behavior --out out/testbed_listen
 
 test: setup
 	$(PYTHON) -m pytest -q
