@@ -4,7 +4,7 @@ PYTHON ?= python
 VLLM ?= cpu
 STAMP := .behaviorc-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test clean
 
 setup: $(STAMP)
 
