@@ -20,6 +20,7 @@ from behaviorc.engine.protocol import ModelInfo
 REQUEST_TIMEOUT_S = 120.0
 PUSH_TIMEOUT_S = 600.0
 KEEPALIVE_S = 2.0
+NOT_REPEATABLE = {"/collective_rpc"}  # requests that may change the server's state
 
 
 class ServerClient:
@@ -37,9 +38,7 @@ class ServerClient:
                 timeout: float | None = None) -> Any:
         """The decoded JSON answer (None for an empty one); a BehaviorError otherwise."""
         try:
-            response = self._http.request(
-                method, path, json=body,
-                timeout=timeout if timeout is not None else self._http.timeout)
+            response = self._send(method, path, body, timeout)
         except httpx.TimeoutException:
             raise BehaviorError(f"the vLLM server at {self.url} did not answer in time "
                                 f"while {doing}") from None
@@ -52,6 +51,18 @@ class ServerClient:
             raise BehaviorError(f"the vLLM server at {self.url} refused {doing}: HTTP "
                                 f"{response.status_code}: {_error_text(response)}")
         return response.json() if response.content else None
+
+    def _send(self, method: str, path: str, body: Any, timeout: float | None) -> httpx.Response:
+        timeout = timeout if timeout is not None else self._http.timeout
+        try:
+            return self._http.request(method, path, json=body, timeout=timeout)
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            # A pooled connection the server closed under us (seen after a refused worker
+            # RPC). Reads are safe to send again once on a fresh connection; a worker RPC
+            # may have acted, so it is never repeated.
+            if path in NOT_REPEATABLE:
+                raise
+            return self._http.request(method, path, json=body, timeout=timeout)
 
     def rpc(self, method: str, *args: Any, doing: str,
             timeout: float | None = None) -> Any:
