@@ -26,10 +26,18 @@ STATUS_STYLE = {
     "cancelled": ("■", "magenta"),
 }
 SHOWN_METRICS = 3
+# What a finished task's terminal line shows first: the behavior before and after.
+HEADLINE_METRICS = ("rate_before", "rate_after", "margin_before", "margin_after",
+                    "steered_share", "push_ms", "requests_failed")
 
 
 def format_metrics(metrics: dict[str, float], limit: int = SHOWN_METRICS) -> str:
     return "  ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:limit])
+
+
+def headline_first(metrics: dict[str, float]) -> dict[str, float]:
+    first = {k: metrics[k] for k in HEADLINE_METRICS if k in metrics}
+    return {**first, **{k: v for k, v in metrics.items() if k not in first}}
 
 
 class TerminalProgress:
@@ -84,7 +92,7 @@ class TerminalProgress:
             return Text(task.note or "", style="dim")
         if task.status == "failed":
             return Text((task.error or "").splitlines()[0] if task.error else "", style="red")
-        return Text(format_metrics(task.metrics), style="dim")
+        return Text(format_metrics(headline_first(task.metrics), limit=4), style="dim")
 
     def _footer(self) -> str:
         counts = self.state.counts()
@@ -100,4 +108,4 @@ class TerminalProgress:
         icon, style = STATUS_STYLE.get(task.status, ("?", ""))
         seconds = f"{task.seconds:.2f}s" if task.seconds is not None else ""
         return Text.assemble((f"{icon} {task.status:<9}", style), f" {task.id:<32} {seconds:>8}  ",
-                             (format_metrics(task.metrics), "dim"))
+                             (format_metrics(headline_first(task.metrics), limit=4), "dim"))
