@@ -30,15 +30,18 @@ CHAT_TEMPLATE = (
 )
 
 
+BuildProgress = Callable[[int, int, float], None]  # (step, steps, loss) of a trained built-in
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     name: str
     description: str
     architecture: str
     config: Callable[[int], dict[str, Any]]  # vocab size -> config.json fields
-    # Writes the whole folder itself (a model that is trained, not only initialized);
-    # None: initialize `config` with the shared tokenizer.
-    write: Callable[[Path], None] | None = None
+    # Writes the whole folder itself (a model that is trained, not only initialized),
+    # reporting (step, steps, loss); None: initialize `config` with the shared tokenizer.
+    write: Callable[[Path, BuildProgress | None], None] | None = None
 
 
 def _common(vocab_size: int) -> dict[str, Any]:
@@ -94,9 +97,9 @@ def _tiny_dense(vocab_size: int) -> dict[str, Any]:
     }
 
 
-def _write_testbed(folder: Path) -> None:
+def _write_testbed(folder: Path, progress: BuildProgress | None) -> None:
     from behaviorc.testbed.build import write_testbed
-    write_testbed(folder)
+    write_testbed(folder, progress)
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -123,8 +126,9 @@ def builtin_path(name: str) -> Path:
     return cache_root() / "models" / f"{name}-v{BUILDER_VERSION}"
 
 
-def ensure_builtin(name: str) -> Path:
-    """The folder of a built-in model, building it on first use (a few seconds)."""
+def ensure_builtin(name: str, progress: BuildProgress | None = None) -> Path:
+    """The folder of a built-in model, building it on first use (seconds; minutes for
+    one that is trained, which reports `progress`)."""
     if name not in BUILTINS:
         raise KeyError(name)
     path = builtin_path(name)
@@ -133,7 +137,7 @@ def ensure_builtin(name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=path.parent))
     try:
-        write_builtin(name, staging)
+        write_builtin(name, staging, progress)
         try:
             staging.rename(path)
         except OSError:  # another process finished first; its folder is identical
@@ -144,14 +148,14 @@ def ensure_builtin(name: str) -> Path:
     return path
 
 
-def write_builtin(name: str, folder: Path) -> None:
+def write_builtin(name: str, folder: Path, progress: BuildProgress | None = None) -> None:
     """Write a built-in model's folder: config, weights, tokenizer. Deterministic."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = BUILTINS[name]
     if spec.write is not None:
-        spec.write(folder)
+        spec.write(folder, progress)
         return
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()

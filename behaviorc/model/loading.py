@@ -19,7 +19,7 @@ from typing import Any
 
 from behaviorc.diagnostics import BehaviorError, Location
 from behaviorc.model.adapter import ArchitectureAdapter
-from behaviorc.model.builtin import BUILTINS, ensure_builtin
+from behaviorc.model.builtin import BUILTINS, BuildProgress, ensure_builtin
 
 # Set before transformers / huggingface_hub are first imported, so nothing is fetched.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,10 +36,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def resolve_model_source(source: str, loc: Location | None = None) -> Path:
+def resolve_model_source(source: str, loc: Location | None = None,
+                         progress: BuildProgress | None = None) -> Path:
     """The local folder for a built-in name, a folder path, or a cached hub id."""
     if source in BUILTINS:
-        return ensure_builtin(source)
+        return ensure_builtin(source, progress)
     path = Path(source).expanduser()
     if path.exists():
         validate_model_folder(path, loc)

@@ -13,7 +13,10 @@ def resolve_model(task: ResolveModel, ctx: TaskContext) -> TaskResult:
     decl = task.decl
     ctx.progress(0, 1, f"resolving {decl.source}")
     try:
-        path = resolve_model_source(decl.source, decl.loc)
+        path = resolve_model_source(
+            decl.source, decl.loc,
+            progress=lambda step, steps, loss: ctx.progress(
+                step, steps, f"building {decl.source} (once): loss {loss:.3f}"))
         adapter = validate_model_folder(path, decl.loc)
     except BehaviorError as err:
         # Problems inside the folder name their file; point at the spec's model line too.
