@@ -199,16 +199,11 @@ def run_points(out: Path, tasks: Sequence[Task], spec_path: Path, sha256: str) -
     display; results by task key. A failed point stops the experiment with its error."""
     from rich.console import Console
 
-    from behaviorc.run.context import CancelSignal
-    from behaviorc.run.executor import CANCEL_FILE, Executor, cancel_on_sigint
+    from behaviorc.run.commands import open_out_folder
+    from behaviorc.run.executor import Executor, cancel_on_sigint
     from behaviorc.run.progress import TerminalProgress
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise BehaviorError(f"cannot use {out} as the experiment folder: {err.strerror or err}",
-                            hint="pass another folder with --out") from None
-    cancel = CancelSignal(out / CANCEL_FILE)
+    cancel = open_out_folder(out, "experiment")
     progress = TerminalProgress(Console(file=sys.stderr), cancel)
     executor = Executor(out, listeners=[progress], spec_path=str(spec_path.resolve()),
                         spec_sha256=sha256, cancel=cancel)

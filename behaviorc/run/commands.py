@@ -95,17 +95,23 @@ def select(tasks: Sequence[Task], wanted: str) -> Task:
                         hint=did_you_mean(wanted, by_id) or "see `behaviorc plan SPEC` for the ids")
 
 
+def open_out_folder(out: Path, what: str) -> CancelSignal:
+    """Create a build's (or experiment's) folder; its cancel signal also watches the
+    folder's cancel file, so `behaviorc dash` can stop it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BehaviorError(f"cannot use {out} as the {what} folder: {err.strerror or err}",
+                            hint="pass another folder with --out") from None
+    return CancelSignal(out / CANCEL_FILE)
+
+
 def run_build(args: argparse.Namespace) -> int:
     spec_path: Path = args.spec
     plan = load_plan(spec_path)
     targets = [select(plan.tasks, args.only)] if args.only else list(plan.tasks)
     out: Path = args.out or Path("out") / spec_path.stem
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise BehaviorError(f"cannot use {out} as the build folder: {err.strerror or err}",
-                            hint="pass another folder with --out") from None
-    cancel = CancelSignal(out / CANCEL_FILE)
+    cancel = open_out_folder(out, "build")
     settings = dict(force=args.force, spec_path=str(spec_path.resolve()), spec_sha256=plan.spec.sha256,
                     cancel=cancel, expectations=plan.expectations)
     if args.tui:
