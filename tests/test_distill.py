@@ -208,3 +208,37 @@ def test_live_handoff_ends_unsteered_on_the_written_weights(vllm_server, tied_gd
         state.apply(event)
     assert [push["step"] for push in state.pushes] == [0, 4, 8, 12]
     assert [step for step, _ in state.train_margins["train:yes"]] == [0, 4, 8, 12]
+
+
+@pytest.mark.vllm
+def test_training_on_examples_hands_over_live_as_distillation_does(vllm_server, tied_gdn, tmp_path):
+    """`handoff on` for a behavior that trains on its own examples (no distill block):
+    the same hand-off, served steered from the start and unsteered on the final weights."""
+    from behaviorc.engine.embedded import EmbeddedEngine
+    from behaviorc.engine.push import push_weights
+    from behaviorc.engine.vllm import VLLMEngine
+
+    url = vllm_server.url
+    deploy = ir.Deploy(target="yes", urls=(url,), steering=True, handoff=True, push_every=4)
+    examples = tuple(ir.Example(context=p.prompt, response=p.positive) for p in planted_pairs(8))
+    task = distill_plan(tied_gdn, handoff=deploy).model_copy(update={
+        "train": TRAIN.model_copy(update={"examples": examples, "steps": 12})})
+    assert task.train.distill is None
+    try:
+        result = run_plan(task, tmp_path / "out")
+        with VLLMEngine(url) as live:
+            served = live.completion_logprobs(PROBE_PROMPTS, PROBE_COMPLETIONS)
+    finally:
+        with VLLMEngine(url) as live:
+            live.clear_steering()
+        push_weights([url], vllm_server.model_dir)
+
+    m = result.metrics
+    assert m["requests_failed"] == 0 and m["pushes"] == 4
+    assert m["margin_steered"] > m["margin_before"]
+    strengths = [p["strength"] for p in result.data["served"]]
+    assert [p["step"] for p in result.data["served"]] == [0, 4, 8, 12]
+    assert strengths[0] == 4.0 and strengths == sorted(strengths, reverse=True) and strengths[-1] == 0.0
+    expected = EmbeddedEngine.load(result.path("model"), dtype="bfloat16").completion_logprobs(
+        PROBE_PROMPTS, PROBE_COMPLETIONS)
+    assert max(abs(a - b) for x, y in zip(served, expected) for a, b in zip(x, y)) < BF16_TOLERANCE

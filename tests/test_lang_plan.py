@@ -75,6 +75,18 @@ def test_deploy_plan_distills_and_serves_steering() -> None:
     assert any("deployed live by its training" in note for note in plan.notes)
 
 
+def test_a_hand_off_without_distillation_still_owns_the_deploy(tmp_path: Path) -> None:
+    plan = plan_of(f'model m = "tiny-gdn"\nbehavior a {{ steer {{ strength 3  {pairs(6)} }}\n'
+                   '  train { example "x" { response " y" } } }\n'
+                   'deploy a to vllm auto { steering on  handoff on  push_every 5 }\n', tmp_path)
+    tasks = by_id(plan)
+    train = tasks["train:a"]
+    assert train.train.distill is None
+    assert train.steering is tasks["steer.extract:a"] and train.strength == 3.0
+    assert train.handoff.push_every == 5
+    assert not any(isinstance(t, DeployModel) for t in plan.tasks)
+
+
 def test_verification_holds_out_every_fifth_pair(tmp_path: Path) -> None:
     plan = plan_of(f'model m = "tiny-gdn"\nbehavior a {{ steer {{ {pairs(12)} }} }}\n', tmp_path)
     tasks = by_id(plan)

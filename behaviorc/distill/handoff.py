@@ -27,18 +27,22 @@ and recorded as an event, so the dashboard shows the behavior users see over tim
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from behaviorc import ir
 from behaviorc.engine.protocol import Engine
 from behaviorc.engine.push import push_weights
+from behaviorc.engine.server import serve
 from behaviorc.engine.traffic import RequestLoop
 from behaviorc.engine.vllm import VLLMEngine
 from behaviorc.measure.margin import behavior_margin
+from behaviorc.plan.task import TaskContext
+from behaviorc.plan.tasks import TrainBehavior
 
 PROBES_AT_MOST = 1_000_000  # per server: RequestLoop's default (1000) ends in minutes
 
@@ -82,13 +86,36 @@ def lowered_strength(strength: float, gain_weights: float, gain_steered: float) 
     return strength * min(1.0, max(0.0, 1.0 - gain_weights / gain_steered))
 
 
+@contextmanager
+def live_handoff(task: TrainBehavior, ctx: TaskContext, base: str, directions: Mapping[int, torch.Tensor],
+                 margin_before: float, margin_steered: float) -> Iterator["LiveHandoff | None"]:
+    """The hand-off of a training task whose deploy says `handoff on`, started and serving
+    `base` (a model folder) steered, for the length of the block; None without one. With
+    `auto` the task owns a vLLM server of `base` for as long."""
+    if task.handoff is None:
+        yield None
+        return
+    with ExitStack() as stack:
+        if task.handoff.urls == "auto":
+            ctx.progress(0, task.train.steps, "starting a vLLM server")
+            urls, push_base = [stack.enter_context(serve(base)).url], None
+        else:
+            urls, push_base = list(task.handoff.urls), Path(base)
+        handoff = LiveHandoff(urls, directions, task.strength, task.eval_pairs, margin_before,
+                              margin_steered, push_every=task.handoff.push_every, emit=ctx.emit)
+        stack.callback(handoff.close)
+        handoff.start(push_base)
+        yield handoff
+
+
 class LiveHandoff:
     """Owns the served behavior of `urls` from `start()` to `finish()`."""
 
     def __init__(self, urls: Sequence[str], directions: Mapping[int, torch.Tensor], strength: float,
                  pairs: Sequence[ir.Pair], margin_before: float, margin_steered: float,
-                 emit: Callable[..., None] = lambda type, **fields: None):
+                 push_every: int = 0, emit: Callable[..., None] = lambda type, **fields: None):
         self.urls, self.directions, self.strength = list(urls), dict(directions), strength
+        self.push_every = push_every
         self.pairs, self.margin_before = pairs, margin_before
         self.gain_steered = margin_steered - margin_before
         self.emit = emit
@@ -109,6 +136,10 @@ class LiveHandoff:
         self._steer(self.strength)
         self._probes.start()
         self._point(0, self.margin_before, pushed)
+
+    def due(self, step: int, steps: int) -> bool:
+        """Whether training step `step` of `steps` pushes (the last one is `finish`'s)."""
+        return bool(self.push_every) and step % self.push_every == 0 and step < steps
 
     def step(self, step: int, weights: Mapping[str, torch.Tensor], local: Engine) -> None:
         """Push `weights` (checkpoint names) and lower the strength by what the weights

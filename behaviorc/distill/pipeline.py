@@ -42,9 +42,8 @@ SAMPLES_IN_DATA = 8  # distilled examples kept in the task's data for a reader t
 def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     from behaviorc.distill.activations import ActivationMatch, steered_targets
     from behaviorc.distill.data import distill_data
-    from behaviorc.distill.handoff import LiveHandoff, trained_tensors
+    from behaviorc.distill.handoff import live_handoff, trained_tensors
     from behaviorc.engine.embedded import EmbeddedEngine
-    from behaviorc.engine.server import serve
     from behaviorc.measure.margin import behavior_margin
     from behaviorc.measure.nll import general_nll
     from behaviorc.model.adapter import ArchitectureAdapter
@@ -88,20 +87,9 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
              margin_steered=metrics["margin_steered"])
 
     with ExitStack() as stack:
-        handoff = None
-        if task.handoff is not None:
-            if task.handoff.urls == "auto":
-                ctx.progress(0, spec.steps, "starting a vLLM server")
-                urls, base = [stack.enter_context(serve(path)).url], None
-            else:
-                urls, base = list(task.handoff.urls), Path(path)
-            handoff = LiveHandoff(urls, directions, task.strength, pairs, metrics["margin_before"],
-                                  metrics["margin_steered"], emit=ctx.emit)
-            stack.callback(handoff.close)
-            handoff.start(base)
-            generator = handoff.generator()
-        else:
-            generator = engine
+        handoff = stack.enter_context(live_handoff(task, ctx, path, directions, metrics["margin_before"],
+                                                   metrics["margin_steered"]))
+        generator = handoff.generator() if handoff is not None else engine
 
         ctx.progress(0, spec.steps, f"sampling {len(distill.prompts)} prompts x {distill.samples}")
         began = time.perf_counter()
@@ -133,7 +121,6 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
                 ActivationMatch(layers, wanted, distill.match_activations, spec.context))
             metrics["seconds_targets"] = time.perf_counter() - began
 
-        push_every = task.handoff.push_every if task.handoff is not None else 0
         paused_training = [0.0]  # seconds of the loop spent pushing and measuring
 
         def trained() -> dict[str, Any]:
@@ -144,8 +131,7 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
                      grad_norm=event.grad_norm, lr=event.lr, limiter=event.limiter,
                      tokens_per_s=event.tokens_per_s, skipped=event.skipped)
             ctx.progress(event.step, spec.steps, f"loss {event.loss:.4f}")
-            if handoff is not None and push_every and event.step % push_every == 0 \
-                    and event.step < spec.steps:
+            if handoff is not None and handoff.due(event.step, spec.steps):
                 handing_over = time.perf_counter()
                 handoff.step(event.step, trained(), engine)
                 paused_training[0] += time.perf_counter() - handing_over

@@ -69,13 +69,15 @@ class _Lowering:
         if b.steer:
             verify = self._steer(b, model, eval_pairs, general)
         if b.train:
-            distill = b.train.distill is not None and b.steer is not None
+            # Distillation samples the steered model; a hand-off serves it while training.
+            handoff = self._handoff(b.name) if b.steer else None
+            uses_steering = b.steer is not None and (b.train.distill is not None or handoff is not None)
             train = self._add(TrainBehavior(
                 name=b.name, model=model, train=b.train,
                 eval_pairs=eval_pairs or (b.steer.pairs if b.steer else ()), general=general,
-                steering=self.steering[b.name] if distill else None,
-                strength=b.steer.strength if distill else 0.0,
-                handoff=self._handoff(b.name) if distill else None, loc=b.train.loc))
+                steering=self.steering[b.name] if uses_steering else None,
+                strength=b.steer.strength if uses_steering else 0.0,
+                handoff=handoff, loc=b.train.loc))
             if not train.eval_pairs:
                 self.notes.append(f"`{b.name}` has no pairs to measure its margin on: add an "
                                   "eval section with pairs")
@@ -97,7 +99,7 @@ class _Lowering:
 
     def _handoff(self, name: str) -> ir.Deploy | None:
         """The live deploy of `name` that hands its steering over to the weights while
-        it distills. Its training task owns the servers, so it is not deployed again."""
+        it trains. Its training task owns the servers, so it is not deployed again."""
         return next((d for d in self.spec.deploys if d.target == name and d.handoff and d.live), None)
 
     def _general(self, b: ir.Behavior) -> tuple[str, ...]:

@@ -72,8 +72,8 @@ class TrainBehavior(Task):
     train: ir.Train
     eval_pairs: tuple[ir.Pair, ...]
     general: tuple[str, ...]
-    # Set when train.distill makes the steered behavior permanent: the vectors to
-    # sample with, at `strength`.
+    # Set when train.distill makes the steered behavior permanent, or a hand-off serves
+    # it steered while it trains: the vectors, at `strength`.
     steering: ExtractSteering | None = None
     strength: float = 0.0
     # Set when a live deploy of this behavior says `handoff on`: this task then owns

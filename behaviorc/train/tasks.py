@@ -4,6 +4,9 @@ It trains a private copy of the model (the executor's shared engines stay untouc
 measures the behavior margin and the general NLL before and after on that copy, and
 writes the fine-tuned model as a Hugging Face folder. Checkpoints go to the task's
 scratch folder when the executor offers one, so a build stopped mid-training resumes.
+With a live hand-off (`handoff on` in the behavior's deploy) the servers serve the base
+steered from the start and the trained tensors as training goes, the steering lowered by
+what the weights carry (`behaviorc.distill.handoff`), as for distillation.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ CHECKPOINT_EVERY = 50
 
 
 def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
+    from behaviorc.distill.handoff import live_handoff, trained_tensors
     from behaviorc.engine.embedded import EmbeddedEngine
     from behaviorc.measure.margin import behavior_margin
     from behaviorc.measure.nll import general_nll
@@ -38,8 +42,9 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     path = ctx.result(task.model).data["path"]
     ctx.progress(0, spec.steps, "loading the model")
     model, tokenizer = load_model(path, decl.dtype, decl.device)
+    adapter = ArchitectureAdapter.for_model(model)
     try:
-        targets = ArchitectureAdapter.for_model(model).parameters(model, spec.targets)
+        targets = adapter.parameters(model, spec.targets)
     except BehaviorError as err:
         raise BehaviorError(str(err), spec.loc, hint=err.diagnostics[0].hint) from None
 
@@ -57,34 +62,56 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     if task.general:
         metrics["general_nll_before"] = general_nll(engine, task.general)
     metrics.update(testbed_rate(engine, decl.source, task.name, "before"))
+    directions = {}
+    if task.handoff is not None:
+        from behaviorc.steer.vectors import load_steering
+        directions = dict(load_steering(ctx.result(task.steering).path("vectors"), spec.loc).directions)
+        engine.set_steering(directions, task.strength)
+        try:
+            metrics["margin_steered"] = behavior_margin(engine, task.eval_pairs)
+        finally:
+            engine.clear_steering()
 
-    def on_step(event: StepEvent) -> None:
-        ctx.emit("train_step", step=event.step, loss=event.loss, grad_norm=event.grad_norm,
-                 lr=event.lr, limiter=event.limiter, tokens_per_s=event.tokens_per_s,
-                 skipped=event.skipped)
-        ctx.progress(event.step, spec.steps, f"loss {event.loss:.4f}")
+    def trained() -> dict[str, Any]:
+        return trained_tensors(adapter.checkpoint_tensors(model), list(targets))
 
-    # The scratch folder outlives a stopped build, so a rerun resumes from the checkpoint.
-    checkpoint = ctx.scratch / "checkpoint"
-    summary = train(model, targets, schedule, spec, pad_id=tokenizer.pad_token_id, on_step=on_step,
-                    checkpoint_dir=checkpoint, checkpoint_every=CHECKPOINT_EVERY)
-    shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a rerun starts afresh
-    ctx.check_cancelled()
+    served: list[dict[str, Any]] = []
+    with live_handoff(task, ctx, path, directions, metrics.get("margin_before", 0.0),
+                      metrics.get("margin_steered", 0.0)) as handoff:
 
-    metrics["loss_first"] = summary.loss_first if summary.loss_first is not None else float("nan")
-    metrics["loss_last"] = summary.losses[-1] if summary.losses else float("nan")
-    metrics["steps_skipped"] = float(summary.steps_skipped)
-    metrics["limiter_activations"] = float(summary.limiter_activations)
-    if task.eval_pairs:
-        metrics["margin_after"] = behavior_margin(engine, task.eval_pairs)
-    if task.general:
-        metrics["general_nll_after"] = general_nll(engine, task.general)
-    metrics.update(testbed_rate(engine, decl.source, task.name, "after"))
+        def on_step(event: StepEvent) -> None:
+            ctx.emit("train_step", step=event.step, loss=event.loss, grad_norm=event.grad_norm,
+                     lr=event.lr, limiter=event.limiter, tokens_per_s=event.tokens_per_s,
+                     skipped=event.skipped)
+            ctx.progress(event.step, spec.steps, f"loss {event.loss:.4f}")
+            if handoff is not None and handoff.due(event.step, spec.steps):
+                handoff.step(event.step, trained(), engine)
+
+        # The scratch folder outlives a stopped build, so a rerun resumes from the checkpoint.
+        checkpoint = ctx.scratch / "checkpoint"
+        summary = train(model, targets, schedule, spec, pad_id=tokenizer.pad_token_id, on_step=on_step,
+                        checkpoint_dir=checkpoint, checkpoint_every=CHECKPOINT_EVERY)
+        shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a rerun starts afresh
+        ctx.check_cancelled()
+
+        metrics["loss_first"] = summary.loss_first if summary.loss_first is not None else float("nan")
+        metrics["loss_last"] = summary.losses[-1] if summary.losses else float("nan")
+        metrics["steps_skipped"] = float(summary.steps_skipped)
+        metrics["limiter_activations"] = float(summary.limiter_activations)
+        if task.eval_pairs:
+            metrics["margin_after"] = behavior_margin(engine, task.eval_pairs)
+        if task.general:
+            metrics["general_nll_after"] = general_nll(engine, task.general)
+        metrics.update(testbed_rate(engine, decl.source, task.name, "after"))
+        if handoff is not None:
+            record = handoff.finish(spec.steps, trained(), metrics["margin_after"])
+            metrics.update(record.metrics())
+            served = [vars(p) for p in record.points]
 
     save_model(model, tokenizer, Path(ctx.out) / "model")
     return TaskResult(metrics=metrics, artifacts={"model": "model"},
                       data={"losses": summary.losses, "targets": sorted(targets),
-                            "resumed_from": summary.resumed_from})
+                            "resumed_from": summary.resumed_from, "served": served})
 
 
 def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
