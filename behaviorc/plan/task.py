@@ -71,6 +71,12 @@ class Task(BaseModel):
     # Bump when a method's implementation changes what it produces: cached results of
     # the old version are then not reused.
     version: ClassVar[int] = 1
+    # Whether the executor may run this task in a worker process beside others (`--jobs`).
+    # True only for self-contained work: it reads its inputs and upstream results and
+    # writes ctx.out, loading any engine it needs for itself. A task that holds a live
+    # server or state shared with other tasks leaves it False and runs in the build's
+    # own process, alone. A kind may make it a property when it depends on the fields.
+    parallel_safe: ClassVar[bool] = False
 
     name: str  # the behavior, composition or model this task is about
     loc: Location | None = Field(default=None, exclude=True)
