@@ -1,7 +1,8 @@
 """A stand-in for a vLLM replica, for the failure paths a real vLLM rarely shows.
 
 It is a real HTTP server in its own process. It answers behaviorc's worker RPCs like
-a server that accepts everything, and on a push it does what the test asks: `die`
+a server that accepts everything, and when a push is to change its weights (a single
+push, or the commit after every replica staged it) it does what the test asks: `die`
 (SIGKILL itself mid-request, as a killed server), `hang` (never answer), or `refuse`
 (answer that the reload failed).
 """
@@ -13,7 +14,6 @@ import sys
 import textwrap
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -24,11 +24,11 @@ SERVER = textwrap.dedent("""
     import json, os, signal, sys, time
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    folder, on_push = sys.argv[2], sys.argv[3]
+    on_push = sys.argv[2]
     ANSWERS = {
-        "behaviorc_manifest": {"folders": [folder], "previous": [], "tensors": {}},
-        "behaviorc_check": {"problems": []},
-        "behaviorc_rollback": {"ok": True, "folders": [folder]},
+        "behaviorc_stage": {"ok": True, "problems": []},
+        "behaviorc_discard": {"ok": True},
+        "behaviorc_rollback": {"ok": True},
     }
 
     class Handler(BaseHTTPRequestHandler):
@@ -42,7 +42,7 @@ SERVER = textwrap.dedent("""
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             answer = ANSWERS.get(body["method"])
-            if body["method"] == "behaviorc_push":
+            if body["method"] in ("behaviorc_push", "behaviorc_commit"):
                 if on_push == "die":
                     os.kill(os.getpid(), signal.SIGKILL)
                 if on_push == "hang":
@@ -60,9 +60,9 @@ SERVER = textwrap.dedent("""
 
 
 @contextmanager
-def stand_in_server(folder: Path, on_push: str) -> Iterator[tuple[str, subprocess.Popen]]:
+def stand_in_server(on_push: str) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port("127.0.0.1")
-    process = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(folder), on_push])
+    process = subprocess.Popen([sys.executable, "-c", SERVER, str(port), on_push])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

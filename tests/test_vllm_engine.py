@@ -258,7 +258,7 @@ def test_replica_refusing_the_push_rolls_back_the_ones_pushed(
     before = engine.completion_logprobs(PROMPTS, COMPLETIONS)
     change = {name: tensor * 1.1 for name, tensor in served_weights.items()}
     folder = model_folder(tmp_path, vllm_server.model_dir, change)
-    with stand_in_server(folder, "refuse") as (refusing, _):
+    with stand_in_server("refuse") as (refusing, _):
         with pytest.raises(BehaviorError, match="the stand-in refuses every push"):
             push_weights([vllm_server.url, refusing], folder)
     # The real server took the push first, then went back to the weights it had.

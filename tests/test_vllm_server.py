@@ -17,14 +17,14 @@ from behaviorc.engine.server import server_command, start_server
 
 
 def test_server_killed_mid_push_gives_a_clear_error(tiny_dense):
-    with stand_in_server(tiny_dense, "die") as (url, process):
+    with stand_in_server("die") as (url, process):
         with pytest.raises(BehaviorError, match=f"lost the vLLM server at {url} while pushing"):
             push_weights([url], tiny_dense)
         assert process.wait(timeout=10) == -9  # it really was killed during the push
 
 
 def test_server_that_stops_answering_times_out(tiny_dense):
-    with stand_in_server(tiny_dense, "hang") as (url, _):
+    with stand_in_server("hang") as (url, _):
         with pytest.raises(BehaviorError, match="did not answer in time while pushing"):
             push_weights([url], tiny_dense, timeout=2.0)
 

@@ -44,6 +44,7 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"starting vLLM for {args.model} ...", flush=True)
+    interrupted = False
     with serve(args.model, port=args.port, host=args.host, api_key=args.api_key) as server:
         print(f"serving {server.model_dir}", flush=True)
         print(f"url: {server.url}", flush=True)
@@ -53,8 +54,11 @@ def run_serve(args: argparse.Namespace) -> int:
             while server.process.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            print("stopping", flush=True)
-            return 0
+            interrupted = True
+            print("stopping the server ...", flush=True)
+    if interrupted:
+        print(f"stopped; {server.url} is free", flush=True)
+        return 0
     print(f"the server exited with code {server.process.returncode}; see {server.log_path}")
     return 1
 

@@ -1,48 +1,50 @@
 """All-or-nothing weight pushes into live vLLM servers (one or several replicas).
 
-A push never stops a server: vLLM's `reload_weights` replaces the weights in place
-between two forward steps while requests keep flowing (HOGWILD). It reads a folder in
-checkpoint format, so vLLM itself fuses q/k/v, gate/up, the GDN projections and the MoE
-experts into its own layouts.
+A push never stops a server: the worker extension (`behaviorc.engine.worker`) loads the
+new weights in place between two forward steps while requests keep flowing (HOGWILD).
+Weights travel in checkpoint format, so vLLM itself fuses q/k/v, gate/up, the GDN
+projections and the MoE experts into its own layouts.
 
 Order of a push:
-1. ask every replica for its served manifest (checkpoint name -> shape, dtype, file);
-2. check the new weights against every manifest (names, shapes, floating dtype, finite
-   values) and refuse before anything is sent;
-3. for a partial state dict, write a folder holding every decoder layer the change
-   touches in full (the unchanged tensors of that layer read from the served files),
-   because vLLM reloads a fused module from whatever parts it is given and leaves the
-   rest undefined;
-4. push to each replica in turn; a replica that fails restores its own previous weights,
-   and the replicas already pushed roll back, so all serve the old weights again;
-5. reset every replica's prefix cache (cached prefixes came from the old weights).
+1. a state dict is written as a safetensors file to a scratch folder in memory
+   (/dev/shm where there is one), which the servers read by path: they must run on this
+   machine (a remote replica would need the file sent to it first); a model folder is
+   read where it is and must stay there while it is served;
+2. every replica checks the weights against the checkpoint it serves (names, shapes,
+   floating dtypes, finite values) and reads them, changing nothing yet; one replica
+   does this and step 3 in a single call;
+3. each replica loads them in turn; if one fails, it puts its previous values back and
+   the replicas already changed roll back, so all serve the old weights again;
+4. every replica's prefix cache is reset, preempting running requests so that no cached
+   prefix computed with the old weights survives (they are recomputed, not failed).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from behaviorc.diagnostics import BehaviorError, did_you_mean
+from behaviorc.diagnostics import BehaviorError
 from behaviorc.engine.vllm import PUSH_TIMEOUT_S, ServerClient
 
-PUSH_MARKER = "behaviorc-push.json"  # marks folders that behaviorc wrote and may delete
-_LAYER_PREFIX = re.compile(r"^(.*?\.layers\.\d+)\.")
+SHARED_MEMORY = Path("/dev/shm")
 
 
 @dataclass(frozen=True)
 class PushReport:
     urls: tuple[str, ...]
-    tensors: int  # tensors sent (whole layers for a partial push)
-    seconds: float  # wall time from the first check to the last prefix-cache reset
-    reload_seconds: tuple[float, ...]  # vLLM's in-place reload, per replica
+    tensors: int  # tensors loaded (whole decoder layers for a partial push)
+    seconds: float  # wall time from the first call to the last prefix-cache reset
+    reload_seconds: tuple[float, ...]  # vLLM loading the weights, per replica
+    # Where the time went (s): write (the state dict's file), read (servers checking
+    # and reading the weights, slowest replica), load (vLLM, slowest), calls (the push
+    # calls end to end, server work included), reset (prefix caches).
+    breakdown: dict[str, float] = field(default_factory=dict)
 
 
 def push_weights(urls: Sequence[str], source: Path | str | Mapping[str, Any],
@@ -58,99 +60,120 @@ def push_weights(urls: Sequence[str], source: Path | str | Mapping[str, Any],
     started = time.perf_counter()
     clients = [ServerClient(url, api_key, timeout) for url in urls]
     try:
-        if isinstance(source, Mapping):
-            complete = False
-            manifests = [_manifest(client) for client in clients]
-            _check_state_dict(source, clients, manifests)
-            folder = _write_layers(source, manifests[0]["tensors"], _push_root(clients))
-        else:
-            complete = True
-            folder = Path(source).expanduser().resolve()
-            if not folder.is_dir():
-                raise BehaviorError(f"cannot push `{source}`: not a model folder")
-        if len(clients) > 1:  # every replica must accept before any is changed
-            _check_on_servers(clients, folder, complete)
-        answers = _push_all(clients, folder, complete)
+        with _as_folder(source) as (payload, write_seconds):
+            calls_started = time.perf_counter()
+            if len(clients) == 1:
+                answers = [_answer(clients[0], "behaviorc_push", payload,
+                                   doing="pushing weights")]
+            else:
+                _stage_all(clients, payload)
+                answers = _commit_all(clients)
+            calls_seconds = time.perf_counter() - calls_started
+        reset_started = time.perf_counter()
         for client in clients:
             client.reset_prefix_cache()
-        # Served now, or the state a rollback would return to.
-        in_use = {f for answer in answers for f in answer["folders"] + answer["previous"]}
-        _forget_unused_pushes(_push_root(clients), in_use)
+        reset_seconds = time.perf_counter() - reset_started
     finally:
         for client in clients:
             client.close()
+    loads = tuple(float(answer["seconds"]["load"]) for answer in answers)
+    breakdown = {"write": write_seconds,
+                 "read": max(float(answer["seconds"]["read"]) for answer in answers),
+                 "load": max(loads), "calls": calls_seconds, "reset": reset_seconds}
     return PushReport(tuple(c.url for c in clients), int(answers[0]["tensors"]),
-                      time.perf_counter() - started,
-                      tuple(float(answer["seconds"]) for answer in answers))
+                      time.perf_counter() - started, loads, breakdown)
 
 
-def _manifest(client: ServerClient) -> dict[str, Any]:
-    manifest = client.rpc("behaviorc_manifest", doing="reading the served weights")
-    if not isinstance(manifest, dict):
-        raise BehaviorError(
-            f"the vLLM server at {client.url} does not run behaviorc's worker extension",
-            hint="start it with `behaviorc serve MODEL`")
-    return manifest
+@contextmanager
+def _as_folder(source: Path | str | Mapping[str, Any]) -> Iterator[tuple[dict, float]]:
+    """The push request for `source`, and the seconds spent writing it to a file."""
+    if not isinstance(source, Mapping):
+        folder = Path(source).expanduser().resolve()
+        if not folder.is_dir():
+            raise BehaviorError(f"cannot push `{source}`: not a model folder")
+        yield {"path": str(folder), "complete": True, "transient": False}, 0.0
+        return
+    started = time.perf_counter()
+    tensors = _checked_tensors(source)
+    from safetensors.torch import save_file
+
+    scratch = Path(tempfile.mkdtemp(prefix="behaviorc-push-", dir=_scratch_root()))
+    try:
+        save_file(tensors, str(scratch / "model.safetensors"))
+        # The servers keep the values in memory: the file goes once they have read it.
+        yield ({"path": str(scratch), "complete": False, "transient": True},
+               time.perf_counter() - started)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _check_state_dict(weights: Mapping[str, Any], clients: list[ServerClient],
-                      manifests: list[dict[str, Any]]) -> None:
+def _scratch_root() -> str | None:
+    """Memory-backed when the machine has it: the file only carries tensors across."""
+    return str(SHARED_MEMORY) if SHARED_MEMORY.is_dir() else None
+
+
+def _checked_tensors(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """The tensors, contiguous on the CPU; names, shapes and values the servers check."""
     import torch
 
     if not weights:
         raise BehaviorError("the push holds no tensors")
-    problems: list[str] = []
+    problems = []
     for name, tensor in weights.items():
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             problems.append(f"tensor `{name}` is {kind}, weights must be floating point")
-            continue
-        for client, manifest in zip(clients, manifests):
-            served = manifest["tensors"]
-            want = served.get(name)
-            if want is None:
-                hint = did_you_mean(name, served)
-                problems.append(f"{client.url}: tensor `{name}` is not a weight of the "
-                                f"served model" + (f" ({hint})" if hint else ""))
-            elif list(tensor.shape) != want["shape"]:
-                problems.append(f"{client.url}: tensor `{name}` has shape "
-                                f"{list(tensor.shape)}, the served model has {want['shape']}")
-        if not bool(torch.isfinite(tensor).all()):
-            problems.append(f"tensor `{name}` holds NaN or infinite values")
-    # The rest of each pushed layer is read from the first replica's files: the others
-    # must serve the same checkpoint, or they would end up with a mix.
-    for client, manifest in zip(clients[1:], manifests[1:]):
-        if manifest["folders"] != manifests[0]["folders"]:
-            problems.append(f"{client.url} serves other weights than {clients[0].url}; "
-                            f"push a whole model folder to bring the replicas in line")
     if problems:
         raise _refused(problems)
+    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in weights.items()}
 
 
-def _check_on_servers(clients: list[ServerClient], folder: Path, complete: bool) -> None:
+def _answer(client: ServerClient, method: str, *args: Any, doing: str) -> dict[str, Any]:
+    """A worker's answer; a refusal (`ok` false) becomes a BehaviorError."""
+    answer = client.rpc(method, *args, doing=doing)
+    if not isinstance(answer, dict):
+        raise BehaviorError(
+            f"the vLLM server at {client.url} does not run behaviorc's worker extension",
+            hint="start it with `behaviorc serve MODEL`")
+    if not answer.get("ok"):
+        raise _refused([f"{client.url}: {p}" for p in answer.get("problems", [])])
+    return answer
+
+
+def _stage_all(clients: list[ServerClient], payload: dict) -> None:
+    """Every replica checks and reads the weights before any is changed."""
     problems: list[str] = []
-    for client in clients:
-        answer = client.rpc("behaviorc_check", {"folder": str(folder), "complete": complete},
-                            doing="checking the pushed weights")
-        problems += [f"{client.url}: {p}" for p in answer["problems"]]
+    for index, client in enumerate(clients):
+        try:
+            answer = client.rpc("behaviorc_stage", payload, doing="checking the pushed weights")
+        except BehaviorError:
+            _discard(clients[:index])
+            raise
+        problems += [f"{client.url}: {p}" for p in (answer or {}).get("problems", [])]
     if problems:
+        _discard(clients)
         raise _refused(problems)
 
 
-def _push_all(clients: list[ServerClient], folder: Path,
-              complete: bool) -> list[dict[str, Any]]:
-    payload = {"folder": str(folder), "complete": complete}
+def _discard(clients: list[ServerClient]) -> None:
+    """Drop what replicas staged for a push that will not happen (best effort: a staged
+    push changes nothing served, and the next push replaces it anyway)."""
+    for client in clients:
+        try:
+            client.rpc("behaviorc_discard", doing="dropping a refused push")
+        except BehaviorError:
+            pass
+
+
+def _commit_all(clients: list[ServerClient]) -> list[dict[str, Any]]:
     answers: list[dict[str, Any]] = []
     for index, client in enumerate(clients):
         try:
-            answer = client.rpc("behaviorc_push", payload, doing="pushing weights")
+            answers.append(_answer(client, "behaviorc_commit", doing="pushing weights"))
         except BehaviorError as err:
+            _discard(clients[index + 1:])
             _roll_back(clients[:index], str(err))
             raise
-        if not answer["ok"]:
-            _roll_back(clients[:index], "")
-            raise _refused([f"{client.url}: {p}" for p in answer["problems"]])
-        answers.append(answer)
     return answers
 
 
@@ -167,8 +190,7 @@ def _roll_back(pushed: list[ServerClient], cause: str) -> None:
     if failed:
         raise BehaviorError(
             "a push failed and rolling back the replicas already pushed failed too; they "
-            "may serve different weights: " + "; ".join(failed) + (f" (cause: {cause})"
-                                                                  if cause else ""))
+            "may serve different weights: " + "; ".join(failed) + f" (cause: {cause})")
 
 
 def _refused(problems: list[str]) -> BehaviorError:
@@ -176,58 +198,3 @@ def _refused(problems: list[str]) -> BehaviorError:
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     return BehaviorError(f"weight push refused, the servers keep their weights:\n  "
                          f"{shown}{more}")
-
-
-def layer_group(name: str) -> str:
-    """The unit a push carries whole: a decoder layer, or the tensor itself outside them."""
-    found = _LAYER_PREFIX.match(name)
-    return found.group(1) if found else name
-
-
-def _write_layers(weights: Mapping[str, Any], served: dict[str, Any], root: Path) -> Path:
-    """A checkpoint folder with the changed tensors and the rest of their layers."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    groups = {layer_group(name) for name in weights}
-    tensors: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[str]] = {}
-    for name, entry in served.items():
-        if layer_group(name) in groups and name not in weights:
-            by_file.setdefault(entry["file"], []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as handle:
-            for name in names:
-                tensors[name] = handle.get_tensor(name)
-    checkpoint_dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                         "BF16": torch.bfloat16}
-    for name, tensor in weights.items():
-        dtype = checkpoint_dtypes.get(served[name]["dtype"], tensor.dtype)
-        tensors[name] = tensor.detach().to("cpu", dtype).contiguous()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".push-", dir=root))
-    save_file(tensors, str(staging / "model.safetensors"))
-    (staging / PUSH_MARKER).write_text(json.dumps({"tensors": len(tensors)}) + "\n")
-    folder = root / staging.name.removeprefix(".")
-    staging.rename(folder)
-    return folder
-
-
-def _push_root(clients: list[ServerClient]) -> Path:
-    """Push folders for one set of replicas live together, so cleaning up after a push
-    never touches a folder another deploy still serves."""
-    from behaviorc.model.builtin import cache_root
-    urls = sorted(client.url for client in clients)
-    replicas = hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
-    return cache_root() / "pushes" / replicas
-
-
-def _forget_unused_pushes(root: Path, in_use: set[str]) -> None:
-    """Delete push folders that no replica serves or could roll back to."""
-    if not root.is_dir():
-        return
-    for folder in root.iterdir():
-        if folder.name.startswith("push-") and str(folder) not in in_use \
-                and (folder / PUSH_MARKER).is_file():
-            shutil.rmtree(folder, ignore_errors=True)

@@ -74,7 +74,16 @@ class ServerClient:
         return results[0]
 
     def reset_prefix_cache(self) -> None:
-        self.request("POST", "/reset_prefix_cache", "resetting the prefix cache")
+        """Forget every cached prefix (they were computed with other weights or steering).
+
+        vLLM refuses a plain reset while requests hold cache blocks, which under load is
+        almost always; preempting them makes it succeed, and they are recomputed."""
+        answer = self.request("POST", "/reset_prefix_cache?reset_running_requests=true",
+                              "resetting the prefix cache")
+        if isinstance(answer, dict) and answer.get("success") is False:
+            raise BehaviorError(f"the vLLM server at {self.url} could not reset its prefix "
+                                f"cache: answers may still reuse prefixes computed before "
+                                f"this change")
 
     def healthy(self) -> bool:
         try:

@@ -11,113 +11,27 @@ add-norm makes `hidden + residual` the residual stream. Adding `strength * vecto
 returned `hidden` therefore adds it to the residual stream at the output of that layer,
 which is what steering at layer L means in transformers too.
 
-Weights. The served weights are described by a list of checkpoint-format folders, the
-first complete (the model as served or last pushed whole) and each later one overriding
-some tensors. A push validates a folder against the served checkpoint names, shapes and
-dtypes and checks every value is finite before vLLM's `reload_weights` reads it; a failed
-reload replays the folders that were served before, so the old weights come back.
+Weights. A push is staged, then committed. Staging reads every pushed tensor once,
+checking names, shapes and dtypes against the served checkpoint and that every value is
+finite, and completes each decoder layer the push touches with the served values of its
+other tensors (vLLM rebuilds a fused module, e.g. qkv or the MoE experts, from all of
+its parts). Committing feeds those checkpoint-format tensors to vLLM's own
+`load_weights`, under vLLM's layerwise reload set up for only the modules they belong
+to, so vLLM fuses and repacks them into its kernel layouts. The worker remembers where
+each served value can be read again (the model folder, a pushed folder, or memory for a
+pushed state dict), so a rollback loads the previous values of the same tensors.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import logging
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-
-@dataclass
-class TensorEntry:
-    shape: list[int]
-    dtype: str
-    file: str  # the safetensors file that holds the served value
-
-
-@dataclass
-class ServedWeights:
-    """Which folders, replayed in order, give the weights being served."""
-
-    folders: list[str]
-    previous: list[str] = field(default_factory=list)  # before the last push, for rollback
-
-    def manifest(self) -> dict[str, TensorEntry]:
-        entries: dict[str, TensorEntry] = {}
-        for folder in self.folders:
-            entries.update(read_headers(Path(folder)))
-        return entries
-
-
-def safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder, as vLLM's loader would read them."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / name for name in names]
-    return sorted(folder.glob("*.safetensors"))
-
-
-def read_headers(folder: Path) -> dict[str, TensorEntry]:
-    """Name -> shape, dtype and file for every tensor of a checkpoint folder (no data read)."""
-    from safetensors import safe_open
-
-    entries: dict[str, TensorEntry] = {}
-    for file in safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                part = handle.get_slice(name)
-                entries[name] = TensorEntry(list(part.get_shape()), part.get_dtype(), str(file))
-    return entries
-
-
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-
-
-def check_folder(folder: Path, served: dict[str, TensorEntry], complete: bool) -> list[str]:
-    """Every reason the folder cannot replace the served weights; empty when it can.
-
-    `complete` asks for every served tensor (a whole-model push); otherwise the folder may
-    hold any subset. Values are read to check that they are finite.
-    """
-    import torch
-    from safetensors import safe_open
-
-    if not folder.is_dir():
-        return [f"{folder} is not a folder"]
-    files = safetensors_files(folder)
-    if not files:
-        return [f"{folder} holds no .safetensors file"]
-    problems: list[str] = []
-    try:
-        incoming = read_headers(folder)
-    except Exception as err:  # a truncated or foreign file: safetensors says why
-        return [f"cannot read the weights in {folder}: {err}"]
-    for name, entry in incoming.items():
-        want = served.get(name)
-        if want is None:
-            problems.append(f"tensor `{name}` is not a weight of the served model")
-        elif entry.shape != want.shape:
-            problems.append(f"tensor `{name}` has shape {entry.shape}, the served model "
-                            f"has {want.shape}")
-        elif entry.dtype not in FLOAT_DTYPES:
-            problems.append(f"tensor `{name}` has dtype {entry.dtype}, weights must be "
-                            f"floating point (served: {want.dtype})")
-    if complete:
-        missing = sorted(set(served) - set(incoming))
-        if missing:
-            shown = ", ".join(f"`{n}`" for n in missing[:5])
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            problems.append(f"{len(missing)} served tensor(s) missing: {shown}{more}")
-    if problems:
-        return problems
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
-                    if not bool(torch.isfinite(handle.get_tensor(name)).all()):
-                        problems.append(f"tensor `{name}` holds NaN or infinite values")
-        except Exception as err:
-            problems.append(f"cannot read {file}: {err}")
-    return problems
+from behaviorc.engine.weights import ServedWeights, layer_group
 
 
 def _layer_kinds(config: Any, count: int) -> list[str]:
@@ -133,7 +47,7 @@ class BehaviorWorker:
     def _behaviorc_served(self) -> ServedWeights:
         served = getattr(self, "_behaviorc_weights", None)
         if served is None:
-            served = ServedWeights(folders=[str(self.model_runner.model_config.model)])
+            served = ServedWeights.of_folder(Path(self.model_runner.model_config.model))
             self._behaviorc_weights = served
         return served
 
@@ -151,7 +65,7 @@ class BehaviorWorker:
         config = self.model_runner.model_config.hf_config
         count = len(self._behaviorc_decoder_layers())
         return {
-            "path": self._behaviorc_served().folders[0],
+            "path": str(self.model_runner.model_config.model),
             "architecture": (getattr(config, "architectures", None) or ["?"])[0],
             "num_layers": count,
             "hidden_size": int(self._behaviorc_text_config().hidden_size),
@@ -169,14 +83,6 @@ class BehaviorWorker:
             model_config.tokenizer, trust_remote_code=model_config.trust_remote_code)
         start = tokenizer.bos_token_id
         return start if start is not None else tokenizer.eos_token_id
-
-    def behaviorc_manifest(self) -> dict[str, Any]:
-        served = self._behaviorc_served()
-        return {
-            "folders": served.folders,
-            "previous": served.previous,
-            "tensors": {name: vars(entry) for name, entry in served.manifest().items()},
-        }
 
     # --- steering ---
 
@@ -218,61 +124,75 @@ class BehaviorWorker:
 
     # --- weights ---
 
-    def behaviorc_check(self, payload: str) -> dict[str, Any]:
-        """payload: {"folder": str, "complete": bool}. Problems, without loading anything."""
+    def behaviorc_stage(self, payload: str) -> dict[str, Any]:
+        """payload: {"path": folder, "complete": bool, "transient": bool}. Checks the
+        weights and reads them for `behaviorc_commit`; changes nothing served."""
         request = json.loads(payload)
-        served = self._behaviorc_served().manifest()
-        return {"problems": check_folder(Path(request["folder"]), served, request["complete"])}
+        problems = self._behaviorc_served().stage(
+            Path(request["path"]), bool(request["complete"]), bool(request["transient"]))
+        return {"ok": not problems, "problems": problems}
 
-    def behaviorc_push(self, payload: str) -> dict[str, Any]:
-        """payload: {"folder": str, "complete": bool}. Validates, then reloads in place.
-
-        On a failed reload the folders served before are replayed and the answer says
-        what failed; the weights are then the old ones.
-        """
-        import time
-
-        request = json.loads(payload)
-        folder, complete = str(request["folder"]), bool(request["complete"])
+    def behaviorc_commit(self) -> dict[str, Any]:
+        """Load the staged weights. If vLLM fails part-way, the previous values of the
+        same tensors are loaded back and the answer says what failed."""
         served = self._behaviorc_served()
-        problems = check_folder(Path(folder), served.manifest(), complete)
-        if problems:
-            return {"ok": False, "problems": problems}
+        staged, served.staged = served.staged, None
+        if staged is None:
+            return {"ok": False, "problems": ["nothing staged to commit"]}
+        previous = {name: served.sources[name] for name in staged.tensors}
         started = time.perf_counter()
         try:
-            self._behaviorc_reload(folder, base=folder if complete else served.folders[0])
+            self._behaviorc_load(staged.tensors)
         except Exception as err:  # vLLM's loader fails in many ways; all mean: roll back
-            self._behaviorc_replay(served.folders)
+            self._behaviorc_load(served.read(previous))
             return {"ok": False, "problems": [f"vLLM could not load the weights: {err!r}; "
                                               f"the previous weights are back"]}
-        seconds = time.perf_counter() - started
-        new_folders = [folder] if complete else _still_needed(served.folders + [folder])
-        served.previous, served.folders = served.folders, new_folders
-        return {"ok": True, "seconds": seconds, "folders": served.folders,
-                "previous": served.previous, "tensors": len(read_headers(Path(folder)))}
+        served.sources.update(staged.sources)
+        served.previous = previous
+        return {"ok": True, "tensors": len(staged.tensors), "pushed": staged.pushed,
+                "seconds": {"read": staged.read_seconds,
+                            "load": time.perf_counter() - started}}
+
+    def behaviorc_push(self, payload: str) -> dict[str, Any]:
+        """Stage and commit in one call (a push to a single server)."""
+        staged = self.behaviorc_stage(payload)
+        return self.behaviorc_commit() if staged["ok"] else staged
+
+    def behaviorc_discard(self) -> dict[str, Any]:
+        """Drop a staged push (another replica refused it)."""
+        self._behaviorc_served().staged = None
+        return {"ok": True}
 
     def behaviorc_rollback(self) -> dict[str, Any]:
-        """Undo the last successful push (used when another replica refused it)."""
+        """Undo the last commit (another replica refused the push)."""
         served = self._behaviorc_served()
         if not served.previous:
             return {"ok": False, "problems": ["no earlier weights to go back to"]}
-        self._behaviorc_replay(served.previous)
-        served.folders, served.previous = served.previous, []
-        return {"ok": True, "folders": served.folders}
+        self._behaviorc_load(served.read(served.previous))
+        served.sources.update(served.previous)
+        served.previous = {}
+        return {"ok": True}
 
-    def _behaviorc_replay(self, folders: list[str]) -> None:
-        for folder in folders:
-            self._behaviorc_reload(folder, base=folders[0])
+    def _behaviorc_load(self, tensors: dict[str, Any]) -> None:
+        """Load checkpoint-format tensors through vLLM's own `load_weights`.
 
-    def _behaviorc_reload(self, folder: str, base: str) -> None:
-        model_config = self.model_runner.model_config
-        try:
-            self.reload_weights(weights_path=folder, is_checkpoint_format=True)
-            self._behaviorc_repack_cpu_experts(set(read_headers(Path(folder))))
-        finally:
-            # reload_weights points the config at the folder it read; keep it on the
-            # complete checkpoint so a plain reload never reads a partial overlay.
-            model_config.model = base
+        vLLM's layerwise reload puts each module back in checkpoint layout, lets the
+        model's loader fuse the parts into it, and re-runs the module's post-load
+        processing (CPU GEMM packing, for one) once all its parts arrived. Setting it up
+        for the modules these tensors belong to, not the whole model as vLLM's
+        `reload_weights` does, keeps a push's cost proportional to its size.
+        """
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            finalize_layerwise_reload, initialize_layerwise_reload)
+
+        model = self.model_runner.get_model()
+        with set_current_vllm_config(self.vllm_config), _narrowing_unremarked():
+            for module in _modules_holding(model, tensors):
+                initialize_layerwise_reload(module)
+            model.load_weights(iter(tensors.items()))
+            finalize_layerwise_reload(model, self.model_runner.model_config)
+        self._behaviorc_repack_cpu_experts(set(tensors))
 
     def _behaviorc_repack_cpu_experts(self, loaded: set[str]) -> None:
         """Work around vLLM 0.32 on CPU: a weight update skips the MoE experts' prepack
@@ -295,16 +215,37 @@ class BehaviorWorker:
                 experts.process_weights_after_loading(module)
 
 
-def _still_needed(folders: list[str]) -> list[str]:
-    """Drop overlay folders whose every tensor a later folder overrides."""
-    kept: list[str] = []
-    covered: set[str] = set()
-    for index in range(len(folders) - 1, -1, -1):
-        names = set(read_headers(Path(folders[index])))
-        if index == 0 or not names <= covered:
-            kept.append(folders[index])
-        covered |= names
-    return kept[::-1]
+@contextmanager
+def _narrowing_unremarked() -> Iterator[None]:
+    """vLLM warns for every checkpoint tensor stored wider than the served dtype (a
+    float32 checkpoint served in bfloat16), as on every push of such a model; the
+    narrowing is the one it did at start-up, and the lines cost more than the copies."""
+    loader_log = logging.getLogger("vllm.model_executor.models.utils")
+    level = loader_log.level
+    loader_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        loader_log.setLevel(level)
+
+
+def _modules_holding(model: Any, names: Any) -> list[Any]:
+    """The modules that checkpoint tensors `names` load into: their decoder layers (or the
+    module of a tensor outside the layers), and any module sharing a parameter with those
+    (tied embeddings). The whole model when a name does not match vLLM's module tree."""
+    paths = set()
+    for name in names:
+        group = layer_group(name)
+        paths.add(group if group != name else name.rpartition(".")[0])
+    try:
+        chosen = [model.get_submodule(path) for path in sorted(paths)]
+    except AttributeError:
+        return [model]
+    inside = {id(module) for top in chosen for module in top.modules()}
+    held = {id(p) for top in chosen for p in top.parameters()}
+    tied = [module for module in model.modules() if id(module) not in inside
+            and any(id(p) in held for p in module.parameters(recurse=False))]
+    return chosen + tied
 
 
 def _steering_hook(delta: Any) -> Any:

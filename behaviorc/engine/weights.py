@@ -1,0 +1,177 @@
+"""What a vLLM worker serves, in checkpoint format, and how a push is checked against it.
+
+Runs inside the worker (see `behaviorc.engine.worker`); nothing here touches vLLM. A
+served value is read again from its source: a safetensors file (the model folder or a
+pushed folder) or a tensor kept in memory (a pushed state dict, whose file the client
+deletes after the push).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+from behaviorc.diagnostics import did_you_mean
+
+if TYPE_CHECKING:
+    import torch
+
+    Source = Union[str, torch.Tensor]  # a safetensors file holding the value, or the value
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_LAYER_PREFIX = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    shape: list[int]
+    dtype: str
+    file: str
+
+
+def layer_group(name: str) -> str:
+    """The unit a push loads whole: a decoder layer, or the tensor itself outside them."""
+    found = _LAYER_PREFIX.match(name)
+    return found.group(1) if found else name
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, as vLLM's loader would read them."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_headers(folder: Path) -> dict[str, TensorEntry]:
+    """Name -> shape, dtype and file for every tensor of a checkpoint folder (no data read)."""
+    from safetensors import safe_open
+
+    entries: dict[str, TensorEntry] = {}
+    for file in safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                part = handle.get_slice(name)
+                entries[name] = TensorEntry(list(part.get_shape()), part.get_dtype(), str(file))
+    return entries
+
+
+def all_finite(tensor: "torch.Tensor") -> bool:
+    import torch
+
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        tensor = tensor.float()
+    # One pass over the values: a NaN or an infinity makes the sum non-finite. A
+    # non-finite sum of finite values (an overflow) is settled by the exact check.
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) \
+        or bool(torch.isfinite(tensor).all())
+
+
+@dataclass
+class StagedPush:
+    """A validated push, read into memory, waiting to be loaded."""
+
+    tensors: dict[str, "torch.Tensor"]  # to load: the pushed tensors and the rest of their layers
+    sources: dict[str, "Source"]  # where the pushed values live once they are served
+    pushed: int
+    read_seconds: float
+
+
+@dataclass
+class ServedWeights:
+    """The checkpoint a worker serves: names, shapes and dtypes, and each value's source."""
+
+    manifest: dict[str, TensorEntry]
+    sources: dict[str, "Source"]
+    previous: dict[str, "Source"] = field(default_factory=dict)  # what the last push replaced
+    staged: StagedPush | None = None
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> "ServedWeights":
+        manifest = read_headers(folder)
+        return cls(manifest, {name: entry.file for name, entry in manifest.items()})
+
+    def read(self, sources: dict[str, "Source"]) -> dict[str, "torch.Tensor"]:
+        """The values these sources hold, each file opened once."""
+        from safetensors import safe_open
+
+        values: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for name, source in sources.items():
+            if isinstance(source, str):
+                by_file.setdefault(source, []).append(name)
+            else:
+                values[name] = source
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt") as handle:
+                for name in names:
+                    values[name] = handle.get_tensor(name)
+        return {name: values[name] for name in sources}
+
+    def stage(self, folder: Path, complete: bool, transient: bool) -> list[str]:
+        """Check the weights in `folder` and read them for loading; the problems, if any.
+
+        `complete` asks for every served tensor (a whole-model push); otherwise any
+        subset. `transient` says the folder goes away after the push, so the served
+        values are kept in memory instead of read again from its files.
+        """
+        started = time.perf_counter()
+        self.staged = None
+        if not folder.is_dir():
+            return [f"{folder} is not a folder"]
+        if not safetensors_files(folder):
+            return [f"{folder} holds no .safetensors file"]
+        try:
+            incoming = read_headers(folder)
+        except Exception as err:  # a truncated or foreign file: safetensors says why
+            return [f"cannot read the weights in {folder}: {err}"]
+        problems = self._header_problems(incoming, complete)
+        if problems:
+            return problems
+        try:
+            pushed = self.read({name: entry.file for name, entry in incoming.items()})
+        except Exception as err:
+            return [f"cannot read the weights in {folder}: {err}"]
+        problems = [f"tensor `{name}` holds NaN or infinite values"
+                    for name, tensor in pushed.items() if not all_finite(tensor)]
+        if problems:
+            return problems
+        groups = {layer_group(name) for name in pushed}
+        rest = {name: source for name, source in self.sources.items()
+                if name not in pushed and layer_group(name) in groups}
+        try:
+            unchanged = self.read(rest)
+        except Exception as err:  # a pushed folder still served was deleted or changed
+            return [f"cannot read the served values of the layers this push changes: {err}"]
+        self.staged = StagedPush(
+            tensors={**pushed, **unchanged},
+            sources=dict(pushed) if transient else {n: e.file for n, e in incoming.items()},
+            pushed=len(pushed), read_seconds=time.perf_counter() - started)
+        return []
+
+    def _header_problems(self, incoming: dict[str, TensorEntry], complete: bool) -> list[str]:
+        problems: list[str] = []
+        for name, entry in incoming.items():
+            want = self.manifest.get(name)
+            if want is None:
+                hint = did_you_mean(name, self.manifest)
+                problems.append(f"tensor `{name}` is not a weight of the served model"
+                                + (f" ({hint})" if hint else ""))
+            elif entry.shape != want.shape:
+                problems.append(f"tensor `{name}` has shape {entry.shape}, the served model "
+                                f"has {want.shape}")
+            elif entry.dtype not in FLOAT_DTYPES:
+                problems.append(f"tensor `{name}` has dtype {entry.dtype}, weights must be "
+                                f"floating point (served: {want.dtype})")
+        if complete:
+            missing = sorted(set(self.manifest) - set(incoming))
+            if missing:
+                shown = ", ".join(f"`{n}`" for n in missing[:5])
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                problems.append(f"{len(missing)} served tensor(s) missing: {shown}{more}")
+        return problems

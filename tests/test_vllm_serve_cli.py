@@ -1,0 +1,137 @@
+"""`behaviorc serve` as a user runs it: a real subprocess serving tiny-dense.
+
+One server start (about a minute here) covers both the dense model's weight pushes and
+the command's Ctrl-C; the session's shared server serves tiny-gdn.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from behaviorc.engine.embedded import EmbeddedEngine
+from behaviorc.engine.push import push_weights
+from behaviorc.engine.vllm import VLLMEngine
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["I will use", "def add(a, b):", ""]
+COMPLETIONS = [" the existing parser.", "\n    return a + b", "Yes."]
+BF16_TOLERANCE = 0.03  # vLLM and transformers both run bfloat16
+START_TIMEOUT_S = 600
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once the process ended and all its output was read."""
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def url(self) -> str:
+        found = re.search(r"^url: (\S+)$", self.output, re.MULTILINE)
+        assert found, self.output
+        return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def served_dense(tiny_dense, tmp_path_factory) -> Iterator[tuple[ServeProcess, Path]]:
+    """`behaviorc serve` on a copy of tiny-dense, ready to answer."""
+    model_dir = tmp_path_factory.mktemp("serve") / "tiny-dense"
+    shutil.copytree(tiny_dense, model_dir)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "behaviorc.cli", "serve", str(model_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    serving = ServeProcess(process)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while "press Ctrl-C to stop" not in serving.output:
+        assert process.poll() is None, serving.output
+        assert time.monotonic() < deadline, serving.output
+        time.sleep(0.5)
+    yield serving, model_dir
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        serving.wait(timeout=60)
+
+
+def max_difference(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
+
+
+def test_dense_model_serves_and_takes_pushes_like_the_embedded_engine(served_dense, tmp_path):
+    serving, model_dir = served_dense
+    url = serving.url()
+    weights = load_file(str(model_dir / "model.safetensors"))
+    generator = torch.Generator().manual_seed(11)
+    # q/k/v and gate/up are fused in vLLM: change some of the parts, not all.
+    change = {name: tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+              for name, tensor in weights.items()
+              if name.startswith("model.layers.1.") and ("k_proj" in name or "up_proj" in name)}
+    assert len(change) == 2
+    with VLLMEngine(url) as live:
+        before = live.completion_logprobs(PROMPTS, COMPLETIONS)
+        assert max_difference(before, EmbeddedEngine.load(model_dir, dtype="bfloat16")
+                              .completion_logprobs(PROMPTS, COMPLETIONS)) < BF16_TOLERANCE
+
+        push_weights([url], change)
+
+        after = live.completion_logprobs(PROMPTS, COMPLETIONS)
+        assert max_difference(after, before) > 0.01
+        changed = tmp_path / "changed"
+        shutil.copytree(model_dir, changed)
+        save_file({**weights, **change}, str(changed / "model.safetensors"))
+        expected = EmbeddedEngine.load(changed, dtype="bfloat16")
+        assert max_difference(after, expected.completion_logprobs(PROMPTS, COMPLETIONS)) \
+            < BF16_TOLERANCE
+
+        push_weights([url], model_dir)
+        assert live.completion_logprobs(PROMPTS, COMPLETIONS) == before
+
+
+def test_ctrl_c_stops_the_server_and_frees_the_port(served_dense):
+    serving, _ = served_dense
+    port = int(serving.url().rsplit(":", 1)[1])
+
+    serving.process.send_signal(signal.SIGINT)
+
+    assert serving.wait(timeout=60) == 0
+    assert "stopping the server" in serving.output
+    assert f"127.0.0.1:{port} is free" in serving.output
+    assert "Traceback" not in serving.output
+    with socket.socket() as probe:  # nothing listens there any more
+        with pytest.raises(ConnectionRefusedError):
+            probe.connect(("127.0.0.1", port))
+    with socket.socket() as probe:  # and the port can be bound again
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
