@@ -68,8 +68,10 @@ def all_finite(tensor: "torch.Tensor") -> bool:
         tensor = tensor.float()
     # One pass over the values: a NaN or an infinity makes the sum non-finite. A
     # non-finite sum of finite values (an overflow) is settled by the exact check.
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) \
-        or bool(torch.isfinite(tensor).all())
+    # 16-bit sums accumulate in float32, where they cannot overflow as early.
+    wide = tensor.dtype in (torch.float32, torch.float64)
+    total = tensor.sum() if wide else tensor.sum(dtype=torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
 
 
 @dataclass
