@@ -34,9 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from behaviorc.vectors.safetensors_io import PlannedTensor, StreamWriter, WeightFolder
+from behaviorc.vectors.safetensors_io import (
+    PlannedTensor, StreamWriter, WeightFolder, to_float32)
 
 SIZES = {
     "tiny": dict(hidden=256, layers=2, intermediate=768, vocab=8000, heads=4, kv_heads=2),
@@ -98,13 +100,18 @@ def generate_models(root: Path, size: dict[str, int], count: int) -> tuple[Path,
     for name, shape in shapes:
         is_norm = len(shape) == 1
         base = (torch.ones(shape) if is_norm else torch.randn(shape, generator=generator) * 0.02)
-        writers[0].write(name, base.to(torch.bfloat16))
+        writers[0].write(name, bfloat16_bits(base))
         for writer in writers[1:]:
             noise = torch.randn(shape, generator=generator) * (0.01 if is_norm else 0.002)
-            writer.write(name, (base + noise).to(torch.bfloat16))
+            writer.write(name, bfloat16_bits(base + noise))
     for writer in writers:
         writer.finish()
     return folders[0], folders[1:]
+
+
+def bfloat16_bits(values: torch.Tensor) -> np.ndarray:
+    """A tensor rounded to bfloat16, as the bits StreamWriter stores."""
+    return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
 # Runs a command as its own child and reports that child's peak RSS. Measuring the
@@ -180,6 +187,10 @@ def in_memory_merge(args: argparse.Namespace) -> None:
     save_file(merged, Path(args.out) / "model.safetensors", metadata={"format": "pt"})
 
 
+def float32_of(folder: WeightFolder, name: str) -> torch.Tensor:
+    return torch.from_numpy(to_float32(folder.read(name), folder.tensors[name].dtype))
+
+
 def compare(ours: Path, theirs: Path, base_dir: Path, tuned: list[Path], density: float,
             method: str) -> dict[str, float]:
     """Largest differences between two merged models; for ties, differences at entries
@@ -191,7 +202,7 @@ def compare(ours: Path, theirs: Path, base_dir: Path, tuned: list[Path], density
             raise SystemExit(f"outputs hold different tensors: {set(a.tensors) ^ set(b.tensors)}")
         tuned_folders = [WeightFolder(p) for p in tuned]
         for name in a.tensors:
-            x, y = a.read(name).float(), b.read(name).float()
+            x, y = float32_of(a, name), float32_of(b, name)
             diff = (x - y).abs()
             worst_all = max(worst_all, float(diff.max()))
             ulp = torch.exp2(torch.floor(torch.log2(torch.maximum(x.abs(), y.abs())
@@ -211,10 +222,10 @@ def compare(ours: Path, theirs: Path, base_dir: Path, tuned: list[Path], density
 
 def _at_trim_threshold(name: str, base: WeightFolder, tuned: list[WeightFolder],
                        density: float) -> torch.Tensor:
-    original = base.read(name).float()
+    original = float32_of(base, name)
     tied = torch.zeros(original.shape, dtype=torch.bool)
     for folder in tuned:
-        magnitude = (folder.read(name).float() - original).abs()
+        magnitude = (float32_of(folder, name) - original).abs()
         keep = max(1, int(density * magnitude.numel()))
         threshold = torch.kthvalue(magnitude.view(-1), magnitude.numel() - keep + 1).values
         tied |= magnitude == threshold

@@ -132,10 +132,10 @@ def test_ties_from_folders_and_from_vectors_agree_with_the_in_memory_merge(works
     tuned = [load_file(workspace / f"tuned_{x}" / "model.safetensors") for x in "ab"]
     vectors_out, folders_out = weights_of(tmp_path / "v"), weights_of(tmp_path / "f")
     for name, value in base.items():
-        deltas = [t[name] - value for t in tuned]
+        deltas = [(t[name] - value).numpy() for t in tuned]
         present = [i for i, d in enumerate(deltas) if d.any()]
-        expected = value + merged_delta(name, [deltas[i] for i in present],
-                                        [weights[i] for i in present], present, options)
+        expected = value + torch.from_numpy(merged_delta(
+            name, [deltas[i] for i in present], [weights[i] for i in present], present, options))
         assert torch.equal(vectors_out[name], expected), name
         assert torch.equal(folders_out[name], expected), name
 

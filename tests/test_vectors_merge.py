@@ -1,15 +1,16 @@
 """Merge methods on small hand-made tensors, against results worked out by hand."""
 
+import numpy as np
 import pytest
-import torch
 
 from behaviorc.diagnostics import BehaviorError
 from behaviorc.vectors.merge import (
     MergeOptions, _radix_select, kth_largest, kth_largest_of_parts, merged_delta, trim_to_top_)
+from behaviorc.vectors.safetensors_io import from_float32, to_float32
 
 
 def merge(deltas, weights, **options):
-    copies = [torch.tensor(d, dtype=torch.float32) for d in deltas]
+    copies = [np.array(d, dtype=np.float32) for d in deltas]
     return merged_delta("w", copies, list(weights), list(range(len(deltas))),
                         MergeOptions(**options))
 
@@ -23,7 +24,7 @@ def test_ties_equals_the_hand_computed_result():
                     [-0.375, 0.25, 0.0625, -0.125],
                     [0.25, -0.625, -0.375, 0.75]],
                    [1.0, 1.0, 1.0], method="ties", density=0.5)
-    assert torch.equal(result, torch.tensor([0.5, -0.625, 0.0, -0.875]))
+    assert np.array_equal(result, [0.5, -0.625, 0.0, -0.875])
 
 
 def test_ties_weights_lambda_and_the_signed_divisor():
@@ -32,65 +33,74 @@ def test_ties_weights_lambda_and_the_signed_divisor():
     # weights sum to 0, so (as in mergekit) the divisor becomes 1 -> 0.75. Lambda 2.
     result = merge([[0.5, 0.25], [0.25, -0.5]], [1.0, -1.0],
                    method="ties", density=1.0, lambda_=2.0)
-    assert torch.equal(result, torch.tensor([1.0, 1.5]))
+    assert np.array_equal(result, [1.0, 1.5])
 
 
 def test_ties_without_normalize_sums_the_agreeing_entries():
     # Weighted: [1.0, -0.5] and [0.5, 0.25]; mass [1.5, -0.25] elects [+, -].
     result = merge([[0.5, -0.25], [1.0, 0.5]], [2.0, 0.5], method="ties", normalize=False)
-    assert torch.equal(result, torch.tensor([1.5, -0.5]))
+    assert np.array_equal(result, [1.5, -0.5])
 
 
 def test_task_arithmetic_is_the_weighted_sum():
     result = merge([[1.0, -2.0], [0.5, 0.5]], [0.5, -2.0], method="task_arithmetic",
                    lambda_=0.5)
-    assert torch.equal(result, torch.tensor([-0.25, -1.0]))
+    assert np.array_equal(result, [-0.25, -1.0])
 
 
 def test_dare_at_density_one_is_task_arithmetic():
-    generator = torch.Generator().manual_seed(3)
-    deltas = [torch.randn(64, 32, generator=generator) for _ in range(3)]
+    generator = np.random.default_rng(3)
+    deltas = [generator.standard_normal((64, 32), dtype=np.float32) for _ in range(3)]
     weights = [1.0, 0.5, -0.8]
-    dare = merged_delta("w", [d.clone() for d in deltas], weights, [0, 1, 2],
+    dare = merged_delta("w", [d.copy() for d in deltas], weights, [0, 1, 2],
                         MergeOptions(method="dare", density=1.0, seed=7))
-    plain = merged_delta("w", [d.clone() for d in deltas], weights, [0, 1, 2],
+    plain = merged_delta("w", [d.copy() for d in deltas], weights, [0, 1, 2],
                          MergeOptions(method="task_arithmetic"))
-    assert torch.equal(dare, plain)
+    assert np.array_equal(dare, plain)
 
 
 def test_dare_drops_and_rescales_reproducibly():
-    tau = torch.full((100_000,), 0.25)
-    first = merged_delta("w", [tau.clone()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=1))
-    again = merged_delta("w", [tau.clone()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=1))
-    other = merged_delta("w", [tau.clone()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=2))
-    assert torch.equal(first, again) and not torch.equal(first, other)
-    assert set(first.unique().tolist()) == {0.0, 1.0}  # survivors scaled by 1/density
-    assert abs(float((first != 0).float().mean()) - 0.25) < 0.01
+    tau = np.full((100_000,), 0.25, dtype=np.float32)
+    first = merged_delta("w", [tau.copy()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=1))
+    again = merged_delta("w", [tau.copy()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=1))
+    other = merged_delta("w", [tau.copy()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=2))
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    assert set(np.unique(first).tolist()) == {0.0, 1.0}  # survivors scaled by 1/density
+    assert abs(float((first != 0).mean()) - 0.25) < 0.01
 
 
 def test_trim_keeps_exactly_the_top_share_and_everything_tied_with_the_last():
-    values = torch.tensor([0.1, -0.9, 0.3, 0.3, -0.2, 0.05, 0.7, -0.3])
-    distinct = torch.tensor([0.1, -0.9, 0.35, 0.3, -0.2, 0.05, 0.7, -0.4])
+    values = np.array([0.1, -0.9, 0.3, 0.3, -0.2, 0.05, 0.7, -0.3], dtype=np.float32)
+    distinct = np.array([0.1, -0.9, 0.35, 0.3, -0.2, 0.05, 0.7, -0.4], dtype=np.float32)
     trim_to_top_(distinct, 0.5)
-    assert torch.equal(distinct, torch.tensor([0, -0.9, 0.35, 0, 0, 0, 0.7, -0.4]))
+    assert np.array_equal(distinct, np.array([0, -0.9, 0.35, 0, 0, 0, 0.7, -0.4], np.float32))
     trim_to_top_(values, 0.5)  # the 4th largest magnitude, 0.3, is shared by three entries
-    assert torch.equal(values, torch.tensor([0, -0.9, 0.3, 0.3, 0, 0, 0.7, -0.3]))
+    assert np.array_equal(values, np.array([0, -0.9, 0.3, 0.3, 0, 0, 0.7, -0.3], np.float32))
+
+
+def as_bfloat16(values: np.ndarray) -> np.ndarray:
+    return to_float32(from_float32(values, "BF16"), "BF16")
+
+
+def kth_by_sorting(values: np.ndarray, k: int) -> np.float32:
+    return np.sort(values)[values.size - k]
 
 
 @pytest.mark.parametrize("kind", ["normal", "quantized", "constant", "sparse"])
 def test_kth_largest_matches_a_full_selection(kind):
-    generator = torch.Generator().manual_seed(0)
-    values = torch.randn(200_000, generator=generator).abs()
+    values = np.abs(np.random.default_rng(0).standard_normal(200_000, dtype=np.float32))
     if kind == "quantized":  # bfloat16 steps: many entries tie at any threshold
-        values = values.to(torch.bfloat16).float()
-    elif kind == "constant":  # the sample's bracket cannot separate anything
-        values = torch.full((200_000,), 0.5)
+        values = as_bfloat16(values)
+    elif kind == "constant":
+        values = np.full((200_000,), 0.5, dtype=np.float32)
     elif kind == "sparse":
         values[values < 1.5] = 0
     for share in (0.001, 0.2, 0.5, 0.99):
-        k = max(1, int(share * values.numel()))
-        expected = torch.kthvalue(values, values.numel() - k + 1).values
-        assert kth_largest(values, k) == expected
+        k = max(1, int(share * values.size))
+        original = values.copy()
+        assert kth_largest(values, k) == kth_by_sorting(values, k)
+        assert np.array_equal(values, original)  # without `reorder`, values stay as they were
+        assert kth_largest(original, k, reorder=True) == kth_by_sorting(values, k)
 
 
 def test_bad_options_are_refused():
@@ -102,15 +112,15 @@ def test_bad_options_are_refused():
 
 
 def test_selection_over_parts_and_by_radix_matches_a_full_selection():
-    generator = torch.Generator().manual_seed(1)
-    values = torch.randn(120_000, generator=generator).abs().to(torch.bfloat16).float()
+    values = as_bfloat16(np.abs(np.random.default_rng(1).standard_normal(120_000, dtype=np.float32)))
     doubled = values * 2
-    parts = lambda: ([a, b] for a, b in zip(values.split(50_000), doubled.split(50_000)))
+    split = lambda array: np.split(array, [50_000, 100_000])
+    parts = lambda: ([a, b] for a, b in zip(split(values), split(doubled)))
     for k in (1, 24_000, 119_999):
-        expected = torch.kthvalue(values, values.numel() - k + 1).values
-        assert _radix_select(lambda: iter(values.split(50_000)), k) == expected
-        found = kth_largest_of_parts(parts, values.numel(), k, [values[:5000], doubled[:5000]])
+        expected = kth_by_sorting(values, k)
+        assert _radix_select(lambda: iter(split(values)), k) == expected
+        found = kth_largest_of_parts(parts, values.size, k, [values[:5000], doubled[:5000]])
         assert found == [expected, expected * 2]
         # Samples from elsewhere misjudge the brackets; the answers are still exact.
-        found = kth_largest_of_parts(parts, values.numel(), k, [values[:5000] * 3, doubled[:9]])
+        found = kth_largest_of_parts(parts, values.size, k, [values[:5000] * 3, doubled[:9]])
         assert found == [expected, expected * 2]

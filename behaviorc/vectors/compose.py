@@ -4,7 +4,8 @@ One parameter name at a time: read it from the base and from every term, merge, 
 it to the output shard, forget it. A large parameter goes in blocks of rows (a TIES
 threshold, which depends on the whole parameter, is selected first in a pass over its
 blocks), so peak memory is a few blocks per term plus a constant, whatever the size of
-the model or of its largest parameter. The folder is built beside the target and renamed into place
+the model or of its largest parameter. Within a block the merge goes a cache-sized
+piece at a time: its handful of passes then run over data the CPU already holds. The folder is built beside the target and renamed into place
 when complete, with the base's config, generation config and tokenizer files, the
 provenance (`behaviorc.json`) and the same composition as mergekit YAML.
 """
@@ -18,21 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import torch
+import numpy as np
 
 from behaviorc.diagnostics import BehaviorError
 from behaviorc.atomic import atomic_folder
-from behaviorc.vectors.merge import MergeOptions, keep_count, kth_largest_of_parts, merged_delta
+from behaviorc.vectors.merge import (
+    MergeOptions, Workspace, keep_count, kth_largest, kth_largest_of_parts, merged_delta)
 from behaviorc.vectors.mergekit_yaml import mergekit_yaml
 from behaviorc.vectors.safetensors_io import (
-    DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, WeightFolder, fingerprint, plan_shards,
-    row_blocks, write_index)
+    FLOAT_DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, WeightFolder, fingerprint,
+    from_float32, plan_shards, row_blocks, to_float32, write_index)
 from behaviorc.vectors.sources import DeltaSource, open_source
 
 PROVENANCE_FILE = "behaviorc.json"
 MERGEKIT_FILE = "mergekit.yaml"
 # Entries sampled to bracket a ties threshold over a parameter merged in blocks.
 _SAMPLE_ENTRIES = 1 << 15
+# Entries merged at a time: the merge's few float32 arrays of this many entries stay in
+# the CPU's cache between its passes. Pieces start at multiples of this in the
+# parameter, whatever the blocks, so dare's drop (seeded per piece) does not depend on them.
+_PIECE_ENTRIES = 1 << 17
 # Files of a model folder that are its weights or describe them; everything else
 # (config, generation config, tokenizer, chat template) is copied from the base.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -87,13 +93,15 @@ def compose(composition: Composition, out: Path, *, max_shard_bytes: int | None 
                     for info in sorted(base.tensors.values(), key=lambda i: (i.file, i.offset))]
             shards = plan_shards(plan, max_shard_bytes)
             with atomic_folder(out, overwrite=overwrite) as staging:
-                writer = StreamWriter(staging, shards, {"behaviorc": "composed"})
+                writer = StreamWriter(staging, shards, {"behaviorc": "composed"}, hashed=False)
+                workspace = Workspace()
                 try:
                     for done, planned in enumerate(plan):
                         if progress is not None:
                             progress(done, len(plan), planned.name)
                         writer.write(planned.name, _output_parts(
-                            planned.name, base, sources, composition, planned.name in merged))
+                            planned.name, base, sources, composition, planned.name in merged,
+                            workspace))
                     writer.finish()
                 finally:
                     writer.close()
@@ -146,8 +154,10 @@ def _parameters_to_merge(base: WeightFolder, sources: Sequence[DeltaSource],
 
 
 def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
-                  composition: Composition, merge: bool) -> Iterator[torch.Tensor]:
-    """The output parameter, as consecutive blocks of rows (one block when small)."""
+                  composition: Composition, merge: bool, workspace: Workspace
+                  ) -> Iterator[np.ndarray]:
+    """The output parameter, as consecutive blocks of rows (one block when small). A
+    block may live in `workspace`: it is valid until the next one is asked for."""
     info = base.tensors[name]
     blocks = row_blocks(info)
     if not merge:
@@ -156,36 +166,86 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
         return
     options = composition.options
     present = [i for i, source in enumerate(sources) if name in source.tensors]
-    thresholds = None
-    if options.method == "ties" and options.density < 1 and len(blocks) > 1:
-        thresholds = _thresholds(name, base, [sources[i] for i in present], blocks,
-                                 keep_count(options.density, info.numel))
+    terms = [sources[i] for i in present]
+    weights = [composition.terms[i].weight for i in present]
+    trims = options.method == "ties" and options.density < 1
+    keep = keep_count(options.density, info.numel)
+    thresholds = _thresholds(name, base, terms, blocks, keep) if trims and len(blocks) > 1 else None
+    row_entries = info.numel // info.shape[0] if info.shape else 1
     for rows in blocks:
-        stored = base.read(name, rows)
-        base_values = stored.to(torch.float32)
-        deltas = [sources[i].delta(name, base_values, rows) for i in present]
-        mixed = merged_delta(name, deltas, [composition.terms[i].weight for i in present],
-                             present, options, thresholds, offset=rows[0] if rows else 0)
-        yield base_values.add_(mixed).to(stored.dtype)
+        base_stored = base.read(name, rows)
+        stored = [term.read(name, rows) for term in terms]
+        if trims and thresholds is None:  # the parameter is this one block
+            thresholds = [kth_largest(magnitude, keep, reorder=True) for magnitude in
+                          _magnitudes(name, info.dtype, base_stored, terms, stored, workspace)]
+        yield _merged_block(name, info.dtype, base_stored, terms, stored, weights, present,
+                            options, thresholds, rows[0] * row_entries if rows else 0,
+                            workspace)
 
 
-def _thresholds(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
-                blocks: list[tuple[int, int] | None], keep: int) -> list[torch.Tensor]:
+def _merged_block(name: str, dtype: str, base_stored: np.ndarray,
+                  terms: Sequence[DeltaSource], stored: list[np.ndarray], weights: list[float],
+                  term_indices: list[int], options: MergeOptions,
+                  thresholds: list[np.float32] | None, first_entry: int,
+                  workspace: Workspace) -> np.ndarray:
+    """base + merged delta for one block (`first_entry` is its place in the parameter),
+    in the base's dtype."""
+    flat_base, flat_stored = base_stored.reshape(-1), [values.reshape(-1) for values in stored]
+    out = workspace.array("output", flat_base.size, flat_base.dtype)
+    for piece in _pieces(first_entry, flat_base.size):
+        size = piece.stop - piece.start
+        base_values = to_float32(flat_base[piece], dtype, workspace.array("base", size))
+        deltas = [term.delta(name, values[piece], base_values,
+                             workspace.array(f"delta {index}", size))
+                  for index, (term, values) in enumerate(zip(terms, flat_stored))]
+        mixed = merged_delta(name, deltas, weights, term_indices, options, thresholds,
+                             offset=first_entry + piece.start, workspace=workspace)
+        from_float32(np.add(base_values, mixed, out=mixed), dtype, out=out[piece])
+    return out.reshape(base_stored.shape)
+
+
+def _pieces(first_entry: int, count: int) -> Iterator[slice]:
+    """Slices of a block of `count` entries, cut where the parameter's entry index is a
+    multiple of _PIECE_ENTRIES."""
+    start = 0
+    while start < count:
+        stop = min(count, ((first_entry + start) // _PIECE_ENTRIES + 1) * _PIECE_ENTRIES
+                   - first_entry)
+        yield slice(start, stop)
+        start = stop
+
+
+def _magnitudes(name: str, dtype: str, base_stored: np.ndarray, terms: Sequence[DeltaSource],
+                stored: list[np.ndarray], workspace: Workspace) -> list[np.ndarray]:
+    """|tau| of each term over a block, flat (arrays of `workspace`)."""
+    size = base_stored.size
+    base_values = to_float32(base_stored.reshape(-1), dtype, workspace.array("block base", size))
+    magnitudes = []
+    for index, (term, values) in enumerate(zip(terms, stored)):
+        delta = term.delta(name, values.reshape(-1), base_values,
+                           workspace.array(f"block magnitude {index}", size))
+        magnitudes.append(np.abs(delta, out=delta))
+    return magnitudes
+
+
+def _thresholds(name: str, base: WeightFolder, terms: Sequence[DeltaSource],
+                blocks: list[tuple[int, int] | None], keep: int) -> list[np.float32]:
     """The ties trim threshold of each term's delta for a parameter merged in blocks:
     the keep-th largest magnitude over the whole parameter, for all terms in one pass."""
     info = base.tensors[name]
+    workspace = Workspace()
 
-    def magnitudes(ranges: Sequence[tuple[int, int] | None]) -> Iterator[list[torch.Tensor]]:
+    def magnitudes(ranges: Sequence[tuple[int, int] | None]) -> Iterator[list[np.ndarray]]:
         for rows in ranges:
-            base_values = base.read(name, rows).to(torch.float32)
-            yield [source.delta(name, base_values, rows).abs_().reshape(-1)
-                   for source in sources]
+            yield _magnitudes(name, info.dtype, base.read(name, rows), terms,
+                              [term.read(name, rows) for term in terms], workspace)
 
     # The samples: whole rows spread evenly over the tensor (cheap to read).
     rows = info.shape[0]
     wanted_rows = max(1, min(rows, _SAMPLE_ENTRIES // (info.numel // rows)))
     picked = sorted({round(i * (rows - 1) / max(1, wanted_rows - 1)) for i in range(wanted_rows)})
-    samples = [torch.cat(series) for series in zip(*magnitudes([(r, r + 1) for r in picked]))]
+    sampled = [[m.copy() for m in part] for part in magnitudes([(r, r + 1) for r in picked])]
+    samples = [np.concatenate(series) for series in zip(*sampled)]
     return kth_largest_of_parts(lambda: magnitudes(blocks), info.numel, keep, samples)
 
 
@@ -234,4 +294,4 @@ def _float_dtype(base: WeightFolder) -> str:
         if info.is_float:
             sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
     stored = max(sizes, key=sizes.__getitem__) if sizes else "F32"
-    return str(DTYPES[stored]).removeprefix("torch.")
+    return FLOAT_DTYPES[stored]

@@ -8,31 +8,38 @@ the tensor at hand; the file's pages stay in the kernel's page cache.
 Outputs are written as a stream: every tensor's name, dtype and shape are known before
 the first byte (they are the base model's), so a shard's header is written first and the
 tensors follow in order as they are computed. Nothing holds a whole model in memory.
+
+Tensors are numpy arrays of their stored bits. numpy has no bfloat16 (nor float8), so
+those are held as unsigned integers of the same width, and `to_float32`/`from_float32`
+convert exactly as torch does (bfloat16: widening is exact, narrowing rounds to nearest
+even). numpy rather than torch keeps `behaviorc merge` free of torch's import, which
+alone costs more than a whole merge of a 125M-parameter model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-import torch
+import numpy as np
 
 from behaviorc.diagnostics import BehaviorError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-# The dtypes a task vector can live in: arithmetic on them is meaningful.
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+# How each safetensors dtype is held in numpy.
+STORAGE: dict[str, np.dtype] = {name: np.dtype(kind) for name, kind in {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+}.items()}
+# The dtypes a task vector can live in (arithmetic on them is meaningful), by torch's name.
+FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_BFLOAT16_NAN = 0x7FC0
 
 # Parameters larger than this are read, merged and written in blocks of rows (16 MB each
 # in float32), so memory does not grow with the largest parameter.
@@ -71,6 +78,44 @@ def row_blocks(info: TensorInfo) -> list[tuple[int, int] | None]:
     rows = info.shape[0]
     step = max(1, BLOCK_ENTRIES // (info.numel // rows))
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def to_float32(stored: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored float values (of safetensors dtype `dtype`) as float32, in `out` if given.
+    Exact from bfloat16 and float16; float64 rounds to nearest, as torch's cast."""
+    if out is None:
+        out = np.empty(stored.shape, np.float32)
+    if dtype == "BF16":
+        # A bfloat16 is the upper half of the float32 with the same value.
+        np.left_shift(stored, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, stored, casting="same_kind")
+    return out
+
+
+def from_float32(values: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values as stored in safetensors dtype `dtype` (a float dtype), rounded to
+    nearest even as torch's cast rounds, in `out` if given. To bfloat16 `values` serve
+    as scratch: they are overwritten."""
+    if out is None:
+        out = np.empty(values.shape, STORAGE[dtype])
+    if dtype != "BF16":
+        with np.errstate(over="ignore"):  # beyond float16's range is inf, as in torch
+            np.copyto(out, values, casting="same_kind")
+        return out
+    with np.errstate(invalid="ignore", over="ignore"):  # (a NaN sum is all this asks)
+        not_a_number = np.isnan(values) if math.isnan(np.add.reduce(values, axis=None)) else None
+    # Adding 0x7FFF plus the lowest kept bit, then dropping the low half, rounds to
+    # nearest with ties to even (a carry into the exponent gives inf, as it should).
+    bits = values.view(np.uint32)
+    lowest_kept = np.right_shift(bits, 16, out=out, casting="unsafe")
+    np.bitwise_and(lowest_kept, 1, out=lowest_kept)
+    bits += 0x7FFF
+    bits += lowest_kept
+    np.copyto(out, np.right_shift(bits, 16, out=bits), casting="unsafe")
+    if not_a_number is not None:
+        out[not_a_number] = _BFLOAT16_NAN
+    return out
 
 
 class SafetensorsFile:
@@ -114,10 +159,10 @@ class SafetensorsFile:
                 begin, end = (int(x) for x in entry["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise self._corrupt(f"malformed header entry for tensor `{name}`") from None
-            if dtype not in DTYPES:
+            if dtype not in STORAGE:
                 raise self._corrupt(f"tensor `{name}` has unknown dtype {dtype}")
             info = TensorInfo(name, dtype, shape, self.path, data_start + begin, end - begin)
-            if info.nbytes != info.numel * DTYPES[dtype].itemsize or data_start + end > size:
+            if info.nbytes != info.numel * STORAGE[dtype].itemsize or data_start + end > size:
                 raise self._corrupt(f"tensor `{name}` does not fit its shape or the file")
             tensors[name] = info
         return {str(k): str(v) for k, v in metadata.items()}, tensors
@@ -125,24 +170,26 @@ class SafetensorsFile:
     def _corrupt(self, why: str) -> BehaviorError:
         return BehaviorError(f"{self.path} is not a valid safetensors file: {why}")
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """A fresh tensor with the stored dtype: the whole tensor, or rows [start, stop)
-        of its first dimension."""
+    def read(self, name: str, rows: tuple[int, int] | None = None,
+             into: np.ndarray | None = None) -> np.ndarray:
+        """The stored values: the whole tensor, or rows [start, stop) of its first
+        dimension. `into`, a byte buffer at least that large, is filled and viewed instead
+        of a fresh array (reusing buffers spares the page faults of fresh memory)."""
         info = self.tensors[name]
         shape, offset, nbytes = info.shape, info.offset, info.nbytes
         if rows is not None:
             row_bytes = info.nbytes // info.shape[0]
             shape = (rows[1] - rows[0], *info.shape[1:])
             offset, nbytes = info.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
+        buffer = np.empty(nbytes, np.uint8) if into is None else into[:nbytes]
+        view = memoryview(buffer)
         done = 0
         while done < nbytes:
             got = os.preadv(self._handle.fileno(), [view[done:]], offset + done)
             if got == 0:
                 raise self._corrupt(f"file ends inside tensor `{name}`")
             done += got
-        return buffer.view(DTYPES[info.dtype]).reshape(shape)
+        return buffer.view(STORAGE[info.dtype]).reshape(shape)
 
     def close(self) -> None:
         self._handle.close()
@@ -183,8 +230,9 @@ class WeightFolder:
             raise
         self._file_of = {name: f for f in self.files for name in f.tensors}
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        return self._file_of[name].read(name, rows)
+    def read(self, name: str, rows: tuple[int, int] | None = None,
+             into: np.ndarray | None = None) -> np.ndarray:
+        return self._file_of[name].read(name, rows, into)
 
     def close(self) -> None:
         for opened in self.files:
@@ -215,7 +263,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        count = DTYPES[self.dtype].itemsize
+        count = STORAGE[self.dtype].itemsize
         for size in self.shape:
             count *= size
         return count
@@ -226,41 +274,47 @@ class StreamWriter:
 
     `shards` is a list of (file name, tensors) in the order they are written; a header
     is written when its shard is reached. `write` checks each tensor against the plan,
-    so a bug cannot produce a file whose header lies about its data.
+    so a bug cannot produce a file whose header lies about its data. With `hashed`, each
+    file's sha256 is computed as it is written (`sha256`).
     """
 
     def __init__(self, folder: Path, shards: list[tuple[str, list[PlannedTensor]]],
-                 metadata: dict[str, str]):
+                 metadata: dict[str, str], hashed: bool = True):
         self.folder = folder
         self._metadata = {"format": "pt", **metadata}
         self._pending: Iterator[tuple[str, list[PlannedTensor]]] = iter(shards)
         self._queue: list[PlannedTensor] = []
         self._handle: BinaryIO | None = None
         self._file_name = ""
+        self._hashed = hashed
         self._digest = hashlib.sha256()
         self.sha256: dict[str, str] = {}  # file name -> hash of its bytes, once written
 
-    def write(self, name: str, parts: torch.Tensor | Iterable[torch.Tensor]) -> None:
-        """Write the next planned tensor, whole or as consecutive row blocks."""
+    def write(self, name: str, parts: np.ndarray | Iterable[np.ndarray]) -> None:
+        """Write the next planned tensor (stored values), whole or as consecutive row
+        blocks."""
         if not self._queue:
             self._open_next_shard()
         planned = self._queue.pop(0)
-        assert self._handle is not None
         if planned.name != name:
             raise AssertionError(f"tensor {name} written where {planned.name} was planned")
         written = 0
-        for part in [parts] if isinstance(parts, torch.Tensor) else parts:
-            if DTYPE_NAMES.get(part.dtype) != planned.dtype or (
-                    part.dim() > 1 and tuple(part.shape[1:]) != planned.shape[1:]):
+        for part in [parts] if isinstance(parts, np.ndarray) else parts:
+            if part.dtype != STORAGE[planned.dtype] or (
+                    part.ndim > 1 and tuple(part.shape[1:]) != planned.shape[1:]):
                 raise AssertionError(f"a part of {name} does not match the planned {planned}")
-            data = memoryview(part.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-            self._handle.write(data)
-            self._digest.update(data)
-            written += len(data)
+            self._put(np.ascontiguousarray(part).reshape(-1).view(np.uint8))
+            written += part.nbytes
         if written != planned.nbytes:
             raise AssertionError(f"{written} bytes written for {planned}")
         if not self._queue:
             self._finish_shard()
+
+    def _put(self, data: np.ndarray | bytes) -> None:
+        assert self._handle is not None
+        self._handle.write(data)
+        if self._hashed:
+            self._digest.update(data)
 
     def _open_next_shard(self) -> None:
         file_name, tensors = next(self._pending)
@@ -275,16 +329,16 @@ class StreamWriter:
         self._handle = open(self.folder / file_name, "wb")
         self._file_name = file_name
         self._digest = hashlib.sha256()
-        for part in (struct.pack("<Q", len(encoded)), encoded):
-            self._handle.write(part)
-            self._digest.update(part)
+        self._put(struct.pack("<Q", len(encoded)))
+        self._put(encoded)
         self._queue = list(tensors)
 
     def _finish_shard(self) -> None:
         assert self._handle is not None
         self._handle.close()
         self._handle = None
-        self.sha256[self._file_name] = self._digest.hexdigest()
+        if self._hashed:
+            self.sha256[self._file_name] = self._digest.hexdigest()
 
     def close(self) -> None:
         """Closes an unfinished file (after a failure; the caller discards the folder)."""
@@ -335,9 +389,10 @@ def write_index(folder: Path, shards: list[tuple[str, list[PlannedTensor]]]) -> 
 
 def sha256_file(path: Path, block: int = 8 * 1024 * 1024) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(block))  # one buffer, refilled: no fresh memory per read
+    with open(path, "rb", buffering=0) as handle:
+        while got := handle.readinto(buffer):
+            digest.update(buffer[:got])
     return digest.hexdigest()
 
 

@@ -13,23 +13,30 @@ import math
 from pathlib import Path
 from typing import Protocol
 
-import torch
+import numpy as np
 
 from behaviorc.diagnostics import BehaviorError, did_you_mean
-from behaviorc.vectors.safetensors_io import SafetensorsFile, TensorInfo, WeightFolder
+from behaviorc.vectors.safetensors_io import SafetensorsFile, TensorInfo, WeightFolder, to_float32
 
 
 class DeltaSource(Protocol):
+    """Reading is apart from computing the delta, so that the stored values of a block
+    can be read ahead (or once) and turned into tau a cache-sized piece at a time."""
+
     path: Path
     kind: str  # "task_vector" or "model"
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]  # a task-vector file's header metadata; empty for a folder
 
-    def delta(self, name: str, base: torch.Tensor,
-              rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """tau for base parameter `name` (or rows [start, stop) of it) as a fresh float32
-        tensor; `base` holds the same rows of the base in float32. Only called for
-        parameters in `tensors`."""
+    def read(self, name: str, rows: tuple[int, int] | None = None,
+             into: np.ndarray | None = None) -> np.ndarray:
+        """The stored values of base parameter `name` (or of rows [start, stop) of it),
+        as `SafetensorsFile.read`. Only called for parameters in `tensors`."""
+
+    def delta(self, name: str, stored: np.ndarray, base: np.ndarray,
+              out: np.ndarray | None = None) -> np.ndarray:
+        """tau, float32 (in `out` if given), from some of this source's stored values of
+        parameter `name` and `base`, the same entries of the base in float32."""
 
     def close(self) -> None: ...
 
@@ -50,9 +57,13 @@ class TaskVectorSource:
             _check_float(info, self.path)
             _check_float(base_info, base.path)
 
-    def delta(self, name: str, base: torch.Tensor,
-              rows: tuple[int, int] | None = None) -> torch.Tensor:
-        tau = self.file.read(name, rows).to(torch.float32)
+    def read(self, name: str, rows: tuple[int, int] | None = None,
+             into: np.ndarray | None = None) -> np.ndarray:
+        return self.file.read(name, rows, into)
+
+    def delta(self, name: str, stored: np.ndarray, base: np.ndarray,
+              out: np.ndarray | None = None) -> np.ndarray:
+        tau = to_float32(stored, self.tensors[name].dtype, out)
         check_finite(tau, name, self.path)
         return tau
 
@@ -72,11 +83,14 @@ class FinetunedSource:
     def check_against(self, base: WeightFolder) -> None:
         check_same_parameters(base, self.folder)
 
-    def delta(self, name: str, base: torch.Tensor,
-              rows: tuple[int, int] | None = None) -> torch.Tensor:
-        # Converting first and subtracting in place is several times faster than a
-        # mixed-dtype subtraction.
-        tau = self.folder.read(name, rows).to(torch.float32).sub_(base)
+    def read(self, name: str, rows: tuple[int, int] | None = None,
+             into: np.ndarray | None = None) -> np.ndarray:
+        return self.folder.read(name, rows, into)
+
+    def delta(self, name: str, stored: np.ndarray, base: np.ndarray,
+              out: np.ndarray | None = None) -> np.ndarray:
+        tau = to_float32(stored, self.tensors[name].dtype, out)
+        np.subtract(tau, base, out=tau)
         check_finite(tau, name, self.path)
         return tau
 
@@ -110,11 +124,12 @@ def check_same_parameters(base: WeightFolder, other: WeightFolder) -> None:
             hint=f"is {other.path} fine-tuned from {base.path}?")
 
 
-def check_finite(values: torch.Tensor, name: str, path: Path) -> None:
+def check_finite(values: np.ndarray, name: str, path: Path) -> None:
     # A sum is one pass with no allocation, and NaN or inf anywhere makes it non-finite;
     # only then (or on overflow of huge finite values) is each entry looked at.
-    if math.isfinite(float(values.sum())) or bool(torch.isfinite(values).all()):
-        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(np.add.reduce(values, axis=None))) or bool(np.isfinite(values).all()):
+            return
     raise BehaviorError(f"{path}: tensor `{name}` holds NaN or infinite values",
                         hint="a diverged fine-tune cannot be composed; retrain or drop it")
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
+import numpy as np
 
 from behaviorc import __version__
 from behaviorc.diagnostics import BehaviorError
 from behaviorc.atomic import atomic_file
 from behaviorc.vectors.safetensors_io import (
-    DTYPES, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, fingerprint, row_blocks)
+    STORAGE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, fingerprint, row_blocks,
+    to_float32)
 from behaviorc.vectors.sources import TaskVectorSource, check_finite, check_same_parameters
 
 FORMAT = "behaviorc.task_vector/1"
@@ -62,29 +63,37 @@ def extract_task_vector(base_dir: Path, finetuned_dir: Path, out_file: Path, *,
 
 def _differs(info: TensorInfo, base: WeightFolder, finetuned: WeightFolder) -> bool:
     """Whether a parameter changed; a changed integer parameter cannot be a vector."""
-    dtype = DTYPES[_vector_dtype(info, finetuned.tensors[info.name])]
+    tuned_info = finetuned.tensors[info.name]
+    dtype = _vector_dtype(info, tuned_info)
     for rows in row_blocks(info):
         tuned, original = finetuned.read(info.name, rows), base.read(info.name, rows)
         if not info.is_float:
-            if tuned.dtype != original.dtype or not torch.equal(tuned, original):
+            if tuned_info.dtype != info.dtype or not np.array_equal(tuned, original):
                 raise BehaviorError(
                     f"{finetuned.path}: non-floating-point tensor `{info.name}` differs from "
                     "the base; it cannot be expressed as a task vector")
             continue
-        tuned = tuned.to(dtype)
+        tuned = _as_vector_dtype(tuned, tuned_info.dtype, dtype)
         check_finite(tuned, info.name, finetuned.path)
-        if not torch.equal(tuned, original.to(dtype)):
+        if not np.array_equal(tuned, _as_vector_dtype(original, info.dtype, dtype)):
             return True
     return False
 
 
 def _differences(planned: PlannedTensor, base: WeightFolder,
-                 finetuned: WeightFolder) -> Iterator[torch.Tensor]:
-    dtype = DTYPES[planned.dtype]
-    for rows in row_blocks(base.tensors[planned.name]):
-        tau = finetuned.read(planned.name, rows).to(dtype)
+                 finetuned: WeightFolder) -> Iterator[np.ndarray]:
+    info, tuned_info = base.tensors[planned.name], finetuned.tensors[planned.name]
+    for rows in row_blocks(info):
+        tau = _as_vector_dtype(finetuned.read(planned.name, rows), tuned_info.dtype, planned.dtype)
         check_finite(tau, planned.name, finetuned.path)  # also the rows after a change
-        yield tau.sub_(base.read(planned.name, rows).to(dtype))
+        yield np.subtract(tau, _as_vector_dtype(base.read(planned.name, rows), info.dtype,
+                                                planned.dtype), out=tau)
+
+
+def _as_vector_dtype(stored: np.ndarray, dtype: str, vector_dtype: str) -> np.ndarray:
+    """Stored float values in the vector's dtype (F32 or F64; exact from narrower kinds)."""
+    values = to_float32(stored, dtype) if dtype == "BF16" else stored
+    return values.astype(STORAGE[vector_dtype], copy=False)
 
 
 def _vector_dtype(base_info: TensorInfo, tuned_info: TensorInfo) -> str:
