@@ -94,16 +94,19 @@ def compose(composition: Composition, out: Path, *, max_shard_bytes: int | None 
             shards = plan_shards(plan, max_shard_bytes)
             with atomic_folder(out, overwrite=overwrite) as staging:
                 writer = StreamWriter(staging, shards, {"behaviorc": "composed"}, hashed=False)
+                reader = _BlockReader(base, sources, [
+                    (planned.name, rows, _terms_having(planned.name, sources, merged))
+                    for planned in plan for rows in row_blocks(base.tensors[planned.name])])
                 workspace = Workspace()
                 try:
                     for done, planned in enumerate(plan):
                         if progress is not None:
                             progress(done, len(plan), planned.name)
                         writer.write(planned.name, _output_parts(
-                            planned.name, base, sources, composition, planned.name in merged,
-                            workspace))
+                            planned.name, base, sources, composition, reader, workspace))
                     writer.finish()
                 finally:
+                    reader.close()
                     writer.close()
                 write_index(staging, shards)
                 _copy_model_files(composition.base, staging)
@@ -153,19 +156,77 @@ def _parameters_to_merge(base: WeightFolder, sources: Sequence[DeltaSource],
     return selected
 
 
+def _terms_having(name: str, sources: Sequence[DeltaSource], merged: set[str]) -> list[int]:
+    """The terms that take part in parameter `name`'s merge (none: it is the base's)."""
+    if name not in merged:
+        return []
+    return [i for i, source in enumerate(sources) if name in source.tensors]
+
+
+class _BlockReader:
+    """The stored values of every block of the output, in order, from the base and the
+    terms that take part: read one block ahead by a thread (a positioned read lets
+    other threads run), so reading overlaps merging, into two sets of buffers that take
+    turns and are reused, so no block needs fresh memory."""
+
+    def __init__(self, base: WeightFolder, sources: Sequence[DeltaSource],
+                 schedule: list[tuple[str, tuple[int, int] | None, list[int]]]):
+        self._inputs: list[WeightFolder | DeltaSource] = [base, *sources]
+        self._schedule = schedule
+        self._buffers = [[np.empty(0, np.uint8) for _ in self._inputs] for _ in range(2)]
+        self._thread = ThreadPoolExecutor(max_workers=1)
+        self._position = 0
+        self._pending = self._start(0)
+
+    def next_terms(self) -> list[int]:
+        """The terms taking part in the merge of the next block."""
+        return self._schedule[self._position][2]
+
+    def next(self, name: str, rows: tuple[int, int] | None
+             ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The next block, which is `rows` of `name`: the base's values and those of the
+        terms taking part. They are valid until the next call but one."""
+        if self._pending is None or self._schedule[self._position][:2] != (name, rows):
+            raise AssertionError(f"block {name} {rows} read out of order")
+        values = self._pending.result()
+        self._position += 1
+        self._pending = self._start(self._position)
+        return values
+
+    def _start(self, position: int) -> Future[tuple[np.ndarray, list[np.ndarray]]] | None:
+        if position == len(self._schedule):
+            return None
+        return self._thread.submit(self._read, position)
+
+    def _read(self, position: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        name, rows, terms = self._schedule[position]
+        buffers = self._buffers[position % 2]
+        values = []
+        for slot in [0, *(1 + term for term in terms)]:
+            info = self._inputs[slot].tensors[name]
+            size = info.nbytes if rows is None else (rows[1] - rows[0]) * (info.nbytes // info.shape[0])
+            if buffers[slot].size < size:
+                buffers[slot] = np.empty(size, np.uint8)
+            values.append(self._inputs[slot].read(name, rows, buffers[slot]))
+        return values[0], values[1:]
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+
+
 def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
-                  composition: Composition, merge: bool, workspace: Workspace
+                  composition: Composition, reader: _BlockReader, workspace: Workspace
                   ) -> Iterator[np.ndarray]:
     """The output parameter, as consecutive blocks of rows (one block when small). A
-    block may live in `workspace`: it is valid until the next one is asked for."""
+    block is valid until the next one is asked for."""
     info = base.tensors[name]
     blocks = row_blocks(info)
-    if not merge:
+    present = reader.next_terms()
+    if not present:
         for rows in blocks:
-            yield base.read(name, rows)
+            yield reader.next(name, rows)[0]
         return
     options = composition.options
-    present = [i for i, source in enumerate(sources) if name in source.tensors]
     terms = [sources[i] for i in present]
     weights = [composition.terms[i].weight for i in present]
     trims = options.method == "ties" and options.density < 1
@@ -173,8 +234,7 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
     thresholds = _thresholds(name, base, terms, blocks, keep) if trims and len(blocks) > 1 else None
     row_entries = info.numel // info.shape[0] if info.shape else 1
     for rows in blocks:
-        base_stored = base.read(name, rows)
-        stored = [term.read(name, rows) for term in terms]
+        base_stored, stored = reader.next(name, rows)
         if trims and thresholds is None:  # the parameter is this one block
             thresholds = [kth_largest(magnitude, keep, reorder=True) for magnitude in
                           _magnitudes(name, info.dtype, base_stored, terms, stored, workspace)]
