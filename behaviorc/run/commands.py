@@ -14,6 +14,7 @@ from behaviorc.plan.task import Task
 from behaviorc.run.context import CancelSignal
 from behaviorc.run.events import EVENTS_FILE
 from behaviorc.run.executor import CANCEL_FILE, LOG_DIR, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint
+from behaviorc.run.parallel import Jobs
 from behaviorc.run.report import REPORT_FILE, count_statuses
 from behaviorc.run.store import Store
 
@@ -26,6 +27,7 @@ examples:
   behaviorc build specs/listen.behavior --tui        and watch it in the dashboard
   behaviorc build specs/persona.behavior --only train:listen
   behaviorc build specs/listen.behavior --force      rebuild even what is stored
+  behaviorc build specs/persona.behavior --jobs 2    two independent tasks at a time
 
 An unchanged rebuild runs nothing; a changed strength or weight reruns only what depends
 on it. Ctrl-C stops at the next checkpoint and keeps every finished task (exit 130).
@@ -43,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", type=Path, help="build folder (default: out/<spec name>)")
     build.add_argument("--force", action="store_true", help="rerun tasks even when stored")
     build.add_argument("--tui", action="store_true", help="show the Textual dashboard")
+    build.add_argument("--jobs", default="1", metavar="N",
+                       help="run up to N independent tasks at once, each in a worker process "
+                            "(training, steering, measurements; live deploys run alone); "
+                            "`auto`: one per usable core while memory allows (default 1)")
     build.add_argument("--only", metavar="TASK",
                        help="build one task and what it needs (an id like train:listen, "
                             "or a name when only one task has it)")
@@ -108,12 +114,13 @@ def open_out_folder(out: Path, what: str) -> CancelSignal:
 
 def run_build(args: argparse.Namespace) -> int:
     spec_path: Path = args.spec
+    jobs = Jobs.parse(args.jobs)
     plan = load_plan(spec_path)
     targets = [select(plan.tasks, args.only)] if args.only else list(plan.tasks)
     out: Path = args.out or Path("out") / spec_path.stem
     cancel = open_out_folder(out, "build")
     settings = dict(force=args.force, spec_path=str(spec_path.resolve()), spec_sha256=plan.spec.sha256,
-                    cancel=cancel, expectations=plan.expectations)
+                    cancel=cancel, expectations=plan.expectations, jobs=jobs)
     if args.tui:
         return _build_with_dashboard(out, targets, cancel, settings)
 

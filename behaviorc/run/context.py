@@ -32,11 +32,12 @@ PROGRESS_INTERVAL = 0.2  # seconds between progress events of one task
 
 class CancelSignal:
     """Set by Ctrl-C, by the dashboard, or by a `cancel` file another process writes
-    into the build folder (`behaviorc dash` does this for a build it did not start)."""
+    into the build folder (`behaviorc dash` does this for a build it did not start).
+    `event` may be a multiprocessing Event, so worker processes see the same signal."""
 
-    def __init__(self, request_file: Path | None = None):
+    def __init__(self, request_file: Path | None = None, event: Any = None):
         self.request_file = request_file
-        self._event = threading.Event()
+        self._event = event if event is not None else threading.Event()
         self.reason = ""
 
     def cancel(self, reason: str = "cancelled") -> None:

@@ -16,6 +16,8 @@ Emitted by the executor:
     task_failed   error (rendered diagnostic), loc, internal (bool), log (traceback file)
     expectation_unmet  metric, op, value, actual, loc   (an `expect` line that did not hold)
     store_sync_failed  error                 (an fsync failed; the entry is verified when read)
+    build_stopping     reason, running: [task ids]   (cancelled while worker processes run
+                  tasks: they stop at their next check; `--jobs` above 1 only)
     build_end     ok, cancelled, seconds, counts {status: n}
 
 A cached task's own events (those below) are emitted again, with `replayed: true`,
@@ -34,6 +36,8 @@ in its log panel as they come):
     push          url, ok, ms, [step], [error]
     deploy.push   urls, push_ms, requests_failed     (engine/tasks.py: one all-or-nothing
                   push to several servers)
+    experiment.point  point, [rate, rate_stderr, malformed, margin, general_nll,
+                  arithmetic_accuracy]            (experiments/measure.py: one measured point)
 """
 
 from __future__ import annotations
@@ -76,11 +80,10 @@ class EventLog:
                 self._file = None
 
     def emit(self, type: str, task: str | None = None, **fields: Any) -> dict[str, Any]:
-        event = {"t": round(time.time(), 4), "type": type, "task": task}
-        for name, value in fields.items():
-            if name in RESERVED_FIELDS:
-                raise ValueError(f"event field {name!r} is reserved")
-            event[name] = value
+        return self.write(make_event(type, task, **fields))
+
+    def write(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Append an event made elsewhere (a worker process's), keeping its time."""
         line = json.dumps(event, default=_jsonable)
         with self._lock:
             if self._file is not None:
@@ -91,8 +94,22 @@ class EventLog:
         return event
 
 
+def make_event(type: str, task: str | None = None, **fields: Any) -> dict[str, Any]:
+    event = {"t": round(time.time(), 4), "type": type, "task": task}
+    for name, value in fields.items():
+        if name in RESERVED_FIELDS:
+            raise ValueError(f"event field {name!r} is reserved")
+        event[name] = value
+    return event
+
+
 def location_fields(loc: Location | None) -> dict[str, Any] | None:
     return loc.model_dump() if loc is not None else None
+
+
+def jsonable(event: dict[str, Any]) -> dict[str, Any]:
+    """The event as it reads back from the log (tensors as lists, paths as strings)."""
+    return json.loads(json.dumps(event, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:
