@@ -32,6 +32,7 @@ class ExtractSteering(Task):
     `auto` the per-layer separation scores that chose them."""
 
     kind: ClassVar[str] = "steer.extract"
+    parallel_safe: ClassVar[bool] = True
     model: ResolveModel
     # Only what extraction reads, so changing a strength does not re-extract.
     layers: tuple[int, ...] | Literal["auto"]
@@ -50,6 +51,7 @@ class VerifySteering(Task):
     general_nll_steered. data: sweep [{strength, margin, general_nll}]."""
 
     kind: ClassVar[str] = "steer.verify"
+    parallel_safe: ClassVar[bool] = True
     model: ResolveModel
     vectors: ExtractSteering
     strength: float
@@ -79,6 +81,11 @@ class TrainBehavior(Task):
     # Set when a live deploy of this behavior says `handoff on`: this task then owns
     # the deploy's servers and hands the steering over to the weights while it trains.
     handoff: ir.Deploy | None = None
+
+    @property
+    def parallel_safe(self) -> bool:  # type: ignore[override]
+        """A worker may train it, unless it owns a live deploy's servers."""
+        return self.handoff is None
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         from behaviorc.train.tasks import train_behavior
