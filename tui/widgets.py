@@ -70,7 +70,7 @@ class PlanTree(Tree[str]):
         for task in state.tasks.values():
             name = task.id.split(":", 1)[-1]
             if name not in branches:
-                branches[name] = self.root.add(name, expand=True)
+                branches[name] = self.root.add(Text(name), expand=True)  # names hold [..]: not markup
             self._leaves[task.id] = branches[name].add_leaf(task_label(task, now), data=task.id)
 
     def node_for(self, task_id: str) -> Any:
@@ -107,11 +107,32 @@ def _metric(metrics: dict[str, float], name: str) -> str:
     return f"{metrics[name]:.3f}" if name in metrics else "–"
 
 
+# An experiment's measured numbers, in the order its points table shows them.
+POINT_COLUMNS = (("rate", "rate"), ("margin", "margin"), ("general_nll", "gen nll"),
+                 ("arithmetic_accuracy", "arith"))
+
+
+def draw_points(state: BuildState) -> list[RenderableType]:
+    """An experiment's measured points so far, as a table (nothing outside experiments)."""
+    planned = [t.id for t in state.tasks.values() if t.kind == "experiment.measure"]
+    if not planned and not state.points:
+        return []
+    measured = [task_id for task_id in dict.fromkeys(planned + list(state.points)) if task_id in state.points]
+    columns = [(name, title) for name, title in POINT_COLUMNS if any(name in state.points[t] for t in measured)]
+    table = Table("point", *(title for _, title in columns), box=None, pad_edge=False)
+    for task_id in measured:
+        numbers = state.points[task_id]
+        table.add_row(Text(task_id.split(":", 1)[-1]),
+                      *(f"{numbers[name]:.3f}" if name in numbers else "–" for name, _ in columns))
+    return [_heading(f"measured points  {len(measured)}/{len(planned) or len(measured)}"), table, Text("")]
+
+
 def draw_training(state: BuildState) -> RenderableType:
     trains = [t for t in state.tasks.values() if t.kind == "train"]
-    if not trains and not state.losses:
+    points = draw_points(state)
+    if not trains and not state.losses and not points:
         return Text("no training in this plan", style="dim")
-    parts: list[RenderableType] = []
+    parts: list[RenderableType] = list(points)
     for task_id in dict.fromkeys([t.id for t in trains] + list(state.losses)):
         task = state.tasks.get(task_id)
         losses = state.losses.get(task_id, [])

@@ -56,6 +56,7 @@ class BuildState:
     weights: dict[str, dict[str, Any]] = field(default_factory=dict)
     health: dict[str, dict[str, Any]] = field(default_factory=dict)
     pushes: list[dict[str, Any]] = field(default_factory=list)
+    points: dict[str, dict[str, float]] = field(default_factory=dict)  # an experiment's measurements
     unmet: list[dict[str, Any]] = field(default_factory=list)  # `expect` lines that did not hold
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
     events_seen: int = 0
@@ -162,7 +163,13 @@ class BuildState:
     def _on_push(self, event: dict[str, Any]) -> None:
         self.pushes.append({k: v for k, v in event.items() if k != "type"})
 
-    # The names the task implementations emit (steer/tasks.py, engine/tasks.py).
+    # The names the task implementations emit (steer/tasks.py, engine/tasks.py,
+    # experiments/measure.py).
+
+    def _on_experiment_point(self, event: dict[str, Any]) -> None:
+        """One measured point of an experiment: its numbers, by task id."""
+        self.points[event["task"]] = {k: float(v) for k, v in event.items() if k != "t"
+                                      and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def _on_steer_point(self, event: dict[str, Any]) -> None:
         self._on_steer_sweep(event)
