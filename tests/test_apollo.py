@@ -118,6 +118,63 @@ def test_update_magnitude_matches_adamw_on_the_first_step():
     assert 0.8 < rms < 1.25, rms
 
 
+def _paper_step(weight: torch.Tensor, grad: torch.Tensor, projection: torch.Tensor, moments: dict,
+                t: int, lr: float, weight_decay: float, channel_wise: bool) -> torch.Tensor:
+    """One APOLLO step written plainly from the module docstring (the paper's Algorithm 1)."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    tall = grad.shape[0] > grad.shape[1]
+    g = grad.T if tall else grad
+    r = projection @ g
+    moments["m"] = beta1 * moments.get("m", torch.zeros_like(r)) + (1 - beta1) * r
+    moments["v"] = beta2 * moments.get("v", torch.zeros_like(r)) + (1 - beta2) * r * r
+    scaled = (moments["m"] / (1 - beta1 ** t)) / ((moments["v"] / (1 - beta2 ** t)).sqrt() + eps)
+    if channel_wise:
+        factors = scaled.norm(dim=0) / r.norm(dim=0)
+    else:
+        factors = scaled.norm() / r.norm()
+    alpha = math.sqrt(g.shape[0] / projection.shape[0])
+    update = alpha * g * factors
+    return weight - lr * (update.T if tall else update) - lr * weight_decay * weight
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
+@pytest.mark.parametrize("scaling", ["channel", "tensor"])
+def test_steps_follow_the_papers_formulas(shape, scaling):
+    """The optimizer's in-place, cache-blocked arithmetic gives the plain formulas' weights."""
+    rank = 8
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.nn.Parameter(torch.randn(*shape, generator=generator))
+    optimizer = APOLLO([weight], lr=1e-2, rank=rank, refresh=2, weight_decay=0.1, limiter=None, scaling=scaling)
+    expected, moments = weight.detach().clone(), {}
+    for t in range(1, 5):
+        grad = torch.randn(*shape, generator=generator)
+        weight.grad = grad.clone()
+        optimizer.step()
+        projection = optimizer._projection(weight, 0, t - 1, optimizer.param_groups[0], min(shape))
+        expected = _paper_step(expected, grad, projection, moments, t, 1e-2, 0.1, scaling == "channel")
+        torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(32, 48), (48, 32)])
+@pytest.mark.parametrize("scaling", ["channel", "tensor"])
+def test_limiter_records_the_norm_of_the_update_it_applied(shape, scaling):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.zeros(*shape))
+    optimizer = APOLLO([weight], lr=1e-3, rank=4, limiter=1.01, scaling=scaling)
+    ratios = []
+    for step in range(12):
+        before = weight.detach().clone()
+        weight.grad = torch.randn(*shape) * (2.0 ** step)
+        optimizer.step()
+        applied = float((weight.detach() - before).norm()) / 1e-3
+        recorded = float(optimizer.state[weight]["previous_norm"])
+        assert applied == pytest.approx(recorded, rel=1e-5)
+        ratios.append(applied)
+    growth = [b / a for a, b in zip(ratios, ratios[1:])]
+    # a capped update is shrunk to exactly gamma times the previous one, not below it
+    assert max(growth) == pytest.approx(1.01, rel=1e-5)
+
+
 def test_limiter_keeps_update_norm_growth_at_most_1_01_per_step():
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.zeros(32, 48))

@@ -211,51 +211,54 @@ class APOLLO(torch.optim.Optimizer):
         factors = _channel_sums(scaled_squares, channel_wise).div_(projected_sums.clamp_min_(tiny)).sqrt_()
         factors.mul_(bias2 / (1 - beta1 ** t))
 
+        # the factors index the channels of the oriented gradient: broadcast them onto G
+        factors = factors.unsqueeze(1) if tall and channel_wise else factors.unsqueeze(0)
+
+        # W <- W (1 - lr wd) - lr U: the update goes in at full size first, and its norm
+        # comes out of the same pass over G; the limiter then takes back what exceeds
+        # gamma times the previous norm. W - lr U + lr (1 - limit) U is W - lr limit U up
+        # to rounding, and the limiter seldom acts in training (on gradient spikes), so
+        # most steps read G once here instead of twice.
         alpha = group["scale"] if group["scale"] is not None else math.sqrt(side / rank)
-        # ||U||^2 = alpha^2 sum_j s_j^2 ||G[:, j]||^2: the update's norm without the update.
-        # The limiter stays in tensors on the parameter's device: no host sync per matrix.
-        grad_squares = self._channel_squares(grad, tall, channel_wise)
-        update_norm = alpha * factors.square().mul_(grad_squares).sum().sqrt_()
-        limit = torch.ones((), device=param.device)
+        decay = 1 - lr * group["weight_decay"]
+        update_norm = alpha * self._apply_update(param, grad, factors, decay, -lr * alpha)
         gamma = group["limiter"]
         if gamma is not None:
+            # kept in tensors on the parameter's device: no host sync per matrix
             previous = state["previous_norm"]
             capped = (previous > 0) & (update_norm > gamma * previous)
-            limit = torch.where(capped, gamma * previous / update_norm, limit)
+            limit = torch.where(capped, gamma * previous / update_norm, 1.0)
             state["limited"] += capped
-        state["previous_norm"].copy_(update_norm * limit)
+            update_norm = update_norm * limit
+            # a CPU skips the correction when nothing was capped; an accelerator would
+            # need a host sync to know, so it always takes it (a zero correction)
+            if param.device.type != "cpu" or bool(capped):
+                param.addcmul_(grad, factors * (1 - limit), value=lr * alpha)
+        state["previous_norm"].copy_(update_norm)
 
-        if group["weight_decay"]:
-            param.mul_(1 - lr * group["weight_decay"])
-        # U = alpha * G diag(s) goes straight into the weights: no full-size temporary.
-        # The factors index the channels of the oriented gradient: broadcast them onto G.
-        factors = (factors * limit).to(param.dtype)
-        factors = factors.unsqueeze(1) if tall and channel_wise else factors.unsqueeze(0)
-        param.addcmul_(param.grad, factors, value=-lr * alpha)
-
-    def _channel_squares(self, grad: torch.Tensor, tall: bool, channel_wise: bool) -> torch.Tensor:
-        """||G[:, j]||^2 for every channel j of the oriented gradient (or ||G||^2 as a
-        1-vector, tensor-wise), in one read of G and without a full-size temporary.
-
-        A tall matrix's channels are the rows of `grad`: a norm along contiguous memory,
-        one op. Otherwise they are its columns, and a norm across rows is not vectorised
-        on a CPU (20x slower) while a sum is: blocks of rows are squared into a
-        cache-sized buffer and summed. A full-size temporary would cost more than the
-        arithmetic on a CPU (page faults on first touch, a write and a read of main
-        memory); on an accelerator the block is the whole matrix, one kernel per op."""
-        if not channel_wise:
-            return torch.linalg.vector_norm(grad).square().reshape(1)
-        if tall:
-            return torch.linalg.vector_norm(grad, dim=1).square_()
+    def _apply_update(self, param: torch.Tensor, grad: torch.Tensor, factors: torch.Tensor,
+                      decay: float, step_size: float) -> torch.Tensor:
+        """param <- decay * param + step_size * grad * factors (factors broadcast along
+        rows or columns); returns ||grad * factors||. The product goes through a
+        cache-sized block of rows at a time and is read back from cache for its norm and
+        the weights: a full-size temporary would cost more than the arithmetic on a CPU
+        (page faults on first touch, a write and a read of main memory). On an
+        accelerator the block is the whole matrix, one kernel per op."""
         rows = grad.shape[0]
         if grad.device.type == "cpu":
             rows = max(1, _CPU_BLOCK_ELEMENTS // grad.shape[1])
-        buffer = self._scratch("squares", min(rows, grad.shape[0]) * grad.shape[1], grad.device)
-        sums = torch.zeros(grad.shape[1], device=grad.device)
+        buffer = self._scratch("product", min(rows, grad.shape[0]) * grad.shape[1], grad.device)
+        norms = []
         for start in range(0, grad.shape[0], rows):
             part = grad[start:start + rows]
-            sums += torch.mul(part, part, out=buffer[:part.numel()].view(part.shape)).sum(0)
-        return sums
+            part_factors = factors if factors.shape[0] == 1 else factors[start:start + rows]
+            product = torch.mul(part, part_factors, out=buffer[:part.numel()].view(part.shape))
+            norms.append(torch.linalg.vector_norm(product))
+            weights = param[start:start + rows]
+            if decay != 1:
+                weights.mul_(decay)
+            weights.add_(product, alpha=step_size)
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def _scratch(self, purpose: str, numel: int, device: torch.device) -> torch.Tensor:
         """A reused float32 buffer of at least `numel` elements, one per purpose and device.
@@ -305,8 +308,8 @@ class APOLLO(torch.optim.Optimizer):
         return value if key == "step" else value.to(device=param.device)
 
 
-# a block of gradient rows squared at once on a CPU: 1 MiB of float32, cache-resident
-_CPU_BLOCK_ELEMENTS = 1 << 18
+# a block of gradient rows scaled at once on a CPU: 4 MiB of float32, held in the L3 cache
+_CPU_BLOCK_ELEMENTS = 1 << 20
 
 
 def _channel_sums(squares: torch.Tensor, channel_wise: bool) -> torch.Tensor:
