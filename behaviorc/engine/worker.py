@@ -179,8 +179,9 @@ class BehaviorWorker:
         vLLM's layerwise reload puts each module back in checkpoint layout, lets the
         model's loader fuse the parts into it, and re-runs the module's post-load
         processing (CPU GEMM packing, for one) once all its parts arrived. Setting it up
-        for the modules these tensors belong to, not the whole model as vLLM's
-        `reload_weights` does, keeps a push's cost proportional to its size.
+        only for the modules these tensors belong to that vLLM transforms after loading,
+        not for the whole model as vLLM's `reload_weights` does, keeps a push's cost
+        proportional to its size.
         """
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import (
@@ -188,7 +189,7 @@ class BehaviorWorker:
 
         model = self.model_runner.get_model()
         with set_current_vllm_config(self.vllm_config), _narrowing_unremarked():
-            for module in _modules_holding(model, tensors):
+            for module in _modules_to_reprocess(model, tensors):
                 initialize_layerwise_reload(module)
             model.load_weights(iter(tensors.items()))
             finalize_layerwise_reload(model, self.model_runner.model_config)
@@ -229,21 +230,37 @@ def _narrowing_unremarked() -> Iterator[None]:
         loader_log.setLevel(level)
 
 
-def _modules_holding(model: Any, names: Any) -> list[Any]:
-    """The modules that checkpoint tensors `names` load into: their decoder layers (or the
-    module of a tensor outside the layers), and any module sharing a parameter with those
-    (tied embeddings). The whole model when a name does not match vLLM's module tree."""
+def _modules_to_reprocess(model: Any, names: Any) -> list[Any]:
+    """The modules vLLM must rebuild to take checkpoint tensors `names`.
+
+    vLLM's post-load pass transforms only modules with a quantization method (CPU GEMM
+    packing, fused MoE layouts, ...) and attention layers; every other module serves its
+    parameters exactly as its weight loader wrote them, so `load_weights` may write
+    those in place. Of the modules the names load into (their decoder layers, or the
+    module of a tensor outside the layers), these are the ones to rebuild, with any
+    such module sharing a parameter with them (tied embeddings); the whole model when a
+    name does not match vLLM's module tree.
+    """
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+
+    def transformed(module: Any) -> bool:
+        return isinstance(getattr(module, "quant_method", None), QuantizeMethodBase) \
+            or is_deferred_attention_layer(module)
+
     paths = set()
     for name in names:
         group = layer_group(name)
         paths.add(group if group != name else name.rpartition(".")[0])
     try:
-        chosen = [model.get_submodule(path) for path in sorted(paths)]
+        tops = [model.get_submodule(path) for path in sorted(paths)]
     except AttributeError:
         return [model]
-    inside = {id(module) for top in chosen for module in top.modules()}
-    held = {id(p) for top in chosen for p in top.parameters()}
-    tied = [module for module in model.modules() if id(module) not in inside
+    chosen = [module for top in tops for module in top.modules() if transformed(module)]
+    ids = {id(module) for module in chosen}
+    held = {id(p) for module in chosen for p in module.parameters()}
+    tied = [module for module in model.modules() if id(module) not in ids
+            and transformed(module)
             and any(id(p) in held for p in module.parameters(recurse=False))]
     return chosen + tied
 
