@@ -14,7 +14,7 @@ from behaviorc.diagnostics import BehaviorError
 from behaviorc.vectors.compose import Composition, Term, compose
 from behaviorc.vectors.merge import MergeOptions, merged_delta
 from behaviorc.vectors.safetensors_io import fingerprint, sha256_file
-from behaviorc.vectors.taskvector import extract_task_vector
+from behaviorc.vectors.taskvector import check_task_vector, extract_task_vector
 
 
 def perturbed_copy(base: Path, out: Path, seed: int, touch=lambda name: True) -> Path:
@@ -205,6 +205,27 @@ def test_bad_vectors_fail_clearly_and_write_nothing(workspace, tiny_gdn, tmp_pat
     if how == "name":
         assert "did you mean `model.layers.0.linear_attn.A_log`" in rendered
     assert list(target.parent.iterdir()) == []  # no folder, no leftover staging
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "task_arithmetic"])
+def test_a_nan_is_found_by_every_method(workspace, tiny_gdn, tmp_path, method):
+    # Merges check their result, not each delta: a NaN must reach the result whatever
+    # the method does with it (ties trims it, elects over it and clamps it).
+    bad = _broken_vector(workspace, tmp_path, "nan")
+    with pytest.raises(BehaviorError, match="`model.layers.0.linear_attn.A_log` holds NaN"):
+        compose(Composition(tiny_gdn, (Term("a", workspace / "a.safetensors", 1.0),
+                                       Term("bad", bad, 0.0)),
+                            MergeOptions(method=method, density=0.5)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bfloat16_vector_with_an_inf_is_refused(workspace, tiny_gdn, tmp_path):
+    tensors = {name: value.to(torch.bfloat16)
+               for name, value in load_file(workspace / "a.safetensors").items()}
+    tensors["model.norm.weight"][3] = float("inf")
+    save_file(tensors, tmp_path / "bf16.safetensors")
+    with pytest.raises(BehaviorError, match="`model.norm.weight` holds NaN or infinite"):
+        check_task_vector(tmp_path / "bf16.safetensors", tiny_gdn)
 
 
 def test_a_mismatched_finetuned_folder_is_refused(workspace, tiny_gdn, tmp_path):

@@ -13,6 +13,7 @@ provenance (`behaviorc.json`) and the same composition as mergekit YAML.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from behaviorc.vectors.mergekit_yaml import mergekit_yaml
 from behaviorc.vectors.safetensors_io import (
     FLOAT_DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, WeightFolder, fingerprint,
     from_float32, plan_shards, row_blocks, to_float32, write_index)
-from behaviorc.vectors.sources import DeltaSource, open_source
+from behaviorc.vectors.sources import DeltaSource, check_finite, open_source
 
 PROVENANCE_FILE = "behaviorc.json"
 MERGEKIT_FILE = "mergekit.yaml"
@@ -260,8 +261,21 @@ def _merged_block(name: str, dtype: str, base_stored: np.ndarray,
                   for index, (term, values) in enumerate(zip(terms, flat_stored))]
         mixed = merged_delta(name, deltas, weights, term_indices, options, thresholds,
                              offset=first_entry + piece.start, workspace=workspace)
-        from_float32(np.add(base_values, mixed, out=mixed), dtype, out=out[piece])
+        merged = np.add(base_values, mixed, out=mixed)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not math.isfinite(np.add.reduce(merged)):
+                _check_terms_finite(name, terms, [values[piece] for values in flat_stored],
+                                    base_values)
+        from_float32(merged, dtype, out=out[piece])
     return out.reshape(base_stored.shape)
+
+
+def _check_terms_finite(name: str, terms: Sequence[DeltaSource], stored: list[np.ndarray],
+                        base_values: np.ndarray) -> None:
+    """Blame the term whose delta holds a NaN or inf. (A merge of finite deltas can still
+    overflow, or the base hold a NaN: then the result is written as computed.)"""
+    for term, values in zip(terms, stored):
+        check_finite(term.delta(name, values, base_values), name, term.path)
 
 
 def _pieces(first_entry: int, count: int) -> Iterator[slice]:

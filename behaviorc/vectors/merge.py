@@ -24,7 +24,8 @@ composition exported as mergekit YAML reproduces there:
   density 1 it is task arithmetic.
 
 Functions here consume the deltas they are given: they work in place, so that peak
-memory stays a few pieces per term. Weights, lambda and density act as float32, as
+memory stays a few pieces per term. A NaN or inf in a delta makes the merged delta
+non-finite at that entry, whatever the method, so one check of the result finds it. Weights, lambda and density act as float32, as
 they do in torch's arithmetic on float32 tensors.
 """
 
@@ -154,13 +155,13 @@ def _ties(deltas: list[np.ndarray], weights: list[float], density: float, normal
     # entries, and multiplying their sum by the elected sign once restores their signs.
     elected = np.copysign(np.float32(1), mass, out=workspace.array("elected", shape))
     zeros = workspace.array("zeros", shape)
-    zeros.fill(0)  # (fmax against an array is several times faster than against 0)
+    zeros.fill(0)  # (max against an array is several times faster than against 0)
     mixed = mass
     mixed.fill(0)
     divisor = workspace.array("divisor", shape)
     divisor.fill(0)
     for delta, weight in zip(deltas, weights):
-        aligned = np.fmax(np.multiply(delta, elected, out=delta), zeros, out=delta)
+        aligned = np.maximum(np.multiply(delta, elected, out=delta), zeros, out=delta)
         mixed += aligned
         if normalize:  # the divisor sums the weights of the agreeing terms, in term order
             np.not_equal(aligned, 0, out=kept)

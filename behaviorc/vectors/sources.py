@@ -3,8 +3,8 @@ fine-tuned model folder (tau = W_ft - W_base, computed as each tensor is needed)
 
 Both are checked against the base before anything is written: every tensor must name a
 base parameter with the same shape, and carry floating-point values. Values are checked
-as they stream (a NaN or inf anywhere stops the composition, which then leaves nothing
-behind).
+as they stream, by the composition (a NaN or inf anywhere stops it, and it then leaves
+nothing behind).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class DeltaSource(Protocol):
     def delta(self, name: str, stored: np.ndarray, base: np.ndarray,
               out: np.ndarray | None = None) -> np.ndarray:
         """tau, float32 (in `out` if given), from some of this source's stored values of
-        parameter `name` and `base`, the same entries of the base in float32."""
+        parameter `name` and `base`, the same entries of the base in float32. Not
+        checked: NaN and inf pass through."""
 
     def close(self) -> None: ...
 
@@ -63,9 +64,7 @@ class TaskVectorSource:
 
     def delta(self, name: str, stored: np.ndarray, base: np.ndarray,
               out: np.ndarray | None = None) -> np.ndarray:
-        tau = to_float32(stored, self.tensors[name].dtype, out)
-        check_finite(tau, name, self.path)
-        return tau
+        return to_float32(stored, self.tensors[name].dtype, out)
 
     def close(self) -> None:
         self.file.close()
@@ -90,9 +89,7 @@ class FinetunedSource:
     def delta(self, name: str, stored: np.ndarray, base: np.ndarray,
               out: np.ndarray | None = None) -> np.ndarray:
         tau = to_float32(stored, self.tensors[name].dtype, out)
-        np.subtract(tau, base, out=tau)
-        check_finite(tau, name, self.path)
-        return tau
+        return np.subtract(tau, base, out=tau)
 
     def close(self) -> None:
         self.folder.close()
@@ -122,6 +119,11 @@ def check_same_parameters(base: WeightFolder, other: WeightFolder) -> None:
             f"{other.path}: tensor `{missing[0]}` of the base model is missing"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
             hint=f"is {other.path} fine-tuned from {base.path}?")
+
+
+def check_stored_finite(stored: np.ndarray, dtype: str, name: str, path: Path) -> None:
+    """As `check_finite`, for stored values of safetensors dtype `dtype`."""
+    check_finite(to_float32(stored, dtype) if dtype == "BF16" else stored, name, path)
 
 
 def check_finite(values: np.ndarray, name: str, path: Path) -> None:

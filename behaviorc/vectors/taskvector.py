@@ -20,7 +20,8 @@ from behaviorc.atomic import atomic_file
 from behaviorc.vectors.safetensors_io import (
     STORAGE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, fingerprint, row_blocks,
     to_float32)
-from behaviorc.vectors.sources import TaskVectorSource, check_finite, check_same_parameters
+from behaviorc.vectors.sources import (
+    TaskVectorSource, check_finite, check_same_parameters, check_stored_finite)
 
 FORMAT = "behaviorc.task_vector/1"
 
@@ -108,7 +109,8 @@ def check_task_vector(path: Path, base_dir: Path) -> dict[str, str]:
         with WeightFolder(base_dir) as base:
             source.check_against(base)
             for name in source.tensors:
-                check_finite(source.file.read(name), name, source.path)
+                check_stored_finite(source.file.read(name), source.tensors[name].dtype, name,
+                                    source.path)
         return dict(source.metadata)
     finally:
         source.close()
