@@ -5,7 +5,10 @@ measured once and reused (which also exercises the executor's cache)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -32,7 +35,10 @@ def out(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("experiments")
 
 
-REDUCED = ["--seeds", "2", "--samples", "1", "--prompts", "16", "--steps", "3"]
+# Points this small cost less than starting a worker process (an interpreter importing
+# torch): they run in the test's process, except where running them side by side is
+# what a test is about.
+REDUCED = ["--seeds", "2", "--samples", "1", "--prompts", "16", "--steps", "3", "--jobs", "1"]
 
 
 def run(name: str, spec: Path, out: Path, *options: str) -> dict:
@@ -48,8 +54,15 @@ def run(name: str, spec: Path, out: Path, *options: str) -> dict:
 FIRST_RUNS: dict[str, dict] = {}
 
 
-def test_sample_efficiency(spec, out):
-    results = run("sample-efficiency", spec, out, "--grid", "5,20", *REDUCED)
+def two_cores(monkeypatch) -> None:
+    """As on CI: two workers of one torch thread each, the thread count of these tests'
+    own process (tests/conftest.py), so a point computes the same in either."""
+    monkeypatch.setattr("behaviorc.run.parallel.usable_cores", lambda: 2)
+
+
+def test_sample_efficiency(spec, out, monkeypatch):
+    two_cores(monkeypatch)
+    results = run("sample-efficiency", spec, out, "--grid", "5,20", *REDUCED, "--jobs", "2")
     FIRST_RUNS["sample-efficiency"] = results
     assert results["measure"] == "rate" and results["grid"] == [5, 20]
     for row in results["points"]:
@@ -58,6 +71,88 @@ def test_sample_efficiency(spec, out):
         assert change["low"] <= change["mean"] <= change["high"]
         assert row["distinguishable"] == (change["low"] > 0 or change["high"] < 0)
     assert results["smallest_n"] in (None, 5, 20)
+
+
+def dashboard_view(folder: Path) -> tuple[str, dict[str, str], list[str], str]:
+    """What `behaviorc dash FOLDER` shows once it read the whole log: the status line,
+    the plan tree's task labels and branch names, and the Train panel's text."""
+    from rich.console import Console
+
+    from behaviorc.tui.app import Dashboard
+    from behaviorc.tui.widgets import PlanTree, StatePanel
+
+    async def drive() -> tuple[str, dict[str, str], list[str], str]:
+        app = Dashboard(folder)
+        lines = len((folder / "events.jsonl").read_text().splitlines())
+        async with app.run_test(size=(100, 40)) as pilot:
+            for _ in range(400):
+                await pilot.pause(0.02)
+                if app.state.events_seen >= lines:
+                    break
+            await pilot.pause(0.15)  # one more redraw after the last batch
+            tree = app.query_one(PlanTree)
+            console = Console(width=100, record=True, file=open(os.devnull, "w"))
+            console.print(app.query_one("#train-view", StatePanel).draw(app.state))
+            return (app.status_line(), tree.labels(), [str(b.label) for b in tree.root.children],
+                    console.export_text())
+
+    return asyncio.run(drive())
+
+
+def test_the_dashboard_shows_an_experiment_while_it_runs_and_once_it_ended(out, tmp_path):
+    """`behaviorc dash` on test_sample_efficiency's folder: every point a task, a loss
+    curve per training, the measured points' numbers; and on the log cut in the middle
+    of the run, as a dashboard following it sees it then."""
+    if "sample-efficiency" not in FIRST_RUNS:
+        pytest.skip("reads test_sample_efficiency's folder: run the module")
+    results = FIRST_RUNS["sample-efficiency"]
+    report = json.loads((out / "report.json").read_text())
+    ids = [t["id"] for t in report["tasks"]]
+    trains = [i for i in ids if i.startswith("train:")]
+    status, labels, branches, train_panel = dashboard_view(out)
+    assert status == f"testbed.behavior · ok · {len(ids)}/{len(ids)} tasks"
+    assert set(labels) == set(ids) and all(label.startswith("✓") for label in labels.values())
+    assert "listen[n=5,seed=0]" in branches  # point names are not read as markup
+    assert len(trains) == 4
+    for train in trains:
+        assert f"{train}  [done]" in train_panel
+    assert train_panel.count("loss ") == 4 and train_panel.count("step 3: ") == 4
+    assert "measured points  6/6" in train_panel
+    for seed, rate in zip(results["seeds"], results["before"]):
+        assert re.search(rf"listen\[base,seed={seed}\] +{rate:.3f} ", train_panel)
+    for row in results["points"]:
+        for seed, rate in zip(results["seeds"], row["after"]):
+            assert re.search(rf"listen\[n={row['n']},seed={seed}\] +{rate:.3f} ", train_panel)
+
+    # the same log up to the first training's end, the build still holding its store
+    events = (out / "events.jsonl").read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(events)
+               if '"type": "task_end"' in line and '"task": "train:' in line)
+    live = tmp_path / "live"
+    (live / ".store").mkdir(parents=True)
+    (live / ".store" / "lock").write_text(f"{os.getpid()}\n")  # as a running build leaves it
+    (live / "events.jsonl").write_text("".join(events[:cut + 1]))
+    so_far = [json.loads(line) for line in events[:cut + 1]]
+    finished = sum(e["type"] == "task_end" for e in so_far)
+    measured = sum(e["type"] == "experiment.point" for e in so_far)
+    status, labels, _, train_panel = dashboard_view(live)
+    assert status == f"testbed.behavior · running · {finished}/{len(ids)} tasks"
+    assert sum(label.startswith("✓") for label in labels.values()) == finished
+    assert sum(label.startswith("·") for label in labels.values()) > 0  # points still to come
+    assert f"measured points  {measured}/6" in train_panel
+    first_train = json.loads(events[cut])["task"]
+    assert f"{first_train}  [done]" in train_panel and train_panel.count("step 3: ") >= 1
+
+
+def test_points_run_one_at_a_time_give_the_same_numbers_as_run_side_by_side(spec, tmp_path):
+    if "sample-efficiency" not in FIRST_RUNS:
+        pytest.skip("compares with test_sample_efficiency's run: run the module")
+    serial = run("sample-efficiency", spec, tmp_path, "--grid", "5", *REDUCED)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {t["status"] for t in report["tasks"]} == {"done"}  # computed again, here
+    side_by_side = FIRST_RUNS["sample-efficiency"]
+    assert serial["before"] == side_by_side["before"]
+    assert serial["points"] == side_by_side["points"][:1]  # N=5: rates, margins, interval
 
 
 def test_lr_sweep(spec, out):
@@ -78,7 +173,7 @@ def test_backward_transfer(spec, out):
 
 
 def test_gdn_state(spec, out):
-    results = run("gdn-state", spec, out, "--probes", "4", "--seeds", "1", "--steps", "3")
+    results = run("gdn-state", spec, out, "--probes", "4", "--seeds", "1", "--steps", "3", "--jobs", "1")
     assert results["layers"] == [1, 2]  # the GDN layers after the steering layer 0
     for row in results["points"]:
         assert len(row["alignment_values"]) == 4 and len(row["control_values"]) == 4
@@ -90,7 +185,7 @@ def test_gdn_state(spec, out):
 
 def test_steer_complexity(spec, out):
     results = run("steer-complexity", spec, out, "--strengths", "0,4", "--seeds", "1", "--samples", "1",
-                  "--prompts", "16")
+                  "--prompts", "16", "--jobs", "1")
     assert [b["behavior"] for b in results["behaviors"]] == ["concise", "listen"]
     for entry in results["behaviors"]:
         assert [p["strength"] for p in entry["points"]] == [0.0, 4.0]
@@ -118,6 +213,8 @@ def test_a_finished_experiment_reruns_from_the_store(spec, out):
     (["sample-efficiency", "--behavior", "concise"], "has no train section"),
     (["steer-complexity", "--simple", "listen"], "both name"),
     (["sample-efficiency", "--seeds", "0"], "--seeds must be at least 1"),
+    (["sample-efficiency", "--jobs", "0"], "--jobs must be at least 1"),
+    (["sample-efficiency", "--jobs", "many"], "or `auto`, not `many`"),
 ])
 def test_bad_options_are_clear_errors(spec, tmp_path, capsys, options, message):
     name, *rest = options

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for s in seeds:
             train = subject.train_point(f"{arm},seed={s}", mix=mix, seed=s, **common.train_changes(args))
             points[arm, s] = subject.measure_point(f"{arm},seed={s}", train, s, args.samples)
-    done = common.run_points(args.out, [*base.values(), *points.values()], args.spec, subject.plan.spec.sha256)
+    done = common.run_points(args.out, [*base.values(), *points.values()], args.spec,
+                             subject.plan.spec.sha256, jobs=args.jobs)
     return analyze(subject, list(arms), seeds, args.mix, args.samples,
                    {s: done[t.key].metrics for s, t in base.items()},
                    {k: done[t.key].metrics for k, t in points.items()})

@@ -19,6 +19,7 @@ Answer one of the research's open questions on a spec's behavior, with numbers a
 their uncertainty. Each point (a training run, a measurement) runs through the build
 executor: finished points are stored in the result folder, so a stopped experiment
 resumes and a rerun reuses them; `behaviorc dash DIR` shows it while it runs.
+Independent points run side by side in worker processes (--jobs).
 
 The folder gets results.json, PNG plots and summary.md (the answer in words).
 On the testbed model (`model base = "tiny-gdn-testbed"`) behaviors are also measured as
@@ -45,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub = names.add_parser(module.NAME, help=module.HELP, description=module.__doc__,
                                epilog=module.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_options(sub)
+        sub.add_argument("--jobs", default="auto", metavar="N",
+                         help="points to run at once, each in a worker process (default auto: one "
+                              "per usable core, while free memory holds another)")
         sub.set_defaults(run=lambda args, module=module: run_experiment(module, args))
     parser.set_defaults(run=lambda args: _usage(parser))
 
@@ -56,8 +60,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def run_experiment(module, args: argparse.Namespace) -> int:
     from behaviorc.experiments.common import Stopped, write_results
+    from behaviorc.run.parallel import Jobs
 
     spec: Path = args.spec
+    args.jobs = Jobs.parse(args.jobs)
     args.out = args.out or Path("out") / "experiments" / f"{module.NAME}-{spec.stem}"
     try:
         results = module.run(args)

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from behaviorc import ir
 from behaviorc.diagnostics import BehaviorError, did_you_mean
@@ -22,6 +22,9 @@ from behaviorc.experiments.tasks import MeasurePoint
 from behaviorc.plan.plan import Plan
 from behaviorc.plan.task import Task, TaskResult
 from behaviorc.plan.tasks import ExtractSteering, ResolveModel, TrainBehavior
+
+if TYPE_CHECKING:
+    from behaviorc.run.parallel import Jobs
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
@@ -194,9 +197,11 @@ class Stopped(Exception):
     """The user stopped the experiment; finished points are kept."""
 
 
-def run_points(out: Path, tasks: Sequence[Task], spec_path: Path, sha256: str) -> dict[str, TaskResult]:
+def run_points(out: Path, tasks: Sequence[Task], spec_path: Path, sha256: str,
+               jobs: "Jobs") -> dict[str, TaskResult]:
     """Run the tasks (and what they need) through the build executor with a progress
-    display; results by task key. A failed point stops the experiment with its error."""
+    display, up to `jobs` points at once; results by task key. A failed point stops the
+    experiment with its error."""
     from rich.console import Console
 
     from behaviorc.run.commands import open_out_folder
@@ -206,7 +211,7 @@ def run_points(out: Path, tasks: Sequence[Task], spec_path: Path, sha256: str) -
     cancel = open_out_folder(out, "experiment")
     progress = TerminalProgress(Console(file=sys.stderr), cancel)
     executor = Executor(out, listeners=[progress], spec_path=str(spec_path.resolve()),
-                        spec_sha256=sha256, cancel=cancel)
+                        spec_sha256=sha256, cancel=cancel, jobs=jobs)
     with cancel_on_sigint(cancel), progress:
         outcome = executor.run(list(tasks))
     if outcome.cancelled:

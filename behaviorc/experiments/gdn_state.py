@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         control[s] = GdnStates(name=f"{subject.behavior.name}[control,seed={s}]", model=subject.model,
                                weights=other, prompts=prompts)
     done = common.run_points(args.out, [base, steered, *trained.values(), *control.values()], args.spec,
-                             subject.plan.spec.sha256)
+                             subject.plan.spec.sha256, jobs=args.jobs)
 
     def states(task: GdnStates):
         return _read_states(done[task.key].path("states"))

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             label = f"lr={lr:.3g},seed={s}"
             train = subject.train_point(label, lr=lr, seed=s, **common.train_changes(args))
             points[lr, s] = subject.measure_point(label, train, s, args.samples)
-    done = common.run_points(args.out, [*base.values(), *points.values()], args.spec, subject.plan.spec.sha256)
+    done = common.run_points(args.out, [*base.values(), *points.values()], args.spec,
+                             subject.plan.spec.sha256, jobs=args.jobs)
     before = {s: done[t.key].metrics for s, t in base.items()}
     after = {k: done[t.key].metrics for k, t in points.items()}
     return analyze(subject, lrs, seeds, args.samples, args.max_nll_cost, before, after)

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         **common.train_changes(args))
             points[n, s] = subject.measure_point(f"n={n},seed={s}", train, s, args.samples)
     done = common.run_points(args.out, [*base.values(), *points.values()], args.spec,
-                             subject.plan.spec.sha256)
+                             subject.plan.spec.sha256, jobs=args.jobs)
     return analyze(subject, grid, list(seeds), args.samples,
                    {s: done[t.key].metrics for s, t in base.items()},
                    {k: done[t.key].metrics for k, t in points.items()})

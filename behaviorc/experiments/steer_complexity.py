@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         steering=steering, strength=strength, score=subject.score, users=subject.users,
                         samples=args.samples, seed=s)
     spec_hash = subjects["simple"].plan.spec.sha256
-    done = common.run_points(args.out, list(tasks.values()), args.spec, spec_hash)
+    done = common.run_points(args.out, list(tasks.values()), args.spec, spec_hash, jobs=args.jobs)
     metrics = {key: done[task.key].metrics for key, task in tasks.items()}
     return analyze(subjects, strengths, seeds, args.samples, args.max_nll_cost, metrics)
 

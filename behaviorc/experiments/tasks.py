@@ -23,6 +23,7 @@ class MeasurePoint(Task):
     `pairs`), general_nll (on `general`), arithmetic_accuracy (greedy, every sum)."""
 
     kind: ClassVar[str] = "experiment.measure"
+    parallel_safe: ClassVar[bool] = True
     model: ResolveModel
     weights: TrainBehavior | None = None
     steering: ExtractSteering | None = None
@@ -46,6 +47,7 @@ class GdnStates(Task):
     artifacts: states (safetensors, `layer.{L}`: [prompts, heads, key dim, value dim])."""
 
     kind: ClassVar[str] = "experiment.gdn_states"
+    parallel_safe: ClassVar[bool] = True
     model: ResolveModel
     weights: TrainBehavior | None = None
     steering: ExtractSteering | None = None
