@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -111,15 +111,16 @@ class _Worker:
     job: Job | None = None  # what it runs now; None when idle
 
 
-@dataclass
 class WorkerPool:
-    jobs: Jobs
-    engine_loader: EngineLoader
-    _workers: list[_Worker] = field(default_factory=list)
+    """Up to `jobs.most` workers, started as tasks need them, each running one job at
+    a time. `engine_loader` must be picklable (a module-level function)."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, jobs: Jobs, engine_loader: EngineLoader):
+        self.jobs = jobs
+        self.engine_loader = engine_loader
         self._spawn = multiprocessing.get_context("spawn")
-        self._stop = self._spawn.Event()
+        self._stop = self._spawn.Event()  # shared with every worker: their CancelSignal
+        self._workers: list[_Worker] = []
 
     @property
     def busy(self) -> int:
