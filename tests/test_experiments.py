@@ -54,14 +54,7 @@ def run(name: str, spec: Path, out: Path, *options: str) -> dict:
 FIRST_RUNS: dict[str, dict] = {}
 
 
-def two_cores(monkeypatch) -> None:
-    """As on CI: two workers of one torch thread each, the thread count of these tests'
-    own process (tests/conftest.py), so a point computes the same in either."""
-    monkeypatch.setattr("behaviorc.run.parallel.usable_cores", lambda: 2)
-
-
-def test_sample_efficiency(spec, out, monkeypatch):
-    two_cores(monkeypatch)
+def test_sample_efficiency(spec, out):
     results = run("sample-efficiency", spec, out, "--grid", "5,20", *REDUCED, "--jobs", "2")
     FIRST_RUNS["sample-efficiency"] = results
     assert results["measure"] == "rate" and results["grid"] == [5, 20]

@@ -19,7 +19,8 @@ Answer one of the research's open questions on a spec's behavior, with numbers a
 their uncertainty. Each point (a training run, a measurement) runs through the build
 executor: finished points are stored in the result folder, so a stopped experiment
 resumes and a rerun reuses them; `behaviorc dash DIR` shows it while it runs.
-Independent points run side by side in worker processes (--jobs).
+Independent points run side by side in worker processes (--jobs), each on one torch
+thread: a point's numbers are the same whatever --jobs is.
 
 The folder gets results.json, PNG plots and summary.md (the answer in words).
 On the testbed model (`model base = "tiny-gdn-testbed"`) behaviors are also measured as

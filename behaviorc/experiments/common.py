@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from behaviorc import ir
 from behaviorc.diagnostics import BehaviorError, did_you_mean
@@ -193,6 +194,25 @@ def train_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ running
 
+# Every point computes with one torch thread, in a worker or in this process: the
+# thread count changes how float sums are split, so this way a point's numbers depend on
+# its inputs only, not on --jobs or the machine's cores. Tiny models gain little from
+# more threads per point; the cores go to points side by side instead.
+POINT_THREADS = 1
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class Stopped(Exception):
     """The user stopped the experiment; finished points are kept."""
 
@@ -211,8 +231,8 @@ def run_points(out: Path, tasks: Sequence[Task], spec_path: Path, sha256: str,
     cancel = open_out_folder(out, "experiment")
     progress = TerminalProgress(Console(file=sys.stderr), cancel)
     executor = Executor(out, listeners=[progress], spec_path=str(spec_path.resolve()),
-                        spec_sha256=sha256, cancel=cancel, jobs=jobs)
-    with cancel_on_sigint(cancel), progress:
+                        spec_sha256=sha256, cancel=cancel, jobs=replace(jobs, threads_each=POINT_THREADS))
+    with cancel_on_sigint(cancel), progress, _torch_threads(POINT_THREADS):
         outcome = executor.run(list(tasks))
     if outcome.cancelled:
         raise Stopped()

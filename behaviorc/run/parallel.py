@@ -71,10 +71,12 @@ def task_memory(model_folders: set[str]) -> int:
 @dataclass(frozen=True)
 class Jobs:
     """How many tasks run at once. With `fit_memory` (`--jobs auto`) another worker
-    task starts only while the free memory holds one more of them."""
+    task starts only while the free memory holds one more of them. `threads_each` fixes
+    each worker's torch threads (by default the cores are shared out)."""
 
     most: int
     fit_memory: bool = False
+    threads_each: int | None = None
 
     @classmethod
     def parse(cls, text: str, option: str = "--jobs") -> "Jobs":
@@ -92,7 +94,7 @@ class Jobs:
     @property
     def threads(self) -> int:
         """Torch threads per worker: the cores shared out, so workers never oversubscribe."""
-        return max(1, usable_cores() // self.most)
+        return self.threads_each or max(1, usable_cores() // self.most)
 
 
 @dataclass
