@@ -7,7 +7,8 @@ One run, side by side on this machine:
   alternating the original weights and perturbed ones, timed end to end on the client
   (check and read on the server, vLLM's load, prefix-cache reset);
 - right after each push, the time to read the same safetensors file from disk into
-  tensors, so both are measured under the same conditions (idle, or under the loop);
+  tensors (every byte, see `disk_read_seconds`), so both are measured under the same
+  conditions (idle, or under the loop);
 - partial pushes (one decoder layer's tensors, as a state dict), idle and under load;
 - request latency during pushes against latency with no push in flight;
 - the server's restart time: stop, start, answer /health.
@@ -72,10 +73,15 @@ def perturbed_copy(folder: Path, into: Path) -> Path:
 
 
 def disk_read_seconds(folder: Path) -> float:
-    """Time to read every tensor of the folder (page cache warm, as for a push)."""
+    """Time to read every tensor of the folder (page cache warm, as for a push).
+
+    safetensors maps a file and reads a tensor's bytes only when they are used, so a
+    bare `load_file` reads nothing; one pass over every value (its sum) makes it read.
+    A push reads the same bytes the same way, with its finiteness check as the pass."""
     started = time.perf_counter()
     for file in sorted(folder.glob("*.safetensors")):
-        load_file(str(file))
+        for tensor in load_file(str(file)).values():
+            tensor.sum()
     return time.perf_counter() - started
 
 
@@ -150,6 +156,7 @@ def main() -> None:
                         help="serve the model's architecture at this hidden size and MLP "
                              "width (random weights), to see how a push scales with size")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # as vLLM's CPU worker reads; two threads on two busy cores thrash
 
     with tempfile.TemporaryDirectory(prefix="live-push-") as scratch:
         original = Path(scratch) / "original"
