@@ -7,6 +7,7 @@ weights. Tests that change the server's weights or steering put the original bac
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from behaviorc.diagnostics import BehaviorError
 from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.engine.push import push_weights
 from behaviorc.engine.traffic import RequestLoop
-from behaviorc.engine.vllm import VLLMEngine
+from behaviorc.engine.vllm import ServerClient, VLLMEngine
 from stand_in_server import stand_in_server
 
 pytestmark = pytest.mark.vllm
@@ -277,3 +278,22 @@ def test_no_request_fails_during_repeated_pushes_under_load(
     expected = engine.completion_logprobs(PROMPTS, COMPLETIONS)
     push_weights([vllm_server.url], weight_sets[1])
     assert engine.completion_logprobs(PROMPTS, COMPLETIONS) == expected
+
+
+def test_prefix_cache_is_reset_while_requests_run(vllm_server):
+    """Each push and steering change resets the prefix cache. vLLM refuses a plain reset
+    while requests hold cache blocks, which under load is nearly always; behaviorc's
+    reset preempts them instead, and none of them fails."""
+    client = ServerClient(vllm_server.url)
+    try:
+        with RequestLoop([vllm_server.url], threads=2, limit=60) as load:
+            while len(load.requests) < 2:
+                time.sleep(0.05)
+            plain = [client.request("POST", "/reset_prefix_cache", "resetting")["success"]
+                     for _ in range(10)]
+            for _ in range(5):
+                client.reset_prefix_cache()  # raises when vLLM did not reset
+        assert False in plain  # the load held blocks: a plain reset was refused
+        assert load.failed == []
+    finally:
+        client.close()
