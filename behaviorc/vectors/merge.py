@@ -214,13 +214,18 @@ def kth_largest_of_parts(parts: Callable[[], Iterator[list[np.ndarray]]], count:
     brackets = [_bracket(sample, count, k) for sample in samples]
     above = [0] * len(samples)
     inside: list[list[np.ndarray] | None] = [[] for _ in samples]
+    workspace = Workspace()
     for part in parts():
         for series, (values, (lower, upper)) in enumerate(zip(part, brackets)):
             kept = inside[series]
             if kept is None:
                 continue
-            above[series] += int(np.count_nonzero(values > upper))
-            kept.append(values[(values >= lower) & (values <= upper)])
+            is_above = np.greater(values, upper, out=workspace.array("above", values.shape, np.bool_))
+            above[series] += int(np.count_nonzero(is_above))
+            # At least `lower` and not above `upper`: inside the bracket.
+            is_inside = np.greater_equal(values, lower,
+                                         out=workspace.array("inside", values.shape, np.bool_))
+            kept.append(values[np.logical_xor(is_inside, is_above, out=is_inside)])
             if sum(t.size for t in kept) > max(count // 16, 16 * samples[series].size):
                 inside[series] = None  # the bracket is too wide to hold
     answers = []
