@@ -41,7 +41,7 @@ def test_finite_check_finds_nan_and_infinity_and_survives_overflowing_sums(dtype
 def test_a_partial_push_carries_the_rest_of_its_layers_in_memory(served, tmp_path):
     name = "model.layers.1.linear_attn.A_log"
     new = torch.full(served.manifest[name].shape, 0.5)
-    assert served.stage(push_folder(tmp_path, {name: new}), complete=False,
+    assert served.stage("t", push_folder(tmp_path, {name: new}), complete=False,
                         transient=True) == []
     staged = served.staged
     layer_one = {n for n in served.manifest if layer_group(n) == "model.layers.1"}
@@ -57,7 +57,7 @@ def test_a_partial_push_carries_the_rest_of_its_layers_in_memory(served, tmp_pat
 def test_a_folder_that_stays_is_read_again_from_its_files(served, tiny_gdn, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_gdn, folder)
-    assert served.stage(folder, complete=True, transient=False) == []
+    assert served.stage("t", folder, complete=True, transient=False) == []
     assert set(served.staged.tensors) == set(served.manifest)
     assert set(served.staged.sources.values()) == {str(folder / "model.safetensors")}
 
@@ -66,7 +66,7 @@ def test_every_problem_is_named_before_anything_is_read(served, tmp_path):
     tensors = {"model.layers.0.mlp.gate.weight": torch.zeros(3, 3),
                "model.layers.0.mlp.gaet.weight": torch.zeros(4, 128),
                "model.norm.weight": torch.ones(128, dtype=torch.int64)}
-    problems = served.stage(push_folder(tmp_path, tensors), complete=True, transient=True)
+    problems = served.stage("t", push_folder(tmp_path, tensors), complete=True, transient=True)
     text = "\n".join(problems)
     assert "`model.layers.0.mlp.gate.weight` has shape [3, 3], the served model has [4, 128]" \
         in text
@@ -79,13 +79,13 @@ def test_every_problem_is_named_before_anything_is_read(served, tmp_path):
 def test_non_finite_values_and_unreadable_files_are_refused(served, tmp_path):
     name = "model.layers.0.linear_attn.dt_bias"
     bad = torch.full(served.manifest[name].shape, float("nan"))
-    assert served.stage(push_folder(tmp_path, {name: bad}), complete=False, transient=True) \
+    assert served.stage("t", push_folder(tmp_path, {name: bad}), complete=False, transient=True) \
         == [f"tensor `{name}` holds NaN or infinite values"]
     truncated = push_folder(tmp_path, {name: torch.ones(served.manifest[name].shape)}, "cut")
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
-    assert served.stage(truncated, complete=False, transient=True)[0].startswith(
+    assert served.stage("t", truncated, complete=False, transient=True)[0].startswith(
         f"cannot read the weights in {truncated}")
-    assert served.stage(tmp_path / "nowhere", complete=True, transient=False) == [
+    assert served.stage("t", tmp_path / "nowhere", complete=True, transient=False) == [
         f"{tmp_path / 'nowhere'} is not a folder"]
     assert served.staged is None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ def push_weights(urls: Sequence[str], source: Path | str | Mapping[str, Any],
                                    doing="pushing weights")]
             else:
                 _stage_all(clients, payload)
-                answers = _commit_all(clients)
+                answers = _commit_all(clients, {"token": payload["token"]})
             calls_seconds = time.perf_counter() - calls_started
         reset_started = time.perf_counter()
         for client in clients:
@@ -91,7 +92,8 @@ def _as_folder(source: Path | str | Mapping[str, Any]) -> Iterator[tuple[dict, f
         folder = Path(source).expanduser().resolve()
         if not folder.is_dir():
             raise BehaviorError(f"cannot push `{source}`: not a model folder")
-        yield {"path": str(folder), "complete": True, "transient": False}, 0.0
+        yield {"token": uuid.uuid4().hex, "path": str(folder), "complete": True,
+               "transient": False}, 0.0
         return
     started = time.perf_counter()
     tensors = _checked_tensors(source)
@@ -101,8 +103,8 @@ def _as_folder(source: Path | str | Mapping[str, Any]) -> Iterator[tuple[dict, f
     try:
         save_file(tensors, str(scratch / "model.safetensors"))
         # The servers keep the values in memory: the file goes once they have read it.
-        yield ({"path": str(scratch), "complete": False, "transient": True},
-               time.perf_counter() - started)
+        yield ({"token": uuid.uuid4().hex, "path": str(scratch), "complete": False,
+                "transient": True}, time.perf_counter() - started)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -147,42 +149,43 @@ def _stage_all(clients: list[ServerClient], payload: dict) -> None:
         try:
             answer = client.rpc("behaviorc_stage", payload, doing="checking the pushed weights")
         except BehaviorError:
-            _discard(clients[:index])
+            _discard(clients[:index], payload)
             raise
         problems += [f"{client.url}: {p}" for p in (answer or {}).get("problems", [])]
     if problems:
-        _discard(clients)
+        _discard(clients, payload)
         raise _refused(problems)
 
 
-def _discard(clients: list[ServerClient]) -> None:
+def _discard(clients: list[ServerClient], push: dict) -> None:
     """Drop what replicas staged for a push that will not happen (best effort: a staged
     push changes nothing served, and the next push replaces it anyway)."""
     for client in clients:
         try:
-            client.rpc("behaviorc_discard", doing="dropping a refused push")
+            client.rpc("behaviorc_discard", {"token": push["token"]},
+                       doing="dropping a refused push")
         except BehaviorError:
             pass
 
 
-def _commit_all(clients: list[ServerClient]) -> list[dict[str, Any]]:
+def _commit_all(clients: list[ServerClient], push: dict) -> list[dict[str, Any]]:
     answers: list[dict[str, Any]] = []
     for index, client in enumerate(clients):
         try:
-            answers.append(_answer(client, "behaviorc_commit", doing="pushing weights"))
+            answers.append(_answer(client, "behaviorc_commit", push, doing="pushing weights"))
         except BehaviorError as err:
-            _discard(clients[index + 1:])
-            _roll_back(clients[:index], str(err))
+            _discard(clients[index + 1:], push)
+            _roll_back(clients[:index], push, str(err))
             raise
     return answers
 
 
-def _roll_back(pushed: list[ServerClient], cause: str) -> None:
+def _roll_back(pushed: list[ServerClient], push: dict, cause: str) -> None:
     """Put the replicas already pushed back on their previous weights."""
     failed: list[str] = []
     for client in pushed:
         try:
-            answer = client.rpc("behaviorc_rollback", doing="rolling back a push")
+            answer = client.rpc("behaviorc_rollback", push, doing="rolling back a push")
             if not answer["ok"]:
                 failed += [f"{client.url}: {p}" for p in answer["problems"]]
         except BehaviorError as err:

@@ -78,6 +78,7 @@ def all_finite(tensor: "torch.Tensor") -> bool:
 class StagedPush:
     """A validated push, read into memory, waiting to be loaded."""
 
+    token: str  # names the push across its calls, so two pushers never commit each other's
     tensors: dict[str, "torch.Tensor"]  # to load: the pushed tensors and the rest of their layers
     sources: dict[str, "Source"]  # where the pushed values live once they are served
     pushed: int
@@ -91,6 +92,7 @@ class ServedWeights:
     manifest: dict[str, TensorEntry]
     sources: dict[str, "Source"]
     previous: dict[str, "Source"] = field(default_factory=dict)  # what the last push replaced
+    previous_token: str = ""  # the push that `previous` would undo
     staged: StagedPush | None = None
 
     @classmethod
@@ -115,7 +117,7 @@ class ServedWeights:
                     values[name] = handle.get_tensor(name)
         return {name: values[name] for name in sources}
 
-    def stage(self, folder: Path, complete: bool, transient: bool) -> list[str]:
+    def stage(self, token: str, folder: Path, complete: bool, transient: bool) -> list[str]:
         """Check the weights in `folder` and read them for loading; the problems, if any.
 
         `complete` asks for every served tensor (a whole-model push); otherwise any
@@ -151,7 +153,7 @@ class ServedWeights:
         except Exception as err:  # a pushed folder still served was deleted or changed
             return [f"cannot read the served values of the layers this push changes: {err}"]
         self.staged = StagedPush(
-            tensors={**pushed, **unchanged},
+            token=token, tensors={**pushed, **unchanged},
             sources=dict(pushed) if transient else {n: e.file for n, e in incoming.items()},
             pushed=len(pushed), read_seconds=time.perf_counter() - started)
         return []

@@ -125,20 +125,25 @@ class BehaviorWorker:
     # --- weights ---
 
     def behaviorc_stage(self, payload: str) -> dict[str, Any]:
-        """payload: {"path": folder, "complete": bool, "transient": bool}. Checks the
-        weights and reads them for `behaviorc_commit`; changes nothing served."""
+        """payload: {"token", "path": folder, "complete": bool, "transient": bool}. Checks
+        the weights and reads them for `behaviorc_commit`; changes nothing served."""
         request = json.loads(payload)
         problems = self._behaviorc_served().stage(
-            Path(request["path"]), bool(request["complete"]), bool(request["transient"]))
+            str(request["token"]), Path(request["path"]), bool(request["complete"]),
+            bool(request["transient"]))
         return {"ok": not problems, "problems": problems}
 
-    def behaviorc_commit(self) -> dict[str, Any]:
-        """Load the staged weights. If vLLM fails part-way, the previous values of the
-        same tensors are loaded back and the answer says what failed."""
+    def behaviorc_commit(self, payload: str) -> dict[str, Any]:
+        """payload: {"token"}. Load the staged weights. If vLLM fails part-way, the
+        previous values of the same tensors are loaded back and the answer says what
+        failed."""
+        token = json.loads(payload)["token"]
         served = self._behaviorc_served()
-        staged, served.staged = served.staged, None
-        if staged is None:
-            return {"ok": False, "problems": ["nothing staged to commit"]}
+        staged = served.staged
+        if staged is None or staged.token != token:
+            return {"ok": False, "problems": ["another push was staged since this one was "
+                                              "checked; nothing changed"]}
+        served.staged = None
         previous = {name: served.sources[name] for name in staged.tensors}
         started = time.perf_counter()
         try:
@@ -148,7 +153,7 @@ class BehaviorWorker:
             return {"ok": False, "problems": [f"vLLM could not load the weights: {err!r}; "
                                               f"the previous weights are back"]}
         served.sources.update(staged.sources)
-        served.previous = previous
+        served.previous, served.previous_token = previous, token
         return {"ok": True, "tensors": len(staged.tensors), "pushed": staged.pushed,
                 "seconds": {"read": staged.read_seconds,
                             "load": time.perf_counter() - started}}
@@ -156,21 +161,24 @@ class BehaviorWorker:
     def behaviorc_push(self, payload: str) -> dict[str, Any]:
         """Stage and commit in one call (a push to a single server)."""
         staged = self.behaviorc_stage(payload)
-        return self.behaviorc_commit() if staged["ok"] else staged
+        return self.behaviorc_commit(payload) if staged["ok"] else staged
 
-    def behaviorc_discard(self) -> dict[str, Any]:
-        """Drop a staged push (another replica refused it)."""
-        self._behaviorc_served().staged = None
+    def behaviorc_discard(self, payload: str) -> dict[str, Any]:
+        """payload: {"token"}. Drop that staged push (another replica refused it)."""
+        served = self._behaviorc_served()
+        if served.staged is not None and served.staged.token == json.loads(payload)["token"]:
+            served.staged = None
         return {"ok": True}
 
-    def behaviorc_rollback(self) -> dict[str, Any]:
-        """Undo the last commit (another replica refused the push)."""
+    def behaviorc_rollback(self, payload: str) -> dict[str, Any]:
+        """payload: {"token"}. Undo that push, the last one committed (another replica
+        refused it)."""
         served = self._behaviorc_served()
-        if not served.previous:
-            return {"ok": False, "problems": ["no earlier weights to go back to"]}
+        if not served.previous or served.previous_token != json.loads(payload)["token"]:
+            return {"ok": False, "problems": ["the push to undo is not the last one here"]}
         self._behaviorc_load(served.read(served.previous))
         served.sources.update(served.previous)
-        served.previous = {}
+        served.previous, served.previous_token = {}, ""
         return {"ok": True}
 
     def _behaviorc_load(self, tensors: dict[str, Any]) -> None:
