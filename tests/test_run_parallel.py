@@ -169,6 +169,16 @@ def test_independent_tasks_run_side_by_side_in_workers_and_events_keep_their_ord
     assert len(replayed) == 10 and all(e["replayed"] for e in replayed)
 
 
+def test_auto_starts_another_worker_only_while_free_memory_holds_another_task(tmp_path, monkeypatch):
+    tasks = [Text(name=n, text=n) for n in ("a", "b", "c")]
+    plenty = Executor(tmp_path / "plenty", jobs=Jobs(2, fit_memory=True)).run(tasks)
+    assert len({r.result.metrics["pid"] for r in plenty.records}) == 2
+
+    monkeypatch.setattr("behaviorc.run.parallel.available_memory", lambda: 0)
+    tight = Executor(tmp_path / "tight", jobs=Jobs(2, fit_memory=True)).run(tasks)
+    assert tight.ok and len({r.result.metrics["pid"] for r in tight.records}) == 1  # one at a time
+
+
 def test_failures_in_workers_are_located_and_their_downstream_skipped(tmp_path):
     spec = tmp_path / "demo.behavior"
     spec.write_text('model base = "tiny-gdn"\nbehavior b {\n  steer { strength 4.0 }\n}\n')
