@@ -232,13 +232,16 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
     weights = [composition.terms[i].weight for i in present]
     trims = options.method == "ties" and options.density < 1
     keep = keep_count(options.density, info.numel)
-    thresholds = _thresholds(name, base, terms, blocks, keep) if trims and len(blocks) > 1 else None
     row_entries = info.numel // info.shape[0] if info.shape else 1
+    thresholds = None
     for rows in blocks:
         base_stored, stored = reader.next(name, rows)
-        if trims and thresholds is None:  # the parameter is this one block
-            thresholds = [kth_largest(magnitude, keep, reorder=True) for magnitude in
-                          _magnitudes(name, info.dtype, base_stored, terms, stored, workspace)]
+        if trims and thresholds is None:
+            if len(blocks) == 1:
+                thresholds = _thresholds_of_block(name, info.dtype, base_stored, terms, stored,
+                                                  keep, workspace)
+            else:
+                thresholds = _thresholds_over_blocks(name, base, terms, blocks, keep, workspace)
         yield _merged_block(name, info.dtype, base_stored, terms, stored, weights, present,
                             options, thresholds, rows[0] * row_entries if rows else 0,
                             workspace)
@@ -290,37 +293,71 @@ def _pieces(first_entry: int, count: int) -> Iterator[slice]:
 
 
 def _magnitudes(name: str, dtype: str, base_stored: np.ndarray, terms: Sequence[DeltaSource],
-                stored: list[np.ndarray], workspace: Workspace) -> list[np.ndarray]:
-    """|tau| of each term over a block, flat (arrays of `workspace`)."""
-    size = base_stored.size
-    base_values = to_float32(base_stored.reshape(-1), dtype, workspace.array("block base", size))
-    magnitudes = []
-    for index, (term, values) in enumerate(zip(terms, stored)):
-        delta = term.delta(name, values.reshape(-1), base_values,
-                           workspace.array(f"block magnitude {index}", size))
-        magnitudes.append(np.abs(delta, out=delta))
-    return magnitudes
+                stored: list[np.ndarray], workspace: Workspace) -> Iterator[list[np.ndarray]]:
+    """|tau| of each term over some entries, flat, a piece at a time (each piece's arrays
+    live in `workspace`, valid until the next piece)."""
+    flat_base, flat_stored = base_stored.reshape(-1), [values.reshape(-1) for values in stored]
+    for piece in _pieces(0, flat_base.size):
+        size = piece.stop - piece.start
+        base_values = to_float32(flat_base[piece], dtype, workspace.array("base", size))
+        magnitudes = []
+        for index, (term, values) in enumerate(zip(terms, flat_stored)):
+            delta = term.delta(name, values[piece], base_values,
+                               workspace.array(f"magnitude {index}", size))
+            magnitudes.append(np.abs(delta, out=delta))
+        yield magnitudes
 
 
-def _thresholds(name: str, base: WeightFolder, terms: Sequence[DeltaSource],
-                blocks: list[tuple[int, int] | None], keep: int) -> list[np.float32]:
-    """The ties trim threshold of each term's delta for a parameter merged in blocks:
-    the keep-th largest magnitude over the whole parameter, for all terms in one pass."""
+def _sample(name: str, dtype: str, base_stored: np.ndarray, terms: Sequence[DeltaSource],
+            stored: list[np.ndarray]) -> list[np.ndarray]:
+    """Each term's |tau| over the given entries, in arrays of their own."""
+    pieces = list(zip(*([m.copy() for m in piece] for piece in _magnitudes(
+        name, dtype, base_stored, terms, stored, Workspace()))))
+    return [np.concatenate(series) for series in pieces]
+
+
+def _thresholds_of_block(name: str, dtype: str, base_stored: np.ndarray,
+                         terms: Sequence[DeltaSource], stored: list[np.ndarray], keep: int,
+                         workspace: Workspace) -> list[np.float32]:
+    """The ties trim threshold of each term's delta, the keep-th largest magnitude, for
+    a parameter that is one block."""
+    count = base_stored.size
+    if count <= _SAMPLE_ENTRIES:  # small: its magnitudes are their own sample
+        return [kth_largest(magnitude, keep, reorder=True) for magnitude in
+                _sample(name, dtype, base_stored, terms, stored)]
+    stride = count // _SAMPLE_ENTRIES  # entries spread evenly over the block
+    samples = _sample(name, dtype, base_stored.reshape(-1)[::stride], terms,
+                      [values.reshape(-1)[::stride] for values in stored])
+    return kth_largest_of_parts(
+        lambda: _magnitudes(name, dtype, base_stored, terms, stored, workspace),
+        count, keep, samples)
+
+
+def _thresholds_over_blocks(name: str, base: WeightFolder, terms: Sequence[DeltaSource],
+                            blocks: list[tuple[int, int] | None], keep: int,
+                            workspace: Workspace) -> list[np.float32]:
+    """The same for a parameter merged in blocks: the threshold is over the whole
+    parameter, found in one pass over its blocks before any is merged."""
     info = base.tensors[name]
-    workspace = Workspace()
 
-    def magnitudes(ranges: Sequence[tuple[int, int] | None]) -> Iterator[list[np.ndarray]]:
-        for rows in ranges:
-            yield _magnitudes(name, info.dtype, base.read(name, rows), terms,
-                              [term.read(name, rows) for term in terms], workspace)
+    def read(rows: tuple[int, int] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        return base.read(name, rows), [term.read(name, rows) for term in terms]
+
+    def magnitudes() -> Iterator[list[np.ndarray]]:
+        for rows in blocks:
+            base_stored, stored = read(rows)
+            yield from _magnitudes(name, info.dtype, base_stored, terms, stored, workspace)
 
     # The samples: whole rows spread evenly over the tensor (cheap to read).
     rows = info.shape[0]
     wanted_rows = max(1, min(rows, _SAMPLE_ENTRIES // (info.numel // rows)))
     picked = sorted({round(i * (rows - 1) / max(1, wanted_rows - 1)) for i in range(wanted_rows)})
-    sampled = [[m.copy() for m in part] for part in magnitudes([(r, r + 1) for r in picked])]
+    sampled = []
+    for row in picked:
+        base_stored, stored = read((row, row + 1))
+        sampled.append(_sample(name, info.dtype, base_stored, terms, stored))
     samples = [np.concatenate(series) for series in zip(*sampled)]
-    return kth_largest_of_parts(lambda: magnitudes(blocks), info.numel, keep, samples)
+    return kth_largest_of_parts(magnitudes, info.numel, keep, samples)
 
 
 def _copy_model_files(base: Path, staging: Path) -> None:
