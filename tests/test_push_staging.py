@@ -54,11 +54,20 @@ def test_a_partial_push_carries_the_rest_of_its_layers_in_memory(served, tmp_pat
     assert torch.equal(staged.sources[name], new) and set(staged.sources) == {name}
 
 
-def test_a_folder_that_stays_is_read_again_from_its_files(served, tiny_gdn, tmp_path):
+def test_a_whole_model_push_rebuilds_only_the_layers_that_changed(served, tiny_gdn, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_gdn, folder)
-    assert served.stage("t", folder, complete=True, transient=False) == []
-    assert set(served.staged.tensors) == set(served.manifest)
+    assert served.stage("same", folder, complete=True, transient=False) == []
+    assert served.staged.tensors == {}  # nothing differs: nothing to rebuild
+
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.2.mlp.experts.1.up_proj.weight"] *= 1.5
+    save_file(weights, str(folder / "model.safetensors"))
+    assert served.stage("one layer", folder, complete=True, transient=False) == []
+    assert set(served.staged.tensors) == {
+        name for name in served.manifest if name.startswith("model.layers.2.")}
+    assert served.staged.pushed == len(served.manifest)
+    # A folder that stays is read again from its files, not kept in memory.
     assert set(served.staged.sources.values()) == {str(folder / "model.safetensors")}
 
 

@@ -39,7 +39,7 @@ SHARED_MEMORY = Path("/dev/shm")
 @dataclass(frozen=True)
 class PushReport:
     urls: tuple[str, ...]
-    tensors: int  # tensors loaded (whole decoder layers for a partial push)
+    tensors: int  # tensors loaded: the decoder layers that changed, whole
     seconds: float  # wall time from the first call to the last prefix-cache reset
     reload_seconds: tuple[float, ...]  # vLLM loading the weights, per replica
     # Where the time went (s): write (the state dict's file), read (servers checking

@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from behaviorc.diagnostics import did_you_mean
 
@@ -79,7 +79,7 @@ class StagedPush:
     """A validated push, read into memory, waiting to be loaded."""
 
     token: str  # names the push across its calls, so two pushers never commit each other's
-    tensors: dict[str, "torch.Tensor"]  # to load: the pushed tensors and the rest of their layers
+    tensors: dict[str, "torch.Tensor"]  # to load: the changed layers, whole
     sources: dict[str, "Source"]  # where the pushed values live once they are served
     pushed: int
     read_seconds: float
@@ -145,18 +145,42 @@ class ServedWeights:
                     for name, tensor in pushed.items() if not all_finite(tensor)]
         if problems:
             return problems
-        groups = {layer_group(name) for name in pushed}
-        rest = {name: source for name, source in self.sources.items()
-                if name not in pushed and layer_group(name) in groups}
         try:
-            unchanged = self.read(rest)
+            same = self._unchanged_layers(pushed)
+            changed = {name: t for name, t in pushed.items() if layer_group(name) not in same}
+            groups = {layer_group(name) for name in changed}
+            rest = self.read({name: source for name, source in self.sources.items()
+                              if name not in changed and layer_group(name) in groups})
         except Exception as err:  # a pushed folder still served was deleted or changed
             return [f"cannot read the served values of the layers this push changes: {err}"]
         self.staged = StagedPush(
-            token=token, tensors={**pushed, **unchanged},
+            token=token, tensors={**changed, **rest},
             sources=dict(pushed) if transient else {n: e.file for n, e in incoming.items()},
             pushed=len(pushed), read_seconds=time.perf_counter() - started)
         return []
+
+    def _unchanged_layers(self, pushed: dict[str, "torch.Tensor"]) -> set[str]:
+        """Layers whose every pushed value equals the served one, as in a whole model
+        pushed after training some of its layers: they need no rebuild. A layer's first
+        difference settles it, so a push that changes everything reads little here."""
+        import torch
+        from safetensors import safe_open
+
+        handles: dict[str, Any] = {}
+
+        def served(name: str) -> torch.Tensor:
+            source = self.sources[name]
+            if not isinstance(source, str):
+                return source
+            if source not in handles:
+                handles[source] = safe_open(source, framework="pt")
+            return handles[source].get_tensor(name)
+
+        by_layer: dict[str, list[str]] = {}
+        for name in pushed:
+            by_layer.setdefault(layer_group(name), []).append(name)
+        return {layer for layer, names in by_layer.items()
+                if all(torch.equal(pushed[name], served(name)) for name in names)}
 
     def _header_problems(self, incoming: dict[str, TensorEntry], complete: bool) -> list[str]:
         problems: list[str] = []

@@ -13,9 +13,9 @@ which is what steering at layer L means in transformers too.
 
 Weights. A push is staged, then committed. Staging reads every pushed tensor once,
 checking names, shapes and dtypes against the served checkpoint and that every value is
-finite, and completes each decoder layer the push touches with the served values of its
-other tensors (vLLM rebuilds a fused module, e.g. qkv or the MoE experts, from all of
-its parts). Committing feeds those checkpoint-format tensors to vLLM's own
+finite, leaves out the decoder layers whose values did not change, and completes each
+layer the push changes with the served values of its other tensors (vLLM rebuilds a
+fused module, e.g. qkv or the MoE experts, from all of its parts). Committing feeds those checkpoint-format tensors to vLLM's own
 `load_weights`, under vLLM's layerwise reload set up for only the modules they belong
 to, so vLLM fuses and repacks them into its kernel layouts. The worker remembers where
 each served value can be read again (the model folder, a pushed folder, or memory for a
