@@ -11,6 +11,7 @@ signals run in a subprocess: this file run as a script.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -313,10 +314,37 @@ def test_a_killed_build_takes_its_workers_along_and_the_rebuild_reuses_finished_
     assert not leftovers(out)
 
 
-if __name__ == "__main__":  # the build the signal tests interrupt
+def test_a_build_beside_the_dashboard_starts_its_workers(tmp_path):
+    """As `build --tui --jobs 2`, in a fresh interpreter: Textual replaces sys.stderr with
+    a capture whose fd is -1, which multiprocessing's first spawn must not be handed."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, __file__, str(out), str(tmp_path), "dashboard"],
+                          capture_output=True, text=True, timeout=HANG_GUARD)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and {t["status"] for t in report["tasks"]} == {"done"}
+
+
+async def build_beside_dashboard(out: Path) -> int:
+    from behaviorc.run.commands import BuildThread
+    from behaviorc.tui.app import Dashboard
+
+    texts = tuple(Text(name=n, text=n) for n in ("a", "b"))
+    thread = BuildThread(Executor(out, jobs=Jobs(2)), [Gather(name="all", parts=texts)])
+    app = Dashboard(out, build_thread=thread)
+    async with app.run_test():
+        thread.start()
+        while thread.is_alive():
+            await asyncio.sleep(0.05)
+    return thread.result().exit_code
+
+
+if __name__ == "__main__":  # the builds the tests above interrupt, or run beside the dashboard
     from behaviorc.run.context import CancelSignal
     from behaviorc.run.executor import cancel_on_sigint
     out, room, kind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    if kind == "dashboard":
+        sys.exit(asyncio.run(build_beside_dashboard(out)))
     cancel = CancelSignal(out / "cancel")
     with cancel_on_sigint(cancel):
         sys.exit(Executor(out, cancel=cancel, jobs=Jobs(2)).run(script_plan(room, kind)).exit_code)

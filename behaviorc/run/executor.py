@@ -34,7 +34,7 @@ from behaviorc.run.attempt import Attempt, attempt, render_failure
 from behaviorc.run.context import CancelSignal, EngineLoader, EnginePool, RunContext, load_embedded_engine
 from behaviorc.run.events import EVENTS_FILE, EventLog, Listener, location_fields
 from behaviorc.run.expect import Expectation, Verdict, judge
-from behaviorc.run.parallel import Job, Jobs, WorkerPool, task_memory
+from behaviorc.run.parallel import Job, Jobs, WorkerPool, start_resource_tracker, task_memory
 from behaviorc.run.report import REPORT_FILE, Report, TaskRecord, count_statuses
 from behaviorc.run.store import InvalidEntry, Store
 
@@ -109,6 +109,8 @@ class Executor:
         self.cancel = cancel or CancelSignal(self.out / CANCEL_FILE)
         self.expectations = list(expectations)
         self.jobs = jobs
+        if jobs.most > 1:
+            start_resource_tracker()  # now, while this process's stderr is still the terminal's
         self._results: dict[str, TaskResult] = {}
         self._upstream: dict[str, list[TaskRecord]] = {}  # by task key
         self._model_users: dict[str, int] = {}

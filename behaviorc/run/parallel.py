@@ -120,6 +120,7 @@ class WorkerPool:
     def __init__(self, jobs: Jobs, engine_loader: EngineLoader):
         self.jobs = jobs
         self.engine_loader = engine_loader
+        start_resource_tracker()
         self._spawn = multiprocessing.get_context("spawn")
         self._stop = self._spawn.Event()  # shared with every worker: their CancelSignal
         self._workers: list[_Worker] = []
@@ -214,6 +215,22 @@ class WorkerPool:
             f"the worker process running task {worker.job.task.id} ended without finishing it ({how})",
             hint="out of memory? run with fewer --jobs"))
         return Attempt("failed", error=error, loc=loc)
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (every spawn needs it) with the real
+    stderr. It hands `sys.stderr`'s fd to its process, and inside a Textual app (`build
+    --tui`) sys.stderr is a capture whose fd is -1, which makes that start fail. The
+    executor starts it before an app runs; the swap covers builds started inside one."""
+    from multiprocessing import resource_tracker
+
+    captured = sys.stderr
+    if captured is not None and captured is not sys.__stderr__:
+        sys.stderr = sys.__stderr__
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.stderr = captured
 
 
 @contextmanager
