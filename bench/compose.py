@@ -3,24 +3,28 @@
 The bench writes a random Qwen3 base model and K fine-tuned variants of it (the base plus
 random perturbations of every parameter, bfloat16) into a temporary folder, then merges
 them with weights (1.0, 0.5, -0.8, ...) as TIES (density 0.2) and as task arithmetic,
-once with `behaviorc merge` and once with mergekit 0.1.5's `mergekit-yaml`, each in its
-own process (mergekit in a virtual environment the bench creates beside this machine's
-torch). mergekit reads the YAML behaviorc exports for the same composition, so the
-export is exercised too. Both compute in float32 and write bfloat16.
+once with `behaviorc merge` and once with mergekit 0.1.5's `mergekit-yaml` (its default
+options), each as the command a user runs, in its own process, start-up included
+(mergekit in a virtual environment the bench creates beside this machine's torch).
+mergekit reads the YAML behaviorc exports for the same composition, so the export is
+exercised too. Both compute in float32 and write bfloat16.
 
 Reported per method: wall seconds and peak RSS of each process, and the largest
-difference between the two outputs. TIES keeps exactly max(1, int(density * n)) entries
-per vector; with bfloat16 inputs many entries tie at the trim threshold, and which of the
-tied entries survive is arbitrary in mergekit (an unstable sort), so differences at
-entries tied at a threshold are counted apart; everywhere else the outputs must agree to
-bfloat16 rounding (one unit in the last place).
+difference between the two outputs; and the machine's load average before and after
+(the machine may be shared: both sides run alternately under the same load). TIES keeps
+exactly max(1, int(density * n)) entries per vector; with bfloat16 inputs many entries
+tie at the trim threshold, and which of the tied entries survive is arbitrary in
+mergekit (an unstable sort), so differences at entries tied at a threshold are counted
+apart; everywhere else the outputs must agree to bfloat16 rounding (one unit in the last
+place).
 
 Sizes (parameters): tiny ~6M, small ~34M (hidden 384, 6 layers, vocab 32000; the
-default), 125m ~134M (hidden 768, 12 layers, vocab 32000; the size the issue measured). If mergekit cannot be installed the baseline is an in-memory torch merge
+default), 125m ~125M (hidden 768, 12 layers, vocab 32000; the size the issue measured).
+If mergekit cannot be installed the baseline is an in-memory torch merge
 (`--baseline torch`), said so in the output.
 
   python bench/compose.py                 # small: about 2 minutes on an idle 2-core machine
-  python bench/compose.py --size 125m
+  python bench/compose.py --size 125m     # the issue's configuration: about 3 minutes
 """
 
 from __future__ import annotations
@@ -276,7 +280,8 @@ def main() -> None:
               f"weights {weights}, {args.threads} thread(s) each; models written in {time.perf_counter() - started:.1f} s")
         rss_target_mb = 1024 + largest_bytes * (args.k + 1) / 2**20
         figures: dict[str, float] = {"parameters_m": round(parameters / 1e6, 1),
-                                     "rss_target_mb": round(rss_target_mb)}
+                                     "rss_target_mb": round(rss_target_mb),
+                                     "load_average_before": round(os.getloadavg()[0], 2)}
         for method in args.methods.split(","):
             ours_out, theirs_out = root / f"ours_{method}", root / f"theirs_{method}"
             ours_cmd = [sys.executable, "-m", "behaviorc.cli", "merge", str(base), str(ours_out),
@@ -306,6 +311,7 @@ def main() -> None:
                 **{f"{method}_{k}": v for k, v in agreement.items()},
             })
         print(f"peak RSS target: <= 1 GB + largest tensor x (K+1) = {rss_target_mb:.0f} MB")
+        figures["load_average_after"] = round(os.getloadavg()[0], 2)
     headline_method = "ties" if "ties_speedup" in figures else args.methods.split(",")[0]
     print(json.dumps({
         "bench": "compose",

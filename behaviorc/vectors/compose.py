@@ -4,10 +4,11 @@ One parameter name at a time: read it from the base and from every term, merge, 
 it to the output shard, forget it. A large parameter goes in blocks of rows (a TIES
 threshold, which depends on the whole parameter, is selected first in a pass over its
 blocks), so peak memory is a few blocks per term plus a constant, whatever the size of
-the model or of its largest parameter. Within a block the merge goes a cache-sized
-piece at a time: its handful of passes then run over data the CPU already holds. The folder is built beside the target and renamed into place
-when complete, with the base's config, generation config and tokenizer files, the
-provenance (`behaviorc.json`) and the same composition as mergekit YAML.
+the model or of its largest parameter. Blocks are read one ahead by a thread; within a
+block the arithmetic goes a cache-sized piece at a time, so that its handful of passes
+run over data the CPU already holds. The folder is built beside the target and renamed
+into place when complete, with the base's config, generation config and tokenizer
+files, the provenance (`behaviorc.json`) and the same composition as mergekit YAML.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from behaviorc.vectors.sources import DeltaSource, check_finite, open_source
 
 PROVENANCE_FILE = "behaviorc.json"
 MERGEKIT_FILE = "mergekit.yaml"
-# Entries sampled to bracket a ties threshold over a parameter merged in blocks.
+# Entries sampled to bracket a ties threshold (a smaller parameter is selected directly).
 _SAMPLE_ENTRIES = 1 << 15
 # Entries merged at a time: the merge's few float32 arrays of this many entries stay in
 # the CPU's cache between its passes. Pieces start at multiples of this in the
@@ -205,7 +206,8 @@ class _BlockReader:
         values = []
         for slot in [0, *(1 + term for term in terms)]:
             info = self._inputs[slot].tensors[name]
-            size = info.nbytes if rows is None else (rows[1] - rows[0]) * (info.nbytes // info.shape[0])
+            size = (info.nbytes if rows is None
+                    else (rows[1] - rows[0]) * (info.nbytes // info.shape[0]))
             if buffers[slot].size < size:
                 buffers[slot] = np.empty(size, np.uint8)
             values.append(self._inputs[slot].read(name, rows, buffers[slot]))

@@ -24,9 +24,9 @@ composition exported as mergekit YAML reproduces there:
   density 1 it is task arithmetic.
 
 Functions here consume the deltas they are given: they work in place, so that peak
-memory stays a few pieces per term. A NaN or inf in a delta makes the merged delta
-non-finite at that entry, whatever the method, so one check of the result finds it. Weights, lambda and density act as float32, as
-they do in torch's arithmetic on float32 tensors.
+memory stays a few pieces per term. Weights, lambda and density act as float32, as they
+do in torch's arithmetic on float32 tensors. A NaN or inf in a delta makes the merged
+delta non-finite at that entry, whatever the method, so one check of the result finds it.
 """
 
 from __future__ import annotations
@@ -220,7 +220,8 @@ def kth_largest_of_parts(parts: Callable[[], Iterator[list[np.ndarray]]], count:
             kept = inside[series]
             if kept is None:
                 continue
-            is_above = np.greater(values, upper, out=workspace.array("above", values.shape, np.bool_))
+            is_above = np.greater(values, upper,
+                                  out=workspace.array("above", values.shape, np.bool_))
             above[series] += int(np.count_nonzero(is_above))
             # At least `lower` and not above `upper`: inside the bracket.
             is_inside = np.greater_equal(values, lower,

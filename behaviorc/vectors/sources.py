@@ -130,7 +130,8 @@ def check_finite(values: np.ndarray, name: str, path: Path) -> None:
     # A sum is one pass with no allocation, and NaN or inf anywhere makes it non-finite;
     # only then (or on overflow of huge finite values) is each entry looked at.
     with np.errstate(over="ignore", invalid="ignore"):
-        if math.isfinite(float(np.add.reduce(values, axis=None))) or bool(np.isfinite(values).all()):
+        if (math.isfinite(float(np.add.reduce(values, axis=None)))
+                or bool(np.isfinite(values).all())):
             return
     raise BehaviorError(f"{path}: tensor `{name}` holds NaN or infinite values",
                         hint="a diverged fine-tune cannot be composed; retrain or drop it")
