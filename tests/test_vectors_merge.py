@@ -124,3 +124,25 @@ def test_selection_over_parts_and_by_radix_matches_a_full_selection():
         # Samples from elsewhere misjudge the brackets; the answers are still exact.
         found = kth_largest_of_parts(parts, values.size, k, [values[:5000] * 3, doubled[:9]])
         assert found == [expected, expected * 2]
+
+
+def test_bfloat16_conversions_round_as_torch_does():
+    import torch
+
+    generator = torch.Generator().manual_seed(2)
+    halfway = (torch.randint(0, 0x7F7F, (50_000,), generator=generator, dtype=torch.int32) << 16
+               | 0x8000)  # exactly between two bfloat16 values: ties go to even
+    values = torch.cat([
+        torch.randn(50_000, generator=generator) * 0.02, halfway.view(torch.float32),
+        -halfway.view(torch.float32),
+        torch.tensor([0.0, -0.0, 3.4e38, -3.4e38, 1e-40, -1e-42, float("inf"), -float("inf")])])
+    expected = values.to(torch.bfloat16)
+    stored = from_float32(values.numpy().copy(), "BF16")
+    assert np.array_equal(stored, expected.view(torch.int16).numpy().view(np.uint16))
+    assert np.array_equal(to_float32(stored, "BF16"), expected.float().numpy())
+    with_scratch = from_float32(values.numpy().copy(), "BF16",
+                                scratch=np.empty(values.numel(), np.uint32))
+    assert np.array_equal(with_scratch, stored)
+    not_a_number = from_float32(np.array([1.0, np.nan], np.float32), "BF16")
+    assert np.isnan(to_float32(not_a_number, "BF16")[1])
+    assert np.array_equal(from_float32(values.numpy().copy(), "F16"), values.to(torch.float16).numpy())

@@ -271,7 +271,7 @@ def _merged_block(name: str, dtype: str, base_stored: np.ndarray,
             if not math.isfinite(np.add.reduce(merged)):
                 _check_terms_finite(name, terms, [values[piece] for values in flat_stored],
                                     base_values)
-        from_float32(merged, dtype, out=out[piece])
+        from_float32(merged, dtype, out[piece], workspace.array("rounding", size, np.uint32))
     return out.reshape(base_stored.shape)
 
 

@@ -94,10 +94,12 @@ def to_float32(stored: np.ndarray, dtype: str, out: np.ndarray | None = None) ->
     return out
 
 
-def from_float32(values: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+def from_float32(values: np.ndarray, dtype: str, out: np.ndarray | None = None,
+                 scratch: np.ndarray | None = None) -> np.ndarray:
     """float32 values as stored in safetensors dtype `dtype` (a float dtype), rounded to
     nearest even as torch's cast rounds, in `out` if given. To bfloat16 `values` serve
-    as scratch: they are overwritten."""
+    as scratch (they are overwritten), and so does `scratch` if given (uint32, their
+    shape)."""
     if out is None:
         out = np.empty(values.shape, STORAGE[dtype])
     if dtype != "BF16":
@@ -109,11 +111,11 @@ def from_float32(values: np.ndarray, dtype: str, out: np.ndarray | None = None) 
     # Adding 0x7FFF plus the lowest kept bit, then dropping the low half, rounds to
     # nearest with ties to even (a carry into the exponent gives inf, as it should).
     bits = values.view(np.uint32)
-    lowest_kept = np.right_shift(bits, 16, out=out, casting="unsafe")
+    lowest_kept = np.right_shift(bits, 16, out=scratch)
     np.bitwise_and(lowest_kept, 1, out=lowest_kept)
-    bits += 0x7FFF
+    lowest_kept += 0x7FFF
     bits += lowest_kept
-    np.copyto(out, np.right_shift(bits, 16, out=bits), casting="unsafe")
+    np.copyto(out, np.right_shift(bits, 16, out=lowest_kept), casting="unsafe")
     if not_a_number is not None:
         out[not_a_number] = _BFLOAT16_NAN
     return out
