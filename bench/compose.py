@@ -245,8 +245,10 @@ def main() -> None:
     parser.add_argument("--methods", default="ties,task_arithmetic")
     parser.add_argument("--baseline", choices=("mergekit", "torch"), default="mergekit")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for both sides (default 1: on a shared machine "
-                             "more threads wait on each other)")
+                        help="OMP_NUM_THREADS for both sides: mergekit's torch threads "
+                             "(default 1: on a shared machine more threads wait on each other). "
+                             "behaviorc computes on one thread whatever this says, and reads "
+                             "and hashes its inputs on two more")
     parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir())
                         / f"behaviorc-bench-mergekit-{MERGEKIT_VERSION}")
     parser.add_argument("--in-memory-worker", action="store_true", help=argparse.SUPPRESS)
