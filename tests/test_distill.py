@@ -159,26 +159,34 @@ PROBE_COMPLETIONS = [" the existing parser.", " wants the data", " Yes. Yes."]
 BF16_TOLERANCE = 0.03  # vLLM and transformers both in bfloat16 differ by rounding only
 
 
+def hand_over(task: TrainBehavior, server, tmp_path):
+    """Build `task` (its hand-off serves on `server`), read what the server serves at the
+    end, and put the server back as the session's other tests expect it."""
+    from behaviorc.engine.push import push_weights
+    from behaviorc.engine.vllm import VLLMEngine
+
+    try:
+        result = run_plan(task, tmp_path / "out")
+        with VLLMEngine(server.url) as live:
+            served = live.completion_logprobs(PROBE_PROMPTS, PROBE_COMPLETIONS)
+    finally:
+        with VLLMEngine(server.url) as live:
+            live.clear_steering()
+        push_weights([server.url], server.model_dir)
+    return result, served
+
+
 @pytest.mark.vllm
 def test_live_handoff_ends_unsteered_on_the_written_weights(vllm_server, tied_gdn, tmp_path):
     import json
 
     from behaviorc.engine.embedded import EmbeddedEngine
-    from behaviorc.engine.push import push_weights
-    from behaviorc.engine.vllm import VLLMEngine
     from behaviorc.run.events import EVENTS_FILE
     from behaviorc.run.state import BuildState
 
     url = vllm_server.url
     deploy = ir.Deploy(target="yes", urls=(url,), steering=True, handoff=True, push_every=4)
-    try:
-        result = run_plan(distill_plan(tied_gdn, steps=12, handoff=deploy), tmp_path / "out")
-        with VLLMEngine(url) as live:
-            served = live.completion_logprobs(PROBE_PROMPTS, PROBE_COMPLETIONS)
-    finally:
-        with VLLMEngine(url) as live:
-            live.clear_steering()
-        push_weights([url], vllm_server.model_dir)
+    result, served = hand_over(distill_plan(tied_gdn, steps=12, handoff=deploy), vllm_server, tmp_path)
 
     m = result.metrics
     assert m["requests_failed"] == 0 and m["requests_served"] > 0
@@ -215,8 +223,6 @@ def test_training_on_examples_hands_over_live_as_distillation_does(vllm_server, 
     """`handoff on` for a behavior that trains on its own examples (no distill block):
     the same hand-off, served steered from the start and unsteered on the final weights."""
     from behaviorc.engine.embedded import EmbeddedEngine
-    from behaviorc.engine.push import push_weights
-    from behaviorc.engine.vllm import VLLMEngine
 
     url = vllm_server.url
     deploy = ir.Deploy(target="yes", urls=(url,), steering=True, handoff=True, push_every=4)
@@ -224,14 +230,7 @@ def test_training_on_examples_hands_over_live_as_distillation_does(vllm_server, 
     task = distill_plan(tied_gdn, handoff=deploy).model_copy(update={
         "train": TRAIN.model_copy(update={"examples": examples, "steps": 12})})
     assert task.train.distill is None
-    try:
-        result = run_plan(task, tmp_path / "out")
-        with VLLMEngine(url) as live:
-            served = live.completion_logprobs(PROBE_PROMPTS, PROBE_COMPLETIONS)
-    finally:
-        with VLLMEngine(url) as live:
-            live.clear_steering()
-        push_weights([url], vllm_server.model_dir)
+    result, served = hand_over(task, vllm_server, tmp_path)
 
     m = result.metrics
     assert m["requests_failed"] == 0 and m["pushes"] == 4
