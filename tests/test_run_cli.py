@@ -78,6 +78,29 @@ class Measured(Task):
         return TaskResult(metrics={"margin_after": self.margin})
 
 
+def test_clean_unused_keeps_only_what_the_last_build_used(tmp_path, capsys):
+    out = tmp_path / "out"
+    first, second = Measured(name="m", margin=0.8), Measured(name="m", margin=0.3)
+    Executor(out).run([first])
+    Executor(out).run([second])  # the spec changed: the first result is no longer used
+    (out / ".store" / "0123abcd.scratch").mkdir()  # a stopped training of an older spec
+    assert main(["clean", str(out), "--unused"]) == 0
+    assert not (out / ".store" / "0123abcd.scratch").exists()
+    assert "removed 1 stored result(s)" in capsys.readouterr().out
+    assert Executor(out).run([second]).record(second.id).status == "cached"
+    assert Executor(out).run([first]).record(first.id).status == "done"  # computed again
+    assert (out / "report.json").exists()
+
+
+def test_clean_unused_needs_a_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    Executor(out).run([Measured(name="m", margin=0.8)])
+    (out / "report.json").unlink()
+    assert main(["clean", str(out), "--unused"]) == 1
+    assert "has no report.json" in capsys.readouterr().err
+    assert any((out / ".store").iterdir())  # nothing removed
+
+
 def test_expect_lines_are_judged_into_the_report(tmp_path):
     loc = Location(file="x.behavior", line=9, column=5, end_line=9, end_column=30)
     good, bad = Measured(name="good", margin=0.8), Measured(name="bad", margin=0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import threading
@@ -56,10 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     clean = subparsers.add_parser(
         "clean", help="remove a build folder's stored results, events and report",
-        description="Remove what `behaviorc build` wrote into a build folder.",
-        epilog="example:\n  behaviorc clean out/listen",
+        description="Remove what `behaviorc build` wrote into a build folder. Stored results "
+                    "are kept across builds (a spec edited back reuses them); --unused removes "
+                    "only those the last build did not use.",
+        epilog="examples:\n  behaviorc clean out/listen\n"
+               "  behaviorc clean out/listen --unused   keep what the last build used",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     clean.add_argument("dir", type=Path, help="the build folder (--out of the build)")
+    clean.add_argument("--unused", action="store_true",
+                       help="remove only the stored results no task of the last build used "
+                            "(its report.json says which); keep the report and events")
     clean.set_defaults(run=run_clean)
 
     dash = subparsers.add_parser(
@@ -201,6 +208,8 @@ def run_clean(args: argparse.Namespace) -> int:
     if not (folder / STORE_DIR).is_dir() and not (folder / REPORT_FILE).exists():
         raise BehaviorError(f"{folder} is not a build folder (no {STORE_DIR} or {REPORT_FILE} in it)",
                             hint="pass the --out folder of a build")
+    if args.unused:
+        return clean_unused(folder)
     store = Store(folder / STORE_DIR)
     store.acquire()  # refuses while a build runs there, and keeps one from starting
     try:
@@ -215,6 +224,30 @@ def run_clean(args: argparse.Namespace) -> int:
     if not any(folder.iterdir()):
         folder.rmdir()
     print(f"removed the build in {folder}")
+    return 0
+
+
+def clean_unused(folder: Path) -> int:
+    """Remove the stored results whose keys no task in the last report has."""
+    try:
+        report = json.loads((folder / REPORT_FILE).read_text())
+        used = {task["key"] for task in report["tasks"]}
+    except FileNotFoundError:
+        raise BehaviorError(f"{folder} has no {REPORT_FILE}: nothing says which results the last "
+                            "build used", hint="build into it first, or remove everything with "
+                            "`behaviorc clean DIR`") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BehaviorError(f"{folder / REPORT_FILE} cannot be read ({err})",
+                            hint="`behaviorc clean DIR` removes the whole build") from None
+    store = Store(folder / STORE_DIR)
+    store.acquire()
+    try:
+        removed, freed = store.remove_unused(used)
+        kept = len(store.keys())
+    finally:
+        store.release()
+    print(f"removed {removed} stored result(s) the last build did not use "
+          f"({freed / 1e6:.1f} MB); kept {kept}")
     return 0
 
 

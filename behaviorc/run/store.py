@@ -188,6 +188,25 @@ class Store:
         return StoredResult(key, folder, _absolute(result, folder), float(record["seconds"]),
                             list(record["events"]))
 
+    def keys(self) -> list[str]:
+        """The keys of the stored results (not staging, scratch or the lock)."""
+        return sorted(entry.name for entry in self.root.iterdir() if entry.is_dir()
+                      and not entry.name.endswith(".scratch") and ".tmp-" not in entry.name
+                      and ".old-" not in entry.name)
+
+    def remove_unused(self, used: set[str]) -> tuple[int, int]:
+        """Remove the results, and the scratch of unfinished tasks, whose keys are not in
+        `used`. Returns how many results went and the bytes freed (scratch included)."""
+        unused = [self.entry(key) for key in self.keys() if key not in used]
+        unused_scratch = [entry for entry in self.root.glob("*.scratch") if entry.name[:-8] not in used]
+        freed = sum(f.stat().st_size for folder in unused + unused_scratch
+                    for f in folder.rglob("*") if f.is_file())
+        for folder in unused:
+            self.discard(folder.name)
+        for folder in unused_scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+        return len(unused), freed
+
     def discard(self, key: str) -> None:
         """Remove an entry (corrupt, or forced to rebuild)."""
         folder = self.entry(key)
