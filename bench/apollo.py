@@ -102,9 +102,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default 1: on this shared 2-core machine every op's "
-                             "thread wake-up costs more than small ops, whoever runs them)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's own, every core, which is what "
+                             "`behaviorc build` trains with; 1 shows the single-core figure)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +162,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - began)
 
     baseline = next(iter(setups))
-    figures: dict[str, float] = {"load_average_1m": round(max(load_before, os.getloadavg()[0]), 2)}
+    figures: dict[str, float] = {"load_average_1m": round(max(load_before, os.getloadavg()[0]), 2),
+                                 "threads": torch.get_num_threads()}
     print(f"{'optimizer':<16}{'step ms':>10}{'state MB':>11}{'state MB (projected)':>23}")
     for name, (params, optimizer) in setups.items():
         ms = statistics.median(times[name]) * 1000
@@ -187,7 +188,7 @@ def main() -> None:
     print(f"AdamW step / ours: {time_ratio:.2f} (target >= {target}); "
           f"load average {figures['load_average_1m']} on {os.cpu_count()} CPUs")
     print(json.dumps({"bench": "apollo", "figures": figures, "headline": {
-        "what": f"{baseline} step time / APOLLO step time (rank {args.rank}, {count / 1e6:.0f}M params, {device})",
+        "what": f"{baseline} step time / APOLLO step time (rank {args.rank}, {count / 1e6:.0f}M params, {device}, {torch.get_num_threads()} threads)",
         "ratio": round(time_ratio, 3), "target": target}}))
 
 
