@@ -97,4 +97,8 @@ def test_non_finite_values_and_unreadable_files_are_refused(served, tmp_path):
         f"cannot read the weights in {truncated}")
     assert served.stage("t", tmp_path / "nowhere", complete=True, transient=False) == [
         f"{tmp_path / 'nowhere'} is not a folder"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert served.stage("t", empty, complete=True, transient=False) == [
+        f"`{empty}` has no weights (*.safetensors)"]
     assert served.staged is None

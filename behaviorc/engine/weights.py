@@ -8,14 +8,14 @@ deletes after the push).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from behaviorc.diagnostics import did_you_mean
+from behaviorc.diagnostics import BehaviorError, did_you_mean
+from behaviorc.model.loading import weight_files
 
 if TYPE_CHECKING:
     import torch
@@ -39,21 +39,12 @@ def layer_group(name: str) -> str:
     return found.group(1) if found else name
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder, as vLLM's loader would read them."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / name for name in names]
-    return sorted(folder.glob("*.safetensors"))
-
-
 def read_headers(folder: Path) -> dict[str, TensorEntry]:
     """Name -> shape, dtype and file for every tensor of a checkpoint folder (no data read)."""
     from safetensors import safe_open
 
     entries: dict[str, TensorEntry] = {}
-    for file in safetensors_files(folder):
+    for file in weight_files(folder):
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 part = handle.get_slice(name)
@@ -128,10 +119,10 @@ class ServedWeights:
         self.staged = None
         if not folder.is_dir():
             return [f"{folder} is not a folder"]
-        if not safetensors_files(folder):
-            return [f"{folder} holds no .safetensors file"]
         try:
             incoming = read_headers(folder)
+        except BehaviorError as err:  # no weights, or an index naming missing shards
+            return [str(err)]
         except Exception as err:  # a truncated or foreign file: safetensors says why
             return [f"cannot read the weights in {folder}: {err}"]
         problems = self._header_problems(incoming, complete)

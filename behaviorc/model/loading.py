@@ -87,7 +87,7 @@ def validate_model_folder(path: Path, loc: Location | None = None) -> Architectu
     except BehaviorError as err:
         raise BehaviorError(str(err), _field_location(config_path, "model_type"),
                             hint=err.diagnostics[0].hint) from None
-    for weights in _weight_files(path, loc):
+    for weights in weight_files(path, loc):
         check_safetensors_file(weights)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise BehaviorError(
@@ -132,7 +132,9 @@ def _field_location(config_path: Path, key: str) -> Location:
     return Location(file=str(config_path), line=1, column=1, end_line=1, end_column=2)
 
 
-def _weight_files(path: Path, loc: Location | None) -> list[Path]:
+def weight_files(path: Path, loc: Location | None = None) -> list[Path]:
+    """The safetensors files of a model folder, as loaders read them: the shards its
+    index names, else every `*.safetensors`; a BehaviorError when there are none."""
     index_path = path / "model.safetensors.index.json"
     if index_path.is_file():
         try:
