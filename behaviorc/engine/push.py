@@ -130,13 +130,19 @@ def _checked_tensors(weights: Mapping[str, Any]) -> dict[str, Any]:
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in weights.items()}
 
 
-def _answer(client: ServerClient, method: str, *args: Any, doing: str) -> dict[str, Any]:
-    """A worker's answer; a refusal (`ok` false) becomes a BehaviorError."""
+def _reply(client: ServerClient, method: str, *args: Any, doing: str) -> dict[str, Any]:
+    """A worker's answer, as behaviorc's worker extension gives it."""
     answer = client.rpc(method, *args, doing=doing)
     if not isinstance(answer, dict):
         raise BehaviorError(
             f"the vLLM server at {client.url} does not run behaviorc's worker extension",
             hint="start it with `behaviorc serve MODEL`")
+    return answer
+
+
+def _answer(client: ServerClient, method: str, *args: Any, doing: str) -> dict[str, Any]:
+    """A worker's answer; a refusal (`ok` false) becomes a BehaviorError."""
+    answer = _reply(client, method, *args, doing=doing)
     if not answer.get("ok"):
         raise _refused([f"{client.url}: {p}" for p in answer.get("problems", [])])
     return answer
@@ -147,11 +153,11 @@ def _stage_all(clients: list[ServerClient], payload: dict) -> None:
     problems: list[str] = []
     for index, client in enumerate(clients):
         try:
-            answer = client.rpc("behaviorc_stage", payload, doing="checking the pushed weights")
+            answer = _reply(client, "behaviorc_stage", payload, doing="checking the pushed weights")
         except BehaviorError:
             _discard(clients[:index], payload)
             raise
-        problems += [f"{client.url}: {p}" for p in (answer or {}).get("problems", [])]
+        problems += [f"{client.url}: {p}" for p in answer.get("problems", [])]
     if problems:
         _discard(clients, payload)
         raise _refused(problems)
@@ -185,9 +191,9 @@ def _roll_back(pushed: list[ServerClient], push: dict, cause: str) -> None:
     failed: list[str] = []
     for client in pushed:
         try:
-            answer = client.rpc("behaviorc_rollback", push, doing="rolling back a push")
-            if not answer["ok"]:
-                failed += [f"{client.url}: {p}" for p in answer["problems"]]
+            answer = _reply(client, "behaviorc_rollback", push, doing="rolling back a push")
+            if not answer.get("ok"):
+                failed += [f"{client.url}: {p}" for p in answer.get("problems", [])]
         except BehaviorError as err:
             failed.append(str(err))
     if failed:
