@@ -3,6 +3,7 @@ transformers; bad inputs fail clearly and leave nothing behind."""
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,23 @@ def test_a_nan_is_found_by_every_method(workspace, tiny_gdn, tmp_path, method):
         compose(Composition(tiny_gdn, (Term("a", workspace / "a.safetensors", 1.0),
                                        Term("bad", bad, 0.0)),
                             MergeOptions(method=method, density=0.5)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "task_arithmetic"])
+def test_an_inf_is_refused_with_no_numpy_warning_first(workspace, tiny_gdn, tmp_path, method):
+    # The same vector added and subtracted: +inf meets -inf in every method's sum, and
+    # dare's drop multiplies infs by 0. numpy would warn on the terminal before the error
+    # says which vector holds them.
+    tensors = load_file(workspace / "a.safetensors")
+    tensors["model.norm.weight"][:] = float("inf")
+    save_file(tensors, tmp_path / "inf.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(BehaviorError, match="`model.norm.weight` holds NaN or infinite"):
+            compose(Composition(tiny_gdn, (Term("up", tmp_path / "inf.safetensors", 1.0),
+                                           Term("down", tmp_path / "inf.safetensors", -1.0)),
+                                MergeOptions(method=method, density=0.5)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

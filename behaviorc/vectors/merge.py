@@ -108,7 +108,18 @@ def merged_delta(name: str, deltas: list[np.ndarray], weights: list[float],
     this parameter; `term_indices` are those terms' positions in the composition. A
     piece of a parameter passes each term's ties `thresholds`, found over the whole
     parameter, and the index of its first entry in the parameter as `offset` (it seeds
-    dare's drop). The result may live in `workspace` or in one of the deltas."""
+    dare's drop). The result may live in `workspace` or in one of the deltas.
+
+    A NaN or inf in a delta goes through as arithmetic makes it, silently: the caller
+    checks the merged values once and says which input held it."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _merged(name, deltas, weights, term_indices, options, thresholds, offset,
+                       workspace)
+
+
+def _merged(name: str, deltas: list[np.ndarray], weights: list[float], term_indices: list[int],
+            options: MergeOptions, thresholds: list[np.float32] | None, offset: int,
+            workspace: Workspace | None) -> np.ndarray:
     if options.method == "ties":
         mixed = _ties(deltas, weights, options.density, options.normalize, thresholds,
                       workspace or Workspace())
