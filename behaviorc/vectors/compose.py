@@ -206,8 +206,7 @@ class _BlockReader:
         values = []
         for slot in [0, *(1 + term for term in terms)]:
             info = self._inputs[slot].tensors[name]
-            size = (info.nbytes if rows is None
-                    else (rows[1] - rows[0]) * (info.nbytes // info.shape[0]))
+            size = info.nbytes_of(rows)
             if buffers[slot].size < size:
                 buffers[slot] = np.empty(size, np.uint8)
             values.append(self._inputs[slot].read(name, rows, buffers[slot]))
@@ -234,7 +233,6 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
     weights = [composition.terms[i].weight for i in present]
     trims = options.method == "ties" and options.density < 1
     keep = keep_count(options.density, info.numel)
-    row_entries = info.numel // info.shape[0] if info.shape else 1
     thresholds = None
     for rows in blocks:
         base_stored, stored = reader.next(name, rows)
@@ -245,7 +243,7 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
             else:
                 thresholds = _thresholds_over_blocks(name, base, terms, blocks, keep, workspace)
         yield _merged_block(name, info.dtype, base_stored, terms, stored, weights, present,
-                            options, thresholds, rows[0] * row_entries if rows else 0,
+                            options, thresholds, rows[0] * info.row_entries if rows else 0,
                             workspace)
 
 
@@ -258,12 +256,9 @@ def _merged_block(name: str, dtype: str, base_stored: np.ndarray,
     in the base's dtype."""
     flat_base, flat_stored = base_stored.reshape(-1), [values.reshape(-1) for values in stored]
     out = workspace.array("output", flat_base.size, flat_base.dtype)
-    for piece in _pieces(first_entry, flat_base.size):
+    for piece, base_values, deltas in _piece_deltas(name, dtype, flat_base, terms, flat_stored,
+                                                    first_entry, workspace, "delta"):
         size = piece.stop - piece.start
-        base_values = to_float32(flat_base[piece], dtype, workspace.array("base", size))
-        deltas = [term.delta(name, values[piece], base_values,
-                             workspace.array(f"delta {index}", size))
-                  for index, (term, values) in enumerate(zip(terms, flat_stored))]
         mixed = merged_delta(name, deltas, weights, term_indices, options, thresholds,
                              offset=first_entry + piece.start, workspace=workspace)
         merged = np.add(base_values, mixed, out=mixed)
@@ -283,6 +278,19 @@ def _check_terms_finite(name: str, terms: Sequence[DeltaSource], stored: list[np
         check_finite(term.delta(name, values, base_values), name, term.path)
 
 
+def _piece_deltas(name: str, dtype: str, flat_base: np.ndarray, terms: Sequence[DeltaSource],
+                  flat_stored: list[np.ndarray], first_entry: int, workspace: Workspace,
+                  label: str) -> Iterator[tuple[slice, np.ndarray, list[np.ndarray]]]:
+    """Per piece of a flat block: its slice, the base as float32 and each term's tau (in
+    `workspace` arrays named by `label`, valid until the next piece)."""
+    for piece in _pieces(first_entry, flat_base.size):
+        size = piece.stop - piece.start
+        base_values = to_float32(flat_base[piece], dtype, workspace.array("base", size))
+        yield piece, base_values, [term.delta(name, values[piece], base_values,
+                                              workspace.array(f"{label} {index}", size))
+                                   for index, (term, values) in enumerate(zip(terms, flat_stored))]
+
+
 def _pieces(first_entry: int, count: int) -> Iterator[slice]:
     """Slices of a block of `count` entries, cut where the parameter's entry index is a
     multiple of _PIECE_ENTRIES."""
@@ -299,15 +307,9 @@ def _magnitudes(name: str, dtype: str, base_stored: np.ndarray, terms: Sequence[
     """|tau| of each term over some entries, flat, a piece at a time (each piece's arrays
     live in `workspace`, valid until the next piece)."""
     flat_base, flat_stored = base_stored.reshape(-1), [values.reshape(-1) for values in stored]
-    for piece in _pieces(0, flat_base.size):
-        size = piece.stop - piece.start
-        base_values = to_float32(flat_base[piece], dtype, workspace.array("base", size))
-        magnitudes = []
-        for index, (term, values) in enumerate(zip(terms, flat_stored)):
-            delta = term.delta(name, values[piece], base_values,
-                               workspace.array(f"magnitude {index}", size))
-            magnitudes.append(np.abs(delta, out=delta))
-        yield magnitudes
+    for _, _, deltas in _piece_deltas(name, dtype, flat_base, terms, flat_stored, 0, workspace,
+                                      "magnitude"):
+        yield [np.abs(delta, out=delta) for delta in deltas]
 
 
 def _sample(name: str, dtype: str, base_stored: np.ndarray, terms: Sequence[DeltaSource],
@@ -352,7 +354,7 @@ def _thresholds_over_blocks(name: str, base: WeightFolder, terms: Sequence[Delta
 
     # The samples: whole rows spread evenly over the tensor (cheap to read).
     rows = info.shape[0]
-    wanted_rows = max(1, min(rows, _SAMPLE_ENTRIES // (info.numel // rows)))
+    wanted_rows = max(1, min(rows, _SAMPLE_ENTRIES // info.row_entries))
     picked = sorted({round(i * (rows - 1) / max(1, wanted_rows - 1)) for i in range(wanted_rows)})
     sampled = []
     for row in picked:

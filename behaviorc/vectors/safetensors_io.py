@@ -70,6 +70,15 @@ class TensorInfo:
     def is_float(self) -> bool:
         return self.dtype in FLOAT_DTYPES
 
+    @property
+    def row_entries(self) -> int:
+        """Entries in one row of the first dimension (the one entry of a scalar)."""
+        return self.numel // self.shape[0] if self.shape else 1
+
+    def nbytes_of(self, rows: tuple[int, int] | None) -> int:
+        """Bytes of rows [start, stop) of the first dimension; of the whole tensor for None."""
+        return self.nbytes if rows is None else (rows[1] - rows[0]) * (self.nbytes // self.shape[0])
+
 
 def row_blocks(info: TensorInfo) -> list[tuple[int, int] | None]:
     """Row ranges [start, stop) of at most BLOCK_ENTRIES entries each (at least one row);
@@ -77,7 +86,7 @@ def row_blocks(info: TensorInfo) -> list[tuple[int, int] | None]:
     if info.numel <= BLOCK_ENTRIES or len(info.shape) < 2:
         return [None]
     rows = info.shape[0]
-    step = max(1, BLOCK_ENTRIES // (info.numel // rows))
+    step = max(1, BLOCK_ENTRIES // info.row_entries)
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -92,6 +101,12 @@ def to_float32(stored: np.ndarray, dtype: str, out: np.ndarray | None = None) ->
     else:
         np.copyto(out, stored, casting="same_kind")
     return out
+
+
+def computable(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored float values numpy can compute with: bfloat16 (stored as uint16) widened to
+    float32, exactly; every other float dtype as stored."""
+    return to_float32(stored, dtype) if dtype == "BF16" else stored
 
 
 def from_float32(values: np.ndarray, dtype: str, out: np.ndarray | None = None,
@@ -179,11 +194,10 @@ class SafetensorsFile:
         dimension. `into`, a byte buffer at least that large, is filled and viewed instead
         of a fresh array (reusing buffers spares the page faults of fresh memory)."""
         info = self.tensors[name]
-        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes_of(rows)
         if rows is not None:
-            row_bytes = info.nbytes // info.shape[0]
             shape = (rows[1] - rows[0], *info.shape[1:])
-            offset, nbytes = info.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+            offset += info.nbytes_of((0, rows[0]))
         buffer = np.empty(nbytes, np.uint8) if into is None else into[:nbytes]
         view = memoryview(buffer)
         done = 0

@@ -16,7 +16,8 @@ from typing import Protocol
 import numpy as np
 
 from behaviorc.diagnostics import BehaviorError, did_you_mean
-from behaviorc.vectors.safetensors_io import SafetensorsFile, TensorInfo, WeightFolder, to_float32
+from behaviorc.vectors.safetensors_io import (
+    SafetensorsFile, TensorInfo, WeightFolder, computable, to_float32)
 
 
 class DeltaSource(Protocol):
@@ -123,7 +124,7 @@ def check_same_parameters(base: WeightFolder, other: WeightFolder) -> None:
 
 def check_stored_finite(stored: np.ndarray, dtype: str, name: str, path: Path) -> None:
     """As `check_finite`, for stored values of safetensors dtype `dtype`."""
-    check_finite(to_float32(stored, dtype) if dtype == "BF16" else stored, name, path)
+    check_finite(computable(stored, dtype), name, path)
 
 
 def check_finite(values: np.ndarray, name: str, path: Path) -> None:

@@ -19,7 +19,7 @@ from behaviorc.diagnostics import BehaviorError
 from behaviorc.atomic import atomic_file
 from behaviorc.vectors.safetensors_io import (
     STORAGE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, fingerprint, row_blocks,
-    to_float32)
+    computable)
 from behaviorc.vectors.sources import (
     TaskVectorSource, check_finite, check_same_parameters, check_stored_finite)
 
@@ -93,8 +93,7 @@ def _differences(planned: PlannedTensor, base: WeightFolder,
 
 def _as_vector_dtype(stored: np.ndarray, dtype: str, vector_dtype: str) -> np.ndarray:
     """Stored float values in the vector's dtype (F32 or F64; exact from narrower kinds)."""
-    values = to_float32(stored, dtype) if dtype == "BF16" else stored
-    return values.astype(STORAGE[vector_dtype], copy=False)
+    return computable(stored, dtype).astype(STORAGE[vector_dtype], copy=False)
 
 
 def _vector_dtype(base_info: TensorInfo, tuned_info: TensorInfo) -> str:
