@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -81,10 +82,13 @@ class Breaks(Task):
     kind: ClassVar[str] = "par.breaks"
     parallel_safe: ClassVar[bool] = True
     source: Text
-    how: str  # "user": a BehaviorError, "bug": an exception, "dies": the process is killed
+    how: str  # "user": a BehaviorError, "bug": an exception, "dies": the process is killed,
+    # "unpicklable": a result a worker cannot send back
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         (ctx.out / "half.txt").write_text("half-written")
+        if self.how == "unpicklable":
+            return TaskResult(data={"lock": threading.Lock()})
         if self.how == "user":
             raise BehaviorError("the data file has no pairs", hint="add a pair")
         if self.how == "bug":
@@ -100,13 +104,16 @@ class Loops(Task):
     kind: ClassVar[str] = "par.loops"
     parallel_safe: ClassVar[bool] = True
     source: Text
-    writes_cancel: str = ""  # a cancel file to write, as `behaviorc dash` does
+    writes_cancel: str = ""  # a cancel file to write, as `behaviorc dash` does,
+    after: str = ""  # ... once this file exists (another task's pid: it runs too)
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         (ctx.scratch / "pid").write_text(str(os.getpid()))
+        deadline = time.monotonic() + HANG_GUARD
+        while self.after and not Path(self.after).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         if self.writes_cancel:
             Path(self.writes_cancel).write_text("")
-        deadline = time.monotonic() + HANG_GUARD
         while time.monotonic() < deadline:
             ctx.progress(0, 1, "looping")
             time.sleep(0.01)
@@ -185,15 +192,17 @@ def test_failures_in_workers_are_located_and_their_downstream_skipped(tmp_path):
     spec.write_text('model base = "tiny-gdn"\nbehavior b {\n  steer { strength 4.0 }\n}\n')
     loc = Location(file=str(spec), line=3, column=3, end_line=3, end_column=9)
     source = Text(name="s", text="x")
-    user, bug, dies = (Breaks(name=how, source=source, how=how, loc=loc) for how in ("user", "bug", "dies"))
+    user, bug, dies, unpicklable = (Breaks(name=how, source=source, how=how, loc=loc)
+                                    for how in ("user", "bug", "dies", "unpicklable"))
     fine = Text(name="fine", text="y")
-    tasks = [Gather(name=f"after-{t.name}", parts=(t,)) for t in (user, bug, dies)] + [fine]
+    tasks = [Gather(name=f"after-{t.name}", parts=(t,)) for t in (user, bug, dies)] + [fine, unpicklable]
     out = tmp_path / "out"
     outcome = Executor(out, jobs=Jobs(2)).run(tasks)
     assert statuses(outcome) == {
         "par.text:s": "done", "par.breaks:user": "failed", "par.breaks:bug": "failed",
         "par.breaks:dies": "failed", "par.text:fine": "done", "par.gather:after-user": "skipped",
-        "par.gather:after-bug": "skipped", "par.gather:after-dies": "skipped"}
+        "par.gather:after-bug": "skipped", "par.gather:after-dies": "skipped",
+        "par.breaks:unpicklable": "failed"}
     assert outcome.exit_code == 1
 
     failed = outcome.record("par.breaks:user")
@@ -201,6 +210,8 @@ def test_failures_in_workers_are_located_and_their_downstream_skipped(tmp_path):
     assert f"{spec}:3:3: error: the data file has no pairs" in failed.error
     bug_record = outcome.record("par.breaks:bug")
     assert bug_record.internal and "ZeroDivisionError: boom" in Path(bug_record.log).read_text()
+    unsent = outcome.record("par.breaks:unpicklable")
+    assert unsent.internal and "pickle" in Path(unsent.log).read_text()
     died = outcome.record("par.breaks:dies").error
     assert "ended without finishing it (killed by signal 9)" in died and f"{spec}:3:3" in died
     assert not leftovers(out) and not (out / ".store" / user.key).exists()
@@ -209,8 +220,9 @@ def test_failures_in_workers_are_located_and_their_downstream_skipped(tmp_path):
 def test_the_dashboards_cancel_file_stops_tasks_running_in_workers(tmp_path):
     out = tmp_path / "out"
     source = Text(name="s", text="x")
-    first = Loops(name="first", source=source, writes_cancel=str(out / "cancel"))
     second = Loops(name="second", source=source)
+    first = Loops(name="first", source=source, writes_cancel=str(out / "cancel"),
+                  after=str(out / ".store" / f"{second.key}.scratch" / "pid"))
     after = Gather(name="after", parts=(first, second))
     outcome = Executor(out, jobs=Jobs(2)).run([after])
     assert outcome.cancelled and outcome.exit_code == 130

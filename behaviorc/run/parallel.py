@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -280,7 +281,10 @@ def serve(conn: Connection, stop: Any, threads: int, engine_loader: EngineLoader
                          engines, events, cancel, job.spec_sha256)  # type: ignore[arg-type]
         outcome = attempt(job.task, ctx)
         engines.close_all()  # each task loads its own: nothing is held between tasks
-        conn.send(("finished", outcome))
+        try:
+            conn.send(("finished", outcome))
+        except Exception:  # a result that cannot be pickled (send pickles before writing)
+            conn.send(("finished", Attempt("failed", traceback=traceback.format_exc())))
 
 
 def _exit_with(parent: int) -> None:
