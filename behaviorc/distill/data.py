@@ -23,7 +23,7 @@ import torch
 
 from behaviorc import ir
 from behaviorc.diagnostics import BehaviorError, Location
-from behaviorc.engine.protocol import Engine
+from behaviorc.engine.protocol import Engine, steered
 
 PROMPTS_PER_BATCH = 32
 
@@ -72,13 +72,11 @@ def score_samples(engine: Engine, prompts: Sequence[str], responses: Sequence[Se
     tokens. Leaves the engine unsteered."""
     flat_prompts = [p for p, rs in zip(prompts, responses) for _ in rs]
     flat_responses = [r for rs in responses for r in rs]
-    engine.set_steering(directions, strength)
-    try:
-        steered = engine.completion_logprobs(flat_prompts, flat_responses)
-    finally:
-        engine.clear_steering()
+    with steered(engine, directions, strength):
+        with_steering = engine.completion_logprobs(flat_prompts, flat_responses)
     plain = engine.completion_logprobs(flat_prompts, flat_responses)
-    flat = [(sum(s) / len(s) - sum(p) / len(p)) if s else None for s, p in zip(steered, plain)]
+    flat = [(sum(s) / len(s) - sum(p) / len(p)) if s else None
+            for s, p in zip(with_steering, plain)]
     scores, at = [], 0
     for rs in responses:
         scores.append(flat[at:at + len(rs)])

@@ -28,7 +28,7 @@ with the strength that went with them, a consistent pair.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     from behaviorc.distill.data import distill_data
     from behaviorc.distill.handoff import live_handoff, trained_tensors
     from behaviorc.engine.embedded import EmbeddedEngine
+    from behaviorc.engine.protocol import steered
     from behaviorc.measure.margin import behavior_margin
     from behaviorc.measure.nll import general_nll
     from behaviorc.model.adapter import ArchitectureAdapter
@@ -76,11 +77,8 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     pairs, general = task.eval_pairs, task.general
 
     metrics: dict[str, float] = {"margin_before": behavior_margin(engine, pairs)}
-    engine.set_steering(directions, task.strength)
-    try:
+    with steered(engine, directions, task.strength):
         metrics["margin_steered"] = behavior_margin(engine, pairs)
-    finally:
-        engine.clear_steering()
     if general:
         metrics["general_nll_before"] = general_nll(engine, general)
     ctx.emit("train_eval", step=0, margin=metrics["margin_before"],
@@ -93,12 +91,9 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
 
         ctx.progress(0, spec.steps, f"sampling {len(distill.prompts)} prompts x {distill.samples}")
         began = time.perf_counter()
-        if handoff is None:
-            engine.set_steering(directions, task.strength)
-        try:
+        # Sampled from the served, steered model in a hand-off; else from this one, steered.
+        with steered(engine, directions, task.strength) if handoff is None else nullcontext():
             data = distill_data(generator, engine, directions, task.strength, distill, spec.seed, loc)
-        finally:
-            engine.clear_steering()
         metrics["seconds_generate"] = time.perf_counter() - began
         metrics["samples_generated"] = float(data.generated)
         metrics["samples_kept"] = float(len(data.kept))
@@ -151,10 +146,7 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
         else:  # a ratio over a gain that is not there would be noise, not a share
             ctx.emit("distill.note", message=f"the steering did not raise the margin ({gain:+.4f}), "
                      "so there is no steered effect for the weights to carry: no steered_share")
-        metrics["loss_first"] = summary.loss_first if summary.loss_first is not None else float("nan")
-        metrics["loss_last"] = summary.losses[-1] if summary.losses else float("nan")
-        metrics["steps_skipped"] = float(summary.steps_skipped)
-        metrics["limiter_activations"] = float(summary.limiter_activations)
+        metrics.update(summary.metrics())
         folder = Path(ctx.out) / "model"
         save_model(model, tokenizer, folder)
 

@@ -16,9 +16,10 @@ Conventions:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -62,3 +63,14 @@ class Engine(Protocol):
     def load_weights(self, source: Path | Mapping[str, torch.Tensor]) -> None:
         """Replace weights from a model folder or a (possibly partial) state dict in
         checkpoint names. All-or-nothing: on any error the old weights stay."""
+
+
+@contextmanager
+def steered(engine: Engine, vectors: Mapping[int, torch.Tensor], strength: float) -> Iterator[Engine]:
+    """`engine` steered by `strength * vectors` for the block, and unsteered after it,
+    also when the block fails."""
+    engine.set_steering(vectors, strength)
+    try:
+        yield engine
+    finally:
+        engine.clear_steering()

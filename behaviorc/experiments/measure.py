@@ -24,17 +24,15 @@ def _engine(task: MeasurePoint | GdnStates, ctx: TaskContext) -> Any:
 @contextmanager
 def _steered(engine: Any, task: MeasurePoint | GdnStates, ctx: TaskContext) -> Iterator[None]:
     """The task's steering on for the block (none when it has no vectors or strength 0)."""
+    from behaviorc.engine.protocol import steered
     from behaviorc.steer.vectors import load_steering
 
     if task.steering is None or task.strength == 0:
         yield
         return
     vectors = load_steering(ctx.result(task.steering).path("vectors"))
-    engine.set_steering(vectors.directions, task.strength)
-    try:
+    with steered(engine, vectors.directions, task.strength):
         yield
-    finally:
-        engine.clear_steering()
 
 
 def measure_point(task: MeasurePoint, ctx: TaskContext) -> TaskResult:

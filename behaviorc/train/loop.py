@@ -51,6 +51,13 @@ class TrainSummary:
     limiter_activations: int = 0
     resumed_from: int = 0
 
+    def metrics(self) -> dict[str, float]:
+        """What a build reports of the run (NaN for a loss no step of it recorded)."""
+        return {"loss_first": self.loss_first if self.loss_first is not None else float("nan"),
+                "loss_last": self.losses[-1] if self.losses else float("nan"),
+                "steps_skipped": float(self.steps_skipped),
+                "limiter_activations": float(self.limiter_activations)}
+
 
 def make_optimizer(spec: ir.Optimizer, params: Sequence[torch.nn.Parameter], lr: float,
                    seed: int) -> torch.optim.Optimizer:

@@ -26,6 +26,7 @@ CHECKPOINT_EVERY = 50
 def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     from behaviorc.distill.handoff import live_handoff, trained_tensors
     from behaviorc.engine.embedded import EmbeddedEngine
+    from behaviorc.engine.protocol import steered
     from behaviorc.measure.margin import behavior_margin
     from behaviorc.measure.nll import general_nll
     from behaviorc.model.adapter import ArchitectureAdapter
@@ -66,11 +67,8 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     if task.handoff is not None:
         from behaviorc.steer.vectors import load_steering
         directions = dict(load_steering(ctx.result(task.steering).path("vectors"), spec.loc).directions)
-        engine.set_steering(directions, task.strength)
-        try:
+        with steered(engine, directions, task.strength):
             metrics["margin_steered"] = behavior_margin(engine, task.eval_pairs)
-        finally:
-            engine.clear_steering()
 
     def trained() -> dict[str, Any]:
         return trained_tensors(adapter.checkpoint_tensors(model), list(targets))
@@ -94,10 +92,7 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
         shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a rerun starts afresh
         ctx.check_cancelled()
 
-        metrics["loss_first"] = summary.loss_first if summary.loss_first is not None else float("nan")
-        metrics["loss_last"] = summary.losses[-1] if summary.losses else float("nan")
-        metrics["steps_skipped"] = float(summary.steps_skipped)
-        metrics["limiter_activations"] = float(summary.limiter_activations)
+        metrics.update(summary.metrics())
         if task.eval_pairs:
             metrics["margin_after"] = behavior_margin(engine, task.eval_pairs)
         if task.general:
