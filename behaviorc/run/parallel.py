@@ -80,16 +80,17 @@ class Jobs:
     threads_each: int | None = None
 
     @classmethod
-    def parse(cls, text: str, option: str = "--jobs") -> "Jobs":
+    def parse(cls, text: str) -> "Jobs":
+        """The value of `--jobs`."""
         if text == "auto":
             return cls(usable_cores(), fit_memory=True)
         try:
             most = int(text)
         except ValueError:
-            raise BehaviorError(f"{option} takes a number of tasks to run at once, or `auto`, not `{text}`",
-                                hint=f"`{option} auto` runs one task per usable core") from None
+            raise BehaviorError(f"--jobs takes a number of tasks to run at once, or `auto`, not `{text}`",
+                                hint="`--jobs auto` runs one task per usable core") from None
         if most < 1:
-            raise BehaviorError(f"{option} must be at least 1, not {most}")
+            raise BehaviorError(f"--jobs must be at least 1, not {most}")
         return cls(most)
 
     @property

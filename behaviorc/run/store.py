@@ -53,6 +53,8 @@ RESULT_FILE = "result.json"
 STORE_FORMAT = 2
 _HASH_CHUNK = 1 << 20
 _SYNC_THREADS = 8
+SCRATCH_SUFFIX = ".scratch"
+_PASSING_MARKS = (".tmp-", ".old-")  # staging of a result, or a result being removed
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,8 @@ class Store:
         """Remove staging folders of dead builds, and scratch folders of tasks whose
         result was stored (a kill can land between storing and removing the scratch)."""
         for entry in self.root.iterdir():
-            finished_scratch = entry.name.endswith(".scratch") and self.entry(entry.name[:-8]).is_dir()
-            if ".tmp-" in entry.name or ".old-" in entry.name or finished_scratch:
+            scratch_of = _scratch_key(entry.name)
+            if _is_passing(entry.name) or (scratch_of is not None and self.entry(scratch_of).is_dir()):
                 shutil.rmtree(entry, ignore_errors=True)
 
     # --- paths ------------------------------------------------------------------------
@@ -156,7 +158,7 @@ class Store:
         return path
 
     def scratch(self, key: str) -> Path:
-        path = self.root / f"{key}.scratch"
+        path = self.root / f"{key}{SCRATCH_SUFFIX}"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -191,14 +193,14 @@ class Store:
     def keys(self) -> list[str]:
         """The keys of the stored results (not staging, scratch or the lock)."""
         return sorted(entry.name for entry in self.root.iterdir() if entry.is_dir()
-                      and not entry.name.endswith(".scratch") and ".tmp-" not in entry.name
-                      and ".old-" not in entry.name)
+                      and _scratch_key(entry.name) is None and not _is_passing(entry.name))
 
     def remove_unused(self, used: set[str]) -> tuple[int, int]:
         """Remove the results, and the scratch of unfinished tasks, whose keys are not in
         `used`. Returns how many results went and the bytes freed (scratch included)."""
         unused = [self.entry(key) for key in self.keys() if key not in used]
-        unused_scratch = [entry for entry in self.root.glob("*.scratch") if entry.name[:-8] not in used]
+        unused_scratch = [entry for entry in self.root.glob(f"*{SCRATCH_SUFFIX}")
+                          if _scratch_key(entry.name) not in used]
         freed = sum(f.stat().st_size for folder in unused + unused_scratch
                     for f in folder.rglob("*") if f.is_file())
         for folder in unused:
@@ -241,7 +243,7 @@ class Store:
         self.discard(task.key)
         entry = self.entry(task.key)
         staging.rename(entry)
-        shutil.rmtree(self.root / f"{task.key}.scratch", ignore_errors=True)
+        shutil.rmtree(self.root / f"{task.key}{SCRATCH_SUFFIX}", ignore_errors=True)
         if self._sync_pool is None:
             self._sync_pool = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="store-sync")
         self._syncing.append(self._sync_pool.submit(_sync_entry, entry, self.root))
@@ -319,3 +321,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _write_synced(tmp, json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+def _scratch_key(name: str) -> str | None:
+    """The key whose scratch folder `name` is; None for any other entry."""
+    return name[:-len(SCRATCH_SUFFIX)] if name.endswith(SCRATCH_SUFFIX) else None
+
+
+def _is_passing(name: str) -> bool:
+    """A staging folder or a result on its way out: never a stored result."""
+    return any(mark in name for mark in _PASSING_MARKS)
