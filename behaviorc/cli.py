@@ -15,16 +15,16 @@ import sys
 import traceback
 
 from behaviorc import __version__
-from behaviorc.diagnostics import BehaviorError
+from behaviorc.core.diagnostics import BehaviorError
 
 COMMAND_MODULES = (
-    "behaviorc.lang.commands",
+    "behaviorc.build.spec_commands",
     "behaviorc.model.commands",
-    "behaviorc.vectors.commands",
-    "behaviorc.run.commands",
-    "behaviorc.engine.commands",
+    "behaviorc.compose.commands",
+    "behaviorc.build.commands",
+    "behaviorc.engine.vllm.commands",
     "behaviorc.steer.commands",
-    "behaviorc.experiments.commands",
+    "behaviorc.lab.commands",
 )
 
 DESCRIPTION = """\

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from behaviorc.lang.check import check_file
 from behaviorc.lang.parse import parse_text
-from behaviorc.plan.lower import lower
+from behaviorc.build.lower import lower
 
 TARGET_SECONDS = 1.0
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from behaviorc.vectors.safetensors_io import (
+from behaviorc.formats.safetensors_io import (
     PlannedTensor, StreamWriter, WeightFolder, to_float32)
 
 SIZES = {

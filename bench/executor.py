@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from behaviorc.plan.task import Task, TaskContext, TaskResult
-from behaviorc.run.executor import Executor, plan_order
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.build.executor import Executor, plan_order
 
 BUDGET_MS = 5.0
 

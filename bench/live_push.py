@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from behaviorc.engine.push import push_weights
-from behaviorc.engine.server import resolve_model_dir, start_server, stop_server
-from behaviorc.engine.traffic import Request, RequestLoop
+from behaviorc.engine.vllm.push import push_weights
+from behaviorc.engine.vllm.server import resolve_model_dir, start_server, stop_server
+from behaviorc.engine.vllm.traffic import Request, RequestLoop
 
 
 def percentile(values: list[float], q: float) -> float:

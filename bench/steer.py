@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from behaviorc import ir
+from behaviorc.core import ir
 from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.model.builtin import BUILTINS, build_tokenizer, ensure_builtin, tokenizer_corpus
 from behaviorc.model.loading import load_model, quiet_transformers

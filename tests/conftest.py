@@ -41,7 +41,7 @@ def vllm_server(tiny_gdn, tmp_path_factory):
     """
     import shutil
 
-    from behaviorc.engine.server import serve
+    from behaviorc.engine.vllm.server import serve
 
     root = tmp_path_factory.mktemp("vllm")
     model_dir = root / "tiny-gdn"

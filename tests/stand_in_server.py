@@ -18,7 +18,7 @@ from typing import Iterator
 
 import httpx
 
-from behaviorc.engine.server import free_port
+from behaviorc.engine.vllm.server import free_port
 
 SERVER = textwrap.dedent("""
     import json, os, signal, sys, time

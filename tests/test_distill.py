@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from behaviorc import ir
-from behaviorc.diagnostics import Location
-from behaviorc.distill.data import distill_data, keep_best
-from behaviorc.distill.handoff import lowered_strength, trained_tensors
-from behaviorc.plan.tasks import ExtractSteering, ResolveModel, TrainBehavior
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import Location
+from behaviorc.train.distill_data import distill_data, keep_best
+from behaviorc.train.handoff import lowered_strength, trained_tensors
+from behaviorc.build.kinds import ExtractSteering, ResolveModel, TrainBehavior
 from test_steer_extract import OBJECTS, SUBJECTS, VERBS, planted_pairs, tied_gdn  # noqa: F401 (fixture)
 
 LOC = Location(file="yes.behavior", line=8, column=5, end_line=8, end_column=12)
@@ -118,7 +118,7 @@ def distill_plan(folder, steps: int = 12, handoff: ir.Deploy | None = None,
 
 
 def run_plan(task: TrainBehavior, out):
-    from behaviorc.run.executor import Executor
+    from behaviorc.build.executor import Executor
 
     record = Executor(out).run([task]).record(task.id)
     assert record.status == "done", record.error
@@ -162,8 +162,8 @@ BF16_TOLERANCE = 0.03  # vLLM and transformers both in bfloat16 differ by roundi
 def hand_over(task: TrainBehavior, server, tmp_path):
     """Build `task` (its hand-off serves on `server`), read what the server serves at the
     end, and put the server back as the session's other tests expect it."""
-    from behaviorc.engine.push import push_weights
-    from behaviorc.engine.vllm import VLLMEngine
+    from behaviorc.engine.vllm.push import push_weights
+    from behaviorc.engine.vllm.client import VLLMEngine
 
     try:
         result = run_plan(task, tmp_path / "out")
@@ -181,8 +181,8 @@ def test_live_handoff_ends_unsteered_on_the_written_weights(vllm_server, tied_gd
     import json
 
     from behaviorc.engine.embedded import EmbeddedEngine
-    from behaviorc.run.events import EVENTS_FILE
-    from behaviorc.run.state import BuildState
+    from behaviorc.core.events import EVENTS_FILE
+    from behaviorc.core.state import BuildState
 
     url = vllm_server.url
     deploy = ir.Deploy(target="yes", urls=(url,), steering=True, handoff=True, push_every=4)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from behaviorc.diagnostics import BehaviorError
+from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.engine.protocol import Engine
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from behaviorc import ir
-from behaviorc.diagnostics import BehaviorError
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.lang import check_file, check_text, load_spec
 from behaviorc.lang.parse import parse_text
 from behaviorc.model.builtin import BUILDER_VERSION

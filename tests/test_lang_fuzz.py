@@ -11,7 +11,7 @@ import pytest
 
 from behaviorc.lang.check import check_text
 from behaviorc.lang.parse import _language
-from behaviorc.plan.lower import lower
+from behaviorc.build.lower import lower
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 EXAMPLES = sorted(SPECS.glob("*.behavior"))

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from behaviorc.diagnostics import BehaviorError
+from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.embedded import EmbeddedEngine
-from behaviorc.ir import Pair
+from behaviorc.core.ir import Pair
 from behaviorc.measure import DEFAULT_GENERAL_TEXTS, behavior_margin, general_nll, per_pair_margins
 
 PAIRS = (

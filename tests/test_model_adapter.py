@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from behaviorc.diagnostics import BehaviorError
-from behaviorc.ir import PARAMETER_GROUPS
+from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.core.ir import PARAMETER_GROUPS
 from behaviorc.model.adapter import ArchitectureAdapter, group_of
 
 # Parameter names of the real Qwen/Qwen3-Next-80B-A3B-Instruct checkpoint (its

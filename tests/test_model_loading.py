@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from behaviorc.diagnostics import BehaviorError
+from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.model.loading import load_model, resolve_model_source, validate_model_folder
 
 

@@ -2,10 +2,10 @@
 
 import shutil
 
-from behaviorc.diagnostics import Location
-from behaviorc.ir import ModelDecl
-from behaviorc.plan.tasks import ResolveModel
-from behaviorc.run.executor import Executor
+from behaviorc.core.diagnostics import Location
+from behaviorc.core.ir import ModelDecl
+from behaviorc.build.kinds import ResolveModel
+from behaviorc.build.executor import Executor
 
 SPEC_LOC = Location(file="specs/x.behavior", line=1, column=14, end_line=1, end_column=24)
 

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from behaviorc import ir
+from behaviorc.core import ir
 from behaviorc.cli import main
-from behaviorc.diagnostics import Location
-from behaviorc.plan.plan import Expectation
-from behaviorc.plan.task import Task, TaskContext, TaskResult
-from behaviorc.run.executor import Executor
+from behaviorc.core.diagnostics import Location
+from behaviorc.build.plan import Expectation
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.build.executor import Executor
 
 REPO = Path(__file__).resolve().parents[1]
 LISTEN = REPO / "specs" / "listen.behavior"

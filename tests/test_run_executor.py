@@ -9,14 +9,14 @@ from typing import ClassVar
 
 import pytest
 
-from behaviorc.diagnostics import BehaviorError, Location
-from behaviorc.plan.task import Task, TaskContext, TaskResult
-from behaviorc.plan.tasks import ResolveModel
-from behaviorc import ir
-from behaviorc.run.context import CancelSignal
-from behaviorc.run.events import read_events
-from behaviorc.run.executor import Executor, plan_order
-from behaviorc.run.store import Store
+from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.build.kinds import ResolveModel
+from behaviorc.core import ir
+from behaviorc.build.context import CancelSignal
+from behaviorc.core.events import read_events
+from behaviorc.build.executor import Executor, plan_order
+from behaviorc.build.store import Store
 
 
 class Source(Task):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from behaviorc.plan.task import Task, TaskContext, TaskResult
+from behaviorc.core.task import Task, TaskContext, TaskResult
 
 
 class Chunks(Task):
@@ -83,7 +83,7 @@ def final_digests(outcome) -> dict[str, str]:
 
 
 def finished_before_kill(events_file: Path) -> set[str]:
-    from behaviorc.run.events import read_events
+    from behaviorc.core.events import read_events
     if not events_file.exists():
         return set()
     return {e["task"] for e in read_events(events_file)
@@ -99,7 +99,7 @@ def wait_for_start(events_file: Path, proc: subprocess.Popen) -> None:
 
 
 def test_a_build_killed_at_random_points_resumes_and_reuses_finished_work(tmp_path):
-    from behaviorc.run.executor import Executor
+    from behaviorc.build.executor import Executor
 
     reference = Executor(tmp_path / "reference").run(plan())
     assert reference.ok
@@ -137,7 +137,7 @@ def test_a_build_killed_at_random_points_resumes_and_reuses_finished_work(tmp_pa
 
 
 def test_a_killed_long_task_resumes_from_its_scratch_checkpoint(tmp_path):
-    from behaviorc.run.executor import Executor
+    from behaviorc.build.executor import Executor
 
     expected = final_digests(Executor(tmp_path / "reference").run(plan()))
     out = tmp_path / "out"
@@ -158,8 +158,8 @@ def test_a_killed_long_task_resumes_from_its_scratch_checkpoint(tmp_path):
 
 
 if __name__ == "__main__":  # the build these tests kill (and test_run_cli interrupts)
-    from behaviorc.run.context import CancelSignal
-    from behaviorc.run.executor import Executor, cancel_on_sigint
+    from behaviorc.build.context import CancelSignal
+    from behaviorc.build.executor import Executor, cancel_on_sigint
     out = Path(sys.argv[1])
     cancel = CancelSignal(out / "cancel")
     with cancel_on_sigint(cancel):

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from behaviorc.diagnostics import BehaviorError, Location
-from behaviorc.plan.task import Task, TaskContext, TaskResult
-from behaviorc.run.events import read_events
-from behaviorc.run.executor import Executor
-from behaviorc.run.parallel import Jobs
+from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.core.events import read_events
+from behaviorc.build.executor import Executor
+from behaviorc.build.parallel import Jobs
 
 HANG_GUARD = 60.0  # seconds; only ends a test that would otherwise hang
 
@@ -182,7 +182,7 @@ def test_auto_starts_another_worker_only_while_free_memory_holds_another_task(tm
     plenty = Executor(tmp_path / "plenty", jobs=Jobs(2, fit_memory=True)).run(tasks)
     assert len({r.result.metrics["pid"] for r in plenty.records}) == 2
 
-    monkeypatch.setattr("behaviorc.run.parallel.available_memory", lambda: 0)
+    monkeypatch.setattr("behaviorc.build.parallel.available_memory", lambda: 0)
     tight = Executor(tmp_path / "tight", jobs=Jobs(2, fit_memory=True)).run(tasks)
     assert tight.ok and len({r.result.metrics["pid"] for r in tight.records}) == 1  # one at a time
 
@@ -338,7 +338,7 @@ def test_a_build_beside_the_dashboard_starts_its_workers(tmp_path):
 
 
 async def build_beside_dashboard(out: Path) -> int:
-    from behaviorc.run.commands import BuildThread
+    from behaviorc.build.commands import BuildThread
     from behaviorc.tui.app import Dashboard
 
     texts = tuple(Text(name=n, text=n) for n in ("a", "b"))
@@ -352,8 +352,8 @@ async def build_beside_dashboard(out: Path) -> int:
 
 
 if __name__ == "__main__":  # the builds the tests above interrupt, or run beside the dashboard
-    from behaviorc.run.context import CancelSignal
-    from behaviorc.run.executor import cancel_on_sigint
+    from behaviorc.build.context import CancelSignal
+    from behaviorc.build.executor import cancel_on_sigint
     out, room, kind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     if kind == "dashboard":
         sys.exit(asyncio.run(build_beside_dashboard(out)))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from behaviorc.diagnostics import BehaviorError, Location
-from behaviorc.steer.vectors import (SteeringVectors, add, combine, export_gguf, load_steering,
+from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.formats.steering import (SteeringVectors, add, combine, export_gguf, load_steering,
                                      negate, read_gguf, save_steering, scale)
 
 

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from behaviorc import ir
-from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.measure import DEFAULT_GENERAL_TEXTS, behavior_margin
-from behaviorc.plan.tasks import ExtractSteering, ResolveModel, VerifySteering
+from behaviorc.build.kinds import ExtractSteering, ResolveModel, VerifySteering
 from behaviorc.steer.extract import extract
-from behaviorc.steer.vectors import SteeringVectors, load_steering, read_gguf
+from behaviorc.formats.steering import SteeringVectors, load_steering, read_gguf
 from behaviorc.steer.verify import check_fits, verify
 from test_steer_extract import engine, planted_pairs, tied_gdn  # noqa: F401 (fixtures)
 
@@ -60,7 +60,7 @@ def _plan(folder, layers, held_out=4):
 
 
 def test_tasks_under_the_executor_write_artifacts_and_report_metrics(tied_gdn, tmp_path):
-    from behaviorc.run.executor import Executor
+    from behaviorc.build.executor import Executor
 
     extraction, verification = _plan(tied_gdn, "auto")
     outcome = Executor(tmp_path / "out").run([verification])
@@ -92,7 +92,7 @@ def test_tasks_under_the_executor_write_artifacts_and_report_metrics(tied_gdn, t
 
 
 def test_layer_zero_stays_in_the_safetensors_and_out_of_the_gguf(tied_gdn, tmp_path):
-    from behaviorc.run.executor import Executor
+    from behaviorc.build.executor import Executor
 
     extraction, _ = _plan(tied_gdn, (0, 2))
     outcome = Executor(tmp_path / "out").run([extraction])
@@ -103,7 +103,7 @@ def test_layer_zero_stays_in_the_safetensors_and_out_of_the_gguf(tied_gdn, tmp_p
 
 
 def test_a_layer_out_of_range_at_run_time_fails_the_task_at_the_spec_line(tied_gdn, tmp_path):
-    from behaviorc.run.executor import Executor
+    from behaviorc.build.executor import Executor
 
     extraction, verification = _plan(tied_gdn, (2, 7))
     outcome = Executor(tmp_path / "out").run([verification])
@@ -149,7 +149,7 @@ def test_verify_on_a_live_vllm_server_agrees_with_the_embedded_engine(vllm_serve
     embedded engine on the same weights (both bfloat16), and the server's steering is
     cleared afterwards."""
     from behaviorc.engine.embedded import EmbeddedEngine
-    from behaviorc.engine.vllm import VLLMEngine
+    from behaviorc.engine.vllm.client import VLLMEngine
 
     embedded = EmbeddedEngine.load(vllm_server.model_dir, dtype="bfloat16")
     vectors = extract(embedded, planted_pairs(8), [2]).vectors

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from behaviorc import ir
-from behaviorc.testbed import corpus, data
-from behaviorc.testbed.scoring import (BEHAVIORS, behavior_rate, score_arithmetic, score_concise,
+from behaviorc.core import ir
+from behaviorc.model import testbed_corpus as corpus
+from behaviorc.lab import testbed_data as data
+from behaviorc.lab.scoring import (BEHAVIORS, behavior_rate, score_arithmetic, score_concise,
                                        score_listen, score_listen_exact)
 
 SPEC_DATA = Path(__file__).resolve().parent.parent / "specs" / "data"

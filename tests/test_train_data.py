@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from behaviorc import ir
-from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, encode_texts, render_chat
 
 LOC = Location(file="b.behavior", line=3, column=5, end_line=3, end_column=12)

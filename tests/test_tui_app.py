@@ -13,11 +13,11 @@ import pytest
 from rich.console import Console
 from textual.widgets import TabbedContent
 
-from behaviorc.plan.task import Task, TaskContext, TaskResult
-from behaviorc.run.commands import BuildThread
-from behaviorc.run.context import CancelSignal
-from behaviorc.run.executor import Executor
-from behaviorc.run.state import BuildState
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.build.commands import BuildThread
+from behaviorc.build.context import CancelSignal
+from behaviorc.build.executor import Executor
+from behaviorc.core.state import BuildState
 from behaviorc.tui.app import Dashboard
 from behaviorc.tui.tail import EventTail
 from behaviorc.tui.widgets import PlanTree, StatePanel, TaskDetail, render_curve
@@ -217,7 +217,7 @@ def test_state_from_events_and_the_curve():
 
 @pytest.mark.parametrize("log", ["events_ok.jsonl", "events_failed.jsonl", "events_live.jsonl"])
 def test_fixture_logs_fold_into_a_consistent_state(log):
-    from behaviorc.run.events import read_events
+    from behaviorc.core.events import read_events
     state = BuildState()
     for event in read_events(DATA / log):
         state.apply(event)

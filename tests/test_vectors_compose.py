@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from behaviorc.cli import main
-from behaviorc.diagnostics import BehaviorError
-from behaviorc.vectors.compose import Composition, Term, compose
-from behaviorc.vectors.merge import MergeOptions, merged_delta
-from behaviorc.vectors.safetensors_io import fingerprint, sha256_file
-from behaviorc.vectors.taskvector import check_task_vector, extract_task_vector
+from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.compose.composition import Composition, Term, compose
+from behaviorc.compose.merge import MergeOptions, merged_delta
+from behaviorc.formats.safetensors_io import fingerprint, sha256_file
+from behaviorc.compose.taskvector import check_task_vector, extract_task_vector
 
 
 def perturbed_copy(base: Path, out: Path, seed: int, touch=lambda name: True) -> Path:
@@ -144,7 +144,7 @@ def test_ties_from_folders_and_from_vectors_agree_with_the_in_memory_merge(works
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
 def test_merging_in_blocks_of_rows_changes_nothing(workspace, tiny_gdn, tmp_path, monkeypatch,
                                                    method):
-    import behaviorc.vectors.safetensors_io as io
+    import behaviorc.formats.safetensors_io as io
 
     composition = Composition(tiny_gdn, (Term("a", workspace / "a.safetensors", 0.7),
                                          Term("b", workspace / "tuned_b", -1.2)),

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from behaviorc.diagnostics import BehaviorError
-from behaviorc.vectors.merge import (
+from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.compose.merge import (
     MergeOptions, _radix_select, kth_largest, kth_largest_of_parts, merged_delta, trim_to_top_)
-from behaviorc.vectors.safetensors_io import from_float32, to_float32
+from behaviorc.formats.safetensors_io import from_float32, to_float32
 
 
 def merge(deltas, weights, **options):

@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from behaviorc import ir
-from behaviorc.diagnostics import Location
-from behaviorc.plan.tasks import (
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import Location
+from behaviorc.build.kinds import (
     ComposeBehaviors, ExtractSteering, ExtractTaskVector, ImportModel, ImportTaskVector,
     ResolveModel)
-from behaviorc.run.executor import Executor
-from behaviorc.steer.vectors import load_steering
-from behaviorc.vectors.safetensors_io import sha256_file
-from behaviorc.vectors.taskvector import extract_task_vector
+from behaviorc.build.executor import Executor
+from behaviorc.formats.steering import load_steering
+from behaviorc.formats.safetensors_io import sha256_file
+from behaviorc.compose.taskvector import extract_task_vector
 from test_vectors_compose import perturbed_copy
 
 PAIRS = (ir.Pair(prompt="I will use", positive=" the existing parser.", negative=" a new parser."),

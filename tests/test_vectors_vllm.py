@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from behaviorc.engine.embedded import EmbeddedEngine
-from behaviorc.engine.push import push_weights
-from behaviorc.engine.vllm import VLLMEngine
-from behaviorc.vectors.compose import Composition, Term, compose
-from behaviorc.vectors.merge import MergeOptions
-from behaviorc.vectors.taskvector import extract_task_vector
+from behaviorc.engine.vllm.push import push_weights
+from behaviorc.engine.vllm.client import VLLMEngine
+from behaviorc.compose.composition import Composition, Term, compose
+from behaviorc.compose.merge import MergeOptions
+from behaviorc.compose.taskvector import extract_task_vector
 from test_vectors_compose import perturbed_copy
 
 pytestmark = pytest.mark.vllm

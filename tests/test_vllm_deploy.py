@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from behaviorc import ir
+from behaviorc.core import ir
 from behaviorc.engine.embedded import EmbeddedEngine
-from behaviorc.engine.push import push_weights
-from behaviorc.engine.server import free_port
-from behaviorc.engine.vllm import VLLMEngine
-from behaviorc.plan.tasks import DeployModel, ImportModel, ResolveModel
-from behaviorc.run.executor import Executor
+from behaviorc.engine.vllm.push import push_weights
+from behaviorc.engine.vllm.server import free_port
+from behaviorc.engine.vllm.client import VLLMEngine
+from behaviorc.build.kinds import DeployModel, ImportModel, ResolveModel
+from behaviorc.build.executor import Executor
 
 pytestmark = pytest.mark.vllm
 

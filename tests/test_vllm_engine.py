@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from behaviorc.diagnostics import BehaviorError
+from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.embedded import EmbeddedEngine
-from behaviorc.engine.push import push_weights
-from behaviorc.engine.traffic import RequestLoop
-from behaviorc.engine.vllm import ServerClient, VLLMEngine
+from behaviorc.engine.vllm.push import push_weights
+from behaviorc.engine.vllm.traffic import RequestLoop
+from behaviorc.engine.vllm.client import ServerClient, VLLMEngine
 from stand_in_server import stand_in_server
 
 pytestmark = pytest.mark.vllm
@@ -54,7 +54,7 @@ def embedded(vllm_server) -> EmbeddedEngine:
 @pytest.fixture
 def free_url() -> str:
     """A loopback URL nothing listens on."""
-    from behaviorc.engine.server import free_port
+    from behaviorc.engine.vllm.server import free_port
     return f"http://127.0.0.1:{free_port('127.0.0.1')}"
 
 

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from behaviorc.engine.embedded import EmbeddedEngine
-from behaviorc.engine.push import push_weights
-from behaviorc.engine.vllm import VLLMEngine
+from behaviorc.engine.vllm.push import push_weights
+from behaviorc.engine.vllm.client import VLLMEngine
 
 pytestmark = pytest.mark.vllm
 

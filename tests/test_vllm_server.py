@@ -11,9 +11,9 @@ import pytest
 from stand_in_server import stand_in_server
 
 from behaviorc.cli import main
-from behaviorc.diagnostics import BehaviorError
-from behaviorc.engine.push import push_weights
-from behaviorc.engine.server import server_command, start_server
+from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.engine.vllm.push import push_weights
+from behaviorc.engine.vllm.server import server_command, start_server
 
 
 def test_server_killed_mid_push_gives_a_clear_error(tiny_dense):
@@ -45,11 +45,11 @@ def test_api_key_guards_every_route_but_health(monkeypatch, tiny_gdn):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from behaviorc.engine.server import API_KEY_ENV, guard_all_routes
+    from behaviorc.engine.vllm.server import API_KEY_ENV, guard_all_routes
 
     command = server_command(tiny_gdn, "0.0.0.0", 8000, api_key="secret")
     assert command[command.index("--middleware") + 1] == \
-        "behaviorc.engine.server.guard_all_routes"
+        "behaviorc.engine.vllm.server.guard_all_routes"
     monkeypatch.setenv(API_KEY_ENV, "secret")
     app = FastAPI()
     app.middleware("http")(guard_all_routes)

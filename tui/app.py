@@ -19,10 +19,10 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane, Tree
 from textual.worker import get_current_worker
 
-from behaviorc.run.events import EVENTS_FILE
-from behaviorc.run.executor import STORE_DIR
-from behaviorc.run.state import BuildState, summarize
-from behaviorc.run.store import Store
+from behaviorc.core.events import EVENTS_FILE
+from behaviorc.build.executor import STORE_DIR
+from behaviorc.core.state import BuildState, summarize
+from behaviorc.build.store import Store
 from behaviorc.tui.tail import EventsRead, EventTail
 from behaviorc.tui.widgets import (PlanTree, StatePanel, TaskDetail, draw_compose_deploy, draw_errors,
                                    draw_steering, draw_task_detail, draw_training)

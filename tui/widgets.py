@@ -15,8 +15,8 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static, Tree
 
-from behaviorc.run.progress import STATUS_STYLE, format_metrics
-from behaviorc.run.state import BuildState, TaskState, summarize
+from behaviorc.build.progress import STATUS_STYLE, format_metrics
+from behaviorc.core.state import BuildState, TaskState, summarize
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 CURVE_WIDTH = 40

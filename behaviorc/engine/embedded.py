@@ -23,7 +23,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from behaviorc.diagnostics import BehaviorError, did_you_mean
+from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 from behaviorc.engine.hooks import add_to_output, capture_outputs
 from behaviorc.engine.protocol import ModelInfo
 from behaviorc.model.adapter import ArchitectureAdapter

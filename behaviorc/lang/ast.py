@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from behaviorc.diagnostics import Location
+from behaviorc.core.diagnostics import Location
 
 # (file, line, column, end line, end column): a Location not yet built. Parsing makes
 # one per token; building pydantic Locations for all of them would cost more than the

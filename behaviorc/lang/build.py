@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from behaviorc.diagnostics import Diagnostic
+from behaviorc.core.diagnostics import Diagnostic
 from behaviorc.lang import ast
 from behaviorc.lang.tokens import Tok
 

@@ -14,8 +14,8 @@ import os
 import urllib.parse
 from dataclasses import dataclass
 
-from behaviorc import ir
-from behaviorc.diagnostics import (BehaviorError, Diagnostic, DiagnosticSink, Location,
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import (BehaviorError, Diagnostic, DiagnosticSink, Location,
                                    did_you_mean)
 from behaviorc.lang import ast
 from behaviorc.lang.data import DataFiles, resolve_path

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from behaviorc import ir
-from behaviorc.diagnostics import DiagnosticSink
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import DiagnosticSink
 from behaviorc.lang import ast
 
 MAX_ERRORS_PER_FILE = 5

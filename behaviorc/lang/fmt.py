@@ -11,7 +11,7 @@ changes nothing.
 
 from __future__ import annotations
 
-from behaviorc.diagnostics import Diagnostic
+from behaviorc.core.diagnostics import Diagnostic
 from behaviorc.lang import ast
 from behaviorc.lang.linear import MAX_DEPTH, depth
 from behaviorc.lang.parse import parse_text

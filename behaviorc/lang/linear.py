@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from behaviorc.diagnostics import DiagnosticSink
+from behaviorc.core.diagnostics import DiagnosticSink
 from behaviorc.lang import ast
 
 

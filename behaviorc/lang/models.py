@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from behaviorc.diagnostics import DiagnosticSink, did_you_mean
+from behaviorc.core.diagnostics import DiagnosticSink, did_you_mean
 from behaviorc.lang import ast
 from behaviorc.lang.data import resolve_path
 from behaviorc.model.builtin import BUILDER_VERSION, BUILTINS

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 from lark import Lark
 
-from behaviorc.diagnostics import Diagnostic
+from behaviorc.core.diagnostics import Diagnostic
 from behaviorc.lang import ast
 from behaviorc.lang.build import AstBuilder
 from behaviorc.lang.lalr import Machine, Rejected, Tables

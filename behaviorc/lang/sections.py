@@ -3,12 +3,12 @@ distillation) and `eval`. Each returns its IR node, or None after reporting why.
 
 from __future__ import annotations
 
-from behaviorc import ir
-from behaviorc.diagnostics import DiagnosticSink, Location, did_you_mean
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import DiagnosticSink, Location, did_you_mean
 from behaviorc.lang import ast
 from behaviorc.lang.data import DataFiles, read_example, read_pair, read_prompt, read_text
 from behaviorc.lang.values import Block, Values, values_of
-from behaviorc.plan.plan import REPORTED_METRICS
+from behaviorc.build.plan import REPORTED_METRICS
 
 STEER_METRICS = REPORTED_METRICS["steer.verify"]
 TRAIN_METRICS = REPORTED_METRICS["train"]

@@ -11,7 +11,7 @@ import re
 from lark import Lark
 from lark.lexer import PatternStr
 
-from behaviorc.diagnostics import Diagnostic, Location, did_you_mean
+from behaviorc.core.diagnostics import Diagnostic, Location, did_you_mean
 from behaviorc.lang.ast import make_location
 from behaviorc.lang.tokens import Tok
 

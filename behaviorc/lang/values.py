@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from behaviorc import ir
-from behaviorc.diagnostics import DiagnosticSink, did_you_mean
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import DiagnosticSink, did_you_mean
 from behaviorc.lang import ast
 
 SWITCHES = {"on": True, "off": False, "true": True, "false": False}

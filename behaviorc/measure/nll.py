@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from behaviorc.diagnostics import BehaviorError
+from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.protocol import Engine
 
 

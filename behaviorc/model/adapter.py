@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
-from behaviorc.diagnostics import BehaviorError, did_you_mean
-from behaviorc.ir import PARAMETER_GROUPS
+from behaviorc.core.diagnostics import BehaviorError, did_you_mean
+from behaviorc.core.ir import PARAMETER_GROUPS
 
 LayerKind = Literal["gdn", "attention"]
 

@@ -98,7 +98,7 @@ def _tiny_dense(vocab_size: int) -> dict[str, Any]:
 
 
 def _write_testbed(folder: Path, progress: BuildProgress | None) -> None:
-    from behaviorc.testbed.build import write_testbed
+    from behaviorc.model.testbed import write_testbed
     write_testbed(folder, progress)
 
 

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from behaviorc.diagnostics import BehaviorError, did_you_mean
+from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 
 EPILOG = """\
 examples:
@@ -102,7 +102,7 @@ def _groups_in(folder: Path) -> list[str]:
     """The parameter groups present in a folder's weights, read from the file headers."""
     from safetensors import safe_open
 
-    from behaviorc.ir import PARAMETER_GROUPS
+    from behaviorc.core.ir import PARAMETER_GROUPS
     from behaviorc.model.adapter import group_of
 
     found: set[str] = set()

@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.model.adapter import ArchitectureAdapter
 from behaviorc.model.builtin import BUILTINS, BuildProgress, ensure_builtin
 

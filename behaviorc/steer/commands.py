@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from behaviorc.diagnostics import BehaviorError
+from behaviorc.core.diagnostics import BehaviorError
 
 EXAMPLES = """\
 examples:
@@ -57,7 +57,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def read_any(path: Path):
-    from behaviorc.steer.vectors import load_steering, read_gguf
+    from behaviorc.formats.steering import load_steering, read_gguf
 
     return read_gguf(path) if _suffix(path) == ".gguf" else load_steering(path)
 
@@ -84,7 +84,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from behaviorc.steer.vectors import export_gguf, save_steering
+    from behaviorc.formats.steering import export_gguf, save_steering
 
     target = _suffix(args.out)
     vectors = read_any(args.source)

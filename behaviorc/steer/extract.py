@@ -28,10 +28,10 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from behaviorc import ir
-from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.engine.protocol import Engine
-from behaviorc.steer.vectors import SteeringVectors
+from behaviorc.formats.steering import SteeringVectors
 
 Method = Literal["mean_diff", "pca"]
 Read = Literal["last", "mean"]

@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
-from behaviorc import ir
-from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.engine.protocol import Engine
 from behaviorc.measure import behavior_margin, general_nll
-from behaviorc.steer.vectors import SteeringVectors
+from behaviorc.formats.steering import SteeringVectors
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from behaviorc.atomic import atomic_folder
+from behaviorc.core.atomic import atomic_folder
 
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
-from behaviorc import ir
-from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import BehaviorError, Location
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from behaviorc import ir
+from behaviorc.core import ir
 from behaviorc.train.apollo import APOLLO
 from behaviorc.train.checkpoint import METADATA, load_checkpoint, save_checkpoint
 from behaviorc.train.data import BatchSchedule, TrainSequence

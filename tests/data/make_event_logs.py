@@ -1,7 +1,7 @@
 """Regenerate the dashboard's fixture logs: `python tests/data/make_event_logs.py`.
 
 Runs the real executor over stand-in tasks that carry the real task kinds and emit the
-events the real tasks document (behaviorc/run/events.py), then rewrites times and
+events the real tasks document (behaviorc/core/events.py), then rewrites times and
 paths so the logs are the same on every machine:
 
     events_ok.jsonl      a whole build of demo.behavior
@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import ClassVar
 
-from behaviorc.diagnostics import BehaviorError, Location
-from behaviorc.plan.task import Task, TaskContext, TaskResult
-from behaviorc.run.executor import Executor
+from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.build.executor import Executor
 
 HERE = Path(__file__).parent
 SPEC = "tests/data/demo.behavior"

@@ -1,0 +1,1 @@
+"""Composition of behaviors: task vectors, merge methods, composed model folders."""

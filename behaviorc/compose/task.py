@@ -1,0 +1,119 @@
+"""The plan's task-vector tasks: ImportModel, ImportTaskVector, ExtractTaskVector and
+ComposeBehaviors (behaviorc.build.kinds).
+
+Failures on files the spec named are reported at the spec line that named them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.core.task import TaskContext, TaskResult
+from behaviorc.build.kinds import ComposeBehaviors, ExtractTaskVector, ImportModel, ImportTaskVector
+
+TASK_VECTOR_FILE = "task_vector.safetensors"
+MODEL_FOLDER = "model"
+STEERING_FILE = "steering.safetensors"
+
+
+def import_model(task: ImportModel, ctx: TaskContext) -> TaskResult:
+    """artifacts: model (the external folder itself, checked)."""
+    from behaviorc.model.loading import validate_model_folder
+
+    path = Path(task.external.path)
+    with _located(task.external.loc or task.loc):
+        adapter = validate_model_folder(path, task.external.loc)
+    return TaskResult(artifacts={"model": str(path)},
+                      data={"path": str(path), "family": adapter.family,
+                            "fingerprint": task.external.fingerprint})
+
+
+def import_task_vector(task: ImportTaskVector, ctx: TaskContext) -> TaskResult:
+    """artifacts: task_vector (the external file, checked against the base)."""
+    from behaviorc.formats.safetensors_io import fingerprint
+    from behaviorc.compose.taskvector import check_task_vector
+
+    path = Path(task.external.path)
+    base = ctx.result(task.model).data["path"]
+    with _located(task.external.loc or task.loc):
+        metadata = check_task_vector(path, Path(base))
+    return TaskResult(artifacts={"task_vector": str(path)},
+                      data={"sha256": task.external.fingerprint.removeprefix("sha256:")
+                            or fingerprint(path),
+                            "metadata": metadata})
+
+
+def extract_task_vector(task: ExtractTaskVector, ctx: TaskContext) -> TaskResult:
+    """artifacts: task_vector. data: sha256, tensors (how many parameters changed)."""
+    from behaviorc.compose.taskvector import extract_task_vector as extract
+
+    base = ctx.result(task.model).data["path"]
+    finetuned = ctx.result(task.finetuned).path("model")
+    ctx.progress(0, 1, f"tau = {finetuned.name} - base")
+    with _located(task.loc):
+        metadata = extract(Path(base), finetuned, ctx.out / TASK_VECTOR_FILE, source=task.name,
+                           base_fingerprint=task.model.decl.fingerprint,
+                           metadata={"task_key": task.key})
+    ctx.progress(1, 1, f"{metadata['tensors']} tensors differ")
+    return TaskResult(artifacts={"task_vector": TASK_VECTOR_FILE},
+                      metrics={"tensors_changed": float(metadata["tensors"])},
+                      data={"sha256": metadata["sha256"], "tensors": int(metadata["tensors"])})
+
+
+def compose_behaviors(task: ComposeBehaviors, ctx: TaskContext) -> TaskResult:
+    """artifacts: model, steering (when any term steers). data: provenance."""
+    from behaviorc.compose.composition import Composition, Term, compose
+    from behaviorc.compose.merge import MergeOptions
+
+    spec = task.compose
+    if len(task.vectors) != len(spec.terms):
+        raise AssertionError(f"{task.id}: {len(task.vectors)} vectors for {len(spec.terms)} terms")
+    terms = tuple(
+        Term(label=term.behavior, path=ctx.result(vector).path("task_vector"),
+             weight=term.weight, sha256=ctx.result(vector).data.get("sha256", ""))
+        for term, vector in zip(spec.terms, task.vectors))
+    spec_path = spec.loc.file if spec.loc else ""
+    with _located(spec.loc or task.loc):
+        record = compose(
+            Composition(base=Path(ctx.result(task.model).data["path"]), terms=terms,
+                        options=MergeOptions.from_ir(spec.merge), name=spec.name,
+                        expression=spec.expression, spec_path=spec_path,
+                        spec_sha256=ctx.spec_sha256,
+                        base_fingerprint=task.model.decl.fingerprint,
+                        extra={"task_key": task.key}),
+            ctx.out / MODEL_FOLDER, progress=ctx.progress)
+    artifacts = {"model": MODEL_FOLDER}
+    if task.steering:
+        with _located(spec.loc or task.loc):
+            _compose_steering(task, ctx)
+        artifacts["steering"] = STEERING_FILE
+    return TaskResult(artifacts=artifacts, data={"provenance": record},
+                      metrics={"parameters_merged": float(record["parameters_merged"])})
+
+
+def _compose_steering(task: ComposeBehaviors, ctx: TaskContext) -> None:
+    """The same weighted sum of the steering vectors of the terms that steer."""
+    from behaviorc.formats.steering import combine, load_steering, save_steering
+
+    by_behavior = {steering.name: steering for steering in task.steering}
+    strength = dict(zip(by_behavior, task.steering_strengths))
+    weighted = [(load_steering(ctx.result(by_behavior[term.behavior]).path("vectors"),
+                               task.compose.loc), term.weight * strength[term.behavior])
+                for term in task.compose.terms if term.behavior in by_behavior]
+    save_steering(combine(weighted, provenance=task.compose.expression),
+                  ctx.out / STEERING_FILE)
+
+
+@contextmanager
+def _located(loc: Location | None) -> Iterator[None]:
+    """Give an error about a file the spec named the location of the spec line."""
+    try:
+        yield
+    except BehaviorError as err:
+        first = err.diagnostics[0]
+        if first.loc is not None or loc is None or len(err.diagnostics) > 1:
+            raise
+        raise BehaviorError(str(err), loc, hint=first.hint) from None

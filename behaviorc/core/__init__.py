@@ -1,0 +1,1 @@
+"""Shared vocabulary of every stage: locations and errors, the IR, task base, metric names, events, atomic files."""

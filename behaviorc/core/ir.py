@@ -1,0 +1,218 @@
+"""The checked spec: the one canonical form every later stage reads.
+
+The checker (`behaviorc.lang.check`) is the only producer. Everything here is already
+validated: names resolve, values are in range, data files are loaded (their content
+hashes kept so cache keys change when a file does). Later stages never re-validate the
+spec; they may still fail on the world (a model folder, a server) with a BehaviorError
+that points at the `loc` kept on each node.
+
+Layer numbers are 0-based decoder-layer indices; a steering vector at layer L is read
+from, and added to, the residual stream at the output of decoder layer L.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from behaviorc.core.diagnostics import Location
+
+# The parameter groups a `targets` line may name; the architecture adapter maps them.
+PARAMETER_GROUPS = (
+    "gdn.gates", "gdn.proj", "gdn.conv", "gdn.out", "gdn.norm",
+    "attn.q", "attn.kv", "attn.o", "attn.norm",
+    "mlp", "embed", "head", "norm",
+)
+
+
+class Node(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataFile(Node):
+    """A data file the spec named; its hash makes cache keys follow its content."""
+
+    path: str  # absolute
+    sha256: str
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Pair(Node):
+    """A steering or eval contrast: the same prompt, a wanted and an unwanted completion."""
+
+    prompt: str
+    positive: str
+    negative: str
+
+
+class ChatMessage(Node):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class Example(Node):
+    """A training example: plain `context` + `response`, or a chat whose last assistant
+    turn is the response (rendered with the tokenizer's chat template at train time)."""
+
+    context: str = ""
+    response: str = ""
+    messages: tuple[ChatMessage, ...] = ()
+
+
+class ModelDecl(Node):
+    name: str
+    source: str  # built-in name, a local folder (absolute), or a hub id
+    kind: Literal["builtin", "folder", "hub"]
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    num_layers: int | None = None  # known for built-ins and readable folders
+    fingerprint: str = ""  # changes when the model's files do (cache keys follow it)
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Steer(Node):
+    layers: tuple[int, ...] | Literal["auto"]
+    method: Literal["mean_diff", "pca"] = "mean_diff"
+    strength: float = 4.0
+    read: Literal["last", "mean"] = "mean"  # last token, or the mean over completion tokens
+    pairs: tuple[Pair, ...]
+    sources: tuple[DataFile, ...] = ()
+    sweep: tuple[float, ...] = ()  # strengths for the verification sweep; empty: none
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Optimizer(Node):
+    name: Literal["apollo", "apollo_mini", "adamw"] = "apollo"
+    rank: int = 256
+    refresh: int = 200
+    limiter: float = 1.01
+    scale: float | None = None  # None: auto, alpha = sqrt(n / r)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class Mix(Node):
+    """General data mixed into training so the model does not forget."""
+
+    ratio: float  # 0..1, the share of training sequences drawn from `texts`
+    texts: tuple[str, ...]
+    source: DataFile | None = None
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Distill(Node):
+    """Make the steered behavior permanent: sample with steering on, keep the best."""
+
+    prompts: tuple[str, ...]
+    source: DataFile | None = None
+    samples: int = 4
+    keep: int = 1  # best samples kept per prompt, by the behavior's margin
+    temperature: float = 0.7
+    max_tokens: int = 32
+    match_activations: float = 0.0  # weight of the activation-matching loss; 0: off
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Train(Node):
+    examples: tuple[Example, ...] = ()
+    sources: tuple[DataFile, ...] = ()
+    distill: Distill | None = None
+    mix: Mix | None = None
+    lr: float = 3e-5
+    steps: int = 100
+    batch: int = 8
+    warmup: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    clip: float = 1.0
+    context: Literal["frozen", "full"] = "frozen"
+    targets: tuple[str, ...] = ("gdn.gates", "gdn.proj", "attn.q")
+    optimizer: Optimizer = Optimizer()
+    seed: int = 0
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Expectation(Node):
+    metric: str  # a report metric name, e.g. margin_after
+    op: Literal[">", ">=", "<", "<="]
+    value: float
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Eval(Node):
+    pairs: tuple[Pair, ...] = ()
+    sources: tuple[DataFile, ...] = ()
+    general: tuple[str, ...] = ()  # texts for general NLL
+    expect: tuple[Expectation, ...] = ()
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class External(Node):
+    """A behavior trained elsewhere: a fine-tuned model folder or a task-vector file."""
+
+    kind: Literal["model", "task_vector"]
+    path: str  # absolute
+    fingerprint: str = ""  # content hash of the file, or of the folder's config and weights
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Behavior(Node):
+    name: str
+    model: str  # a ModelDecl name
+    steer: Steer | None = None
+    train: Train | None = None
+    eval: Eval | None = None
+    external: External | None = None
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Term(Node):
+    behavior: str
+    weight: float
+
+
+class Merge(Node):
+    method: Literal["task_arithmetic", "ties", "dare"] = "task_arithmetic"
+    density: float = 1.0
+    lambda_: float = 1.0
+    normalize: bool = True
+    seed: int = 0
+    groups: tuple[str, ...] = ()  # empty: every parameter
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Compose(Node):
+    """A named combination. The expression is linear, so its canonical form is a list of
+    (behavior, weight) terms; `expression` keeps the canonical text for provenance."""
+
+    name: str
+    model: str
+    terms: tuple[Term, ...]
+    expression: str
+    merge: Merge = Merge()
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Deploy(Node):
+    target: str  # a behavior or compose name
+    urls: tuple[str, ...] | Literal["auto"]
+    live: bool = True
+    steering: bool = False  # serve with the target's steering vectors on
+    handoff: bool = False  # lower served steering as training moves it into weights
+    push_every: int = 0  # training steps between live pushes; 0: only the final weights
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Spec(Node):
+    path: str
+    sha256: str  # of the spec text and every imported file
+    models: tuple[ModelDecl, ...]
+    behaviors: tuple[Behavior, ...] = ()
+    compositions: tuple[Compose, ...] = ()
+    deploys: tuple[Deploy, ...] = ()
+
+    def model(self, name: str) -> ModelDecl:
+        return next(m for m in self.models if m.name == name)
+
+    def behavior(self, name: str) -> Behavior:
+        return next(b for b in self.behaviors if b.name == name)

@@ -1,0 +1,1 @@
+"""Deploying into live vLLM servers."""

@@ -1,0 +1,75 @@
+"""The plan's DeployModel task: push a built model (and optionally its steering) into
+live vLLM servers while they serve.
+
+Targets are the spec's URLs (replicas: all or nothing), or `auto`: a server of the base
+model started for the task, which shows the live push happening and is stopped after.
+While the push runs, a probe loop sends completions to every replica; `requests_failed`
+counts those that failed (the claim is zero).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+from behaviorc.core.diagnostics import BehaviorError, Diagnostic
+from behaviorc.core.task import TaskContext, TaskResult
+from behaviorc.build.kinds import ComposeBehaviors, DeployModel
+
+
+def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
+    from behaviorc.engine.vllm.push import push_weights
+    from behaviorc.engine.vllm.server import serve
+    from behaviorc.engine.vllm.traffic import RequestLoop
+    from behaviorc.engine.vllm.client import VLLMEngine
+
+    folder = ctx.result(task.source).path("model")
+    with ExitStack() as stack:
+        if task.deploy.urls == "auto":
+            ctx.progress(0, 3, "starting a vLLM server")
+            server = stack.enter_context(serve(ctx.result(task.model).data["path"]))
+            urls = [server.url]
+        else:
+            urls = list(task.deploy.urls)
+        ctx.check_cancelled()
+        ctx.progress(1, 3, f"pushing {folder.name} to {len(urls)} server(s)")
+        with RequestLoop(urls, threads=1) as probes:
+            report = _located(task, lambda: push_weights(urls, folder))
+        ctx.emit("deploy.push", urls=urls, push_ms=report.seconds * 1000.0,
+                 requests=len(probes.requests), requests_failed=len(probes.failed))
+        steered = []
+        if task.deploy.steering and task.steering is not None:
+            ctx.progress(2, 3, "turning steering on")
+            directions = _steering_directions(task, ctx)
+            for url in urls:
+                with VLLMEngine(url) as engine:
+                    _located(task, lambda: engine.set_steering(directions,
+                                                              task.steering_strength))
+            steered = sorted(directions)
+        ctx.progress(3, 3, "deployed")
+    return TaskResult(
+        metrics={"push_ms": report.seconds * 1000.0,
+                 "requests_failed": float(len(probes.failed)),
+                 "requests_served": float(len(probes.requests) - len(probes.failed))},
+        data={"urls": urls, "tensors": report.tensors, "steering_layers": steered,
+              "auto": task.deploy.urls == "auto"})
+
+
+def _steering_directions(task: DeployModel, ctx: TaskContext) -> dict:
+    from behaviorc.formats.steering import load_steering
+
+    result = ctx.result(task.steering)
+    name = "steering" if isinstance(task.steering, ComposeBehaviors) else "vectors"
+    return dict(load_steering(Path(result.path(name)), task.deploy.loc).directions)
+
+
+def _located(task: DeployModel, call):
+    """Run `call`; a BehaviorError without a place gets the deploy statement's."""
+    try:
+        return call()
+    except BehaviorError as err:
+        if task.deploy.loc is None or any(d.loc for d in err.diagnostics):
+            raise
+        raise BehaviorError(str(err), diagnostics=[
+            Diagnostic(d.severity, d.message, task.deploy.loc, d.hint)
+            for d in err.diagnostics]) from None

@@ -1,0 +1,1 @@
+"""The vLLM engine: client, weight push, server start-up, and the worker extension running inside vLLM."""

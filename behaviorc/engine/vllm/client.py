@@ -1,0 +1,253 @@
+"""The Engine protocol over HTTP, against a live vLLM server running behaviorc's worker
+extension (see `behaviorc.engine.vllm.server` and `behaviorc.engine.vllm.worker`).
+
+Every call has a timeout; a server that stops answering gives a BehaviorError naming the
+server and what was being done, never a hang or a raw traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import httpx
+
+from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.engine.protocol import ModelInfo
+
+REQUEST_TIMEOUT_S = 120.0
+PUSH_TIMEOUT_S = 600.0
+KEEPALIVE_S = 2.0
+NOT_REPEATABLE = {"/collective_rpc"}  # requests that may change the server's state
+
+
+class ServerClient:
+    """HTTP plumbing for one server: JSON requests, worker RPCs, clear errors."""
+
+    def __init__(self, url: str, api_key: str | None = None,
+                 timeout: float = REQUEST_TIMEOUT_S):
+        self.url = url.rstrip("/")
+        self._http = http_client(self.url, api_key, timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, doing: str, body: Any = None,
+                timeout: float | None = None) -> Any:
+        """The decoded JSON answer (None for an empty one); a BehaviorError otherwise."""
+        try:
+            response = self._send(method, path, body, timeout)
+        except httpx.TimeoutException:
+            raise BehaviorError(f"the vLLM server at {self.url} did not answer in time "
+                                f"while {doing}") from None
+        except httpx.HTTPError as err:
+            raise BehaviorError(
+                f"lost the vLLM server at {self.url} while {doing}: {type(err).__name__}: "
+                f"{err or 'connection closed'}",
+                hint="is the server running? `behaviorc serve MODEL` starts one") from None
+        if response.status_code >= 400:
+            raise BehaviorError(f"the vLLM server at {self.url} refused {doing}: HTTP "
+                                f"{response.status_code}: {_error_text(response)}")
+        return response.json() if response.content else None
+
+    def _send(self, method: str, path: str, body: Any, timeout: float | None) -> httpx.Response:
+        timeout = timeout if timeout is not None else self._http.timeout
+        try:
+            return self._http.request(method, path, json=body, timeout=timeout)
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            # A pooled connection the server closed under us (seen after a refused worker
+            # RPC). Reads are safe to send again once on a fresh connection; a worker RPC
+            # may have acted, so it is never repeated.
+            if path in NOT_REPEATABLE:
+                raise
+            return self._http.request(method, path, json=body, timeout=timeout)
+
+    def rpc(self, method: str, *args: Any, doing: str,
+            timeout: float | None = None) -> Any:
+        """Call a worker-extension method; the first worker's answer (all agree)."""
+        body = {"method": method, "args": [json.dumps(a) if not isinstance(a, str) else a
+                                           for a in args]}
+        answer = self.request("POST", "/collective_rpc", doing, body, timeout)
+        results = (answer or {}).get("results") or [None]
+        return results[0]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (they were computed with other weights or steering).
+
+        vLLM refuses a plain reset while requests hold cache blocks, which under load is
+        almost always; preempting them makes it succeed, and they are recomputed."""
+        answer = self.request("POST", "/reset_prefix_cache?reset_running_requests=true",
+                              "resetting the prefix cache")
+        if isinstance(answer, dict) and answer.get("success") is False:
+            raise BehaviorError(f"the vLLM server at {self.url} could not reset its prefix "
+                                f"cache: answers may still reuse prefixes computed before "
+                                f"this change")
+
+    def healthy(self) -> bool:
+        try:
+            return self._http.get("/health", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+def http_client(url: str, api_key: str | None, timeout: float) -> httpx.Client:
+    """A client for one server. Plain-HTTP servers get no TLS context: building the
+    default one loads the CA bundle, which costs more than a whole push on loopback.
+    Idle connections are dropped before vLLM's server closes them (after 5 s), so a
+    request never goes out on a connection the server is closing."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
+                        verify=url.startswith("https://"),
+                        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        detail = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(detail, dict):
+        inner = detail.get("error", detail.get("detail", detail))
+        if isinstance(inner, dict):
+            inner = inner.get("message", inner)
+        return str(inner)[:500]
+    return str(detail)[:500]
+
+
+class VLLMEngine:
+    """A live vLLM server as an Engine: generation, log-probs, steering, weight pushes."""
+
+    def __init__(self, url: str, api_key: str | None = None, name: str | None = None,
+                 timeout: float = REQUEST_TIMEOUT_S):
+        self.client = ServerClient(url, api_key, timeout)
+        self.url = self.client.url
+        self.api_key = api_key
+        self._name = name
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @cached_property
+    def _described(self) -> dict[str, Any]:
+        found = self.client.rpc("behaviorc_info", doing="describing the served model")
+        if not isinstance(found, dict):
+            raise BehaviorError(
+                f"the vLLM server at {self.url} does not run behaviorc's worker extension",
+                hint="start it with `behaviorc serve MODEL`")
+        return found
+
+    @cached_property
+    def info(self) -> ModelInfo:
+        found = self._described
+        return ModelInfo(name=self._name or found["path"], path=found["path"],
+                         architecture=found["architecture"],
+                         num_layers=int(found["num_layers"]),
+                         hidden_size=int(found["hidden_size"]),
+                         layer_kinds=tuple(found["layer_kinds"]))
+
+    @cached_property
+    def served_model_name(self) -> str:
+        models = self.client.request("GET", "/v1/models", "listing served models")
+        return models["data"][0]["id"]
+
+    def health(self) -> bool:
+        return self.client.healthy()
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32,
+                 temperature: float = 0.0, seed: int = 0) -> list[str]:
+        if temperature < 0:
+            raise BehaviorError(f"temperature must be 0 or more, not {temperature}")
+        if not prompts:
+            return []
+        rows = [self._prompt_ids(p) for p in prompts]
+        answer = self._complete(rows, max_tokens=max_new_tokens, temperature=temperature,
+                                seed=seed, doing="generating")
+        return [choice["text"] for choice in answer]
+
+    def completion_logprobs(self, prompts: Sequence[str],
+                            completions: Sequence[str]) -> list[list[float]]:
+        if len(prompts) != len(completions):
+            raise BehaviorError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if not prompts:
+            return []
+        encoded = [self._encode(p, c) for p, c in zip(prompts, completions)]
+        # prompt_logprobs=0 returns exactly the log-prob of each given token.
+        answer = self._complete([ids for ids, _ in encoded], max_tokens=1, temperature=0.0,
+                                seed=0, prompt_logprobs=0, doing="scoring completions")
+        scores: list[list[float]] = []
+        for (ids, start), choice in zip(encoded, answer):
+            per_position = choice["prompt_logprobs"]
+            scores.append([float(per_position[i][str(ids[i])]["logprob"])
+                           for i in range(start, len(ids))])
+        return scores
+
+    # Tokenization as the embedded engine does it: a completion is the tokens of
+    # prompt+completion after the prompt's; an empty prompt starts from one start token.
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenize(prompt) or [self._start_token_id]
+
+    def _encode(self, prompt: str, completion: str) -> tuple[list[int], int]:
+        prompt_ids = self.tokenize(prompt)
+        full = self.tokenize(prompt + completion)
+        if not prompt_ids:
+            return [self._start_token_id, *full], 1
+        return full, min(len(prompt_ids), len(full))
+
+    @cached_property
+    def _start_token_id(self) -> int:
+        start = self._described.get("start_token_id")
+        if start is None:
+            raise BehaviorError("the served tokenizer has no BOS or EOS token to start an "
+                                "empty prompt with")
+        return int(start)
+
+    def tokenize(self, text: str) -> list[int]:
+        answer = self.client.request(
+            "POST", "/tokenize", "tokenizing",
+            {"model": self.served_model_name, "prompt": text, "add_special_tokens": True})
+        return list(answer["tokens"])
+
+    def _complete(self, prompt: list[str] | list[list[int]], doing: str,
+                  **sampling: Any) -> list[dict[str, Any]]:
+        body = {"model": self.served_model_name, "prompt": prompt, **sampling}
+        answer = self.client.request("POST", "/v1/completions", doing, body)
+        return sorted(answer["choices"], key=lambda choice: choice["index"])
+
+    def hidden_states(self, prompts: Sequence[str], completions: Sequence[str],
+                      layers: Sequence[int],
+                      read: Literal["last", "mean"] = "mean") -> dict[int, Any]:
+        raise BehaviorError(
+            "reading hidden states is not supported by the vLLM engine",
+            hint="extract steering vectors with the embedded engine; the vLLM engine "
+                 "serves, steers and takes weight pushes")
+
+    def set_steering(self, vectors: Mapping[int, Any], strength: float) -> None:
+        payload = {"strength": float(strength),
+                   "vectors": {str(int(layer)): _floats(vector)
+                               for layer, vector in vectors.items()}}
+        self.client.rpc("behaviorc_set_steering", payload, doing="setting steering")
+        # Cached prefixes were computed without this steering.
+        self.client.reset_prefix_cache()
+
+    def clear_steering(self) -> None:
+        self.client.rpc("behaviorc_clear_steering", doing="clearing steering")
+        self.client.reset_prefix_cache()
+
+    def load_weights(self, source: Path | Mapping[str, Any]) -> None:
+        from behaviorc.engine.vllm.push import push_weights
+        push_weights([self.url], source, api_key=self.api_key)
+
+
+def _floats(vector: Any) -> list[float]:
+    if hasattr(vector, "detach"):
+        vector = vector.detach().float().cpu().reshape(-1).tolist()
+    return [float(x) for x in vector]

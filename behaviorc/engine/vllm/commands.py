@@ -1,0 +1,67 @@
+"""`behaviorc serve`: a vLLM server for a model, with behaviorc's worker extension."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+
+DESCRIPTION = """\
+Serve a built-in model or a local Hugging Face folder with vLLM's OpenAI-compatible
+server, with behaviorc's worker extension loaded so builds can steer it and push
+weights into it while it serves. Binds to 127.0.0.1; another host needs --api-key
+(every route then requires it, the weight-push routes included). Ctrl-C stops it.
+"""
+
+EPILOG = """\
+examples:
+  behaviorc serve tiny-gdn
+  behaviorc serve ./out/listen/compose/persona/model --port 8000
+  behaviorc serve tiny-dense --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a model with vLLM for live steering and weight pushes",
+        description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a built-in model (tiny-gdn, tiny-dense) or a model folder")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port to listen on (default: a free one)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1; others need --api-key)")
+    parser.add_argument("--api-key", default=None,
+                        help="require this bearer token on every request")
+    parser.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from behaviorc.engine.vllm.server import serve
+
+    # The server runs in its own process group, out of reach of the terminal's Ctrl-C
+    # and of a SIGTERM sent to us: both must end here, so the server is stopped too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"starting vLLM for {args.model} ...", flush=True)
+    interrupted = False
+    with serve(args.model, port=args.port, host=args.host, api_key=args.api_key) as server:
+        print(f"serving {server.model_dir}", flush=True)
+        print(f"url: {server.url}", flush=True)
+        print(f"log: {server.log_path}", flush=True)
+        print("press Ctrl-C to stop", flush=True)
+        try:
+            while server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            interrupted = True
+            print("stopping the server ...", flush=True)
+    if interrupted:
+        print(f"stopped; {server.url} is free", flush=True)
+        return 0
+    print(f"the server exited with code {server.process.returncode}; see {server.log_path}")
+    return 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

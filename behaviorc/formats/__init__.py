@@ -1,0 +1,1 @@
+"""File formats: steering files (safetensors, GGUF) and safetensors reading."""

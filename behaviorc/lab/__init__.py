@@ -1,0 +1,1 @@
+"""The lab: the testbed's scoring and the experiments. Nothing in a build imports it."""

@@ -1,1 +1,0 @@
-"""Lowering the checked spec to a Plan: a DAG of frozen, hashable tasks."""

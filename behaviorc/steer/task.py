@@ -1,0 +1,78 @@
+"""The plan's steering tasks: ExtractSteering and VerifySteering (behaviorc.build.kinds)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from behaviorc.core.task import TaskContext, TaskResult
+from behaviorc.build.kinds import ExtractSteering, VerifySteering
+from behaviorc.steer.extract import extract
+from behaviorc.formats.steering import export_gguf, load_steering, save_steering
+from behaviorc.steer.verify import SweepPoint, verify
+
+VECTORS_FILE = "vectors.safetensors"
+CONTROL_VECTOR_FILE = "control_vector.gguf"
+
+
+def _engine(task: ExtractSteering | VerifySteering, ctx: TaskContext):
+    decl = task.model.decl
+    return ctx.engine(ctx.result(task.model).data["path"], decl.dtype, decl.device)
+
+
+def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
+    engine = _engine(task, ctx)
+    extraction = extract(
+        engine, task.pairs, task.layers, task.method, task.read,
+        progress=lambda done, total: ctx.progress(done, total, "reading hidden states"),
+        loc=task.loc)
+    # The task key names exactly the inputs these vectors came from.
+    vectors = extraction.vectors.with_directions(
+        extraction.vectors.directions, extra={"task_key": task.key, "behavior": task.name})
+    vectors = replace(vectors, spec_hash=ctx.spec_sha256)
+    save_steering(vectors, ctx.out / VECTORS_FILE)
+    artifacts = {"vectors": VECTORS_FILE}
+    data: dict = {
+        "layers": list(vectors.layers),
+        "norms": {str(layer): norm for layer, norm in vectors.norms.items()},
+    }
+    # llama.cpp keeps no control vector for layer 0 (see steer.vectors); the GGUF holds
+    # the other layers and the data says which it left out.
+    exportable = [layer for layer in vectors.layers if layer > 0]
+    if exportable:
+        export_gguf(vectors.select(exportable), ctx.out / CONTROL_VECTOR_FILE)
+        artifacts["control_vector"] = CONTROL_VECTOR_FILE
+    data["control_vector_layers"] = exportable
+    metrics: dict[str, float] = {}
+    if extraction.scores:
+        data["scores"] = [
+            {"layer": s.layer, "consistency": s.consistency, "accuracy": s.accuracy}
+            for s in extraction.scores]
+        chosen = next(s for s in extraction.scores if s.layer == vectors.layers[0])
+        data["chosen"] = chosen.layer
+        metrics["separation"] = chosen.consistency
+        ctx.emit("steer.layers", scores=data["scores"], chosen=chosen.layer)
+    return TaskResult(metrics=metrics, artifacts=artifacts, data=data)
+
+
+def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
+    from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
+
+    vectors = load_steering(ctx.result(task.vectors).path("vectors"), task.loc)
+    engine = _engine(task, ctx)
+
+    def on_point(point: SweepPoint, done: int, total: int) -> None:
+        ctx.emit("steer.point", **point.as_dict())
+        ctx.progress(done, total, f"strength {point.strength:g}")
+
+    result = verify(engine, vectors, task.strength, task.pairs,
+                    task.general or DEFAULT_GENERAL_TEXTS, task.sweep, on_point, task.loc)
+    return TaskResult(
+        metrics={
+            "margin_before": result.before.margin,
+            "margin_steered": result.steered.margin,
+            "margin_after": result.steered.margin,
+            "general_nll_before": result.before.general_nll,
+            "general_nll_steered": result.steered.general_nll,
+        },
+        data={"strength": task.strength, "sweep": [p.as_dict() for p in result.sweep]},
+    )
