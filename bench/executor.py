@@ -25,6 +25,7 @@ BUDGET_MS = 5.0
 
 class Noop(Task):
     kind: ClassVar[str] = "bench.noop"
+    reports: ClassVar[tuple[str, ...]] = ('index',)
     after: "Noop | None" = None
 
     def execute(self, ctx: TaskContext) -> TaskResult:

@@ -38,7 +38,8 @@ import torch
 
 from behaviorc.core import ir
 from behaviorc.engine.embedded import EmbeddedEngine
-from behaviorc.model.builtin import BUILTINS, build_tokenizer, ensure_builtin, tokenizer_corpus
+from behaviorc.model.builtin import BUILTINS, ensure_builtin
+from behaviorc.model.tiny import build_tokenizer, tokenizer_corpus
 from behaviorc.model.loading import load_model, quiet_transformers
 from behaviorc.steer.extract import extract
 

@@ -127,7 +127,7 @@ def run_plan(task: TrainBehavior, out):
 
 def test_distilled_weights_keep_half_the_steered_gain_without_steering(tied_gdn, embedded, tmp_path):
     from behaviorc.engine.embedded import EmbeddedEngine
-    from behaviorc.measure import behavior_margin
+    from behaviorc.measure.margin import behavior_margin
 
     result = run_plan(distill_plan(tied_gdn), tmp_path / "out")
     m = result.metrics

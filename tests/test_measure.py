@@ -8,7 +8,9 @@ import torch
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.core.ir import Pair
-from behaviorc.measure import DEFAULT_GENERAL_TEXTS, behavior_margin, general_nll, per_pair_margins
+from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
+from behaviorc.measure.margin import behavior_margin, per_pair_margins
+from behaviorc.measure.nll import general_nll
 
 PAIRS = (
     Pair(prompt="Use the existing parser.", positive=" I will use the existing parser.",

@@ -72,6 +72,7 @@ def test_clean_and_dash_refuse_a_folder_that_holds_no_build(tmp_path, capsys):
 
 class Measured(Task):
     kind: ClassVar[str] = "test.measured"
+    reports: ClassVar[tuple[str, ...]] = ('margin_after',)
     margin: float
 
     def execute(self, ctx: TaskContext) -> TaskResult:

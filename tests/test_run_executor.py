@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import ClassVar
 
 import pytest
 
+from behaviorc.core.events import TaskEvent
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.build.kinds import ResolveModel
@@ -23,11 +25,18 @@ class Source(Task):
     """Writes its text to a file."""
 
     kind: ClassVar[str] = "test.source"
+    reports: ClassVar[tuple[str, ...]] = ('length',)
     text: str
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         (ctx.out / "text.txt").write_text(self.text)
         return TaskResult(artifacts={"text": "text.txt"}, metrics={"length": len(self.text)})
+
+
+@dataclass(frozen=True)
+class Shouted(TaskEvent):
+    type: ClassVar[str] = "shouted"
+    chars: int
 
 
 class Shout(Task):
@@ -41,7 +50,7 @@ class Shout(Task):
         text = ctx.result(self.source).path("text").read_text()
         (ctx.out / "nested").mkdir()
         (ctx.out / "nested" / "loud.txt").write_text(text.upper() * self.times)
-        ctx.emit("shouted", chars=len(text) * self.times)
+        ctx.emit(Shouted(chars=len(text) * self.times))
         return TaskResult(artifacts={"loud": "nested/loud.txt"})
 
 
@@ -284,6 +293,7 @@ def test_a_second_build_in_the_same_folder_is_refused(tmp_path):
 
     class BuildsAgain(Task):
         kind: ClassVar[str] = "test.builds_again"
+        reports: ClassVar[tuple[str, ...]] = ("refused", "holder")
 
         def execute(self, ctx: TaskContext) -> TaskResult:
             with pytest.raises(BehaviorError, match="another build is running"):
@@ -310,6 +320,7 @@ def test_a_task_naming_a_missing_artifact_fails_as_a_bug(tmp_path):
 
 class UsesEngine(Task):
     kind: ClassVar[str] = "test.uses_engine"
+    reports: ClassVar[tuple[str, ...]] = ('engine',)
     model: ResolveModel
 
     def execute(self, ctx: TaskContext) -> TaskResult:

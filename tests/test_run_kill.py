@@ -46,6 +46,7 @@ class Steps(Task):
     """Long work that checkpoints in ctx.scratch and resumes from it, like training."""
 
     kind: ClassVar[str] = "kill.steps"
+    reports: ClassVar[tuple[str, ...]] = ('resumed_from',)
     upstream: Chunks
     steps: int = 12
     pause: float = 0.02

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+from behaviorc.core.events import TrainStep
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.core.events import read_events
@@ -33,6 +34,7 @@ HANG_GUARD = 60.0  # seconds; only ends a test that would otherwise hang
 
 class Text(Task):
     kind: ClassVar[str] = "par.text"
+    reports: ClassVar[tuple[str, ...]] = ('pid',)
     parallel_safe: ClassVar[bool] = True
     text: str
 
@@ -46,6 +48,7 @@ class Meet(Task):
     only when they run at the same time. Emits a loss curve, as training does."""
 
     kind: ClassVar[str] = "par.meet"
+    reports: ClassVar[tuple[str, ...]] = ('pid',)
     parallel_safe: ClassVar[bool] = True
     source: Text
     room: str
@@ -60,7 +63,7 @@ class Meet(Task):
                 raise BehaviorError(f"{self.name} waited alone: the tasks did not run side by side")
             time.sleep(0.01)
         for step in range(1, 6):
-            ctx.emit("train_step", step=step, steps=5, loss=1.0 / step)
+            ctx.emit(TrainStep(step=step, steps=5, loss=1.0 / step))
         text = ctx.result(self.source).path("text").read_text()
         (ctx.out / "met.txt").write_text(f"{text}:{self.name}")
         return TaskResult(artifacts={"met": "met.txt"}, metrics={"pid": os.getpid()})
@@ -70,6 +73,7 @@ class Gather(Task):
     """Not parallel-safe: runs in the build's own process."""
 
     kind: ClassVar[str] = "par.gather"
+    reports: ClassVar[tuple[str, ...]] = ('pid',)
     parts: tuple[Task, ...]
 
     def execute(self, ctx: TaskContext) -> TaskResult:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
-from behaviorc.measure import behavior_margin
+from behaviorc.measure.margin import behavior_margin
 from behaviorc.steer.extract import (LayerScore, best_layer, check_pairs, direction, extract,
                                      read_pairs, score_layers)
 

@@ -9,7 +9,8 @@ import torch
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
-from behaviorc.measure import DEFAULT_GENERAL_TEXTS, behavior_margin
+from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
+from behaviorc.measure.margin import behavior_margin
 from behaviorc.build.kinds import ExtractSteering, ResolveModel, VerifySteering
 from behaviorc.steer.extract import extract
 from behaviorc.formats.steering import SteeringVectors, load_steering, read_gguf

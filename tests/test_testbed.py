@@ -136,13 +136,20 @@ def test_spec_data_reads_as_chat(testbed):
     assert response == messages[1].content + "<|im_end|>\n"
 
 
-def test_building_the_testbed_spec_reports_the_follow_rate_before_and_after(testbed, tmp_path):
+def test_building_the_testbed_spec_moves_the_follow_rate(testbed, engine, tmp_path):
+    """A build trains; the lab measures what it did to generated text (a build never
+    scores the testbed on its own: that is the experiments' business)."""
     from behaviorc.cli import main
+    from behaviorc.engine.embedded import EmbeddedEngine
 
     spec = SPEC_DATA.parent / "testbed_listen.behavior"
     assert main(["build", str(spec), "--out", str(tmp_path), "--only", "train:listen"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    metrics = next(t for t in report["tasks"] if t["id"] == "train:listen")["metrics"]
+    trained = next(t for t in report["tasks"] if t["id"] == "train:listen")["artifacts"]["model"]
+    listen = BEHAVIORS["listen"]
+    metrics = {"rate_before": behavior_rate(engine, listen.eval_prompts(), listen).rate,
+               "rate_after": behavior_rate(EmbeddedEngine.load(trained, "float32", "cpu"),
+                                           listen.eval_prompts(), listen).rate}
     assert abs(metrics["rate_before"] - corpus.FOLLOW_RATE) < 0.1
     assert metrics["rate_after"] > metrics["rate_before"] + 0.3, metrics
     assert metrics["margin_after"] > metrics["margin_before"]

@@ -3,6 +3,7 @@ tests/data/make_event_logs.py with the real executor)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -13,6 +14,7 @@ import pytest
 from rich.console import Console
 from textual.widgets import TabbedContent
 
+from behaviorc.core.events import EVENTS_FILE, TrainStep
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.build.commands import BuildThread
 from behaviorc.build.context import CancelSignal
@@ -40,10 +42,17 @@ def build_dir(tmp_path: Path, log: str) -> Path:
     return folder
 
 
+def as_running(lines: list[str]) -> list[str]:
+    """Log lines as a running build writes them: its pid in build_start (here, ours)."""
+    def live(line: str) -> str:
+        event = json.loads(line)
+        return json.dumps({**event, "pid": os.getpid()}) + "\n"
+    return [live(line) if '"build_start"' in line else line for line in lines]
+
+
 def mark_running(folder: Path) -> None:
-    """What a running build leaves in its store: its pid in the lock (here, ours)."""
-    (folder / ".store").mkdir(exist_ok=True)
-    (folder / ".store" / "lock").write_text(f"{os.getpid()}\n")
+    log = folder / EVENTS_FILE
+    log.write_text("".join(as_running(log.read_text().splitlines(keepends=True))))
 
 
 def text_of(renderable) -> str:
@@ -170,10 +179,9 @@ async def test_a_build_killed_before_it_finished_is_shown_as_gone(tmp_path):
 async def test_following_a_live_log_and_a_new_build_replacing_it(tmp_path):
     folder = tmp_path / "build"
     folder.mkdir()
-    lines = (DATA / "events_ok.jsonl").read_text().splitlines(keepends=True)
+    lines = as_running((DATA / "events_ok.jsonl").read_text().splitlines(keepends=True))
     log = folder / "events.jsonl"
     log.write_text("".join(lines[:40]) + lines[40][:25])  # the last line half-written
-    mark_running(folder)
     app = Dashboard(folder, now=lambda: NOW)
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(app, pilot, lambda: app.state.events_seen >= 40)
@@ -274,6 +282,7 @@ def test_the_event_names_the_task_implementations_use_are_drawn():
 
 class Quick(Task):
     kind: ClassVar[str] = "test.quick"
+    reports: ClassVar[tuple[str, ...]] = ('answer',)
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         return TaskResult(metrics={"answer": 42.0})
@@ -288,7 +297,7 @@ class Slow(Task):
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         for step in range(self.steps):
-            ctx.emit("train_step", step=step + 1, steps=self.steps, loss=1.0 / (step + 1))
+            ctx.emit(TrainStep(step=step + 1, steps=self.steps, loss=1.0 / (step + 1)))
             ctx.progress(step + 1, self.steps, "steps")
             time.sleep(0.02)
         return TaskResult()

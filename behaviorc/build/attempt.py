@@ -33,6 +33,10 @@ def attempt(task: Task, ctx: RunContext) -> Attempt:
         if not isinstance(result, TaskResult):
             raise TypeError(f"{type(task).__name__}.execute returned "
                             f"{type(result).__name__}, not a TaskResult")
+        undeclared = sorted(set(result.metrics) - set(task.reports))
+        if undeclared:  # the checker's `expect` and the report's readers would not know them
+            raise TypeError(f"{type(task).__name__} reported metrics it does not declare in "
+                            f"`reports`: {', '.join(undeclared)}")
         return Attempt("done", result=result, events=ctx.emitted)
     except (Cancelled, KeyboardInterrupt) as err:
         return Attempt("cancelled", reason=str(err) or "interrupted")
@@ -46,7 +50,6 @@ def attempt(task: Task, ctx: RunContext) -> Attempt:
 def render_failure(task: Task, err: BehaviorError) -> tuple[str, Location | None]:
     """The error's diagnostics, pointed at the task's place in the spec when the error
     itself does not say where."""
-    diagnostics = [d if d.loc is not None else Diagnostic(d.severity, d.message, task.loc, d.hint)
-                   for d in err.diagnostics]
-    loc = next((d.loc for d in diagnostics if d.loc is not None), None)
-    return "\n".join(d.render() for d in diagnostics), loc
+    err = err.with_parent_location(task.loc)
+    loc = next((d.loc for d in err.diagnostics if d.loc is not None), None)
+    return err.render(), loc

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from behaviorc.core.task import Cancelled, Task, TaskResult
-from behaviorc.core.events import EventLog
+from behaviorc.core.events import EventLog, TaskEvent
 
 EngineLoader = Callable[[str, str, str], Any]
 PROGRESS_INTERVAL = 0.2  # seconds between progress events of one task
@@ -146,8 +146,8 @@ class RunContext:
     def engine(self, model_path: str, dtype: str = "float32", device: str = "auto") -> Any:
         return self._engines.get(str(model_path), dtype, device, self.task.id)
 
-    def emit(self, type: str, **fields: Any) -> None:
-        event = self._events.emit(type, self.task.id, **fields)
+    def emit(self, event: TaskEvent) -> None:
+        event = self._events.emit(event.type, self.task.id, **event.fields())
         self.emitted.append({k: v for k, v in event.items() if k not in ("t", "task")})
 
     def progress(self, done: int, total: int, what: str = "") -> None:

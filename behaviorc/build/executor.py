@@ -17,6 +17,7 @@ runs here, one at a time, in plan order.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import threading
@@ -29,7 +30,6 @@ from typing import Iterator, Sequence
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.core.task import Task, TaskResult
-from behaviorc.build.kinds import ResolveModel
 from behaviorc.build.attempt import Attempt, attempt, render_failure
 from behaviorc.build.context import CancelSignal, EngineLoader, EnginePool, RunContext, load_embedded_engine
 from behaviorc.core.events import EVENTS_FILE, EventLog, Listener, location_fields
@@ -133,7 +133,7 @@ class Executor:
         self.events.open()
         try:
             self.events.emit("build_start", None, spec=self.spec_path, spec_sha256=self.spec_sha256,
-                             out=str(self.out), tasks=[_plan_entry(r) for r in records])
+                             out=str(self.out), pid=os.getpid(), tasks=[_plan_entry(r) for r in records])
             report.write()
             parallel = self.jobs.most > 1 and any(t.parallel_safe for t in tasks)
             self._schedule(records, report, WorkerPool(self.jobs, self.engines.loader) if parallel else None)
@@ -213,7 +213,9 @@ class Executor:
         for failure in self.store.wait_durable():
             self.events.emit("store_sync_failed", None, error=failure)
         cancelled = self.cancel.is_set()
-        report.verdicts = judge(self.expectations, records)
+        report.verdicts = judge(self.expectations, {
+            r.task.id: r.result for r in records
+            if r.status in ("done", "cached") and r.result is not None})
         report.write(finished=True, cancelled=cancelled)
         outcome = BuildOutcome(records, cancelled, report.path, self.events.path, report.verdicts)
         for verdict in outcome.unmet:
@@ -348,12 +350,12 @@ class Executor:
 
 
 def _model_keys(task: Task) -> set[str]:
-    """The ResolveModel tasks a task reads its model from."""
-    return {u.key for u in task.arguments().values() if isinstance(u, ResolveModel)}
+    """The model tasks whose folders a task loads."""
+    return {model.key for model in task.models()}
 
 
 def _model_users(tasks: list[Task]) -> dict[str, int]:
-    """For each ResolveModel (by key), how many tasks read its model directly."""
+    """For each model task (by key), how many tasks load its model."""
     users: dict[str, int] = {}
     for task in tasks:
         for key in _model_keys(task):

@@ -9,11 +9,11 @@ the build fails for those tasks already, or did not try them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import Diagnostic, Location
-from behaviorc.build.report import TaskRecord
+from behaviorc.core.task import TaskResult
 
 
 class Expectation(Protocol):
@@ -49,15 +49,15 @@ class Verdict:
                 "loc": self.loc.model_dump() if self.loc else None}
 
 
-def judge(expectations: Sequence[Expectation], records: Sequence[TaskRecord]) -> list[Verdict]:
-    by_id = {r.task.id: r for r in records}
+def judge(expectations: Sequence[Expectation], finished: Mapping[str, TaskResult]) -> list[Verdict]:
+    """Verdicts on the expectations whose task finished (`finished`: results by task id)."""
     verdicts = []
     for expectation in expectations:
-        record = by_id.get(expectation.task_id)
-        if record is None or record.status not in ("done", "cached") or record.result is None:
+        result = finished.get(expectation.task_id)
+        if result is None:
             continue
         e = expectation.expect
-        actual = record.result.metrics.get(e.metric)
+        actual = result.metrics.get(e.metric)
         met = actual is not None and expectation.holds(actual)
         verdicts.append(Verdict(expectation.task_id, e.metric, e.op, e.value, actual, met, e.loc))
     return verdicts

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from behaviorc.core import ir
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
-from behaviorc.build.plan import REPORTED_METRICS, Expectation, Plan
+from behaviorc.build.plan import Expectation, Plan
 from behaviorc.core.task import Task
 from behaviorc.build.kinds import (ComposeBehaviors, DeployModel, ExtractSteering, ExtractTaskVector,
                                   ImportModel, ImportTaskVector, ResolveModel, TrainBehavior,
@@ -92,10 +92,13 @@ class _Lowering:
         elif b.external:
             self.vectors[b.name] = self._add(ImportTaskVector(
                 name=b.name, model=model, external=b.external, loc=b.external.loc))
+        # Training answers for the lasting effect, verification for the steered one (the
+        # checker has made sure one of them reports each metric).
+        answering = [t for t in (train, verify, self.steering.get(b.name)) if t is not None]
         for expect in b.eval.expect if b.eval else ():
-            # Training reports the lasting effect; verification the steered one.
-            source = train if train and expect.metric in REPORTED_METRICS["train"] else verify
-            self.expectations.append(Expectation(source.id, expect))
+            source = next((t for t in answering if expect.metric in t.reports), None)
+            if source is not None:  # else the checker has warned that nothing measures it
+                self.expectations.append(Expectation(source.id, expect))
 
     def _handoff(self, name: str) -> ir.Deploy | None:
         """The live deploy of `name` that hands its steering over to the weights while

@@ -9,18 +9,6 @@ from typing import Any
 from behaviorc.core import ir
 from behaviorc.core.task import Task
 
-# The metrics each task kind reports (see the task classes in plan/tasks.py); the checker
-# uses them to reject an `expect` that no task of the behavior would report.
-REPORTED_METRICS: dict[str, tuple[str, ...]] = {
-    "steer.verify": ("margin_before", "margin_steered", "margin_after", "general_nll_before",
-                     "general_nll_steered"),
-    "train": ("loss_first", "loss_last", "margin_before", "margin_after", "general_nll_before",
-              "general_nll_after", "steps_skipped",
-              "steered_share"),  # distillation: the share of the steered gain the weights carry
-    "deploy": ("push_ms", "requests_failed"),
-}
-
-
 @dataclass(frozen=True)
 class Expectation:
     """An `expect` line of the spec, bound to the task whose metrics answer it."""

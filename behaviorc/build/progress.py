@@ -18,27 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from behaviorc.build.context import CancelSignal
-from behaviorc.core.state import BuildState, TaskState
-
-STATUS_STYLE = {
-    "pending": ("·", "dim"), "running": ("▶", "bold yellow"), "done": ("✓", "green"),
-    "cached": ("≡", "cyan"), "failed": ("✗", "bold red"), "skipped": ("-", "dim"),
-    "cancelled": ("■", "magenta"),
-}
-SHOWN_METRICS = 3
-# What a finished task's terminal line shows first: the behavior before and after.
-HEADLINE_METRICS = ("rate_before", "rate_after", "margin_before", "margin_after",
-                    "steered_share", "push_ms", "requests_failed")
-
-
-def format_metrics(metrics: dict[str, float], limit: int = SHOWN_METRICS) -> str:
-    return "  ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:limit])
-
-
-def headline_first(metrics: dict[str, float]) -> dict[str, float]:
-    first = {k: metrics[k] for k in HEADLINE_METRICS if k in metrics}
-    return {**first, **{k: v for k, v in metrics.items() if k not in first}}
-
+from behaviorc.core.state import BuildState, TaskState, format_metrics, headline_first, STATUS_STYLE
 
 class TerminalProgress:
     """An event listener that draws the build; use as a context manager around it."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from behaviorc.core.diagnostics import Location
 from behaviorc.core.task import Task, TaskResult
-from behaviorc.build.store import write_json_atomic
+from behaviorc.core.atomic import write_json_atomic
 
 if TYPE_CHECKING:
     from behaviorc.build.expect import Verdict

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from behaviorc.core.atomic import write_text_atomic
 from behaviorc.core.diagnostics import Diagnostic
 
 CHECK_EPILOG = """\
@@ -126,7 +127,7 @@ def run_fmt(args: argparse.Namespace) -> int:
                 print(f"would reformat {path}", file=sys.stderr)
                 status = max(status, 1)
             else:
-                _write_atomically(path, formatted)
+                _write_keeping_mode(path, formatted)
                 print(f"formatted {path}")
     return status
 
@@ -148,14 +149,5 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
-def _write_atomically(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=".fmt-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(temp, os.stat(path).st_mode & 0o777)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+def _write_keeping_mode(path: str, text: str) -> None:
+    write_text_atomic(Path(path), text, mode=os.stat(path).st_mode & 0o777)

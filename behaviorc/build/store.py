@@ -46,12 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from behaviorc.core.atomic import write_json_atomic
+from behaviorc.core.files import sha256_file
+from behaviorc.core.state import process_alive
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.core.task import Task, TaskResult
 
 RESULT_FILE = "result.json"
 STORE_FORMAT = 2
-_HASH_CHUNK = 1 << 20
 _SYNC_THREADS = 8
 SCRATCH_SUFFIX = ".scratch"
 _PASSING_MARKS = (".tmp-", ".old-")  # staging of a result, or a result being removed
@@ -104,15 +106,7 @@ class Store:
             pid = int((self.root / "lock").read_text().strip() or 0)
         except (OSError, ValueError):
             return None
-        if pid <= 0:
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass  # alive, another user's
-        return pid
+        return pid if process_alive(pid) else None
 
     def release(self) -> list[str]:
         """Wait until every entry this build stored is on disk, then let the store go.
@@ -178,7 +172,7 @@ class Store:
                 raise InvalidEntry(f"{RESULT_FILE} changed on disk")
             manifest: dict[str, str] = record["manifest"]
             for name, digest in manifest.items():
-                actual = _sha256(folder / name)
+                actual = sha256_file(folder / name)
                 if actual != digest:
                     raise InvalidEntry(f"{name} changed on disk (sha256 {actual[:12]}, "
                                        f"expected {digest[:12]})")
@@ -226,7 +220,7 @@ class Store:
         _check_artifacts(task, staging, result)
         manifest = {}
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-            manifest[path.relative_to(staging).as_posix()] = _sha256(path)
+            manifest[path.relative_to(staging).as_posix()] = sha256_file(path)
         record: dict[str, Any] = {
             "format": STORE_FORMAT,
             "key": task.key,
@@ -278,14 +272,6 @@ def _record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _sync_entry(entry: Path, root: Path) -> None:
     """fsync an entry's files, its folders, then the store folder holding its name."""
     try:
@@ -301,26 +287,12 @@ def _sync_entry(entry: Path, root: Path) -> None:
     _fsync_dir(root)
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so readers see the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_synced(tmp, json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _scratch_key(name: str) -> str | None:

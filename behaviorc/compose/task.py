@@ -6,13 +6,16 @@ Failures on files the spec named are reported at the spec line that named them.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
+from typing import ClassVar
 
-from behaviorc.core.diagnostics import BehaviorError, Location
-from behaviorc.core.task import TaskContext, TaskResult
-from behaviorc.build.kinds import ComposeBehaviors, ExtractTaskVector, ImportModel, ImportTaskVector
+from behaviorc.core import ir
+from behaviorc.core.metrics import COMPOSE, TASK_VECTOR
+
+from pathlib import Path
+
+from behaviorc.core.diagnostics import located_at
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.model.task import ResolveModel
 
 TASK_VECTOR_FILE = "task_vector.safetensors"
 MODEL_FOLDER = "model"
@@ -24,7 +27,7 @@ def import_model(task: ImportModel, ctx: TaskContext) -> TaskResult:
     from behaviorc.model.loading import validate_model_folder
 
     path = Path(task.external.path)
-    with _located(task.external.loc or task.loc):
+    with located_at(task.external.loc or task.loc):
         adapter = validate_model_folder(path, task.external.loc)
     return TaskResult(artifacts={"model": str(path)},
                       data={"path": str(path), "family": adapter.family,
@@ -38,7 +41,7 @@ def import_task_vector(task: ImportTaskVector, ctx: TaskContext) -> TaskResult:
 
     path = Path(task.external.path)
     base = ctx.result(task.model).data["path"]
-    with _located(task.external.loc or task.loc):
+    with located_at(task.external.loc or task.loc):
         metadata = check_task_vector(path, Path(base))
     return TaskResult(artifacts={"task_vector": str(path)},
                       data={"sha256": task.external.fingerprint.removeprefix("sha256:")
@@ -51,9 +54,9 @@ def extract_task_vector(task: ExtractTaskVector, ctx: TaskContext) -> TaskResult
     from behaviorc.compose.taskvector import extract_task_vector as extract
 
     base = ctx.result(task.model).data["path"]
-    finetuned = ctx.result(task.finetuned).path("model")
+    finetuned = ctx.result(task.finetuned).path(task.finetuned.artifact("model"))
     ctx.progress(0, 1, f"tau = {finetuned.name} - base")
-    with _located(task.loc):
+    with located_at(task.loc):
         metadata = extract(Path(base), finetuned, ctx.out / TASK_VECTOR_FILE, source=task.name,
                            base_fingerprint=task.model.decl.fingerprint,
                            metadata={"task_key": task.key})
@@ -76,7 +79,7 @@ def compose_behaviors(task: ComposeBehaviors, ctx: TaskContext) -> TaskResult:
              weight=term.weight, sha256=ctx.result(vector).data.get("sha256", ""))
         for term, vector in zip(spec.terms, task.vectors))
     spec_path = spec.loc.file if spec.loc else ""
-    with _located(spec.loc or task.loc):
+    with located_at(spec.loc or task.loc):
         record = compose(
             Composition(base=Path(ctx.result(task.model).data["path"]), terms=terms,
                         options=MergeOptions.from_ir(spec.merge), name=spec.name,
@@ -87,7 +90,7 @@ def compose_behaviors(task: ComposeBehaviors, ctx: TaskContext) -> TaskResult:
             ctx.out / MODEL_FOLDER, progress=ctx.progress)
     artifacts = {"model": MODEL_FOLDER}
     if task.steering:
-        with _located(spec.loc or task.loc):
+        with located_at(spec.loc or task.loc):
             _compose_steering(task, ctx)
         artifacts["steering"] = STEERING_FILE
     return TaskResult(artifacts=artifacts, data={"provenance": record},
@@ -100,20 +103,66 @@ def _compose_steering(task: ComposeBehaviors, ctx: TaskContext) -> None:
 
     by_behavior = {steering.name: steering for steering in task.steering}
     strength = dict(zip(by_behavior, task.steering_strengths))
-    weighted = [(load_steering(ctx.result(by_behavior[term.behavior]).path("vectors"),
-                               task.compose.loc), term.weight * strength[term.behavior])
+    def vectors(steering: Task):
+        return load_steering(ctx.result(steering).path(steering.artifact("steering")), task.compose.loc)
+
+    weighted = [(vectors(by_behavior[term.behavior]), term.weight * strength[term.behavior])
                 for term in task.compose.terms if term.behavior in by_behavior]
     save_steering(combine(weighted, provenance=task.compose.expression),
                   ctx.out / STEERING_FILE)
 
 
-@contextmanager
-def _located(loc: Location | None) -> Iterator[None]:
-    """Give an error about a file the spec named the location of the spec line."""
-    try:
-        yield
-    except BehaviorError as err:
-        first = err.diagnostics[0]
-        if first.loc is not None or loc is None or len(err.diagnostics) > 1:
-            raise
-        raise BehaviorError(str(err), loc, hint=first.hint) from None
+class ImportModel(Task):
+    """A fine-tuned model folder trained elsewhere. artifacts: model (the folder itself)."""
+
+    kind: ClassVar[str] = "import.model"
+    provides: ClassVar[dict[str, str]] = {"model": "model"}
+    external: ir.External
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return import_model(self, ctx)
+
+
+class ImportTaskVector(Task):
+    """A task-vector file made elsewhere, checked against the base. artifacts: task_vector."""
+
+    kind: ClassVar[str] = "import.task_vector"
+    provides: ClassVar[dict[str, str]] = {"task_vector": "task_vector"}
+    model: ResolveModel
+    external: ir.External
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return import_task_vector(self, ctx)
+
+
+class ExtractTaskVector(Task):
+    """tau = W_finetuned - W_base over the tensors that differ. artifacts: task_vector."""
+
+    kind: ClassVar[str] = "task_vector"
+    reports: ClassVar[tuple[str, ...]] = TASK_VECTOR
+    provides: ClassVar[dict[str, str]] = {"task_vector": "task_vector"}
+    model: ResolveModel
+    finetuned: Task  # provides "model": trained here or imported
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return extract_task_vector(self, ctx)
+
+
+class ComposeBehaviors(Task):
+    """W_base + merge(weight_i * tau_i) as a model folder, and the same combination of
+    the behaviors' steering vectors. artifacts: model, steering (when any term steers).
+    data: provenance (expression, terms, vector hashes)."""
+
+    kind: ClassVar[str] = "compose"
+    reports: ClassVar[tuple[str, ...]] = COMPOSE
+    provides: ClassVar[dict[str, str]] = {"model": "model", "steering": "steering"}
+    model: ResolveModel
+    compose: ir.Compose
+    vectors: tuple[ExtractTaskVector | ImportTaskVector, ...]  # aligned with compose.terms
+    steering: tuple[Task, ...]  # each provides "steering";  # for the terms whose behavior steers, by name
+    # Each of `steering`'s behavior strengths, in order: a composed vector is
+    # sum(weight * strength * vector), served at strength 1.
+    steering_strengths: tuple[float, ...]
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return compose_behaviors(self, ctx)

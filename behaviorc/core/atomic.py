@@ -7,12 +7,13 @@ temporary is removed and the target is left as it was.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
 
@@ -52,6 +53,25 @@ def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def write_text_atomic(target: Path, text: str, *, sync: bool = False, mode: int | None = None) -> None:
+    """Replace `target` with `text` (UTF-8): readers see the old file or the new one, never
+    a part. `sync` makes the new content durable before it takes the name (the store's
+    records); `mode` sets its permission bits (a reformatted spec keeps its own)."""
+    with atomic_file(target, overwrite=True) as staging:
+        with open(staging, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(staging, mode)
+
+
+def write_json_atomic(target: Path, data: Any) -> None:
+    """JSON, durably, that readers see whole or not at all."""
+    write_text_atomic(target, json.dumps(data, indent=1), sync=True)
 
 
 def _refuse_existing(target: Path, overwrite: bool) -> None:

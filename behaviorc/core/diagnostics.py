@@ -12,9 +12,10 @@ run time that fails on data the spec named):
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -110,6 +111,27 @@ class BehaviorError(Exception):
 
     def render(self) -> str:
         return "\n".join(d.render() for d in self.diagnostics)
+
+    def with_parent_location(self, loc: Location | None) -> "BehaviorError":
+        """This error seen from `loc`, the place that named what failed (a spec line, a
+        config field): its diagnostics that do not say where now say `loc`; those that
+        do keep their own place. The one way an error moves to a new location."""
+        if loc is None or all(d.loc is not None for d in self.diagnostics):
+            return self
+        return BehaviorError(str(self), diagnostics=[
+            d if d.loc is not None else replace(d, loc=loc) for d in self.diagnostics])
+
+
+@contextmanager
+def located_at(loc: Location | None) -> Iterator[None]:
+    """Errors raised in the block without a place of their own are placed at `loc`."""
+    try:
+        yield
+    except BehaviorError as err:
+        moved = err.with_parent_location(loc)
+        if moved is err:
+            raise
+        raise moved from None
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

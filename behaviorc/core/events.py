@@ -6,7 +6,7 @@ seconds), `type` and `task` (the task id, or null for build-wide events).
 
 Emitted by the executor:
 
-    build_start   spec, spec_sha256, out, tasks: [{id, kind, key, deps, loc}]
+    build_start   spec, spec_sha256, out, pid (of the build process), tasks: [{id, kind, key, deps, loc}]
     task_start    kind, key
     progress      done, total, what          (throttled to a few per second per task)
     cache_invalid reason                     (a stored result failed verification; rebuilt)
@@ -23,21 +23,9 @@ Emitted by the executor:
 A cached task's own events (those below) are emitted again, with `replayed: true`,
 just before its task_end, so a rebuild's log shows what the stored result came from.
 
-Emitted by tasks through `ctx.emit` (the dashboard draws these; other types are listed
-in its log panel as they come):
-
-    train_step    step, steps, loss, [lr], [margin]   one per optimizer step (or every k)
-    train_eval    step, margin                        the behavior margin during training
-    steer_sweep   strength, margin, [general_nll]     one per strength tried
-                  (steer.point, as steer/tasks.py names it, is read the same way)
-    compose_weights  terms: [{behavior, weight}], merge  (else read from the compose
-                  task's result data["provenance"])
-    server_health url, ok, [latency_ms], [detail]
-    push          url, ok, ms, [step], [error]
-    deploy.push   urls, push_ms, requests_failed     (engine/tasks.py: one all-or-nothing
-                  push to several servers)
-    experiment.point  point, [rate, rate_stderr, malformed, margin, general_nll,
-                  arithmetic_accuracy]            (experiments/measure.py: one measured point)
+Emitted by tasks through `ctx.emit`: the `TaskEvent` classes below, each with its
+fields. Every one of them is folded by the dashboard's state (`behaviorc.core.state`);
+a test holds this.
 """
 
 from __future__ import annotations
@@ -45,8 +33,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, ClassVar, TextIO
 
 from behaviorc.core.diagnostics import Location
 
@@ -135,3 +124,136 @@ def read_events(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return events
+
+
+# --- what tasks emit ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """An event a task emits as it works; `type` is its name in the log."""
+
+    type: ClassVar[str]
+
+    def fields(self) -> dict[str, Any]:
+        """The event's fields as written: an optional field left at None is left out."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class TrainStep(TaskEvent):
+    """One optimizer step."""
+
+    type: ClassVar[str] = "train_step"
+    step: int
+    steps: int
+    loss: float
+    grad_norm: float | None = None
+    lr: float | None = None
+    limiter: int | None = None  # limiter activations in this step
+    tokens_per_s: float | None = None
+    skipped: bool | None = None  # the NaN/inf guard dropped the step
+    margin: float | None = None  # the behavior margin, when measured at this step
+
+
+@dataclass(frozen=True)
+class TrainEval(TaskEvent):
+    """The behavior margin of the training weights (steering off) at a step."""
+
+    type: ClassVar[str] = "train_eval"
+    step: int
+    margin: float
+    margin_steered: float | None = None  # at step 0, when the task carries steering
+    steered_share: float | None = None  # at the last step, when there was a steered gain
+
+
+@dataclass(frozen=True)
+class SteerPoint(TaskEvent):
+    """One strength of a steering verification sweep."""
+
+    type: ClassVar[str] = "steer.point"
+    strength: float
+    margin: float
+    general_nll: float | None = None
+
+
+@dataclass(frozen=True)
+class SteerLayers(TaskEvent):
+    """How well each layer separates the pairs, and the one `layers auto` chose."""
+
+    type: ClassVar[str] = "steer.layers"
+    scores: list[dict[str, float]]
+    chosen: int
+
+
+@dataclass(frozen=True)
+class DistillData(TaskEvent):
+    """What distillation sampled and kept."""
+
+    type: ClassVar[str] = "distill.data"
+    generated: int
+    kept: int
+    empty: int
+    mean_score: float
+    engine: str  # embedded | vllm
+
+
+@dataclass(frozen=True)
+class TrainNote(TaskEvent):
+    """Something about a training run a reader should know (e.g. no steered gain)."""
+
+    type: ClassVar[str] = "distill.note"
+    message: str
+
+
+@dataclass(frozen=True)
+class HandoffServed(TaskEvent):
+    """A live hand-off's served behavior after a change of weights or strength."""
+
+    type: ClassVar[str] = "distill.served"
+    step: int
+    strength: float
+    served_margin: float
+    weights_margin: float
+
+
+@dataclass(frozen=True)
+class Push(TaskEvent):
+    """A push of weights into one live server."""
+
+    type: ClassVar[str] = "push"
+    url: str
+    ms: float
+    ok: bool = True
+    step: int | None = None
+    strength: float | None = None
+    served_margin: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DeployPush(TaskEvent):
+    """One all-or-nothing push of a model into several live servers."""
+
+    type: ClassVar[str] = "deploy.push"
+    urls: list[str]
+    push_ms: float
+    requests: int
+    requests_failed: int
+
+
+@dataclass(frozen=True)
+class ExperimentPoint(TaskEvent):
+    """One measured point of an experiment; its metrics are written as fields."""
+
+    type: ClassVar[str] = "experiment.point"
+    point: str
+    values: dict[str, float]
+
+    def fields(self) -> dict[str, Any]:
+        return {"point": self.point, **self.values}
+
+
+TASK_EVENTS: tuple[type[TaskEvent], ...] = (TrainStep, TrainEval, SteerPoint, SteerLayers,
+                                             DistillData, TrainNote, HandoffServed, Push,
+                                             DeployPush, ExperimentPoint)

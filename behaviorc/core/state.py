@@ -6,11 +6,34 @@ build and a replayed log look the same.
 from __future__ import annotations
 
 import json
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 RECENT_EVENTS = 500  # events kept for the log panel
+
+
+# How the terminal and the dashboard show a task's status and numbers.
+STATUS_STYLE = {
+    "pending": ("·", "dim"), "running": ("▶", "bold yellow"), "done": ("✓", "green"),
+    "cached": ("≡", "cyan"), "failed": ("✗", "bold red"), "skipped": ("-", "dim"),
+    "cancelled": ("■", "magenta"),
+}
+SHOWN_METRICS = 3
+# What a finished task's terminal line shows first: the behavior before and after.
+HEADLINE_METRICS = ("margin_before", "margin_steered", "margin_after", "steered_share",
+                    "push_ms", "requests_failed")
+
+
+def format_metrics(metrics: dict[str, float], limit: int = SHOWN_METRICS) -> str:
+    return "  ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:limit])
+
+
+def headline_first(metrics: dict[str, float]) -> dict[str, float]:
+    first = {k: metrics[k] for k in HEADLINE_METRICS if k in metrics}
+    return {**first, **{k: v for k, v in metrics.items() if k not in first}}
+
 
 
 @dataclass
@@ -44,6 +67,7 @@ class BuildState:
     spec: str = ""
     spec_sha256: str = ""
     out: str = ""
+    pid: int | None = None  # of the process running the build
     started: float | None = None
     last_t: float | None = None
     finished: bool = False
@@ -53,8 +77,11 @@ class BuildState:
     losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     train_margins: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     sweeps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    weights: dict[str, dict[str, Any]] = field(default_factory=dict)
-    health: dict[str, dict[str, Any]] = field(default_factory=dict)
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)  # a composition's terms
+    layer_scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # `layers auto`
+    distilled: dict[str, dict[str, Any]] = field(default_factory=dict)  # what distillation kept
+    notes: dict[str, list[str]] = field(default_factory=dict)  # training notes, by task
+    served: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # step, margin, strength
     pushes: list[dict[str, Any]] = field(default_factory=list)
     points: dict[str, dict[str, float]] = field(default_factory=dict)  # an experiment's measurements
     unmet: list[dict[str, Any]] = field(default_factory=list)  # `expect` lines that did not hold
@@ -96,6 +123,7 @@ class BuildState:
         fresh = BuildState(events_seen=self.events_seen)
         self.__dict__.update(fresh.__dict__)
         self.spec, self.spec_sha256, self.out = event.get("spec", ""), event.get("spec_sha256", ""), event.get("out", "")
+        self.pid = event.get("pid")
         self.started = event.get("t")
         for entry in event.get("tasks", []):
             self.tasks[entry["id"]] = TaskState(entry["id"], entry.get("kind", ""), entry.get("key", ""),
@@ -136,7 +164,7 @@ class BuildState:
     def _on_build_end(self, event: dict[str, Any]) -> None:
         self.finished, self.ok, self.cancelled = True, bool(event.get("ok")), bool(event.get("cancelled"))
 
-    # --- task events ------------------------------------------------------------------
+    # --- task events (behaviorc.core.events.TASK_EVENTS) --------------------------------
 
     def _on_train_step(self, event: dict[str, Any]) -> None:
         if "steps" in event:  # steps are the progress of training, whatever progress said last
@@ -150,35 +178,51 @@ class BuildState:
         self.train_margins.setdefault(event["task"], []).append(
             (int(event.get("step", 0)), float(event["margin"])))
 
-    def _on_steer_sweep(self, event: dict[str, Any]) -> None:
+    def _on_steer_point(self, event: dict[str, Any]) -> None:
         point = {k: event[k] for k in ("strength", "margin", "general_nll") if k in event}
         self.sweeps.setdefault(event["task"], []).append(point)
 
-    def _on_compose_weights(self, event: dict[str, Any]) -> None:
-        self.weights[event["task"]] = {"terms": list(event.get("terms", [])), "merge": event.get("merge")}
+    def _on_steer_layers(self, event: dict[str, Any]) -> None:
+        self.layer_scores[event["task"]] = {"scores": list(event.get("scores", [])),
+                                            "chosen": event.get("chosen")}
 
-    def _on_server_health(self, event: dict[str, Any]) -> None:
-        self.health[event.get("url", "?")] = {k: v for k, v in event.items() if k not in ("type", "url")}
+    def _on_distill_data(self, event: dict[str, Any]) -> None:
+        self.distilled[event["task"]] = {k: event[k] for k in ("generated", "kept", "empty",
+                                                               "mean_score", "engine") if k in event}
+
+    def _on_distill_note(self, event: dict[str, Any]) -> None:
+        self.notes.setdefault(event["task"], []).append(str(event.get("message", "")))
+
+    def _on_distill_served(self, event: dict[str, Any]) -> None:
+        self.served.setdefault(event["task"], []).append(
+            (int(event.get("step", 0)), float(event.get("served_margin", 0.0)), float(event.get("strength", 0.0))))
 
     def _on_push(self, event: dict[str, Any]) -> None:
         self.pushes.append({k: v for k, v in event.items() if k != "type"})
-
-    # The names the task implementations emit (steer/tasks.py, engine/tasks.py,
-    # experiments/measure.py).
-
-    def _on_experiment_point(self, event: dict[str, Any]) -> None:
-        """One measured point of an experiment: its numbers, by task id."""
-        self.points[event["task"]] = {k: float(v) for k, v in event.items() if k != "t"
-                                      and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-    def _on_steer_point(self, event: dict[str, Any]) -> None:
-        self._on_steer_sweep(event)
 
     def _on_deploy_push(self, event: dict[str, Any]) -> None:
         """One push to several servers, all or nothing: a row per server."""
         for url in event.get("urls", []):
             self._on_push({"task": event.get("task"), "url": url, "ok": True, "ms": event.get("push_ms", 0.0),
                            "requests_failed": event.get("requests_failed")})
+
+    def _on_experiment_point(self, event: dict[str, Any]) -> None:
+        """One measured point of an experiment: its numbers, by task id."""
+        self.points[event["task"]] = {k: float(v) for k, v in event.items() if k != "t"
+                                      and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def process_alive(pid: int | None) -> bool:
+    """Whether process `pid` runs (a build killed with -9 never says it ended)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
 
 
 def summarize(event: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Iterator, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from behaviorc.core.diagnostics import Location
+from behaviorc.core.events import TaskEvent
 
 
 class TaskResult(BaseModel):
@@ -50,7 +51,7 @@ class TaskContext(Protocol):
         """A shared EmbeddedEngine for a model folder; the executor frees it when no
         remaining task needs that model."""
 
-    def emit(self, type: str, **fields: Any) -> None:
+    def emit(self, event: TaskEvent) -> None:
         """Append an event (with this task's id) to events.jsonl, e.g. a training step."""
 
     def progress(self, done: int, total: int, what: str = "") -> None:
@@ -77,6 +78,12 @@ class Task(BaseModel):
     # server or state shared with other tasks leaves it False and runs in the build's
     # own process, alone. A kind may make it a property when it depends on the fields.
     parallel_safe: ClassVar[bool] = False
+    # The metrics a result may carry (a tuple from behaviorc.core.metrics); the executor
+    # refuses a result with any other, so the checker's `expect` always knows them.
+    reports: ClassVar[tuple[str, ...]] = ()
+    # What a result offers downstream tasks, by role ("model", "steering"): the artifact
+    # name holding it. A consumer asks its upstream task, whatever that task's kind.
+    provides: ClassVar[dict[str, str]] = {}
 
     name: str  # the behavior, composition or model this task is about
     loc: Location | None = Field(default=None, exclude=True)
@@ -113,6 +120,16 @@ class Task(BaseModel):
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
+
+    def artifact(self, role: str) -> str:
+        """The name of the artifact that holds what this task provides as `role`."""
+        return self.provides[role]
+
+    def models(self) -> tuple["Task", ...]:
+        """The model tasks whose folders this task loads: by convention its `model` field.
+        The executor frees a model's engine once no remaining task needs it."""
+        model = getattr(self, "model", None)
+        return (model,) if isinstance(model, Task) else ()
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         raise NotImplementedError(f"{type(self).__name__}.execute")

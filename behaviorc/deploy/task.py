@@ -9,12 +9,17 @@ counts those that failed (the claim is zero).
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-from pathlib import Path
+from typing import ClassVar
 
-from behaviorc.core.diagnostics import BehaviorError, Diagnostic
-from behaviorc.core.task import TaskContext, TaskResult
-from behaviorc.build.kinds import ComposeBehaviors, DeployModel
+from behaviorc.core import ir
+from behaviorc.core.events import DeployPush
+from behaviorc.core.metrics import DEPLOY
+
+from contextlib import ExitStack
+
+from behaviorc.core.diagnostics import located_at
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.model.task import ResolveModel
 
 
 def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
@@ -23,7 +28,7 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
     from behaviorc.engine.vllm.traffic import RequestLoop
     from behaviorc.engine.vllm.client import VLLMEngine
 
-    folder = ctx.result(task.source).path("model")
+    folder = ctx.result(task.source).path(task.source.artifact("model"))
     with ExitStack() as stack:
         if task.deploy.urls == "auto":
             ctx.progress(0, 3, "starting a vLLM server")
@@ -34,17 +39,17 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
         ctx.check_cancelled()
         ctx.progress(1, 3, f"pushing {folder.name} to {len(urls)} server(s)")
         with RequestLoop(urls, threads=1) as probes:
-            report = _located(task, lambda: push_weights(urls, folder))
-        ctx.emit("deploy.push", urls=urls, push_ms=report.seconds * 1000.0,
-                 requests=len(probes.requests), requests_failed=len(probes.failed))
+            with located_at(task.deploy.loc):
+                report = push_weights(urls, folder)
+        ctx.emit(DeployPush(urls=urls, push_ms=report.seconds * 1000.0,
+                            requests=len(probes.requests), requests_failed=len(probes.failed)))
         steered = []
         if task.deploy.steering and task.steering is not None:
             ctx.progress(2, 3, "turning steering on")
             directions = _steering_directions(task, ctx)
             for url in urls:
-                with VLLMEngine(url) as engine:
-                    _located(task, lambda: engine.set_steering(directions,
-                                                              task.steering_strength))
+                with VLLMEngine(url) as engine, located_at(task.deploy.loc):
+                    engine.set_steering(directions, task.steering_strength)
             steered = sorted(directions)
         ctx.progress(3, 3, "deployed")
     return TaskResult(
@@ -58,18 +63,21 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
 def _steering_directions(task: DeployModel, ctx: TaskContext) -> dict:
     from behaviorc.formats.steering import load_steering
 
-    result = ctx.result(task.steering)
-    name = "steering" if isinstance(task.steering, ComposeBehaviors) else "vectors"
-    return dict(load_steering(Path(result.path(name)), task.deploy.loc).directions)
+    path = ctx.result(task.steering).path(task.steering.artifact("steering"))
+    return dict(load_steering(path, task.deploy.loc).directions)
 
 
-def _located(task: DeployModel, call):
-    """Run `call`; a BehaviorError without a place gets the deploy statement's."""
-    try:
-        return call()
-    except BehaviorError as err:
-        if task.deploy.loc is None or any(d.loc for d in err.diagnostics):
-            raise
-        raise BehaviorError(str(err), diagnostics=[
-            Diagnostic(d.severity, d.message, task.deploy.loc, d.hint)
-            for d in err.diagnostics]) from None
+class DeployModel(Task):
+    """Push a model folder (and optionally steering) into live vLLM servers, all or
+    nothing across replicas. metrics: core.DEPLOY. data: urls."""
+
+    kind: ClassVar[str] = "deploy"
+    reports: ClassVar[tuple[str, ...]] = DEPLOY
+    deploy: ir.Deploy
+    model: ResolveModel
+    source: Task  # provides "model": trained, imported or composed
+    steering: Task | None = None  # provides "steering"
+    steering_strength: float = 1.0  # the behavior's steer strength (1.0 for a composition)
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return deploy_model(self, ctx)

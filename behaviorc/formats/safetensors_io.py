@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
+from behaviorc.core.files import sha256_file
 from behaviorc.core.diagnostics import BehaviorError
 
 # How each safetensors dtype is held in numpy.
@@ -154,19 +154,22 @@ class SafetensorsFile:
             raise
 
     def _read_header(self) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+        """The header, checked against the file's size: truncation, a corrupt header and
+        unknown dtypes are found without reading a tensor."""
         size = os.fstat(self._handle.fileno()).st_size
         raw_length = self._handle.read(8)
         if len(raw_length) < 8:
-            raise self._corrupt("shorter than a safetensors header")
+            raise self._problem(f"is truncated: {size} bytes, not even a header")
         (header_length,) = struct.unpack("<Q", raw_length)
         if header_length > min(_MAX_HEADER_BYTES, size - 8):
-            raise self._corrupt("header length is larger than the file")
+            raise self._problem(f"is truncated or corrupt: its header claims {header_length} "
+                                f"bytes, the file has {size}")
         try:
             header = json.loads(self._handle.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise self._corrupt(f"header is not JSON ({err})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._problem("is corrupt: its header is not JSON") from None
         if not isinstance(header, dict):
-            raise self._corrupt("header is not a JSON object")
+            raise self._problem("is corrupt: its header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
         data_start = 8 + header_length
         tensors: dict[str, TensorInfo] = {}
@@ -176,17 +179,21 @@ class SafetensorsFile:
                 shape = tuple(int(s) for s in entry["shape"])
                 begin, end = (int(x) for x in entry["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise self._corrupt(f"malformed header entry for tensor `{name}`") from None
+                raise self._problem(f"is corrupt: bad header entry for `{name}`") from None
             if dtype not in STORAGE:
-                raise self._corrupt(f"tensor `{name}` has unknown dtype {dtype}")
+                raise self._problem(f"has tensor `{name}` of unknown dtype `{dtype}`")
             info = TensorInfo(name, dtype, shape, self.path, data_start + begin, end - begin)
-            if info.nbytes != info.numel * STORAGE[dtype].itemsize or data_start + end > size:
-                raise self._corrupt(f"tensor `{name}` does not fit its shape or the file")
+            if begin < 0 or info.nbytes != info.numel * STORAGE[dtype].itemsize:
+                raise self._problem(f"is corrupt: tensor `{name}` has the wrong byte size")
+            if data_start + end > size:
+                raise self._problem(f"is truncated: tensor `{name}` needs {end} data bytes, "
+                                    f"the file holds {size - data_start}",
+                                    hint="copy or download the file again")
             tensors[name] = info
         return {str(k): str(v) for k, v in metadata.items()}, tensors
 
-    def _corrupt(self, why: str) -> BehaviorError:
-        return BehaviorError(f"{self.path} is not a valid safetensors file: {why}")
+    def _problem(self, what: str, hint: str | None = None) -> BehaviorError:
+        return BehaviorError(f"`{self.path}` {what}", hint=hint)
 
     def read(self, name: str, rows: tuple[int, int] | None = None,
              into: np.ndarray | None = None) -> np.ndarray:
@@ -204,7 +211,7 @@ class SafetensorsFile:
         while done < nbytes:
             got = os.preadv(self._handle.fileno(), [view[done:]], offset + done)
             if got == 0:
-                raise self._corrupt(f"file ends inside tensor `{name}`")
+                raise self._problem(f"is truncated: the file ends inside tensor `{name}`")
             done += got
         return buffer.view(STORAGE[info.dtype]).reshape(shape)
 
@@ -402,19 +409,6 @@ def write_index(folder: Path, shards: list[tuple[str, list[PlannedTensor]]]) -> 
     weight_map = {p.name: file_name for file_name, group in shards for p in group}
     (folder / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-
-
-def sha256_file(path: Path, window: int = 16 * 1024 * 1024) -> str:
-    # The hash reads the file's cached pages through a memory map, a window at a time:
-    # no copy into a buffer (a fifth of the time), and no more resident than a window.
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        for start in range(0, size, window):
-            with mmap.mmap(handle.fileno(), min(window, size - start), prot=mmap.PROT_READ,
-                           offset=start) as mapped:
-                digest.update(mapped)
-    return digest.hexdigest()
 
 
 def sha256_files(paths: Iterable[Path]) -> str:

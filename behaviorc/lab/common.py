@@ -10,7 +10,6 @@ plots and `summary.md` are written beside them (each file replaced atomically).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -19,10 +18,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, did_you_mean
-from behaviorc.lab.tasks import MeasurePoint
+from behaviorc.lab.measure import MeasurePoint
 from behaviorc.build.plan import Plan
 from behaviorc.core.task import Task, TaskResult
-from behaviorc.build.kinds import ExtractSteering, ResolveModel, TrainBehavior
+from behaviorc.model.task import ResolveModel
+from behaviorc.steer.task import ExtractSteering
+from behaviorc.train.task import TrainBehavior
 
 if TYPE_CHECKING:
     from behaviorc.build.parallel import Jobs
@@ -251,7 +252,7 @@ def write_results(out: Path, results: dict[str, Any], summary: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from behaviorc.build.store import write_json_atomic
+    from behaviorc.core.atomic import atomic_file, write_json_atomic, write_text_atomic
 
     written = []
     for name, draw in plots:
@@ -259,18 +260,14 @@ def write_results(out: Path, results: dict[str, Any], summary: str,
         try:
             draw(figure)
             figure.tight_layout()
-            path = out / name
-            tmp = out / f".{name}.tmp-{os.getpid()}.png"
-            figure.savefig(tmp, dpi=110)
-            os.replace(tmp, path)
-            written.append(path)
+            with atomic_file(out / name, overwrite=True) as staging:
+                figure.savefig(staging, dpi=110, format="png")
+            written.append(out / name)
         finally:
             plt.close(figure)
     results = {**results, "plots": [p.name for p in written]}
     write_json_atomic(out / RESULTS_FILE, results)
-    tmp = out / f".{SUMMARY_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(summary)
-    os.replace(tmp, out / SUMMARY_FILE)
+    write_text_atomic(out / SUMMARY_FILE, summary)
     return [out / RESULTS_FILE, *written, out / SUMMARY_FILE]
 
 

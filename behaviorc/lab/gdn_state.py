@@ -27,7 +27,7 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.lab import common
 from behaviorc.lab.stats import bootstrap_mean
-from behaviorc.lab.tasks import GdnStates
+from behaviorc.lab.measure import GdnStates
 
 NAME = "gdn-state"
 HELP = "do GDN recurrent states move along the steering direction after training?"

@@ -1,13 +1,25 @@
-"""What the experiment tasks run: measurements of one model, steered or not."""
+"""The tasks an experiment's points are made of, beside the plan's own, and what they run:
+measurements of one model, steered or not.
+
+An experiment is a set of ordinary plan tasks (TrainBehavior for each trained point,
+ExtractSteering for each direction) plus the measurements below, all run by the build
+executor: a finished point is stored under its content key, so an experiment that was
+stopped resumes where it was, and one rerun with a bigger grid reuses every point it had.
+"""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
-from behaviorc.core.task import TaskContext, TaskResult
-from behaviorc.lab.tasks import GdnStates, MeasurePoint
+from behaviorc.core import ir
+from behaviorc.core.events import ExperimentPoint
+from behaviorc.core.metrics import EXPERIMENT_POINT
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.model.task import ResolveModel
+from behaviorc.steer.task import ExtractSteering
+from behaviorc.train.task import TrainBehavior
 
 STATES_FILE = "states.safetensors"
 
@@ -66,7 +78,7 @@ def measure_point(task: MeasurePoint, ctx: TaskContext) -> TaskResult:
             accuracy = behavior_rate(engine, arithmetic_prompts(), "arithmetic", samples=1, temperature=0.0)
             metrics["arithmetic_accuracy"] = accuracy.rate
             advance(f"arithmetic {accuracy.rate:.2f}")
-    ctx.emit("experiment.point", point=task.name, **metrics)
+    ctx.emit(ExperimentPoint(point=task.name, values=metrics))
     return TaskResult(metrics=metrics)
 
 
@@ -86,3 +98,46 @@ def gdn_states(task: GdnStates, ctx: TaskContext) -> TaskResult:
     save_file({name: torch.stack(rows).contiguous() for name, rows in states.items()}, str(path),
               metadata={"layers": ",".join(map(str, layers))})
     return TaskResult(artifacts={"states": STATES_FILE}, data={"layers": layers})
+
+
+class MeasurePoint(Task):
+    """Measure one model (the base, or a fine-tuned one) with steering off or on.
+
+    metrics, each when its input is given: rate, rate_stderr, malformed (generated replies
+    scored by the testbed behavior `score` on `users`, `samples` each), margin (on
+    `pairs`), general_nll (on `general`), arithmetic_accuracy (greedy, every sum)."""
+
+    kind: ClassVar[str] = "experiment.measure"
+    reports: ClassVar[tuple[str, ...]] = EXPERIMENT_POINT
+    parallel_safe: ClassVar[bool] = True
+    model: ResolveModel
+    weights: TrainBehavior | None = None
+    steering: ExtractSteering | None = None
+    strength: float = 0.0
+    score: str = ""
+    users: tuple[str, ...] = ()
+    samples: int = 4
+    temperature: float = 1.0
+    seed: int = 0
+    pairs: tuple[ir.Pair, ...] = ()
+    general: tuple[str, ...] = ()
+    arithmetic: bool = False
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return measure_point(self, ctx)
+
+
+class GdnStates(Task):
+    """The recurrent state of each GDN layer after reading each prompt.
+    artifacts: states (safetensors, `layer.{L}`: [prompts, heads, key dim, value dim])."""
+
+    kind: ClassVar[str] = "experiment.gdn_states"
+    parallel_safe: ClassVar[bool] = True
+    model: ResolveModel
+    weights: TrainBehavior | None = None
+    steering: ExtractSteering | None = None
+    strength: float = 0.0
+    prompts: tuple[str, ...]
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return gdn_states(self, ctx)

@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.model import testbed_corpus as corpus
-from behaviorc.model.testbed import MODEL_NAME
 
 Scorer = Callable[[str, str], str]  # (user turn, reply) -> class name
 
@@ -121,13 +120,3 @@ def behavior_rate(engine, users: Sequence[str], behavior: Behavior | str, sample
     classes = [behavior.scorer(u, r) for u, r in zip(asked, replies)]
     return Rate(positive=classes.count(behavior.positive), other=classes.count("other"),
                 total=len(classes))
-
-
-def testbed_rate(engine, model_source: str, behavior: str, when: str, samples: int = 4) -> dict[str, float]:
-    """`rate_{when}` (the generation rate on held-out prompts, sampled at T=1) when the
-    model is the testbed and the behavior one it can score; otherwise nothing. Lets a
-    plain `behaviorc build` of a testbed spec report the change in generated text."""
-    if model_source != MODEL_NAME or behavior not in BEHAVIORS:
-        return {}
-    found = BEHAVIORS[behavior]
-    return {f"rate_{when}": behavior_rate(engine, found.eval_prompts(), found, samples=samples).rate}

@@ -18,7 +18,7 @@ from typing import Any
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.lab import common
 from behaviorc.lab.stats import bootstrap_change
-from behaviorc.lab.tasks import MeasurePoint
+from behaviorc.lab.measure import MeasurePoint
 
 NAME = "steer-complexity"
 HELP = "steering a simple feature and a multi-token pattern across strengths"

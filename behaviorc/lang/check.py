@@ -20,7 +20,8 @@ from behaviorc.core.diagnostics import (BehaviorError, Diagnostic, DiagnosticSin
 from behaviorc.lang import ast
 from behaviorc.lang.data import DataFiles, resolve_path
 from behaviorc.lang.linear import canonical_text, linearize, references
-from behaviorc.lang.models import file_sha256, read_model_folder, resolve_model_source
+from behaviorc.core.files import sha256_file
+from behaviorc.lang.models import read_model_folder, resolve_model_source
 from behaviorc.lang.parse import parse_text
 from behaviorc.lang.sections import Sections
 from behaviorc.lang.values import Block, Values
@@ -290,7 +291,7 @@ class _Checker:
                                 f"paths are relative to the spec's folder, `{base or '.'}`")
                 return None
             return ir.External(kind="task_vector", path=os.path.abspath(path),
-                               fingerprint="sha256:" + file_sha256(path), loc=ext.loc)
+                               fingerprint="sha256:" + sha256_file(path), loc=ext.loc)
         return None
 
     # ---- compositions

@@ -17,7 +17,7 @@ from typing import Literal
 from behaviorc.core.diagnostics import DiagnosticSink, did_you_mean
 from behaviorc.lang import ast
 from behaviorc.lang.data import resolve_path
-from behaviorc.model.builtin import BUILDER_VERSION, BUILTINS
+from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS as BUILTINS
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 
@@ -34,7 +34,7 @@ def resolve_model_source(name: ast.Str, base_dir: str, sink: DiagnosticSink) -> 
     """A built-in name, an existing folder (relative to the spec), else a hub id."""
     source = name.value
     if source in BUILTINS:
-        layers = BUILTINS[source].config(365)["num_hidden_layers"]
+        layers = BUILTINS[source].num_layers
         return ModelSource(source, "builtin", layers, f"builtin:{source}:v{BUILDER_VERSION}")
     path = resolve_path(source, base_dir) if source.strip() else ""
     if path and os.path.exists(path):
@@ -88,11 +88,3 @@ def folder_fingerprint(path: str, config: bytes) -> str:
             stat = entry.stat()
             digest.update(f"\0{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
     return "folder:" + digest.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -8,11 +8,8 @@ from behaviorc.core.diagnostics import DiagnosticSink, Location, did_you_mean
 from behaviorc.lang import ast
 from behaviorc.lang.data import DataFiles, read_example, read_pair, read_prompt, read_text
 from behaviorc.lang.values import Block, Values, values_of
-from behaviorc.build.plan import REPORTED_METRICS
+from behaviorc.core.metrics import EXPECTABLE, STEER_EXPECTABLE, TRAIN
 
-STEER_METRICS = REPORTED_METRICS["steer.verify"]
-TRAIN_METRICS = REPORTED_METRICS["train"]
-KNOWN_METRICS = tuple(dict.fromkeys(STEER_METRICS + TRAIN_METRICS + REPORTED_METRICS["deploy"]))
 
 PAIR_LINE = '{"prompt", "positive", "negative"}'
 EXAMPLE_LINE = '{"context", "response"} or {"messages": [{"role", "content"}, ...]}'
@@ -286,17 +283,17 @@ class Sections:
             if loaded:
                 general.extend(loaded.records)
                 sources.append(loaded.source)
-        reported = set(STEER_METRICS if steers else ()) | set(TRAIN_METRICS if trains else ())
+        reported = set(STEER_EXPECTABLE if steers else ()) | set(TRAIN if trains else ())
         if not reported:
             self.sink.warning("nothing measures this eval: the behavior has no steer or train "
                               "section", section.key_loc)
         expects = []
         for setting in block.all("expect"):
             metric, op, value = setting.values
-            if metric.name not in KNOWN_METRICS:
+            if metric.name not in EXPECTABLE:
                 self.sink.error(f"unknown metric `{metric.name}`", metric.loc,
-                                did_you_mean(metric.name, KNOWN_METRICS) or
-                                f"metrics: {', '.join(KNOWN_METRICS)}")
+                                did_you_mean(metric.name, EXPECTABLE) or
+                                f"metrics: {', '.join(EXPECTABLE)}")
                 continue
             if reported and metric.name not in reported:
                 self.sink.error(f"`{behavior}` does not report `{metric.name}`", metric.loc,

@@ -1,7 +1,2 @@
-"""Measurements every task reports through: behavior margin and general NLL."""
-
-from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
-from behaviorc.measure.margin import behavior_margin, per_pair_margins
-from behaviorc.measure.nll import general_nll
-
-__all__ = ["DEFAULT_GENERAL_TEXTS", "behavior_margin", "general_nll", "per_pair_margins"]
+"""Measurements every task reports through: behavior margin (margin.py), general NLL
+(nll.py) and the default general texts (general.py)."""

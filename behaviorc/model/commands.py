@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
+from behaviorc.core.atomic import atomic_folder
 from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 
 EPILOG = """\
@@ -70,16 +69,9 @@ def write_model(args: argparse.Namespace) -> int:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise BehaviorError(f"`{target}` already exists and is not an empty folder",
                             hint="choose a new folder; nothing was written")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        quiet_transformers()
+    quiet_transformers()
+    with atomic_folder(target, overwrite=True) as staging:  # over an empty folder at most
         write_builtin(args.name, staging)
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {args.name} to {target}")
     return 0
 

@@ -12,12 +12,12 @@ import json
 import logging
 import os
 import re
-import struct
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.formats.safetensors_io import SafetensorsFile
+from behaviorc.core.diagnostics import BehaviorError, Location, located_at
 from behaviorc.model.adapter import ArchitectureAdapter
 from behaviorc.model.builtin import BUILTINS, BuildProgress, ensure_builtin
 
@@ -28,10 +28,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 DTYPES = ("float32", "bfloat16", "float16")
 # What config.json may say about the stored dtype (both spellings transformers writes).
 _CONFIG_DTYPES = {"float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "auto"}
-_SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -82,11 +78,8 @@ def validate_model_folder(path: Path, loc: Location | None = None) -> Architectu
             hint="a model folder holds config.json, *.safetensors and tokenizer files")
     config = _read_config(config_path)
     _check_config_dtype(config_path, config)
-    try:
+    with located_at(_field_location(config_path, "model_type")):
         adapter = ArchitectureAdapter.for_config(config)
-    except BehaviorError as err:
-        raise BehaviorError(str(err), _field_location(config_path, "model_type"),
-                            hint=err.diagnostics[0].hint) from None
     for weights in weight_files(path, loc):
         check_safetensors_file(weights)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
@@ -158,44 +151,8 @@ def weight_files(path: Path, loc: Location | None = None) -> list[Path]:
 
 
 def check_safetensors_file(file: Path) -> None:
-    """Check a safetensors file's header against its size: catches truncation, a corrupt
-    header and unknown dtypes without reading the tensors."""
-    size = file.stat().st_size
-    with file.open("rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise BehaviorError(f"`{file}` is truncated: {size} bytes, not even a header")
-        header_len = struct.unpack("<Q", head)[0]
-        if header_len > size - 8:
-            raise BehaviorError(
-                f"`{file}` is truncated or corrupt: its header claims {header_len} bytes, "
-                f"the file has {size}")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (ValueError, UnicodeDecodeError):
-            raise BehaviorError(f"`{file}` is corrupt: its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise BehaviorError(f"`{file}` is corrupt: its header is not a JSON object")
-    data_size = size - 8 - header_len
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise BehaviorError(f"`{file}` is corrupt: bad header entry for `{name}`") from None
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise BehaviorError(f"`{file}`: tensor `{name}` has unknown dtype `{dtype}`")
-        count = 1
-        for dim in shape:
-            count *= dim
-        if end - begin != count * _SAFETENSORS_DTYPES[dtype] or begin < 0:
-            raise BehaviorError(f"`{file}` is corrupt: tensor `{name}` has the wrong byte size")
-        if end > data_size:
-            raise BehaviorError(
-                f"`{file}` is truncated: tensor `{name}` needs {end} data bytes, "
-                f"the file holds {data_size}",
-                hint="copy or download the file again")
+    """Check a safetensors file's header against its size (no tensor is read)."""
+    SafetensorsFile(file).close()
 
 
 def resolve_device(device: str) -> str:

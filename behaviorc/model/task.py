@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-from behaviorc.core.diagnostics import BehaviorError
+from typing import ClassVar
+
+from behaviorc.core import ir
+
+from behaviorc.core.diagnostics import located_at
 from behaviorc.model.loading import resolve_model_source, validate_model_folder
-from behaviorc.core.task import TaskContext, TaskResult
-from behaviorc.build.kinds import ResolveModel
+from behaviorc.core.task import Task, TaskContext, TaskResult
 
 
 def resolve_model(task: ResolveModel, ctx: TaskContext) -> TaskResult:
     """data: path, architecture, family, num_layers, hidden_size, layer_kinds."""
     decl = task.decl
     ctx.progress(0, 1, f"resolving {decl.source}")
-    try:
+    # Problems inside the folder name their file; the others, the spec's model line.
+    with located_at(decl.loc):
         path = resolve_model_source(
             decl.source, decl.loc,
             progress=lambda step, steps, loss: ctx.progress(
                 step, steps, f"building {decl.source} (once): loss {loss:.3f}"))
         adapter = validate_model_folder(path, decl.loc)
-    except BehaviorError as err:
-        # Problems inside the folder name their file; point at the spec's model line too.
-        first = err.diagnostics[0]
-        if first.loc is not None or decl.loc is None:
-            raise
-        raise BehaviorError(str(err), decl.loc, hint=first.hint) from None
     ctx.progress(1, 1, f"{adapter.family}, {adapter.num_layers} layers")
     return TaskResult(data={
         "path": str(path),
@@ -33,3 +31,14 @@ def resolve_model(task: ResolveModel, ctx: TaskContext) -> TaskResult:
         "hidden_size": adapter.hidden_size,
         "layer_kinds": list(adapter.layer_kinds),
     })
+
+
+class ResolveModel(Task):
+    """Make a model available as a local folder (build a built-in, check a folder, find
+    a hub id in the offline cache). data: path, architecture, num_layers."""
+
+    kind: ClassVar[str] = "model"
+    decl: ir.ModelDecl
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return resolve_model(self, ctx)

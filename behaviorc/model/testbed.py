@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from behaviorc.model.builtin import BUILTINS, CHAT_TEMPLATE, SPECIAL_TOKENS
+from behaviorc.model.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_gdn_config
 from behaviorc.model.testbed_corpus import Dialogue, chat_text, corpus, tokenizer_texts
 
 MODEL_NAME = "tiny-gdn-testbed"  # its built-in name
@@ -60,7 +60,7 @@ def write_testbed(folder: Path, progress: Progress | None = None, steps: int = S
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(folder)
-    fields = {**BUILTINS["tiny-gdn"].config(len(tokenizer)), "eos_token_id": tokenizer.eos_token_id,
+    fields = {**tiny_gdn_config(len(tokenizer)), "eos_token_id": tokenizer.eos_token_id,
               "bos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     config = AutoConfig.for_model(**fields)
     began = time.perf_counter()

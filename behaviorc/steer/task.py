@@ -1,14 +1,19 @@
-"""The plan's steering tasks: ExtractSteering and VerifySteering (behaviorc.build.kinds)."""
+"""The steering tasks: ExtractSteering and VerifySteering, and what they run.
+
+The methods import torch, so they are imported when a task runs: checking and planning
+a spec never load them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import ClassVar, Literal
 
-from behaviorc.core.task import TaskContext, TaskResult
-from behaviorc.build.kinds import ExtractSteering, VerifySteering
-from behaviorc.steer.extract import extract
-from behaviorc.formats.steering import export_gguf, load_steering, save_steering
-from behaviorc.steer.verify import SweepPoint, verify
+from behaviorc.core import ir
+from behaviorc.core.events import SteerLayers, SteerPoint
+from behaviorc.core.metrics import STEER_EXTRACT, STEER_VERIFY
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.model.task import ResolveModel
 
 VECTORS_FILE = "vectors.safetensors"
 CONTROL_VECTOR_FILE = "control_vector.gguf"
@@ -20,6 +25,9 @@ def _engine(task: ExtractSteering | VerifySteering, ctx: TaskContext):
 
 
 def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
+    from behaviorc.formats.steering import export_gguf, save_steering
+    from behaviorc.steer.extract import extract
+
     engine = _engine(task, ctx)
     extraction = extract(
         engine, task.pairs, task.layers, task.method, task.read,
@@ -50,18 +58,20 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
         chosen = next(s for s in extraction.scores if s.layer == vectors.layers[0])
         data["chosen"] = chosen.layer
         metrics["separation"] = chosen.consistency
-        ctx.emit("steer.layers", scores=data["scores"], chosen=chosen.layer)
+        ctx.emit(SteerLayers(scores=data["scores"], chosen=chosen.layer))
     return TaskResult(metrics=metrics, artifacts=artifacts, data=data)
 
 
 def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
+    from behaviorc.formats.steering import load_steering
     from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
+    from behaviorc.steer.verify import SweepPoint, verify
 
     vectors = load_steering(ctx.result(task.vectors).path("vectors"), task.loc)
     engine = _engine(task, ctx)
 
     def on_point(point: SweepPoint, done: int, total: int) -> None:
-        ctx.emit("steer.point", **point.as_dict())
+        ctx.emit(SteerPoint(**point.as_dict()))
         ctx.progress(done, total, f"strength {point.strength:g}")
 
     result = verify(engine, vectors, task.strength, task.pairs,
@@ -76,3 +86,42 @@ def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
         },
         data={"strength": task.strength, "sweep": [p.as_dict() for p in result.sweep]},
     )
+
+
+class ExtractSteering(Task):
+    """Steering vectors from contrast pairs. artifacts: vectors (safetensors, a
+    `layer.{L}` tensor per layer), control_vector (GGUF). data: layers, norms, and for
+    `auto` the per-layer separation scores that chose them."""
+
+    kind: ClassVar[str] = "steer.extract"
+    reports: ClassVar[tuple[str, ...]] = STEER_EXTRACT
+    provides: ClassVar[dict[str, str]] = {"steering": "vectors"}
+    parallel_safe: ClassVar[bool] = True
+    model: ResolveModel
+    # Only what extraction reads, so changing a strength does not re-extract.
+    layers: tuple[int, ...] | Literal["auto"]
+    method: Literal["mean_diff", "pca"]
+    read: Literal["last", "mean"]
+    pairs: tuple[ir.Pair, ...]  # the extraction split
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return extract_steering(self, ctx)
+
+
+class VerifySteering(Task):
+    """The behavior margin on held-out pairs with steering off and on. metrics:
+    margin_before, margin_steered, margin_after (= margin_steered), general_nll_before,
+    general_nll_steered. data: sweep [{strength, margin, general_nll}]."""
+
+    kind: ClassVar[str] = "steer.verify"
+    reports: ClassVar[tuple[str, ...]] = STEER_VERIFY
+    parallel_safe: ClassVar[bool] = True
+    model: ResolveModel
+    vectors: ExtractSteering
+    strength: float
+    sweep: tuple[float, ...]
+    pairs: tuple[ir.Pair, ...]  # held out from extraction
+    general: tuple[str, ...]
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return verify_steering(self, ctx)

@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.engine.protocol import Engine
-from behaviorc.measure import behavior_margin, general_nll
+from behaviorc.measure.margin import behavior_margin
+from behaviorc.measure.nll import general_nll
 from behaviorc.formats.steering import SteeringVectors
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 
 from behaviorc.core import ir
+from behaviorc.core.events import HandoffServed, Push, TaskEvent, TrainEval
 from behaviorc.engine.protocol import Engine
 from behaviorc.engine.vllm.push import push_weights
 from behaviorc.engine.vllm.server import serve
@@ -42,7 +43,6 @@ from behaviorc.engine.vllm.traffic import RequestLoop
 from behaviorc.engine.vllm.client import VLLMEngine
 from behaviorc.measure.margin import behavior_margin
 from behaviorc.core.task import TaskContext
-from behaviorc.build.kinds import TrainBehavior
 
 PROBES_AT_MOST = 1_000_000  # per server: RequestLoop's default (1000) ends in minutes
 
@@ -87,22 +87,23 @@ def lowered_strength(strength: float, gain_weights: float, gain_steered: float) 
 
 
 @contextmanager
-def live_handoff(task: TrainBehavior, ctx: TaskContext, base: str, directions: Mapping[int, torch.Tensor],
-                 margin_before: float, margin_steered: float) -> Iterator["LiveHandoff | None"]:
+def live_handoff(deploy: ir.Deploy | None, ctx: TaskContext, base: str,
+                 directions: Mapping[int, torch.Tensor], strength: float, pairs: Sequence[ir.Pair],
+                 steps: int, margin_before: float, margin_steered: float) -> Iterator["LiveHandoff | None"]:
     """The hand-off of a training task whose deploy says `handoff on`, started and serving
     `base` (a model folder) steered, for the length of the block; None without one. With
     `auto` the task owns a vLLM server of `base` for as long."""
-    if task.handoff is None:
+    if deploy is None:
         yield None
         return
     with ExitStack() as stack:
-        if task.handoff.urls == "auto":
-            ctx.progress(0, task.train.steps, "starting a vLLM server")
+        if deploy.urls == "auto":
+            ctx.progress(0, steps, "starting a vLLM server")
             urls, push_base = [stack.enter_context(serve(base)).url], None
         else:
-            urls, push_base = list(task.handoff.urls), Path(base)
-        handoff = LiveHandoff(urls, directions, task.strength, task.eval_pairs, margin_before,
-                              margin_steered, push_every=task.handoff.push_every, emit=ctx.emit)
+            urls, push_base = list(deploy.urls), Path(base)
+        handoff = LiveHandoff(urls, directions, strength, pairs, margin_before,
+                              margin_steered, push_every=deploy.push_every, emit=ctx.emit)
         stack.callback(handoff.close)
         handoff.start(push_base)
         yield handoff
@@ -113,7 +114,7 @@ class LiveHandoff:
 
     def __init__(self, urls: Sequence[str], directions: Mapping[int, torch.Tensor], strength: float,
                  pairs: Sequence[ir.Pair], margin_before: float, margin_steered: float,
-                 push_every: int = 0, emit: Callable[..., None] = lambda type, **fields: None):
+                 push_every: int = 0, emit: Callable[[TaskEvent], None] = lambda event: None):
         self.urls, self.directions, self.strength = list(urls), dict(directions), strength
         self.push_every = push_every
         self.pairs, self.margin_before = pairs, margin_before
@@ -150,7 +151,7 @@ class LiveHandoff:
             self.strength, weights_margin - self.margin_before, self.gain_steered))
         if strength != self.served:
             self._steer(strength)
-        self.emit("train_eval", step=step, margin=weights_margin)
+        self.emit(TrainEval(step=step, margin=weights_margin))
         self._point(step, weights_margin, pushed)
 
     def finish(self, step: int, weights: Mapping[str, torch.Tensor], weights_margin: float) -> HandoffRecord:
@@ -191,12 +192,12 @@ class LiveHandoff:
         served_margin = behavior_margin(self._engines[0], self.pairs)
         point = ServedPoint(step, self.served, served_margin, weights_margin, push_ms)
         self.record.points.append(point)
-        self.emit("distill.served", step=step, strength=point.strength,
-                  served_margin=served_margin, weights_margin=weights_margin)
+        self.emit(HandoffServed(step=step, strength=point.strength, served_margin=served_margin,
+                                weights_margin=weights_margin))
         if push_ms:
             for url in self.urls:
-                self.emit("push", url=url, step=step, ms=push_ms, ok=True, strength=point.strength,
-                          served_margin=served_margin)
+                self.emit(Push(url=url, ms=push_ms, step=step, strength=point.strength,
+                               served_margin=served_margin))
 
 
 def trained_tensors(checkpoint_views: Mapping[str, torch.Tensor], target_names: Sequence[str]) -> dict[str, torch.Tensor]:

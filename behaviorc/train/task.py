@@ -1,116 +1,49 @@
-"""The TrainBehavior plan task: fine-tune a behavior's target groups with APOLLO.
-
-It trains a private copy of the model (the executor's shared engines stay untouched),
-measures the behavior margin and the general NLL before and after on that copy, and
-writes the fine-tuned model as a Hugging Face folder. Checkpoints go to the task's
-scratch folder when the executor offers one, so a build stopped mid-training resumes.
-With a live hand-off (`handoff on` in the behavior's deploy) the servers serve the base
-steered from the start and the trained tensors as training goes, the steering lowered by
-what the weights carry (`behaviorc.train.handoff`), as for distillation.
-"""
+"""The TrainBehavior task: train a behavior into the weights (`behaviorc.train.recipe`),
+from the spec's examples or, with `distill steering`, from what the steered model says."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
-from behaviorc.core.atomic import atomic_folder
-from behaviorc.core.diagnostics import BehaviorError
-from behaviorc.core.task import TaskContext, TaskResult
-from behaviorc.build.kinds import TrainBehavior
-
-CHECKPOINT_EVERY = 50
+from behaviorc.core import ir
+from behaviorc.core.metrics import TRAIN
+from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.model.task import ResolveModel
 
 
 def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
-    from behaviorc.train.handoff import live_handoff, trained_tensors
-    from behaviorc.engine.embedded import EmbeddedEngine
-    from behaviorc.engine.protocol import steered
-    from behaviorc.measure.margin import behavior_margin
-    from behaviorc.measure.nll import general_nll
-    from behaviorc.model.adapter import ArchitectureAdapter
-    from behaviorc.model.loading import load_model
-    from behaviorc.lab.scoring import testbed_rate
-    from behaviorc.train.data import BatchSchedule, encode_examples, encode_texts
-    from behaviorc.train.loop import StepEvent, train
+    from behaviorc.train.recipe import run_training
 
-    spec = task.train
-    if spec.distill is not None:
-        from behaviorc.train.distill import distill_behavior
-        return distill_behavior(task, ctx)
-    decl = task.model.decl
-    path = ctx.result(task.model).data["path"]
-    ctx.progress(0, spec.steps, "loading the model")
-    model, tokenizer = load_model(path, decl.dtype, decl.device)
-    adapter = ArchitectureAdapter.for_model(model)
-    try:
-        targets = adapter.parameters(model, spec.targets)
-    except BehaviorError as err:
-        raise BehaviorError(str(err), spec.loc, hint=err.diagnostics[0].hint) from None
-
-    behavior = encode_examples(tokenizer, spec.examples, spec.loc)
-    general = encode_texts(tokenizer, spec.mix.texts) if spec.mix else []
-    if not behavior:
-        raise BehaviorError(f"behavior `{task.name}` has no training examples", spec.loc,
-                            hint="add `examples \"FILE.jsonl\"` to its train block")
-    schedule = BatchSchedule(behavior, general, spec.batch, spec.mix.ratio if spec.mix else 0.0, spec.seed)
-
-    engine = EmbeddedEngine(model, tokenizer, name=decl.source, path=path)
-    metrics: dict[str, float] = {}
-    if task.eval_pairs:
-        metrics["margin_before"] = behavior_margin(engine, task.eval_pairs)
-    if task.general:
-        metrics["general_nll_before"] = general_nll(engine, task.general)
-    metrics.update(testbed_rate(engine, decl.source, task.name, "before"))
-    directions = {}
-    if task.handoff is not None:
-        from behaviorc.formats.steering import load_steering
-        directions = dict(load_steering(ctx.result(task.steering).path("vectors"), spec.loc).directions)
-        with steered(engine, directions, task.strength):
-            metrics["margin_steered"] = behavior_margin(engine, task.eval_pairs)
-
-    def trained() -> dict[str, Any]:
-        return trained_tensors(adapter.checkpoint_tensors(model), list(targets))
-
-    served: list[dict[str, Any]] = []
-    with live_handoff(task, ctx, path, directions, metrics.get("margin_before", 0.0),
-                      metrics.get("margin_steered", 0.0)) as handoff:
-
-        def on_step(event: StepEvent) -> None:
-            ctx.emit("train_step", step=event.step, loss=event.loss, grad_norm=event.grad_norm,
-                     lr=event.lr, limiter=event.limiter, tokens_per_s=event.tokens_per_s,
-                     skipped=event.skipped)
-            ctx.progress(event.step, spec.steps, f"loss {event.loss:.4f}")
-            if handoff is not None and handoff.due(event.step, spec.steps):
-                handoff.step(event.step, trained(), engine)
-
-        # The scratch folder outlives a stopped build, so a rerun resumes from the checkpoint.
-        checkpoint = ctx.scratch / "checkpoint"
-        summary = train(model, targets, schedule, spec, pad_id=tokenizer.pad_token_id, on_step=on_step,
-                        checkpoint_dir=checkpoint, checkpoint_every=CHECKPOINT_EVERY)
-        shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a rerun starts afresh
-        ctx.check_cancelled()
-
-        metrics.update(summary.metrics())
-        if task.eval_pairs:
-            metrics["margin_after"] = behavior_margin(engine, task.eval_pairs)
-        if task.general:
-            metrics["general_nll_after"] = general_nll(engine, task.general)
-        metrics.update(testbed_rate(engine, decl.source, task.name, "after"))
-        if handoff is not None:
-            record = handoff.finish(spec.steps, trained(), metrics["margin_after"])
-            metrics.update(record.metrics())
-            served = [vars(p) for p in record.points]
-
-    save_model(model, tokenizer, Path(ctx.out) / "model")
-    return TaskResult(metrics=metrics, artifacts={"model": "model"},
-                      data={"losses": summary.losses, "targets": sorted(targets),
-                            "resumed_from": summary.resumed_from, "served": served})
+    steering = ctx.result(task.steering).path(task.steering.artifact("steering")) if task.steering else None
+    return run_training(
+        ctx, name=task.name, model_path=ctx.result(task.model).data["path"], decl=task.model.decl,
+        train_spec=task.train, eval_pairs=task.eval_pairs, general=task.general,
+        steering_file=steering, strength=task.strength, handoff=task.handoff, loc=task.loc)
 
 
-def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
-    """A Hugging Face folder (checkpoint format, safetensors), written beside and renamed."""
-    with atomic_folder(folder, overwrite=True) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+class TrainBehavior(Task):
+    """APOLLO fine-tuning of the behavior's targets. artifacts: model (a Hugging Face
+    folder). metrics: core.TRAIN."""
+
+    kind: ClassVar[str] = "train"
+    reports: ClassVar[tuple[str, ...]] = TRAIN
+    provides: ClassVar[dict[str, str]] = {"model": "model"}
+    model: ResolveModel
+    train: ir.Train
+    eval_pairs: tuple[ir.Pair, ...]
+    general: tuple[str, ...]
+    # Set when train.distill makes the steered behavior permanent, or a hand-off serves
+    # it steered while it trains: the vectors, at `strength`.
+    steering: Task | None = None  # provides "steering"
+    strength: float = 0.0
+    # Set when a live deploy of this behavior says `handoff on`: this task then owns
+    # the deploy's servers and hands the steering over to the weights while it trains.
+    handoff: ir.Deploy | None = None
+
+    @property
+    def parallel_safe(self) -> bool:  # type: ignore[override]
+        """A worker may train it, unless it owns a live deploy's servers."""
+        return self.handoff is None
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return train_behavior(self, ctx)

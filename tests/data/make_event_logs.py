@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.core.events import Push, SteerPoint, TrainEval, TrainStep
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.build.executor import Executor
 
@@ -50,6 +51,7 @@ class Extract(Task):
 
 class Verify(Task):
     kind: ClassVar[str] = "steer.verify"
+    reports: ClassVar[tuple[str, ...]] = ('margin_before', 'margin_steered', 'margin_after')
     vectors: Extract
 
     def execute(self, ctx: TaskContext) -> TaskResult:
@@ -57,7 +59,7 @@ class Verify(Task):
         for strength in (0, 2, 4, 6, 8):
             point = {"strength": strength, "margin": round(-0.4 + 0.9 * math.tanh(strength / 4), 4),
                      "general_nll": round(3.1 + 0.02 * strength ** 2, 4)}
-            ctx.emit("steer_sweep", **point)
+            ctx.emit(SteerPoint(**point))
             sweep.append(point)
         return TaskResult(metrics={"margin_before": -0.4, "margin_steered": 0.4855, "margin_after": 0.4855},
                           data={"sweep": sweep})
@@ -65,6 +67,7 @@ class Verify(Task):
 
 class Train(Task):
     kind: ClassVar[str] = "train"
+    reports: ClassVar[tuple[str, ...]] = ('loss_first', 'loss_last', 'margin_before', 'margin_after', 'general_nll_before', 'general_nll_after')
     model: Model
     fail_at: int = 0
     loc_line: int = 0
@@ -76,9 +79,9 @@ class Train(Task):
                 raise BehaviorError("loss is NaN at step 25 (learning rate 3e-3 is too high)",
                                     loc=at(self.loc_line, 3, 8), hint="try lr 3e-5")
             loss = round(2.5 * math.exp(-step / 20) + 0.3, 4)
-            ctx.emit("train_step", step=step, steps=steps, loss=loss, lr=3e-5)
+            ctx.emit(TrainStep(step=step, steps=steps, loss=loss, lr=3e-5))
             if step % 10 == 0:
-                ctx.emit("train_eval", step=step, margin=round(-0.4 + step / 60, 4))
+                ctx.emit(TrainEval(step=step, margin=round(-0.4 + step / 60, 4)))
             ctx.progress(step, steps, "steps")
         (ctx.out / "model").mkdir()
         (ctx.out / "model" / "config.json").write_text("{}")
@@ -101,22 +104,21 @@ class Compose(Task):
     vectors: tuple[TaskVector, ...]
 
     def execute(self, ctx: TaskContext) -> TaskResult:
-        ctx.emit("compose_weights", terms=[{"behavior": "listen", "weight": 1.0},
-                                           {"behavior": "concise", "weight": 0.5}],
-                 merge={"method": "ties", "density": 0.2})
         (ctx.out / "model").mkdir()
-        return TaskResult(artifacts={"model": "model"})
+        return TaskResult(artifacts={"model": "model"}, data={"provenance": {
+            "terms": [{"behavior": "listen", "weight": 1.0}, {"behavior": "concise", "weight": 0.5}],
+            "merge": {"method": "ties", "density": 0.2}}})
 
 
 class Deploy(Task):
     kind: ClassVar[str] = "deploy"
+    reports: ClassVar[tuple[str, ...]] = ('push_ms', 'requests_failed')
     source: Compose
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         url = "http://127.0.0.1:8000"
-        ctx.emit("server_health", url=url, ok=True, latency_ms=4.0, detail="tiny-gdn served")
         for step, ms in ((20, 35.0), (40, 33.0), (60, 34.0)):
-            ctx.emit("push", url=url, ok=True, ms=ms, step=step)
+            ctx.emit(Push(url=url, ms=ms, step=step))
         return TaskResult(metrics={"push_ms": 34.0, "requests_failed": 0.0}, data={"urls": [url]})
 
 
@@ -138,6 +140,7 @@ def normalize(events: list[dict], out: str) -> list[dict]:
     started: dict[str, float] = {}
     for i, event in enumerate(events):
         event["t"] = round(T0 + i * TICK, 4)
+        event.pop("pid", None)  # of the process that recorded it
         if event["type"] == "task_start":
             started[event["task"]] = event["t"]
         if event["type"] in ("task_end", "build_end"):

@@ -20,9 +20,7 @@ from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane, Tre
 from textual.worker import get_current_worker
 
 from behaviorc.core.events import EVENTS_FILE
-from behaviorc.build.executor import STORE_DIR
-from behaviorc.core.state import BuildState, summarize
-from behaviorc.build.store import Store
+from behaviorc.core.state import BuildState, process_alive, summarize
 from behaviorc.tui.tail import EventsRead, EventTail
 from behaviorc.tui.widgets import (PlanTree, StatePanel, TaskDetail, draw_compose_deploy, draw_errors,
                                    draw_steering, draw_task_detail, draw_training)
@@ -57,7 +55,6 @@ class Dashboard(App[None]):
         self.cancel_requested = False
         self._dirty = True
         self._new_log_lines: list[str] = []
-        self._store = Store(self.build_dir / STORE_DIR)
         self._alive = (0.0, True)  # (when asked, the answer)
 
     def compose(self) -> ComposeResult:
@@ -153,7 +150,7 @@ class Dashboard(App[None]):
             if self.build_thread is not None:
                 alive = self.build_thread.is_alive()
             else:
-                alive = self._store.holder() is not None
+                alive = process_alive(self.state.pid)
             self._alive = (time.monotonic(), alive)
         return alive
 

@@ -15,8 +15,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static, Tree
 
-from behaviorc.build.progress import STATUS_STYLE, format_metrics
-from behaviorc.core.state import BuildState, TaskState, summarize
+from behaviorc.core.state import STATUS_STYLE, BuildState, TaskState, format_metrics, summarize
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 CURVE_WIDTH = 40
@@ -145,6 +144,18 @@ def draw_training(state: BuildState) -> RenderableType:
         if margins:
             step, margin = margins[-1]
             parts.append(Text(f"margin {render_curve([m for _, m in margins])}  {margin:+.3f}"))
+        served = state.served.get(task_id, [])
+        if served:
+            step, margin, strength = served[-1]
+            parts.append(Text(f"served {render_curve([m for _, m, _ in served])}  {margin:+.3f} "
+                              f"at strength {strength:g} (step {step})"))
+        distilled = state.distilled.get(task_id)
+        if distilled:
+            parts.append(Text(f"distilled: kept {distilled.get('kept')} of {distilled.get('generated')} "
+                              f"samples (mean score {distilled.get('mean_score', float('nan')):.3f}, "
+                              f"{distilled.get('engine', '')})", style="dim"))
+        for note in state.notes.get(task_id, []):
+            parts.append(Text(f"! {note}", style="yellow"))
         if task and task.metrics:
             parts.append(Text(format_metrics(task.metrics, limit=8), style="dim"))
         parts.append(Text(""))
@@ -161,6 +172,13 @@ def draw_steering(state: BuildState) -> RenderableType:
         table.add_row(task.id.split(":", 1)[-1], _metric(m, "margin_before"),
                       _metric(m, "margin_steered"), _metric(m, "margin_after"))
     parts: list[RenderableType] = [_heading("margins"), table]
+    for task_id, layers in state.layer_scores.items():
+        parts += [Text(""), _heading(f"layers auto  {task_id.split(':', 1)[-1]}: chose {layers['chosen']}")]
+        rows = Table("layer", "consistency", "accuracy", box=None, pad_edge=False)
+        for score in layers["scores"]:
+            rows.add_row(str(score.get("layer")), f"{score.get('consistency', 0):.3f}",
+                         f"{score.get('accuracy', 0):.3f}")
+        parts.append(rows)
     for task_id, sweep in state.sweeps.items():
         parts += [Text(""), _heading(f"strength sweep  {task_id.split(':', 1)[-1]}")]
         rows = Table("strength", "margin", "general nll", box=None, pad_edge=False)
@@ -190,13 +208,6 @@ def draw_compose_deploy(state: BuildState) -> RenderableType:
             parts.append(Text(", ".join(task.data["urls"])))
         if task.metrics:
             parts.append(Text(format_metrics(task.metrics, limit=4), style="dim"))
-    if state.health:
-        parts += [Text(""), _heading("vLLM servers")]
-        for url, health in state.health.items():
-            ok = health.get("ok")
-            latency = f"{health['latency_ms']:.0f} ms" if "latency_ms" in health else ""
-            parts.append(Text.assemble(("● " if ok else "✗ ", "green" if ok else "red"), url, f"  {latency}",
-                                       (f"  {health.get('detail', '')}", "dim")))
     if state.pushes:
         parts += [Text(""), _heading(f"pushes ({len(state.pushes)})")]
         table = Table("url", "step", "ms", "ok", box=None, pad_edge=False)

@@ -1,0 +1,28 @@
+"""The built-in models a spec can name without a folder, with what the checker needs to
+know of them before any is made (`behaviorc.model.builtin` makes them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BUILDER_VERSION = 3  # part of a built-in's fingerprint: bump when what is written changes
+
+
+@dataclass(frozen=True)
+class BuiltinInfo:
+    name: str
+    description: str
+    architecture: str
+    num_layers: int
+
+
+BUILTIN_MODELS: dict[str, BuiltinInfo] = {
+    info.name: info
+    for info in (
+        BuiltinInfo("tiny-gdn", "Qwen3-Next: 3 Gated DeltaNet + 1 attention layer, MoE, hidden 128",
+                    "Qwen3NextForCausalLM", 4),
+        BuiltinInfo("tiny-dense", "Qwen3: 4 attention layers, hidden 128", "Qwen3ForCausalLM", 4),
+        BuiltinInfo("tiny-gdn-testbed", "tiny-gdn pretrained on the testbed dialogues "
+                    "(behaviors at known rates; a few minutes to build)", "Qwen3NextForCausalLM", 4),
+    )
+}

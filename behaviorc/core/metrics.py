@@ -1,0 +1,71 @@
+"""Metric names: the one vocabulary that tasks report, `expect` accepts and the report and
+dashboard show.
+
+Each task kind declares the metrics it may report (`Task.reports`, one of the tuples
+below); the executor refuses a result that carries any other name, so this list cannot
+drift from what the tasks compute. The checker accepts in an `expect` line exactly the
+metrics of the tasks a behavior lowers to.
+"""
+
+from __future__ import annotations
+
+METRICS: dict[str, str] = {
+    # The behavior margin: mean per-token log-prob of the positive minus the negative
+    # completion over held-out pairs.
+    "margin_before": "behavior margin of the base model, steering off",
+    "margin_steered": "behavior margin with the behavior's steering on",
+    "margin_after": "behavior margin of the result, steering off (verification: = margin_steered)",
+    "steered_share": "share of the steered gain the trained weights carry without steering",
+    "separation": "how consistently the chosen layer separates the pairs (layers auto)",
+    "general_nll_before": "mean NLL per token of general text, base model",
+    "general_nll_steered": "mean NLL per token of general text, steering on",
+    "general_nll_after": "mean NLL per token of general text, trained model",
+    "loss_first": "training loss of the first step",
+    "loss_last": "training loss of the last step",
+    "steps_skipped": "optimizer steps skipped for a non-finite loss or gradient",
+    "limiter_activations": "times APOLLO's norm-growth limiter scaled an update",
+    "seconds_generate": "distillation: seconds sampling the steered model",
+    "samples_generated": "distillation: replies sampled",
+    "samples_kept": "distillation: replies kept as training examples",
+    "sample_score": "distillation: mean steering score of the kept replies",
+    "seconds_targets": "distillation: seconds computing steered activation targets",
+    "seconds_train": "distillation: seconds training (pauses for pushes excluded)",
+    "served_margin_start": "hand-off: served margin when training starts",
+    "served_margin_min": "hand-off: lowest served margin while training",
+    "served_margin_end": "hand-off: served margin at the end (final weights, no steering)",
+    "strength_end": "hand-off: served steering strength at the end",
+    "pushes": "hand-off: weight pushes made while training",
+    "seconds_push": "hand-off: seconds spent pushing",
+    "push_ms": "milliseconds per push into the live servers",
+    "requests_served": "probe requests answered while pushing",
+    "requests_failed": "probe requests that failed while pushing (the claim is zero)",
+    "tensors_changed": "tensors of a task vector (those that differ from the base)",
+    "parameters_merged": "parameters a composition changed",
+    # An experiment's measured point (behaviorc.lab): not for `expect`.
+    "rate": "share of sampled replies the testbed scorer counts as the behavior",
+    "rate_stderr": "standard error of `rate`",
+    "malformed": "share of sampled replies the scorer could not read",
+    "margin": "behavior margin of the measured model",
+    "general_nll": "mean NLL per token of general text, measured model",
+    "arithmetic_accuracy": "share of the testbed's sums answered right (greedy)",
+}
+
+STEER_EXTRACT: tuple[str, ...] = ("separation",)
+STEER_VERIFY: tuple[str, ...] = ("margin_before", "margin_steered", "margin_after",
+                                 "general_nll_before", "general_nll_steered")
+TRAIN: tuple[str, ...] = (
+    "loss_first", "loss_last", "steps_skipped", "limiter_activations", "margin_before",
+    "margin_steered", "margin_after", "general_nll_before", "general_nll_after", "steered_share",
+    "seconds_generate", "samples_generated", "samples_kept", "sample_score", "seconds_targets",
+    "seconds_train", "served_margin_start", "served_margin_min", "served_margin_end",
+    "strength_end", "pushes", "seconds_push", "push_ms", "requests_served", "requests_failed")
+TASK_VECTOR: tuple[str, ...] = ("tensors_changed",)
+COMPOSE: tuple[str, ...] = ("parameters_merged",)
+DEPLOY: tuple[str, ...] = ("push_ms", "requests_served", "requests_failed")
+EXPERIMENT_POINT: tuple[str, ...] = ("rate", "rate_stderr", "malformed", "margin", "general_nll",
+                                     "arithmetic_accuracy")
+
+# What an `expect` in a behavior's eval section can name: the metrics of the tasks a
+# behavior lowers to (training's answer the lasting effect, steering's the steered one).
+STEER_EXPECTABLE: tuple[str, ...] = STEER_VERIFY + STEER_EXTRACT
+EXPECTABLE: tuple[str, ...] = tuple(dict.fromkeys(STEER_EXPECTABLE + TRAIN))

@@ -1,0 +1,239 @@
+"""The training recipe, top to bottom: one for plain fine-tuning and for distillation.
+
+1. load a private copy of the model (the executor's shared engines stay untouched) and
+   select the spec's target groups;
+2. measure before: the behavior margin on held-out pairs (`margin_before`), with the
+   behavior's steering on when the task carries it (`margin_steered`), the general NLL;
+3. with a live hand-off (`handoff on` in the behavior's deploy), serve the base steered
+   from here on (`behaviorc.train.handoff`);
+4. the examples, from a data source: the spec's own examples, or for `distill steering`
+   also what the steered model says, scored and kept (`behaviorc.train.distill_data`),
+   with an optional activation-matching loss;
+5. the training loop (`behaviorc.train.loop`), checkpointing into the task's scratch
+   folder so a stopped build resumes; the hand-off pushes the trained tensors every
+   `push_every` steps and lowers the served strength by what the weights carry;
+6. measure after: `margin_after` (steering off), `general_nll_after`, and where the
+   steering raised the margin, `steered_share = (after - before) / (steered - before)`;
+7. write the model folder; the hand-off serves the final weights with no steering.
+
+The live server has one owner: for a behavior whose deploy says `handoff on`, lowering
+gives the deploy to this task and emits no separate DeployModel. If training fails
+midway the servers keep the last pushed weights with the strength that went with them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from behaviorc.core import ir
+from behaviorc.core.atomic import atomic_folder
+from behaviorc.core.diagnostics import BehaviorError, Location, located_at
+from behaviorc.core.events import DistillData, TrainEval, TrainNote, TrainStep
+from behaviorc.core.task import TaskContext, TaskResult
+from behaviorc.engine.embedded import EmbeddedEngine
+from behaviorc.engine.protocol import Engine, steered
+from behaviorc.formats.steering import load_steering
+from behaviorc.measure.margin import behavior_margin
+from behaviorc.measure.nll import general_nll
+from behaviorc.model.adapter import ArchitectureAdapter
+from behaviorc.model.loading import load_model
+from behaviorc.train.activations import ActivationMatch, steered_targets
+from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, encode_texts
+from behaviorc.train.distill_data import distill_data
+from behaviorc.train.handoff import live_handoff, trained_tensors
+from behaviorc.train.loop import StepEvent, train
+
+CHECKPOINT_EVERY = 50
+SAMPLES_IN_DATA = 8  # distilled examples kept in the task's data for a reader to see
+
+
+@dataclass
+class Examples:
+    """What a data source gives the loop: the behavior's sequences, an optional extra
+    loss, and what it reports (metrics, data)."""
+
+    behavior: list[TrainSequence]
+    extra_loss: Callable[[Sequence[TrainSequence]], torch.Tensor] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """The model being trained and what the data sources may use of it."""
+
+    model: Any
+    tokenizer: Any
+    engine: EmbeddedEngine
+    adapter: ArchitectureAdapter
+    directions: dict[int, torch.Tensor]  # the behavior's steering, when the task carries it
+    strength: float
+    seed: int
+
+
+def spec_examples(train_spec: ir.Train, run: Run, generator: Engine, stack: ExitStack,
+                  ctx: TaskContext) -> Examples:
+    """The data source of plain fine-tuning: the spec's examples."""
+    return Examples(encode_examples(run.tokenizer, train_spec.examples, train_spec.loc))
+
+
+def distilled_examples(train_spec: ir.Train, run: Run, generator: Engine, stack: ExitStack,
+                       ctx: TaskContext) -> Examples:
+    """The data source of distillation: the spec's examples and the best of what the
+    steered model (`generator`) says to the distill prompts; with `match_activations`, a
+    loss pulling the hidden states toward the steered model's."""
+    distill = train_spec.distill
+    loc = distill.loc or train_spec.loc
+    ctx.progress(0, train_spec.steps, f"sampling {len(distill.prompts)} prompts x {distill.samples}")
+    began = time.perf_counter()
+    # A hand-off samples the served, steered model; otherwise this copy, steered here.
+    own = generator is run.engine
+    with steered(run.engine, run.directions, run.strength) if own else nullcontext():
+        data = distill_data(generator, run.engine, run.directions, run.strength, distill,
+                            run.seed, loc)
+    ctx.emit(DistillData(generated=data.generated, kept=len(data.kept), empty=data.empty,
+                         mean_score=data.mean_score, engine="embedded" if own else "vllm"))
+    result = Examples(
+        encode_examples(run.tokenizer, train_spec.examples, train_spec.loc),
+        metrics={"seconds_generate": time.perf_counter() - began,
+                 "samples_generated": float(data.generated), "samples_kept": float(len(data.kept)),
+                 "sample_score": data.mean_score},
+        data={"samples": [{"prompt": s.prompt, "response": s.response, "score": s.score}
+                          for s in data.kept[:SAMPLES_IN_DATA]]})
+    distilled = encode_examples(run.tokenizer, data.examples, loc)
+    result.behavior += distilled
+    if distill.match_activations > 0:
+        began = time.perf_counter()
+        layers = run.adapter.decoder_layers(run.model)
+        wanted = steered_targets(run.model, layers, run.directions, run.strength, distilled,
+                                 run.tokenizer.pad_token_id)
+        result.extra_loss = stack.enter_context(
+            ActivationMatch(layers, wanted, distill.match_activations, train_spec.context))
+        result.metrics["seconds_targets"] = time.perf_counter() - began
+    return result
+
+
+def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.ModelDecl,
+                 train_spec: ir.Train, eval_pairs: Sequence[ir.Pair], general: Sequence[str],
+                 steering_file: Path | None, strength: float, handoff: ir.Deploy | None,
+                 loc: Location | None) -> TaskResult:
+    """Train `name`'s behavior into a copy of the model at `model_path`; the result's
+    artifact `model` is the trained folder."""
+    source = distilled_examples if train_spec.distill is not None else spec_examples
+    if train_spec.distill is not None:
+        loc = train_spec.distill.loc or train_spec.loc or loc
+        if steering_file is None:
+            raise BehaviorError("`distill steering` needs the behavior's steering", loc,
+                                hint="add a steer section to the behavior")
+        if not eval_pairs:
+            raise BehaviorError("distillation needs pairs to measure the behavior on", loc,
+                                hint="add an eval section with pairs")
+
+    # 1. the model and its targets
+    ctx.progress(0, train_spec.steps, "loading the model")
+    model, tokenizer = load_model(model_path, decl.dtype, decl.device)
+    adapter = ArchitectureAdapter.for_model(model)
+    with located_at(train_spec.loc):
+        targets = adapter.parameters(model, train_spec.targets)
+    engine = EmbeddedEngine(model, tokenizer, name=decl.source, path=model_path)
+    directions = dict(load_steering(steering_file, loc).directions) if steering_file else {}
+    run = Run(model, tokenizer, engine, adapter, directions, strength, train_spec.seed)
+
+    # 2. before
+    metrics: dict[str, float] = {}
+    if eval_pairs:
+        metrics["margin_before"] = behavior_margin(engine, eval_pairs)
+        if directions:
+            with steered(engine, directions, strength):
+                metrics["margin_steered"] = behavior_margin(engine, eval_pairs)
+        ctx.emit(TrainEval(step=0, margin=metrics["margin_before"],
+                           margin_steered=metrics.get("margin_steered")))
+    if general:
+        metrics["general_nll_before"] = general_nll(engine, general)
+
+    def trained() -> dict[str, Any]:
+        return trained_tensors(adapter.checkpoint_tensors(model), list(targets))
+
+    data: dict[str, Any] = {"targets": sorted(targets), "served": []}
+    with ExitStack() as stack:
+        # 3. the live hand-off, serving the base steered
+        live = stack.enter_context(live_handoff(
+            handoff, ctx, model_path, directions, strength, eval_pairs, train_spec.steps,
+            metrics.get("margin_before", 0.0), metrics.get("margin_steered", 0.0)))
+
+        # 4. the examples
+        examples = source(train_spec, run, live.generator() if live else engine, stack, ctx)
+        if not examples.behavior:
+            raise BehaviorError(f"behavior `{name}` has no training examples", train_spec.loc,
+                                hint="add `examples \"FILE.jsonl\"` to its train block")
+        metrics.update(examples.metrics)
+        data.update(examples.data)
+        mix = encode_texts(tokenizer, train_spec.mix.texts) if train_spec.mix else []
+        schedule = BatchSchedule(examples.behavior, mix, train_spec.batch,
+                                 train_spec.mix.ratio if train_spec.mix else 0.0, train_spec.seed)
+
+        # 5. the loop
+        paused = [0.0]  # seconds of the loop spent pushing and measuring for the hand-off
+
+        def on_step(event: StepEvent) -> None:
+            ctx.emit(TrainStep(step=event.step, steps=train_spec.steps, loss=event.loss,
+                               grad_norm=event.grad_norm, lr=event.lr, limiter=event.limiter,
+                               tokens_per_s=event.tokens_per_s, skipped=event.skipped))
+            ctx.progress(event.step, train_spec.steps, f"loss {event.loss:.4f}")
+            if live is not None and live.due(event.step, train_spec.steps):
+                handing_over = time.perf_counter()
+                live.step(event.step, trained(), engine)
+                paused[0] += time.perf_counter() - handing_over
+            ctx.check_cancelled()
+
+        # The scratch folder outlives a stopped build, so a rerun resumes from the checkpoint.
+        checkpoint = ctx.scratch / "checkpoint"
+        began = time.perf_counter()
+        summary = train(model, targets, schedule, train_spec, pad_id=tokenizer.pad_token_id,
+                        on_step=on_step, checkpoint_dir=checkpoint,
+                        checkpoint_every=CHECKPOINT_EVERY, extra_loss=examples.extra_loss)
+        if train_spec.distill is not None:
+            metrics["seconds_train"] = time.perf_counter() - began - paused[0]
+        shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a rerun starts afresh
+        ctx.check_cancelled()
+        metrics.update(summary.metrics())
+        data.update(losses=summary.losses, resumed_from=summary.resumed_from)
+
+        # 6. after
+        if eval_pairs:
+            metrics["margin_after"] = behavior_margin(engine, eval_pairs)
+        if general:
+            metrics["general_nll_after"] = general_nll(engine, general)
+        if "margin_steered" in metrics:
+            gain = metrics["margin_steered"] - metrics["margin_before"]
+            if gain > 0:
+                metrics["steered_share"] = (metrics["margin_after"] - metrics["margin_before"]) / gain
+            else:  # a ratio over a gain that is not there would be noise, not a share
+                ctx.emit(TrainNote(f"the steering did not raise the margin ({gain:+.4f}), so "
+                                   "there is no steered effect for the weights to carry: no "
+                                   "steered_share"))
+
+        # 7. the model folder; the hand-off ends on the final weights, unsteered
+        save_model(model, tokenizer, Path(ctx.out) / "model")
+        if live is not None:
+            record = live.finish(train_spec.steps, trained(), metrics["margin_after"])
+            metrics.update(record.metrics())
+            data["served"] = [vars(p) for p in record.points]
+    if eval_pairs:
+        ctx.emit(TrainEval(step=train_spec.steps, margin=metrics["margin_after"],
+                           steered_share=metrics.get("steered_share")))
+    return TaskResult(metrics=metrics, artifacts={"model": "model"}, data=data)
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
+    """A Hugging Face folder (checkpoint format, safetensors), written beside and renamed."""
+    with atomic_folder(folder, overwrite=True) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
