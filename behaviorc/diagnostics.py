@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 Severity = Literal["error", "warning"]
+SHOWN_LINE = 120  # characters of a source line shown under a diagnostic
 
 
 class Location(BaseModel):
@@ -57,19 +57,22 @@ class Diagnostic:
 
 
 def _read_source(path: str) -> str | None:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
+    from behaviorc.textfiles import display_text
+
+    return display_text(path)
 
 
 def _underline(source: str, loc: Location) -> list[str]:
-    src_lines = source.splitlines()
+    src_lines = source.split("\n")  # lines as the lexer counts them
     if not 1 <= loc.line <= len(src_lines):
         return []
     text = src_lines[loc.line - 1].expandtabs(1)
     start = max(loc.column - 1, 0)
     end = loc.end_column - 1 if loc.end_line == loc.line else len(text)
+    if len(text) > SHOWN_LINE:  # a window around the place, not megabytes of one line
+        left = max(0, min(start - SHOWN_LINE // 4, len(text) - SHOWN_LINE))
+        text = text[left:left + SHOWN_LINE]
+        start, end = start - left, min(end - left, SHOWN_LINE)
     width = max(1, min(end, len(text)) - start)
     gutter = f"{loc.line:>4} | "
     return [gutter + text, " " * (len(gutter) - 2) + "| " + " " * start + "^" * width]

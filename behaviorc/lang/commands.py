@@ -10,9 +10,8 @@ import argparse
 import os
 import sys
 import tempfile
-from pathlib import Path
 
-from behaviorc.diagnostics import Diagnostic
+from behaviorc.diagnostics import BehaviorError, Diagnostic
 
 CHECK_EPILOG = """\
 examples:
@@ -76,7 +75,10 @@ def run_check(args: argparse.Namespace) -> int:
         if not _exists(path):
             status = max(status, 2)
             continue
-        spec, diagnostics = check_file(path)
+        try:
+            spec, diagnostics = check_file(path)
+        except BehaviorError as err:  # this file's problem: the batch goes on
+            diagnostics, spec = err.diagnostics, None
         _print_diagnostics(diagnostics)
         if spec is None:
             status = max(status, 1)
@@ -104,7 +106,9 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_fmt(args: argparse.Namespace) -> int:
+    from behaviorc.lang.check import unreadable
     from behaviorc.lang.fmt import format_text
+    from behaviorc.textfiles import TextFileError, read_text_file
 
     status = 0
     for path in args.specs:
@@ -112,16 +116,16 @@ def run_fmt(args: argparse.Namespace) -> int:
             status = max(status, 2)
             continue
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            print(f"behaviorc: {path}: not UTF-8 text", file=sys.stderr)
+            source = read_text_file(path, "spec")
+        except (OSError, TextFileError) as err:
+            _print_diagnostics([unreadable(path, err)])
             status = max(status, 1)
             continue
-        formatted, diagnostics = format_text(text, path)
+        formatted, diagnostics = format_text(source.text, path)
         if formatted is None:
             _print_diagnostics(diagnostics)
             status = max(status, 1)
-        elif formatted != text:
+        elif formatted.encode("utf-8") != source.raw:  # a BOM or CR line ends change too
             if args.check:
                 print(f"would reformat {path}", file=sys.stderr)
                 status = max(status, 1)
@@ -132,8 +136,8 @@ def run_fmt(args: argparse.Namespace) -> int:
 
 
 def _exists(path: str) -> bool:
-    if os.path.isfile(path):
-        return True
+    if os.path.exists(path) and not os.path.isdir(path):
+        return True  # a file that is not a regular one is refused, located, when read
     what = "is a folder, not a spec file" if os.path.isdir(path) else "no such file"
     print(f"behaviorc: {path}: {what}", file=sys.stderr)
     return False
