@@ -18,7 +18,7 @@ from behaviorc.plan.tasks import ComposeBehaviors, DeployModel
 
 
 def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
-    from behaviorc.engine.push import push_weights
+    from behaviorc.engine.push import answering, push_weights
     from behaviorc.engine.server import serve
     from behaviorc.engine.traffic import RequestLoop
     from behaviorc.engine.vllm import VLLMEngine
@@ -32,9 +32,11 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
         else:
             urls = list(task.deploy.urls)
         ctx.check_cancelled()
+        api_key, timeout = task.deploy.api_key, task.deploy.timeout
+        _located(task, lambda: answering(urls, api_key, timeout))
         ctx.progress(1, 3, f"pushing {folder.name} to {len(urls)} server(s)")
-        with RequestLoop(urls, threads=1) as probes:
-            report = _located(task, lambda: push_weights(urls, folder))
+        with RequestLoop(urls, threads=1, api_key=api_key) as probes:
+            report = _located(task, lambda: push_weights(urls, folder, api_key, timeout))
         ctx.emit("deploy.push", urls=urls, push_ms=report.seconds * 1000.0,
                  requests=len(probes.requests), requests_failed=len(probes.failed))
         steered = []
@@ -42,7 +44,7 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
             ctx.progress(2, 3, "turning steering on")
             directions = _steering_directions(task, ctx)
             for url in urls:
-                with VLLMEngine(url) as engine:
+                with VLLMEngine(url, api_key, timeout=timeout) as engine:
                     _located(task, lambda: engine.set_steering(directions,
                                                               task.steering_strength))
             steered = sorted(directions)

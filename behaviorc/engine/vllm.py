@@ -8,6 +8,7 @@ server and what was being done, never a hang or a raw traceback.
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -17,8 +18,9 @@ import httpx
 from behaviorc.diagnostics import BehaviorError
 from behaviorc.engine.protocol import ModelInfo
 
-REQUEST_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 120.0  # default for a call; BEHAVIORC_SERVER_TIMEOUT_S overrides it
 PUSH_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "BEHAVIORC_SERVER_TIMEOUT_S"
 KEEPALIVE_S = 2.0
 NOT_REPEATABLE = {"/collective_rpc"}  # requests that may change the server's state
 
@@ -26,10 +28,9 @@ NOT_REPEATABLE = {"/collective_rpc"}  # requests that may change the server's st
 class ServerClient:
     """HTTP plumbing for one server: JSON requests, worker RPCs, clear errors."""
 
-    def __init__(self, url: str, api_key: str | None = None,
-                 timeout: float = REQUEST_TIMEOUT_S):
+    def __init__(self, url: str, api_key: str | None = None, timeout: float | None = None):
         self.url = url.rstrip("/")
-        self._http = http_client(self.url, api_key, timeout)
+        self._http = http_client(self.url, api_key, default_timeout(timeout))
 
     def close(self) -> None:
         self._http.close()
@@ -40,8 +41,12 @@ class ServerClient:
         try:
             response = self._send(method, path, body, timeout)
         except httpx.TimeoutException:
+            waited = timeout if timeout is not None else self._http.timeout.read
             raise BehaviorError(f"the vLLM server at {self.url} did not answer in time "
-                                f"while {doing}") from None
+                                f"while {doing} ({method} {path.partition('?')[0]}, "
+                                f"{waited:g} s)",
+                                hint=f"is the server overloaded or stuck? {TIMEOUT_ENV} "
+                                     f"(or `timeout` in a deploy) sets how long to wait") from None
         except httpx.HTTPError as err:
             raise BehaviorError(
                 f"lost the vLLM server at {self.url} while {doing}: {type(err).__name__}: "
@@ -97,10 +102,30 @@ def http_client(url: str, api_key: str | None, timeout: float) -> httpx.Client:
     default one loads the CA bundle, which costs more than a whole push on loopback.
     Idle connections are dropped before vLLM's server closes them (after 5 s), so a
     request never goes out on a connection the server is closing."""
+    from behaviorc.engine.server import API_KEY_ENV
+
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None  # never from a command line
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
                         verify=url.startswith("https://"),
                         limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
+
+
+def default_timeout(given: float | None = None, fallback: float = REQUEST_TIMEOUT_S) -> float:
+    """Seconds a server call waits: `given`, else BEHAVIORC_SERVER_TIMEOUT_S, else
+    `fallback` (120 s for a call, PUSH_TIMEOUT_S for a push)."""
+    if given is not None:
+        return given
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return fallback
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise BehaviorError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds")
+    return seconds
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -120,7 +145,7 @@ class VLLMEngine:
     """A live vLLM server as an Engine: generation, log-probs, steering, weight pushes."""
 
     def __init__(self, url: str, api_key: str | None = None, name: str | None = None,
-                 timeout: float = REQUEST_TIMEOUT_S):
+                 timeout: float | None = None):
         self.client = ServerClient(url, api_key, timeout)
         self.url = self.client.url
         self.api_key = api_key

@@ -428,6 +428,8 @@ class _Checker:
         steering = self.values.switch(block.one("steering"), False)
         handoff = self.values.switch(block.one("handoff"), False)
         push_every = self.values.number(block.one("push_every"), low=0, whole=True, default=0)
+        timeout = self.values.number(block.one("timeout"), low=0, low_open=True)
+        api_key = self._api_key(block.one("api_key"))
         if steering and entity is not None and not steers:
             self.sink.error(f"`{target}` has no steering to serve", block.one("steering").values[0].loc,
                             "give it a steer section, or write `steering off`")
@@ -442,7 +444,17 @@ class _Checker:
         if len(self.sink.errors) > errors:
             return None
         return ir.Deploy(target=target, urls=urls, live=live, steering=steering, handoff=handoff,
-                         push_every=push_every, loc=decl.loc)
+                         push_every=push_every, api_key=api_key, timeout=timeout, loc=decl.loc)
+
+    def _api_key(self, setting: ast.Setting | None) -> str | None:
+        if setting is None:
+            return None
+        key = setting.values[0]
+        if not key.value or not all(c.isascii() and c.isprintable() and not c.isspace()
+                                    for c in key.value):
+            self.sink.error("an API key is one word of printable ASCII characters", key.loc,
+                            "or leave `api_key` out and set BEHAVIORC_API_KEY")
+        return key.value
 
     def _compose_steers(self, decl: ast.ComposeDecl) -> bool:
         names = [ref.name for ref in references(decl.expr)]

@@ -30,7 +30,7 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     from behaviorc.measure.margin import behavior_margin
     from behaviorc.measure.nll import general_nll
     from behaviorc.model.adapter import ArchitectureAdapter
-    from behaviorc.model.loading import load_model
+    from behaviorc.model.loading import context_positions, load_model, refuse_over_context
     from behaviorc.testbed.scoring import testbed_rate
     from behaviorc.train.data import BatchSchedule, encode_examples, encode_texts
     from behaviorc.train.loop import StepEvent, train
@@ -51,6 +51,11 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
 
     behavior = encode_examples(tokenizer, spec.examples, spec.loc)
     general = encode_texts(tokenizer, spec.mix.texts) if spec.mix else []
+    positions = context_positions(model.config)
+    for kind, sequences in (("training example", behavior), ("general text", general)):
+        for number, sequence in enumerate(sequences, 1):
+            refuse_over_context(sequence.tokens, positions,
+                                f"{kind} {number}", spec.loc)
     if not behavior:
         raise BehaviorError(f"behavior `{task.name}` has no training examples", spec.loc,
                             hint="add `examples \"FILE.jsonl\"` to its train block")
