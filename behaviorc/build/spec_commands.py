@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from behaviorc.core.atomic import write_text_atomic
-from behaviorc.core.diagnostics import Diagnostic
+from behaviorc.core.diagnostics import BehaviorError, Diagnostic
 
 CHECK_EPILOG = """\
 examples:
@@ -77,7 +77,10 @@ def run_check(args: argparse.Namespace) -> int:
         if not _exists(path):
             status = max(status, 2)
             continue
-        spec, diagnostics = check_file(path)
+        try:
+            spec, diagnostics = check_file(path)
+        except BehaviorError as err:  # this file's problem: the batch goes on
+            diagnostics, spec = err.diagnostics, None
         _print_diagnostics(diagnostics)
         if spec is None:
             status = max(status, 1)
@@ -105,7 +108,9 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_fmt(args: argparse.Namespace) -> int:
+    from behaviorc.lang.check import unreadable
     from behaviorc.lang.fmt import format_text
+    from behaviorc.core.textfiles import TextFileError, read_text_file
 
     status = 0
     for path in args.specs:
@@ -113,16 +118,16 @@ def run_fmt(args: argparse.Namespace) -> int:
             status = max(status, 2)
             continue
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            print(f"behaviorc: {path}: not UTF-8 text", file=sys.stderr)
+            source = read_text_file(path, "spec")
+        except (OSError, TextFileError) as err:
+            _print_diagnostics([unreadable(path, err)])
             status = max(status, 1)
             continue
-        formatted, diagnostics = format_text(text, path)
+        formatted, diagnostics = format_text(source.text, path)
         if formatted is None:
             _print_diagnostics(diagnostics)
             status = max(status, 1)
-        elif formatted != text:
+        elif formatted.encode("utf-8") != source.raw:  # a BOM or CR line ends change too
             if args.check:
                 print(f"would reformat {path}", file=sys.stderr)
                 status = max(status, 1)
@@ -133,8 +138,8 @@ def run_fmt(args: argparse.Namespace) -> int:
 
 
 def _exists(path: str) -> bool:
-    if os.path.isfile(path):
-        return True
+    if os.path.exists(path) and not os.path.isdir(path):
+        return True  # a file that is not a regular one is refused, located, when read
     what = "is a folder, not a spec file" if os.path.isdir(path) else "no such file"
     print(f"behaviorc: {path}: {what}", file=sys.stderr)
     return False

@@ -12,14 +12,16 @@ run time that fails on data the spec named):
 from __future__ import annotations
 
 import difflib
+import os
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 Severity = Literal["error", "warning"]
+SHOWN_LINE = 120  # characters of a source line shown under a diagnostic
 
 
 class Location(BaseModel):
@@ -57,20 +59,35 @@ class Diagnostic:
         return "\n".join(lines)
 
 
+SOURCE_SHOWN_BYTES = 16 << 20  # a source line is shown from files up to this size
+
+
 def _read_source(path: str) -> str | None:
+    """A file's text for showing a line of it, best effort: bad bytes are replaced, line
+    ends read as the lexer reads them, and only a regular file of bounded size is read
+    (the file may be what the diagnostic is about: a FIFO, /dev/zero)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        with open(path, "rb") as handle:
+            raw = handle.read(SOURCE_SHOWN_BYTES)
+    except (OSError, ValueError):
         return None
+    text = raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _underline(source: str, loc: Location) -> list[str]:
-    src_lines = source.splitlines()
+    src_lines = source.split("\n")  # lines as the lexer counts them
     if not 1 <= loc.line <= len(src_lines):
         return []
     text = src_lines[loc.line - 1].expandtabs(1)
     start = max(loc.column - 1, 0)
     end = loc.end_column - 1 if loc.end_line == loc.line else len(text)
+    if len(text) > SHOWN_LINE:  # a window around the place, not megabytes of one line
+        left = max(0, min(start - SHOWN_LINE // 4, len(text) - SHOWN_LINE))
+        text = text[left:left + SHOWN_LINE]
+        start, end = start - left, min(end - left, SHOWN_LINE)
     width = max(1, min(end, len(text)) - start)
     gutter = f"{loc.line:>4} | "
     return [gutter + text, " " * (len(gutter) - 2) + "| " + " " * start + "^" * width]

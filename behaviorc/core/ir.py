@@ -200,6 +200,9 @@ class Deploy(Node):
     steering: bool = False  # serve with the target's steering vectors on
     handoff: bool = False  # lower served steering as training moves it into weights
     push_every: int = 0  # training steps between live pushes; 0: only the final weights
+    # How the servers are reached, not what they get: outside plans and content keys.
+    api_key: str | None = Field(default=None, exclude=True, repr=False)  # else BEHAVIORC_API_KEY
+    timeout: float | None = Field(default=None, exclude=True)  # s per call; else the default
     loc: Location | None = Field(default=None, exclude=True)
 
 

@@ -23,7 +23,7 @@ from behaviorc.model.task import ResolveModel
 
 
 def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
-    from behaviorc.engine.vllm.push import push_weights
+    from behaviorc.engine.vllm.push import answering, push_weights
     from behaviorc.engine.vllm.server import serve
     from behaviorc.engine.vllm.traffic import RequestLoop
     from behaviorc.engine.vllm.client import VLLMEngine
@@ -37,10 +37,13 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
         else:
             urls = list(task.deploy.urls)
         ctx.check_cancelled()
+        api_key, timeout = task.deploy.api_key, task.deploy.timeout
+        with located_at(task.deploy.loc):
+            answering(urls, api_key, timeout)
         ctx.progress(1, 3, f"pushing {folder.name} to {len(urls)} server(s)")
-        with RequestLoop(urls, threads=1) as probes:
+        with RequestLoop(urls, threads=1, api_key=api_key) as probes:
             with located_at(task.deploy.loc):
-                report = push_weights(urls, folder)
+                report = push_weights(urls, folder, api_key, timeout)
         ctx.emit(DeployPush(urls=urls, push_ms=report.seconds * 1000.0,
                             requests=len(probes.requests), requests_failed=len(probes.failed)))
         steered = []
@@ -48,7 +51,7 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
             ctx.progress(2, 3, "turning steering on")
             directions = _steering_directions(task, ctx)
             for url in urls:
-                with VLLMEngine(url) as engine, located_at(task.deploy.loc):
+                with VLLMEngine(url, api_key, timeout=timeout) as engine, located_at(task.deploy.loc):
                     engine.set_steering(directions, task.steering_strength)
             steered = sorted(directions)
         ctx.progress(3, 3, "deployed")

@@ -46,6 +46,8 @@ class EmbeddedEngine:
         if pad is None or start is None:
             raise BehaviorError("the tokenizer has no pad, BOS or EOS token to pad and start with")
         self._pad_id, self._start_id = pad, start
+        from behaviorc.model.loading import context_positions
+        self._positions = context_positions(model.config)
         self._info = ModelInfo(
             name=name or str(path), path=str(path), architecture=self.adapter.architecture,
             num_layers=self.adapter.num_layers, hidden_size=self.adapter.hidden_size,
@@ -71,15 +73,25 @@ class EmbeddedEngine:
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         ids = self.tokenizer(prompt).input_ids
+        self._fits(len(ids), prompt)
         return ids if ids else [self._start_id]
 
     def _encode(self, prompt: str, completion: str) -> tuple[list[int], int]:
         """Token ids of prompt+completion and how many of them belong to the prompt."""
         prompt_ids = self.tokenizer(prompt).input_ids
         full = self.tokenizer(prompt + completion).input_ids
+        self._fits(len(full) + (not prompt_ids), prompt + completion)
         if not prompt_ids:
             return [self._start_id, *full], 1
         return full, min(len(prompt_ids), len(full))
+
+    def _fits(self, tokens: int, text: str) -> None:
+        """Every call tokenizes all its texts before its first forward pass, so a text
+        too long for the model is refused before any work."""
+        from behaviorc.model.loading import refuse_over_context
+
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        refuse_over_context(tokens, self._positions, f"the text {shown!r}")
 
     def _batches(self, rows: Sequence[list[int]]) -> list[list[int]]:
         """Row indices grouped into batches of similar length (less padding)."""

@@ -8,6 +8,7 @@ from functools import partial
 from behaviorc.core.diagnostics import Diagnostic
 from behaviorc.lang import ast
 from behaviorc.lang.tokens import Tok
+from behaviorc.core.textfiles import control_character, has_surrogate, limit, over_limit
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
 _ESCAPE_HINT = ("write `\\\\` for a backslash; known escapes: \\n \\t \\r \\0 \\\\ \\\" \\' "
@@ -15,6 +16,15 @@ _ESCAPE_HINT = ("write `\\\\` for a backslash; known escapes: \\n \\t \\r \\0 \\
 
 
 _VALUE_NODES = (ast.Str, ast.Num, ast.LayerRange)
+
+
+def _offset_position(token: Tok, raw: str, index: int) -> tuple[int, int]:
+    """The line and column of character `index` of a token's text."""
+    before = raw[:index]
+    newlines = before.count("\n")
+    if not newlines:
+        return token.line, token.column + index
+    return token.line + newlines, index - before.rfind("\n")
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,31 @@ class AstBuilder:
         token = children[0]
         raw = token.value
         quote = 3 if raw[:3] in ('"""', "'''") else 1
-        return ast.Str(self._unescape(raw[quote:-quote], token), raw, self._token_span(token))
+        longest = limit("string")
+        if len(raw) > longest // 4 and len(raw.encode("utf-8")) > longest:
+            self._string_error(token, over_limit("string", len(raw.encode("utf-8"))),
+                               "keep long texts in a JSONL data file the spec names")
+            return ast.Str(raw[quote:quote + 80], raw, self._token_span(token))  # spec rejected
+        control = control_character(raw)
+        if control is not None:
+            self._string_error(token, "a raw control character in a string",
+                               f"write it as the escape `{control[1]}`",
+                               _offset_position(token, raw, control[0]))
+        value = self._unescape(raw[quote:-quote], token)
+        if has_surrogate(value):
+            self._string_error(token, "a `\\u` escape names a lone surrogate (D800 to DFFF), "
+                               "which is not a character",
+                               "write the character itself, or `\\U` with its 8-digit code")
+            # the spec is rejected; until then the value must stay encodable (paths, hashes)
+            value = value.encode("utf-8", "replace").decode("utf-8")
+        return ast.Str(value, raw, self._token_span(token))
+
+    def _string_error(self, token: Tok, message: str, hint: str,
+                      at: tuple[int, int] | None = None) -> None:
+        span = self._token_span(token)
+        if at is not None:
+            span = (self.path, at[0], at[1], at[0], at[1] + 1)
+        self.diagnostics.append(Diagnostic("error", message, ast.make_location(*span), hint))
 
     def _unescape(self, body: str, token: Tok) -> str:
         if "\\" not in body:

@@ -25,17 +25,30 @@ from behaviorc.lang.models import read_model_folder, resolve_model_source
 from behaviorc.lang.parse import parse_text
 from behaviorc.lang.sections import Sections
 from behaviorc.lang.values import Block, Values
+from behaviorc.core.textfiles import TextFileError, read_text_file
 
 
 def check_file(path: str) -> tuple[ir.Spec | None, list[Diagnostic]]:
-    """The checked spec (None when it has errors) and every diagnostic, warnings too.
-    Raises BehaviorError only when the spec file itself cannot be read."""
+    """The checked spec (None when it has errors) and every diagnostic, warnings too; a
+    spec file that cannot be read is one located error."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise BehaviorError(f"cannot read spec `{path}`: {getattr(err, 'strerror', None) or err}")
+        text = read_text_file(path, "spec").text
+    except (OSError, TextFileError) as err:
+        return None, [unreadable(path, err)]
     return check_text(text, path)
+
+
+def unreadable(path: str, err: OSError | TextFileError) -> Diagnostic:
+    """The error for a spec file that cannot be read as text, at the bad byte when there
+    is one, else at the file's start."""
+    if isinstance(err, TextFileError):
+        line, column = err.line or 1, err.column or 1
+        message, hint = err.message, err.hint
+    else:
+        line = column = 1
+        message, hint = f"cannot read spec `{path}`: {err.strerror or err}", None
+    loc = Location(file=path, line=line, column=column, end_line=line, end_column=column + 1)
+    return Diagnostic("error", message, loc, hint)
 
 
 def check_text(text: str, path: str) -> tuple[ir.Spec | None, list[Diagnostic]]:
@@ -160,15 +173,20 @@ class _Checker:
         if identity in self.loaded:
             return  # already imported along another path
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = read_text_file(path, "spec").text
         except FileNotFoundError:
             self.sink.error(f"imported file `{item.path.value}` not found", item.path.loc,
                             f"imports are relative to the importing file's folder, "
                             f"`{os.path.dirname(importer) or '.'}`")
             return
-        except (OSError, UnicodeDecodeError) as err:
-            self.sink.error(f"cannot read imported file `{item.path.value}`: {err}", item.path.loc)
+        except OSError as err:
+            self.sink.error(f"cannot read imported file `{item.path.value}`: "
+                            f"{err.strerror or err}", item.path.loc)
+            return
+        except TextFileError as err:
+            where = f"{item.path.value}:{err.line}:{err.column}: " if err.line else ""
+            self.sink.error(f"imported file `{item.path.value}`: {where}{err.message}",
+                            item.path.loc, err.hint)
             return
         self._load(text, path, stack)
 
@@ -411,6 +429,8 @@ class _Checker:
         steering = self.values.switch(block.one("steering"), False)
         handoff = self.values.switch(block.one("handoff"), False)
         push_every = self.values.number(block.one("push_every"), low=0, whole=True, default=0)
+        timeout = self.values.number(block.one("timeout"), low=0, low_open=True)
+        api_key = self._api_key(block.one("api_key"))
         if steering and entity is not None and not steers:
             self.sink.error(f"`{target}` has no steering to serve", block.one("steering").values[0].loc,
                             "give it a steer section, or write `steering off`")
@@ -425,7 +445,17 @@ class _Checker:
         if len(self.sink.errors) > errors:
             return None
         return ir.Deploy(target=target, urls=urls, live=live, steering=steering, handoff=handoff,
-                         push_every=push_every, loc=decl.loc)
+                         push_every=push_every, api_key=api_key, timeout=timeout, loc=decl.loc)
+
+    def _api_key(self, setting: ast.Setting | None) -> str | None:
+        if setting is None:
+            return None
+        key = setting.values[0]
+        if not key.value or not all(c.isascii() and c.isprintable() and not c.isspace()
+                                    for c in key.value):
+            self.sink.error("an API key is one word of printable ASCII characters", key.loc,
+                            "or leave `api_key` out and set BEHAVIORC_API_KEY")
+        return key.value
 
     def _compose_steers(self, decl: ast.ComposeDecl) -> bool:
         names = [ref.name for ref in references(decl.expr)]

@@ -15,6 +15,8 @@ from typing import Any, Callable
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import DiagnosticSink
 from behaviorc.lang import ast
+from behaviorc.core.textfiles import (TextFileError, has_surrogate, limit, over_limit,
+                                 read_text_file)
 
 MAX_ERRORS_PER_FILE = 5
 ROLES = ("system", "user", "assistant", "tool")
@@ -94,6 +96,9 @@ def _text(record: dict, field: str, prefix: str = "") -> str:
     value = record[field]
     if not isinstance(value, str):
         raise RecordError(f"field `{prefix}{field}` must be a string, not {_json_kind(value)}")
+    if has_surrogate(value):
+        raise RecordError(f"field `{prefix}{field}` holds a lone surrogate escape (like "
+                          f"`\\ud800`), which is not a character")
     return value
 
 
@@ -128,8 +133,7 @@ class DataFiles:
             self.sink.error("a file name cannot contain a NUL character", name.loc)
             return None
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            file = read_text_file(path, "data")
         except FileNotFoundError:
             self.sink.error(f"data file `{shown}` not found", name.loc,
                             f"paths are relative to the spec's folder, `{base_dir or '.'}`")
@@ -140,19 +144,21 @@ class DataFiles:
         except OSError as err:
             self.sink.error(f"cannot read data file `{shown}`: {err.strerror}", name.loc)
             return None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            line = raw[:err.start].count(b"\n") + 1
-            self.sink.error(f"{shown}:{line}: not UTF-8 text", name.loc)
+        except TextFileError as err:
+            where = f"{shown}:{err.line}:{err.column}: " if err.line else f"data file `{shown}`: "
+            self.sink.error(where + err.message, name.loc, err.hint)
             return None
+        raw, text = file.raw, file.text
+        longest = limit("line")
         records: list[Any] = []
         errors = 0
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             problem = None
             try:
+                if len(line) > longest // 4 and len(line.encode("utf-8")) > longest:
+                    raise RecordError(over_limit("line", len(line.encode("utf-8")), "the line"))
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     problem = f"each line must be a JSON object {what}, not {_json_kind(record)}"

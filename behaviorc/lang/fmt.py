@@ -157,8 +157,12 @@ class _Printer:
             if "\n" not in flat and len(INDENT * depth + flat) <= WIDTH:
                 self._emit(flat, depth, loc.end_line)
                 return
+        # Comments up to the line the printed head ends on stay on the `{` line: a head
+        # with a multi-line string ends lines below where it starts, and a comment taken
+        # there must be taken there again when the output is formatted.
+        head_end = loc.line + head.count("\n")
         first = block[0].loc.line
-        header = self._trailing(loc.line) if first > loc.line else ""
+        header = self._trailing(head_end) if first > head_end else ""
         self.out.append([INDENT * depth + head + " {", header, self.block_ids[-1]])
         self.last_source_line = loc.line
         self.block_ids.append(len(self.out))

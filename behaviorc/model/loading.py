@@ -155,6 +155,54 @@ def check_safetensors_file(file: Path) -> None:
     SafetensorsFile(file).close()
 
 
+def check_tensor_shapes(path: Path, loc: Location | None = None) -> None:
+    """A BehaviorError naming every tensor whose stored shape is not the one the folder's
+    config gives it. The model is built on the meta device: no memory, no weights read."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            expected = {name: list(tensor.shape) for name, tensor in
+                        AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except Exception:  # a config transformers cannot build: its own error says more
+        return
+    wrong = []
+    for file in weight_files(path, loc):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                stored = list(handle.get_slice(name).get_shape())
+                if name in expected and stored != expected[name]:
+                    wrong.append(f"tensor `{name}` in {file.name} has shape {stored}, the "
+                                 f"config makes it {expected[name]}")
+    if wrong:
+        more = f" and {len(wrong) - 10} more" if len(wrong) > 10 else ""
+        raise BehaviorError(f"`{path}` does not match its config.json: "
+                            + "; ".join(wrong[:10]) + more, loc,
+                            hint="the weights come from another model, or config.json was "
+                                 "edited; put the matching config.json beside them")
+
+
+def context_positions(config: Any) -> int | None:
+    """How many token positions the model takes (None when its config does not say)."""
+    config = getattr(config, "text_config", None) or config
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
+def refuse_over_context(tokens: int, positions: int | None, what: str,
+                        loc: Location | None = None) -> None:
+    """A BehaviorError when `tokens` do not fit the model's positions, raised before any
+    forward pass: past them a model reads nonsense, slowly."""
+    if positions is not None and tokens > positions:
+        raise BehaviorError(f"{what} is {tokens} tokens long, more than the model's context "
+                            f"of {positions} positions", loc,
+                            hint="shorten it, or split it into several records")
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -189,6 +237,7 @@ def load_model(path: Path | str, dtype: str = "float32", device: str = "auto") -
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # the folder passed our checks; transformers still refused it
+        check_tensor_shapes(path)  # its report of a wrong shape goes to the log, not `err`
         raise BehaviorError(f"transformers could not load `{path}`: {err}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

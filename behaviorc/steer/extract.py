@@ -92,6 +92,9 @@ def read_pairs(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int], 
     # remote), and bucketing only needs lengths in the right order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i][0]) + len(texts[i][1]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    # The longest batch first: a text the model cannot take fails before any other work
+    # (the batches themselves, and so every number, are the same in any order).
+    batches = batches[-1:] + batches[:-1]
     gathered: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(texts) for layer in layers}
     for done, batch in enumerate(batches, 1):
         states = engine.hidden_states([texts[i][0] for i in batch], [texts[i][1] for i in batch],

@@ -103,7 +103,8 @@ def live_handoff(deploy: ir.Deploy | None, ctx: TaskContext, base: str,
         else:
             urls, push_base = list(deploy.urls), Path(base)
         handoff = LiveHandoff(urls, directions, strength, pairs, margin_before,
-                              margin_steered, push_every=deploy.push_every, emit=ctx.emit)
+                              margin_steered, push_every=deploy.push_every, emit=ctx.emit,
+                              api_key=deploy.api_key, timeout=deploy.timeout)
         stack.callback(handoff.close)
         handoff.start(push_base)
         yield handoff
@@ -114,7 +115,8 @@ class LiveHandoff:
 
     def __init__(self, urls: Sequence[str], directions: Mapping[int, torch.Tensor], strength: float,
                  pairs: Sequence[ir.Pair], margin_before: float, margin_steered: float,
-                 push_every: int = 0, emit: Callable[[TaskEvent], None] = lambda event: None):
+                 push_every: int = 0, emit: Callable[[TaskEvent], None] = lambda event: None,
+                 api_key: str | None = None, timeout: float | None = None):
         self.urls, self.directions, self.strength = list(urls), dict(directions), strength
         self.push_every = push_every
         self.pairs, self.margin_before = pairs, margin_before
@@ -122,9 +124,10 @@ class LiveHandoff:
         self.emit = emit
         self.served = strength
         self.record = HandoffRecord()
-        self._engines = [VLLMEngine(url) for url in self.urls]
+        self.api_key, self.timeout = api_key, timeout
+        self._engines = [VLLMEngine(url, api_key, timeout=timeout) for url in self.urls]
         # Probes for the whole hand-off, however long training runs.
-        self._probes = RequestLoop(self.urls, threads=1, limit=PROBES_AT_MOST)
+        self._probes = RequestLoop(self.urls, threads=1, limit=PROBES_AT_MOST, api_key=api_key)
 
     def generator(self) -> Engine:
         """The first server, serving the steered behavior: distillation samples it."""
@@ -175,7 +178,7 @@ class LiveHandoff:
             engine.close()
 
     def _push(self, source: Path | Mapping[str, torch.Tensor]) -> float:
-        report = push_weights(self.urls, source)
+        report = push_weights(self.urls, source, api_key=self.api_key, timeout=self.timeout)
         self.record.push_seconds += report.seconds
         self.record.pushes += 1
         return report.seconds * 1000.0

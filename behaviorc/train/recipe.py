@@ -43,7 +43,7 @@ from behaviorc.formats.steering import load_steering
 from behaviorc.measure.margin import behavior_margin
 from behaviorc.measure.nll import general_nll
 from behaviorc.model.adapter import ArchitectureAdapter
-from behaviorc.model.loading import load_model
+from behaviorc.model.loading import context_positions, load_model, refuse_over_context
 from behaviorc.train.activations import ActivationMatch, steered_targets
 from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, encode_texts
 from behaviorc.train.distill_data import distill_data
@@ -176,6 +176,10 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
         metrics.update(examples.metrics)
         data.update(examples.data)
         mix = encode_texts(tokenizer, train_spec.mix.texts) if train_spec.mix else []
+        positions = context_positions(model.config)
+        for kind, sequences in (("training example", examples.behavior), ("general text", mix)):
+            for number, sequence in enumerate(sequences, 1):
+                refuse_over_context(sequence.tokens, positions, f"{kind} {number}", train_spec.loc)
         schedule = BatchSchedule(examples.behavior, mix, train_spec.batch,
                                  train_spec.mix.ratio if train_spec.mix else 0.0, train_spec.seed)
 

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
 
 DESCRIPTION = """\
 Serve a built-in model or a local Hugging Face folder with vLLM's OpenAI-compatible
 server, with behaviorc's worker extension loaded so builds can steer it and push
-weights into it while it serves. Binds to 127.0.0.1; another host needs --api-key
-(every route then requires it, the weight-push routes included). Ctrl-C stops it.
+weights into it while it serves. Binds to 127.0.0.1; another host needs an API key,
+given in the environment variable BEHAVIORC_API_KEY (every route then requires it, the
+weight-push routes included; a key on a command line is readable by every local user,
+so there is no --api-key). Ctrl-C stops it.
 """
 
 EPILOG = """\
 examples:
   behaviorc serve tiny-gdn
   behaviorc serve ./out/listen/compose/persona/model --port 8000
-  behaviorc serve tiny-dense --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
+  BEHAVIORC_API_KEY="$(openssl rand -hex 16)" behaviorc serve tiny-dense --host 0.0.0.0
 """
 
 
@@ -30,14 +33,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=None,
                         help="port to listen on (default: a free one)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1; others need --api-key)")
-    parser.add_argument("--api-key", default=None,
-                        help="require this bearer token on every request")
+                        help="address to bind (default 127.0.0.1; others need an API key "
+                             "in BEHAVIORC_API_KEY)")
+    parser.add_argument("--api-key", default=None, help=argparse.SUPPRESS)
     parser.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from behaviorc.core.diagnostics import BehaviorError
+    from behaviorc.engine.vllm.http import API_KEY_ENV
     from behaviorc.engine.vllm.server import serve
+
+    if args.api_key is not None:
+        raise BehaviorError("an API key on the command line is readable by every local "
+                            "user (`ps`), so `--api-key` is not taken",
+                            hint=f"set it in the environment: {API_KEY_ENV}=KEY behaviorc serve ...")
+    api_key = os.environ.get(API_KEY_ENV) or None
 
     # The server runs in its own process group, out of reach of the terminal's Ctrl-C
     # and of a SIGTERM sent to us: both must end here, so the server is stopped too.
@@ -45,7 +56,7 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"starting vLLM for {args.model} ...", flush=True)
     interrupted = False
-    with serve(args.model, port=args.port, host=args.host, api_key=args.api_key) as server:
+    with serve(args.model, port=args.port, host=args.host, api_key=api_key) as server:
         print(f"serving {server.model_dir}", flush=True)
         print(f"url: {server.url}", flush=True)
         print(f"log: {server.log_path}", flush=True)

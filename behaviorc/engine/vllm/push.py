@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from behaviorc.core.diagnostics import BehaviorError
-from behaviorc.engine.vllm.client import PUSH_TIMEOUT_S, ServerClient
+from behaviorc.engine.vllm.http import PUSH_TIMEOUT_S, ServerClient, default_timeout
 
 SHARED_MEMORY = Path("/dev/shm")
+ANSWER_TIMEOUT_S = 5.0  # a server's /health answers in milliseconds, even under load
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class PushReport:
 
 
 def push_weights(urls: Sequence[str], source: Path | str | Mapping[str, Any],
-                 api_key: str | None = None, timeout: float = PUSH_TIMEOUT_S) -> PushReport:
+                 api_key: str | None = None, timeout: float | None = None) -> PushReport:
     """Replace the weights of every server in `urls` by `source`, or of none of them.
 
     `source` is a model folder (every served tensor, checkpoint names) or a mapping of
@@ -59,6 +60,7 @@ def push_weights(urls: Sequence[str], source: Path | str | Mapping[str, Any],
     if not urls:
         raise BehaviorError("a push needs at least one server URL")
     started = time.perf_counter()
+    timeout = default_timeout(timeout, PUSH_TIMEOUT_S)
     clients = [ServerClient(url, api_key, timeout) for url in urls]
     try:
         with _as_folder(source) as (payload, write_seconds):
@@ -83,6 +85,19 @@ def push_weights(urls: Sequence[str], source: Path | str | Mapping[str, Any],
                  "load": max(loads), "calls": calls_seconds, "reset": reset_seconds}
     return PushReport(tuple(c.url for c in clients), int(answers[0]["tensors"]),
                       time.perf_counter() - started, loads, breakdown)
+
+
+def answering(urls: Sequence[str], api_key: str | None = None,
+              timeout: float | None = None) -> None:
+    """Check that every server answers within a short time, before a push that may
+    rightly take minutes: a server that accepts connections and never answers is named
+    in seconds, not after the push's timeout."""
+    for url in urls:
+        client = ServerClient(url, api_key, min(default_timeout(timeout), ANSWER_TIMEOUT_S))
+        try:
+            client.request("GET", "/health", "checking that it answers before a push")
+        finally:
+            client.close()
 
 
 @contextmanager

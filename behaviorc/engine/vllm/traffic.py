@@ -14,7 +14,7 @@ from typing import Sequence
 
 import httpx
 
-from behaviorc.engine.vllm.client import http_client
+from behaviorc.engine.vllm.http import http_client
 
 PROBE_PROMPT = "I will use the existing"
 

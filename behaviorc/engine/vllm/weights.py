@@ -143,7 +143,8 @@ class ServedWeights:
             rest = self.read({name: source for name, source in self.sources.items()
                               if name not in changed and layer_group(name) in groups})
         except Exception as err:  # a pushed folder still served was deleted or changed
-            return [f"cannot read the served values of the layers this push changes: {err}"]
+            return [f"cannot read the served values of the layers this push changes: {err}; "
+                    f"push every tensor of those layers (a whole model folder) instead"]
         self.staged = StagedPush(
             token=token, tensors={**changed, **rest},
             sources=dict(pushed) if transient else {n: e.file for n, e in incoming.items()},
@@ -167,11 +168,16 @@ class ServedWeights:
                 handles[source] = safe_open(source, framework="pt")
             return handles[source].get_tensor(name)
 
+        def same(name: str) -> bool:
+            try:
+                return torch.equal(pushed[name], served(name))
+            except Exception:  # its source is gone (a pushed folder deleted): reload it
+                return False
+
         by_layer: dict[str, list[str]] = {}
         for name in pushed:
             by_layer.setdefault(layer_group(name), []).append(name)
-        return {layer for layer, names in by_layer.items()
-                if all(torch.equal(pushed[name], served(name)) for name in names)}
+        return {layer for layer, names in by_layer.items() if all(same(name) for name in names)}
 
     def _header_problems(self, incoming: dict[str, TensorEntry], complete: bool) -> list[str]:
         problems: list[str] = []

@@ -1,0 +1,137 @@
+"""HTTP to a live vLLM server: one client for every call behaviorc makes (the engine, a
+push, the probe traffic).
+
+Every call has a timeout; a server that stops answering gives a BehaviorError naming the
+server and what was being done, never a hang or a raw traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import httpx
+
+from behaviorc.core.diagnostics import BehaviorError
+
+REQUEST_TIMEOUT_S = 120.0  # default for a call; BEHAVIORC_SERVER_TIMEOUT_S overrides it
+PUSH_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "BEHAVIORC_SERVER_TIMEOUT_S"
+KEEPALIVE_S = 2.0
+API_KEY_ENV = "BEHAVIORC_API_KEY"  # the key for servers that need one (never on a command line)
+NOT_REPEATABLE = {"/collective_rpc"}  # requests that may change the server's state
+
+
+class ServerClient:
+    """HTTP plumbing for one server: JSON requests, worker RPCs, clear errors."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float | None = None):
+        self.url = url.rstrip("/")
+        self._http = http_client(self.url, api_key, default_timeout(timeout))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, doing: str, body: Any = None,
+                timeout: float | None = None) -> Any:
+        """The decoded JSON answer (None for an empty one); a BehaviorError otherwise."""
+        try:
+            response = self._send(method, path, body, timeout)
+        except httpx.TimeoutException:
+            waited = timeout if timeout is not None else self._http.timeout.read
+            raise BehaviorError(f"the vLLM server at {self.url} did not answer in time "
+                                f"while {doing} ({method} {path.partition('?')[0]}, "
+                                f"{waited:g} s)",
+                                hint=f"is the server overloaded or stuck? {TIMEOUT_ENV} "
+                                     f"(or `timeout` in a deploy) sets how long to wait") from None
+        except httpx.HTTPError as err:
+            raise BehaviorError(
+                f"lost the vLLM server at {self.url} while {doing}: {type(err).__name__}: "
+                f"{err or 'connection closed'}",
+                hint="is the server running? `behaviorc serve MODEL` starts one") from None
+        if response.status_code >= 400:
+            raise BehaviorError(f"the vLLM server at {self.url} refused {doing}: HTTP "
+                                f"{response.status_code}: {_error_text(response)}")
+        return response.json() if response.content else None
+
+    def _send(self, method: str, path: str, body: Any, timeout: float | None) -> httpx.Response:
+        timeout = timeout if timeout is not None else self._http.timeout
+        try:
+            return self._http.request(method, path, json=body, timeout=timeout)
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            # A pooled connection the server closed under us (seen after a refused worker
+            # RPC). Reads are safe to send again once on a fresh connection; a worker RPC
+            # may have acted, so it is never repeated.
+            if path in NOT_REPEATABLE:
+                raise
+            return self._http.request(method, path, json=body, timeout=timeout)
+
+    def rpc(self, method: str, *args: Any, doing: str,
+            timeout: float | None = None) -> Any:
+        """Call a worker-extension method; the first worker's answer (all agree)."""
+        body = {"method": method, "args": [json.dumps(a) if not isinstance(a, str) else a
+                                           for a in args]}
+        answer = self.request("POST", "/collective_rpc", doing, body, timeout)
+        results = (answer or {}).get("results") or [None]
+        return results[0]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (they were computed with other weights or steering).
+
+        vLLM refuses a plain reset while requests hold cache blocks, which under load is
+        almost always; preempting them makes it succeed, and they are recomputed."""
+        answer = self.request("POST", "/reset_prefix_cache?reset_running_requests=true",
+                              "resetting the prefix cache")
+        if isinstance(answer, dict) and answer.get("success") is False:
+            raise BehaviorError(f"the vLLM server at {self.url} could not reset its prefix "
+                                f"cache: answers may still reuse prefixes computed before "
+                                f"this change")
+
+    def healthy(self) -> bool:
+        try:
+            return self._http.get("/health", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+def http_client(url: str, api_key: str | None, timeout: float) -> httpx.Client:
+    """A client for one server. Plain-HTTP servers get no TLS context: building the
+    default one loads the CA bundle, which costs more than a whole push on loopback.
+    Idle connections are dropped before vLLM's server closes them (after 5 s), so a
+    request never goes out on a connection the server is closing."""
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None  # never from a command line
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
+                        verify=url.startswith("https://"),
+                        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
+
+
+def default_timeout(given: float | None = None, fallback: float = REQUEST_TIMEOUT_S) -> float:
+    """Seconds a server call waits: `given`, else BEHAVIORC_SERVER_TIMEOUT_S, else
+    `fallback` (120 s for a call, PUSH_TIMEOUT_S for a push)."""
+    if given is not None:
+        return given
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return fallback
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise BehaviorError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds")
+    return seconds
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        detail = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(detail, dict):
+        inner = detail.get("error", detail.get("detail", detail))
+        if isinstance(inner, dict):
+            inner = inner.get("message", inner)
+        return str(inner)[:500]
+    return str(detail)[:500]
