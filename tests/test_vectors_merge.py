@@ -1,5 +1,8 @@
 """Merge methods on small hand-made tensors, against results worked out by hand."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -253,3 +256,37 @@ def test_bfloat16_conversions_round_as_torch_does():
     not_a_number = from_float32(np.array([1.0, np.nan], np.float32), "BF16")
     assert np.isnan(to_float32(not_a_number, "BF16")[1])
     assert np.array_equal(from_float32(values.numpy().copy(), "F16"), values.to(torch.float16).numpy())
+
+
+MERGEKIT_GOLDEN = Path(__file__).parent / "golden" / "mergekit"
+EXPORTED = {
+    "task_arithmetic": dict(lambda_=0.8),
+    "ties": dict(density=0.2),
+    "dare_linear": dict(density=0.3, seed=3),
+    "dare_ties": dict(density=0.3, rescale=False),
+    "della": dict(density=0.4, epsilon=0.1),
+    "della_linear": dict(density=0.4),
+    "breadcrumbs": dict(density=0.5, gamma=0.05),
+    "breadcrumbs_ties": dict(density=0.5, normalize=True),
+    "model_stock": dict(),
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPORTED))
+def test_each_method_exports_its_mergekit_yaml(method):
+    """The YAML `show --mergekit` prints for each method (the bench runs these through
+    mergekit itself; mergekit 0.1.5's config schema accepts each golden file)."""
+    from behaviorc.vectors.mergekit_yaml import mergekit_yaml
+
+    weights = [1.0, 1.0] if method == "model_stock" else [1.0, -0.5]
+    record = {"name": "persona", "expression": "a + b", "base": {"path": "/models/base"},
+              "merge": MergeOptions(method=method, **EXPORTED[method]).describe(),
+              "terms": [{"behavior": "a", "weight": weights[0], "path": "/models/a",
+                         "model": "/models/a"},
+                        {"behavior": "b", "weight": weights[1], "path": "b.safetensors"}],
+              "dtype": "bfloat16"}
+    golden = MERGEKIT_GOLDEN / f"{method}.yaml"
+    if os.environ.get("BEHAVIORC_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(mergekit_yaml(record))
+    assert mergekit_yaml(record) == golden.read_text()
