@@ -242,7 +242,14 @@ class ParameterPlan:
     drop: list[RankCut] | None = None  # breadcrumbs: of those, entries ranked above drop
     scales: list[np.float32] | None = None  # rescaling: the factor of each sparsified tau
     weights: list[float] | None = None  # model_stock: replaces the terms' weights
+    # The random drops' keep masks found while rescaling, packed, by term and piece
+    # offset: the merge applies them instead of drawing (and for della ranking) again.
+    masks: list[dict[int, np.ndarray]] | None = None
 
+
+# Parameters up to this many entries keep their random drops' masks between the rescale
+# pass and the merge (an eighth of a byte an entry and term); larger ones draw again.
+_MASKED_ENTRIES = 1 << 26
 
 # (offset of a piece's first entry in the parameter, each term's float32 tau over it);
 # the arrays may be consumed.
@@ -279,7 +286,7 @@ def _plan(name: str, options: MergeOptions, count: int, row_entries: int,
         plan.keep = select(kept + dropped) if kept else [_nothing() for _ in term_indices]
         plan.drop = select(dropped) if dropped else None
     if options.sparsifies and options.rescales:
-        plan.scales = _l1_scales(name, options, row_entries, term_indices, parts, plan)
+        plan.scales = _l1_scales(name, options, count, row_entries, term_indices, parts, plan)
     return plan
 
 
@@ -295,18 +302,25 @@ def _outlier_ranks(count: int, density: float, gamma: float) -> tuple[int, int]:
     return kept, min(dropped, count - kept)
 
 
-def _l1_scales(name: str, options: MergeOptions, row_entries: int, term_indices: list[int],
-               parts: Parts, plan: ParameterPlan) -> list[np.float32]:
+def _l1_scales(name: str, options: MergeOptions, count: int, row_entries: int,
+               term_indices: list[int], parts: Parts, plan: ParameterPlan) -> list[np.float32]:
     """Each term's ||tau||_1 / ||sparsified tau||_1 (1 where either is below 1e-7, as
-    mergekit), the drop redone exactly as the merge will do it."""
+    mergekit), the drop done exactly as the merge will do it; its masks are kept for the
+    merge unless the parameter is too large for that."""
     before = [0.0] * len(term_indices)
     after = [0.0] * len(term_indices)
+    masks: list[dict[int, np.ndarray]] = [{} for _ in term_indices]
+    keeps_masks = options.traits.sparsify in ("random", "della") and count <= _MASKED_ENTRIES
     workspace = Workspace()
     for offset, deltas in parts():
         for term, (delta, index) in enumerate(zip(deltas, term_indices)):
             before[term] += float(np.add.reduce(np.abs(delta), dtype=np.float64))
             _sparsify_(delta, term, name, index, offset, row_entries, options, plan, workspace)
+            if keeps_masks:  # (a kept entry that is 0 may as well be dropped)
+                masks[term][offset] = np.packbits(delta != 0)
             after[term] += float(np.add.reduce(np.abs(delta, out=delta), dtype=np.float64))
+    if keeps_masks:
+        plan.masks = masks
     return [np.float32(1) if b < 1e-7 or a < 1e-7 else np.float32(b / a)
             for b, a in zip(before, after)]
 
@@ -388,6 +402,10 @@ def _sparsify_(delta: np.ndarray, term: int, name: str, term_index: int, offset:
     if not options.sparsifies:
         return
     kind = options.traits.sparsify
+    if plan.masks is not None:
+        kept = np.unpackbits(plan.masks[term][offset], count=delta.size)
+        delta *= kept.view(np.bool_).reshape(delta.shape)
+        return
     if kind in ("random", "della"):
         seed = _seed_for(options.seed, name, term_index, offset)
         if kind == "random":
@@ -424,11 +442,18 @@ def della_keep_probabilities(rows: np.ndarray, density: float, epsilon: float) -
     """Per entry of each row of m: density - epsilon + 2 epsilon r / (m - 1), r its rank
     by magnitude (0 the smallest; of equal magnitudes the earlier ranks higher)."""
     row_entries = rows.shape[1]
-    # Sorting -|x| stably puts the largest first and, among ties, the earlier first.
-    order = np.argsort(-np.abs(rows), axis=1, kind="stable")
-    from_top = np.empty(rows.shape, np.float32)
-    np.put_along_axis(from_top, order, np.arange(row_entries, dtype=np.float32)[None, :], axis=1)
-    share = 1 - from_top / np.float32(max(row_entries - 1, 1))
+    # One sort of distinct keys per row: the magnitude's bits (which order as the
+    # magnitudes do) above the column counted from the end, so that of equal magnitudes
+    # the earlier sorts later, i.e. ranks higher. (Faster than a stable argsort.)
+    columns_from_end = np.arange(row_entries - 1, -1, -1, dtype=np.uint64)
+    keys = np.abs(rows).view(np.uint32).astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= columns_from_end[None, :]
+    keys.sort(axis=1)
+    columns = (np.uint64(row_entries - 1) - (keys & np.uint64(0xFFFFFFFF))).astype(np.intp)
+    share = np.empty(rows.shape, np.float32)
+    steps = np.arange(row_entries, dtype=np.float32) / np.float32(max(row_entries - 1, 1))
+    np.put_along_axis(share, columns, steps[None, :], axis=1)
     return np.float32(density - epsilon) + share * np.float32(2 * epsilon)
 
 
