@@ -68,7 +68,7 @@ def test_persona_spec_composes_linear_terms() -> None:
     assert persona.merge.method == "ties" and persona.merge.density == 0.2
     assert persona.merge.groups == ("gdn.gates", "gdn.proj", "attn.q")
     assert [(t.behavior, t.weight) for t in focused.terms] == [("listen", 0.5), ("concise", 0.5)]
-    assert focused.merge.method == "dare" and focused.merge.density == 0.5
+    assert focused.merge.method == "dare_linear" and focused.merge.density == 0.5
     concise = spec.behavior("concise")
     assert concise.steer.layers == "auto" and concise.steer.sweep == (0, 2, 4, 8)
     # inline examples first (a triple-quoted one spans lines), then the file's

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from behaviorc.cli import main
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.compose.composition import Composition, Term, compose
-from behaviorc.compose.merge import MergeOptions, merged_delta
-from behaviorc.formats.safetensors_io import fingerprint, sha256_file
+from behaviorc.compose.merge import METHODS, MergeOptions, merged_delta
+from behaviorc.core.files import sha256_file
+from behaviorc.formats.safetensors_io import fingerprint
 from behaviorc.compose.taskvector import check_task_vector, extract_task_vector
 
 
@@ -141,7 +142,7 @@ def test_ties_from_folders_and_from_vectors_agree_with_the_in_memory_merge(works
         assert torch.equal(folders_out[name], expected), name
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "breadcrumbs_ties"])
 def test_merging_in_blocks_of_rows_changes_nothing(workspace, tiny_gdn, tmp_path, monkeypatch,
                                                    method):
     import behaviorc.formats.safetensors_io as io
@@ -208,19 +209,22 @@ def test_bad_vectors_fail_clearly_and_write_nothing(workspace, tiny_gdn, tmp_pat
     assert list(target.parent.iterdir()) == []  # no folder, no leftover staging
 
 
-@pytest.mark.parametrize("method", ["ties", "dare", "task_arithmetic"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_nan_is_found_by_every_method(workspace, tiny_gdn, tmp_path, method):
     # Merges check their result, not each delta: a NaN must reach the result whatever
-    # the method does with it (ties trims it, elects over it and clamps it).
+    # the method does with it (ties trims it, elects over it and clamps it; model_stock
+    # takes cosines with it).
     bad = _broken_vector(workspace, tmp_path, "nan")
+    stock = method == "model_stock"
     with pytest.raises(BehaviorError, match="`model.layers.0.linear_attn.A_log` holds NaN"):
         compose(Composition(tiny_gdn, (Term("a", workspace / "a.safetensors", 1.0),
-                                       Term("bad", bad, 0.0)),
-                            MergeOptions(method=method, density=0.5)), tmp_path / "out")
+                                       Term("bad", bad, 1.0 if stock else 0.0)),
+                            MergeOptions(method=method, density=1.0 if stock else 0.5)),
+                tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("method", ["ties", "dare", "task_arithmetic"])
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"model_stock"}))
 def test_an_inf_is_refused_with_no_numpy_warning_first(workspace, tiny_gdn, tmp_path, method):
     # The same vector added and subtracted: +inf meets -inf in every method's sum, and
     # dare's drop multiplies infs by 0. numpy would warn on the terminal before the error
@@ -299,3 +303,43 @@ def test_cli_errors_are_diagnostics(tiny_gdn, tmp_path, capsys):
     assert "no such model folder" in capsys.readouterr().err
     assert main(["show", "--mergekit", str(tiny_gdn)]) == 1
     assert "not a composed model" in capsys.readouterr().err
+
+
+def test_the_merge_command_takes_each_method_and_only_its_settings(workspace, tiny_gdn,
+                                                                   tmp_path, capsys):
+    terms = ["--add", f"{workspace / 'a.safetensors'}=1", "--add", f"{workspace / 'tuned_b'}=1"]
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "d"), *terms, "--method", "della",
+                 "--density", "0.4", "--epsilon", "0.1", "--no-rescale"]) == 0
+    record = json.loads((tmp_path / "d" / "behaviorc.json").read_text())
+    assert record["merge"] == {"method": "della", "lambda": 1.0, "normalize": True,
+                               "density": 0.4, "rescale": False, "seed": 0, "epsilon": 0.1}
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "s"), *terms,
+                 "--method", "model_stock"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "t"), *terms, "--method", "ties",
+                 "--epsilon", "0.1"]) == 1
+    assert "--epsilon has no effect on `ties`" in capsys.readouterr().err
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "t"), *terms, "--method", "dare_tie"]) == 1
+    assert "did you mean `dare_ties`" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    import behaviorc.core.files as files
+
+    monkeypatch.setenv("BEHAVIORC_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(files, "_FILE_HASHES", files._RememberedHashes())
+    data = tmp_path / "weights.bin"
+    data.write_bytes(b"one")
+    assert files.remembered_sha256(data) == hashlib.sha256(b"one").hexdigest()
+    store = tmp_path / "home" / "file-hashes.json"
+    remembered = json.loads(store.read_text())
+    assert list(remembered.values()) == [hashlib.sha256(b"one").hexdigest()]
+    # Another process reads the store: a planted value shows that it is used.
+    store.write_text(json.dumps({key: "planted" for key in remembered}))
+    monkeypatch.setattr(files, "_FILE_HASHES", files._RememberedHashes())
+    assert files.remembered_sha256(data) == "planted"
+    data.write_bytes(b"two!")  # rewritten: another size and modification time
+    assert files.remembered_sha256(data) == hashlib.sha256(b"two!").hexdigest()

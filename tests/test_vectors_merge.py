@@ -1,18 +1,22 @@
 """Merge methods on small hand-made tensors, against results worked out by hand."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.compose.merge import (
-    MergeOptions, _radix_select, kth_largest, kth_largest_of_parts, merged_delta, trim_to_top_)
+    MergeOptions, RankCut, _radix_select, della_keep_probabilities, kth_largest,
+    kth_largest_of_parts, merged_delta, parameter_plan, rank_cut, trim_to_top_)
 from behaviorc.formats.safetensors_io import from_float32, to_float32
 
 
-def merge(deltas, weights, **options):
+def merge(deltas, weights, row_entries=None, **options):
     copies = [np.array(d, dtype=np.float32) for d in deltas]
     return merged_delta("w", copies, list(weights), list(range(len(deltas))),
-                        MergeOptions(**options))
+                        MergeOptions(**options), row_entries=row_entries)
 
 
 def test_ties_equals_the_hand_computed_result():
@@ -65,17 +69,114 @@ def test_dare_drops_and_rescales_reproducibly():
     again = merged_delta("w", [tau.copy()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=1))
     other = merged_delta("w", [tau.copy()], [1.0], [0], MergeOptions(method="dare", density=0.25, seed=2))
     assert np.array_equal(first, again) and not np.array_equal(first, other)
-    assert set(np.unique(first).tolist()) == {0.0, 1.0}  # survivors scaled by 1/density
-    assert abs(float((first != 0).mean()) - 0.25) < 0.01
+    kept = int(np.count_nonzero(first))
+    assert abs(kept / tau.size - 0.25) < 0.01
+    # mergekit's rescale: the survivors carry the L1 norm tau had, 0.25 * n / kept each.
+    assert np.allclose(first[first != 0], 0.25 * tau.size / kept, rtol=1e-6)
+    unscaled = merged_delta("w", [tau.copy()], [1.0], [0],
+                            MergeOptions(method="dare", density=0.25, seed=1, rescale=False))
+    assert np.array_equal(unscaled != 0, first != 0) and set(np.unique(unscaled)) == {0, 0.25}
 
 
-def test_trim_keeps_exactly_the_top_share_and_everything_tied_with_the_last():
-    values = np.array([0.1, -0.9, 0.3, 0.3, -0.2, 0.05, 0.7, -0.3], dtype=np.float32)
+def test_dare_ties_is_dare_then_the_sign_election_without_normalizing():
+    # At density 1 nothing drops: the TIES election and mix of the weighted vectors,
+    # summed (dare_ties does not normalize by default, as in mergekit).
+    # Weighted: [1.0, -0.5] and [0.5, 0.25]; mass [1.5, -0.25] elects [+, -].
+    result = merge([[0.5, -0.25], [1.0, 0.5]], [2.0, 0.5], method="dare_ties", density=1.0)
+    assert np.array_equal(result, [1.5, -0.5])
+    generator = np.random.default_rng(5)
+    deltas = [generator.standard_normal(50_000, dtype=np.float32) for _ in range(3)]
+    weights = [1.0, 0.5, -0.8]
+    linear = merge(deltas, weights, method="dare_linear", density=0.3, seed=4)
+    ties = merge(deltas, weights, method="dare_ties", density=0.3, seed=4)
+    assert np.array_equal(linear, merge(deltas, weights, method="dare", density=0.3, seed=4))
+    # The same drops: where all weighted entries have one sign, the same sum.
+    signs = np.sign([d * w for d, w in zip(deltas, weights)])
+    unanimous = (signs >= 0).all(axis=0) | (signs <= 0).all(axis=0)
+    assert np.allclose(linear[unanimous], ties[unanimous], rtol=1e-6, atol=0)
+    assert not np.allclose(linear, ties)
+
+
+def test_ties_keeps_exactly_k_and_breaks_ties_by_position():
+    # Five entries share the largest magnitude; density 0.5 keeps 4 of 8: the first four
+    # of them in position.
+    values = np.array([0.3, -0.3, 0.1, 0.3, -0.3, 0.2, 0.3, 0.05], np.float32)
+    trim_to_top_(values, 0.5)
+    assert np.array_equal(values, np.array([0.3, -0.3, 0, 0.3, -0.3, 0, 0, 0], np.float32))
     distinct = np.array([0.1, -0.9, 0.35, 0.3, -0.2, 0.05, 0.7, -0.4], dtype=np.float32)
     trim_to_top_(distinct, 0.5)
     assert np.array_equal(distinct, np.array([0, -0.9, 0.35, 0, 0, 0, 0.7, -0.4], np.float32))
-    trim_to_top_(values, 0.5)  # the 4th largest magnitude, 0.3, is shared by three entries
-    assert np.array_equal(values, np.array([0, -0.9, 0.3, 0.3, 0, 0, 0.7, -0.3], np.float32))
+
+
+def test_ties_density_is_exact_on_bfloat16_and_independent_of_pieces():
+    # bfloat16 deltas of a normal spread: hundreds of entries tie at any threshold.
+    generator = np.random.default_rng(2)
+    deltas = [as_bfloat16(generator.standard_normal(96_000, dtype=np.float32) * 0.01)
+              for _ in range(3)]
+    weights, options = [1.0, 0.5, -0.8], MergeOptions(method="ties", density=0.2)
+    for delta in deltas:
+        trimmed = delta.copy()
+        trim_to_top_(trimmed, 0.2)
+        assert np.count_nonzero(trimmed) == 19_200  # exactly int(0.2 * n)
+        threshold = np.sort(np.abs(delta))[-19_200]
+        assert np.count_nonzero(np.abs(delta) == threshold) > 100  # there were ties
+    whole = merged_delta("w", [d.copy() for d in deltas], weights, [0, 1, 2], options)
+    # The same merge in pieces of 10,000 entries, its cuts found over parts.
+    pieces = [slice(start, start + 10_000) for start in range(0, 96_000, 10_000)]
+    magnitudes = lambda: ([np.abs(d[p]) for d in deltas] for p in pieces)
+    plan = parameter_plan("w", options, 96_000, 96_000, [0, 1, 2], 3,
+                          lambda: iter([(0, [d.copy() for d in deltas])]),
+                          lambda k: kth_largest_of_parts(magnitudes, 96_000, k,
+                                                         [np.abs(d[::7]) for d in deltas]))
+    pieced = np.concatenate([merged_delta("w", [d[p].copy() for d in deltas], weights,
+                                          [0, 1, 2], options, plan, offset=p.start)
+                             for p in pieces])
+    assert np.array_equal(whole, pieced)
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest():
+    # n = 10, density 0.5, gamma 0.1: the largest (0.9) drops, the next five stay.
+    tau = [0.9, -0.1, 0.5, 0.3, -0.7, 0.2, 0.05, 0.4, -0.6, 0.15]
+    result = merge([tau], [2.0], method="breadcrumbs", density=0.5, gamma=0.1)
+    assert np.array_equal(result, np.array([0, 0, 1.0, 0.6, -1.4, 0, 0, 0.8, -1.2, 0],
+                                           np.float32))
+    # gamma 0.6 with density 0.5: only 0.5 * n may drop above the kept entries.
+    result = merge([tau], [1.0], method="breadcrumbs", density=0.5, gamma=0.6)
+    assert np.array_equal(result, np.array([0, -0.1, 0, 0.3, 0, 0.2, 0.05, 0, 0, 0.15],
+                                           np.float32))
+    # breadcrumbs_ties: the same trims (of 4 entries the largest drops and the next two
+    # stay): [0, 0.5, 0, 0.2] and [0.25, 0, 0.3, 0]; then TIES's election, where -0.8
+    # (dropped) no longer outvotes 0.5, and a sum (normalize is off by default).
+    result = merge([[0.9, 0.5, 0.1, 0.2], [0.25, -0.8, 0.3, 0.1]], [1.0, 1.0],
+                   method="breadcrumbs_ties", density=0.5, gamma=0.25)
+    assert np.array_equal(result, np.array([0.25, 0.5, 0.3, 0.2], np.float32))
+
+
+def test_della_keep_probabilities_follow_the_magnitude_ranks():
+    # Ranks from the smallest: 0.1 -> 0, 0.2 -> 1, the later 0.4 -> 2, the earlier -0.4 -> 3;
+    # p = 0.5 - 0.3 + 0.6 * r / 3.
+    rows = np.array([[0.1, -0.4, 0.2, 0.4]], np.float32)
+    assert np.allclose(della_keep_probabilities(rows, 0.5, 0.3), [[0.2, 0.8, 0.4, 0.6]])
+    # Kept shares follow, rescaled to the L1 norm of the vector.
+    tau = np.tile(np.array([0.1, -0.4, 0.2, 0.4], np.float32), 40_000)
+    result = merge([tau], [1.0], method="della", density=0.5, epsilon=0.3, row_entries=4)
+    kept = (result.reshape(-1, 4) != 0).mean(axis=0)
+    assert np.allclose(kept, [0.2, 0.8, 0.4, 0.6], atol=0.01)
+    assert abs(np.abs(result).sum(dtype=np.float64) / np.abs(tau).sum(dtype=np.float64) - 1) < 1e-5
+
+
+def test_model_stock_moves_toward_the_mean_by_the_cosine():
+    # tau1 = [3, 4], tau2 = [4, 3]: cos = 24/25, N = 2: t = 2 cos / (1 + cos) = 48/49;
+    # base + t * mean = t * [3.5, 3.5] = [24/7, 24/7]. Weights do not enter.
+    result = merge([[3.0, 4.0], [4.0, 3.0]], [1.0, 1.0], method="model_stock")
+    assert np.allclose(result, [24 / 7, 24 / 7], rtol=1e-6)
+    # A third model without this parameter has tau 0: its two pairs have cosine 0, so
+    # cos = (24/25) / 3 = 0.32 and t = 3 cos / (1 + 2 cos) = 0.96 / 1.64, times the
+    # mean [7/3, 7/3].
+    result = merged_delta("w", [np.array([3.0, 4.0], np.float32),
+                                np.array([4.0, 3.0], np.float32)],
+                          [1.0, 1.0], [0, 2], MergeOptions(method="model_stock"), term_count=3)
+    assert np.allclose(result, [0.96 / 1.64 * 7 / 3] * 2, rtol=1e-6)
 
 
 def as_bfloat16(values: np.ndarray) -> np.ndarray:
@@ -109,6 +210,13 @@ def test_bad_options_are_refused():
     with pytest.raises(BehaviorError) as refused:
         MergeOptions(method="tie")
     assert "did you mean `ties`" in refused.value.render()
+    with pytest.raises(BehaviorError, match="epsilon 0.3 puts della's keep probabilities"):
+        MergeOptions(method="della", density=0.8, epsilon=0.3)
+    with pytest.raises(BehaviorError, match="gamma 1 is outside"):
+        MergeOptions(method="breadcrumbs", density=0.5, gamma=1)
+    with pytest.raises(BehaviorError, match="`ties` does not rescale"):
+        MergeOptions(method="ties", density=0.5, rescale=True)
+    assert MergeOptions(method="dare").method == "dare_linear"
 
 
 def test_selection_over_parts_and_by_radix_matches_a_full_selection():
@@ -118,12 +226,14 @@ def test_selection_over_parts_and_by_radix_matches_a_full_selection():
     parts = lambda: ([a, b] for a, b in zip(split(values), split(doubled)))
     for k in (1, 24_000, 119_999):
         expected = kth_by_sorting(values, k)
-        assert _radix_select(lambda: iter(split(values)), k) == expected
+        ties = k - int(np.count_nonzero(values > expected))  # tied entries the cut takes
+        assert _radix_select(lambda: iter(split(values)), k) == RankCut(expected, ties)
         found = kth_largest_of_parts(parts, values.size, k, [values[:5000], doubled[:5000]])
-        assert found == [expected, expected * 2]
+        assert found == [RankCut(expected, ties), RankCut(expected * 2, ties)]
+        assert rank_cut(values, k) == RankCut(expected, ties)
         # Samples from elsewhere misjudge the brackets; the answers are still exact.
         found = kth_largest_of_parts(parts, values.size, k, [values[:5000] * 3, doubled[:9]])
-        assert found == [expected, expected * 2]
+        assert found == [RankCut(expected, ties), RankCut(expected * 2, ties)]
 
 
 def test_bfloat16_conversions_round_as_torch_does():
@@ -146,3 +256,37 @@ def test_bfloat16_conversions_round_as_torch_does():
     not_a_number = from_float32(np.array([1.0, np.nan], np.float32), "BF16")
     assert np.isnan(to_float32(not_a_number, "BF16")[1])
     assert np.array_equal(from_float32(values.numpy().copy(), "F16"), values.to(torch.float16).numpy())
+
+
+MERGEKIT_GOLDEN = Path(__file__).parent / "golden" / "mergekit"
+EXPORTED = {
+    "task_arithmetic": dict(lambda_=0.8),
+    "ties": dict(density=0.2),
+    "dare_linear": dict(density=0.3, seed=3),
+    "dare_ties": dict(density=0.3, rescale=False),
+    "della": dict(density=0.4, epsilon=0.1),
+    "della_linear": dict(density=0.4),
+    "breadcrumbs": dict(density=0.5, gamma=0.05),
+    "breadcrumbs_ties": dict(density=0.5, normalize=True),
+    "model_stock": dict(),
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPORTED))
+def test_each_method_exports_its_mergekit_yaml(method):
+    """The YAML `show --mergekit` prints for each method (the bench runs these through
+    mergekit itself; mergekit 0.1.5's config schema accepts each golden file)."""
+    from behaviorc.compose.mergekit_yaml import mergekit_yaml
+
+    weights = [1.0, 1.0] if method == "model_stock" else [1.0, -0.5]
+    record = {"name": "persona", "expression": "a + b", "base": {"path": "/models/base"},
+              "merge": MergeOptions(method=method, **EXPORTED[method]).describe(),
+              "terms": [{"behavior": "a", "weight": weights[0], "path": "/models/a",
+                         "model": "/models/a"},
+                        {"behavior": "b", "weight": weights[1], "path": "b.safetensors"}],
+              "dtype": "bfloat16"}
+    golden = MERGEKIT_GOLDEN / f"{method}.yaml"
+    if os.environ.get("BEHAVIORC_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(mergekit_yaml(record))
+    assert mergekit_yaml(record) == golden.read_text()

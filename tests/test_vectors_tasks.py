@@ -15,7 +15,7 @@ from behaviorc.build.kinds import (
     ResolveModel)
 from behaviorc.build.executor import Executor
 from behaviorc.formats.steering import load_steering
-from behaviorc.formats.safetensors_io import sha256_file
+from behaviorc.core.files import sha256_file
 from behaviorc.compose.taskvector import extract_task_vector
 from test_vectors_compose import perturbed_copy
 

@@ -22,6 +22,8 @@ MERGE_EXAMPLES = """\
 examples:
   behaviorc merge base/ persona/ --add listen.safetensors=1.0 --add sycophancy.safetensors=-0.8
   behaviorc merge base/ merged/ --add ft_a/=1 --add ft_b/=1 --method ties --density 0.2
+  behaviorc merge base/ merged/ --add ft_a/=1 --add ft_b/=1 --method della --density 0.3 --epsilon 0.1
+  behaviorc merge base/ merged/ --add ft_a/=1 --add ft_b/=1 --add ft_c/=1 --method model_stock
   behaviorc merge base/ gdn_only/ --add ft_a/=1 --groups gdn.gates,gdn.proj --max-shard-size 2GB
 """
 
@@ -54,15 +56,29 @@ def register(subparsers: Any) -> None:
     merge.add_argument("--add", metavar="PATH=WEIGHT", action="append", required=True,
                        help="a term: a task-vector file or model folder and its weight "
                             "(repeat; a negative weight subtracts)")
-    merge.add_argument("--method", choices=("task_arithmetic", "ties", "dare"),
-                       default="task_arithmetic")
-    merge.add_argument("--density", type=float, default=1.0,
-                       help="ties/dare: the share of each vector's entries kept (default 1)")
-    merge.add_argument("--lambda", dest="lambda_", type=float, default=1.0,
+    merge.add_argument("--method", default="task_arithmetic", metavar="METHOD",
+                       help="task_arithmetic (default), ties, dare_linear (or dare), dare_ties, "
+                            "della, della_linear, breadcrumbs, breadcrumbs_ties, model_stock: "
+                            "mergekit's methods of those names")
+    merge.add_argument("--density", type=float,
+                       help="ties, dare, della, breadcrumbs: the share of each vector's "
+                            "entries kept (default 1)")
+    merge.add_argument("--lambda", dest="lambda_", type=float,
                        help="scale of the merged delta (default 1)")
-    merge.add_argument("--no-normalize", action="store_true",
-                       help="ties: sum the agreeing entries instead of their weighted mean")
-    merge.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
+    merge.add_argument("--normalize", action=argparse.BooleanOptionalAction,
+                       help="divide by the summed weights (of the agreeing terms, for the "
+                            "sign-electing methods); default as in mergekit: on for ties and "
+                            "della, off otherwise")
+    merge.add_argument("--rescale", action=argparse.BooleanOptionalAction,
+                       help="dare, della: scale what survives the drop back to the L1 norm "
+                            "the vector had (default on)")
+    merge.add_argument("--epsilon", type=float,
+                       help="della: keep probabilities run from density - epsilon for the "
+                            "smallest entry of a row to density + epsilon for the largest "
+                            "(default 0.15)")
+    merge.add_argument("--gamma", type=float,
+                       help="breadcrumbs: the share of largest entries dropped (default 0.01)")
+    merge.add_argument("--seed", type=int, help="dare, della: seed of the random drop (default 0)")
     merge.add_argument("--groups", default="",
                        help="comma-separated parameter groups to merge (others stay base)")
     merge.add_argument("--max-shard-size", default="",
@@ -166,9 +182,20 @@ def run_merge(args: argparse.Namespace) -> int:
     from behaviorc.compose.merge import MergeOptions
 
     terms = tuple(_parse_term(text) for text in args.add)
-    options = MergeOptions(method=args.method, density=args.density, lambda_=args.lambda_,
-                           normalize=not args.no_normalize, seed=args.seed,
-                           groups=tuple(g for g in args.groups.split(",") if g))
+    given = {"density": args.density, "lambda": args.lambda_, "normalize": args.normalize,
+             "rescale": args.rescale, "epsilon": args.epsilon, "gamma": args.gamma,
+             "seed": args.seed}
+    options = MergeOptions(method=args.method, groups=tuple(g for g in args.groups.split(",") if g))
+    for name, value in given.items():
+        if value is not None and name not in options.traits.settings:
+            raise BehaviorError(f"--{name} has no effect on `{options.method}`",
+                                hint=f"`{options.method}` takes "
+                                     + (", ".join(f"--{n}" for n in options.traits.settings)
+                                        or "no settings"))
+    options = MergeOptions(
+        method=options.method, groups=options.groups,
+        **{("lambda_" if name == "lambda" else name): value
+           for name, value in given.items() if value is not None})
     expression = " ".join(f"{'-' if t.weight < 0 else '+'} {t.label} * {abs(t.weight):g}"
                           for t in terms).removeprefix("+ ")
     record = compose(Composition(args.base, terms, options, expression=expression), args.out,

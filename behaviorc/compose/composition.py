@@ -26,11 +26,12 @@ import numpy as np
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.core.atomic import atomic_folder
 from behaviorc.compose.merge import (
-    MergeOptions, Workspace, keep_count, kth_largest, kth_largest_of_parts, merged_delta)
+    MergeOptions, ParameterPlan, RankCut, Workspace, kth_largest_of_parts, merged_delta,
+    needs_plan, parameter_plan)
 from behaviorc.compose.mergekit_yaml import mergekit_yaml
 from behaviorc.formats.safetensors_io import (
-    FLOAT_DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, WeightFolder, fingerprint,
-    from_float32, plan_shards, row_blocks, to_float32, write_index)
+    FLOAT_DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder,
+    fingerprint, from_float32, plan_shards, row_blocks, to_float32, write_index)
 from behaviorc.compose.sources import DeltaSource, check_finite, open_source
 
 PROVENANCE_FILE = "behaviorc.json"
@@ -38,8 +39,9 @@ MERGEKIT_FILE = "mergekit.yaml"
 # Entries sampled to bracket a ties threshold (a smaller parameter is selected directly).
 _SAMPLE_ENTRIES = 1 << 15
 # Entries merged at a time: the merge's few float32 arrays of this many entries stay in
-# the CPU's cache between its passes. Pieces start at multiples of this in the
-# parameter, whatever the blocks, so dare's drop (seeded per piece) does not depend on them.
+# the CPU's cache between its passes. Pieces are whole rows (della ranks within rows) and
+# start at fixed places in the parameter, whatever the blocks, so the random drops
+# (seeded per piece) do not depend on them.
 _PIECE_ENTRIES = 1 << 17
 # Files of a model folder that are its weights or describe them; everything else
 # (config, generation config, tokenizer, chat template) is copied from the base.
@@ -79,6 +81,11 @@ def compose(composition: Composition, out: Path, *, max_shard_bytes: int | None 
     """Write the composed model folder `out`; returns its provenance record."""
     if not composition.terms:
         raise BehaviorError("a composition needs at least one term")
+    if composition.options.traits.stock:
+        if len(composition.terms) < 2 or any(t.weight != 1 for t in composition.terms):
+            raise BehaviorError("model_stock averages two or more fine-tuned models, each "
+                                "with weight 1",
+                                hint="weight the models with task_arithmetic or ties instead")
     hasher = ThreadPoolExecutor(max_workers=1)
     with WeightFolder(composition.base) as base:
         sources: list[DeltaSource] = []
@@ -231,36 +238,32 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
     options = composition.options
     terms = [sources[i] for i in present]
     weights = [composition.terms[i].weight for i in present]
-    trims = options.method == "ties" and options.density < 1
-    keep = keep_count(options.density, info.numel)
-    thresholds = None
+    plan = None
     for rows in blocks:
         base_stored, stored = reader.next(name, rows)
-        if trims and thresholds is None:
-            if len(blocks) == 1:
-                thresholds = _thresholds_of_block(name, info.dtype, base_stored, terms, stored,
-                                                  keep, workspace)
-            else:
-                thresholds = _thresholds_over_blocks(name, base, terms, blocks, keep, workspace)
-        yield _merged_block(name, info.dtype, base_stored, terms, stored, weights, present,
-                            options, thresholds, rows[0] * info.row_entries if rows else 0,
-                            workspace)
+        if plan is None:
+            plan = _parameter_plan(name, base, terms, present, len(composition.terms), options,
+                                   blocks, (base_stored, stored), workspace)
+        yield _merged_block(name, info, base_stored, terms, stored, weights, present,
+                            len(composition.terms), options, plan,
+                            rows[0] * info.row_entries if rows else 0, workspace)
 
 
-def _merged_block(name: str, dtype: str, base_stored: np.ndarray,
+def _merged_block(name: str, info: TensorInfo, base_stored: np.ndarray,
                   terms: Sequence[DeltaSource], stored: list[np.ndarray], weights: list[float],
-                  term_indices: list[int], options: MergeOptions,
-                  thresholds: list[np.float32] | None, first_entry: int,
-                  workspace: Workspace) -> np.ndarray:
+                  term_indices: list[int], term_count: int, options: MergeOptions,
+                  plan: ParameterPlan, first_entry: int, workspace: Workspace) -> np.ndarray:
     """base + merged delta for one block (`first_entry` is its place in the parameter),
     in the base's dtype."""
+    dtype = info.dtype
     flat_base, flat_stored = base_stored.reshape(-1), [values.reshape(-1) for values in stored]
     out = workspace.array("output", flat_base.size, flat_base.dtype)
-    for piece, base_values, deltas in _piece_deltas(name, dtype, flat_base, terms, flat_stored,
+    for piece, base_values, deltas in _piece_deltas(name, info, flat_base, terms, flat_stored,
                                                     first_entry, workspace, "delta"):
         size = piece.stop - piece.start
-        mixed = merged_delta(name, deltas, weights, term_indices, options, thresholds,
-                             offset=first_entry + piece.start, workspace=workspace)
+        mixed = merged_delta(name, deltas, weights, term_indices, options, plan,
+                             offset=first_entry + piece.start, row_entries=info.row_entries,
+                             term_count=term_count, workspace=workspace)
         merged = np.add(base_values, mixed, out=mixed)
         with np.errstate(over="ignore", invalid="ignore"):
             if not math.isfinite(np.add.reduce(merged)):
@@ -278,90 +281,101 @@ def _check_terms_finite(name: str, terms: Sequence[DeltaSource], stored: list[np
         check_finite(term.delta(name, values, base_values), name, term.path)
 
 
-def _piece_deltas(name: str, dtype: str, flat_base: np.ndarray, terms: Sequence[DeltaSource],
-                  flat_stored: list[np.ndarray], first_entry: int, workspace: Workspace,
-                  label: str) -> Iterator[tuple[slice, np.ndarray, list[np.ndarray]]]:
+def _piece_deltas(name: str, info: TensorInfo, flat_base: np.ndarray,
+                  terms: Sequence[DeltaSource], flat_stored: list[np.ndarray], first_entry: int,
+                  workspace: Workspace, label: str
+                  ) -> Iterator[tuple[slice, np.ndarray, list[np.ndarray]]]:
     """Per piece of a flat block: its slice, the base as float32 and each term's tau (in
     `workspace` arrays named by `label`, valid until the next piece)."""
-    for piece in _pieces(first_entry, flat_base.size):
+    for piece in _pieces(first_entry, flat_base.size, info.row_entries):
         size = piece.stop - piece.start
-        base_values = to_float32(flat_base[piece], dtype, workspace.array("base", size))
+        base_values = to_float32(flat_base[piece], info.dtype, workspace.array("base", size))
         yield piece, base_values, [term.delta(name, values[piece], base_values,
                                               workspace.array(f"{label} {index}", size))
                                    for index, (term, values) in enumerate(zip(terms, flat_stored))]
 
 
-def _pieces(first_entry: int, count: int) -> Iterator[slice]:
-    """Slices of a block of `count` entries, cut where the parameter's entry index is a
-    multiple of _PIECE_ENTRIES."""
+def _pieces(first_entry: int, count: int, row_entries: int) -> Iterator[slice]:
+    """Slices of a block of `count` entries (whole rows), cut where the parameter's
+    entry index is a multiple of the piece size: as many whole rows as fit in
+    _PIECE_ENTRIES, at least one."""
+    step = max(1, _PIECE_ENTRIES // row_entries) * row_entries
     start = 0
     while start < count:
-        stop = min(count, ((first_entry + start) // _PIECE_ENTRIES + 1) * _PIECE_ENTRIES
-                   - first_entry)
+        stop = min(count, ((first_entry + start) // step + 1) * step - first_entry)
         yield slice(start, stop)
         start = stop
 
 
-def _magnitudes(name: str, dtype: str, base_stored: np.ndarray, terms: Sequence[DeltaSource],
-                stored: list[np.ndarray], workspace: Workspace) -> Iterator[list[np.ndarray]]:
-    """|tau| of each term over some entries, flat, a piece at a time (each piece's arrays
-    live in `workspace`, valid until the next piece)."""
-    flat_base, flat_stored = base_stored.reshape(-1), [values.reshape(-1) for values in stored]
-    for _, _, deltas in _piece_deltas(name, dtype, flat_base, terms, flat_stored, 0, workspace,
-                                      "magnitude"):
-        yield [np.abs(delta, out=delta) for delta in deltas]
-
-
-def _sample(name: str, dtype: str, base_stored: np.ndarray, terms: Sequence[DeltaSource],
-            stored: list[np.ndarray]) -> list[np.ndarray]:
-    """Each term's |tau| over the given entries, in arrays of their own."""
-    pieces = list(zip(*([m.copy() for m in piece] for piece in _magnitudes(
-        name, dtype, base_stored, terms, stored, Workspace()))))
-    return [np.concatenate(series) for series in pieces]
-
-
-def _thresholds_of_block(name: str, dtype: str, base_stored: np.ndarray,
-                         terms: Sequence[DeltaSource], stored: list[np.ndarray], keep: int,
-                         workspace: Workspace) -> list[np.float32]:
-    """The ties trim threshold of each term's delta, the keep-th largest magnitude, for
-    a parameter that is one block."""
-    count = base_stored.size
-    if count <= _SAMPLE_ENTRIES:  # small: its magnitudes are their own sample
-        return [kth_largest(magnitude, keep, reorder=True) for magnitude in
-                _sample(name, dtype, base_stored, terms, stored)]
-    stride = count // _SAMPLE_ENTRIES  # entries spread evenly over the block
-    samples = _sample(name, dtype, base_stored.reshape(-1)[::stride], terms,
-                      [values.reshape(-1)[::stride] for values in stored])
-    return kth_largest_of_parts(
-        lambda: _magnitudes(name, dtype, base_stored, terms, stored, workspace),
-        count, keep, samples)
-
-
-def _thresholds_over_blocks(name: str, base: WeightFolder, terms: Sequence[DeltaSource],
-                            blocks: list[tuple[int, int] | None], keep: int,
-                            workspace: Workspace) -> list[np.float32]:
-    """The same for a parameter merged in blocks: the threshold is over the whole
-    parameter, found in one pass over its blocks before any is merged."""
+def _parameter_plan(name: str, base: WeightFolder, terms: Sequence[DeltaSource],
+                    term_indices: list[int], term_count: int, options: MergeOptions,
+                    blocks: list[tuple[int, int] | None],
+                    first_block: tuple[np.ndarray, list[np.ndarray]], workspace: Workspace
+                    ) -> ParameterPlan:
+    """What the merge of parameter `name` needs from all of it (see merge.parameter_plan):
+    found in passes over its blocks (over the block already read, when it is one) before
+    any of it is merged."""
+    if not needs_plan(options):
+        return ParameterPlan()
     info = base.tensors[name]
 
     def read(rows: tuple[int, int] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        if len(blocks) == 1:
+            return first_block
         return base.read(name, rows), [term.read(name, rows) for term in terms]
 
-    def magnitudes() -> Iterator[list[np.ndarray]]:
+    def parts() -> Iterator[tuple[int, list[np.ndarray]]]:
         for rows in blocks:
             base_stored, stored = read(rows)
-            yield from _magnitudes(name, info.dtype, base_stored, terms, stored, workspace)
+            first_entry = rows[0] * info.row_entries if rows else 0
+            for piece, _, deltas in _piece_deltas(
+                    name, info, base_stored.reshape(-1), terms,
+                    [values.reshape(-1) for values in stored], first_entry, workspace, "plan"):
+                yield first_entry + piece.start, deltas
 
-    # The samples: whole rows spread evenly over the tensor (cheap to read).
+    def magnitudes() -> Iterator[list[np.ndarray]]:
+        for _, deltas in parts():
+            yield [np.abs(delta, out=delta) for delta in deltas]
+
+    samples: list[np.ndarray] = []
+
+    def select(k: int) -> list[RankCut]:
+        if not samples:
+            samples.extend(_samples(name, info, base, terms, blocks, read))
+        return kth_largest_of_parts(magnitudes, info.numel, k, samples)
+
+    return parameter_plan(name, options, info.numel, info.row_entries, term_indices,
+                          term_count, parts, select)
+
+
+def _samples(name: str, info: TensorInfo, base: WeightFolder, terms: Sequence[DeltaSource],
+             blocks: list[tuple[int, int] | None],
+             read: Callable[[tuple[int, int] | None], tuple[np.ndarray, list[np.ndarray]]]
+             ) -> list[np.ndarray]:
+    """Each term's |tau| at about _SAMPLE_ENTRIES entries spread over the parameter (all
+    of a smaller one): in one block, every stride-th entry; over blocks, whole rows
+    spread evenly (cheap to read)."""
+    if len(blocks) == 1:
+        base_stored, stored = read(None)
+        stride = max(1, base_stored.size // _SAMPLE_ENTRIES)
+        return _sample(name, info, base_stored.reshape(-1)[::stride],
+                       terms, [values.reshape(-1)[::stride] for values in stored])
     rows = info.shape[0]
     wanted_rows = max(1, min(rows, _SAMPLE_ENTRIES // info.row_entries))
     picked = sorted({round(i * (rows - 1) / max(1, wanted_rows - 1)) for i in range(wanted_rows)})
-    sampled = []
-    for row in picked:
-        base_stored, stored = read((row, row + 1))
-        sampled.append(_sample(name, info.dtype, base_stored, terms, stored))
-    samples = [np.concatenate(series) for series in zip(*sampled)]
-    return kth_largest_of_parts(magnitudes, info.numel, keep, samples)
+    sampled = [_sample(name, info, base.read(name, (row, row + 1)), terms,
+                       [term.read(name, (row, row + 1)) for term in terms]) for row in picked]
+    return [np.concatenate(series) for series in zip(*sampled)]
+
+
+def _sample(name: str, info: TensorInfo, base_stored: np.ndarray,
+            terms: Sequence[DeltaSource], stored: list[np.ndarray]) -> list[np.ndarray]:
+    """Each term's |tau| over the given entries, flat, in arrays of their own."""
+    base_values = to_float32(np.ascontiguousarray(base_stored).reshape(-1), info.dtype,
+                             np.empty(base_stored.size, np.float32))
+    return [np.abs(term.delta(name, np.ascontiguousarray(values).reshape(-1), base_values,
+                              np.empty(base_values.size, np.float32)))
+            for term, values in zip(terms, stored)]
 
 
 def _copy_model_files(base: Path, staging: Path) -> None:

@@ -1,27 +1,51 @@
 """Merging task vectors, one tensor (or block of rows) at a time.
 
-Each method turns the deltas of one parameter, or of a piece of it (one numpy float32
-array per term, already read), and the terms' weights into the single delta added to
-the base. The semantics follow
-mergekit's `task_arithmetic` and `ties` (with the same float32 roundings), so that a
-composition exported as mergekit YAML reproduces there:
+Every method is mergekit's generalized task arithmetic or Model Stock, with the same
+float32 roundings, so that a composition exported as mergekit YAML reproduces there.
+A method sparsifies each tau_i (optionally rescaling what is left to the L1 norm it had),
+weights it, and mixes: a plain sum, or (`*_ties` and `della`) TIES's sign election;
+`normalize` divides by the weights; lambda scales the result.
 
-- task_arithmetic: sum_i w_i * tau_i, times lambda. (`normalize` is a ties option
-  here: dividing a task-arithmetic sum by its weights would turn `base - b` into
-  `base + b`.)
-- ties: trim each tau_i to its top `density` entries by magnitude, the
-  max(1, int(density * n)) largest and any tied with the smallest of those; weight
-  them; elect a sign per entry by the sign of the weighted sum (+ on a tie); keep the
-  weighted entries that agree with it and (normalize) divide by the sum of the agreeing
-  terms' weights, a disjoint weighted mean; times lambda. As in mergekit the divisor
-  sums signed weights, so an agreeing negative term lowers it, and a divisor of 0 is 1.
-  mergekit keeps exactly k entries, choosing arbitrarily among magnitudes tied at the
-  threshold (an unstable sort); keeping all of them makes the result independent of
-  the order of entries. Everywhere else the two agree exactly.
-- dare: drop each entry of tau_i with probability 1 - density (seeded per parameter,
-  term and piece, the piece named by its first entry, so results do not depend on
-  processing order), rescale the survivors by 1/density, then task arithmetic. At
-  density 1 it is task arithmetic.
+- task_arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic"):
+  sum_i w_i * tau_i, times lambda.
+- ties (Yadav et al. 2023, "TIES-Merging"): trim each tau_i to its k = max(1,
+  int(density * n)) entries largest in magnitude; weight them; elect a sign per entry
+  by the sign of the weighted sum (+ on a tie); keep the weighted entries that agree
+  with it and (normalize, the default) divide by the sum of the agreeing terms' weights,
+  a disjoint weighted mean; times lambda. As in mergekit the divisor sums signed
+  weights, so an agreeing negative term lowers it, and a divisor of 0 is 1.
+- dare_linear, also `dare` (Yu et al. 2024, "Language models are Super Mario"): drop
+  each entry of tau_i with probability 1 - density, rescale the survivors (mergekit
+  0.1.5: by the ratio of tau_i's L1 norm before and after the drop, which is 1/density
+  in expectation), then task arithmetic. dare_ties: the same drop, then TIES's sign
+  election and mix (normalize off by default, as in mergekit).
+- della, della_linear (Deep et al. 2024, "DELLA-Merging", MagPrune): within each row
+  (a 1-D tensor is one row) rank the entries by magnitude, r = 0 for the smallest to
+  m - 1 for the largest, and keep each with probability
+  p = density - epsilon + 2 * epsilon * r / (m - 1), so larger entries survive more
+  often; rescale, then TIES's election and mix (della; normalize on) or a plain sum
+  (della_linear).
+- breadcrumbs, breadcrumbs_ties (Davari & Belilovsky 2024, "Model Breadcrumbs"): drop
+  the int(gamma * n) entries of tau_i largest in magnitude (outliers) and then the
+  smallest, keeping int(density * n) in between (fewer outliers are dropped when the
+  two do not fit), then a plain sum or TIES's election and mix.
+- model_stock (Jang et al. 2024, "Model Stock"): with N fine-tuned models and cos the
+  mean pairwise cosine of their task vectors over the whole tensor,
+  t = N cos / (1 + (N - 1) cos) and the merge is base + t * mean_i(tau_i). Weights do
+  not enter (each term is a model, weight 1); a term without a parameter has tau 0.
+
+Ties, the deterministic order. Where a method ranks entries by magnitude (the trims of
+ties and breadcrumbs, della's ranks), entries of equal magnitude rank by position: the
+one with the lower flat index ranks above. So a trim keeps exactly its share in bfloat16
+as in float32, and the choice depends on neither thread count nor the blocks and pieces
+a parameter is merged in. mergekit breaks such ties by an unstable sort, arbitrarily:
+its result differs from behaviorc's only in which of the entries tied at a trim
+threshold survive.
+
+Randomness: drops are seeded per parameter, term and piece (a piece is named by its
+first entry, and pieces are whole rows cut at fixed places in the parameter), so results
+do not depend on processing order; mergekit's torch.bernoulli draws other entries, so the
+random methods agree with it in distribution (kept share, norms), not entry by entry.
 
 Functions here consume the deltas they are given: they work in place, so that peak
 memory stays a few pieces per term. Weights, lambda and density act as float32, as they
@@ -34,47 +58,74 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from behaviorc.core.diagnostics import BehaviorError, did_you_mean
+from behaviorc.core.merge_methods import (ALIASES, DEFAULT_EPSILON, DEFAULT_GAMMA, METHOD_NAMES,
+                                           METHODS, MethodTraits, merge_setting_problem)
 
 if TYPE_CHECKING:  # (importing the spec's model costs `behaviorc merge` a tenth of its start)
     from behaviorc.core import ir
 
-Method = Literal["task_arithmetic", "ties", "dare"]
-
 @dataclass(frozen=True)
 class MergeOptions:
-    method: Method = "task_arithmetic"
-    density: float = 1.0  # ties and dare: the share of each vector's entries kept
+    method: str = "task_arithmetic"  # a METHODS name or an alias
+    density: float = 1.0  # sparsifying methods: the share of each vector's entries kept
     lambda_: float = 1.0  # scales the merged delta
-    normalize: bool = True  # ties: divide by the summed weights of the agreeing terms
-    seed: int = 0  # dare: the random drop
+    normalize: bool | None = None  # divide by the (agreeing) weights; None: the method's default
+    rescale: bool | None = None  # dare, della: restore L1 norms; None: the method's default
+    epsilon: float = DEFAULT_EPSILON  # della: half the spread of the keep probabilities
+    gamma: float = DEFAULT_GAMMA  # breadcrumbs: the share of largest entries dropped
+    seed: int = 0  # dare, della: the random drop
     groups: tuple[str, ...] = ()  # only these parameter groups merge; empty: all
 
     def __post_init__(self) -> None:
-        if self.method not in ("task_arithmetic", "ties", "dare"):
+        object.__setattr__(self, "method", ALIASES.get(self.method, self.method))
+        if self.method not in METHODS:
             raise BehaviorError(f"unknown merge method `{self.method}`",
-                                hint=did_you_mean(self.method, ("task_arithmetic", "ties", "dare")))
-        if not 0 < self.density <= 1:
-            raise BehaviorError(f"merge density {self.density} is outside (0, 1]")
+                                hint=did_you_mean(self.method, METHOD_NAMES)
+                                or f"methods: {', '.join(METHOD_NAMES)}")
+        problem = merge_setting_problem(self.method, self.density, self.epsilon, self.gamma)
+        if problem:
+            raise BehaviorError(f"merge {problem}")
+        if self.rescale is not None and "rescale" not in self.traits.settings:
+            raise BehaviorError(f"`{self.method}` does not rescale",
+                                hint="rescale belongs to the random drops: dare_linear, "
+                                     "dare_ties, della, della_linear")
+
+    @property
+    def traits(self) -> MethodTraits:
+        return METHODS[self.method]
+
+    @property
+    def normalizes(self) -> bool:
+        return self.traits.normalize if self.normalize is None else self.normalize
+
+    @property
+    def rescales(self) -> bool:
+        return "rescale" in self.traits.settings and (
+            self.traits.rescale if self.rescale is None else self.rescale)
+
+    @property
+    def sparsifies(self) -> bool:
+        return self.traits.sparsify is not None and self.density < 1
 
     @classmethod
     def from_ir(cls, merge: ir.Merge) -> "MergeOptions":
         return cls(method=merge.method, density=merge.density, lambda_=merge.lambda_,
-                   normalize=merge.normalize, seed=merge.seed, groups=merge.groups)
+                   normalize=merge.normalize, rescale=merge.rescale, epsilon=merge.epsilon,
+                   gamma=merge.gamma, seed=merge.seed, groups=merge.groups)
 
     def describe(self) -> dict[str, object]:
         """The options that affect this method's result (for provenance)."""
-        shown: dict[str, object] = {"method": self.method, "lambda": self.lambda_}
-        if self.method in ("ties", "dare"):
-            shown["density"] = self.density
-        if self.method == "ties":
-            shown["normalize"] = self.normalize
-        if self.method == "dare":
-            shown["seed"] = self.seed
+        settings = self.traits.settings
+        values = {"lambda": self.lambda_, "normalize": self.normalizes, "density": self.density,
+                  "rescale": self.rescales, "seed": self.seed, "epsilon": self.epsilon,
+                  "gamma": self.gamma}
+        shown: dict[str, object] = {"method": self.method}
+        shown.update((name, values[name]) for name in settings)
         if self.groups:
             shown["groups"] = list(self.groups)
         return shown
@@ -98,40 +149,256 @@ class Workspace:
         return held[:size].reshape(shape)
 
 
+@dataclass
+class RankCut:
+    """The entries of one vector ranked above a cut, in the order of magnitude (larger
+    first) and, among equal magnitudes, of position (lower flat index first): those above
+    `threshold` and the first `ties` of those equal to it. The vector's pieces must be
+    selected in order of position: `taken` counts the tied entries met so far."""
+
+    threshold: np.float32
+    ties: int
+    taken: int = 0
+
+    def select(self, magnitude: np.ndarray, out: np.ndarray, tied: np.ndarray) -> np.ndarray:
+        """Into the boolean `out`, which entries of this piece rank above the cut."""
+        np.greater_equal(magnitude, self.threshold, out=out)
+        np.equal(magnitude, self.threshold, out=tied)
+        count = int(np.count_nonzero(tied))
+        wanted = self.ties - self.taken
+        if count > wanted:  # more ties here than the cut has left: the later ones fall
+            out.reshape(-1)[np.flatnonzero(tied)[max(wanted, 0):]] = False
+        self.taken += min(count, max(wanted, 0))
+        return out
+
+
+# Ranks cut nowhere: nothing is above it.
+def _nothing() -> RankCut:
+    return RankCut(np.float32(np.inf), 0)
+
+
+@dataclass
+class ParameterPlan:
+    """What merging a parameter piece by piece needs to know of the whole parameter
+    first, per term: the trims' cuts, the rescale factors, Model Stock's weights."""
+
+    keep: list[RankCut] | None = None  # ties, breadcrumbs: entries ranked above are kept
+    drop: list[RankCut] | None = None  # breadcrumbs: of those, entries ranked above drop
+    scales: list[np.float32] | None = None  # rescaling: the factor of each sparsified tau
+    weights: list[float] | None = None  # model_stock: replaces the terms' weights
+    # The random drops' keep masks found while rescaling, packed, by term and piece
+    # offset: the merge applies them instead of drawing (and for della ranking) again.
+    masks: list[dict[int, np.ndarray]] | None = None
+
+
+# Parameters up to this many entries keep their random drops' masks between the rescale
+# pass and the merge (an eighth of a byte an entry and term); larger ones draw again.
+_MASKED_ENTRIES = 1 << 26
+
+# (offset of a piece's first entry in the parameter, each term's float32 tau over it);
+# the arrays may be consumed.
+Parts = Callable[[], Iterator[tuple[int, list[np.ndarray]]]]
+
+
+def needs_plan(options: MergeOptions) -> bool:
+    """Whether the method needs a pass over the whole parameter before merging it."""
+    return options.traits.stock or (options.sparsifies and (
+        options.traits.sparsify in ("magnitude", "outliers") or options.rescales))
+
+
+def parameter_plan(name: str, options: MergeOptions, count: int, row_entries: int,
+                   term_indices: list[int], term_count: int, parts: Parts,
+                   select: Callable[[int], list[RankCut]]) -> ParameterPlan:
+    """The plan of a parameter of `count` entries: `parts()` yields its pieces afresh
+    on each call, and `select(k)` finds each term's cut at rank k. (A NaN or inf goes
+    through silently here too: the merge's one check finds it.)"""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return _plan(name, options, count, row_entries, term_indices, term_count, parts, select)
+
+
+def _plan(name: str, options: MergeOptions, count: int, row_entries: int,
+          term_indices: list[int], term_count: int, parts: Parts,
+          select: Callable[[int], list[RankCut]]) -> ParameterPlan:
+    plan = ParameterPlan()
+    kind = options.traits.sparsify
+    if options.traits.stock:
+        plan.weights = _stock_weights(parts, len(term_indices), term_count)
+    elif kind == "magnitude" and options.sparsifies:
+        plan.keep = select(keep_count(options.density, count))
+    elif kind == "outliers" and options.sparsifies:
+        kept, dropped = _outlier_ranks(count, options.density, options.gamma)
+        plan.keep = select(kept + dropped) if kept else [_nothing() for _ in term_indices]
+        plan.drop = select(dropped) if dropped else None
+    if options.sparsifies and options.rescales:
+        plan.scales = _l1_scales(name, options, count, row_entries, term_indices, parts, plan)
+    return plan
+
+
+def keep_count(density: float, count: int) -> int:
+    """How many entries ties keeps: int(density * n), at least one (as mergekit)."""
+    return max(1, int(density * count))
+
+
+def _outlier_ranks(count: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs' (entries kept, largest entries dropped above them), as mergekit:
+    int(density * n) kept, int(gamma * n) dropped unless that leaves too few below."""
+    kept, dropped = int(density * count), int(gamma * count)
+    return kept, min(dropped, count - kept)
+
+
+def _l1_scales(name: str, options: MergeOptions, count: int, row_entries: int,
+               term_indices: list[int], parts: Parts, plan: ParameterPlan) -> list[np.float32]:
+    """Each term's ||tau||_1 / ||sparsified tau||_1 (1 where either is below 1e-7, as
+    mergekit), the drop done exactly as the merge will do it; its masks are kept for the
+    merge unless the parameter is too large for that."""
+    before = [0.0] * len(term_indices)
+    after = [0.0] * len(term_indices)
+    masks: list[dict[int, np.ndarray]] = [{} for _ in term_indices]
+    keeps_masks = options.traits.sparsify in ("random", "della") and count <= _MASKED_ENTRIES
+    workspace = Workspace()
+    for offset, deltas in parts():
+        for term, (delta, index) in enumerate(zip(deltas, term_indices)):
+            before[term] += float(np.add.reduce(np.abs(delta), dtype=np.float64))
+            _sparsify_(delta, term, name, index, offset, row_entries, options, plan, workspace)
+            if keeps_masks:  # (a kept entry that is 0 may as well be dropped)
+                masks[term][offset] = np.packbits(delta != 0)
+            after[term] += float(np.add.reduce(np.abs(delta, out=delta), dtype=np.float64))
+    if keeps_masks:
+        plan.masks = masks
+    return [np.float32(1) if b < 1e-7 or a < 1e-7 else np.float32(b / a)
+            for b, a in zip(before, after)]
+
+
+def _stock_weights(parts: Parts, present: int, term_count: int) -> list[float]:
+    """Model Stock's t / N for each present term, from the pairwise cosines of all N
+    terms' vectors (a term without the parameter has tau 0, so cosine 0 with any other)."""
+    if term_count < 2:
+        raise BehaviorError("model_stock needs at least two fine-tuned models")
+    gram = np.zeros((present, present), np.float64)
+    for _, deltas in parts():
+        for i, first in enumerate(deltas):
+            for j in range(i, present):
+                gram[i, j] += float(np.dot(first, deltas[j]))
+    norms = np.sqrt(np.diag(gram))
+    cosines = [max(-1.0, min(1.0, gram[i, j] / max(norms[i] * norms[j], 1e-6)))
+               for i in range(present) for j in range(i + 1, present)]
+    cos = sum(cosines) / (term_count * (term_count - 1) / 2)
+    t = term_count * cos / (1 + (term_count - 1) * cos)
+    return [t / term_count] * present
+
+
 def merged_delta(name: str, deltas: list[np.ndarray], weights: list[float],
                  term_indices: list[int], options: MergeOptions,
-                 thresholds: list[np.float32] | None = None, offset: int = 0,
+                 plan: ParameterPlan | None = None, offset: int = 0,
+                 row_entries: int | None = None, term_count: int | None = None,
                  workspace: Workspace | None = None) -> np.ndarray:
     """The delta to add to base parameter `name`, or to a piece of it.
 
     `deltas` (float32 arrays of one shape, consumed) and `weights` cover the terms that have
-    this parameter; `term_indices` are those terms' positions in the composition. A
-    piece of a parameter passes each term's ties `thresholds`, found over the whole
-    parameter, and the index of its first entry in the parameter as `offset` (it seeds
-    dare's drop). The result may live in `workspace` or in one of the deltas.
+    this parameter; `term_indices` are those terms' positions in the composition, of
+    `term_count` terms (default: these). A piece of a parameter passes the parameter's
+    `plan` (see parameter_plan) and the index of its first entry in the parameter as
+    `offset`; without a plan the deltas are the whole parameter. Rows (della's ranks) are
+    `row_entries` long; default: the last axis. The result may live in `workspace` or in
+    one of the deltas.
 
     A NaN or inf in a delta goes through as arithmetic makes it, silently: the caller
     checks the merged values once and says which input held it."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return _merged(name, deltas, weights, term_indices, options, thresholds, offset,
-                       workspace)
+    workspace = workspace or Workspace()
+    row_entries = row_entries or (deltas[0].shape[-1] if deltas[0].ndim else 1)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if plan is None:
+            plan = _plan_of_arrays(name, deltas, term_indices, term_count or len(deltas),
+                                   row_entries, options)
+        for term, (delta, index) in enumerate(zip(deltas, term_indices)):
+            _sparsify_(delta, term, name, index, offset, row_entries, options, plan, workspace)
+            if plan.scales is not None:
+                delta *= plan.scales[term]
+        weights = plan.weights or weights
+        if options.traits.consensus:
+            mixed = _consensus_mix(deltas, weights, options.normalizes, workspace)
+        else:
+            mixed = _weighted_sum(deltas, weights)
+            if options.normalizes:  # as mergekit: a sum of weights near 0 counts as 1
+                total = np.float32(sum(np.float32(w) for w in weights))
+                if abs(total) >= 1e-8:
+                    mixed /= total
+        if options.lambda_ != 1:
+            mixed *= np.float32(options.lambda_)
+        return mixed
 
 
-def _merged(name: str, deltas: list[np.ndarray], weights: list[float], term_indices: list[int],
-            options: MergeOptions, thresholds: list[np.float32] | None, offset: int,
-            workspace: Workspace | None) -> np.ndarray:
-    if options.method == "ties":
-        mixed = _ties(deltas, weights, options.density, options.normalize, thresholds,
-                      workspace or Workspace())
-    elif options.method == "dare":
-        for delta, index in zip(deltas, term_indices):
-            drop_randomly_(delta, options.density, _seed_for(options.seed, name, index, offset))
-        mixed = _weighted_sum(deltas, weights)
-    else:
-        mixed = _weighted_sum(deltas, weights)
-    if options.lambda_ != 1:
-        mixed *= np.float32(options.lambda_)
-    return mixed
+def _plan_of_arrays(name: str, deltas: list[np.ndarray], term_indices: list[int],
+                    term_count: int, row_entries: int, options: MergeOptions) -> ParameterPlan:
+    if not needs_plan(options):
+        return ParameterPlan()
+    flat = [delta.reshape(-1) for delta in deltas]
+    return parameter_plan(
+        name, options, flat[0].size, row_entries, term_indices, term_count,
+        lambda: iter([(0, [values.copy() for values in flat])]),
+        lambda k: [rank_cut(np.abs(values), k) for values in flat])
+
+
+def _sparsify_(delta: np.ndarray, term: int, name: str, term_index: int, offset: int,
+               row_entries: int, options: MergeOptions, plan: ParameterPlan,
+               workspace: Workspace) -> None:
+    """Sparsify one term's tau over one piece, in place (no rescale)."""
+    if not options.sparsifies:
+        return
+    kind = options.traits.sparsify
+    if plan.masks is not None:
+        kept = np.unpackbits(plan.masks[term][offset], count=delta.size)
+        delta *= kept.view(np.bool_).reshape(delta.shape)
+        return
+    if kind in ("random", "della"):
+        seed = _seed_for(options.seed, name, term_index, offset)
+        if kind == "random":
+            drop_randomly_(delta, options.density, seed)
+        else:
+            drop_by_rank_(delta, options.density, options.epsilon, row_entries, seed)
+        return
+    magnitude = np.abs(delta, out=workspace.array("magnitude", delta.shape))
+    tied = workspace.array("tied", delta.shape, np.bool_)
+    kept = plan.keep[term].select(magnitude, workspace.array("kept", delta.shape, np.bool_), tied)
+    if plan.drop is not None:  # breadcrumbs: keep those below the outlier cut only
+        outlier = plan.drop[term].select(
+            magnitude, workspace.array("outlier", delta.shape, np.bool_), tied)
+        np.greater(kept, outlier, out=kept)
+    delta *= kept
+
+
+def drop_randomly_(delta: np.ndarray, density: float, seed: int) -> None:
+    """Keep each entry with probability `density`, in place (DARE's drop)."""
+    keep = np.random.default_rng(seed).random(delta.shape, dtype=np.float32) < density
+    np.multiply(delta, keep, out=delta)
+
+
+def drop_by_rank_(delta: np.ndarray, density: float, epsilon: float, row_entries: int,
+                  seed: int) -> None:
+    """DELLA's MagPrune drop, in place, with `della_keep_probabilities` (no rescale)."""
+    rows = delta.reshape(-1, row_entries)
+    probability = della_keep_probabilities(rows, density, epsilon)
+    keep = np.random.default_rng(seed).random(rows.shape, dtype=np.float32) < probability
+    np.multiply(rows, keep, out=rows)
+
+
+def della_keep_probabilities(rows: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """Per entry of each row of m: density - epsilon + 2 epsilon r / (m - 1), r its rank
+    by magnitude (0 the smallest; of equal magnitudes the earlier ranks higher)."""
+    row_entries = rows.shape[1]
+    # One sort of distinct keys per row: the magnitude's bits (which order as the
+    # magnitudes do) above the column counted from the end, so that of equal magnitudes
+    # the earlier sorts later, i.e. ranks higher. (Faster than a stable argsort.)
+    columns_from_end = np.arange(row_entries - 1, -1, -1, dtype=np.uint64)
+    keys = np.abs(rows).view(np.uint32).astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= columns_from_end[None, :]
+    keys.sort(axis=1)
+    columns = (np.uint64(row_entries - 1) - (keys & np.uint64(0xFFFFFFFF))).astype(np.intp)
+    share = np.empty(rows.shape, np.float32)
+    steps = np.arange(row_entries, dtype=np.float32) / np.float32(max(row_entries - 1, 1))
+    np.put_along_axis(share, columns, steps[None, :], axis=1)
+    return np.float32(density - epsilon) + share * np.float32(2 * epsilon)
 
 
 def _weighted_sum(deltas: list[np.ndarray], weights: list[float]) -> np.ndarray:
@@ -143,8 +410,8 @@ def _weighted_sum(deltas: list[np.ndarray], weights: list[float]) -> np.ndarray:
     return total
 
 
-def _ties(deltas: list[np.ndarray], weights: list[float], density: float, normalize: bool,
-          thresholds: list[np.float32] | None, workspace: Workspace) -> np.ndarray:
+def _consensus_mix(deltas: list[np.ndarray], weights: list[float], normalize: bool,
+                   workspace: Workspace) -> np.ndarray:
     # Weights are applied before summing, and sums add in term order, as mergekit does:
     # the same roundings, so the elected signs agree even where the mass is nearly 0.
     # (Masks are multiplied in rather than used as `where=`: a mask that follows the data
@@ -153,12 +420,7 @@ def _ties(deltas: list[np.ndarray], weights: list[float], density: float, normal
     scratch, mass = workspace.array("scratch", shape), workspace.array("mass", shape)
     kept = workspace.array("kept", shape, np.bool_)
     mass.fill(0)
-    for index, (delta, weight) in enumerate(zip(deltas, weights)):
-        if thresholds is None:
-            trim_to_top_(delta, density, scratch)
-        else:
-            np.greater_equal(np.abs(delta, out=scratch), thresholds[index], out=kept)
-            delta *= kept
+    for delta, weight in zip(deltas, weights):
         delta *= np.float32(weight)
         mass += delta
     # The elected sign per entry, +1 where the weighted mass is >= 0 (the mass started
@@ -187,20 +449,24 @@ def _ties(deltas: list[np.ndarray], weights: list[float], density: float, normal
     return mixed
 
 
-def trim_to_top_(delta: np.ndarray, density: float, scratch: np.ndarray | None = None) -> None:
-    """Zero all but the `keep_count(density, n)` entries largest in magnitude, in place.
-    Entries tied with the smallest kept magnitude are all kept, so the result does not
-    depend on the order of entries (mergekit keeps an arbitrary subset of them)."""
+def trim_to_top_(delta: np.ndarray, density: float) -> None:
+    """Zero all but the `keep_count(density, n)` entries ranked first (by magnitude,
+    then position), in place."""
     if density >= 1 or delta.size == 0:
         return
-    magnitude = np.abs(delta, out=scratch)
-    threshold = kth_largest(magnitude.reshape(-1), keep_count(density, delta.size))
-    np.multiply(delta, magnitude >= threshold, out=delta)
+    magnitude = np.abs(delta)
+    kept = rank_cut(magnitude.reshape(-1), keep_count(density, delta.size)).select(
+        magnitude, np.empty(delta.shape, np.bool_), np.empty(delta.shape, np.bool_))
+    delta *= kept
 
 
-def keep_count(density: float, count: int) -> int:
-    """How many entries ties keeps: int(density * n), at least one (as mergekit)."""
-    return max(1, int(density * count))
+def rank_cut(values: np.ndarray, k: int) -> RankCut:
+    """The cut below the k largest of a 1-D array of magnitudes (k >= 1), by introselect."""
+    position = values.size - k
+    partitioned = np.partition(values, position)
+    threshold = partitioned[position]
+    above = int(np.count_nonzero(partitioned[position + 1:] > threshold))
+    return RankCut(threshold, k - above)
 
 
 def kth_largest(values: np.ndarray, k: int, *, reorder: bool = False) -> np.float32:
@@ -214,10 +480,10 @@ def kth_largest(values: np.ndarray, k: int, *, reorder: bool = False) -> np.floa
 
 
 def kth_largest_of_parts(parts: Callable[[], Iterator[list[np.ndarray]]], count: int,
-                         k: int, samples: list[np.ndarray]) -> list[np.float32]:
-    """The k-th largest of each of several series of `count` non-negative float32
-    values that come in parts: `parts()` yields, afresh on each call, a list holding the
-    next part of every series. O(n), in the memory of one part per series.
+                         k: int, samples: list[np.ndarray]) -> list[RankCut]:
+    """The cut at the k-th largest of each of several series of `count` non-negative
+    float32 values that come in parts: `parts()` yields, afresh on each call, a list
+    holding the next part of every series. O(n), in the memory of one part per series.
 
     Quantiles of each series' sample (values drawn from all its parts) bracket its
     answer; one pass counts what lies above each bracket and keeps what lies inside,
@@ -247,7 +513,7 @@ def kth_largest_of_parts(parts: Callable[[], Iterator[list[np.ndarray]]], count:
         candidates = np.concatenate(kept) if kept else np.empty(0, np.float32)
         wanted = k - above[series]  # the answer's rank, from the top, among candidates
         if kept is not None and 1 <= wanted <= candidates.size:
-            answers.append(kth_largest(candidates, wanted, reorder=True))
+            answers.append(rank_cut(candidates, wanted))
         else:
             answers.append(_radix_select(
                 lambda series=series: (part[series] for part in parts()), k))
@@ -267,10 +533,11 @@ def _bracket(sample: np.ndarray, count: int, k: int) -> tuple[float, float]:
     return lower, upper
 
 
-def _radix_select(parts: Callable[[], Iterator[np.ndarray]], k: int) -> np.float32:
+def _radix_select(parts: Callable[[], Iterator[np.ndarray]], k: int) -> RankCut:
     # Non-negative float32 values order like their bit patterns read as integers: fix
     # the 31 value bits 11, 10 and 10 at a time, each by a histogram of the entries
-    # that match the bits fixed so far.
+    # that match the bits fixed so far. What is left to take among the entries equal to
+    # the answer is the number of ties the cut takes.
     prefix, fixed_from, remaining = 0, 31, k
     for width in (11, 10, 10):
         shift = fixed_from - width
@@ -286,19 +553,7 @@ def _radix_select(parts: Callable[[], Iterator[np.ndarray]], k: int) -> np.float
         bucket = (1 << width) - 1 - position
         remaining -= int(from_top[position] - histogram[bucket])
         prefix, fixed_from = (prefix << width) | bucket, shift
-    return np.array([prefix], np.uint32).view(np.float32)[0]
-
-
-def drop_randomly_(delta: np.ndarray, density: float, seed: int) -> None:
-    """Keep each entry with probability `density`, scaled by 1/density, in place."""
-    if density >= 1:
-        return
-    if density <= 0:
-        delta.fill(0)
-        return
-    keep = np.random.default_rng(seed).random(delta.shape, dtype=np.float32) < density
-    np.multiply(delta, keep, out=delta)
-    delta /= np.float32(density)
+    return RankCut(np.array([prefix], np.uint32).view(np.float32)[0], remaining)
 
 
 def _seed_for(seed: int, name: str, term_index: int, offset: int) -> int:

@@ -172,10 +172,18 @@ class Term(Node):
 
 
 class Merge(Node):
-    method: Literal["task_arithmetic", "ties", "dare"] = "task_arithmetic"
+    """A composition's merge method and settings (behaviorc.compose.merge defines them;
+    `dare` is read as `dare_linear`)."""
+
+    method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "della",
+                    "della_linear", "breadcrumbs", "breadcrumbs_ties",
+                    "model_stock"] = "task_arithmetic"
     density: float = 1.0
     lambda_: float = 1.0
-    normalize: bool = True
+    normalize: bool | None = None  # None: the method's default (mergekit's)
+    rescale: bool | None = None  # None: the method's default (mergekit's)
+    epsilon: float = 0.15  # della
+    gamma: float = 0.01  # breadcrumbs
     seed: int = 0
     groups: tuple[str, ...] = ()  # empty: every parameter
     loc: Location | None = Field(default=None, exclude=True)

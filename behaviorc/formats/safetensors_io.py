@@ -29,7 +29,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
-from behaviorc.core.files import sha256_file
+from behaviorc.core.files import remembered_sha256
 from behaviorc.core.diagnostics import BehaviorError
 
 # How each safetensors dtype is held in numpy.
@@ -415,7 +415,7 @@ def sha256_files(paths: Iterable[Path]) -> str:
     """One hash over several files, each contributing its name and its content hash."""
     digest = hashlib.sha256()
     for path in sorted(paths, key=lambda p: p.name):
-        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+        digest.update(f"{path.name}\0{remembered_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -423,7 +423,7 @@ def fingerprint(path: Path) -> str:
     """sha256 of a task-vector file, or over a model folder's config and weight files."""
     path = Path(path)
     if path.is_file():
-        return sha256_file(path)
+        return remembered_sha256(path)
     files = [p for p in path.iterdir() if p.is_file() and (
         p.suffix == ".safetensors" or p.name in ("config.json", INDEX_FILE))]
     return sha256_files(files)

@@ -345,12 +345,24 @@ class _Checker:
         # no model: its behaviors have no model either, and say why
         if len(self.sink.errors) > errors or not terms or merge is None or not models:
             return None
-        if merge.method == "ties" and merge.normalize and any(w < 0 for _, w in terms):
-            # mergekit's TIES divides by the summed weights of the agreeing terms: with a
-            # negative one that sum can be near zero or negative, flipping the result.
-            self.sink.warning("TIES with `normalize true` divides by signed weights, so a "
-                              "subtracted behavior can flip or amplify the merge", merge.loc,
-                              "write `normalize false` when a composition subtracts a behavior")
+        from behaviorc.core.merge_methods import METHODS
+
+        traits = METHODS[merge.method]
+        if traits.stock and (len(terms) < 2 or any(w != 1 for _, w in terms)):
+            self.sink.error("model_stock averages two or more fine-tuned models, each with "
+                            "weight 1", decl.expr.loc,
+                            "write the sum of the behaviors, or weight them with "
+                            "task_arithmetic or ties")
+            return None
+        normalizes = traits.normalize if merge.normalize is None else merge.normalize
+        if normalizes and any(w < 0 for _, w in terms):
+            # mergekit divides by the summed weights (of the agreeing terms, with a sign
+            # election): with a negative one that sum can be near zero or negative,
+            # flipping the result.
+            self.sink.warning(f"`{merge.method}` with `normalize on` divides by signed "
+                              "weights, so a subtracted behavior can flip or amplify the "
+                              "merge", merge.loc,
+                              "write `normalize off` when a composition subtracts a behavior")
         return ir.Compose(name=decl.name.name, model=next(iter(models)),
                           terms=tuple(ir.Term(behavior=n, weight=w) for n, w in terms),
                           expression=canonical_text(terms), merge=merge, loc=decl.name.loc)
@@ -376,24 +388,52 @@ class _Checker:
         return True
 
     def _merge(self, setting: ast.Setting | None, groups_setting: ast.Setting | None) -> ir.Merge | None:
+        from behaviorc.core.merge_methods import ALIASES, METHOD_NAMES, METHODS, merge_setting_problem
+
         groups = self.values.groups(groups_setting) if groups_setting else ()
         if setting is None:
             return ir.Merge(groups=groups) if groups is not None else None
-        method = self.values.choice(setting, ("task_arithmetic", "ties", "dare"), "merge method")
+        errors = len(self.sink.errors)
+        method = self.values.choice(setting, METHOD_NAMES, "merge method")
         block = Block(setting.block, "merge", self.sink)
+        if method is None:
+            return None
+        method = ALIASES.get(method, method)
+        takes = METHODS[method].settings
+        for key, found in block.by_key.items():
+            if key not in takes:
+                self.sink.warning(f"`{key}` has no effect on `{method}`", found[0].key_loc,
+                                  f"`{method}` takes {', '.join(takes)}" if takes else
+                                  f"`{method}` takes no settings")
         defaults = ir.Merge()
         options = dict(
             method=method,
             density=self.values.number(block.one("density"), low=0, high=1, low_open=True, percent=True,
                                  default=defaults.density),
             lambda_=self.values.number(block.one("lambda"), default=defaults.lambda_),
-            normalize=self.values.switch(block.one("normalize"), defaults.normalize),
+            normalize=self._optional_switch(block.one("normalize")),
+            rescale=self._optional_switch(block.one("rescale")),
+            epsilon=self.values.number(block.one("epsilon"), low=0, high=0.5, low_open=True,
+                                       high_open=True, default=defaults.epsilon),
+            gamma=self.values.number(block.one("gamma"), low=0, high=1, high_open=True,
+                                     percent=True, default=defaults.gamma),
             seed=self.values.number(block.one("seed"), low=0, whole=True, default=defaults.seed),
             groups=groups,
         )
-        if None in options.values():
+        if len(self.sink.errors) > errors:
+            return None
+        problem = merge_setting_problem(method, options["density"], options["epsilon"],
+                                        options["gamma"])
+        if problem:  # the settings are each in range but do not fit together
+            blamed = block.one("epsilon") or block.one("density") or setting
+            self.sink.error(f"`merge {method}`: {problem}", blamed.loc,
+                            "della keeps entries with probabilities density ± epsilon")
             return None
         return ir.Merge(**options, loc=setting.loc)
+
+    def _optional_switch(self, setting: ast.Setting | None) -> bool | None:
+        """An on/off setting, None when not given (the method's default applies)."""
+        return None if setting is None else self.values.switch(setting, False)
 
     # ---- deploys
 

@@ -6,12 +6,12 @@ Bump `catalog.BUILDER_VERSION` whenever anything here changes what is written.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from behaviorc.core.atomic import atomic_folder
+from behaviorc.core.files import cache_root
 from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS, BuiltinInfo
 from behaviorc.model import testbed, tiny
 
@@ -42,12 +42,6 @@ _MAKERS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[Path, BuildP
 }
 BUILTINS: dict[str, BuiltinModel] = {
     name: BuiltinModel(info, *_MAKERS[name]) for name, info in BUILTIN_MODELS.items()}
-
-
-def cache_root() -> Path:
-    """Where built models live: $BEHAVIORC_HOME, else ~/.cache/behaviorc."""
-    home = os.environ.get("BEHAVIORC_HOME")
-    return Path(home) if home else Path.home() / ".cache" / "behaviorc"
 
 
 def builtin_path(name: str) -> Path:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
-from behaviorc.engine.vllm.http import API_KEY_ENV
+from behaviorc.engine.vllm.client.http import API_KEY_ENV
 
 if TYPE_CHECKING:
     import httpx
@@ -142,7 +142,7 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
     model_dir = resolve_model_dir(model)
     port = port or free_port(host)
     if log_path is None:
-        from behaviorc.model.builtin import cache_root
+        from behaviorc.core.files import cache_root
         log_dir = cache_root() / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log", dir=log_dir)[1])
@@ -162,7 +162,7 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
 
 
 def wait_until_ready(server: Server, timeout: float) -> None:
-    from behaviorc.engine.vllm.http import http_client
+    from behaviorc.engine.vllm.client.http import http_client
 
     deadline = time.monotonic() + timeout
     with http_client(server.url, server.api_key, 2.0) as http:
