@@ -159,19 +159,27 @@ def train(
         summary.steps_skipped = int(scalars["steps_skipped"])
         summary.loss_first = scalars["loss_first"]
 
+    # One read from the device per step: the loss and gradient norm of this step (the
+    # NaN/inf guard needs them before the optimizer step) with the limiter count after
+    # the previous step. So each step's event goes out during the next step, once the
+    # count is known, and nothing waits on the device between an optimizer step and the
+    # next forward (nanoGPT reads its loss only when it logs; here every step logs).
+    pending: _Pending | None = None
     for step in range(start, spec.steps):
         began = time.perf_counter()
+        if pending is not None:
+            pending.seconds = began - pending.began
         batch = schedule.at(step)
         loss, _ = response_loss(batch)
         if extra_loss is not None:
             loss = loss + extra_loss(batch)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            params, spec.clip if spec.clip > 0 else float("inf")))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip if spec.clip > 0 else float("inf"))
+        loss_value, grad_norm_value, limited_total = _read(loss.detach(), grad_norm, _limiter_total(optimizer))
+        if pending is not None:
+            on_step(pending.event(limited_total))
         lr = learning_rate(step, spec)
-        limited_before = _limiter_count(optimizer)
-        loss_value = float(loss.detach())
-        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm_value))
         if skipped:
             summary.steps_skipped += 1
         else:
@@ -179,23 +187,54 @@ def train(
                 group["lr"] = lr
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        limited = _limiter_count(optimizer) - limited_before
         summary.losses.append(loss_value)
         summary.loss_first = summary.losses[0] if summary.loss_first is None else summary.loss_first
-        summary.limiter_activations += limited
-        seconds = time.perf_counter() - began
-        on_step(StepEvent(step + 1, loss_value, grad_norm, lr, limited,
-                          sum(s.tokens for s in batch) / max(seconds, 1e-9), skipped))
+        pending = _Pending(step + 1, loss_value, grad_norm_value, lr, skipped, sum(s.tokens for s in batch),
+                           began, limited_total, summary)
 
         done = step + 1
         if checkpoint_dir is not None and checkpoint_every > 0 and done % checkpoint_every == 0 and done < spec.steps:
             save_checkpoint(checkpoint_dir, targets, optimizer,
                             {"step": done, "steps_skipped": summary.steps_skipped,
                              "loss_first": summary.loss_first})
+    if pending is not None:
+        [limited_total] = _read(_limiter_total(optimizer))
+        pending.seconds = time.perf_counter() - pending.began
+        on_step(pending.event(limited_total))
     for param in params:
         param.requires_grad_(False)
     return summary
 
 
-def _limiter_count(optimizer: torch.optim.Optimizer) -> int:
-    return optimizer.limiter_activations if isinstance(optimizer, APOLLO) else 0
+@dataclass
+class _Pending:
+    """A step done whose event waits for its limiter count (read with the next step's figures)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    tokens: int
+    began: float
+    limited_before: float
+    summary: TrainSummary
+    seconds: float = 0.0
+
+    def event(self, limited_total: float) -> StepEvent:
+        limited = int(limited_total - self.limited_before)
+        self.summary.limiter_activations += limited
+        return StepEvent(self.step, self.loss, self.grad_norm, self.lr, limited,
+                         self.tokens / max(self.seconds, 1e-9), self.skipped)
+
+
+def _limiter_total(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    if isinstance(optimizer, APOLLO):
+        return optimizer.limiter_activations_since_start()
+    return torch.zeros((), dtype=torch.int64)
+
+
+def _read(*values: torch.Tensor) -> list[float]:
+    """Scalars from the device in one transfer (one host sync)."""
+    device = values[0].device
+    return torch.stack([v.detach().to(device=device, dtype=torch.float64) for v in values]).tolist()
