@@ -6,6 +6,9 @@
 3. Each step: the batch for that step (a pure function of seed and step), the response
    loss (context frozen or full), gradient norm and clipping, a NaN/inf guard that skips
    the step and counts it, the learning rate of the schedule, the optimizer step, an event.
+   The step reads the device once (loss, gradient norm, limiter count together): the
+   guard's check. Its event is sent during the next step, when its limiter count has
+   come back with that step's read, so the device is never waited on between steps.
 4. Checkpoints every `checkpoint_every` steps; a loop started over an existing
    checkpoint resumes from it and ends with the same weights as one never interrupted.
 
