@@ -30,7 +30,8 @@ from behaviorc import ir
 from behaviorc.train.apollo import APOLLO
 from behaviorc.train.checkpoint import METADATA, load_checkpoint, save_checkpoint
 from behaviorc.train.data import BatchSchedule, TrainSequence
-from behaviorc.train.frozen import FrozenContext, collate, freeze_contexts, segment_logits, segment_loss_sum
+from behaviorc.train.frozen import (FrozenContexts, collate, freeze_batch, length_mask, mask_if_padded,
+                                     padded_ids, segment_logits, segment_loss_sum, upload_longs)
 
 COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
 
@@ -88,46 +89,50 @@ def learning_rate(step: int, train: ir.Train) -> float:
 class ResponseLoss:
     """Mean loss over the response tokens of a batch, with the context frozen or not.
     With `reuse_contexts`, each sequence's frozen context is computed once and kept
-    (keyed by the sequence): later steps skip the context forward, at the price
-    of states from the weights as they were when first seen."""
+    (keyed by the sequence, as a row of one batch on the device): later steps skip the
+    context forward, at the price of states from the weights as they were when first
+    seen."""
 
     def __init__(self, model: torch.nn.Module, mode: str, pad_id: int, reuse_contexts: bool = False):
         self.model, self.mode, self.pad_id = model, mode, pad_id
-        self._kept: dict[TrainSequence, FrozenContext] | None = {} if reuse_contexts else None
+        self.reuse_contexts = reuse_contexts
+        self._kept: FrozenContexts | None = None
+        self._kept_rows: dict[TrainSequence, int] = {}
 
     def __call__(self, batch: Sequence[TrainSequence]) -> tuple[torch.Tensor, int]:
         if self.mode == "frozen":
-            contexts = self._contexts(batch)
-            inputs = collate(self.model, contexts, [s.context[-1:] + s.response for s in batch], self.pad_id)
+            inputs = collate(self.model, self._contexts(batch), [s.context[-1:] + s.response for s in batch],
+                             self.pad_id)
             total, count = segment_loss_sum(segment_logits(self.model, inputs), inputs)
         else:
             total, count = self._full(batch)
         return total / count, count
 
-    def _contexts(self, batch: Sequence[TrainSequence]) -> list[FrozenContext]:
-        if self._kept is None:
-            return freeze_contexts(self.model, [s.context[:-1] for s in batch])
-        missing = list(dict.fromkeys(s for s in batch if s not in self._kept))
-        for sequence, context in zip(missing, freeze_contexts(self.model, [s.context[:-1] for s in missing])):
-            self._kept[sequence] = context
-        return [self._kept[s] for s in batch]
+    def _contexts(self, batch: Sequence[TrainSequence]) -> FrozenContexts:
+        if not self.reuse_contexts:
+            return freeze_batch(self.model, [s.context[:-1] for s in batch])
+        missing = list(dict.fromkeys(s for s in batch if s not in self._kept_rows))
+        if missing:
+            fresh = freeze_batch(self.model, [s.context[:-1] for s in missing])
+            self._kept = fresh if self._kept is None else self._kept.extended(fresh)
+            for sequence in missing:
+                self._kept_rows[sequence] = len(self._kept_rows)
+        return self._kept.gather([self._kept_rows[s] for s in batch])
 
     def _full(self, batch: Sequence[TrainSequence]) -> tuple[torch.Tensor, int]:
         device = next(self.model.parameters()).device
-        width = max(s.tokens for s in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for row, s in enumerate(batch):
-            tokens = torch.tensor(s.context + s.response, device=device)
-            ids[row, :s.tokens], mask[row, :s.tokens] = tokens, 1
-            labels[row, len(s.context):s.tokens] = tokens[len(s.context):]
-        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        ids = padded_ids([s.context + s.response for s in batch], self.pad_id, device)
+        lengths = upload_longs([s.tokens for s in batch] + [len(s.context) for s in batch], device)
+        mask = length_mask(lengths[:len(batch)], ids.shape[1])
+        # a label on each response token: past the context, within the sequence
+        past_context = ~length_mask(lengths[len(batch):], ids.shape[1]).bool()
+        labels = ids.masked_fill(~(mask.bool() & past_context), -100)
+        logits = self.model(input_ids=ids, attention_mask=mask_if_padded(mask, [s.tokens for s in batch])).logits[:, :-1]
         targets = labels[:, 1:]
         total = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
             targets.reshape(-1), ignore_index=-100, reduction="sum")
-        return total, int((targets != -100).sum())
+        return total, sum(len(s.response) for s in batch)
 
 
 def train(
