@@ -336,3 +336,16 @@ def test_grouped_state_resumes_from_a_checkpoint(tmp_path):
     run(range(4, 6), optimizer, params)
     for param, expected in zip(params, uninterrupted):
         torch.testing.assert_close(param.detach(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_gpu_bench_refuses_to_run_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "no CUDA device" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
