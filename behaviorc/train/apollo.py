@@ -414,7 +414,11 @@ class APOLLO(torch.optim.Optimizer):
         decay = 1 - lr * group["weight_decay"]
         if decay != 1:
             torch._foreach_mul_(params, decay)
-        torch._foreach_add_(params, views)
+        # foreach kernels want one dtype: low-precision weights take the update cast in one
+        # batched op (rounded twice, the update then the sum, where the per-matrix path
+        # rounds once: a bf16 rounding of an update far below the weight's own)
+        updates = views if params[0].dtype == torch.float32 else list(stacked.to(params[0].dtype).unbind(0))
+        torch._foreach_add_(params, updates)
 
     def _stack(self, members: list[tuple[int, torch.Tensor]], rank: int, channels: int) -> "_Stack":
         """The stacked state of these matrices, made (from their own states where they
@@ -575,12 +579,13 @@ def _tf32_products(device: torch.device) -> Iterator[None]:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
+    setting = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"  # torch < 2.9
+    before = getattr(matmul, setting)
+    setattr(matmul, setting, "tf32" if setting == "fp32_precision" else True)
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        setattr(matmul, setting, before)
 
 
 def _channel_sums(squares: torch.Tensor, channel_wise: bool) -> torch.Tensor:

@@ -243,6 +243,8 @@ def _limiter_total(optimizer: torch.optim.Optimizer) -> torch.Tensor:
 
 
 def _read(*values: torch.Tensor) -> list[float]:
-    """Scalars from the device in one transfer (one host sync)."""
-    device = values[0].device
-    return torch.stack([v.detach().to(device=device, dtype=torch.float64) for v in values]).tolist()
+    """Scalars as floats: those on an accelerator in one transfer (one host sync), those
+    on the CPU directly (copying them over to join the transfer would sync too)."""
+    remote = [v.detach().to(torch.float64) for v in values if v.device.type != "cpu"]
+    fetched = iter(torch.stack(remote).tolist() if remote else [])
+    return [float(v) if v.device.type == "cpu" else next(fetched) for v in values]
