@@ -345,7 +345,7 @@ def test_gpu_bench_refuses_to_run_without_cuda():
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode != 0
     assert "no CUDA device" in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""

@@ -261,7 +261,7 @@ class APOLLO(torch.optim.Optimizer):
         # each) then stay in cache from one pass to the next, and one r x n workspace
         # serves every matrix.
         beta1, beta2 = group["betas"]
-        lr, eps, rank = group["lr"], group["eps"], group["rank"]
+        lr, rank = group["lr"], group["rank"]
         tall = param.shape[0] > param.shape[1]
         grad = param.grad.float()
         oriented = grad.T if tall else grad  # d x n, d <= n

@@ -89,9 +89,9 @@ def learning_rate(step: int, train: ir.Train) -> float:
 class ResponseLoss:
     """Mean loss over the response tokens of a batch, with the context frozen or not.
     With `reuse_contexts`, each sequence's frozen context is computed once and kept
-    (keyed by the sequence, as a row of one batch on the device): later steps skip the
-    context forward, at the price of states from the weights as they were when first
-    seen."""
+    (keyed by the sequence, as a row of one batch on the device, its keys padded to the
+    longest context kept): later steps skip the context forward, at the price of states
+    from the weights as they were when first seen."""
 
     def __init__(self, model: torch.nn.Module, mode: str, pad_id: int, reuse_contexts: bool = False):
         self.model, self.mode, self.pad_id = model, mode, pad_id
