@@ -185,7 +185,9 @@ def train(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip if spec.clip > 0 else float("inf"))
         loss_value, grad_norm_value, limited_total = _read(loss.detach(), grad_norm, _limiter_total(optimizer))
         if pending is not None:
+            listening = time.perf_counter()
             on_step(pending.event(limited_total))
+            began += time.perf_counter() - listening  # a listener's time is no step's
         lr = learning_rate(step, spec)
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm_value))
         if skipped:
