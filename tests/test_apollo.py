@@ -139,12 +139,14 @@ def _paper_step(weight: torch.Tensor, grad: torch.Tensor, projection: torch.Tens
 
 @pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
 @pytest.mark.parametrize("scaling", ["channel", "tensor"])
-def test_steps_follow_the_papers_formulas(shape, scaling):
-    """The optimizer's in-place, cache-blocked arithmetic gives the plain formulas' weights."""
+@pytest.mark.parametrize("grouped", [False, True])
+def test_steps_follow_the_papers_formulas(shape, scaling, grouped):
+    """The optimizer's in-place arithmetic (cache-blocked, or stacked) gives the plain formulas' weights."""
     rank = 8
     generator = torch.Generator().manual_seed(3)
     weight = torch.nn.Parameter(torch.randn(*shape, generator=generator))
-    optimizer = APOLLO([weight], lr=1e-2, rank=rank, refresh=2, weight_decay=0.1, limiter=None, scaling=scaling)
+    optimizer = APOLLO([weight], lr=1e-2, rank=rank, refresh=2, weight_decay=0.1, limiter=None, scaling=scaling,
+                       grouped=grouped)
     expected, moments = weight.detach().clone(), {}
     for t in range(1, 5):
         grad = torch.randn(*shape, generator=generator)
@@ -220,3 +222,130 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     _train(model, optimizer, range(scalars["step"], 10))
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), uninterrupted[name], rtol=0, atol=0)
+
+
+# -- the grouped path (GPU shape: one kernel per op per shape, not per matrix) -----------
+
+def _blocks(count: int, hidden: int = 48, ffn: int = 80, seed: int = 0) -> list[torch.nn.Parameter]:
+    """The matrices of `count` transformer blocks (q, k, v, o; gate, up tall; down wide)
+    and a norm vector each, at sizes a test can step on one CPU core."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(hidden, hidden)] * 4 + [(ffn, hidden), (ffn, hidden), (hidden, ffn), (hidden,)]
+    return [torch.nn.Parameter(torch.randn(*shape, generator=g) * 0.02) for _ in range(count) for shape in shapes]
+
+
+def _set_gradients(params: list[torch.nn.Parameter], step: int, growth: float = 1.0) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * growth ** step
+
+
+def _profiled_step(optimizer: APOLLO, params: list[torch.nn.Parameter]):
+    from torch.profiler import ProfilerActivity, profile
+
+    _set_gradients(params, 0)
+    optimizer.step()  # state made, projections drawn: what follows is a steady step
+    _set_gradients(params, 1)
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        optimizer.step()
+    return trace.events()
+
+
+def _top_level_aten_ops(events) -> int:
+    """Aten ops called from Python (not from inside another aten op): on a GPU each is a
+    launch or a multi-tensor launch; the foreach ops' per-tensor loops on a CPU are their
+    children and stay out of the count."""
+    return sum(1 for e in events if e.name.startswith("aten::")
+               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+
+
+@pytest.mark.parametrize("scaling", ["channel", "tensor"])
+def test_grouped_step_ops_do_not_grow_with_the_number_of_matrices(scaling):
+    counts = {}
+    for blocks in (4, 16):
+        params = _blocks(blocks)
+        rank = 8 if scaling == "channel" else 1
+        optimizer = APOLLO(params, rank=rank, scaling=scaling, grouped=True, weight_decay=0.01)
+        counts[blocks] = _top_level_aten_ops(_profiled_step(optimizer, params))
+    assert counts[16] <= 1.1 * counts[4], counts
+    # the per-matrix path does grow, so the count can tell
+    per_matrix = {}
+    for blocks in (4, 16):
+        params = _blocks(blocks)
+        per_matrix[blocks] = _top_level_aten_ops(_profiled_step(APOLLO(params, rank=8, grouped=False), params))
+    assert per_matrix[16] > 2 * per_matrix[4], per_matrix
+
+
+def test_grouped_step_reads_nothing_back_to_the_host():
+    params = _blocks(2)
+    optimizer = APOLLO(params, rank=8, grouped=True, limiter=1.01, weight_decay=0.01)
+    names = {e.name for e in _profiled_step(optimizer, params)}
+    assert "aten::mm" not in names and "aten::bmm" in names  # the grouped path ran
+    assert "aten::_local_scalar_dense" not in names
+
+
+@pytest.mark.parametrize("scaling", ["channel", "tensor"])
+def test_grouped_updates_equal_the_per_matrix_path_over_20_steps(scaling):
+    """Same weights, same gradients (growing, so the limiter acts), refresh every 7 steps:
+    the grouped and per-matrix paths end with the same weights and states to fp32
+    rounding, step after step."""
+    weights = {}
+    optimizers = {}
+    for grouped in (False, True):
+        params = _blocks(3, seed=5)
+        optimizers[grouped] = APOLLO(params, lr=1e-2, rank=8 if scaling == "channel" else 1,
+                                     scaling=scaling, refresh=7, weight_decay=0.1, grouped=grouped)
+        weights[grouped] = params
+    for step in range(20):
+        for grouped, params in weights.items():
+            _set_gradients(params, step, growth=1.3)
+            optimizers[grouped].step()
+        for per_matrix, grouped in zip(weights[False], weights[True]):
+            torch.testing.assert_close(grouped.detach(), per_matrix.detach(), rtol=1e-5, atol=1e-6)
+    assert optimizers[True].limiter_activations == optimizers[False].limiter_activations > 0
+    assert int(optimizers[True].limiter_activations_since_start()) == optimizers[True].limiter_activations
+    for per_matrix, grouped in zip(weights[False], weights[True]):
+        a, b = optimizers[False].state[per_matrix], optimizers[True].state[grouped]
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+
+
+def test_grouped_state_resumes_from_a_checkpoint(tmp_path):
+    """The per-matrix states are views into the stacks: a checkpoint saves them one by
+    one and a fresh optimizer loaded from it goes on exactly as the uninterrupted one."""
+    def run(steps, optimizer, params):
+        for step in steps:
+            _set_gradients(params, step)
+            optimizer.step()
+
+    params = _blocks(2)
+    optimizer = APOLLO(params, lr=1e-2, rank=8, refresh=3, grouped=True)
+    run(range(6), optimizer, params)
+    uninterrupted = [p.detach().clone() for p in params]
+
+    params = _blocks(2)
+    optimizer = APOLLO(params, lr=1e-2, rank=8, refresh=3, grouped=True)
+    run(range(4), optimizer, params)
+    named = {str(i): p for i, p in enumerate(params)}
+    save_checkpoint(tmp_path / "ckpt", named, optimizer, {"step": 4})
+    params = _blocks(2)
+    named = {str(i): p for i, p in enumerate(params)}
+    optimizer = APOLLO(params, lr=1e-2, rank=8, refresh=3, grouped=True)
+    load_checkpoint(tmp_path / "ckpt", named, optimizer)
+    run(range(4, 6), optimizer, params)
+    for param, expected in zip(params, uninterrupted):
+        torch.testing.assert_close(param.detach(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_gpu_bench_refuses_to_run_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0
+    assert "no CUDA device" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""

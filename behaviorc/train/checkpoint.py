@@ -33,7 +33,10 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     for index, state in state_dict["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+                # a copy: state may be views into one storage (APOLLO's stacks), which
+                # safetensors refuses to write
+                tensors[f"state.{index}.{key}"] = value.detach().to(
+                    "cpu", memory_format=torch.contiguous_format, copy=True)
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}

@@ -16,10 +16,15 @@ then fails with an in-place modification error (even on a deep copy of the cache
 cache built here holds detached clones and its linear-attention layers REBIND the new
 state instead of copying into the old tensor.
 
-Each example's frozen state is kept at batch size 1 and unpadded (`FrozenContext`), so it
-can be computed once and reused every epoch; `collate` left-pads the attention keys with
-masked zeros and stacks the GDN states to run a batch. GDN states need no padding: they
-have no sequence axis.
+A batch's contexts run in one forward without gradient (`freeze_batch`) and their
+states stay batched on the device as they come out (`FrozenContexts`: attention keys
+left-padded with masked zeros, GDN states stacked; GDN states need no padding, they have
+no sequence axis); `collate` puts the segments on top in one upload, with masks and
+positions made on the device, and the loss's token count is known on the host: a step
+has no loop over its examples and reads nothing back. Kept contexts (reuse across
+epochs) are rows of one such batch, gathered by one index per layer (`FrozenContexts.
+gather`). `freeze_contexts` splits a batch into single, unpadded contexts
+(`FrozenContext`) where one context at a time is wanted.
 """
 
 from __future__ import annotations
@@ -72,36 +77,151 @@ class _RebindingLinearAttentionLayer(LinearAttentionLayer):
         return recurrent_states
 
 
+@dataclass(frozen=True)
+class FrozenContexts:
+    """A batch's context states, batched on the device, per decoder layer: attention
+    keys and values [B, heads, longest, dim] left-padded with zeros (masked out), GDN
+    states stacked (they have no sequence axis; a row without context holds zeros,
+    exactly a fresh start). `states` is empty when no row has a context."""
+
+    lengths: tuple[int, ...]  # context tokens of each row
+    kinds: tuple[LayerKind, ...]
+    states: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths, default=0)
+
+    def gather(self, rows: Sequence[int]) -> "FrozenContexts":
+        """These rows, as a batch: one index per layer, on the device (no loop over rows)."""
+        lengths = tuple(self.lengths[r] for r in rows)
+        if not self.states:
+            return FrozenContexts(lengths, (), ())
+        index = upload_longs(list(rows), self.states[0][0].device)
+        cut = self.longest - max(lengths)
+        states = tuple(
+            (a.index_select(0, index)[:, :, cut:], b.index_select(0, index)[:, :, cut:]) if kind == "attention"
+            else (a.index_select(0, index), b.index_select(0, index))
+            for kind, (a, b) in zip(self.kinds, self.states))
+        return FrozenContexts(lengths, self.kinds, states)
+
+    def extended(self, other: "FrozenContexts") -> "FrozenContexts":
+        """These rows followed by `other`'s (keys re-padded to the longer of the two)."""
+        if not other.states or not self.states:
+            if not other.states and not self.states:
+                return FrozenContexts(self.lengths + other.lengths, (), ())
+            template = self if self.states else other
+            first = self if self.states else _zero_contexts(template, self.lengths)
+            second = other if other.states else _zero_contexts(template, other.lengths)
+            return first.extended(second)
+        longest = max(self.longest, other.longest)
+        states = []
+        for kind, mine, theirs in zip(self.kinds, self.states, other.states):
+            if kind == "attention":
+                mine = tuple(_left_pad(t, longest) for t in mine)
+                theirs = tuple(_left_pad(t, longest) for t in theirs)
+            states.append((torch.cat([mine[0], theirs[0]]), torch.cat([mine[1], theirs[1]])))
+        return FrozenContexts(self.lengths + other.lengths, self.kinds, tuple(states))
+
+
+def _left_pad(states: torch.Tensor, length: int) -> torch.Tensor:
+    pad = length - states.shape[-2]
+    return torch.nn.functional.pad(states, (0, 0, pad, 0)) if pad else states
+
+
+def _zero_contexts(template: FrozenContexts, lengths: tuple[int, ...]) -> FrozenContexts:
+    """Rows without context, shaped like the template's layers."""
+    states = tuple(
+        tuple(t.new_zeros((len(lengths), *t.shape[1:2], 0, *t.shape[3:]) if kind == "attention"
+                          else (len(lengths), *t.shape[1:])) for t in pair)
+        for kind, pair in zip(template.kinds, template.states))
+    return FrozenContexts(lengths, template.kinds, states)
+
+
+def upload_longs(values: list[int], device: torch.device) -> torch.Tensor:
+    """A list of ints on the device without waiting for it: a plain copy to a GPU
+    synchronises the host with the device, one from pinned memory does not."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def padded_ids(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, left: bool = False) -> torch.Tensor:
+    """Token rows padded to the longest into one [B, width] tensor: one upload."""
+    width = max(len(r) for r in rows)
+    flat = [t for r in rows for t in ([pad_id] * (width - len(r)) + list(r) if left
+                                      else list(r) + [pad_id] * (width - len(r)))]
+    return upload_longs(flat, device).view(len(rows), width)
+
+
+def mask_if_padded(mask: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor | None:
+    """The mask, or None when the host knows no row is padded: transformers then has
+    nothing to check (its check whether a mask can be skipped reads the mask back from
+    the device, a host sync in every attention and GDN layer's mask preparation)."""
+    return None if len(set(lengths)) == 1 else mask
+
+
+def length_mask(lengths: torch.Tensor, width: int, left: bool = False) -> torch.Tensor:
+    """[B, width] of 1 on each row's first `length` positions (last, if `left`)."""
+    positions = torch.arange(width, device=lengths.device)[None, :]
+    return (positions >= width - lengths[:, None] if left else positions < lengths[:, None]).long()
+
+
+@torch.no_grad()
+def freeze_batch(model: torch.nn.Module, contexts: Sequence[Sequence[int]]) -> FrozenContexts:
+    """Run the contexts once, as one left-padded batch without gradient, and keep the
+    states batched as they come out. Left padding is exact: padded keys are masked out,
+    and transformers zeroes masked inputs of GDN layers, so their state stays zero until
+    the context begins (as it does for a context run alone). Rows without context are
+    not run; they get zero states."""
+    lengths = tuple(len(c) for c in contexts)
+    rows = [i for i, n in enumerate(lengths) if n > 0]
+    if not rows:
+        return FrozenContexts(lengths, (), ())
+    device = next(model.parameters()).device
+    input_ids = padded_ids([contexts[i] for i in rows], 0, device, left=True)
+    mask = length_mask(upload_longs([lengths[i] for i in rows], device), input_ids.shape[1], left=True)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    cache = model(input_ids=input_ids, attention_mask=mask_if_padded(mask, [lengths[i] for i in rows]),
+                  position_ids=positions, use_cache=True).past_key_values
+    kinds, states = _read_cache(cache)
+    if len(rows) < len(contexts):
+        index = upload_longs(rows, device)
+        states = [tuple(t.new_zeros((len(contexts), *t.shape[1:])).index_copy_(0, index, t) for t in pair)
+                  for pair in states]
+    return FrozenContexts(lengths, kinds, tuple(tuple(pair) for pair in states))
+
+
 @torch.no_grad()
 def freeze_contexts(model: torch.nn.Module, contexts: Sequence[Sequence[int]]) -> list[FrozenContext]:
-    """Run the contexts once, as one left-padded batch without gradient, and keep each
-    one's states unpadded. Left padding is exact: padded keys are masked out, and
-    transformers zeroes masked inputs of GDN layers, so their state stays zero until
-    the context begins (as it does for a context run alone)."""
-    empty = FrozenContext(0, (), ())
-    rows = [i for i, ids in enumerate(contexts) if len(ids) > 0]
-    if not rows:
-        return [empty] * len(contexts)
-    device = next(model.parameters()).device
-    longest = max(len(contexts[i]) for i in rows)
-    input_ids = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
-    mask = torch.zeros_like(input_ids)
-    for row, i in enumerate(rows):
-        n = len(contexts[i])
-        input_ids[row, longest - n:] = torch.tensor(list(contexts[i]), device=device)
-        mask[row, longest - n:] = 1
-    positions = (mask.cumsum(1) - 1).clamp_min(0)
-    cache = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
-    kinds, per_layer = _read_cache(cache)
-    frozen = [empty] * len(contexts)
-    for row, i in enumerate(rows):
-        n = len(contexts[i])
+    """`freeze_batch`, each row's states kept on its own, unpadded."""
+    batch = freeze_batch(model, contexts)
+    frozen = []
+    for row, n in enumerate(batch.lengths):
         states = tuple(
-            (a[row:row + 1, :, longest - n:].clone(), b[row:row + 1, :, longest - n:].clone())
+            (a[row:row + 1, :, a.shape[2] - n:].clone(), b[row:row + 1, :, b.shape[2] - n:].clone())
             if kind == "attention" else (a[row:row + 1].clone(), b[row:row + 1].clone())
-            for kind, (a, b) in zip(kinds, per_layer))
-        frozen[i] = FrozenContext(n, kinds, states)
+            for kind, (a, b) in zip(batch.kinds, batch.states)) if n > 0 else ()
+        frozen.append(FrozenContext(n, batch.kinds if n > 0 else (), states))
     return frozen
+
+
+def stack_contexts(contexts: Sequence[FrozenContext]) -> FrozenContexts:
+    """Single contexts as one batch (keys left-padded to the longest)."""
+    template = next((c for c in contexts if c.length > 0), None)
+    lengths = tuple(c.length for c in contexts)
+    if template is None:
+        return FrozenContexts(lengths, (), ())
+    one = FrozenContexts((template.length,), template.kinds, template.states)
+    longest = max(lengths)
+    states = []
+    for index, kind in enumerate(template.kinds):
+        pairs = [c.states[index] if c.length > 0 else _zero_contexts(one, (0,)).states[index] for c in contexts]
+        if kind == "attention":
+            pairs = [tuple(_left_pad(t, longest) for t in pair) for pair in pairs]
+        states.append((torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])))
+    return FrozenContexts(lengths, template.kinds, tuple(states))
 
 
 def _read_cache(cache: DynamicCache) -> tuple[tuple[LayerKind, ...], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -126,62 +246,48 @@ class FrozenBatch:
     """Inputs of one gradient forward over trainable segments on frozen contexts."""
 
     input_ids: torch.Tensor  # [B, S], right-padded
-    attention_mask: torch.Tensor  # [B, C + S]: left-padded contexts, then the segments
+    attention_mask: torch.Tensor | None  # [B, C + S]: left-padded contexts, then the segments;
+    # None without padding
     position_ids: torch.Tensor  # [B, S]: each segment continues its own context
     cache: DynamicCache | None  # None when no example has a context
     segment_mask: torch.Tensor  # [B, S]: 1 on real segment tokens
+    targets: int  # tokens the loss covers (counted on the host: no read from the device)
 
 
-def collate(model: torch.nn.Module, contexts: Sequence[FrozenContext],
+def collate(model: torch.nn.Module, contexts: FrozenContexts | Sequence[FrozenContext],
             segments: Sequence[Sequence[int]], pad_id: int = 0) -> FrozenBatch:
     """Batch segments over their contexts' frozen states (fresh cache, shared tensors:
-    the frozen states are read, never written)."""
+    the frozen states are read, never written). The inputs go to the device in one
+    upload, the masks and positions are made there."""
+    if not isinstance(contexts, FrozenContexts):
+        contexts = stack_contexts(contexts)
     device = next(model.parameters()).device
-    width = max(len(s) for s in segments)
-    if width < 2:
+    if max(len(s) for s in segments) < 2:
         # transformers' one-token decode path updates the GDN conv state in place
         raise ValueError("trainable segments need at least two tokens (a context token and a response)")
-    input_ids = torch.full((len(segments), width), pad_id, dtype=torch.long, device=device)
-    segment_mask = torch.zeros(len(segments), width, dtype=torch.long, device=device)
-    for row, seg in enumerate(segments):
-        input_ids[row, :len(seg)] = torch.tensor(list(seg), device=device)
-        segment_mask[row, :len(seg)] = 1
-
-    longest = max(c.length for c in contexts)
-    context_mask = torch.zeros(len(contexts), longest, dtype=torch.long, device=device)
-    for row, ctx in enumerate(contexts):
-        context_mask[row, longest - ctx.length:] = 1
-    offsets = torch.tensor([c.length for c in contexts], device=device)
-    position_ids = offsets[:, None] + torch.arange(width, device=device)[None, :]
-    attention_mask = torch.cat([context_mask, segment_mask], dim=1)
-    cache = _build_cache(model, contexts, longest) if longest > 0 else None
-    return FrozenBatch(input_ids, attention_mask, position_ids, cache, segment_mask)
+    input_ids = padded_ids(segments, pad_id, device)
+    lengths = upload_longs([len(s) for s in segments] + list(contexts.lengths), device)
+    segment_lengths, context_lengths = lengths[:len(segments)], lengths[len(segments):]
+    segment_mask = length_mask(segment_lengths, input_ids.shape[1])
+    context_mask = length_mask(context_lengths, contexts.longest, left=True)
+    position_ids = context_lengths[:, None] + torch.arange(input_ids.shape[1], device=device)[None, :]
+    padded = len(set(contexts.lengths)) > 1 or len({len(s) for s in segments}) > 1
+    attention_mask = torch.cat([context_mask, segment_mask], dim=1) if padded else None
+    cache = _build_cache(model, contexts) if contexts.states else None
+    targets = sum(max(len(s) - 1, 0) for s in segments)
+    return FrozenBatch(input_ids, attention_mask, position_ids, cache, segment_mask, targets)
 
 
-def _build_cache(model: torch.nn.Module, contexts: Sequence[FrozenContext], longest: int) -> DynamicCache:
-    template = next(c for c in contexts if c.length > 0)
+def _build_cache(model: torch.nn.Module, contexts: FrozenContexts) -> DynamicCache:
     cache = DynamicCache(config=model.config)
-    for index, kind in enumerate(template.kinds):
-        firsts, seconds = [], []
-        for ctx in contexts:
-            if ctx.length > 0:
-                first, second = ctx.states[index]
-            else:  # no context: zero states are exactly a fresh start, masked keys are unseen
-                first, second = (torch.zeros_like(t) for t in template.states[index])
-                if kind == "attention":
-                    first, second = first[..., :0, :], second[..., :0, :]
-            if kind == "attention":
-                pad = longest - first.shape[-2]
-                first = torch.nn.functional.pad(first, (0, 0, pad, 0))
-                second = torch.nn.functional.pad(second, (0, 0, pad, 0))
-            firsts.append(first)
-            seconds.append(second)
-        first, second = torch.cat(firsts), torch.cat(seconds)
+    for index, (kind, (first, second)) in enumerate(zip(contexts.kinds, contexts.states)):
         if kind == "gdn":
             cache.layers[index] = _RebindingLinearAttentionLayer(first, second)
         else:
+            # set rather than `update`d: update concatenates onto an empty tensor (a copy)
             layer = DynamicLayer()
-            layer.update(first, second)
+            layer.keys, layer.values = first, second
+            layer.dtype, layer.device, layer.is_initialized = first.dtype, first.device, True
             cache.layers[index] = layer
     return cache
 
@@ -205,4 +311,4 @@ def segment_loss_sum(logits: torch.Tensor, batch: FrozenBatch) -> tuple[torch.Te
         logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
         targets.reshape(-1),
         ignore_index=-100, reduction="sum")
-    return loss, int((targets != -100).sum())
+    return loss, batch.targets

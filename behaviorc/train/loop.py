@@ -6,6 +6,9 @@
 3. Each step: the batch for that step (a pure function of seed and step), the response
    loss (context frozen or full), gradient norm and clipping, a NaN/inf guard that skips
    the step and counts it, the learning rate of the schedule, the optimizer step, an event.
+   The step reads the device once (loss, gradient norm, limiter count together): the
+   guard's check. Its event is sent during the next step, when its limiter count has
+   come back with that step's read, so the device is never waited on between steps.
 4. Checkpoints every `checkpoint_every` steps; a loop started over an existing
    checkpoint resumes from it and ends with the same weights as one never interrupted.
 
@@ -27,7 +30,8 @@ from behaviorc.core import ir
 from behaviorc.train.apollo import APOLLO
 from behaviorc.train.checkpoint import METADATA, load_checkpoint, save_checkpoint
 from behaviorc.train.data import BatchSchedule, TrainSequence
-from behaviorc.train.frozen import FrozenContext, collate, freeze_contexts, segment_logits, segment_loss_sum
+from behaviorc.train.frozen import (FrozenContexts, collate, freeze_batch, length_mask, mask_if_padded,
+                                     padded_ids, segment_logits, segment_loss_sum, upload_longs)
 
 COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
 
@@ -85,46 +89,50 @@ def learning_rate(step: int, train: ir.Train) -> float:
 class ResponseLoss:
     """Mean loss over the response tokens of a batch, with the context frozen or not.
     With `reuse_contexts`, each sequence's frozen context is computed once and kept
-    (keyed by the sequence): later steps skip the context forward, at the price
-    of states from the weights as they were when first seen."""
+    (keyed by the sequence, as a row of one batch on the device, its keys padded to the
+    longest context kept): later steps skip the context forward, at the price of states
+    from the weights as they were when first seen."""
 
     def __init__(self, model: torch.nn.Module, mode: str, pad_id: int, reuse_contexts: bool = False):
         self.model, self.mode, self.pad_id = model, mode, pad_id
-        self._kept: dict[TrainSequence, FrozenContext] | None = {} if reuse_contexts else None
+        self.reuse_contexts = reuse_contexts
+        self._kept: FrozenContexts | None = None
+        self._kept_rows: dict[TrainSequence, int] = {}
 
     def __call__(self, batch: Sequence[TrainSequence]) -> tuple[torch.Tensor, int]:
         if self.mode == "frozen":
-            contexts = self._contexts(batch)
-            inputs = collate(self.model, contexts, [s.context[-1:] + s.response for s in batch], self.pad_id)
+            inputs = collate(self.model, self._contexts(batch), [s.context[-1:] + s.response for s in batch],
+                             self.pad_id)
             total, count = segment_loss_sum(segment_logits(self.model, inputs), inputs)
         else:
             total, count = self._full(batch)
         return total / count, count
 
-    def _contexts(self, batch: Sequence[TrainSequence]) -> list[FrozenContext]:
-        if self._kept is None:
-            return freeze_contexts(self.model, [s.context[:-1] for s in batch])
-        missing = list(dict.fromkeys(s for s in batch if s not in self._kept))
-        for sequence, context in zip(missing, freeze_contexts(self.model, [s.context[:-1] for s in missing])):
-            self._kept[sequence] = context
-        return [self._kept[s] for s in batch]
+    def _contexts(self, batch: Sequence[TrainSequence]) -> FrozenContexts:
+        if not self.reuse_contexts:
+            return freeze_batch(self.model, [s.context[:-1] for s in batch])
+        missing = list(dict.fromkeys(s for s in batch if s not in self._kept_rows))
+        if missing:
+            fresh = freeze_batch(self.model, [s.context[:-1] for s in missing])
+            self._kept = fresh if self._kept is None else self._kept.extended(fresh)
+            for sequence in missing:
+                self._kept_rows[sequence] = len(self._kept_rows)
+        return self._kept.gather([self._kept_rows[s] for s in batch])
 
     def _full(self, batch: Sequence[TrainSequence]) -> tuple[torch.Tensor, int]:
         device = next(self.model.parameters()).device
-        width = max(s.tokens for s in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for row, s in enumerate(batch):
-            tokens = torch.tensor(s.context + s.response, device=device)
-            ids[row, :s.tokens], mask[row, :s.tokens] = tokens, 1
-            labels[row, len(s.context):s.tokens] = tokens[len(s.context):]
-        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        ids = padded_ids([s.context + s.response for s in batch], self.pad_id, device)
+        lengths = upload_longs([s.tokens for s in batch] + [len(s.context) for s in batch], device)
+        mask = length_mask(lengths[:len(batch)], ids.shape[1])
+        # a label on each response token: past the context, within the sequence
+        past_context = ~length_mask(lengths[len(batch):], ids.shape[1]).bool()
+        labels = ids.masked_fill(~(mask.bool() & past_context), -100)
+        logits = self.model(input_ids=ids, attention_mask=mask_if_padded(mask, [s.tokens for s in batch])).logits[:, :-1]
         targets = labels[:, 1:]
         total = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
             targets.reshape(-1), ignore_index=-100, reduction="sum")
-        return total, int((targets != -100).sum())
+        return total, sum(len(s.response) for s in batch)
 
 
 def train(
@@ -159,19 +167,29 @@ def train(
         summary.steps_skipped = int(scalars["steps_skipped"])
         summary.loss_first = scalars["loss_first"]
 
+    # One read from the device per step: the loss and gradient norm of this step (the
+    # NaN/inf guard needs them before the optimizer step) with the limiter count after
+    # the previous step. So each step's event goes out during the next step, once the
+    # count is known, and nothing waits on the device between an optimizer step and the
+    # next forward (nanoGPT reads its loss only when it logs; here every step logs).
+    pending: _Pending | None = None
     for step in range(start, spec.steps):
         began = time.perf_counter()
+        if pending is not None:
+            pending.seconds = began - pending.began
         batch = schedule.at(step)
         loss, _ = response_loss(batch)
         if extra_loss is not None:
             loss = loss + extra_loss(batch)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            params, spec.clip if spec.clip > 0 else float("inf")))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip if spec.clip > 0 else float("inf"))
+        loss_value, grad_norm_value, limited_total = _read(loss.detach(), grad_norm, _limiter_total(optimizer))
+        if pending is not None:
+            listening = time.perf_counter()
+            on_step(pending.event(limited_total))
+            began += time.perf_counter() - listening  # a listener's time is no step's
         lr = learning_rate(step, spec)
-        limited_before = _limiter_count(optimizer)
-        loss_value = float(loss.detach())
-        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm_value))
         if skipped:
             summary.steps_skipped += 1
         else:
@@ -179,23 +197,56 @@ def train(
                 group["lr"] = lr
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        limited = _limiter_count(optimizer) - limited_before
         summary.losses.append(loss_value)
         summary.loss_first = summary.losses[0] if summary.loss_first is None else summary.loss_first
-        summary.limiter_activations += limited
-        seconds = time.perf_counter() - began
-        on_step(StepEvent(step + 1, loss_value, grad_norm, lr, limited,
-                          sum(s.tokens for s in batch) / max(seconds, 1e-9), skipped))
+        pending = _Pending(step + 1, loss_value, grad_norm_value, lr, skipped, sum(s.tokens for s in batch),
+                           began, limited_total, summary)
 
         done = step + 1
         if checkpoint_dir is not None and checkpoint_every > 0 and done % checkpoint_every == 0 and done < spec.steps:
             save_checkpoint(checkpoint_dir, targets, optimizer,
                             {"step": done, "steps_skipped": summary.steps_skipped,
                              "loss_first": summary.loss_first})
+    if pending is not None:
+        [limited_total] = _read(_limiter_total(optimizer))
+        pending.seconds = time.perf_counter() - pending.began
+        on_step(pending.event(limited_total))
     for param in params:
         param.requires_grad_(False)
     return summary
 
 
-def _limiter_count(optimizer: torch.optim.Optimizer) -> int:
-    return optimizer.limiter_activations if isinstance(optimizer, APOLLO) else 0
+@dataclass
+class _Pending:
+    """A step done whose event waits for its limiter count (read with the next step's figures)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    tokens: int
+    began: float
+    limited_before: float
+    summary: TrainSummary
+    seconds: float = 0.0
+
+    def event(self, limited_total: float) -> StepEvent:
+        limited = int(limited_total - self.limited_before)
+        self.summary.limiter_activations += limited
+        return StepEvent(self.step, self.loss, self.grad_norm, self.lr, limited,
+                         self.tokens / max(self.seconds, 1e-9), self.skipped)
+
+
+def _limiter_total(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    if isinstance(optimizer, APOLLO):
+        return optimizer.limiter_activations_since_start()
+    return torch.zeros((), dtype=torch.int64)
+
+
+def _read(*values: torch.Tensor) -> list[float]:
+    """Scalars as floats: those on an accelerator in one transfer (one host sync), those
+    on the CPU directly (copying them over to join the transfer would sync too)."""
+    remote = [v.detach().to(torch.float64) for v in values if v.device.type != "cpu"]
+    fetched = iter(torch.stack(remote).tolist() if remote else [])
+    return [float(v) if v.device.type == "cpu" else next(fetched) for v in values]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
-from behaviorc.engine.vllm.client.http import API_KEY_ENV
+from behaviorc.engine.vllm.http import API_KEY_ENV
 
 if TYPE_CHECKING:
     import httpx
@@ -162,7 +162,7 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
 
 
 def wait_until_ready(server: Server, timeout: float) -> None:
-    from behaviorc.engine.vllm.client.http import http_client
+    from behaviorc.engine.vllm.http import http_client
 
     deadline = time.monotonic() + timeout
     with http_client(server.url, server.api_key, 2.0) as http:
