@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PYTHON) -m behaviorc.cli build specs/testbed_listen.behavior --out out/testbed_listen
+	$(PYTHON) -m behaviorc.cli build specs/demo.behavior --out out/demo
 
 test: setup
 	$(PYTHON) -m pytest -q

@@ -2,7 +2,8 @@
 
 Phases, each timed into the task's metrics:
 1. measure (base model): the margin on held-out pairs without steering
-   (`margin_before`) and with it (`margin_steered`), the general NLL (`general_nll_before`);
+   (`margin_before`) and with it (`margin_steered`), the general NLL (`general_nll_before`),
+   and greedy replies to a few held-out prompts without and with steering;
 2. generate (`seconds_generate`): sample the prompts with steering on, score, keep the
    best (`behaviorc.distill.data`). With a live hand-off the samples come from the
    server, which serves exactly that steered model; otherwise from the embedded copy;
@@ -16,7 +17,8 @@ Phases, each timed into the task's metrics:
 6. verify: `margin_after` (trained, no steering), `general_nll_after`, and
    `steered_share = (margin_after - margin_before) / (margin_steered - margin_before)`,
    the share of the steered effect the weights now carry (1: all of it; not reported
-   when the steering did not raise the margin).
+   when the steering did not raise the margin), and the trained model's replies to the
+   same prompts, in the task's data beside the base and steered ones.
 
 The live server has one owner: for a behavior whose deploy says `handoff on`, lowering
 gives the deploy to this task and emits no separate DeployModel. With `auto` this task
@@ -46,7 +48,9 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     from behaviorc.engine.embedded import EmbeddedEngine
     from behaviorc.engine.protocol import steered
     from behaviorc.measure.margin import behavior_margin
+    from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
     from behaviorc.measure.nll import general_nll
+    from behaviorc.measure.replies import reply_prompts, sample_replies
     from behaviorc.model.adapter import ArchitectureAdapter
     from behaviorc.model.loading import load_model
     from behaviorc.steer.vectors import load_steering
@@ -74,15 +78,20 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     except BehaviorError as err:
         raise BehaviorError(str(err), spec.loc, hint=err.diagnostics[0].hint) from None
     engine = EmbeddedEngine(model, tokenizer, name=decl.source, path=path)
-    pairs, general = task.eval_pairs, task.general
+    # The NLL cost of the distilled weights is always measured: on the spec's general
+    # texts, else on the same default texts steering verification uses.
+    pairs, general = task.eval_pairs, task.general or DEFAULT_GENERAL_TEXTS
 
     metrics: dict[str, float] = {"margin_before": behavior_margin(engine, pairs)}
     with steered(engine, directions, task.strength):
         metrics["margin_steered"] = behavior_margin(engine, pairs)
-    if general:
-        metrics["general_nll_before"] = general_nll(engine, general)
+    metrics["general_nll_before"] = general_nll(engine, general)
     ctx.emit("train_eval", step=0, margin=metrics["margin_before"],
              margin_steered=metrics["margin_steered"])
+    ctx.progress(0, spec.steps, "sample replies of the base and the steered model")
+    shown = reply_prompts(pairs)
+    replies = {"base": sample_replies(engine, shown),
+               "steered": sample_replies(engine, shown, steering=directions, strength=task.strength)}
 
     with ExitStack() as stack:
         handoff = stack.enter_context(live_handoff(task, ctx, path, directions, metrics["margin_before"],
@@ -138,8 +147,8 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
         metrics["seconds_train"] = time.perf_counter() - began - paused_training[0]
 
         metrics["margin_after"] = behavior_margin(engine, pairs)
-        if general:
-            metrics["general_nll_after"] = general_nll(engine, general)
+        metrics["general_nll_after"] = general_nll(engine, general)
+        replies["trained"] = sample_replies(engine, shown)
         gain = metrics["margin_steered"] - metrics["margin_before"]
         if gain > 0:
             metrics["steered_share"] = (metrics["margin_after"] - metrics["margin_before"]) / gain
@@ -161,5 +170,7 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
         metrics=metrics, artifacts={"model": "model"},
         data={"losses": summary.losses, "targets": sorted(targets), "served": served,
               "prompt_format": engine.prompt_format,
+              "replies": [{"prompt": prompt, **{model: texts[i] for model, texts in replies.items()}}
+                          for i, prompt in enumerate(shown)],
               "samples": [{"prompt": s.prompt, "response": s.response, "score": s.score}
                           for s in data.kept[:SAMPLES_IN_DATA]]})
