@@ -15,6 +15,8 @@ from behaviorc.lang.parse import parse_text
 from behaviorc.model.builtin import BUILDER_VERSION
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
+# Tiny-model copies of the example specs (the examples in specs/ run on smollm2-135m).
+TINY_SPECS = Path(__file__).resolve().parent / "data" / "specs"
 EXAMPLES = sorted(SPECS.glob("*.behavior"))
 PAIR = 'pair "Use the old parser." { positive " Yes, the old one."  negative " A new one." }'
 
@@ -39,7 +41,7 @@ def test_example_specs_check_clean(path: Path) -> None:
 
 
 def test_listen_spec_to_ir() -> None:
-    spec = load_spec(str(SPECS / "listen.behavior"))
+    spec = load_spec(str(TINY_SPECS / "listen.behavior"))
     listen = spec.behavior("listen")
     assert spec.model("base").kind == "builtin" and spec.model("base").num_layers == 4
     assert listen.steer.layers == (1, 2) and listen.steer.method == "mean_diff"
@@ -56,11 +58,11 @@ def test_listen_spec_to_ir() -> None:
     assert len(chat) == 2 and chat[0].messages[-1].role == "assistant"
     assert [e.model_dump() for e in listen.eval.expect] == \
         [{"metric": "margin_after", "op": ">", "value": 0.0}]
-    assert spec.path == str(SPECS / "listen.behavior")
+    assert spec.path == str(TINY_SPECS / "listen.behavior")
 
 
 def test_persona_spec_composes_linear_terms() -> None:
-    spec = load_spec(str(SPECS / "persona.behavior"))
+    spec = load_spec(str(TINY_SPECS / "persona.behavior"))
     persona, focused = spec.compositions
     assert [(t.behavior, t.weight) for t in persona.terms] == \
         [("listen", 1.0), ("concise", 0.5), ("sycophancy", -0.8)]

@@ -13,6 +13,8 @@ import pytest
 from behaviorc import cli
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
+# Tiny-model copies of the example specs (the examples in specs/ run on smollm2-135m).
+TINY_SPECS = Path(__file__).resolve().parent / "data" / "specs"
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -22,7 +24,7 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 
 def test_check_ok(capsys) -> None:
-    code, out, err = run(capsys, "check", str(SPECS / "listen.behavior"), str(SPECS / "persona.behavior"))
+    code, out, err = run(capsys, "check", str(TINY_SPECS / "listen.behavior"), str(TINY_SPECS / "persona.behavior"))
     assert code == 0 and err == ""
     assert "persona.behavior: ok (1 model, 3 behaviors, 2 compositions, 0 deploys)" in out
 
@@ -69,10 +71,10 @@ def test_bad_arguments_are_usage_errors(capsys) -> None:
 def test_plan_tree_and_json(capsys) -> None:
     # deploy.behavior hands its live server over from steering to the distilled weights,
     # so its training task owns the deploy and the plan says so.
-    code, out, _ = run(capsys, "plan", str(SPECS / "deploy.behavior"))
+    code, out, _ = run(capsys, "plan", str(TINY_SPECS / "deploy.behavior"))
     assert code == 0 and "└── steer.extract:listen (above)" in out
     assert "`listen` is deployed live by its training (train:listen)" in out
-    code, out, _ = run(capsys, "plan", str(SPECS / "deploy.behavior"), "--json")
+    code, out, _ = run(capsys, "plan", str(TINY_SPECS / "deploy.behavior"), "--json")
     data = json.loads(out)
     assert code == 0 and [t["id"] for t in data["tasks"]] == [
         "model:base", "steer.extract:listen", "steer.verify:listen", "train:listen",

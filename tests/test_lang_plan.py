@@ -11,6 +11,8 @@ from behaviorc.build.kinds import (ComposeBehaviors, DeployModel, ExtractTaskVec
                                   ImportTaskVector, ResolveModel)
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
+# Tiny-model copies of the example specs (the examples in specs/ run on smollm2-135m).
+TINY_SPECS = Path(__file__).resolve().parent / "data" / "specs"
 
 
 def pairs(n: int) -> str:
@@ -28,7 +30,7 @@ def by_id(plan) -> dict:
 
 
 def test_listen_plan() -> None:
-    plan = lower(load_spec(str(SPECS / "listen.behavior")))
+    plan = lower(load_spec(str(TINY_SPECS / "listen.behavior")))
     assert [t.id for t in plan.tasks] == ["model:base", "steer.extract:listen", "steer.verify:listen",
                                           "train:listen", "task_vector:listen"]
     tasks = by_id(plan)
@@ -46,7 +48,7 @@ def test_listen_plan() -> None:
 
 def test_every_task_is_listed_after_its_dependencies() -> None:
     for name in ("listen", "persona", "deploy"):
-        plan = lower(load_spec(str(SPECS / f"{name}.behavior")))
+        plan = lower(load_spec(str(TINY_SPECS / f"{name}.behavior")))
         seen: set[str] = set()
         for task in plan.tasks:
             assert all(dep.key in seen for dep in task.arguments().values()), task.id
@@ -55,7 +57,7 @@ def test_every_task_is_listed_after_its_dependencies() -> None:
 
 
 def test_persona_plan_composes_aligned_vectors() -> None:
-    plan = lower(load_spec(str(SPECS / "persona.behavior")))
+    plan = lower(load_spec(str(TINY_SPECS / "persona.behavior")))
     compose = by_id(plan)["compose:persona"]
     assert isinstance(compose, ComposeBehaviors)
     assert [v.name for v in compose.vectors] == [t.behavior for t in compose.compose.terms]
@@ -65,7 +67,7 @@ def test_persona_plan_composes_aligned_vectors() -> None:
 
 
 def test_deploy_plan_distills_and_serves_steering() -> None:
-    plan = lower(load_spec(str(SPECS / "deploy.behavior")))
+    plan = lower(load_spec(str(TINY_SPECS / "deploy.behavior")))
     tasks = by_id(plan)
     train = tasks["train:listen"]
     assert train.steering is tasks["steer.extract:listen"] and train.strength == 4.0
@@ -171,10 +173,10 @@ def test_data_file_content_changes_keys(tmp_path: Path) -> None:
 
 
 def test_render_tree_and_json() -> None:
-    plan = lower(load_spec(str(SPECS / "persona.behavior")))
+    plan = lower(load_spec(str(TINY_SPECS / "persona.behavior")))
     tree = plan.render_tree()
     lines = tree.splitlines()
-    assert lines[0] == f"{SPECS / 'persona.behavior'}: 13 tasks"
+    assert lines[0] == f"{TINY_SPECS / 'persona.behavior'}: 13 tasks"
     for task in plan.tasks:  # each task once in full: id, key prefix, spec line
         full = [line for line in lines if task.key[:8] in line]
         assert len(full) == 1 and task.id in full[0] and f"{task.loc.file}:{task.loc.line}" in full[0]
@@ -189,4 +191,4 @@ def test_render_tree_and_json() -> None:
                                "steer.extract:sycophancy"]
     assert compose["fields"]["compose"]["expression"] == \
         "listen * 1.0 + concise * 0.5 - sycophancy * 0.8"
-    assert compose["loc"] == f"{SPECS / 'persona.behavior'}:61:9"
+    assert compose["loc"] == f"{TINY_SPECS / 'persona.behavior'}:61:9"

@@ -19,7 +19,8 @@ from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.build.executor import Executor
 
 REPO = Path(__file__).resolve().parents[1]
-LISTEN = REPO / "specs" / "listen.behavior"
+# The tiny-model copy of specs/listen.behavior (the example now runs on smollm2-135m).
+LISTEN = REPO / "tests" / "data" / "specs" / "listen.behavior"
 
 
 def test_a_spec_with_errors_is_reported_with_locations_and_exit_1(tmp_path, capsys):

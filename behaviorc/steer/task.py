@@ -40,6 +40,7 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     save_steering(vectors, ctx.out / VECTORS_FILE)
     artifacts = {"vectors": VECTORS_FILE}
     data: dict = {
+        "prompt_format": engine.prompt_format,
         "layers": list(vectors.layers),
         "norms": {str(layer): norm for layer, norm in vectors.norms.items()},
     }
@@ -84,7 +85,8 @@ def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
             "general_nll_before": result.before.general_nll,
             "general_nll_steered": result.steered.general_nll,
         },
-        data={"strength": task.strength, "sweep": [p.as_dict() for p in result.sweep]},
+        data={"strength": task.strength, "sweep": [p.as_dict() for p in result.sweep],
+              "prompt_format": engine.prompt_format},
     )
 
 

@@ -3,7 +3,9 @@
 1. load a private copy of the model (the executor's shared engines stay untouched) and
    select the spec's target groups;
 2. measure before: the behavior margin on held-out pairs (`margin_before`), with the
-   behavior's steering on when the task carries it (`margin_steered`), the general NLL;
+   behavior's steering on when the task carries it (`margin_steered`), the general NLL
+   (on the spec's general texts, else the default ones), and greedy replies to a few
+   held-out prompts without and with the steering;
 3. with a live hand-off (`handoff on` in the behavior's deploy), serve the base steered
    from here on (`behaviorc.train.handoff`);
 4. the examples, from a data source: the spec's own examples, or for `distill steering`
@@ -12,8 +14,9 @@
 5. the training loop (`behaviorc.train.loop`), checkpointing into the task's scratch
    folder so a stopped build resumes; the hand-off pushes the trained tensors every
    `push_every` steps and lowers the served strength by what the weights carry;
-6. measure after: `margin_after` (steering off), `general_nll_after`, and where the
-   steering raised the margin, `steered_share = (after - before) / (steered - before)`;
+6. measure after: `margin_after` (steering off), `general_nll_after`, where the steering
+   raised the margin `steered_share = (after - before) / (steered - before)`, and the
+   trained model's replies to the same prompts, beside the base and steered ones;
 7. write the model folder; the hand-off serves the final weights with no steering.
 
 The live server has one owner: for a behavior whose deploy says `handoff on`, lowering
@@ -40,8 +43,10 @@ from behaviorc.core.task import TaskContext, TaskResult
 from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.engine.protocol import Engine, steered
 from behaviorc.formats.steering import load_steering
+from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
 from behaviorc.measure.margin import behavior_margin
 from behaviorc.measure.nll import general_nll
+from behaviorc.measure.replies import reply_prompts, sample_replies
 from behaviorc.model.adapter import ArchitectureAdapter
 from behaviorc.model.loading import context_positions, load_model, refuse_over_context
 from behaviorc.train.activations import ActivationMatch, steered_targets
@@ -147,6 +152,7 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
     run = Run(model, tokenizer, engine, adapter, directions, strength, train_spec.seed)
 
     # 2. before
+    general = general or DEFAULT_GENERAL_TEXTS  # what training costs is always measured
     metrics: dict[str, float] = {}
     if eval_pairs:
         metrics["margin_before"] = behavior_margin(engine, eval_pairs)
@@ -155,13 +161,18 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
                 metrics["margin_steered"] = behavior_margin(engine, eval_pairs)
         ctx.emit(TrainEval(step=0, margin=metrics["margin_before"],
                            margin_steered=metrics.get("margin_steered")))
-    if general:
-        metrics["general_nll_before"] = general_nll(engine, general)
+    metrics["general_nll_before"] = general_nll(engine, general)
+    ctx.progress(0, train_spec.steps, "sample replies before training")
+    shown = reply_prompts(eval_pairs)
+    replies = {"base": sample_replies(engine, shown)}
+    if directions:
+        replies["steered"] = sample_replies(engine, shown, steering=directions, strength=strength)
 
     def trained() -> dict[str, Any]:
         return trained_tensors(adapter.checkpoint_tensors(model), list(targets))
 
-    data: dict[str, Any] = {"targets": sorted(targets), "served": []}
+    data: dict[str, Any] = {"targets": sorted(targets), "served": [],
+                            "prompt_format": engine.prompt_format}
     with ExitStack() as stack:
         # 3. the live hand-off, serving the base steered
         live = stack.enter_context(live_handoff(
@@ -213,8 +224,10 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
         # 6. after
         if eval_pairs:
             metrics["margin_after"] = behavior_margin(engine, eval_pairs)
-        if general:
-            metrics["general_nll_after"] = general_nll(engine, general)
+        metrics["general_nll_after"] = general_nll(engine, general)
+        replies["trained"] = sample_replies(engine, shown)
+        data["replies"] = [{"prompt": prompt, **{model: texts[i] for model, texts in replies.items()}}
+                           for i, prompt in enumerate(shown)]
         if "margin_steered" in metrics:
             gain = metrics["margin_steered"] - metrics["margin_before"]
             if gain > 0:
