@@ -152,6 +152,15 @@ def test_endless_and_blocking_files_are_refused_at_once(tmp_path, where):
         assert "not a regular file" in err and seconds < 10 and peak < 1024
 
 
+def test_a_model_folder_whose_config_is_a_fifo_is_refused_at_once(tmp_path):
+    (tmp_path / "model").mkdir()
+    os.mkfifo(tmp_path / "model" / "config.json")
+    write(tmp_path, "s.behavior", GOOD.replace('"tiny-gdn"', '"model"'))
+    code, err, seconds, _ = behaviorc("check", "s.behavior", cwd=tmp_path, timeout=30)
+    assert_located_failure(code, err, "s.behavior:1:14: error: model/config.json: not a regular")
+    assert seconds < 10
+
+
 def test_a_50_mb_data_line_is_refused_at_check(tmp_path):
     line = json.dumps({"prompt": "x" * 50_000_000, "positive": " a", "negative": " b"})
     write(tmp_path, "pairs.jsonl", line + "\n")
