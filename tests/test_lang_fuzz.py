@@ -88,6 +88,8 @@ def test_mutated_specs_never_crash_and_every_rejection_is_located() -> None:
             try:
                 spec, diagnostics = check_text(text, path)
                 plan = lower(spec) if spec is not None else None
+                if plan is not None:  # what `behaviorc plan` prints must print
+                    assert plan.to_json() and plan.render_tree()
                 rendered = [d.render(text if d.loc and d.loc.file == path else None)
                             for d in diagnostics]
             except _Hang:

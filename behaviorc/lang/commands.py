@@ -12,6 +12,7 @@ import sys
 import tempfile
 
 from behaviorc.diagnostics import BehaviorError, Diagnostic
+from behaviorc.textfiles import LIMITS, size_text as _size
 
 CHECK_EPILOG = """\
 examples:
@@ -21,7 +22,11 @@ examples:
 Every error in a file is reported in one run, as
   specs/listen.behavior:7:5: error: unknown setting `strenght` in `steer`
 followed by the source line, a caret under the mistake and a hint.
-"""
+
+Specs and data files are UTF-8 (a byte-order mark is dropped; lines end in \\n, \\r\\n
+or \\r) and regular files. Size limits, each raised by its environment variable:
+""" + "".join(f"  {what:<24}{_size(default):>8}  {variable}\n"
+              for variable, default, what in LIMITS.values())
 
 PLAN_EPILOG = """\
 examples:
