@@ -114,6 +114,13 @@ class BehaviorError(Exception):
     def render(self) -> str:
         return "\n".join(d.render() for d in self.diagnostics)
 
+    def located(self, loc: Location | None) -> "BehaviorError":
+        """This error, placed at `loc` where it has no place of its own."""
+        if loc is None or any(d.loc for d in self.diagnostics):
+            return self
+        return BehaviorError(str(self), diagnostics=[
+            Diagnostic(d.severity, d.message, loc, d.hint) for d in self.diagnostics])
+
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """A hint naming the closest known word, or None when nothing is close."""

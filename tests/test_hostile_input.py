@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from behaviorc import ir
-from behaviorc.diagnostics import BehaviorError
+from behaviorc.diagnostics import BehaviorError, Location
 from behaviorc.engine.weights import ServedWeights
 from behaviorc.lang.check import check_file
 from behaviorc.lang.fmt import format_text
@@ -177,10 +177,13 @@ def test_a_prompt_longer_than_the_context_fails_before_any_work(tiny_gdn):
     engine = EmbeddedEngine.load(tiny_gdn, device="cpu")
     short = ir.Pair(prompt="Use the parser.", positive=" yes", negative=" no")
     long = ir.Pair(prompt="word " * 4000, positive=" yes", negative=" no")
+    steer = Location(file="s.behavior", line=3, column=3, end_line=3, end_column=8)
     started = time.monotonic()
-    with pytest.raises(BehaviorError, match="more than the model's context of 2048 positions"):
-        extract(engine, [short] * 40 + [long], [0, 1], "mean_diff", "mean")
+    with pytest.raises(BehaviorError, match="more than the model's context of 2048 positions") \
+            as caught:
+        extract(engine, [short] * 40 + [long], [0, 1], "mean_diff", "mean", loc=steer)
     assert time.monotonic() - started < 10
+    assert caught.value.render().startswith("s.behavior:3:3: error: the text 'word word")
 
 
 # ---- models and servers

@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
-from behaviorc.diagnostics import BehaviorError, Diagnostic
+from behaviorc.diagnostics import BehaviorError
 from behaviorc.plan.task import TaskContext, TaskResult
 from behaviorc.plan.tasks import ComposeBehaviors, DeployModel
 
@@ -70,8 +70,4 @@ def _located(task: DeployModel, call):
     try:
         return call()
     except BehaviorError as err:
-        if task.deploy.loc is None or any(d.loc for d in err.diagnostics):
-            raise
-        raise BehaviorError(str(err), diagnostics=[
-            Diagnostic(d.severity, d.message, task.deploy.loc, d.hint)
-            for d in err.diagnostics]) from None
+        raise err.located(task.deploy.loc) from None
