@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from behaviorc import ir
-from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.diagnostics import BehaviorError, Diagnostic, Location
 from behaviorc.engine.weights import ServedWeights
 from behaviorc.lang.check import check_file
 from behaviorc.lang.fmt import format_text
@@ -239,6 +239,8 @@ def test_a_deploy_takes_its_key_from_the_spec_or_the_environment(tiny_gdn, tmp_p
     assert spec is not None, [d.render() for d in diagnostics]
     assert spec.deploys[0].api_key == "k-from-spec" and spec.deploys[0].timeout == 3
     assert "k-from-spec" not in lower(spec).to_json()  # never printed, never in a key
+    shown = Diagnostic("error", "x", spec.deploys[0].loc).render(spec_text)
+    assert 'api_key "***********"  timeout 3' in shown  # nor shown under an error
     monkeypatch.setenv("BEHAVIORC_API_KEY", "k-from-env")
     with http_client("http://127.0.0.1:9", None, 1.0) as http:
         assert http.headers["authorization"] == "Bearer k-from-env"
