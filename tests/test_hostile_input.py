@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from behaviorc.core import ir
-from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.core.diagnostics import BehaviorError, Diagnostic, Location
 from behaviorc.engine.vllm.weights import ServedWeights
 from behaviorc.lang.check import check_file
 from behaviorc.lang.fmt import format_text
@@ -152,6 +152,15 @@ def test_endless_and_blocking_files_are_refused_at_once(tmp_path, where):
         assert "not a regular file" in err and seconds < 10 and peak < 1024
 
 
+def test_a_model_folder_whose_config_is_a_fifo_is_refused_at_once(tmp_path):
+    (tmp_path / "model").mkdir()
+    os.mkfifo(tmp_path / "model" / "config.json")
+    write(tmp_path, "s.behavior", GOOD.replace('"tiny-gdn"', '"model"'))
+    code, err, seconds, _ = behaviorc("check", "s.behavior", cwd=tmp_path, timeout=30)
+    assert_located_failure(code, err, "s.behavior:1:14: error: model/config.json: not a regular")
+    assert seconds < 10
+
+
 def test_a_50_mb_data_line_is_refused_at_check(tmp_path):
     line = json.dumps({"prompt": "x" * 50_000_000, "positive": " a", "negative": " b"})
     write(tmp_path, "pairs.jsonl", line + "\n")
@@ -168,10 +177,13 @@ def test_a_prompt_longer_than_the_context_fails_before_any_work(tiny_gdn):
     engine = EmbeddedEngine.load(tiny_gdn, device="cpu")
     short = ir.Pair(prompt="Use the parser.", positive=" yes", negative=" no")
     long = ir.Pair(prompt="word " * 4000, positive=" yes", negative=" no")
+    steer = Location(file="s.behavior", line=3, column=3, end_line=3, end_column=8)
     started = time.monotonic()
-    with pytest.raises(BehaviorError, match="more than the model's context of 2048 positions"):
-        extract(engine, [short] * 40 + [long], [0, 1], "mean_diff", "mean")
+    with pytest.raises(BehaviorError, match="more than the model's context of 2048 positions") \
+            as caught:
+        extract(engine, [short] * 40 + [long], [0, 1], "mean_diff", "mean", loc=steer)
     assert time.monotonic() - started < 10
+    assert caught.value.render().startswith("s.behavior:3:3: error: the text 'word word")
 
 
 # ---- models and servers
@@ -227,6 +239,8 @@ def test_a_deploy_takes_its_key_from_the_spec_or_the_environment(tiny_gdn, tmp_p
     assert spec is not None, [d.render() for d in diagnostics]
     assert spec.deploys[0].api_key == "k-from-spec" and spec.deploys[0].timeout == 3
     assert "k-from-spec" not in lower(spec).to_json()  # never printed, never in a key
+    shown = Diagnostic("error", "x", spec.deploys[0].loc).render(spec_text)
+    assert 'api_key "***********"  timeout 3' in shown  # nor shown under an error
     monkeypatch.setenv("BEHAVIORC_API_KEY", "k-from-env")
     with http_client("http://127.0.0.1:9", None, 1.0) as http:
         assert http.headers["authorization"] == "Bearer k-from-env"

@@ -1,7 +1,8 @@
 """`behaviorc serve` as a user runs it: a real subprocess serving tiny-dense.
 
-One server start (about a minute here) covers both the dense model's weight pushes and
-the command's Ctrl-C; the session's shared server serves tiny-gdn.
+One server start (about a minute here) covers the dense model's weight pushes, the API
+key (given in the environment, every client here passes it) and the command's Ctrl-C;
+the session's shared server serves tiny-gdn.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ PROMPTS = ["I will use", "def add(a, b):", ""]
 COMPLETIONS = [" the existing parser.", "\n    return a + b", "Yes."]
 BF16_TOLERANCE = 0.03  # vLLM and transformers both run bfloat16
 START_TIMEOUT_S = 600
+KEY = "k-9f3e1d7c5b"
 
 
 @dataclass
@@ -72,7 +74,7 @@ def served_dense(tiny_dense, tmp_path_factory) -> Iterator[tuple[ServeProcess, P
     process = subprocess.Popen(
         [sys.executable, "-m", "behaviorc.cli", "serve", str(model_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "BEHAVIORC_API_KEY": KEY})
     serving = ServeProcess(process)
     deadline = time.monotonic() + START_TIMEOUT_S
     while "press Ctrl-C to stop" not in serving.output:
@@ -99,12 +101,12 @@ def test_dense_model_serves_and_takes_pushes_like_the_embedded_engine(served_den
               for name, tensor in weights.items()
               if name.startswith("model.layers.1.") and ("k_proj" in name or "up_proj" in name)}
     assert len(change) == 2
-    with VLLMEngine(url) as live:
+    with VLLMEngine(url, KEY) as live:
         before = live.completion_logprobs(PROMPTS, COMPLETIONS)
         assert max_difference(before, EmbeddedEngine.load(model_dir, dtype="bfloat16")
                               .completion_logprobs(PROMPTS, COMPLETIONS)) < BF16_TOLERANCE
 
-        push_weights([url], change)
+        push_weights([url], change, api_key=KEY)
 
         after = live.completion_logprobs(PROMPTS, COMPLETIONS)
         assert max_difference(after, before) > 0.01
@@ -115,8 +117,24 @@ def test_dense_model_serves_and_takes_pushes_like_the_embedded_engine(served_den
         assert max_difference(after, expected.completion_logprobs(PROMPTS, COMPLETIONS)) \
             < BF16_TOLERANCE
 
-        push_weights([url], model_dir)
+        push_weights([url], model_dir, api_key=KEY)
         assert live.completion_logprobs(PROMPTS, COMPLETIONS) == before
+
+
+def test_the_key_guards_the_server_and_is_on_no_command_line(served_dense, monkeypatch):
+    import httpx
+
+    serving, model_dir = served_dense
+    url = serving.url()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert KEY.encode() not in cmdline.read_bytes(), cmdline
+        except OSError:
+            continue  # a process that ended meanwhile
+    assert httpx.post(f"{url}/collective_rpc", json={}).status_code == 401
+    assert httpx.post(f"{url}/v1/completions", json={}).status_code == 401
+    monkeypatch.setenv("BEHAVIORC_API_KEY", KEY)  # a deploy's key from the environment
+    push_weights([url], model_dir)
 
 
 def test_ctrl_c_stops_the_server_and_frees_the_port(served_dense):

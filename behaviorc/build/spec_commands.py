@@ -14,6 +14,7 @@ from pathlib import Path
 
 from behaviorc.core.atomic import write_text_atomic
 from behaviorc.core.diagnostics import BehaviorError, Diagnostic
+from behaviorc.core.textfiles import LIMITS, size_text as _size
 
 CHECK_EPILOG = """\
 examples:
@@ -23,7 +24,11 @@ examples:
 Every error in a file is reported in one run, as
   specs/listen.behavior:7:5: error: unknown setting `strenght` in `steer`
 followed by the source line, a caret under the mistake and a hint.
-"""
+
+Specs and data files are UTF-8 (a byte-order mark is dropped; lines end in \\n, \\r\\n
+or \\r) and regular files. Size limits, each raised by its environment variable:
+""" + "".join(f"  {what:<24}{_size(default):>8}  {variable}\n"
+              for variable, default, what in LIMITS.values())
 
 PLAN_EPILOG = """\
 examples:

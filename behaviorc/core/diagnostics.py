@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import stat
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Literal
@@ -81,7 +82,7 @@ def _underline(source: str, loc: Location) -> list[str]:
     src_lines = source.split("\n")  # lines as the lexer counts them
     if not 1 <= loc.line <= len(src_lines):
         return []
-    text = src_lines[loc.line - 1].expandtabs(1)
+    text = _SECRET.sub(_masked, src_lines[loc.line - 1]).expandtabs(1)
     start = max(loc.column - 1, 0)
     end = loc.end_column - 1 if loc.end_line == loc.line else len(text)
     if len(text) > SHOWN_LINE:  # a window around the place, not megabytes of one line
@@ -91,6 +92,16 @@ def _underline(source: str, loc: Location) -> list[str]:
     width = max(1, min(end, len(text)) - start)
     gutter = f"{loc.line:>4} | "
     return [gutter + text, " " * (len(gutter) - 2) + "| " + " " * start + "^" * width]
+
+
+# A deploy's `api_key "..."`: shown lines go to terminals, reports and event logs.
+_SECRET = re.compile(r"""(\bapi_key\s+)("[^"]*"?|'[^']*'?)""")
+
+
+def _masked(found: re.Match) -> str:
+    """The key's characters as `*`, so columns after it stay where they are."""
+    key = found.group(2)
+    return found.group(1) + key[0] + "*" * max(len(key) - 2, 0) + key[-1:] * (len(key) > 1)
 
 
 @dataclass

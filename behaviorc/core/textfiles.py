@@ -51,11 +51,11 @@ def limit(name: str) -> int:
 def over_limit(name: str, size: int, what: str | None = None) -> str:
     """The message for `size` bytes over limit `name`."""
     variable, _, bounded = LIMITS[name]
-    return (f"{what or bounded} of {_bytes(size)} is over the limit of {_bytes(limit(name))} "
+    return (f"{what or bounded} of {size_text(size)} is over the limit of {size_text(limit(name))} "
             f"for {bounded} (raise it with {variable}=BYTES)")
 
 
-def _bytes(n: int) -> str:
+def size_text(n: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}" if n % size else f"{n // size} {unit}"

@@ -84,10 +84,10 @@ class EmbeddedEngine:
 
     def _encode(self, prompt: str, completion: str) -> tuple[list[int], int]:
         """Token ids of prompt+completion and how many of them belong to the prompt."""
-        prompt = model_prompt(self.tokenizer, prompt)
-        prompt_ids = self.tokenizer(prompt).input_ids
-        full = self.tokenizer(prompt + completion).input_ids
-        self._fits(len(full) + (not prompt_ids), prompt + completion)
+        rendered = model_prompt(self.tokenizer, prompt)
+        prompt_ids = self.tokenizer(rendered).input_ids
+        full = self.tokenizer(rendered + completion).input_ids
+        self._fits(len(full) + (not prompt_ids), prompt + completion)  # the text as the user wrote it
         if not prompt_ids:
             return [self._start_id, *full], 1
         return full, min(len(prompt_ids), len(full))

@@ -18,6 +18,7 @@ from behaviorc.core.diagnostics import DiagnosticSink, did_you_mean
 from behaviorc.lang import ast
 from behaviorc.lang.data import resolve_path
 from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS as BUILTINS
+from behaviorc.core.textfiles import TextFileError, read_bytes
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 
@@ -63,8 +64,7 @@ def read_model_folder(name: ast.Str, path: str, sink: DiagnosticSink) -> tuple[i
         sink.error(f"`{name.value}` is a file; a model is a folder with config.json", name.loc)
         return None
     try:
-        with open(config_path, "rb") as f:
-            raw = f.read()
+        raw = read_bytes(config_path, "data")
         config = json.loads(raw)
     except FileNotFoundError:
         sink.error(f"`{name.value}` is not a Hugging Face model folder: it has no config.json",
@@ -72,6 +72,9 @@ def read_model_folder(name: ast.Str, path: str, sink: DiagnosticSink) -> tuple[i
         return None
     except (OSError, ValueError) as err:
         sink.error(f"cannot read {name.value}/config.json: {err}", name.loc)
+        return None
+    except TextFileError as err:
+        sink.error(f"{name.value}/config.json: {err.message}", name.loc, err.hint)
         return None
     if not isinstance(config, dict):
         sink.error(f"{name.value}/config.json is not a JSON object", name.loc)

@@ -172,7 +172,10 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
         if not wanted:
             raise BehaviorError("no layers to steer", loc)
         check_layers(wanted, info.num_layers, loc)
-    positives, negatives = read_pairs(engine, pairs, wanted, read, batch_size, progress)
+    try:  # a pair the model cannot read (too long for it) is the spec's pairs' problem
+        positives, negatives = read_pairs(engine, pairs, wanted, read, batch_size, progress)
+    except BehaviorError as err:
+        raise err.with_parent_location(loc) from None
     scores: tuple[LayerScore, ...] = ()
     if layers == "auto":
         scores = tuple(score_layers(positives, negatives))
