@@ -17,7 +17,7 @@ method and dtype by dtype, so a shared machine's load falls on both alike.
 
 Reported per method and dtype: wall seconds and peak RSS of each process, and agreement.
 Methods without randomness must agree to a unit in the last place of the output dtype
-(of the larger of the result and the base weight), except at entries whose magnitude ties with a trim threshold (ties and breadcrumbs keep
+(of the largest of the results and the input weights), except at entries whose magnitude ties with a trim threshold (ties and breadcrumbs keep
 exactly k entries; behaviorc keeps the earliest tied ones, mergekit an arbitrary few):
 those differences are counted apart. The random drops (dare, della) are compared by
 their statistics over the whole model: the share of entries the merge changes, the norm
@@ -241,10 +241,11 @@ def compare_exact(ours: Path, theirs: Path, base_dir: Path, tuned: list[Path], m
             x, y = float32_of(a, name), float32_of(b, name)
             diff = (x - y).abs()
             worst_all = max(worst_all, float(diff.max()))
-            # A unit in the last place of the larger of the outputs and the base weight:
+            # A unit in the last place of the largest of the outputs and the input weights:
             # formulas that round differently (Model Stock's mix of base and average)
             # differ by that much where the result nearly cancels.
-            scale = torch.maximum(torch.maximum(x.abs(), y.abs()), float32_of(base, name).abs())
+            scale = torch.stack([x.abs(), y.abs(), *(float32_of(f, name).abs()
+                                                     for f in (base, *tuned_folders))]).amax(0)
             ulp = torch.exp2(torch.floor(torch.log2(scale.clamp_min(1e-30))) - mantissa_bits)
             ulps = diff / ulp
             ranks = trim_ranks(method, density, x.numel())

@@ -1,9 +1,9 @@
 """W_base + merge(w_i * tau_i) as a new Hugging Face model folder, streamed.
 
 One parameter name at a time: read it from the base and from every term, merge, write
-it to the output shard, forget it. A large parameter goes in blocks of rows (a TIES
-threshold, which depends on the whole parameter, is selected first in a pass over its
-blocks), so peak memory is a few blocks per term plus a constant, whatever the size of
+it to the output shard, forget it. A large parameter goes in blocks of rows (what a
+method needs of the whole parameter, a trim's cuts, rescale factors, Model Stock's
+cosines, is found first in a pass over its blocks), so peak memory is a few blocks per term plus a constant, whatever the size of
 the model or of its largest parameter. Blocks are read one ahead by a thread; within a
 block the arithmetic goes a cache-sized piece at a time, so that its handful of passes
 run over data the CPU already holds. The folder is built beside the target and renamed
