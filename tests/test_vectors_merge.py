@@ -6,11 +6,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+<<<<<<< HEAD
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.compose.merge import (
     MergeOptions, RankCut, _radix_select, della_keep_probabilities, kth_largest,
     kth_largest_of_parts, merged_delta, parameter_plan, rank_cut, trim_to_top_)
 from behaviorc.formats.safetensors_io import from_float32, to_float32
+=======
+from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.compose.merge import (
+    MergeOptions, RankCut, _radix_select, della_keep_probabilities, kth_largest_of_parts,
+    merged_delta, parameter_plan, rank_cut, trim_to_top_)
+from behaviorc.formats.safetensors_io import from_float32, to_float32
+>>>>>>> compose
 
 
 def merge(deltas, weights, row_entries=None, **options):
@@ -188,7 +196,7 @@ def kth_by_sorting(values: np.ndarray, k: int) -> np.float32:
 
 
 @pytest.mark.parametrize("kind", ["normal", "quantized", "constant", "sparse"])
-def test_kth_largest_matches_a_full_selection(kind):
+def test_rank_cut_matches_a_full_selection(kind):
     values = np.abs(np.random.default_rng(0).standard_normal(200_000, dtype=np.float32))
     if kind == "quantized":  # bfloat16 steps: many entries tie at any threshold
         values = as_bfloat16(values)
@@ -199,9 +207,10 @@ def test_kth_largest_matches_a_full_selection(kind):
     for share in (0.001, 0.2, 0.5, 0.99):
         k = max(1, int(share * values.size))
         original = values.copy()
-        assert kth_largest(values, k) == kth_by_sorting(values, k)
-        assert np.array_equal(values, original)  # without `reorder`, values stay as they were
-        assert kth_largest(original, k, reorder=True) == kth_by_sorting(values, k)
+        cut = rank_cut(values, k)
+        assert cut.threshold == kth_by_sorting(values, k)
+        assert cut.ties == k - np.count_nonzero(values > cut.threshold)
+        assert np.array_equal(values, original)  # the selection works on a copy
 
 
 def test_bad_options_are_refused():

@@ -1,9 +1,9 @@
 """W_base + merge(w_i * tau_i) as a new Hugging Face model folder, streamed.
 
 One parameter name at a time: read it from the base and from every term, merge, write
-it to the output shard, forget it. A large parameter goes in blocks of rows (a TIES
-threshold, which depends on the whole parameter, is selected first in a pass over its
-blocks), so peak memory is a few blocks per term plus a constant, whatever the size of
+it to the output shard, forget it. A large parameter goes in blocks of rows (what a
+method needs of the whole parameter, a trim's cuts, rescale factors, Model Stock's
+cosines, is found first in a pass over its blocks), so peak memory is a few blocks per term plus a constant, whatever the size of
 the model or of its largest parameter. Blocks are read one ahead by a thread; within a
 block the arithmetic goes a cache-sized piece at a time, so that its handful of passes
 run over data the CPU already holds. The folder is built beside the target and renamed
@@ -262,7 +262,7 @@ def _merged_block(name: str, info: TensorInfo, base_stored: np.ndarray,
                                                     first_entry, workspace, "delta"):
         size = piece.stop - piece.start
         mixed = merged_delta(name, deltas, weights, term_indices, options, plan,
-                             offset=first_entry + piece.start, row_entries=info.row_entries,
+                             offset=first_entry + piece.start, row_entries=_ranked_row(info),
                              term_count=term_count, workspace=workspace)
         merged = np.add(base_values, mixed, out=mixed)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -287,12 +287,17 @@ def _piece_deltas(name: str, info: TensorInfo, flat_base: np.ndarray,
                   ) -> Iterator[tuple[slice, np.ndarray, list[np.ndarray]]]:
     """Per piece of a flat block: its slice, the base as float32 and each term's tau (in
     `workspace` arrays named by `label`, valid until the next piece)."""
-    for piece in _pieces(first_entry, flat_base.size, info.row_entries):
+    for piece in _pieces(first_entry, flat_base.size, _ranked_row(info)):
         size = piece.stop - piece.start
         base_values = to_float32(flat_base[piece], info.dtype, workspace.array("base", size))
         yield piece, base_values, [term.delta(name, values[piece], base_values,
                                               workspace.array(f"{label} {index}", size))
                                    for index, (term, values) in enumerate(zip(terms, flat_stored))]
+
+
+def _ranked_row(info: TensorInfo) -> int:
+    """The entries of a row as della ranks them (as mergekit): a 1-D tensor is one row."""
+    return info.numel if len(info.shape) < 2 else info.row_entries
 
 
 def _pieces(first_entry: int, count: int, row_entries: int) -> Iterator[slice]:
@@ -344,7 +349,7 @@ def _parameter_plan(name: str, base: WeightFolder, terms: Sequence[DeltaSource],
             samples.extend(_samples(name, info, base, terms, blocks, read))
         return kth_largest_of_parts(magnitudes, info.numel, k, samples)
 
-    return parameter_plan(name, options, info.numel, info.row_entries, term_indices,
+    return parameter_plan(name, options, info.numel, _ranked_row(info), term_indices,
                           term_count, parts, select)
 
 
