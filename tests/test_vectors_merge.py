@@ -6,19 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-<<<<<<< HEAD
-from behaviorc.core.diagnostics import BehaviorError
-from behaviorc.compose.merge import (
-    MergeOptions, RankCut, _radix_select, della_keep_probabilities, kth_largest,
-    kth_largest_of_parts, merged_delta, parameter_plan, rank_cut, trim_to_top_)
-from behaviorc.formats.safetensors_io import from_float32, to_float32
-=======
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.compose.merge import (
     MergeOptions, RankCut, _radix_select, della_keep_probabilities, kth_largest_of_parts,
     merged_delta, parameter_plan, rank_cut, trim_to_top_)
 from behaviorc.formats.safetensors_io import from_float32, to_float32
->>>>>>> compose
 
 
 def merge(deltas, weights, row_entries=None, **options):
