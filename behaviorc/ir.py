@@ -73,12 +73,14 @@ class ModelDecl(Node):
 
 class Steer(Node):
     layers: tuple[int, ...] | Literal["auto"]
-    method: Literal["mean_diff", "pca"] = "mean_diff"
-    strength: float = 4.0
+    method: Literal["mean_diff", "pca", "pca_diff", "pca_center"] = "mean_diff"
+    strength: float | Literal["auto"] = 4.0  # auto: chosen by verification inside the budget
     read: Literal["last", "mean"] = "mean"  # last token, or the mean over completion tokens
     pairs: tuple[Pair, ...]
     sources: tuple[DataFile, ...] = ()
     sweep: tuple[float, ...] = ()  # strengths for the verification sweep; empty: none
+    nll_budget: float = 0.10  # the general NLL's relative rise a strength may cost
+    repetition_budget: float = 0.10  # the samples' repeated-3-gram share's rise it may cost
     loc: Location | None = Field(default=None, exclude=True)
 
 

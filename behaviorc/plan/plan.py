@@ -13,7 +13,10 @@ from behaviorc.plan.task import Task
 # uses them to reject an `expect` that no task of the behavior would report.
 REPORTED_METRICS: dict[str, tuple[str, ...]] = {
     "steer.verify": ("margin_before", "margin_steered", "margin_after", "general_nll_before",
-                     "general_nll_steered"),
+                     "general_nll_steered", "steer_effect", "control_effect", "right_share",
+                     "anti_steerable_share", "capability_before", "capability_steered",
+                     "repetition_before", "repetition_steered", "projection_before",
+                     "projection_steered", "strength", "steer_warnings"),
     "train": ("loss_first", "loss_last", "margin_before", "margin_after", "general_nll_before",
               "general_nll_after", "steps_skipped",
               "steered_share"),  # distillation: the share of the steered gain the weights carry

@@ -36,7 +36,7 @@ class ExtractSteering(Task):
     model: ResolveModel
     # Only what extraction reads, so changing a strength does not re-extract.
     layers: tuple[int, ...] | Literal["auto"]
-    method: Literal["mean_diff", "pca"]
+    method: Literal["mean_diff", "pca", "pca_diff", "pca_center"]
     read: Literal["last", "mean"]
     pairs: tuple[ir.Pair, ...]  # the extraction split
 
@@ -46,18 +46,25 @@ class ExtractSteering(Task):
 
 
 class VerifySteering(Task):
-    """The behavior margin on held-out pairs with steering off and on. metrics:
-    margin_before, margin_steered, margin_after (= margin_steered), general_nll_before,
-    general_nll_steered. data: sweep [{strength, margin, general_nll}]."""
+    """The steerability report (steer.verify): held-out margins with steering off, at
+    the spec's strength (or the one `strength auto` chose inside the budget) and at each
+    sweep strength, beside a random control direction; per-pair changes, cost (general
+    NLL, capability probe, repetition) and greedy sample replies at each strength.
+    metrics: REPORTED_METRICS["steer.verify"]. data: strength, choice, warnings (the
+    verdict), control, pairs [{prompt, margin_before, margin_steered}], sweep
+    [{strength, margin, general_nll, capability, repetition, projection, right_share,
+    wrong_share, samples}], sample_prompts."""
 
     kind: ClassVar[str] = "steer.verify"
     parallel_safe: ClassVar[bool] = True
     model: ResolveModel
     vectors: ExtractSteering
-    strength: float
+    strength: float | Literal["auto"]
     sweep: tuple[float, ...]
     pairs: tuple[ir.Pair, ...]  # held out from extraction
     general: tuple[str, ...]
+    nll_budget: float = 0.10  # `strength auto`'s and the verdict's cost budget
+    repetition_budget: float = 0.10
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         from behaviorc.steer.tasks import verify_steering

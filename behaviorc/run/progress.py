@@ -27,8 +27,12 @@ STATUS_STYLE = {
 }
 SHOWN_METRICS = 3
 # What a finished task's terminal line shows first: the behavior before and after.
-HEADLINE_METRICS = ("rate_before", "rate_after", "margin_before", "margin_after",
+# A steering verification's line: margins, the effect beside the random control's, and
+# the shares of pairs moved the right and the wrong (anti-steerable) way.
+HEADLINE_METRICS = ("rate_before", "rate_after", "margin_before", "margin_after", "steer_effect",
+                    "control_effect", "right_share", "anti_steerable_share",
                     "steered_share", "push_ms", "requests_failed")
+LINE_METRICS = 6
 
 
 def format_metrics(metrics: dict[str, float], limit: int = SHOWN_METRICS) -> str:
@@ -92,7 +96,7 @@ class TerminalProgress:
             return Text(task.note or "", style="dim")
         if task.status == "failed":
             return Text((task.error or "").splitlines()[0] if task.error else "", style="red")
-        return Text(format_metrics(headline_first(task.metrics), limit=4), style="dim")
+        return Text.assemble(*_warned(task), (format_metrics(headline_first(task.metrics), limit=LINE_METRICS), "dim"))
 
     def _footer(self) -> str:
         counts = self.state.counts()
@@ -108,4 +112,14 @@ class TerminalProgress:
         icon, style = STATUS_STYLE.get(task.status, ("?", ""))
         seconds = f"{task.seconds:.2f}s" if task.seconds is not None else ""
         return Text.assemble((f"{icon} {task.status:<9}", style), f" {task.id:<32} {seconds:>8}  ",
-                             (format_metrics(headline_first(task.metrics), limit=4), "dim"))
+                             *_warned(task), (format_metrics(headline_first(task.metrics), limit=LINE_METRICS), "dim"))
+
+
+def _warned(task: TaskState) -> list[tuple[str, str]]:
+    """A finished task's verdict warnings (data["warnings"]), first and in yellow: the
+    task did its work, but its figures say not to trust the result."""
+    warnings = task.data.get("warnings") or []
+    if not warnings:
+        return []
+    return [(f"⚠ {warnings[0]}" + (f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else "") + "  ",
+             "bold yellow")]

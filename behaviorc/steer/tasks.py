@@ -8,7 +8,7 @@ from behaviorc.plan.task import TaskContext, TaskResult
 from behaviorc.plan.tasks import ExtractSteering, VerifySteering
 from behaviorc.steer.extract import extract
 from behaviorc.steer.vectors import export_gguf, load_steering, save_steering
-from behaviorc.steer.verify import SweepPoint, verify
+from behaviorc.steer.verify import Budget, SweepPoint, sample_prompts, verify
 
 VECTORS_FILE = "vectors.safetensors"
 CONTROL_VECTOR_FILE = "control_vector.gguf"
@@ -65,14 +65,26 @@ def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
         ctx.progress(done, total, f"strength {point.strength:g}")
 
     result = verify(engine, vectors, task.strength, task.pairs,
-                    task.general or DEFAULT_GENERAL_TEXTS, task.sweep, on_point, task.loc)
+                    task.general or DEFAULT_GENERAL_TEXTS, task.sweep, on_point, task.loc,
+                    Budget(task.nll_budget, task.repetition_budget))
+    if result.warnings:
+        ctx.emit("steer.verdict", warnings=list(result.warnings), strength=result.strength)
+    control = result.control
     return TaskResult(
-        metrics={
-            "margin_before": result.before.margin,
-            "margin_steered": result.steered.margin,
-            "margin_after": result.steered.margin,
-            "general_nll_before": result.before.general_nll,
-            "general_nll_steered": result.steered.general_nll,
+        metrics=result.metrics(),
+        data={
+            "strength": result.strength,
+            "choice": result.choice,
+            "warnings": list(result.warnings),
+            "control": {"strength": control.strength, "margin": control.margin,
+                        "effect": result.control_effect, "right_share": control.right_share,
+                        "wrong_share": control.wrong_share},
+            "pairs": [{"prompt": pair.prompt, "margin_before": before, "margin_steered": after}
+                      for pair, before, after in zip(task.pairs, result.before.margins,
+                                                     result.steered.margins)],
+            "sample_prompts": sample_prompts(task.pairs),
+            "sweep": [p.as_dict() for p in result.sweep],
+            "before": result.before.as_dict(),
+            "steered": result.steered.as_dict(),
         },
-        data={"strength": task.strength, "sweep": [p.as_dict() for p in result.sweep]},
     )
