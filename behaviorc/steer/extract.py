@@ -6,9 +6,24 @@ or averaged over the completion's tokens). The direction at a layer is then
 
 - `mean_diff`: the mean of the paired differences (positive - negative);
 - `pca`: the first principal direction of the paired differences, not centered
-  (centering would subtract the mean difference, which is the very signal), with the
-  sign chosen so positives project higher, and scaled to the mean difference's length
-  along it, so that a strength means the same for both methods.
+  (centering would subtract the mean difference, which is the very signal), scaled to
+  the mean difference's length along it (nearly the mean difference itself);
+- `pca_diff` (repeng's default): the first principal component of the *centered*
+  paired differences, i.e. the axis along which pairs differ from one another most,
+  beyond their common shift; it can be nearly orthogonal to the mean difference;
+- `pca_center` (repeng's): the first principal component of each state minus its
+  pair's midpoint, which is the first singular direction of the uncentered
+  differences (so the axis of `pca`).
+
+Every direction points from negative to positive completions: its sign is chosen so
+that the mean difference projects positively on it (repeng votes pair by pair instead,
+which agrees whenever most pairs agree). `pca_diff` and `pca_center` are scaled to the
+mean difference's norm, so that with any method a strength of 1 moves a hidden state
+as far as the pairs' average positive lies from its negative: the unit of strength is
+the behavior's own contrast at that layer, which carries across models and tools
+(repeng's unit vectors need coefficient = strength x that norm, the `norms` the
+extraction reports; the GGUF holds the vectors as they are, so llama.cpp's
+`--control-vector-scaled FILE S` steers like strength S here).
 
 Reading is batched with length bucketing: all 2n texts are sorted by length and cut
 into batches, so a batch pads little; each batch is one call that reads every layer in
@@ -33,7 +48,7 @@ from behaviorc.diagnostics import BehaviorError, Location
 from behaviorc.engine.protocol import Engine
 from behaviorc.steer.vectors import SteeringVectors
 
-Method = Literal["mean_diff", "pca"]
+Method = Literal["mean_diff", "pca", "pca_diff", "pca_center"]
 Read = Literal["last", "mean"]
 Progress = Callable[[int, int], None]
 
@@ -113,13 +128,16 @@ def direction(positives: torch.Tensor, negatives: torch.Tensor, method: Method) 
     if method == "mean_diff":
         return mean.float()
     # Rows are pairs, so the first right singular vector is the first principal
-    # direction of the uncentered differences.
-    _, _, right = torch.linalg.svd(differences, full_matrices=False)
+    # direction of the rows; pca_center's rows (each state minus its pair's midpoint,
+    # +d/2 and -d/2) have the same axis as the uncentered differences.
+    rows = differences - mean if method == "pca_diff" else differences
+    _, _, right = torch.linalg.svd(rows, full_matrices=False)
     axis = right[0]
     along = float(mean @ axis)
     if along < 0:
         axis, along = -axis, -along
-    return (axis * along).float()
+    length = along if method == "pca" else float(mean.norm())
+    return (axis * length).float()
 
 
 def score_layers(positives: dict[int, torch.Tensor], negatives: dict[int, torch.Tensor]) -> list[LayerScore]:
