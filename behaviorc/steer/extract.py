@@ -30,8 +30,12 @@ into batches, so a batch pads little; each batch is one call that reads every la
 one forward, which stops after the deepest layer asked for.
 
 `layers auto` scores every layer by how consistently held-out pairs separate along the
-mean-difference direction of the other half (two folds, see `score_layers`) and keeps
-the best one (`best_layer`); the scores come back so the build can report the choice.
+mean-difference direction of the other half (two folds, see `score_layers`), then
+steers with each of the `EFFECT_CANDIDATES` best-separating layers' fold directions at
+`EFFECT_STRENGTH` and measures the held-out pairs' margin gain (`measure_effects`):
+separating pairs well does not make a layer steer well, so the layer with the largest
+measured effect is kept (`best_layer`). The scores come back so the build can report
+the figures it chose from.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ Read = Literal["last", "mean"]
 Progress = Callable[[int, int], None]
 
 DEFAULT_BATCH = 32
+EFFECT_CANDIDATES = 4  # best-separating layers whose steering effect `layers auto` measures
+EFFECT_STRENGTH = 2.0  # in the unit of steer.verify: the pairs' own mean difference
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class LayerScore:
     layer: int
     consistency: float
     accuracy: float
+    effect: float | None = None  # held-out margin gain when steering there (candidates only)
 
 
 @dataclass(frozen=True)
@@ -161,14 +168,45 @@ def score_layers(positives: dict[int, torch.Tensor], negatives: dict[int, torch.
     return scores
 
 
-def best_layer(scores: Sequence[LayerScore]) -> int:
-    """The most consistent layer (accuracy breaks ties, then the shallower layer).
+def _candidates(scores: Sequence[LayerScore]) -> list[LayerScore]:
+    # Layer 0 only when it is the only layer: llama.cpp cannot carry a control vector
+    # there (see steer.vectors), and repeng does not read it either.
+    return [s for s in scores if s.layer > 0] or list(scores)
 
-    Layer 0 is chosen only when it is the only layer: llama.cpp cannot carry a control
-    vector there (see steer.vectors), and repeng does not read it either.
-    """
-    candidates = [s for s in scores if s.layer > 0] or list(scores)
-    return max(candidates, key=lambda s: (s.consistency, s.accuracy, -s.layer)).layer
+
+def best_layer(scores: Sequence[LayerScore]) -> int:
+    """The layer with the largest measured steering effect, or without measured
+    effects the most consistent one (accuracy breaks ties, then the shallower layer)."""
+    measured = [s for s in _candidates(scores) if s.effect is not None]
+    if measured:
+        return max(measured, key=lambda s: (s.effect, s.consistency, -s.layer)).layer
+    return max(_candidates(scores), key=lambda s: (s.consistency, s.accuracy, -s.layer)).layer
+
+
+def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[int, torch.Tensor],
+                    negatives: dict[int, torch.Tensor], scores: Sequence[LayerScore],
+                    method: Method) -> list[LayerScore]:
+    """`scores` with the held-out steering effect of the best-separating layers: for
+    each fold (as in `score_layers`) the direction from one half steers the other half
+    at EFFECT_STRENGTH, and the gain of their mean margin is averaged over folds."""
+    from behaviorc.engine.protocol import steered
+    from behaviorc.measure import per_pair_margins
+
+    ranked = sorted(_candidates(scores), key=lambda s: (-s.consistency, -s.accuracy, s.layer))
+    chosen = {s.layer for s in ranked[:EFFECT_CANDIDATES]}
+    indices = list(range(len(pairs)))
+    folds = [(indices[0::2], indices[1::2]), (indices[1::2], indices[0::2])]
+    unsteered = per_pair_margins(engine, pairs)
+    effects: dict[int, float] = {}
+    for layer in chosen:
+        gains = []
+        for train, held in folds:
+            vector = direction(positives[layer][train], negatives[layer][train], method)
+            with steered(engine, {layer: vector}, EFFECT_STRENGTH):
+                margins = per_pair_margins(engine, [pairs[i] for i in held])
+            gains.append(sum(m - unsteered[i] for m, i in zip(margins, held)) / len(held))
+        effects[layer] = sum(gains) / len(gains)
+    return [LayerScore(s.layer, s.consistency, s.accuracy, effects.get(s.layer)) for s in scores]
 
 
 def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Literal["auto"],
@@ -191,6 +229,7 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
     scores: tuple[LayerScore, ...] = ()
     if layers == "auto":
         scores = tuple(score_layers(positives, negatives))
+        scores = tuple(measure_effects(engine, pairs, positives, negatives, scores, method))
         wanted = [best_layer(scores)]
     directions = {layer: direction(positives[layer], negatives[layer], method) for layer in wanted}
     vectors = SteeringVectors(

@@ -45,11 +45,14 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     metrics: dict[str, float] = {}
     if extraction.scores:
         data["scores"] = [
-            {"layer": s.layer, "consistency": s.consistency, "accuracy": s.accuracy}
+            {"layer": s.layer, "consistency": s.consistency, "accuracy": s.accuracy,
+             "effect": s.effect}
             for s in extraction.scores]
         chosen = next(s for s in extraction.scores if s.layer == vectors.layers[0])
         data["chosen"] = chosen.layer
         metrics["separation"] = chosen.consistency
+        if chosen.effect is not None:
+            metrics["layer_effect"] = chosen.effect
         ctx.emit("steer.layers", scores=data["scores"], chosen=chosen.layer)
     return TaskResult(metrics=metrics, artifacts=artifacts, data=data)
 
