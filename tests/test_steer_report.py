@@ -118,3 +118,30 @@ def test_the_capability_probe_matches_an_independent_log_prob_scoring(engine, ti
                 scores.append(sum(float(logprobs[i - 1, ids[i]]) for i in range(len(prompt_ids), len(ids))))
             right += max(range(len(scores)), key=scores.__getitem__) == q.answer
     assert capability_accuracy(engine) == pytest.approx(right / len(questions))
+
+
+def test_a_build_of_pairs_without_a_direction_warns_and_fails_its_expect(tied_gdn, tmp_path, capsys):
+    import json
+
+    from behaviorc.cli import main
+
+    lines = [json.dumps(p.model_dump(include={"prompt", "positive", "negative"}))
+             for p in shuffled(planted_pairs(10))]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    spec = tmp_path / "mixed.behavior"
+    spec.write_text(f'model base = "{tied_gdn}"\n\nbehavior mixed {{\n  steer {{\n    layers 2\n'
+                    f'    strength 4\n    pairs "pairs.jsonl"\n  }}\n'
+                    f'  eval {{ expect steer_effect > 0.5 }}\n}}\n')
+    assert main(["build", str(spec), "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "warning: steer.verify:mixed: the steering effect" in captured.err
+    assert "does not beat a random direction" in captured.err
+    assert "expectation not met: steer_effect > 0.5" in captured.err
+    assert "⚠ the steering effect" in captured.out  # the task's terminal line
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    verify_task = next(t for t in report["tasks"] if t["kind"] == "steer.verify")
+    assert verify_task["status"] == "done" and verify_task["data"]["warnings"]
+    assert verify_task["metrics"]["steer_warnings"] >= 1
+    assert len(verify_task["data"]["pairs"]) == 2  # every 5th pair held out
+    assert {"margin_before", "margin_steered"} <= set(verify_task["data"]["pairs"][0])
+    assert "effect" in verify_task["data"]["control"]
