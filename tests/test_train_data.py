@@ -28,13 +28,35 @@ def test_chat_renders_with_the_template_and_the_reply_is_the_response(tokenizer)
     assert tokenizer.decode(sequence.context) == context
 
 
-def test_plain_examples_and_general_texts(tokenizer):
+@pytest.fixture()
+def plain_tokenizer(tiny_dense):
+    """The same tokenizer without a chat template: a base model, not a chat model."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dense)
+    tokenizer.chat_template = None
+    return tokenizer
+
+
+def test_plain_examples_and_general_texts(plain_tokenizer):
+    tokenizer = plain_tokenizer
     [example] = encode_examples(tokenizer, [ir.Example(context="Which parser?", response=" The existing one.")])
     assert tokenizer.decode(example.context + example.response) == "Which parser? The existing one."
     assert tokenizer.decode(example.response) == " The existing one."
     [text] = encode_texts(tokenizer, ["Rain fell all night."])
     assert text.context == (tokenizer.eos_token_id,)  # every token of a general text is trained
     assert tokenizer.decode(text.response) == "Rain fell all night."
+
+
+def test_a_chat_model_reads_an_examples_context_as_the_users_turn(tokenizer):
+    [example] = encode_examples(tokenizer, [ir.Example(context="Which parser?", response="The existing one.")])
+    assert tokenizer.decode(example.context) == "<|im_start|>user\nWhich parser?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(example.response) == "The existing one."
+    # general texts and already formatted transcripts are read as written
+    [text] = encode_texts(tokenizer, ["Rain fell all night."])
+    assert tokenizer.decode(text.context + text.response) == "<|endoftext|>Rain fell all night."
+    formatted = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    [example] = encode_examples(tokenizer, [ir.Example(context=formatted, response="Hello.")])
+    assert tokenizer.decode(example.context) == formatted
 
 
 def test_bad_examples_are_located_errors(tokenizer):

@@ -160,5 +160,6 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     return TaskResult(
         metrics=metrics, artifacts={"model": "model"},
         data={"losses": summary.losses, "targets": sorted(targets), "served": served,
+              "prompt_format": engine.prompt_format,
               "samples": [{"prompt": s.prompt, "response": s.response, "score": s.score}
                           for s in data.kept[:SAMPLES_IN_DATA]]})

@@ -11,9 +11,10 @@ log-probs equal unbatched ones to float rounding. Generation left-pads (new toke
 follow every prompt directly); masked inputs reach the GDN state as zeros, so the
 state stays exactly zero across padding.
 
-Tokenization: a completion's tokens are those of prompt+completion after the prompt's
-tokens. An empty prompt is scored after one start token (BOS, else EOS), so the first
-token of a text has a prediction too.
+Tokenization: a prompt is first rendered as the model reads it (behaviorc.model.chat:
+the user's turn of a chat model's template, plain text otherwise); a completion's tokens
+are those of prompt+completion after the prompt's tokens. An empty prompt is scored
+after one start token (BOS, else EOS), so the first token of a text has a prediction too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from behaviorc.diagnostics import BehaviorError, did_you_mean
 from behaviorc.engine.hooks import add_to_output, capture_outputs
 from behaviorc.engine.protocol import ModelInfo
 from behaviorc.model.adapter import ArchitectureAdapter
+from behaviorc.model.chat import PromptFormat, model_prompt, prompt_format
 
 
 class EmbeddedEngine:
@@ -64,17 +66,22 @@ class EmbeddedEngine:
         return self._info
 
     @property
+    def prompt_format(self) -> PromptFormat:
+        return prompt_format(self.tokenizer)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     # ---------------------------------------------------------------- tokenization
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        ids = self.tokenizer(prompt).input_ids
+        ids = self.tokenizer(model_prompt(self.tokenizer, prompt)).input_ids
         return ids if ids else [self._start_id]
 
     def _encode(self, prompt: str, completion: str) -> tuple[list[int], int]:
         """Token ids of prompt+completion and how many of them belong to the prompt."""
+        prompt = model_prompt(self.tokenizer, prompt)
         prompt_ids = self.tokenizer(prompt).input_ids
         full = self.tokenizer(prompt + completion).input_ids
         if not prompt_ids:

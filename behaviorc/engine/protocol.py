@@ -8,9 +8,13 @@ Conventions:
 - Layers are 0-based decoder-layer indices. Steering at layer L adds
   `strength * vector` to the residual stream at the output of decoder layer L, at every
   position, for every request until cleared.
+- A prompt is the user's words: a chat model reads it as the user's turn of its chat
+  template, followed by the cue for its reply; a model without a template (or a prompt
+  already holding the template's special tokens) reads it as written
+  (behaviorc.model.chat). `prompt_format` says which.
 - Log-probs are natural-log, one float per completion token, where the completion is
-  tokenized as the continuation of the prompt (tokens of prompt+completion after the
-  prompt's tokens).
+  tokenized as the continuation of the rendered prompt (tokens of prompt+completion after
+  the prompt's tokens).
 - Tensors returned are float32 on the CPU.
 """
 
@@ -38,6 +42,10 @@ class ModelInfo:
 class Engine(Protocol):
     @property
     def info(self) -> ModelInfo: ...
+
+    @property
+    def prompt_format(self) -> Literal["chat", "plain"]:
+        """How prompts reach the model: as a chat template's user turn, or as plain text."""
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32,
                  temperature: float = 0.0, seed: int = 0) -> list[str]:

@@ -16,6 +16,7 @@ import httpx
 
 from behaviorc.diagnostics import BehaviorError
 from behaviorc.engine.protocol import ModelInfo
+from behaviorc.model.chat import PromptFormat, model_prompt, prompt_format
 
 REQUEST_TIMEOUT_S = 120.0
 PUSH_TIMEOUT_S = 600.0
@@ -189,13 +190,34 @@ class VLLMEngine:
                            for i in range(start, len(ids))])
         return scores
 
-    # Tokenization as the embedded engine does it: a completion is the tokens of
-    # prompt+completion after the prompt's; an empty prompt starts from one start token.
+    # Tokenization as the embedded engine does it: the prompt rendered as the model reads
+    # it (a chat model's user turn), then a completion is the tokens of prompt+completion
+    # after the prompt's; an empty prompt starts from one start token.
+
+    @cached_property
+    def _template_tokenizer(self) -> Any:
+        """The served folder's tokenizer, for its chat template; None when the folder is
+        not on this machine (a remote server), and prompts then go as plain text."""
+        folder = Path(self.info.path)
+        if not (folder / "tokenizer_config.json").is_file():
+            return None
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(folder)
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        tokenizer = self._template_tokenizer
+        return "plain" if tokenizer is None else prompt_format(tokenizer)
+
+    def _model_prompt(self, prompt: str) -> str:
+        tokenizer = self._template_tokenizer
+        return prompt if tokenizer is None else model_prompt(tokenizer, prompt)
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        return self.tokenize(prompt) or [self._start_token_id]
+        return self.tokenize(self._model_prompt(prompt)) or [self._start_token_id]
 
     def _encode(self, prompt: str, completion: str) -> tuple[list[int], int]:
+        prompt = self._model_prompt(prompt)
         prompt_ids = self.tokenize(prompt)
         full = self.tokenize(prompt + completion)
         if not prompt_ids:

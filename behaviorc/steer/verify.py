@@ -160,7 +160,7 @@ def projection_score(engine: Engine, vectors: SteeringVectors, prompts: Sequence
     """Mean projection of each reply's hidden states (read unsteered, averaged over its
     tokens) onto the unit direction, averaged over replies and layers; None when no
     reply has text."""
-    kept = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
+    kept = [(p, r) for p, r in zip(prompts, replies) if r]
     if not kept:
         return None
     layers = list(vectors.layers)

@@ -6,9 +6,10 @@ assistant's reply, rendered with the tokenizer's chat template when it has one. 
 general text trains on all of its tokens: its context is the single start token (BOS,
 else EOS) so that its first token is predicted too, the same way `general_nll` scores it.
 
-Tokenization follows the engine's convention (behaviorc.engine.protocol): the response's
-tokens are those of context+response after the context's tokens, so training and the
-margin measurement see the same tokens.
+Tokenization follows the engine's convention (behaviorc.engine.protocol): a context is
+rendered as the model reads a prompt (behaviorc.model.chat: the user's turn of a chat
+model), and the response's tokens are those of context+response after the context's
+tokens, so training and the margin measurement see the same tokens.
 
 Batches come from a schedule that depends only on (seed, step): a resumed run draws the
 same batches as an uninterrupted one. Of every `batch` sequences, a share `ratio` comes
@@ -25,6 +26,7 @@ import torch
 
 from behaviorc import ir
 from behaviorc.diagnostics import BehaviorError, Location
+from behaviorc.model.chat import model_prompt
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ def render_chat(tokenizer: Any, messages: Sequence[ir.ChatMessage],
 
 def encode(tokenizer: Any, context: str, response: str) -> TrainSequence | None:
     """Token ids of one example; None when its response has no tokens."""
+    context = model_prompt(tokenizer, context)
     full = tokenizer(context + response).input_ids
     context_ids = tokenizer(context).input_ids if context else []
     if not context_ids:

@@ -106,6 +106,7 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     save_model(model, tokenizer, Path(ctx.out) / "model")
     return TaskResult(metrics=metrics, artifacts={"model": "model"},
                       data={"losses": summary.losses, "targets": sorted(targets),
+                            "prompt_format": engine.prompt_format,
                             "resumed_from": summary.resumed_from, "served": served})
 
 
