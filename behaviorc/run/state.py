@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RECENT_EVENTS = 500  # events kept for the log panel
+# What the Steer panel shows of each strength tried (steer.verify's points carry more).
+SWEEP_FIELDS = ("strength", "margin", "general_nll", "capability", "repetition", "right_share",
+                "wrong_share", "samples")
 
 
 @dataclass
@@ -151,7 +154,7 @@ class BuildState:
             (int(event.get("step", 0)), float(event["margin"])))
 
     def _on_steer_sweep(self, event: dict[str, Any]) -> None:
-        point = {k: event[k] for k in ("strength", "margin", "general_nll") if k in event}
+        point = {k: event[k] for k in SWEEP_FIELDS if k in event}
         self.sweeps.setdefault(event["task"], []).append(point)
 
     def _on_compose_weights(self, event: dict[str, Any]) -> None:
