@@ -12,8 +12,8 @@ from behaviorc.measure import DEFAULT_GENERAL_TEXTS
 from behaviorc.measure.capability import capability_accuracy, probe_questions
 from behaviorc.measure.repetition import repeated_ngram_share
 from behaviorc.steer.extract import extract
-from behaviorc.steer.verify import (Budget, SweepPoint, choose_strength, control_vectors,
-                                    projection_score, verify)
+from behaviorc.measure.projection import projection_score
+from behaviorc.steer.verify import Budget, SweepPoint, choose_strength, control_vectors, verify
 from test_steer_extract import NEGATIVE, POSITIVE, engine, planted_pairs, tied_gdn  # noqa: F401
 
 GENERAL = DEFAULT_GENERAL_TEXTS[:2]
@@ -41,8 +41,8 @@ def test_a_planted_direction_beats_the_control_and_moves_every_pair_the_right_wa
     assert result.steered.projection is not None
     # the projection score tells text with the trait from text without it
     prompts = [p.prompt for p in planted_pairs(4, offset=5)]
-    assert projection_score(engine, vectors, prompts, [POSITIVE] * 4) > \
-        projection_score(engine, vectors, prompts, [NEGATIVE] * 4)
+    assert projection_score(engine, vectors.directions, prompts, [POSITIVE] * 4) > \
+        projection_score(engine, vectors.directions, prompts, [NEGATIVE] * 4)
 
 
 def test_the_control_has_the_norm_of_the_vectors_and_a_fixed_seed(engine):

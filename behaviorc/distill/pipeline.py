@@ -37,6 +37,7 @@ from behaviorc.plan.task import TaskContext, TaskResult
 from behaviorc.plan.tasks import TrainBehavior
 
 SAMPLES_IN_DATA = 8  # distilled examples kept in the task's data for a reader to see
+PROJECTION_PROMPTS = 3  # eval prompts replied to for the activation-projection score
 
 
 def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
@@ -47,6 +48,7 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     from behaviorc.engine.protocol import steered
     from behaviorc.measure.margin import behavior_margin
     from behaviorc.measure.nll import general_nll
+    from behaviorc.measure.projection import replies_and_score
     from behaviorc.model.adapter import ArchitectureAdapter
     from behaviorc.model.loading import load_model
     from behaviorc.steer.vectors import load_steering
@@ -79,6 +81,11 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     metrics: dict[str, float] = {"margin_before": behavior_margin(engine, pairs)}
     with steered(engine, directions, task.strength):
         metrics["margin_steered"] = behavior_margin(engine, pairs)
+    # How much of the trait replies express (measure.projection): base, steered, trained.
+    reply_prompts = list(dict.fromkeys(p.prompt for p in pairs))[:PROJECTION_PROMPTS]
+    projections = {"projection_before": replies_and_score(engine, directions, reply_prompts)[1],
+                   "projection_steered": replies_and_score(engine, directions, reply_prompts,
+                                                           task.strength)[1]}
     if general:
         metrics["general_nll_before"] = general_nll(engine, general)
     ctx.emit("train_eval", step=0, margin=metrics["margin_before"],
@@ -138,6 +145,8 @@ def distill_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
         metrics["seconds_train"] = time.perf_counter() - began - paused_training[0]
 
         metrics["margin_after"] = behavior_margin(engine, pairs)
+        projections["projection_after"] = replies_and_score(engine, directions, reply_prompts)[1]
+        metrics.update({k: v for k, v in projections.items() if v is not None})
         if general:
             metrics["general_nll_after"] = general_nll(engine, general)
         gain = metrics["margin_steered"] - metrics["margin_before"]

@@ -19,7 +19,9 @@ REPORTED_METRICS: dict[str, tuple[str, ...]] = {
                      "projection_steered", "strength", "steer_warnings"),
     "train": ("loss_first", "loss_last", "margin_before", "margin_after", "general_nll_before",
               "general_nll_after", "steps_skipped",
-              "steered_share"),  # distillation: the share of the steered gain the weights carry
+              "steered_share",  # distillation: the share of the steered gain the weights carry
+              # distillation: how much of the trait greedy replies express (measure.projection)
+              "projection_before", "projection_steered", "projection_after"),
     "deploy": ("push_ms", "requests_failed"),
 }
 

@@ -9,10 +9,8 @@ measures, with the vectors added at that strength:
   against steering off;
 - the general-text NLL and the capability probe's accuracy (measure.capability);
 - greedy sample replies to a few held-out prompts, their share of repeated word 3-grams
-  (measure.repetition) and their activation-projection score: the mean projection of
-  the reply's hidden states (read without steering, averaged over the reply's tokens
-  and the steered layers) onto the unit direction, a judge-free measure of how much of
-  the trait a text expresses (persona vectors' monitor).
+  (measure.repetition) and their activation-projection score (measure.projection: how
+  much of the trait a reply expresses, read without steering).
 
 A control direction (random, seeded, each layer of the same norm as the vector) is
 measured the same way at the chosen strength: an effect that does not beat it (by two
@@ -44,6 +42,7 @@ from behaviorc.diagnostics import BehaviorError, Location
 from behaviorc.engine.protocol import Engine, steered
 from behaviorc.measure import general_nll, per_pair_margins
 from behaviorc.measure.capability import capability_accuracy
+from behaviorc.measure.projection import REPLY_TOKENS, projection_score
 from behaviorc.measure.repetition import repeated_ngram_share
 from behaviorc.steer.vectors import SteeringVectors
 
@@ -52,7 +51,7 @@ from behaviorc.steer.vectors import SteeringVectors
 # 1 moves a hidden state by what separates an average negative from its positive.
 AUTO_STRENGTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
 SAMPLE_PROMPTS = 3  # held-out prompts replied to at each strength
-SAMPLE_TOKENS = 24  # short: the replies are read, and generating is the slow part
+SAMPLE_TOKENS = REPLY_TOKENS
 CONTROL_SEED = 0
 
 
@@ -155,27 +154,6 @@ def sample_prompts(pairs: Sequence[ir.Pair], count: int = SAMPLE_PROMPTS) -> lis
     return list(dict.fromkeys(p.prompt for p in pairs))[:count]
 
 
-def projection_score(engine: Engine, vectors: SteeringVectors, prompts: Sequence[str],
-                     replies: Sequence[str]) -> float | None:
-    """Mean projection of each reply's hidden states (read unsteered, averaged over its
-    tokens) onto the unit direction, averaged over replies and layers; None when no
-    reply has text."""
-    kept = [(p, r) for p, r in zip(prompts, replies) if r]
-    if not kept:
-        return None
-    layers = list(vectors.layers)
-    states = engine.hidden_states([p for p, _ in kept], [r for _, r in kept], layers, "mean")
-    scores = [float((states[layer].double() @ _unit(vectors.directions[layer])).mean())
-              for layer in layers]
-    return sum(scores) / len(scores)
-
-
-def _unit(vector: torch.Tensor) -> torch.Tensor:
-    vector = vector.double()
-    norm = vector.norm()
-    return vector / norm if norm > 0 else vector
-
-
 def measure_at(engine: Engine, vectors: SteeringVectors, strength: float,
                pairs: Sequence[ir.Pair], general: Sequence[str],
                base: SweepPoint | None = None, prompts: Sequence[str] = (),
@@ -199,7 +177,7 @@ def measure_at(engine: Engine, vectors: SteeringVectors, strength: float,
         return SweepPoint(strength, mean, math.nan, margins=tuple(margins), **shares)
     return SweepPoint(strength, mean, nll, capability=capability,
                       repetition=repeated_ngram_share(replies),
-                      projection=projection_score(engine, vectors, prompts, replies),
+                      projection=projection_score(engine, vectors.directions, prompts, replies),
                       margins=tuple(margins), samples=tuple(replies), **shares)
 
 
