@@ -29,7 +29,12 @@ in its log panel as they come):
     train_step    step, steps, loss, [lr], [margin]   one per optimizer step (or every k)
     train_eval    step, margin                        the behavior margin during training
     steer_sweep   strength, margin, [general_nll]     one per strength tried
-                  (steer.point, as steer/tasks.py names it, is read the same way)
+                  (steer.point, as steer/tasks.py names it, is read the same way; it
+                  adds capability, repetition, projection, right_share, wrong_share,
+                  margins (per held-out pair) and samples (greedy replies))
+    steer.verdict warnings, strength              (steer/tasks.py: the reasons not to
+                  trust the steering, also in the task's data["warnings"])
+    steer.layers  scores: [{layer, consistency, accuracy, effect}], chosen  (`layers auto`)
     compose_weights  terms: [{behavior, weight}], merge  (else read from the compose
                   task's result data["provenance"])
     server_health url, ok, [latency_ms], [detail]
