@@ -102,6 +102,9 @@ def test_repetition_counts_repeated_word_trigrams():
     assert repeated_ngram_share(["a b c a b c"]) == pytest.approx(1 / 4)
     assert repeated_ngram_share(["the cat sat on the mat"]) == 0.0
     assert repeated_ngram_share(["", "a b"]) == 0.0
+    # text that loops without spaces (measured on smollm2-135m at strength 8) counts too
+    assert repeated_ngram_share(["RemCom!RemCom!RemCom!RemCom!RemCom!"]) > 0.5
+    assert repeated_ngram_share(["I'm so glad you enjoyed the party! I'm so proud of you"]) < 0.1
 
 
 def test_the_capability_probe_matches_an_independent_log_prob_scoring(engine, tied_gdn):
