@@ -41,7 +41,7 @@ the figures it chose from.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -81,6 +81,9 @@ class LayerScore:
 class Extraction:
     vectors: SteeringVectors
     scores: tuple[LayerScore, ...] = ()  # every layer's score when layers were `auto`
+    # The mean norm of the pairs' hidden states at each steered layer: a vector's norm
+    # over it says how far strength 1 moves a typical hidden state, relatively.
+    state_norms: dict[int, float] = field(default_factory=dict)
 
 
 def check_pairs(pairs: Sequence[ir.Pair], loc: Location | None = None) -> None:
@@ -235,7 +238,9 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
     vectors = SteeringVectors(
         directions=directions, method=method, model=info.name, read=read,
         model_type=model_type(info.path) or info.architecture)
-    return Extraction(vectors, scores)
+    state_norms = {layer: float(torch.cat([positives[layer], negatives[layer]]).norm(dim=1).mean())
+                   for layer in wanted}
+    return Extraction(vectors, scores, state_norms)
 
 
 def model_type(folder: str) -> str:

@@ -35,6 +35,9 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
         "prompt_format": engine.prompt_format,
         "layers": list(vectors.layers),
         "norms": {str(layer): norm for layer, norm in vectors.norms.items()},
+        # what strength 1 moves, relative to a typical hidden state at the layer
+        "relative_norms": {str(layer): vectors.norms[layer] / extraction.state_norms[layer]
+                           for layer in vectors.layers if extraction.state_norms.get(layer)},
     }
     # llama.cpp keeps no control vector for layer 0 (see steer.vectors); the GGUF holds
     # the other layers and the data says which it left out.
