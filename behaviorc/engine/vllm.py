@@ -120,6 +120,8 @@ def _error_text(response: httpx.Response) -> str:
 class VLLMEngine:
     """A live vLLM server as an Engine: generation, log-probs, steering, weight pushes."""
 
+    reads_hidden_states = False  # see hidden_states: measurements that need them skip them
+
     def __init__(self, url: str, api_key: str | None = None, name: str | None = None,
                  timeout: float = REQUEST_TIMEOUT_S):
         self.client = ServerClient(url, api_key, timeout)

@@ -177,8 +177,17 @@ def measure_at(engine: Engine, vectors: SteeringVectors, strength: float,
         return SweepPoint(strength, mean, math.nan, margins=tuple(margins), **shares)
     return SweepPoint(strength, mean, nll, capability=capability,
                       repetition=repeated_ngram_share(replies),
-                      projection=projection_score(engine, vectors.directions, prompts, replies),
+                      projection=_projection(engine, vectors, prompts, replies),
                       margins=tuple(margins), samples=tuple(replies), **shares)
+
+
+def _projection(engine: Engine, vectors: SteeringVectors, prompts: Sequence[str],
+                replies: Sequence[str]) -> float | None:
+    """The replies' projection score, or None from an engine that cannot read hidden
+    states (a live vLLM server): the report then leaves the score out."""
+    if not getattr(engine, "reads_hidden_states", True):
+        return None
+    return projection_score(engine, vectors.directions, prompts, replies)
 
 
 def choose_strength(points: Sequence[SweepPoint], base: SweepPoint, budget: Budget) -> tuple[float | None, str]:
