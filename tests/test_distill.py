@@ -152,6 +152,8 @@ def test_distilled_weights_keep_half_the_steered_gain_without_steering(tied_gdn,
     assert m["samples_kept"] == 8 and m["samples_generated"] == 16
     assert all(m[f"seconds_{phase}"] > 0 for phase in ("generate", "targets", "train"))
     assert abs(m["general_nll_after"] - m["general_nll_before"]) < 1.0
+    # the activation-projection score of greedy replies: base, steered, distilled
+    assert {"projection_before", "projection_steered", "projection_after"} <= set(m)
 
 
 PROBE_PROMPTS = ["I will use", "The model", "You should write the plan?"]

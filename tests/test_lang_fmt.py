@@ -105,3 +105,20 @@ def test_fmt_refuses_a_file_with_syntax_errors() -> None:
     formatted, diagnostics = format_text("model base = \n", "x.behavior")
     assert formatted is None
     assert diagnostics[0].message == "expected a string, found the end of the file"
+
+
+def test_steerability_settings_survive_fmt() -> None:
+    from behaviorc.lang.check import check_text
+
+    text = ('model base = "tiny-gdn"\nbehavior cheer { steer { method pca_center strength auto '
+            'sweep 1,2 budget { nll 5% repetition 0.2 } '
+            'pair "Hi" { positive " Great!" negative " Awful." } '
+            'pair "Yo" { positive " Lovely!" negative " Dreadful." } } }\n')
+    formatted, _ = format_text(text, "cheer.behavior")
+    assert format_text(formatted, "cheer.behavior")[0] == formatted
+    assert "budget {\n      nll 5%\n      repetition 0.2\n    }" in formatted
+    spec, diagnostics = check_text(formatted, "cheer.behavior")
+    assert spec is not None, [d.render() for d in diagnostics]
+    steer = spec.behaviors[0].steer
+    assert (steer.method, steer.strength, steer.sweep) == ("pca_center", "auto", (1.0, 2.0))
+    assert (steer.nll_budget, steer.repetition_budget) == (pytest.approx(0.05), 0.2)

@@ -103,9 +103,12 @@ def test_reading_in_length_buckets_matches_reading_one_by_one(engine):
 def test_auto_scores_every_layer_and_reports_the_choice(engine):
     result = extract(engine, planted_pairs(8), "auto", read="mean")
     assert [s.layer for s in result.scores] == list(range(engine.info.num_layers))
-    best = max((s for s in result.scores if s.layer > 0), key=lambda s: s.consistency)
+    measured = [s for s in result.scores if s.effect is not None]
+    # tiny-gdn has 4 layers: every layer but 0 is a candidate, each steered held out
+    assert [s.layer for s in measured] == [1, 2, 3]
+    best = max(measured, key=lambda s: s.effect)
     assert result.vectors.layers == (best.layer,)
-    assert best.consistency > 0.9 and best.accuracy == 1.0
+    assert best.effect > 0.05 and best.consistency > 0.9 and best.accuracy == 1.0
 
 
 def test_auto_picks_the_layer_where_held_out_pairs_separate():
@@ -160,3 +163,10 @@ def test_bad_pairs_are_located(pair, message):
 def test_auto_needs_two_pairs(engine):
     with pytest.raises(BehaviorError, match="at least 2"):
         extract(engine, planted_pairs(1), "auto", loc=LOC)
+
+
+def test_auto_prefers_the_layer_that_steers_over_the_one_that_separates():
+    scores = [LayerScore(1, 0.99, 1.0, effect=0.1), LayerScore(2, 0.8, 0.9, effect=0.6),
+              LayerScore(3, 0.999, 1.0)]
+    assert best_layer(scores) == 2
+    assert best_layer([LayerScore(1, 0.5, 1.0), LayerScore(2, 0.7, 1.0)]) == 2  # none measured

@@ -73,6 +73,7 @@ def test_tasks_under_the_executor_write_artifacts_and_report_metrics(tied_gdn, t
     vectors = load_steering(extracted.path("vectors"))
     assert vectors.layers == (chosen,) and vectors.extra["task_key"] == extraction.key
     assert extracted.data["norms"][str(chosen)] == pytest.approx(vectors.norms[chosen])
+    assert extracted.data["relative_norms"][str(chosen)] > 0
     control = read_gguf(extracted.path("control_vector"))
     assert torch.equal(control.directions[chosen], vectors.directions[chosen])
 

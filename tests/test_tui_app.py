@@ -280,6 +280,28 @@ def test_the_event_names_the_task_implementations_use_are_drawn():
     assert [(p["url"], p["ms"]) for p in state.pushes] == [("http://a:1", 33.0), ("http://b:2", 33.0)]
 
 
+def test_the_steer_panel_shows_the_verdict_the_costs_and_the_sample_replies():
+    from behaviorc.tui.widgets import draw_steering
+
+    state = BuildState()
+    state.apply({"t": 1, "type": "build_start", "task": None,
+                 "tasks": [{"id": "steer.verify:b", "kind": "steer.verify"}]})
+    for strength, reply in ((0.0, "It was fine."), (4.0, "It was wonderful, wonderful!")):
+        state.apply({"t": 2, "type": "steer.point", "task": "steer.verify:b", "strength": strength,
+                     "margin": strength / 10, "general_nll": 3.0, "capability": 0.5,
+                     "repetition": 0.0, "samples": [reply]})
+    state.apply({"t": 3, "type": "task_end", "task": "steer.verify:b", "status": "done",
+                 "metrics": {"margin_before": 0.0, "margin_steered": 0.4, "steer_effect": 0.4,
+                             "control_effect": 0.5, "anti_steerable_share": 0.25},
+                 "data": {"sample_prompts": ["How was your day?"],
+                          "warnings": ["the steering effect does not beat a random direction"]}})
+    text = text_of(draw_steering(state))
+    assert "⚠ b: the steering effect does not beat a random direction" in text
+    assert "control" in text and "0.5" in text and "capability" in text
+    assert "How was your day?" in text
+    assert "It was fine." in text and "It was wonderful, wonderful!" in text
+
+
 class Quick(Task):
     kind: ClassVar[str] = "test.quick"
     reports: ClassVar[tuple[str, ...]] = ('answer',)

@@ -189,6 +189,9 @@ def _print_outcome(outcome: BuildOutcome, out: Path) -> None:
         print(f"\ntask {record.task.id} failed:\n{record.error}", file=sys.stderr)
     for verdict in outcome.unmet:
         print(f"\n{verdict.render()}", file=sys.stderr)
+    for record in outcome.records:
+        for warning in (record.result.data.get("warnings", []) if record.result else []):
+            print(f"warning: {record.task.id}: {warning}", file=sys.stderr)
     summary = ", ".join(f"{n} {status}" for status, n in count_statuses(outcome.records).items())
     if outcome.cancelled:
         print(f"behaviorc: stopped ({summary}); finished tasks are kept, build again to resume",

@@ -135,7 +135,8 @@ class _Lowering:
         self.steering[b.name] = extract
         return self._add(VerifySteering(
             name=b.name, model=model, vectors=extract, strength=steer.strength, sweep=steer.sweep,
-            pairs=verify_pairs, general=general, loc=steer.loc))
+            pairs=verify_pairs, general=general, nll_budget=steer.nll_budget,
+            repetition_budget=steer.repetition_budget, loc=steer.loc))
 
     def _compose(self, c: ir.Compose) -> None:
         names = [t.behavior for t in c.terms]

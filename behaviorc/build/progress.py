@@ -18,7 +18,8 @@ from rich.table import Table
 from rich.text import Text
 
 from behaviorc.build.context import CancelSignal
-from behaviorc.core.state import BuildState, TaskState, format_metrics, headline_first, STATUS_STYLE
+from behaviorc.core.state import (LINE_METRICS, STATUS_STYLE, BuildState, TaskState, format_metrics,
+                                  headline_first)
 
 class TerminalProgress:
     """An event listener that draws the build; use as a context manager around it."""
@@ -72,7 +73,7 @@ class TerminalProgress:
             return Text(task.note or "", style="dim")
         if task.status == "failed":
             return Text((task.error or "").splitlines()[0] if task.error else "", style="red")
-        return Text(format_metrics(headline_first(task.metrics), limit=4), style="dim")
+        return Text.assemble(*_warned(task), (format_metrics(headline_first(task.metrics), limit=LINE_METRICS), "dim"))
 
     def _footer(self) -> str:
         counts = self.state.counts()
@@ -88,4 +89,14 @@ class TerminalProgress:
         icon, style = STATUS_STYLE.get(task.status, ("?", ""))
         seconds = f"{task.seconds:.2f}s" if task.seconds is not None else ""
         return Text.assemble((f"{icon} {task.status:<9}", style), f" {task.id:<32} {seconds:>8}  ",
-                             (format_metrics(headline_first(task.metrics), limit=4), "dim"))
+                             *_warned(task), (format_metrics(headline_first(task.metrics), limit=LINE_METRICS), "dim"))
+
+
+def _warned(task: TaskState) -> list[tuple[str, str]]:
+    """A finished task's verdict warnings (data["warnings"]), first and in yellow: the
+    task did its work, but its figures say not to trust the result."""
+    warnings = task.data.get("warnings") or []
+    if not warnings:
+        return []
+    return [(f"⚠ {warnings[0]}" + (f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else "") + "  ",
+             "bold yellow")]

@@ -169,12 +169,29 @@ class TrainEval(TaskEvent):
 
 @dataclass(frozen=True)
 class SteerPoint(TaskEvent):
-    """One strength of a steering verification sweep."""
+    """One strength of a steering verification sweep: what it did and what it cost."""
 
     type: ClassVar[str] = "steer.point"
     strength: float
     margin: float
     general_nll: float | None = None
+    capability: float | None = None  # the capability probe's accuracy
+    repetition: float | None = None  # share of repeated 3-grams in the sample replies
+    projection: float | None = None  # the replies' activation-projection score
+    right_share: float | None = None  # held-out pairs moved the right way
+    wrong_share: float | None = None  # ... and the wrong way (anti-steerable)
+    margins: list[float] | tuple[float, ...] | None = None  # per held-out pair
+    samples: list[str] | tuple[str, ...] | None = None  # greedy replies
+
+
+@dataclass(frozen=True)
+class SteerVerdict(TaskEvent):
+    """Why not to trust a steering vector (empty: nothing against it), and the strength
+    verification settled on."""
+
+    type: ClassVar[str] = "steer.verdict"
+    warnings: list[str]
+    strength: float
 
 
 @dataclass(frozen=True)
@@ -254,6 +271,6 @@ class ExperimentPoint(TaskEvent):
         return {"point": self.point, **self.values}
 
 
-TASK_EVENTS: tuple[type[TaskEvent], ...] = (TrainStep, TrainEval, SteerPoint, SteerLayers,
+TASK_EVENTS: tuple[type[TaskEvent], ...] = (TrainStep, TrainEval, SteerPoint, SteerVerdict, SteerLayers,
                                              DistillData, TrainNote, HandoffServed, Push,
                                              DeployPush, ExperimentPoint)

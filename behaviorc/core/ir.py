@@ -73,12 +73,16 @@ class ModelDecl(Node):
 
 class Steer(Node):
     layers: tuple[int, ...] | Literal["auto"]
-    method: Literal["mean_diff", "pca"] = "mean_diff"
-    strength: float = 2.0  # measured on smollm2-135m: 4 degrades replies (README, defaults)
+    method: Literal["mean_diff", "pca", "pca_diff", "pca_center"] = "mean_diff"
+    # measured on smollm2-135m: 4 degrades replies (README, defaults); auto: chosen by
+    # verification inside the budget
+    strength: float | Literal["auto"] = 2.0
     read: Literal["last", "mean"] = "mean"  # last token, or the mean over completion tokens
     pairs: tuple[Pair, ...]
     sources: tuple[DataFile, ...] = ()
     sweep: tuple[float, ...] = ()  # strengths for the verification sweep; empty: none
+    nll_budget: float = 0.10  # the general NLL's relative rise a strength may cost
+    repetition_budget: float = 0.10  # the samples' repeated-3-gram share's rise it may cost
     loc: Location | None = Field(default=None, exclude=True)
 
 

@@ -17,6 +17,20 @@ METRICS: dict[str, str] = {
     "margin_after": "behavior margin of the result, steering off (verification: = margin_steered)",
     "steered_share": "share of the steered gain the trained weights carry without steering",
     "separation": "how consistently the chosen layer separates the pairs (layers auto)",
+    "layer_effect": "held-out margin gain of the layer `layers auto` chose",
+    "steer_effect": "held-out margin gain of the steering at the strength used",
+    "control_effect": "the same gain for a random direction of the same norm",
+    "right_share": "share of held-out pairs whose margin the steering raised",
+    "anti_steerable_share": "share of held-out pairs whose margin the steering lowered",
+    "capability_before": "capability probe accuracy, steering off",
+    "capability_steered": "capability probe accuracy, steering on",
+    "repetition_before": "share of repeated 3-grams in greedy replies, steering off",
+    "repetition_steered": "share of repeated 3-grams in greedy replies, steering on",
+    "projection_before": "activation-projection score of the base model's replies",
+    "projection_steered": "activation-projection score of the steered model's replies",
+    "projection_after": "activation-projection score of the trained model's replies",
+    "strength": "the steering strength verification used (chosen by `strength auto`)",
+    "steer_warnings": "reasons not to trust the steering (the verdict; 0: none)",
     "general_nll_before": "mean NLL per token of general text, base model",
     "general_nll_steered": "mean NLL per token of general text, steering on",
     "general_nll_after": "mean NLL per token of general text, trained model",
@@ -50,14 +64,19 @@ METRICS: dict[str, str] = {
     "arithmetic_accuracy": "share of the testbed's sums answered right (greedy)",
 }
 
-STEER_EXTRACT: tuple[str, ...] = ("separation",)
-STEER_VERIFY: tuple[str, ...] = ("margin_before", "margin_steered", "margin_after",
-                                 "general_nll_before", "general_nll_steered")
+STEER_EXTRACT: tuple[str, ...] = ("separation", "layer_effect")
+STEER_VERIFY: tuple[str, ...] = (
+    "margin_before", "margin_steered", "margin_after", "general_nll_before",
+    "general_nll_steered", "steer_effect", "control_effect", "right_share",
+    "anti_steerable_share", "capability_before", "capability_steered", "repetition_before",
+    "repetition_steered", "projection_before", "projection_steered", "strength",
+    "steer_warnings")
 TRAIN: tuple[str, ...] = (
     "loss_first", "loss_last", "steps_skipped", "limiter_activations", "margin_before",
     "margin_steered", "margin_after", "general_nll_before", "general_nll_after", "steered_share",
     "seconds_generate", "samples_generated", "samples_kept", "sample_score", "seconds_targets",
-    "seconds_train", "served_margin_start", "served_margin_min", "served_margin_end",
+    "seconds_train", "projection_before", "projection_steered", "projection_after",
+    "served_margin_start", "served_margin_min", "served_margin_end",
     "strength_end", "pushes", "seconds_push", "push_ms", "requests_served", "requests_failed")
 TASK_VECTOR: tuple[str, ...] = ("tensors_changed",)
 COMPOSE: tuple[str, ...] = ("parameters_merged",)

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RECENT_EVENTS = 500  # events kept for the log panel
+# What the Steer panel shows of each strength tried (steer.verify's points carry more).
+SWEEP_FIELDS = ("strength", "margin", "general_nll", "capability", "repetition", "right_share",
+                "wrong_share", "samples")
 
 
 # How the terminal and the dashboard show a task's status and numbers.
@@ -21,9 +24,13 @@ STATUS_STYLE = {
     "cancelled": ("■", "magenta"),
 }
 SHOWN_METRICS = 3
-# What a finished task's terminal line shows first: the behavior before and after.
-HEADLINE_METRICS = ("margin_before", "margin_steered", "margin_after", "steered_share",
+# What a finished task's terminal line shows first: the behavior before and after; for a
+# steering verification, the effect beside the random control's and the shares of pairs
+# moved the right and the wrong (anti-steerable) way.
+HEADLINE_METRICS = ("margin_before", "margin_steered", "margin_after", "steer_effect",
+                    "control_effect", "right_share", "anti_steerable_share", "steered_share",
                     "push_ms", "requests_failed")
+LINE_METRICS = 6
 
 
 def format_metrics(metrics: dict[str, float], limit: int = SHOWN_METRICS) -> str:
@@ -79,6 +86,7 @@ class BuildState:
     sweeps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     weights: dict[str, dict[str, Any]] = field(default_factory=dict)  # a composition's terms
     layer_scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # `layers auto`
+    verdicts: dict[str, list[str]] = field(default_factory=dict)  # why not to trust a steering
     distilled: dict[str, dict[str, Any]] = field(default_factory=dict)  # what distillation kept
     notes: dict[str, list[str]] = field(default_factory=dict)  # training notes, by task
     served: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # step, margin, strength
@@ -179,8 +187,11 @@ class BuildState:
             (int(event.get("step", 0)), float(event["margin"])))
 
     def _on_steer_point(self, event: dict[str, Any]) -> None:
-        point = {k: event[k] for k in ("strength", "margin", "general_nll") if k in event}
+        point = {k: event[k] for k in SWEEP_FIELDS if k in event}
         self.sweeps.setdefault(event["task"], []).append(point)
+
+    def _on_steer_verdict(self, event: dict[str, Any]) -> None:
+        self.verdicts[event["task"]] = list(event.get("warnings", []))
 
     def _on_steer_layers(self, event: dict[str, Any]) -> None:
         self.layer_scores[event["task"]] = {"scores": list(event.get("scores", [])),

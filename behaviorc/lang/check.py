@@ -91,6 +91,8 @@ class _Facts:
     steers: bool
     trains: bool
     external: str | None  # "model" | "task_vector"
+    strength_auto: bool = False  # its steer strength is chosen at build time
+
 
     @property
     def has_weights(self) -> bool:
@@ -258,7 +260,14 @@ class _Checker:
         keys = {s.key for s in decl.sections or ()}
         external = decl.external.kind.name if decl.external else None
         return _Facts(self._model_of(decl.model, decl.name.loc, report=False),
-                      "steer" in keys, "train" in keys, external)
+                      "steer" in keys, "train" in keys, external, _strength_auto(decl))
+
+    def _fixed_strength(self, name: str, loc: Location, use: str) -> None:
+        """`strength auto` is chosen when the build verifies; `use` needs it at plan time."""
+        if name in self.facts and self.facts[name].strength_auto:
+            self.sink.error(f"{use} needs `{name}`'s steering strength, but it is `auto` "
+                            "(chosen only when the build verifies the steering)", loc,
+                            f"build once, then write the strength the report chose in `{name}`'s steer section")
 
     def _behavior(self, decl: ast.BehaviorDecl) -> ir.Behavior | None:
         name = decl.name.name
@@ -280,6 +289,8 @@ class _Checker:
         evaluation = self.sections.eval(eval_s, base, name, steer_s is not None,
                                         train_s is not None) if eval_s else None
         train = self.sections.train(train_s, base, steer_s is not None) if train_s else None
+        if train is not None and train.distill is not None:
+            self._fixed_strength(name, train.distill.loc, "`distill steering`")
         if model_name is None or (steer_s and steer is None) or (train_s and train is None) \
                 or (eval_s and evaluation is None) or (decl.external and external is None):
             return None
@@ -327,6 +338,7 @@ class _Checker:
             for name, weight in linear.weights.items():
                 ref = linear.refs[name]
                 if self._composable(ref, decl.name.name):
+                    self._fixed_strength(name, ref.loc, "a composition")
                     model = self.facts[name].model
                     if model is not None:
                         models.setdefault(model, ref)
@@ -471,6 +483,8 @@ class _Checker:
         push_every = self.values.number(block.one("push_every"), low=0, whole=True, default=0)
         timeout = self.values.number(block.one("timeout"), low=0, low_open=True)
         api_key = self._api_key(block.one("api_key"))
+        if steering and isinstance(entity, ast.BehaviorDecl):
+            self._fixed_strength(target, block.one("steering").values[0].loc, "`steering on`")
         if steering and entity is not None and not steers:
             self.sink.error(f"`{target}` has no steering to serve", block.one("steering").values[0].loc,
                             "give it a steer section, or write `steering off`")
@@ -511,3 +525,12 @@ class _Checker:
 
 def _declare_hint() -> str:
     return 'declare one, e.g. `model base = "tiny-gdn"`'
+
+
+def _strength_auto(decl: ast.BehaviorDecl) -> bool:
+    for section in decl.sections or ():
+        if section.key == "steer":
+            for setting in section.block or ():
+                if setting.key == "strength" and isinstance(setting.values[0], ast.Word):
+                    return setting.values[0].name == "auto"
+    return False

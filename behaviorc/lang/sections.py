@@ -11,6 +11,9 @@ from behaviorc.lang.values import Block, Values, values_of
 from behaviorc.core.metrics import EXPECTABLE, STEER_EXPECTABLE, TRAIN
 
 
+# Steering methods (steer.extract says what each computes).
+METHODS = ("mean_diff", "pca", "pca_diff", "pca_center")
+
 PAIR_LINE = '{"prompt", "positive", "negative"}'
 EXAMPLE_LINE = '{"context", "response"} or {"messages": [{"role", "content"}, ...]}'
 TEXT_LINE = '{"text"}'
@@ -33,11 +36,10 @@ class Sections:
         block = Block(section.block, "steer", self.sink, repeatable=("pair", "pairs"))
         errors = len(self.sink.errors)
         layers = self._layers(block.one("layers"), model)
-        method = self.values.choice(block.one("method"), ("mean_diff", "pca"), "method") or "mean_diff"
+        method = self.values.choice(block.one("method"), METHODS, "method") or "mean_diff"
         read = self.values.choice(block.one("read"), ("last", "mean"), "read position") or "mean"
-        strength = self.values.number(block.one("strength"), low=0, low_open=True,
-                                      default=ir.Steer.model_fields["strength"].default)
-        if strength is not None and strength > 20:
+        strength = self._strength(block.one("strength"))
+        if isinstance(strength, float) and strength > 20:
             self.sink.warning(f"strength {strength:g} is very strong: steered text often stops "
                               "making sense above 20", block.one("strength").values[0].loc,
                               "check it with `sweep`, e.g. `sweep 2, 4, 8, 16`")
@@ -47,13 +49,39 @@ class Sections:
             self._missing(section, "steer has no pairs", section.key_loc,
                           'add `pair "prompt" { positive "..." negative "..." }` '
                           'or `pairs "file.jsonl"`')
-        elif method == "pca" and 0 < len(pairs) < 2:
-            self.sink.error("`method pca` needs at least 2 pairs", block.one("method").values[0].loc)
-        if len(self.sink.errors) > errors:
+        elif method != "mean_diff" and 0 < len(pairs) < 2:
+            self.sink.error(f"`method {method}` needs at least 2 pairs", block.one("method").values[0].loc)
+        if strength == "auto" and sweep and None not in sweep and max(sweep) <= 0:
+            self.sink.error("`strength auto` chooses from the sweep, which has no positive strength",
+                            block.one("sweep").values[0].loc, "e.g. `sweep 1, 2, 4, 8`")
+        budget = self._budget(block.one("budget"))
+        if len(self.sink.errors) > errors or strength is None or budget is None:
             return None
         return ir.Steer(layers=layers, method=method, strength=strength, read=read,
                         pairs=tuple(pairs), sources=tuple(sources),
-                        sweep=tuple(s for s in sweep if s is not None), loc=section.loc)
+                        sweep=tuple(s for s in sweep if s is not None), **budget, loc=section.loc)
+
+    def _strength(self, setting: ast.Setting | None) -> float | str | None:
+        if setting is not None and isinstance(setting.values[0], ast.Word):
+            return self.values.choice(setting, ("auto",), "strength")
+        return self.values.number(setting, low=0, low_open=True,
+                                  default=ir.Steer.model_fields["strength"].default)
+
+    def _budget(self, setting: ast.Setting | None) -> dict[str, float] | None:
+        defaults = ir.Steer(layers="auto", pairs=())
+        if setting is None:
+            return {}
+        block = Block(setting.block, "budget", self.sink)
+        nll = self.values.number(block.one("nll"), low=0, percent=True, default=defaults.nll_budget)
+        if block.one("nll") and nll is not None and not block.one("nll").values[0].percent:
+            self.sink.error("write the NLL budget as a percentage", block.one("nll").values[0].loc,
+                            f"e.g. `nll {nll * 100:g}%`: general NLL may rise that much")
+            nll = None
+        repetition = self.values.number(block.one("repetition"), low=0, high=1,
+                                        default=defaults.repetition_budget)
+        if nll is None or repetition is None:
+            return None
+        return {"nll_budget": nll, "repetition_budget": repetition}
 
     def _layers(self, setting: ast.Setting | None, model: ir.ModelDecl | None):
         if setting is None:

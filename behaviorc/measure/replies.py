@@ -24,8 +24,7 @@ def reply_prompts(pairs: Sequence[PairLike], count: int = REPLY_PROMPTS) -> list
 
 def sample_replies(engine: Engine, prompts: Sequence[str], max_new_tokens: int = REPLY_TOKENS,
                    steering: Mapping[int, object] | None = None, strength: float = 0.0) -> list[str]:
-    """Greedy replies to `prompts`, steered by `steering` at `strength` when given (the
-    steering is cleared afterwards), each stripped of surrounding white space."""
+    """Greedy replies to `prompts` as generated, steered by `steering` at `strength` when
+    given (the steering is cleared afterwards)."""
     with steered(engine, steering, strength) if steering else nullcontext():
-        texts = engine.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=0.0)
-    return [text.strip() for text in texts]
+        return engine.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=0.0)

@@ -10,6 +10,20 @@ from typing import Any
 from behaviorc.core.diagnostics import BehaviorError
 
 EXAMPLES = """\
+methods (a steer section's `method`), each from the paired differences d = positive - negative
+of the hidden states, and each pointing from negative to positive (aligned with mean(d)):
+  mean_diff   mean(d)
+  pca         first principal direction of d, uncentered, scaled to mean(d) along it
+  pca_diff    repeng's default: first principal component of d - mean(d) (how pairs differ
+              beyond their common shift), scaled to |mean(d)|
+  pca_center  repeng's: first principal component of each state minus its pair's midpoint
+              (the axis of pca), scaled to |mean(d)|
+
+strength: a vector's length is the pairs' own contrast at its layer, so strength 1 moves a
+hidden state as far as an average positive lies from its negative, on any model. A GGUF
+holds the vectors as they are: llama.cpp's --control-vector-scaled FILE S steers like
+strength S; repeng's unit vectors need coefficient S x the layer's norm (`steer show`).
+
 examples:
   behaviorc steer show out/listen/.store/<key>/vectors.safetensors
   behaviorc steer show listen.gguf --json

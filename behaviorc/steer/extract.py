@@ -6,23 +6,42 @@ or averaged over the completion's tokens). The direction at a layer is then
 
 - `mean_diff`: the mean of the paired differences (positive - negative);
 - `pca`: the first principal direction of the paired differences, not centered
-  (centering would subtract the mean difference, which is the very signal), with the
-  sign chosen so positives project higher, and scaled to the mean difference's length
-  along it, so that a strength means the same for both methods.
+  (centering would subtract the mean difference, which is the very signal), scaled to
+  the mean difference's length along it (nearly the mean difference itself);
+- `pca_diff` (repeng's default): the first principal component of the *centered*
+  paired differences, i.e. the axis along which pairs differ from one another most,
+  beyond their common shift; it can be nearly orthogonal to the mean difference;
+- `pca_center` (repeng's): the first principal component of each state minus its
+  pair's midpoint, which is the first singular direction of the uncentered
+  differences (so the axis of `pca`).
+
+Every direction points from negative to positive completions: its sign is chosen so
+that the mean difference projects positively on it (repeng votes pair by pair instead,
+which agrees whenever most pairs agree). `pca_diff` and `pca_center` are scaled to the
+mean difference's norm, so that with any method a strength of 1 moves a hidden state
+as far as the pairs' average positive lies from its negative: the unit of strength is
+the behavior's own contrast at that layer, which carries across models and tools
+(repeng's unit vectors need coefficient = strength x that norm, the `norms` the
+extraction reports; the GGUF holds the vectors as they are, so llama.cpp's
+`--control-vector-scaled FILE S` steers like strength S here).
 
 Reading is batched with length bucketing: all 2n texts are sorted by length and cut
 into batches, so a batch pads little; each batch is one call that reads every layer in
 one forward, which stops after the deepest layer asked for.
 
 `layers auto` scores every layer by how consistently held-out pairs separate along the
-mean-difference direction of the other half (two folds, see `score_layers`) and keeps
-the best one (`best_layer`); the scores come back so the build can report the choice.
+mean-difference direction of the other half (two folds, see `score_layers`), then
+steers with each of the `EFFECT_CANDIDATES` best-separating layers' fold directions at
+`EFFECT_STRENGTH` and measures the held-out pairs' margin gain (`measure_effects`):
+separating pairs well does not make a layer steer well, so the layer with the largest
+measured effect is kept (`best_layer`). The scores come back so the build can report
+the figures it chose from.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -33,11 +52,13 @@ from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.engine.protocol import Engine
 from behaviorc.formats.steering import SteeringVectors
 
-Method = Literal["mean_diff", "pca"]
+Method = Literal["mean_diff", "pca", "pca_diff", "pca_center"]
 Read = Literal["last", "mean"]
 Progress = Callable[[int, int], None]
 
 DEFAULT_BATCH = 32
+EFFECT_CANDIDATES = 4  # best-separating layers whose steering effect `layers auto` measures
+EFFECT_STRENGTH = 2.0  # in the unit of steer.verify: the pairs' own mean difference
 
 
 @dataclass(frozen=True)
@@ -53,12 +74,16 @@ class LayerScore:
     layer: int
     consistency: float
     accuracy: float
+    effect: float | None = None  # held-out margin gain when steering there (candidates only)
 
 
 @dataclass(frozen=True)
 class Extraction:
     vectors: SteeringVectors
     scores: tuple[LayerScore, ...] = ()  # every layer's score when layers were `auto`
+    # The mean norm of the pairs' hidden states at each steered layer: a vector's norm
+    # over it says how far strength 1 moves a typical hidden state, relatively.
+    state_norms: dict[int, float] = field(default_factory=dict)
 
 
 def check_pairs(pairs: Sequence[ir.Pair], loc: Location | None = None) -> None:
@@ -116,13 +141,16 @@ def direction(positives: torch.Tensor, negatives: torch.Tensor, method: Method) 
     if method == "mean_diff":
         return mean.float()
     # Rows are pairs, so the first right singular vector is the first principal
-    # direction of the uncentered differences.
-    _, _, right = torch.linalg.svd(differences, full_matrices=False)
+    # direction of the rows; pca_center's rows (each state minus its pair's midpoint,
+    # +d/2 and -d/2) have the same axis as the uncentered differences.
+    rows = differences - mean if method == "pca_diff" else differences
+    _, _, right = torch.linalg.svd(rows, full_matrices=False)
     axis = right[0]
     along = float(mean @ axis)
     if along < 0:
         axis, along = -axis, -along
-    return (axis * along).float()
+    length = along if method == "pca" else float(mean.norm())
+    return (axis * length).float()
 
 
 def score_layers(positives: dict[int, torch.Tensor], negatives: dict[int, torch.Tensor]) -> list[LayerScore]:
@@ -146,14 +174,45 @@ def score_layers(positives: dict[int, torch.Tensor], negatives: dict[int, torch.
     return scores
 
 
-def best_layer(scores: Sequence[LayerScore]) -> int:
-    """The most consistent layer (accuracy breaks ties, then the shallower layer).
+def _candidates(scores: Sequence[LayerScore]) -> list[LayerScore]:
+    # Layer 0 only when it is the only layer: llama.cpp cannot carry a control vector
+    # there (see steer.vectors), and repeng does not read it either.
+    return [s for s in scores if s.layer > 0] or list(scores)
 
-    Layer 0 is chosen only when it is the only layer: llama.cpp cannot carry a control
-    vector there (see steer.vectors), and repeng does not read it either.
-    """
-    candidates = [s for s in scores if s.layer > 0] or list(scores)
-    return max(candidates, key=lambda s: (s.consistency, s.accuracy, -s.layer)).layer
+
+def best_layer(scores: Sequence[LayerScore]) -> int:
+    """The layer with the largest measured steering effect, or without measured
+    effects the most consistent one (accuracy breaks ties, then the shallower layer)."""
+    measured = [s for s in _candidates(scores) if s.effect is not None]
+    if measured:
+        return max(measured, key=lambda s: (s.effect, s.consistency, -s.layer)).layer
+    return max(_candidates(scores), key=lambda s: (s.consistency, s.accuracy, -s.layer)).layer
+
+
+def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[int, torch.Tensor],
+                    negatives: dict[int, torch.Tensor], scores: Sequence[LayerScore],
+                    method: Method) -> list[LayerScore]:
+    """`scores` with the held-out steering effect of the best-separating layers: for
+    each fold (as in `score_layers`) the direction from one half steers the other half
+    at EFFECT_STRENGTH, and the gain of their mean margin is averaged over folds."""
+    from behaviorc.engine.protocol import steered
+    from behaviorc.measure.margin import per_pair_margins
+
+    ranked = sorted(_candidates(scores), key=lambda s: (-s.consistency, -s.accuracy, s.layer))
+    chosen = {s.layer for s in ranked[:EFFECT_CANDIDATES]}
+    indices = list(range(len(pairs)))
+    folds = [(indices[0::2], indices[1::2]), (indices[1::2], indices[0::2])]
+    unsteered = per_pair_margins(engine, pairs)
+    effects: dict[int, float] = {}
+    for layer in chosen:
+        gains = []
+        for train, held in folds:
+            vector = direction(positives[layer][train], negatives[layer][train], method)
+            with steered(engine, {layer: vector}, EFFECT_STRENGTH):
+                margins = per_pair_margins(engine, [pairs[i] for i in held])
+            gains.append(sum(m - unsteered[i] for m, i in zip(margins, held)) / len(held))
+        effects[layer] = sum(gains) / len(gains)
+    return [LayerScore(s.layer, s.consistency, s.accuracy, effects.get(s.layer)) for s in scores]
 
 
 def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Literal["auto"],
@@ -179,12 +238,15 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
     scores: tuple[LayerScore, ...] = ()
     if layers == "auto":
         scores = tuple(score_layers(positives, negatives))
+        scores = tuple(measure_effects(engine, pairs, positives, negatives, scores, method))
         wanted = [best_layer(scores)]
     directions = {layer: direction(positives[layer], negatives[layer], method) for layer in wanted}
     vectors = SteeringVectors(
         directions=directions, method=method, model=info.name, read=read,
         model_type=model_type(info.path) or info.architecture)
-    return Extraction(vectors, scores)
+    state_norms = {layer: float(torch.cat([positives[layer], negatives[layer]]).norm(dim=1).mean())
+                   for layer in wanted}
+    return Extraction(vectors, scores, state_norms)
 
 
 def model_type(folder: str) -> str:

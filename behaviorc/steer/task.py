@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import ClassVar, Literal
 
 from behaviorc.core import ir
-from behaviorc.core.events import SteerLayers, SteerPoint
+from behaviorc.core.events import SteerLayers, SteerPoint, SteerVerdict
 from behaviorc.core.metrics import STEER_EXTRACT, STEER_VERIFY
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.model.task import ResolveModel
@@ -43,6 +43,9 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
         "prompt_format": engine.prompt_format,
         "layers": list(vectors.layers),
         "norms": {str(layer): norm for layer, norm in vectors.norms.items()},
+        # what strength 1 moves, relative to a typical hidden state at the layer
+        "relative_norms": {str(layer): vectors.norms[layer] / extraction.state_norms[layer]
+                           for layer in vectors.layers if extraction.state_norms.get(layer)},
     }
     # llama.cpp keeps no control vector for layer 0 (see steer.vectors); the GGUF holds
     # the other layers and the data says which it left out.
@@ -54,11 +57,14 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     metrics: dict[str, float] = {}
     if extraction.scores:
         data["scores"] = [
-            {"layer": s.layer, "consistency": s.consistency, "accuracy": s.accuracy}
+            {"layer": s.layer, "consistency": s.consistency, "accuracy": s.accuracy,
+             "effect": s.effect}
             for s in extraction.scores]
         chosen = next(s for s in extraction.scores if s.layer == vectors.layers[0])
         data["chosen"] = chosen.layer
         metrics["separation"] = chosen.consistency
+        if chosen.effect is not None:
+            metrics["layer_effect"] = chosen.effect
         ctx.emit(SteerLayers(scores=data["scores"], chosen=chosen.layer))
     return TaskResult(metrics=metrics, artifacts=artifacts, data=data)
 
@@ -66,7 +72,7 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
 def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
     from behaviorc.formats.steering import load_steering
     from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
-    from behaviorc.steer.verify import SweepPoint, verify
+    from behaviorc.steer.verify import Budget, SweepPoint, sample_prompts, verify
 
     vectors = load_steering(ctx.result(task.vectors).path("vectors"), task.loc)
     engine = _engine(task, ctx)
@@ -76,17 +82,29 @@ def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
         ctx.progress(done, total, f"strength {point.strength:g}")
 
     result = verify(engine, vectors, task.strength, task.pairs,
-                    task.general or DEFAULT_GENERAL_TEXTS, task.sweep, on_point, task.loc)
+                    task.general or DEFAULT_GENERAL_TEXTS, task.sweep, on_point, task.loc,
+                    Budget(task.nll_budget, task.repetition_budget))
+    if result.warnings:
+        ctx.emit(SteerVerdict(warnings=list(result.warnings), strength=result.strength))
+    control = result.control
     return TaskResult(
-        metrics={
-            "margin_before": result.before.margin,
-            "margin_steered": result.steered.margin,
-            "margin_after": result.steered.margin,
-            "general_nll_before": result.before.general_nll,
-            "general_nll_steered": result.steered.general_nll,
+        metrics=result.metrics(),
+        data={
+            "strength": result.strength,
+            "choice": result.choice,
+            "warnings": list(result.warnings),
+            "control": {"strength": control.strength, "margin": control.margin,
+                        "effect": result.control_effect, "right_share": control.right_share,
+                        "wrong_share": control.wrong_share},
+            "pairs": [{"prompt": pair.prompt, "margin_before": before, "margin_steered": after}
+                      for pair, before, after in zip(task.pairs, result.before.margins,
+                                                     result.steered.margins)],
+            "sample_prompts": sample_prompts(task.pairs),
+            "sweep": [p.as_dict() for p in result.sweep],
+            "before": result.before.as_dict(),
+            "steered": result.steered.as_dict(),
+            "prompt_format": engine.prompt_format,
         },
-        data={"strength": task.strength, "sweep": [p.as_dict() for p in result.sweep],
-              "prompt_format": engine.prompt_format},
     )
 
 
@@ -102,7 +120,7 @@ class ExtractSteering(Task):
     model: ResolveModel
     # Only what extraction reads, so changing a strength does not re-extract.
     layers: tuple[int, ...] | Literal["auto"]
-    method: Literal["mean_diff", "pca"]
+    method: Literal["mean_diff", "pca", "pca_diff", "pca_center"]
     read: Literal["last", "mean"]
     pairs: tuple[ir.Pair, ...]  # the extraction split
 
@@ -111,19 +129,26 @@ class ExtractSteering(Task):
 
 
 class VerifySteering(Task):
-    """The behavior margin on held-out pairs with steering off and on. metrics:
-    margin_before, margin_steered, margin_after (= margin_steered), general_nll_before,
-    general_nll_steered. data: sweep [{strength, margin, general_nll}]."""
+    """The steerability report: held-out margins with steering off, at the spec's
+    strength (or the one `strength auto` chose inside the budget) and at each sweep
+    strength, beside a random control direction; per-pair changes, cost (general NLL,
+    capability probe, repetition) and greedy sample replies at each strength.
+    metrics: core.metrics.STEER_VERIFY. data: strength, choice, warnings (the verdict),
+    control, pairs [{prompt, margin_before, margin_steered}], sweep [{strength, margin,
+    general_nll, capability, repetition, projection, right_share, wrong_share, samples}],
+    sample_prompts."""
 
     kind: ClassVar[str] = "steer.verify"
     reports: ClassVar[tuple[str, ...]] = STEER_VERIFY
     parallel_safe: ClassVar[bool] = True
     model: ResolveModel
     vectors: ExtractSteering
-    strength: float
+    strength: float | Literal["auto"]
     sweep: tuple[float, ...]
     pairs: tuple[ir.Pair, ...]  # held out from extraction
     general: tuple[str, ...]
+    nll_budget: float = 0.10  # `strength auto`'s and the verdict's cost budget
+    repetition_budget: float = 0.10
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         return verify_steering(self, ctx)

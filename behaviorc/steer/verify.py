@@ -1,9 +1,28 @@
-"""Does the direction do what it should? Margins with steering off and on.
+"""Does the direction do what it should, and what does it cost? A steerability report.
 
-The behavior margin (mean per-token log-prob of the positive completion minus the
-negative one, over held-out pairs) is measured without steering and with the vectors
-added at the spec's strength; a sweep repeats that for several strengths and adds the
-general-text NLL at each, so a user sees what each strength buys and what it costs.
+At each strength tried (0, the spec's or the chosen one, the sweep) one `SweepPoint`
+measures, with the vectors added at that strength:
+
+- the behavior margin of every held-out pair (mean per-token log-prob of the positive
+  completion minus the negative one), their mean, and the shares of pairs whose margin
+  rose (`right_share`) or fell (`wrong_share`: anti-steerable pairs, arXiv 2407.12404)
+  against steering off;
+- the general-text NLL and the capability probe's accuracy (measure.capability);
+- greedy sample replies to a few held-out prompts, their share of repeated word 3-grams
+  (measure.repetition) and their activation-projection score (measure.projection: how
+  much of the trait a reply expresses, read without steering).
+
+A control direction (random, seeded, each layer of the same norm as the vector) is
+measured the same way at the chosen strength: an effect that does not beat it (by two
+standard errors of the per-pair changes) says the pairs carry no usable direction.
+
+`strength auto` tries the sweep (or `AUTO_STRENGTHS`) and keeps the strength with the
+largest margin gain whose cost stays inside the budget: general NLL at most
+`nll_rise` above steering off (relative), and repetition at most `repetition_rise`
+above the base model's. The verdict lists, as warnings, every reason not to trust the
+vectors: no gain over the control, more pairs moved the wrong way than the right way,
+no strength inside the budget, a strength that costs more than the budget, and a
+weaker strength that steers better.
 
 Everything goes through the Engine protocol, so the same code verifies in process and
 against a live vLLM server. Steering is always cleared afterwards, also on errors.
@@ -11,15 +30,43 @@ against a live vLLM server. Steering is always cleared afterwards, also on error
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Literal, Sequence
+
+import torch
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
-from behaviorc.engine.protocol import Engine
-from behaviorc.measure.margin import behavior_margin
-from behaviorc.measure.nll import general_nll
+from behaviorc.engine.protocol import Engine, steered
 from behaviorc.formats.steering import SteeringVectors
+from behaviorc.measure.margin import per_pair_margins
+from behaviorc.measure.nll import general_nll
+from behaviorc.measure.capability import capability_accuracy
+from behaviorc.measure.projection import REPLY_TOKENS, projection_score
+from behaviorc.measure.repetition import repeated_ngram_share
+
+# Strengths `strength auto` tries when the spec has no sweep. A strength multiplies the
+# extracted vector, whose length is the pairs' mean difference (see steer.extract), so
+# 1 moves a hidden state by what separates an average negative from its positive.
+AUTO_STRENGTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
+SAMPLE_PROMPTS = 3  # held-out prompts replied to at each strength
+SAMPLE_TOKENS = REPLY_TOKENS
+CONTROL_SEED = 0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a strength may cost: the general NLL's relative rise and the repetition's
+    absolute rise, both against steering off."""
+
+    nll_rise: float = 0.10
+    repetition_rise: float = 0.10
+
+    def allows(self, point: "SweepPoint", base: "SweepPoint") -> bool:
+        return (point.general_nll <= base.general_nll * (1 + self.nll_rise)
+                and point.repetition <= base.repetition + self.repetition_rise)
 
 
 @dataclass(frozen=True)
@@ -27,16 +74,59 @@ class SweepPoint:
     strength: float
     margin: float
     general_nll: float
+    capability: float = 0.0  # the probe's accuracy
+    repetition: float = 0.0  # share of repeated word 3-grams in the samples
+    projection: float | None = None  # None when every sample was empty
+    right_share: float = 0.0  # pairs whose margin rose against steering off
+    wrong_share: float = 0.0  # pairs whose margin fell (anti-steerable)
+    margins: tuple[float, ...] = ()  # per held-out pair
+    samples: tuple[str, ...] = ()
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class Verification:
     before: SweepPoint  # steering off
-    steered: SweepPoint  # at the spec's strength
-    sweep: tuple[SweepPoint, ...]  # the requested strengths, ascending
+    steered: SweepPoint  # at the spec's (or the chosen) strength
+    sweep: tuple[SweepPoint, ...]  # the requested (or, for auto, tried) strengths, ascending
+    control: SweepPoint  # a random direction of the same norm at the same strength
+    strength: float  # the strength `steered` was measured at
+    choice: str = ""  # why this strength, for `strength auto`
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def effect(self) -> float:
+        return self.steered.margin - self.before.margin
+
+    @property
+    def control_effect(self) -> float:
+        return self.control.margin - self.before.margin
+
+    def metrics(self) -> dict[str, float]:
+        before, steered = self.before, self.steered
+        figures = {
+            "margin_before": before.margin,
+            "margin_steered": steered.margin,
+            "margin_after": steered.margin,
+            "general_nll_before": before.general_nll,
+            "general_nll_steered": steered.general_nll,
+            "steer_effect": self.effect,
+            "control_effect": self.control_effect,
+            "right_share": steered.right_share,
+            "anti_steerable_share": steered.wrong_share,
+            "capability_before": before.capability,
+            "capability_steered": steered.capability,
+            "repetition_before": before.repetition,
+            "repetition_steered": steered.repetition,
+            "strength": self.strength,
+            "steer_warnings": float(len(self.warnings)),
+        }
+        if before.projection is not None and steered.projection is not None:
+            figures["projection_before"] = before.projection
+            figures["projection_steered"] = steered.projection
+        return figures
 
 
 def check_fits(engine: Engine, vectors: SteeringVectors, loc: Location | None = None) -> None:
@@ -51,37 +141,142 @@ def check_fits(engine: Engine, vectors: SteeringVectors, loc: Location | None = 
                                 f"has layers 0..{info.num_layers - 1}", loc)
 
 
+def control_vectors(vectors: SteeringVectors, seed: int = CONTROL_SEED) -> SteeringVectors:
+    """A random direction at each of the vectors' layers, of the same norm (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    random = {}
+    for layer, vector in vectors.directions.items():
+        noise = torch.randn(vector.numel(), generator=generator, dtype=torch.float64)
+        random[layer] = (noise / noise.norm() * vector.double().norm()).float()
+    return vectors.with_directions(random)
+
+
+def sample_prompts(pairs: Sequence[ir.Pair], count: int = SAMPLE_PROMPTS) -> list[str]:
+    return list(dict.fromkeys(p.prompt for p in pairs))[:count]
+
+
 def measure_at(engine: Engine, vectors: SteeringVectors, strength: float,
-               pairs: Sequence[ir.Pair], general: Sequence[str]) -> SweepPoint:
-    """Margin and general NLL with `vectors` added at `strength` (0: steering off)."""
-    if strength == 0:
-        engine.clear_steering()
-    else:
-        engine.set_steering(vectors.directions, strength)
-    try:
-        return SweepPoint(strength, behavior_margin(engine, pairs), general_nll(engine, general))
-    finally:
-        engine.clear_steering()
+               pairs: Sequence[ir.Pair], general: Sequence[str],
+               base: SweepPoint | None = None, prompts: Sequence[str] = (),
+               sample_tokens: int = SAMPLE_TOKENS, full: bool = True) -> SweepPoint:
+    """One strength's figures (0: steering off); `base`, steering off's point, gives the
+    per-pair shares. `full` False measures the margins only (the control)."""
+    engine.clear_steering()
+    with steered(engine, vectors.directions, strength) if strength else nullcontext(engine):
+        margins = per_pair_margins(engine, pairs)
+        if full:
+            nll = general_nll(engine, general)
+            capability = capability_accuracy(engine)
+            replies = engine.generate(list(prompts), max_new_tokens=sample_tokens) if prompts else []
+    mean = sum(margins) / len(margins)
+    shares = {}
+    if base is not None:
+        changes = [m - b for m, b in zip(margins, base.margins)]
+        shares = {"right_share": sum(c > 0 for c in changes) / len(changes),
+                  "wrong_share": sum(c < 0 for c in changes) / len(changes)}
+    if not full:
+        return SweepPoint(strength, mean, math.nan, margins=tuple(margins), **shares)
+    return SweepPoint(strength, mean, nll, capability=capability,
+                      repetition=repeated_ngram_share(replies),
+                      projection=_projection(engine, vectors, prompts, replies),
+                      margins=tuple(margins), samples=tuple(replies), **shares)
 
 
-def verify(engine: Engine, vectors: SteeringVectors, strength: float, pairs: Sequence[ir.Pair],
-           general: Sequence[str], sweep: Sequence[float] = (),
+def _projection(engine: Engine, vectors: SteeringVectors, prompts: Sequence[str],
+                replies: Sequence[str]) -> float | None:
+    """The replies' projection score, or None from an engine that cannot read hidden
+    states (a live vLLM server): the report then leaves the score out."""
+    if not getattr(engine, "reads_hidden_states", True):
+        return None
+    return projection_score(engine, vectors.directions, prompts, replies)
+
+
+def choose_strength(points: Sequence[SweepPoint], base: SweepPoint, budget: Budget) -> tuple[float | None, str]:
+    """The strength with the largest margin gain inside the budget, and why; None when
+    no strength fits."""
+    fitting = [p for p in points if p.strength != 0 and budget.allows(p, base)]
+    if not fitting:
+        return None, "no strength kept inside the budget"
+    best = max(fitting, key=lambda p: (p.margin, -abs(p.strength)))
+    return best.strength, (
+        f"strength {best.strength:g}: the largest margin gain ({best.margin - base.margin:+.3g}) "
+        f"of {len(points)} tried whose general NLL rose at most {budget.nll_rise:.0%} "
+        f"({best.general_nll / base.general_nll - 1:+.1%}) and repetition at most "
+        f"{budget.repetition_rise:g} ({best.repetition - base.repetition:+.2f})")
+
+
+def verdict(result: Verification, budget: Budget, auto: bool, fits: bool) -> tuple[str, ...]:
+    """Every reason the measurements give not to trust the vectors at this strength."""
+    warnings = []
+    steered = result.steered
+    noise = 2 * _standard_error([a - b for a, b in zip(steered.margins, result.before.margins)])
+    if result.effect - noise <= abs(result.control_effect):
+        warnings.append(f"the steering effect ({result.effect:+.3g} ± {noise:.2g} margin) does not "
+                        f"beat a random direction of the same norm ({result.control_effect:+.3g})")
+    if steered.wrong_share > steered.right_share:
+        warnings.append(f"{steered.wrong_share:.0%} of the held-out pairs move the wrong way "
+                        f"(anti-steerable), only {steered.right_share:.0%} the right way")
+    if auto and not fits:
+        warnings.append(f"no strength tried fits the budget (general NLL +{budget.nll_rise:.0%}, "
+                        f"repetition +{budget.repetition_rise:g}); strength "
+                        f"{result.strength:g} is the weakest tried")
+    elif not auto and not budget.allows(steered, result.before):
+        warnings.append(
+            f"strength {result.strength:g} costs more than the budget: general NLL "
+            f"{steered.general_nll / result.before.general_nll - 1:+.1%} (budget "
+            f"+{budget.nll_rise:.0%}), repetition {steered.repetition - result.before.repetition:+.2f} "
+            f"(budget +{budget.repetition_rise:g})")
+    weaker = [p for p in result.sweep if 0 < p.strength < result.strength and p.margin > steered.margin]
+    if weaker and not auto:
+        best = max(weaker, key=lambda p: p.margin)
+        warnings.append(f"the margin at strength {result.strength:g} ({steered.margin:.3g}) is below "
+                        f"that at the weaker {best.strength:g} ({best.margin:.3g})")
+    return tuple(warnings)
+
+
+def _standard_error(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return math.sqrt(variance / len(values))
+
+
+def verify(engine: Engine, vectors: SteeringVectors, strength: float | Literal["auto"],
+           pairs: Sequence[ir.Pair], general: Sequence[str], sweep: Sequence[float] = (),
            on_point: Callable[[SweepPoint, int, int], None] | None = None,
-           loc: Location | None = None) -> Verification:
-    """Steering off, at `strength`, and at each sweep strength (each measured once)."""
+           loc: Location | None = None, budget: Budget = Budget(),
+           sample_tokens: int = SAMPLE_TOKENS) -> Verification:
+    """Steering off, at each sweep strength and at `strength` (each measured once), the
+    control at the strength used, and the verdict."""
     if not pairs:
         raise BehaviorError("no held-out pairs to verify the steering direction on", loc)
     if not general:
         raise BehaviorError("no general texts to measure the NLL cost of steering on", loc)
     check_fits(engine, vectors, loc)
-    strengths = list(dict.fromkeys([0.0, float(strength), *sorted(float(s) for s in sweep)]))
+    auto = strength == "auto"
+    tried = sorted(set(float(s) for s in (sweep or (AUTO_STRENGTHS if auto else ()))))
+    if auto and not any(s > 0 for s in tried):
+        raise BehaviorError("`strength auto` needs a positive strength in the sweep to choose from", loc)
+    strengths = list(dict.fromkeys([0.0, *([] if auto else [float(strength)]), *tried]))
+    prompts = sample_prompts(pairs)
+    total = len(strengths)
     measured: dict[float, SweepPoint] = {}
     for done, value in enumerate(strengths, 1):
-        measured[value] = measure_at(engine, vectors, value, pairs, general)
+        measured[value] = measure_at(engine, vectors, value, pairs, general, measured.get(0.0),
+                                     prompts, sample_tokens)
         if on_point is not None:
-            on_point(measured[value], done, len(strengths))
-    return Verification(
-        before=measured[0.0],
-        steered=measured[float(strength)],
-        sweep=tuple(measured[float(s)] for s in sorted(set(float(s) for s in sweep))),
-    )
+            on_point(measured[value], done, total)
+    before = measured[0.0]
+    choice, fits = "", True
+    if auto:
+        chosen, choice = choose_strength([measured[s] for s in tried], before, budget)
+        fits = chosen is not None
+        used = chosen if fits else min(s for s in tried if s > 0)
+    else:
+        used = float(strength)
+    control = measure_at(engine, control_vectors(vectors), used, pairs, general, before, full=False)
+    result = Verification(before=before, steered=measured[used],
+                          sweep=tuple(measured[s] for s in tried), control=control,
+                          strength=used, choice=choice)
+    return replace(result, warnings=verdict(result, budget, auto, fits))

@@ -46,6 +46,7 @@ from behaviorc.formats.steering import load_steering
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
 from behaviorc.measure.margin import behavior_margin
 from behaviorc.measure.nll import general_nll
+from behaviorc.measure.projection import projection_score
 from behaviorc.measure.replies import reply_prompts, sample_replies
 from behaviorc.model.adapter import ArchitectureAdapter
 from behaviorc.model.loading import context_positions, load_model, refuse_over_context
@@ -167,6 +168,9 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
     replies = {"base": sample_replies(engine, shown)}
     if directions:
         replies["steered"] = sample_replies(engine, shown, steering=directions, strength=strength)
+        # How much of the trait the replies express, read by the base model unsteered.
+        for which, name in (("base", "projection_before"), ("steered", "projection_steered")):
+            _projection(metrics, name, engine, directions, shown, replies[which])
 
     def trained() -> dict[str, Any]:
         return trained_tensors(adapter.checkpoint_tensors(model), list(targets))
@@ -226,7 +230,9 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
             metrics["margin_after"] = behavior_margin(engine, eval_pairs)
         metrics["general_nll_after"] = general_nll(engine, general)
         replies["trained"] = sample_replies(engine, shown)
-        data["replies"] = [{"prompt": prompt, **{model: texts[i] for model, texts in replies.items()}}
+        if directions:
+            _projection(metrics, "projection_after", engine, directions, shown, replies["trained"])
+        data["replies"] = [{"prompt": prompt, **{which: texts[i].strip() for which, texts in replies.items()}}
                            for i, prompt in enumerate(shown)]
         if "margin_steered" in metrics:
             gain = metrics["margin_steered"] - metrics["margin_before"]
@@ -247,6 +253,14 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
         ctx.emit(TrainEval(step=train_spec.steps, margin=metrics["margin_after"],
                            steered_share=metrics.get("steered_share")))
     return TaskResult(metrics=metrics, artifacts={"model": "model"}, data=data)
+
+
+def _projection(metrics: dict[str, float], name: str, engine: Engine,
+                directions: dict[int, torch.Tensor], prompts: Sequence[str],
+                replies: Sequence[str]) -> None:
+    score = projection_score(engine, directions, prompts, replies)
+    if score is not None:  # every reply was empty
+        metrics[name] = score
 
 
 def save_model(model: Any, tokenizer: Any, folder: Path) -> None:

@@ -166,11 +166,18 @@ def draw_steering(state: BuildState) -> RenderableType:
     verifies = [t for t in state.tasks.values() if t.kind == "steer.verify"]
     if not verifies:
         return Text("no steering in this plan", style="dim")
-    table = Table("behavior", "before", "steered", "after", box=None, pad_edge=False)
+    # The steerability figures (effect beside the random control's, pairs moved the
+    # right and the wrong way) where the build measured them.
+    report = [("effect", "steer_effect"), ("control", "control_effect"),
+              ("right", "right_share"), ("wrong", "anti_steerable_share")]
+    report = [(title, key) for title, key in report if any(key in t.metrics for t in verifies)]
+    table = Table("behavior", "before", "steered", "after", *(t for t, _ in report),
+                  box=None, pad_edge=False)
     for task in verifies:
         m = task.metrics
         table.add_row(task.id.split(":", 1)[-1], _metric(m, "margin_before"),
-                      _metric(m, "margin_steered"), _metric(m, "margin_after"))
+                      _metric(m, "margin_steered"), _metric(m, "margin_after"),
+                      *(_metric(m, key) for _, key in report))
     parts: list[RenderableType] = [_heading("margins"), table]
     for task_id, layers in state.layer_scores.items():
         parts += [Text(""), _heading(f"layers auto  {task_id.split(':', 1)[-1]}: chose {layers['chosen']}")]
@@ -179,14 +186,39 @@ def draw_steering(state: BuildState) -> RenderableType:
             rows.add_row(str(score.get("layer")), f"{score.get('consistency', 0):.3f}",
                          f"{score.get('accuracy', 0):.3f}")
         parts.append(rows)
+    for task in verifies:
+        for warning in task.data.get("warnings") or []:
+            parts.append(Text(f"⚠ {task.id.split(':', 1)[-1]}: {warning}", style="bold yellow"))
+        if task.data.get("choice"):
+            parts.append(Text(f"{task.id.split(':', 1)[-1]}: {task.data['choice']}", style="dim"))
     for task_id, sweep in state.sweeps.items():
         parts += [Text(""), _heading(f"strength sweep  {task_id.split(':', 1)[-1]}")]
-        rows = Table("strength", "margin", "general nll", box=None, pad_edge=False)
+        costs = [key for key in ("capability", "repetition") if any(key in p for p in sweep)]
+        rows = Table("strength", "margin", "general nll", *costs, box=None, pad_edge=False)
         for point in sweep:
             rows.add_row(f"{point.get('strength', 0):g}", f"{point.get('margin', 0):+.3f}",
-                         f"{point['general_nll']:.3f}" if "general_nll" in point else "–")
+                         f"{point['general_nll']:.3f}" if "general_nll" in point else "–",
+                         *(f"{point[key]:.3f}" if key in point else "–" for key in costs))
         parts += [Text(render_curve([p.get("margin", 0.0) for p in sweep])), rows]
+        parts += _sample_replies(state.tasks.get(task_id), sweep)
     return Group(*parts)
+
+
+def _sample_replies(task: TaskState | None, sweep: list[dict]) -> list[RenderableType]:
+    """Each sampled prompt, then the greedy reply at every strength tried."""
+    prompts = (task.data.get("sample_prompts") if task else None) or []
+    if not any(point.get("samples") for point in sweep):
+        return []
+    parts: list[RenderableType] = [Text(""), _heading("sample replies (greedy)")]
+    count = max(len(point.get("samples") or []) for point in sweep)
+    for index in range(count):
+        prompt = prompts[index] if index < len(prompts) else f"prompt {index + 1}"
+        parts.append(Text(prompt, style="bold"))
+        for point in sweep:
+            samples = point.get("samples") or []
+            reply = " ".join(samples[index].split()) if index < len(samples) else ""
+            parts.append(Text.assemble((f"  {point.get('strength', 0):>5g}  ", "dim"), reply or "–"))
+    return parts
 
 
 def draw_compose_deploy(state: BuildState) -> RenderableType:

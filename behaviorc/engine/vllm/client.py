@@ -17,6 +17,8 @@ from behaviorc.model.chat import PromptFormat, model_prompt, prompt_format
 class VLLMEngine:
     """A live vLLM server as an Engine: generation, log-probs, steering, weight pushes."""
 
+    reads_hidden_states = False  # see hidden_states: measurements that need them skip them
+
     def __init__(self, url: str, api_key: str | None = None, name: str | None = None,
                  timeout: float | None = None):
         self.client = ServerClient(url, api_key, timeout)

@@ -1,0 +1,35 @@
+"""Activation-projection score: how much of a trait a text expresses, judge-free.
+
+As persona vectors monitor a trait, a reply is read back through the model *without*
+steering, its hidden states at the steered layers are averaged over the reply's tokens
+and projected onto the unit steering direction; the score is the mean over replies and
+layers. Reading unsteered makes the score a property of the text, so replies of the
+base, the steered and the trained model are comparable on one scale.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from behaviorc.engine.protocol import Engine
+
+REPLY_TOKENS = 24  # short: the replies are read, and generating is the slow part
+
+
+def projection_score(engine: Engine, directions: Mapping[int, torch.Tensor], prompts: Sequence[str],
+                     replies: Sequence[str]) -> float | None:
+    """The score of `replies` to `prompts` (None when every reply is empty). The engine
+    must be unsteered."""
+    kept = [(p, r) for p, r in zip(prompts, replies) if r]
+    if not kept:
+        return None
+    layers = list(directions)
+    states = engine.hidden_states([p for p, _ in kept], [r for _, r in kept], layers, "mean")
+    scores = []
+    for layer in layers:
+        direction = directions[layer].double()
+        unit = direction / direction.norm() if direction.norm() > 0 else direction
+        scores.append(float((states[layer].double() @ unit).mean()))
+    return sum(scores) / len(scores)
