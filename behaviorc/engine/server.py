@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     import httpx
 
 WORKER_EXTENSION = "behaviorc.engine.worker.BehaviorWorker"
+# Checks and cache-salts per-request steering (`vllm_xargs.steer`); see engine/live_steer.py.
+STEER_MIDDLEWARE = "behaviorc.engine.live_steer.SteerRequests"
 API_KEY_ENV = "BEHAVIORC_API_KEY"
 READY_TIMEOUT_S = 600.0
 STOP_GRACE_S = 15.0
@@ -90,7 +92,7 @@ def server_command(model_dir: Path, host: str, port: int, api_key: str | None) -
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", host, "--port", str(port),
                "--enforce-eager", "--worker-extension-cls", WORKER_EXTENSION,
-               "--max-model-len", "2048"]
+               "--max-model-len", "2048", "--middleware", STEER_MIDDLEWARE]
     if api_key:
         command += ["--api-key", api_key, "--middleware", f"{__name__}.guard_all_routes"]
     return command
