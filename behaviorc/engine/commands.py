@@ -6,6 +6,8 @@ import argparse
 import signal
 import time
 
+from behaviorc.engine import chat
+
 DESCRIPTION = """\
 Serve a built-in model or a local Hugging Face folder with vLLM's OpenAI-compatible
 server, with behaviorc's worker extension loaded so builds can steer it and push
@@ -34,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--api-key", default=None,
                         help="require this bearer token on every request")
     parser.set_defaults(run=run_serve)
+    chat.register(subparsers)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -156,6 +156,17 @@ class NamedSteering:
                        "norms": {str(k): v for k, v in registry.norms[name].items()}}
                 for name in registry.names}
 
+    def behaviorc_steer_stats(self) -> dict[str, int]:
+        """Forward passes that steered some tokens, and those that also held unsteered
+        requests (a test of per-request steering needs the second to be non-zero)."""
+        return dict(self._behaviorc_steer_counts())
+
+    def _behaviorc_steer_counts(self) -> dict[str, int]:
+        counts = getattr(self, "_behaviorc_named_counts", None)
+        if counts is None:
+            counts = self._behaviorc_named_counts = {"steered_passes": 0, "mixed_passes": 0}
+        return counts
+
     def _behaviorc_check_vectors(self, name: Any, vectors: Any) -> list[str]:
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             return [f"the name {json.dumps(name)} is not a vector name (letters, digits, "
@@ -236,11 +247,13 @@ class NamedSteering:
         if int(starts[-1]) > tokens:  # not a batch of scheduled requests (a warm-up run)
             return None
         coefficients = None
+        plain = 0
         for position, req_id in enumerate(batch.req_ids[:count]):
             state = runner.requests.get(req_id)
             params = getattr(state, "sampling_params", None)
             spec = (getattr(params, "extra_args", None) or {}).get(STEER_ARG)
             if not spec:
+                plain += 1
                 continue
             for name, strength in _parsed(spec):
                 row = registry.index.get(name)
@@ -251,6 +264,9 @@ class NamedSteering:
                 coefficients[int(starts[position]):int(starts[position + 1]), row] = strength
         if coefficients is None:
             return None
+        counts = self._behaviorc_steer_counts()
+        counts["steered_passes"] += 1
+        counts["mixed_passes"] += plain > 0
         device = next(iter(registry.matrices.values())).device
         return coefficients.to(device)
 

@@ -9,6 +9,7 @@ counts those that failed (the claim is zero).
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -19,19 +20,14 @@ from behaviorc.plan.tasks import ComposeBehaviors, DeployModel
 
 def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
     from behaviorc.engine.push import push_weights
-    from behaviorc.engine.server import serve
     from behaviorc.engine.traffic import RequestLoop
     from behaviorc.engine.vllm import VLLMEngine
 
+    if task.source is None:
+        return _deploy_steering(task, ctx)
     folder = ctx.result(task.source).path("model")
     with ExitStack() as stack:
-        if task.deploy.urls == "auto":
-            ctx.progress(0, 3, "starting a vLLM server")
-            server = stack.enter_context(serve(ctx.result(task.model).data["path"]))
-            urls = [server.url]
-        else:
-            urls = list(task.deploy.urls)
-        ctx.check_cancelled()
+        urls = _servers(task, ctx, stack)
         ctx.progress(1, 3, f"pushing {folder.name} to {len(urls)} server(s)")
         with RequestLoop(urls, threads=1) as probes:
             report = _located(task, lambda: push_weights(urls, folder))
@@ -52,6 +48,61 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
                  "requests_failed": float(len(probes.failed)),
                  "requests_served": float(len(probes.requests) - len(probes.failed))},
         data={"urls": urls, "tensors": report.tensors, "steering_layers": steered,
+              "auto": task.deploy.urls == "auto"})
+
+
+def _servers(task: DeployModel, ctx: TaskContext, stack: ExitStack) -> list[str]:
+    """The deploy's URLs; for `auto`, a server of the base model held open by `stack`."""
+    from behaviorc.engine.server import serve
+
+    if task.deploy.urls != "auto":
+        return list(task.deploy.urls)
+    ctx.progress(0, 3, "starting a vLLM server")
+    server = stack.enter_context(serve(ctx.result(task.model).data["path"]))
+    ctx.check_cancelled()
+    return [server.url]
+
+
+def _deploy_steering(task: DeployModel, ctx: TaskContext) -> TaskResult:
+    """A behavior that only steers: attach its vectors to every request of every
+    replica (`steering on`), or detach all server-wide steering (`steering off`), while
+    probes count failed requests. Each replica checks the vectors before it changes
+    anything and swaps them between two forward passes; if a replica refuses, the
+    replicas already steered are detached again."""
+    from behaviorc.engine.traffic import RequestLoop
+    from behaviorc.engine.vllm import VLLMEngine
+
+    directions = _steering_directions(task, ctx) if task.deploy.steering else {}
+    with ExitStack() as stack:
+        urls = _servers(task, ctx, stack)
+        ctx.progress(1, 3, f"{'attaching' if directions else 'detaching'} steering on "
+                           f"{len(urls)} server(s)")
+        engines = [stack.enter_context(VLLMEngine(url)) for url in urls]
+        started = time.perf_counter()
+        with RequestLoop(urls, threads=1) as probes:
+            done: list[VLLMEngine] = []
+            try:
+                for engine in engines:
+                    if directions:
+                        _located(task, lambda: engine.set_steering(directions,
+                                                                  task.steering_strength))
+                    else:
+                        _located(task, engine.clear_steering)
+                    done.append(engine)
+            except BehaviorError:
+                for engine in done if directions else []:
+                    engine.clear_steering()
+                raise
+        seconds = time.perf_counter() - started
+        ctx.emit("deploy.push", urls=urls, push_ms=seconds * 1000.0,
+                 requests=len(probes.requests), requests_failed=len(probes.failed))
+        ctx.progress(3, 3, "deployed")
+    return TaskResult(
+        metrics={"push_ms": seconds * 1000.0,
+                 "requests_failed": float(len(probes.failed)),
+                 "requests_served": float(len(probes.requests) - len(probes.failed))},
+        data={"urls": urls, "tensors": 0, "steering_layers": sorted(directions),
+              "steering_strength": task.steering_strength if directions else 0.0,
               "auto": task.deploy.urls == "auto"})
 
 

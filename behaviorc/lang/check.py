@@ -395,7 +395,7 @@ class _Checker:
             if facts.external == "task_vector":
                 self.sink.error(f"`{target}` is a task vector, not a model", decl.target.loc,
                                 f"deploy a composition of it: `compose {target}_model = {target}`")
-            elif not facts.has_weights:
+            elif not facts.has_weights and not steers:
                 self.sink.error(f"`{target}` has no weights to deploy", decl.target.loc,
                                 "add a train section or `from model \"folder\"`")
         self.values.choice_word(decl.engine, ("vllm",), "serving engine")
@@ -410,6 +410,11 @@ class _Checker:
         steering = self.values.switch(block.one("steering"), False)
         handoff = self.values.switch(block.one("handoff"), False)
         push_every = self.values.number(block.one("push_every"), low=0, whole=True, default=0)
+        if (isinstance(entity, ast.BehaviorDecl) and steers and not self.facts[target].has_weights
+                and block.one("steering") is None):
+            self.sink.error(f"`{target}` only steers: its deploy must say `steering on` (attach "
+                            f"its vectors to every request) or `steering off` (detach them)",
+                            decl.target.loc, "add `{ steering on }`")
         if steering and entity is not None and not steers:
             self.sink.error(f"`{target}` has no steering to serve", block.one("steering").values[0].loc,
                             "give it a steer section, or write `steering off`")

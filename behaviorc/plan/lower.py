@@ -157,7 +157,7 @@ class _Lowering:
             strength = 1.0  # the composed vector already carries each behavior's strength
         else:
             behavior = self.spec.behavior(d.target)
-            source = self.weights[d.target]
+            source = self.weights.get(d.target)  # None: a behavior that only steers
             model = self._model(behavior.model)
             steering = self.steering[d.target] if d.steering else None
             strength = behavior.steer.strength if steering else 1.0

@@ -148,12 +148,14 @@ class ComposeBehaviors(Task):
 
 class DeployModel(Task):
     """Push a model folder (and optionally steering) into live vLLM servers, all or
-    nothing across replicas. metrics: push_ms, requests_failed. data: urls."""
+    nothing across replicas; for a behavior that only steers (no `source`), attach its
+    vectors server-wide (`steering on`) or detach all (`steering off`).
+    metrics: push_ms, requests_failed. data: urls."""
 
     kind: ClassVar[str] = "deploy"
     deploy: ir.Deploy
     model: ResolveModel
-    source: TrainBehavior | ImportModel | ComposeBehaviors
+    source: TrainBehavior | ImportModel | ComposeBehaviors | None
     steering: ExtractSteering | ComposeBehaviors | None = None
     steering_strength: float = 1.0  # the behavior's steer strength (1.0 for a composition)
 
