@@ -311,19 +311,22 @@ def test_a_behavior_that_only_steers_deploys_with_steering_on_or_off(tmp_path):
                                           options=options))
         return [d.message for d in check_file(str(path))[1] if d.severity == "error"]
 
-    assert errors(" { steering on }") == [] and errors(" { steering off }") == []
+    assert errors(" { steering on }") == errors(" { steering off }") == []
+    assert errors(" { steering named }") == []
     assert errors("") == ["`happy` only steers: its deploy must say `steering on` (attach its "
-                          "vectors to every request) or `steering off` (detach them)"]
+                          "vectors to every request), `steering named` (to the requests that "
+                          "ask for `happy`) or `steering off` (detach them)"]
+    assert errors(" { steering nmed }") == ["`steering` is `on`, `off` or `named`, not `nmed`"]
 
 
-def test_steering_only_deploy_attaches_and_detaches_on_the_live_server(
+def test_steering_only_deploy_attaches_detaches_and_registers_on_the_live_server(
         clean, vllm_server, tmp_path, capsys):
     import json
 
     live = clean
     plain = {p: complete(live, p) for p in PROMPTS}
     spec = tmp_path / "happy.behavior"
-    for options in (" { steering on }", " { steering off }"):
+    for options in (" { steering on }", " { steering off }", " { steering named }"):
         spec.write_text(STEER_ONLY.format(model=vllm_server.model_dir, url=live.url,
                                           options=options))
         assert main(["build", str(spec), "--out", str(tmp_path / "out")]) == 0, \
@@ -333,7 +336,13 @@ def test_steering_only_deploy_attaches_and_detaches_on_the_live_server(
         assert deploy["metrics"]["requests_failed"] == 0
         served = {p: complete(live, p) for p in PROMPTS}
         if "on" in options:
+            steered_wide = served
             assert any(differs(served[p], plain[p]) for p in PROMPTS)
         else:
             for p in PROMPTS:
                 assert_same(served[p], plain[p])
+    # `steering named` registered `happy` at the spec's strength: a request that asks for
+    # it is steered as `steering on` steered every request.
+    assert list(registered_vectors(live.client)) == ["happy"]
+    for p in PROMPTS:
+        assert_same(complete(live, p, "happy"), steered_wide[p])

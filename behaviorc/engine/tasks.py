@@ -42,6 +42,9 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
                     _located(task, lambda: engine.set_steering(directions,
                                                               task.steering_strength))
             steered = sorted(directions)
+        if task.deploy.named:
+            ctx.progress(2, 3, f"registering `{task.deploy.target}`")
+            steered = _register_named(task, ctx, urls)
         ctx.progress(3, 3, "deployed")
     return TaskResult(
         metrics={"push_ms": report.seconds * 1000.0,
@@ -65,8 +68,9 @@ def _servers(task: DeployModel, ctx: TaskContext, stack: ExitStack) -> list[str]
 
 def _deploy_steering(task: DeployModel, ctx: TaskContext) -> TaskResult:
     """A behavior that only steers: attach its vectors to every request of every
-    replica (`steering on`), or detach all server-wide steering (`steering off`), while
-    probes count failed requests. Each replica checks the vectors before it changes
+    replica (`steering on`), detach all server-wide steering (`steering off`), or
+    register them for the requests that ask (`steering named`), while probes count
+    failed requests. Each replica checks the vectors before it changes
     anything and swaps them between two forward passes; if a replica refuses, the
     replicas already steered are detached again."""
     from behaviorc.engine.traffic import RequestLoop
@@ -75,6 +79,12 @@ def _deploy_steering(task: DeployModel, ctx: TaskContext) -> TaskResult:
     directions = _steering_directions(task, ctx) if task.deploy.steering else {}
     with ExitStack() as stack:
         urls = _servers(task, ctx, stack)
+        if task.deploy.named:
+            started = time.perf_counter()
+            with RequestLoop(urls, threads=1) as probes:
+                layers = _register_named(task, ctx, urls)
+            return _steering_result(task, ctx, urls, probes, time.perf_counter() - started,
+                                    layers)
         ctx.progress(1, 3, f"{'attaching' if directions else 'detaching'} steering on "
                            f"{len(urls)} server(s)")
         engines = [stack.enter_context(VLLMEngine(url)) for url in urls]
@@ -93,17 +103,41 @@ def _deploy_steering(task: DeployModel, ctx: TaskContext) -> TaskResult:
                 for engine in done if directions else []:
                     engine.clear_steering()
                 raise
-        seconds = time.perf_counter() - started
-        ctx.emit("deploy.push", urls=urls, push_ms=seconds * 1000.0,
-                 requests=len(probes.requests), requests_failed=len(probes.failed))
-        ctx.progress(3, 3, "deployed")
+        return _steering_result(task, ctx, urls, probes, time.perf_counter() - started,
+                                sorted(directions))
+
+
+def _steering_result(task: DeployModel, ctx: TaskContext, urls: list[str], probes,
+                     seconds: float, layers: list[int]) -> TaskResult:
+    ctx.emit("deploy.push", urls=urls, push_ms=seconds * 1000.0,
+             requests=len(probes.requests), requests_failed=len(probes.failed))
+    ctx.progress(3, 3, "deployed")
     return TaskResult(
         metrics={"push_ms": seconds * 1000.0,
                  "requests_failed": float(len(probes.failed)),
                  "requests_served": float(len(probes.requests) - len(probes.failed))},
-        data={"urls": urls, "tensors": 0, "steering_layers": sorted(directions),
-              "steering_strength": task.steering_strength if directions else 0.0,
+        data={"urls": urls, "tensors": 0, "steering_layers": layers,
+              "steering_strength": task.steering_strength if layers else 0.0,
+              "named": task.deploy.target if task.deploy.named else None,
               "auto": task.deploy.urls == "auto"})
+
+
+def _register_named(task: DeployModel, ctx: TaskContext, urls: list[str]) -> list[int]:
+    """`steering named`: the target's vectors, times its strength, registered under its
+    name on every replica, so `"vllm_xargs": {"steer": "NAME"}` is the spec's steering
+    and `NAME:2` twice it. Each replica checks them before it changes anything."""
+    from behaviorc.engine.named_vectors import register_vectors
+    from behaviorc.engine.vllm import ServerClient
+
+    directions = {layer: vector * task.steering_strength
+                  for layer, vector in _steering_directions(task, ctx).items()}
+    for url in urls:
+        client = ServerClient(url)
+        try:
+            _located(task, lambda: register_vectors(client, task.deploy.target, directions))
+        finally:
+            client.close()
+    return sorted(directions)
 
 
 def _steering_directions(task: DeployModel, ctx: TaskContext) -> dict:

@@ -23,7 +23,7 @@ from behaviorc.lang.linear import canonical_text, linearize, references
 from behaviorc.lang.models import file_sha256, read_model_folder, resolve_model_source
 from behaviorc.lang.parse import parse_text
 from behaviorc.lang.sections import Sections
-from behaviorc.lang.values import Block, Values
+from behaviorc.lang.values import SWITCHES, Block, Values
 
 
 def check_file(path: str) -> tuple[ir.Spec | None, list[Diagnostic]]:
@@ -407,15 +407,28 @@ class _Checker:
         block = Block(decl.options, "deploy", self.sink)
         live_setting = block.one("live")
         live = self.values.switch(live_setting, True) if live_setting and live_setting.values else True
-        steering = self.values.switch(block.one("steering"), False)
+        steering_setting = block.one("steering")
+        # `steering named`: register the vectors under the target's name, steering only
+        # the requests that ask for them (vllm_xargs.steer); nothing server-wide.
+        named = bool(steering_setting and steering_setting.values
+                     and steering_setting.values[0].name == "named")
+        steering: bool | None = False
+        if steering_setting and steering_setting.values and not named:
+            word = steering_setting.values[0]
+            if word.name in SWITCHES:
+                steering = SWITCHES[word.name]
+            else:
+                self.sink.error(f"`steering` is `on`, `off` or `named`, not `{word.name}`",
+                                word.loc, did_you_mean(word.name, [*SWITCHES, "named"]))
         handoff = self.values.switch(block.one("handoff"), False)
         push_every = self.values.number(block.one("push_every"), low=0, whole=True, default=0)
         if (isinstance(entity, ast.BehaviorDecl) and steers and not self.facts[target].has_weights
                 and block.one("steering") is None):
             self.sink.error(f"`{target}` only steers: its deploy must say `steering on` (attach "
-                            f"its vectors to every request) or `steering off` (detach them)",
+                            f"its vectors to every request), `steering named` (to the requests "
+                            f"that ask for `{target}`) or `steering off` (detach them)",
                             decl.target.loc, "add `{ steering on }`")
-        if steering and entity is not None and not steers:
+        if (steering or named) and entity is not None and not steers:
             self.sink.error(f"`{target}` has no steering to serve", block.one("steering").values[0].loc,
                             "give it a steer section, or write `steering off`")
         if handoff and (not steering or not trains):
@@ -428,8 +441,8 @@ class _Checker:
                             "pushes during training go to live servers; remove `push_every`")
         if len(self.sink.errors) > errors:
             return None
-        return ir.Deploy(target=target, urls=urls, live=live, steering=steering, handoff=handoff,
-                         push_every=push_every, loc=decl.loc)
+        return ir.Deploy(target=target, urls=urls, live=live, steering=steering, named=named,
+                         handoff=handoff, push_every=push_every, loc=decl.loc)
 
     def _compose_steers(self, decl: ast.ComposeDecl) -> bool:
         names = [ref.name for ref in references(decl.expr)]
