@@ -48,7 +48,8 @@ def test_steering_one_request_moves_its_margin_and_no_other(smollm2):
     check_per_request_margins(smollm2)
 
 
-def check_per_request_margins(folder) -> None:
+def check_per_request_margins(folder) -> dict[str, list[float]]:
+    """The held-out margins, unsteered and steered per request; asserts the claim."""
     from behaviorc.engine.embedded import EmbeddedEngine
     from behaviorc.engine.named_vectors import register_vectors
     from behaviorc.engine.server import serve
@@ -76,6 +77,7 @@ def check_per_request_margins(folder) -> None:
             assert found == pytest.approx(expected, abs=0.03)
         else:
             assert found > expected + 0.3
+    return {"plain": plain, "batched": margins}
 
 
 def score(live, prompt: str, completion: str, steer: str | None) -> float:
