@@ -13,6 +13,10 @@ Serve a built-in model or a local Hugging Face folder with vLLM's OpenAI-compati
 server, with behaviorc's worker extension loaded so builds can steer it and push
 weights into it while it serves. Binds to 127.0.0.1; another host needs --api-key
 (every route then requires it, the weight-push routes included). Ctrl-C stops it.
+
+Requests can be steered one by one: register vectors with `behaviorc steer push URL FILE
+--name happy`, then send `"vllm_xargs": {"steer": "happy:2"}` with a completion or chat
+request (or talk to it with `behaviorc chat URL --steer happy:2`).
 """
 
 EPILOG = """\
