@@ -157,13 +157,13 @@ class _Lowering:
         if d.target in self.compositions:
             source = self.compositions[d.target]
             model = source.model
-            steering = source if d.steering else None
+            steering = source if d.steering or d.named else None
             strength = 1.0  # the composed vector already carries each behavior's strength
         else:
             behavior = self.spec.behavior(d.target)
-            source = self.weights[d.target]
+            source = self.weights.get(d.target)  # None: a behavior that only steers
             model = self._model(behavior.model)
-            steering = self.steering[d.target] if d.steering else None
+            steering = self.steering[d.target] if d.steering or d.named else None
             strength = behavior.steer.strength if steering else 1.0
         name, n = d.target, 1
         while f"{DeployModel.kind}:{name}" in self.deploy_ids:

@@ -212,6 +212,9 @@ class Deploy(Node):
     urls: tuple[str, ...] | Literal["auto"]
     live: bool = True
     steering: bool = False  # serve with the target's steering vectors on
+    # register the target's vectors (at its strength) under its name on the servers, for
+    # the requests that ask for them with vllm_xargs {"steer": "NAME:STRENGTH"}
+    named: bool = False
     handoff: bool = False  # lower served steering as training moves it into weights
     push_every: int = 0  # training steps between live pushes; 0: only the final weights
     # How the servers are reached, not what they get: outside plans and content keys.

@@ -1,5 +1,6 @@
-"""The plan's DeployModel task: push a built model (and optionally its steering) into
-live vLLM servers while they serve.
+"""The DeployModel task: push a built model (and optionally its steering) into live vLLM
+servers while they serve, or, for a behavior that only steers, change the servers'
+steering.
 
 Targets are the spec's URLs (replicas: all or nothing), or `auto`: a server of the base
 model started for the task, which shows the live push happening and is stopped after.
@@ -9,37 +10,29 @@ counts those that failed (the claim is zero).
 
 from __future__ import annotations
 
+import time
+from contextlib import ExitStack
 from typing import ClassVar
 
 from behaviorc.core import ir
+from behaviorc.core.diagnostics import BehaviorError, located_at
 from behaviorc.core.events import DeployPush
 from behaviorc.core.metrics import DEPLOY
-
-from contextlib import ExitStack
-
-from behaviorc.core.diagnostics import located_at
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.model.task import ResolveModel
 
 
 def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
-    from behaviorc.engine.vllm.push import answering, push_weights
-    from behaviorc.engine.vllm.server import serve
-    from behaviorc.engine.vllm.traffic import RequestLoop
     from behaviorc.engine.vllm.client import VLLMEngine
+    from behaviorc.engine.vllm.push import push_weights
+    from behaviorc.engine.vllm.traffic import RequestLoop
 
+    if task.source is None:
+        return _deploy_steering(task, ctx)
     folder = ctx.result(task.source).path(task.source.artifact("model"))
+    api_key, timeout = task.deploy.api_key, task.deploy.timeout
     with ExitStack() as stack:
-        if task.deploy.urls == "auto":
-            ctx.progress(0, 3, "starting a vLLM server")
-            server = stack.enter_context(serve(ctx.result(task.model).data["path"]))
-            urls = [server.url]
-        else:
-            urls = list(task.deploy.urls)
-        ctx.check_cancelled()
-        api_key, timeout = task.deploy.api_key, task.deploy.timeout
-        with located_at(task.deploy.loc):
-            answering(urls, api_key, timeout)
+        urls = _servers(task, ctx, stack)
         ctx.progress(1, 3, f"pushing {folder.name} to {len(urls)} server(s)")
         with RequestLoop(urls, threads=1, api_key=api_key) as probes:
             with located_at(task.deploy.loc):
@@ -54,6 +47,9 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
                 with VLLMEngine(url, api_key, timeout=timeout) as engine, located_at(task.deploy.loc):
                     engine.set_steering(directions, task.steering_strength)
             steered = sorted(directions)
+        if task.deploy.named:
+            ctx.progress(2, 3, f"registering `{task.deploy.target}`")
+            steered = _register_named(task, ctx, urls)
         ctx.progress(3, 3, "deployed")
     return TaskResult(
         metrics={"push_ms": report.seconds * 1000.0,
@@ -61,6 +57,99 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
                  "requests_served": float(len(probes.requests) - len(probes.failed))},
         data={"urls": urls, "tensors": report.tensors, "steering_layers": steered,
               "auto": task.deploy.urls == "auto"})
+
+
+def _servers(task: DeployModel, ctx: TaskContext, stack: ExitStack) -> list[str]:
+    """The deploy's URLs, each checked to answer; for `auto`, a server of the base model
+    held open by `stack`."""
+    from behaviorc.engine.vllm.push import answering
+    from behaviorc.engine.vllm.server import serve
+
+    if task.deploy.urls == "auto":
+        ctx.progress(0, 3, "starting a vLLM server")
+        urls = [stack.enter_context(serve(ctx.result(task.model).data["path"])).url]
+    else:
+        urls = list(task.deploy.urls)
+    ctx.check_cancelled()
+    with located_at(task.deploy.loc):
+        answering(urls, task.deploy.api_key, task.deploy.timeout)
+    return urls
+
+
+def _deploy_steering(task: DeployModel, ctx: TaskContext) -> TaskResult:
+    """A behavior that only steers: attach its vectors to every request of every
+    replica (`steering on`), detach all server-wide steering (`steering off`), or
+    register them for the requests that ask (`steering named`), while probes count
+    failed requests. Each replica checks the vectors before it changes anything and
+    swaps them between two forward passes; if a replica refuses, the replicas already
+    steered are detached again."""
+    from behaviorc.engine.vllm.client import VLLMEngine
+    from behaviorc.engine.vllm.traffic import RequestLoop
+
+    api_key, timeout = task.deploy.api_key, task.deploy.timeout
+    directions = _steering_directions(task, ctx) if task.deploy.steering else {}
+    with ExitStack() as stack:
+        urls = _servers(task, ctx, stack)
+        if task.deploy.named:
+            started = time.perf_counter()
+            with RequestLoop(urls, threads=1, api_key=api_key) as probes:
+                layers = _register_named(task, ctx, urls)
+            return _steering_result(task, ctx, urls, probes, time.perf_counter() - started,
+                                    layers)
+        ctx.progress(1, 3, f"{'attaching' if directions else 'detaching'} steering on "
+                           f"{len(urls)} server(s)")
+        engines = [stack.enter_context(VLLMEngine(url, api_key, timeout=timeout)) for url in urls]
+        started = time.perf_counter()
+        with RequestLoop(urls, threads=1, api_key=api_key) as probes:
+            done: list[VLLMEngine] = []
+            try:
+                for engine in engines:
+                    with located_at(task.deploy.loc):
+                        if directions:
+                            engine.set_steering(directions, task.steering_strength)
+                        else:
+                            engine.clear_steering()
+                    done.append(engine)
+            except BehaviorError:
+                for engine in done if directions else []:
+                    engine.clear_steering()
+                raise
+        return _steering_result(task, ctx, urls, probes, time.perf_counter() - started,
+                                sorted(directions))
+
+
+def _steering_result(task: DeployModel, ctx: TaskContext, urls: list[str], probes,
+                     seconds: float, layers: list[int]) -> TaskResult:
+    ctx.emit(DeployPush(urls=urls, push_ms=seconds * 1000.0, requests=len(probes.requests),
+                        requests_failed=len(probes.failed)))
+    ctx.progress(3, 3, "deployed")
+    return TaskResult(
+        metrics={"push_ms": seconds * 1000.0,
+                 "requests_failed": float(len(probes.failed)),
+                 "requests_served": float(len(probes.requests) - len(probes.failed))},
+        data={"urls": urls, "tensors": 0, "steering_layers": layers,
+              "steering_strength": task.steering_strength if layers else 0.0,
+              "named": task.deploy.target if task.deploy.named else None,
+              "auto": task.deploy.urls == "auto"})
+
+
+def _register_named(task: DeployModel, ctx: TaskContext, urls: list[str]) -> list[int]:
+    """`steering named`: the target's vectors, times its strength, registered under its
+    name on every replica, so `"vllm_xargs": {"steer": "NAME"}` is the spec's steering
+    and `NAME:2` twice it. Each replica checks them before it changes anything."""
+    from behaviorc.engine.vllm.http import ServerClient
+    from behaviorc.engine.vllm.named_vectors import register_vectors
+
+    directions = {layer: vector * task.steering_strength
+                  for layer, vector in _steering_directions(task, ctx).items()}
+    for url in urls:
+        client = ServerClient(url, task.deploy.api_key, task.deploy.timeout)
+        try:
+            with located_at(task.deploy.loc):
+                register_vectors(client, task.deploy.target, directions)
+        finally:
+            client.close()
+    return sorted(directions)
 
 
 def _steering_directions(task: DeployModel, ctx: TaskContext) -> dict:
@@ -72,13 +161,16 @@ def _steering_directions(task: DeployModel, ctx: TaskContext) -> dict:
 
 class DeployModel(Task):
     """Push a model folder (and optionally steering) into live vLLM servers, all or
-    nothing across replicas. metrics: core.DEPLOY. data: urls."""
+    nothing across replicas; for a behavior that only steers (no `source`), attach its
+    vectors server-wide (`steering on`), detach all (`steering off`) or register them
+    by name for the requests that ask (`steering named`). metrics: core.metrics.DEPLOY.
+    data: urls."""
 
     kind: ClassVar[str] = "deploy"
     reports: ClassVar[tuple[str, ...]] = DEPLOY
     deploy: ir.Deploy
     model: ResolveModel
-    source: Task  # provides "model": trained, imported or composed
+    source: Task | None  # provides "model": trained, imported or composed; None: steering only
     steering: Task | None = None  # provides "steering"
     steering_strength: float = 1.0  # the behavior's steer strength (1.0 for a composition)
 

@@ -24,7 +24,7 @@ from behaviorc.core.files import sha256_file
 from behaviorc.lang.models import read_model_folder, resolve_model_source
 from behaviorc.lang.parse import parse_text
 from behaviorc.lang.sections import Sections
-from behaviorc.lang.values import Block, Values
+from behaviorc.lang.values import Block, SWITCHES, Values
 from behaviorc.core.textfiles import TextFileError, read_text_file
 
 
@@ -466,7 +466,7 @@ class _Checker:
             if facts.external == "task_vector":
                 self.sink.error(f"`{target}` is a task vector, not a model", decl.target.loc,
                                 f"deploy a composition of it: `compose {target}_model = {target}`")
-            elif not facts.has_weights:
+            elif not facts.has_weights and not steers:
                 self.sink.error(f"`{target}` has no weights to deploy", decl.target.loc,
                                 "add a train section or `from model \"folder\"`")
         self.values.choice_word(decl.engine, ("vllm",), "serving engine")
@@ -478,14 +478,32 @@ class _Checker:
         block = Block(decl.options, "deploy", self.sink)
         live_setting = block.one("live")
         live = self.values.switch(live_setting, True) if live_setting and live_setting.values else True
-        steering = self.values.switch(block.one("steering"), False)
+        steering_setting = block.one("steering")
+        # `steering named`: register the vectors under the target's name, steering only
+        # the requests that ask for them (vllm_xargs.steer); nothing server-wide.
+        named = bool(steering_setting and steering_setting.values
+                     and steering_setting.values[0].name == "named")
+        steering: bool | None = False
+        if steering_setting and steering_setting.values and not named:
+            word = steering_setting.values[0]
+            if word.name in SWITCHES:
+                steering = SWITCHES[word.name]
+            else:
+                self.sink.error(f"`steering` is `on`, `off` or `named`, not `{word.name}`",
+                                word.loc, did_you_mean(word.name, [*SWITCHES, "named"]))
         handoff = self.values.switch(block.one("handoff"), False)
         push_every = self.values.number(block.one("push_every"), low=0, whole=True, default=0)
         timeout = self.values.number(block.one("timeout"), low=0, low_open=True)
         api_key = self._api_key(block.one("api_key"))
         if steering and isinstance(entity, ast.BehaviorDecl):
             self._fixed_strength(target, block.one("steering").values[0].loc, "`steering on`")
-        if steering and entity is not None and not steers:
+        if (isinstance(entity, ast.BehaviorDecl) and steers and not self.facts[target].has_weights
+                and block.one("steering") is None):
+            self.sink.error(f"`{target}` only steers: its deploy must say `steering on` (attach "
+                            f"its vectors to every request), `steering named` (to the requests "
+                            f"that ask for `{target}`) or `steering off` (detach them)",
+                            decl.target.loc, "add `{ steering on }`")
+        if (steering or named) and entity is not None and not steers:
             self.sink.error(f"`{target}` has no steering to serve", block.one("steering").values[0].loc,
                             "give it a steer section, or write `steering off`")
         if handoff and (not steering or not trains):
@@ -498,8 +516,8 @@ class _Checker:
                             "pushes during training go to live servers; remove `push_every`")
         if len(self.sink.errors) > errors:
             return None
-        return ir.Deploy(target=target, urls=urls, live=live, steering=steering, handoff=handoff,
-                         push_every=push_every, api_key=api_key, timeout=timeout, loc=decl.loc)
+        return ir.Deploy(target=target, urls=urls, live=live, steering=steering, named=named,
+                         handoff=handoff, push_every=push_every, api_key=api_key, timeout=timeout, loc=decl.loc)
 
     def _api_key(self, setting: ast.Setting | None) -> str | None:
         if setting is None:

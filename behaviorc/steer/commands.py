@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
 
@@ -29,6 +30,13 @@ examples:
   behaviorc steer show listen.gguf --json
   behaviorc steer convert vectors.safetensors listen.gguf     for llama.cpp --control-vector
   behaviorc steer convert repeng_vector.gguf listen.safetensors
+  behaviorc steer push http://127.0.0.1:8000 vectors.safetensors --name happy
+  behaviorc steer list http://127.0.0.1:8000
+  behaviorc steer remove http://127.0.0.1:8000 happy
+
+A vector pushed under a name steers only the requests that ask for it:
+  curl URL/v1/completions -d '{"model": M, "prompt": "...", "vllm_xargs": {"steer": "happy:2"}}'
+  behaviorc chat URL --steer happy:2,concise:-1
 """
 
 SUFFIXES = (".safetensors", ".gguf")
@@ -36,7 +44,7 @@ SUFFIXES = (".safetensors", ".gguf")
 
 def register(subparsers: Any) -> None:
     steer = subparsers.add_parser(
-        "steer", help="inspect and convert steering-vector files",
+        "steer", help="inspect and convert steering files; push them to live servers",
         description="Steering vectors are one direction per decoder layer (numbered from 0; "
                     "the vector for layer L is added at the output of layer L). Builds write "
                     "them as safetensors (`layer.L` tensors) and as GGUF control vectors "
@@ -63,6 +71,42 @@ def register(subparsers: Any) -> None:
     convert.add_argument("out", type=Path, help="the .safetensors or .gguf file to write")
     convert.add_argument("--layers", default="", help="comma-separated layers to keep (default: all)")
     convert.set_defaults(run=run_convert)
+    _register_server_commands(commands)
+
+
+def _register_server_commands(commands: Any) -> None:
+    """`steer push|list|remove`: the named vectors a live server steers requests with."""
+    from behaviorc.engine.vllm.server import API_KEY_ENV
+
+    def server_parser(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help, description=description, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("url", help="a server started by `behaviorc serve` (a key it needs "
+                                        f"comes from ${API_KEY_ENV}, never the command line)")
+        return parser
+
+    push = server_parser(
+        "push", "register a steering file on a live server under a name",
+        "Send a steering file's vectors to a live vLLM server under NAME. The server "
+        "checks every layer (in range, one value per hidden unit, finite) before it "
+        "changes anything; a name already registered is replaced, and the next forward "
+        "pass uses the new vector. Requests choose it with "
+        "\"vllm_xargs\": {\"steer\": \"NAME:STRENGTH\"}; nothing else is steered.")
+    push.add_argument("path", type=Path, help="a .safetensors or .gguf steering file")
+    push.add_argument("--name", required=True, help="the name requests will use, e.g. happy")
+    push.add_argument("--layers", default="", help="comma-separated layers to send (default: all)")
+    push.set_defaults(run=run_push)
+
+    listing = server_parser("list", "the named vectors a live server holds",
+                            "Print each registered vector's name, layers, norms and digest.")
+    listing.add_argument("--json", action="store_true", help="print the registry as JSON")
+    listing.set_defaults(run=run_list)
+
+    remove = server_parser("remove", "remove a named vector from a live server",
+                           "Remove NAME from the server's registry. Requests already "
+                           "running with it go on without it; new ones naming it get a 400.")
+    remove.add_argument("name", help="the registered name")
+    remove.set_defaults(run=run_remove)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -97,17 +141,70 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selected(vectors: Any, layers: str) -> Any:
+    if not layers:
+        return vectors
+    try:
+        chosen = [int(part) for part in layers.split(",")]
+    except ValueError:
+        raise BehaviorError(f"--layers `{layers}` is not a comma-separated list of numbers") from None
+    return vectors.select(chosen)
+
+
 def run_convert(args: argparse.Namespace) -> int:
     from behaviorc.formats.steering import export_gguf, save_steering
 
     target = _suffix(args.out)
-    vectors = read_any(args.source)
-    if args.layers:
-        try:
-            layers = [int(part) for part in args.layers.split(",")]
-        except ValueError:
-            raise BehaviorError(f"--layers `{args.layers}` is not a comma-separated list of numbers") from None
-        vectors = vectors.select(layers)
+    vectors = _selected(read_any(args.source), args.layers)
     (export_gguf if target == ".gguf" else save_steering)(vectors, args.out)
     print(f"wrote {args.out}: layers {', '.join(map(str, vectors.layers))}")
     return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from behaviorc.engine.vllm.named_vectors import register_vectors
+
+    vectors = _selected(read_any(args.path), args.layers)
+    with _client(args) as client:
+        answer = register_vectors(client, args.name, vectors.directions)
+    print(f"{args.name}: layers {', '.join(map(str, answer['layers']))} on {args.url} "
+          f"(digest {answer['digest']})")
+    print(f"steer a request with \"vllm_xargs\": {{\"steer\": \"{args.name}:1\"}}")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from behaviorc.engine.vllm.named_vectors import registered_vectors
+
+    with _client(args) as client:
+        registry = registered_vectors(client)
+    if args.json:
+        print(json.dumps(registry, indent=2))
+        return 0
+    if not registry:
+        print(f"{args.url}: no named steering vectors")
+    for name, entry in sorted(registry.items()):
+        norms = ", ".join(f"{layer}: {norm:.4g}" for layer, norm in entry["norms"].items())
+        print(f"{name}  layers {', '.join(map(str, entry['layers']))}  norms {{{norms}}}  "
+              f"digest {entry['digest']}")
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    from behaviorc.engine.vllm.named_vectors import unregister_vector
+
+    with _client(args) as client:
+        unregister_vector(client, args.name)
+    print(f"removed {args.name} from {args.url}")
+    return 0
+
+
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[Any]:
+    from behaviorc.engine.vllm.http import ServerClient
+
+    client = ServerClient(args.url)
+    try:
+        yield client
+    finally:
+        client.close()

@@ -7,6 +7,8 @@ import os
 import signal
 import time
 
+from behaviorc.engine.vllm import chat
+
 DESCRIPTION = """\
 Serve a built-in model or a local Hugging Face folder with vLLM's OpenAI-compatible
 server, with behaviorc's worker extension loaded so builds can steer it and push
@@ -14,6 +16,10 @@ weights into it while it serves. Binds to 127.0.0.1; another host needs an API k
 given in the environment variable BEHAVIORC_API_KEY (every route then requires it, the
 weight-push routes included; a key on a command line is readable by every local user,
 so there is no --api-key). Ctrl-C stops it.
+
+Requests can be steered one by one: register vectors with `behaviorc steer push URL FILE
+--name happy`, then send `"vllm_xargs": {"steer": "happy:2"}` with a completion or chat
+request (or talk to it with `behaviorc chat URL --steer happy:2`).
 """
 
 EPILOG = """\
@@ -37,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "in BEHAVIORC_API_KEY)")
     parser.add_argument("--api-key", default=None, help=argparse.SUPPRESS)
     parser.set_defaults(run=run_serve)
+    chat.register(subparsers)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import httpx
 
 WORKER_EXTENSION = "behaviorc.engine.vllm.worker.BehaviorWorker"
+# Checks and cache-salts per-request steering (`vllm_xargs.steer`); see engine/vllm/live_steer.py.
+STEER_MIDDLEWARE = "behaviorc.engine.vllm.live_steer.SteerRequests"
 VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM 0.32 reads it when no --api-key is given
 READY_TIMEOUT_S = 600.0
 STOP_GRACE_S = 15.0
@@ -98,7 +100,7 @@ def server_command(model_dir: Path, host: str, port: int, api_key: str | None) -
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", host, "--port", str(port),
                "--enforce-eager", "--worker-extension-cls", WORKER_EXTENSION,
-               "--max-model-len", "2048"]
+               "--max-model-len", "2048", "--middleware", STEER_MIDDLEWARE]
     if api_key:
         # The key itself goes in the environment (server_environment): any local user
         # reads a command line with `ps`.

@@ -37,6 +37,7 @@ class RequestLoop:
     max_tokens: int = 4
     api_key: str | None = None
     timeout: float = 60.0
+    extra: dict = field(default_factory=dict)  # more request fields, e.g. vllm_xargs
     requests: list[Request] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: list[threading.Thread] = field(default_factory=list)
@@ -74,7 +75,7 @@ class RequestLoop:
                 self._record(started, False, f"listing models: {type(err).__name__}: {err}")
                 return
             body = {"model": model, "prompt": PROBE_PROMPT, "max_tokens": self.max_tokens,
-                    "temperature": 0.0}
+                    "temperature": 0.0, **self.extra}
             for _ in range(self.limit):
                 if self._stop.is_set():
                     return

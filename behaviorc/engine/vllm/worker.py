@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from behaviorc.engine.vllm.weights import ServedWeights, layer_group
+from behaviorc.engine.vllm.live_steer import NamedSteering
 
 
 def _layer_kinds(config: Any, count: int) -> list[str]:
@@ -39,8 +40,9 @@ def _layer_kinds(config: Any, count: int) -> list[str]:
     return ["gdn" if kind == "linear_attention" else "attention" for kind in kinds[:count]]
 
 
-class BehaviorWorker:
-    """Methods vLLM adds to its worker; reached through `POST /collective_rpc`."""
+class BehaviorWorker(NamedSteering):
+    """Methods vLLM adds to its worker; reached through `POST /collective_rpc`. The
+    registry of named vectors steered per request comes from `NamedSteering`."""
 
     # --- state, created on first use (vLLM never calls an extension's __init__) ---
 

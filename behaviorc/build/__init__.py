@@ -1,0 +1,1 @@
+"""A build: lowering a checked spec to a plan, the executor, its store, report and command line."""
