@@ -11,7 +11,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from behaviorc.core.diagnostics import BehaviorError, Diagnostic, Location
+from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.core.task import Cancelled, Task, TaskResult
 from behaviorc.build.context import RunContext
 

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from behaviorc.core.atomic import write_json_atomic
 from behaviorc.core.files import sha256_file
 from behaviorc.core.state import process_alive
 from behaviorc.core.diagnostics import BehaviorError

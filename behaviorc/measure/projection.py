@@ -20,10 +20,11 @@ REPLY_TOKENS = 24  # short: the replies are read, and generating is the slow par
 
 def projection_score(engine: Engine, directions: Mapping[int, torch.Tensor], prompts: Sequence[str],
                      replies: Sequence[str]) -> float | None:
-    """The score of `replies` to `prompts` (None when every reply is empty). The engine
-    must be unsteered."""
+    """The score of `replies` to `prompts`: None when every reply is empty, or from an
+    engine that cannot read hidden states (a live vLLM server). The engine must be
+    unsteered."""
     kept = [(p, r) for p, r in zip(prompts, replies) if r]
-    if not kept:
+    if not kept or not getattr(engine, "reads_hidden_states", True):
         return None
     layers = list(directions)
     states = engine.hidden_states([p for p, _ in kept], [r for _, r in kept], layers, "mean")

@@ -72,7 +72,8 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
 def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
     from behaviorc.formats.steering import load_steering
     from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
-    from behaviorc.steer.verify import Budget, SweepPoint, sample_prompts, verify
+    from behaviorc.measure.replies import reply_prompts
+    from behaviorc.steer.verify import SAMPLE_PROMPTS, Budget, SweepPoint, verify
 
     vectors = load_steering(ctx.result(task.vectors).path("vectors"), task.loc)
     engine = _engine(task, ctx)
@@ -99,7 +100,7 @@ def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
             "pairs": [{"prompt": pair.prompt, "margin_before": before, "margin_steered": after}
                       for pair, before, after in zip(task.pairs, result.before.margins,
                                                      result.steered.margins)],
-            "sample_prompts": sample_prompts(task.pairs),
+            "sample_prompts": reply_prompts(task.pairs, SAMPLE_PROMPTS),
             "sweep": [p.as_dict() for p in result.sweep],
             "before": result.before.as_dict(),
             "steered": result.steered.as_dict(),

@@ -46,6 +46,7 @@ from behaviorc.measure.nll import general_nll
 from behaviorc.measure.capability import capability_accuracy
 from behaviorc.measure.projection import REPLY_TOKENS, projection_score
 from behaviorc.measure.repetition import repeated_ngram_share
+from behaviorc.measure.replies import reply_prompts, sample_replies
 
 # Strengths `strength auto` tries when the spec has no sweep. A strength multiplies the
 # extracted vector, whose length is the pairs' mean difference (see steer.extract), so
@@ -151,10 +152,6 @@ def control_vectors(vectors: SteeringVectors, seed: int = CONTROL_SEED) -> Steer
     return vectors.with_directions(random)
 
 
-def sample_prompts(pairs: Sequence[ir.Pair], count: int = SAMPLE_PROMPTS) -> list[str]:
-    return list(dict.fromkeys(p.prompt for p in pairs))[:count]
-
-
 def measure_at(engine: Engine, vectors: SteeringVectors, strength: float,
                pairs: Sequence[ir.Pair], general: Sequence[str],
                base: SweepPoint | None = None, prompts: Sequence[str] = (),
@@ -167,7 +164,7 @@ def measure_at(engine: Engine, vectors: SteeringVectors, strength: float,
         if full:
             nll = general_nll(engine, general)
             capability = capability_accuracy(engine)
-            replies = engine.generate(list(prompts), max_new_tokens=sample_tokens) if prompts else []
+            replies = sample_replies(engine, prompts, sample_tokens) if prompts else []
     mean = sum(margins) / len(margins)
     shares = {}
     if base is not None:
@@ -178,17 +175,8 @@ def measure_at(engine: Engine, vectors: SteeringVectors, strength: float,
         return SweepPoint(strength, mean, math.nan, margins=tuple(margins), **shares)
     return SweepPoint(strength, mean, nll, capability=capability,
                       repetition=repeated_ngram_share(replies),
-                      projection=_projection(engine, vectors, prompts, replies),
+                      projection=projection_score(engine, vectors.directions, prompts, replies),
                       margins=tuple(margins), samples=tuple(replies), **shares)
-
-
-def _projection(engine: Engine, vectors: SteeringVectors, prompts: Sequence[str],
-                replies: Sequence[str]) -> float | None:
-    """The replies' projection score, or None from an engine that cannot read hidden
-    states (a live vLLM server): the report then leaves the score out."""
-    if not getattr(engine, "reads_hidden_states", True):
-        return None
-    return projection_score(engine, vectors.directions, prompts, replies)
 
 
 def choose_strength(points: Sequence[SweepPoint], base: SweepPoint, budget: Budget) -> tuple[float | None, str]:
@@ -259,7 +247,7 @@ def verify(engine: Engine, vectors: SteeringVectors, strength: float | Literal["
     if auto and not any(s > 0 for s in tried):
         raise BehaviorError("`strength auto` needs a positive strength in the sweep to choose from", loc)
     strengths = list(dict.fromkeys([0.0, *([] if auto else [float(strength)]), *tried]))
-    prompts = sample_prompts(pairs)
+    prompts = reply_prompts(pairs, SAMPLE_PROMPTS)
     total = len(strengths)
     measured: dict[float, SweepPoint] = {}
     for done, value in enumerate(strengths, 1):

@@ -170,7 +170,7 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
         replies["steered"] = sample_replies(engine, shown, steering=directions, strength=strength)
         # How much of the trait the replies express, read by the base model unsteered.
         for which, name in (("base", "projection_before"), ("steered", "projection_steered")):
-            _projection(metrics, name, engine, directions, shown, replies[which])
+            _keep(metrics, name, projection_score(engine, directions, shown, replies[which]))
 
     def trained() -> dict[str, Any]:
         return trained_tensors(adapter.checkpoint_tensors(model), list(targets))
@@ -231,7 +231,7 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
         metrics["general_nll_after"] = general_nll(engine, general)
         replies["trained"] = sample_replies(engine, shown)
         if directions:
-            _projection(metrics, "projection_after", engine, directions, shown, replies["trained"])
+            _keep(metrics, "projection_after", projection_score(engine, directions, shown, replies["trained"]))
         data["replies"] = [{"prompt": prompt, **{which: texts[i].strip() for which, texts in replies.items()}}
                            for i, prompt in enumerate(shown)]
         if "margin_steered" in metrics:
@@ -255,11 +255,8 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
     return TaskResult(metrics=metrics, artifacts={"model": "model"}, data=data)
 
 
-def _projection(metrics: dict[str, float], name: str, engine: Engine,
-                directions: dict[int, torch.Tensor], prompts: Sequence[str],
-                replies: Sequence[str]) -> None:
-    score = projection_score(engine, directions, prompts, replies)
-    if score is not None:  # every reply was empty
+def _keep(metrics: dict[str, float], name: str, score: float | None) -> None:
+    if score is not None:  # None: every reply was empty
         metrics[name] = score
 
 
