@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.measure.margin import behavior_margin
-from behaviorc.steer.extract import (LayerScore, best_layer, check_pairs, direction, extract,
-                                     read_pairs, score_layers)
+from behaviorc.steer.extract import (LayerScore, best_layer, check_pairs, choice, direction,
+                                     extract, read_pairs, score_layers)
 
 SUBJECTS = ["I", "You", "We", "The model", "The user", "The parser", "The test", "The assistant"]
 VERBS = ["will use", "should write", "can read", "might change", "wants"]
@@ -106,9 +106,12 @@ def test_auto_scores_every_layer_and_reports_the_choice(engine):
     measured = [s for s in result.scores if s.effect is not None]
     # tiny-gdn has 4 layers: every layer but 0 is a candidate, each steered held out
     assert [s.layer for s in measured] == [1, 2, 3]
-    best = max(measured, key=lambda s: s.effect)
+    best = max(measured, key=lambda s: s.distillable)
     assert result.vectors.layers == (best.layer,)
     assert best.effect > 0.05 and best.consistency > 0.9 and best.accuracy == 1.0
+    for score in measured:  # the lift is the positives' part of the margin gain
+        assert score.lift is not None and score.distillable == min(score.effect, score.lift)
+    assert all(s.lift is None for s in result.scores if s.effect is None)
 
 
 def test_auto_picks_the_layer_where_held_out_pairs_separate():
@@ -166,7 +169,22 @@ def test_auto_needs_two_pairs(engine):
 
 
 def test_auto_prefers_the_layer_that_steers_over_the_one_that_separates():
-    scores = [LayerScore(1, 0.99, 1.0, effect=0.1), LayerScore(2, 0.8, 0.9, effect=0.6),
+    scores = [LayerScore(1, 0.99, 1.0, effect=0.1, lift=0.1), LayerScore(2, 0.8, 0.9, effect=0.6, lift=0.5),
               LayerScore(3, 0.999, 1.0)]
     assert best_layer(scores) == 2
     assert best_layer([LayerScore(1, 0.5, 1.0), LayerScore(2, 0.7, 1.0)]) == 2  # none measured
+
+
+def test_auto_prefers_the_effect_that_makes_the_wanted_completions_likelier():
+    # smollm2-135m, the demo's cheerful pairs: 21 steers most by making the negatives
+    # unlikely and distils 40% of its gain; 22 lifts the positives and distils 108%
+    unwanted_falls = LayerScore(21, 0.97, 1.0, effect=0.52, lift=0.08)
+    wanted_rises = LayerScore(22, 0.98, 1.0, effect=0.45, lift=0.27)
+    assert best_layer([unwanted_falls, wanted_rises]) == 22
+    # a lift beyond the margin gain (the negatives rose too) counts only as the gain
+    both_rise = LayerScore(23, 0.98, 1.0, effect=0.2, lift=0.9)
+    assert both_rise.distillable == 0.2
+    assert best_layer([both_rise, wanted_rises]) == 22
+    said = choice([unwanted_falls, wanted_rises], 22)
+    assert "layer 22" in said and "layer 21 raised the margin more (+0.52)" in said
+    assert "raised the margin more" not in choice([wanted_rises], 22)  # the strongest, kept

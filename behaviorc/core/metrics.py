@@ -18,6 +18,8 @@ METRICS: dict[str, str] = {
     "steered_share": "share of the steered gain the trained weights carry without steering",
     "separation": "how consistently the chosen layer separates the pairs (layers auto)",
     "layer_effect": "held-out margin gain of the layer `layers auto` chose",
+    "layer_lift": ("held-out rise of the positives' log-prob per token when steering at the "
+                   "layer `layers auto` chose: the part of the effect distillation can carry"),
     "steer_effect": "held-out margin gain of the steering at the strength used",
     "control_effect": "the same gain for a random direction of the same norm",
     "right_share": "share of held-out pairs whose margin the steering raised",
@@ -64,7 +66,7 @@ METRICS: dict[str, str] = {
     "arithmetic_accuracy": "share of the testbed's sums answered right (greedy)",
 }
 
-STEER_EXTRACT: tuple[str, ...] = ("separation", "layer_effect")
+STEER_EXTRACT: tuple[str, ...] = ("separation", "layer_effect", "layer_lift")
 STEER_VERIFY: tuple[str, ...] = (
     "margin_before", "margin_steered", "margin_after", "general_nll_before",
     "general_nll_steered", "steer_effect", "control_effect", "right_share",

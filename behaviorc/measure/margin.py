@@ -20,8 +20,8 @@ class PairLike(Protocol):
     negative: str
 
 
-def per_pair_margins(engine: Engine, pairs: Sequence[PairLike]) -> list[float]:
-    """Mean log-prob per token of each pair's positive minus its negative completion."""
+def per_pair_logprobs(engine: Engine, pairs: Sequence[PairLike]) -> tuple[list[float], list[float]]:
+    """Mean log-prob per token of each pair's positive, and of its negative, completion."""
     if not pairs:
         raise BehaviorError("no pairs to measure a margin on")
     prompts = [p.prompt for p in pairs] * 2
@@ -32,7 +32,13 @@ def per_pair_margins(engine: Engine, pairs: Sequence[PairLike]) -> list[float]:
             raise BehaviorError(f"completion {completion!r} has no tokens to score",
                                 hint="every positive and negative needs some text")
     means = [sum(values) / len(values) for values in logprobs]
-    return [means[i] - means[i + len(pairs)] for i in range(len(pairs))]
+    return means[:len(pairs)], means[len(pairs):]
+
+
+def per_pair_margins(engine: Engine, pairs: Sequence[PairLike]) -> list[float]:
+    """Mean log-prob per token of each pair's positive minus its negative completion."""
+    positives, negatives = per_pair_logprobs(engine, pairs)
+    return [p - n for p, n in zip(positives, negatives)]
 
 
 def behavior_margin(engine: Engine, pairs: Sequence[PairLike]) -> float:

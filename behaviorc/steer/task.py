@@ -26,7 +26,7 @@ def _engine(task: ExtractSteering | VerifySteering, ctx: TaskContext):
 
 def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     from behaviorc.formats.steering import export_gguf, save_steering
-    from behaviorc.steer.extract import extract
+    from behaviorc.steer.extract import choice, extract
 
     engine = _engine(task, ctx)
     extraction = extract(
@@ -58,13 +58,16 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     if extraction.scores:
         data["scores"] = [
             {"layer": s.layer, "consistency": s.consistency, "accuracy": s.accuracy,
-             "effect": s.effect}
+             "effect": s.effect, "lift": s.lift, "distillable": s.distillable}
             for s in extraction.scores]
         chosen = next(s for s in extraction.scores if s.layer == vectors.layers[0])
         data["chosen"] = chosen.layer
+        data["choice"] = choice(extraction.scores, chosen.layer)
         metrics["separation"] = chosen.consistency
         if chosen.effect is not None:
             metrics["layer_effect"] = chosen.effect
+        if chosen.lift is not None:
+            metrics["layer_lift"] = chosen.lift
         ctx.emit(SteerLayers(scores=data["scores"], chosen=chosen.layer))
     return TaskResult(metrics=metrics, artifacts=artifacts, data=data)
 
@@ -112,9 +115,11 @@ def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
 class ExtractSteering(Task):
     """Steering vectors from contrast pairs. artifacts: vectors (safetensors, a
     `layer.{L}` tensor per layer), control_vector (GGUF). data: layers, norms, and for
-    `auto` the per-layer separation scores that chose them."""
+    `auto` the per-layer scores that chose them (separation; effect, lift and
+    distillable effect for the steered candidates) and the choice, in words."""
 
     kind: ClassVar[str] = "steer.extract"
+    version: ClassVar[int] = 2  # 2: `layers auto` keeps the largest distillable effect
     reports: ClassVar[tuple[str, ...]] = STEER_EXTRACT
     provides: ClassVar[dict[str, str]] = {"steering": "vectors"}
     parallel_safe: ClassVar[bool] = True
