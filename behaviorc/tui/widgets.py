@@ -181,10 +181,13 @@ def draw_steering(state: BuildState) -> RenderableType:
     parts: list[RenderableType] = [_heading("margins"), table]
     for task_id, layers in state.layer_scores.items():
         parts += [Text(""), _heading(f"layers auto  {task_id.split(':', 1)[-1]}: chose {layers['chosen']}")]
-        rows = Table("layer", "consistency", "accuracy", box=None, pad_edge=False)
+        # effect, lift and distillable: the steered candidates only (steer.extract)
+        steered = ("effect", "lift", "distillable")
+        rows = Table("layer", "consistency", "accuracy", *steered, box=None, pad_edge=False)
         for score in layers["scores"]:
             rows.add_row(str(score.get("layer")), f"{score.get('consistency', 0):.3f}",
-                         f"{score.get('accuracy', 0):.3f}")
+                         f"{score.get('accuracy', 0):.3f}",
+                         *(f"{score[key]:+.3f}" if score.get(key) is not None else "–" for key in steered))
         parts.append(rows)
     for task in verifies:
         for warning in task.data.get("warnings") or []:
