@@ -188,3 +188,4 @@ def test_auto_prefers_the_effect_that_makes_the_wanted_completions_likelier():
     said = choice([unwanted_falls, wanted_rises], 22)
     assert "layer 22" in said and "layer 21 raised the margin more (+0.52)" in said
     assert "raised the margin more" not in choice([wanted_rises], 22)  # the strongest, kept
+    assert "may carry little" in choice([LayerScore(20, 0.9, 1.0, effect=0.3, lift=-0.1)], 20)

@@ -223,6 +223,9 @@ def choice(scores: Sequence[LayerScore], chosen: int) -> str:
         said += (f"; layer {strongest.layer} raised the margin more ({strongest.effect:+.3g}) but "
                  f"the positives only {strongest.lift:+.3g}: most of its gain made the negatives "
                  "unlikely, which sampled text cannot teach")
+    if kept.distillable <= 0:
+        said += ("; no layer steered made the positives likelier, so distilling this steering "
+                 "may carry little of its effect into the weights")
     return said
 
 
