@@ -43,9 +43,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BehaviorError(f"behavior `{subject.behavior.name}` has no general texts to mix in and measure on",
                             subject.behavior.loc,
                             hint='add `mix general 25% "FILE.jsonl"` to its train, or `general` to its eval')
+    common.check_seed_spread(args.seeds, "the general NLL's change")
     seeds = list(range(args.seeds))
     arms = {"no mix": None, f"mix {args.mix:g}": ir.Mix(ratio=args.mix, texts=subject.general)}
-    base = {s: subject.measure_point(f"base,seed={s}", None, s, args.samples) for s in seeds}
+    base = subject.base_points(seeds, args.samples)
     points = {}
     for arm, mix in arms.items():
         for s in seeds:
@@ -99,6 +100,7 @@ def summary(results: dict[str, Any]) -> str:
                      f"({_verdict(mixed, 'arithmetic_accuracy')}) and by "
                      f"{common.fmt_interval(plain['arithmetic_accuracy']['change'])} without "
                      f"({_verdict(plain, 'arithmetic_accuracy')}).")
+    lines += ["", common.measure_note(results)]
     lines += ["", "| arm | metric | before (per seed) | after (per seed) | change (95% CI) |", "|---|---|---|---|---|"]
     for row in results["arms"]:
         for metric in results["metrics"]:
