@@ -90,10 +90,11 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(f"**Answer:** no N in {results['grid']} changed the {measure} distinguishably "
                      "from zero (every 95% interval includes 0).")
     else:
-        lines.append(f"**Answer:** {results['smallest_n']} examples are the fewest in the grid whose "
+        count = "1 example is" if results["smallest_n"] == 1 else f"{results['smallest_n']} examples are"
+        lines.append(f"**Answer:** {count} the fewest in the grid whose "
                      f"change in {measure} is distinguishable from zero (its 95% bootstrap interval "
                      "excludes 0).")
-        if results["smallest_n"] == results["grid"][0]:
+        if results["smallest_n"] == results["grid"][0] > 1:
             lines.append(f"That is the grid's smallest N: fewer may do; try `--grid` below "
                          f"{results['smallest_n']}.")
     lines += ["", common.measure_note(results)]
@@ -103,9 +104,10 @@ def summary(results: dict[str, Any]) -> str:
     for row in results["points"]:
         lines.append(f"| {row['n']} | {', '.join(f'{v:.3f}' for v in row['after'])} | "
                      f"{common.fmt_interval(row['change'])} | {'yes' if row['distinguishable'] else 'no'} |")
+    paired = ("the base model sampled under the same seed" if measure == "rate" else
+              "the base model's margin (computed once: nothing is sampled)")
     lines += ["", f"Seeds: {len(results['seeds'])}. The interval resamples seeds and, for rates, the "
-              "sampled replies (binomially). The change pairs each trained point with the base model "
-              "sampled under the same seed.", ""]
+              f"sampled replies (binomially). The change pairs each trained point with {paired}.", ""]
     return "\n".join(lines)
 
 

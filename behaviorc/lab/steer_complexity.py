@@ -145,8 +145,12 @@ def summary(results: dict[str, Any]) -> str:
             change = common.fmt_interval(row["rate_change"]) if "rate_change" in row else "-"
             lines.append(f"| {row['strength']:g} | {row['margin']:+.3f} | {rate} | {change} | {row['nll_cost']:+.3f} |")
         lines.append("")
-    lines += [f"Rates: {len(results['seeds'])} sampling seeds; intervals are 95% bootstrap intervals over "
-              "seeds and replies, relative to strength 0.", ""]
+    if any(entry["score"] for entry in results["behaviors"]):
+        lines += [f"Rates: {len(results['seeds'])} sampling seeds; intervals are 95% bootstrap intervals over "
+                  "seeds and replies, relative to strength 0.", ""]
+    else:
+        lines += ["Margins are computed on the eval pairs, not sampled, so they carry no interval: steering "
+                  "\"works\" here when the margin at the chosen strength is above the unsteered one.", ""]
     return "\n".join(lines)
 
 
