@@ -177,7 +177,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", type=Path, help="the .behavior file")
     parser.add_argument("--behavior", help="the behavior to study (default: the first that trains)")
     parser.add_argument("--out", type=Path, help="result folder (default: out/experiments/NAME-SPEC)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per point (default 3)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds per point (default 3; at least 2 where a margin or the general NLL "
+                             "is compared: their only spread is between seeds)")
     parser.add_argument("--samples", type=int, default=4,
                         help="sampled replies per held-out prompt for the rate (default 4)")
     parser.add_argument("--score", help="testbed scorer for generation rates: listen, listen-exact, "
