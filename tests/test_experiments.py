@@ -163,6 +163,11 @@ def test_backward_transfer(spec, out):
     results = run("backward-transfer", spec, out, "--mix", "0.25", *REDUCED)
     assert results["metrics"] == ["general_nll", "rate", "arithmetic_accuracy"]
     assert [arm["arm"] for arm in results["arms"]] == ["no mix", "mix 0.25"]
+    # the mixed arm draws the train's `mix general` texts, the NLL reads the eval's: another
+    # draw of the testbed's dialogues, which shares some texts with the first
+    mixed, measured = ({json.loads(line)["text"] for line in (SPECS / "data" / name).open()}
+                       for name in ("testbed_general.jsonl", "testbed_general_eval.jsonl"))
+    assert results["measured_texts_mixed"] == len(mixed & measured) < len(measured)
     accuracy = results["arms"][0]["arithmetic_accuracy"]
     assert all(0.6 < v <= 1 for v in accuracy["before"])  # the testbed knows its sums
 
@@ -208,6 +213,8 @@ def test_a_finished_experiment_reruns_from_the_store(spec, out):
     (["sample-efficiency", "--behavior", "concise"], "has no train section"),
     (["steer-complexity", "--simple", "listen"], "both name"),
     (["sample-efficiency", "--seeds", "0"], "--seeds must be at least 1"),
+    (["sample-efficiency", "--score", "none", "--seeds", "1"], "the margin is computed, not sampled"),
+    (["lr-sweep", "--seeds", "1"], "it needs --seeds 2 or more, not 1"),
     (["sample-efficiency", "--jobs", "0"], "--jobs must be at least 1"),
     (["sample-efficiency", "--jobs", "many"], "or `auto`, not `many`"),
 ])

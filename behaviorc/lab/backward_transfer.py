@@ -1,11 +1,14 @@
 """Does mixing general data into training give positive backward transfer?
 
 Two arms, each over several seeds: the behavior trained with no general mix, and with
-`--mix` of each batch drawn from the spec's general texts. Before and after each run:
-the general NLL (lower is better) and, on the testbed, the accuracy on an unrelated skill
+`--mix` of each batch drawn from the spec's general texts (its train's `mix general`
+texts, else its eval's `general`). Before and after each run: the general NLL on the
+eval's general texts (lower is better) and, on the testbed, the accuracy on an unrelated skill
 (single-digit sums, greedy). Backward transfer is the change on that old material: a
 general NLL that falls or an accuracy that rises is positive transfer, the opposite is
-forgetting. Each change has a 95% bootstrap interval over seeds.
+forgetting. Each change has a 95% bootstrap interval over seeds. When the mixed texts
+are the measured ones, a falling NLL is memory of them rather than transfer, and the
+summary says so.
 """
 
 from __future__ import annotations
@@ -43,9 +46,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BehaviorError(f"behavior `{subject.behavior.name}` has no general texts to mix in and measure on",
                             subject.behavior.loc,
                             hint='add `mix general 25% "FILE.jsonl"` to its train, or `general` to its eval')
+    common.check_seed_spread(args.seeds, "the general NLL's change")
     seeds = list(range(args.seeds))
-    arms = {"no mix": None, f"mix {args.mix:g}": ir.Mix(ratio=args.mix, texts=subject.general)}
-    base = {s: subject.measure_point(f"base,seed={s}", None, s, args.samples) for s in seeds}
+    spec_mix = subject.behavior.train.mix
+    mixed_texts = spec_mix.texts if spec_mix else subject.general
+    arms = {"no mix": None, f"mix {args.mix:g}": ir.Mix(ratio=args.mix, texts=mixed_texts)}
+    base = subject.base_points(seeds, args.samples)
     points = {}
     for arm, mix in arms.items():
         for s in seeds:
@@ -55,11 +61,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              subject.plan.spec.sha256, jobs=args.jobs)
     return analyze(subject, list(arms), seeds, args.mix, args.samples,
                    {s: done[t.key].metrics for s, t in base.items()},
-                   {k: done[t.key].metrics for k, t in points.items()})
+                   {k: done[t.key].metrics for k, t in points.items()},
+                   measured_texts_mixed=len(set(mixed_texts) & set(subject.general)))
 
 
 def analyze(subject: common.Subject, arms: list[str], seeds: list[int], mix: float, samples: int,
-            before: dict[int, dict], after: dict[tuple[str, int], dict]) -> dict[str, Any]:
+            before: dict[int, dict], after: dict[tuple[str, int], dict],
+            measured_texts_mixed: int) -> dict[str, Any]:
     measured = ["general_nll", subject.measure] + (["arithmetic_accuracy"] if subject.arithmetic else [])
     rows = []
     for arm in arms:
@@ -76,7 +84,7 @@ def analyze(subject: common.Subject, arms: list[str], seeds: list[int], mix: flo
                            "after": [after[arm, s][metric] for s in seeds], "change": change.as_dict()}
         rows.append(row)
     return {"experiment": NAME, **common.describe(subject), "mix": mix, "seeds": seeds,
-            "metrics": measured, "arms": rows}
+            "metrics": measured, "arms": rows, "measured_texts_mixed": measured_texts_mixed}
 
 
 def _verdict(row: dict[str, Any], metric: str) -> str:
@@ -99,6 +107,11 @@ def summary(results: dict[str, Any]) -> str:
                      f"({_verdict(mixed, 'arithmetic_accuracy')}) and by "
                      f"{common.fmt_interval(plain['arithmetic_accuracy']['change'])} without "
                      f"({_verdict(plain, 'arithmetic_accuracy')}).")
+    if results["measured_texts_mixed"]:
+        lines.append(f"Caution: {results['measured_texts_mixed']} of the texts the general NLL is measured on "
+                     "were also mixed into training, so the mixed arm's NLL change is partly memory of them, "
+                     "not transfer; give the eval held-out `general` texts.")
+    lines += ["", common.measure_note(results)]
     lines += ["", "| arm | metric | before (per seed) | after (per seed) | change (95% CI) |", "|---|---|---|---|---|"]
     for row in results["arms"]:
         for metric in results["metrics"]:

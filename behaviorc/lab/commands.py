@@ -24,12 +24,24 @@ thread: a point's numbers are the same whatever --jobs is.
 
 The folder gets results.json, PNG plots and summary.md (the answer in words).
 On the testbed model (`model base = "tiny-gdn-testbed"`) behaviors are also measured as
-the rate at which sampled generations show them, scored exactly.
+the rate at which sampled generations show them, scored exactly. A real model's replies
+have no exact scorer: there (smollm2-135m, specs/real_experiments.behavior) a point is
+measured by the behavior's margin on its eval pairs, and summary.md says so. A margin,
+like the general NLL, is computed, not sampled: its interval comes from the spread
+between training seeds alone, so experiments reading one take --seeds 2 or more.
+
+What the default grids cost (3 seeds a point): sample-efficiency trains 9 models,
+lr-sweep 12, backward-transfer 6, gdn-state 6; steer-complexity trains none (5 strengths
+x 2 behaviors, measured). On smollm2-135m (specs/real_experiments.behavior: 30 steps,
+batch 4) a training point took 1 to 6 minutes on a shared 2-core machine, with the load,
+and the default grids ran 3 (steer-complexity) to 23 (lr-sweep) minutes: see the README.
+For a first look use --seeds 2 and two grid points (--grid 1,14, --lrs 3e-5,1e-4).
 """
 
 EPILOG = """\
 examples:
   behaviorc experiment sample-efficiency specs/testbed_listen.behavior
+  behaviorc experiment sample-efficiency specs/real_experiments.behavior --seeds 2 --grid 1,14
   behaviorc experiment lr-sweep specs/testbed_listen.behavior --lrs 1e-5,3e-5,1e-4
   behaviorc experiment backward-transfer specs/testbed_listen.behavior --mix 0.25
   behaviorc experiment gdn-state specs/testbed_listen.behavior

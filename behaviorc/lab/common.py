@@ -60,6 +60,15 @@ class Subject:
                                 hint="add `steer { layers ...  pairs ... }` to it")
         return task
 
+    def base_points(self, seeds: Sequence[int], samples: int) -> dict[int, MeasurePoint]:
+        """The base model's point for each seed. A rate is sampled, so each seed samples
+        its own; a margin and the general NLL are computed, not sampled, so every seed
+        shares one point."""
+        if self.measure == "rate":
+            return {s: self.measure_point(f"base,seed={s}", None, s, samples) for s in seeds}
+        shared = self.measure_point("base", None, 0, samples)
+        return {s: shared for s in seeds}
+
     def measure_point(self, label: str, weights: TrainBehavior | None, seed: int, samples: int) -> MeasurePoint:
         """Everything a training experiment reads off one model: the behavior's rate and
         margin, the general NLL and, on the testbed, arithmetic accuracy. The same for
@@ -168,7 +177,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", type=Path, help="the .behavior file")
     parser.add_argument("--behavior", help="the behavior to study (default: the first that trains)")
     parser.add_argument("--out", type=Path, help="result folder (default: out/experiments/NAME-SPEC)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per point (default 3)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds per point (default 3; at least 2 where a margin or the general NLL "
+                             "is compared: their only spread is between seeds)")
     parser.add_argument("--samples", type=int, default=4,
                         help="sampled replies per held-out prompt for the rate (default 4)")
     parser.add_argument("--score", help="testbed scorer for generation rates: listen, listen-exact, "
@@ -187,6 +198,16 @@ def check_counts(args: argparse.Namespace) -> None:
         raise BehaviorError(f"--prompts must be at least 1, not {args.prompts}")
     if getattr(args, "steps", None) is not None and args.steps < 1:
         raise BehaviorError(f"--steps must be at least 1, not {args.steps}")
+
+
+def check_seed_spread(seeds: int, what: str) -> None:
+    """A change that is computed rather than sampled (a margin, the general NLL) varies
+    only between training seeds: with one seed its bootstrap interval is a single point,
+    and any change at all would read as distinguishable from zero."""
+    if seeds < 2:
+        raise BehaviorError(f"{what} is computed, not sampled, so its 95% interval comes from the spread "
+                            f"between training seeds alone: it needs --seeds 2 or more, not {seeds}",
+                            hint="pass --seeds 2 (or more, for a narrower interval)")
 
 
 def train_changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,7 +255,7 @@ def run_points(out: Path, tasks: Sequence[Task], spec_path: Path, sha256: str,
     executor = Executor(out, listeners=[progress], spec_path=str(spec_path.resolve()),
                         spec_sha256=sha256, cancel=cancel, jobs=replace(jobs, threads_each=POINT_THREADS))
     with cancel_on_sigint(cancel), progress, _torch_threads(POINT_THREADS):
-        outcome = executor.run(list(tasks))
+        outcome = executor.run(list({t.key: t for t in tasks}.values()))  # points shared by seeds once
     if outcome.cancelled:
         raise Stopped()
     if outcome.failed:
@@ -276,6 +297,20 @@ def describe(subject: Subject) -> dict[str, Any]:
     return {"spec": str(subject.spec_path), "behavior": subject.behavior.name,
             "model": subject.model.decl.source, "measure": subject.measure, "score": subject.score,
             "held_out_prompts": len(subject.users), "eval_pairs": len(subject.eval_pairs)}
+
+
+def measure_note(described: dict[str, Any]) -> str:
+    """What a summary's numbers are, in words (from `describe`'s fields): a generation
+    rate scored exactly, or, on a model without a scorer for its replies, the margin."""
+    model, score = described["model"], described["score"]
+    held_out_prompts, eval_pairs = described["held_out_prompts"], described["eval_pairs"]
+    if score:
+        return (f"**Measure:** the rate: the share of replies sampled (temperature 1) to {held_out_prompts} "
+                f"held-out prompts that the testbed's exact scorer `{score}` classes as the behavior.")
+    return (f"**Measure:** the margin, not a generation rate: the mean over {eval_pairs} eval pairs of the "
+            "log-probability the model gives the positive completion minus the negative one (teacher-forced; "
+            f"nothing is sampled). {model} has no exact scorer for its replies (those exist only for the "
+            "testbed's fixed reply forms), so whether its sampled text shows the behavior is not measured here.")
 
 
 def fmt_interval(interval: dict[str, float], digits: int = 3) -> str:

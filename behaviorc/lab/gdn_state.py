@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steer = subject.behavior.steer
     prompts = _probes(subject, args.probes)
     control_examples = _control_examples(subject, args.control)
+    layers = _gdn_layers_after_steering(subject, steering, args)
     seeds = list(range(args.seeds))
     base = GdnStates(name=f"{subject.behavior.name}[base]", model=subject.model, prompts=prompts)
     steered = GdnStates(name=f"{subject.behavior.name}[steered]", model=subject.model, steering=steering,
@@ -73,18 +74,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def states(task: GdnStates):
         return _read_states(done[task.key].path("states"))
 
-    layers = [layer for layer in done[base.key].data["layers"] if layer > min(steering_layers(done, steering))]
-    if not layers:
-        raise BehaviorError(f"no GDN layer comes after the steering layers of `{subject.behavior.name}`, so "
-                            "steering cannot move a recurrent state", steer.loc,
-                            hint="steer an earlier layer (e.g. `layers 0`)")
     return analyze(subject, layers, seeds, states(base), states(steered),
                    {s: states(t) for s, t in trained.items()}, {s: states(t) for s, t in control.items()},
                    args.control or "general texts", len(prompts), steer.strength)
 
 
-def steering_layers(done: dict, steering) -> list[int]:
-    return [int(layer) for layer in done[steering.key].data["layers"]]
+def _gdn_layers_after_steering(subject: common.Subject, steering, args: argparse.Namespace) -> list[int]:
+    """The GDN layers the experiment reads: those after the first steered layer. Checked
+    before any training point runs, so a model without them is refused in seconds: the
+    model first, then (when it has GDN layers) the steering vectors' layers."""
+    decl = subject.model.decl
+
+    def prepare(task) -> dict:
+        return common.run_points(args.out, [task], args.spec, subject.plan.spec.sha256, jobs=args.jobs)
+
+    model = prepare(subject.model)[subject.model.key].data
+    gdn = [layer for layer, kind in enumerate(model["layer_kinds"]) if kind == "gdn"]
+    if not gdn:
+        raise BehaviorError(f"model `{decl.name}` ({decl.source}, {model['family']}, {model['num_layers']} "
+                            "attention layers) has no Gated DeltaNet layers: gdn-state reads the recurrent state "
+                            "those layers carry, and this model carries none", decl.loc,
+                            hint='run it on a spec whose model has GDN layers, e.g. specs/testbed_listen.behavior '
+                                 '(model base = "tiny-gdn-testbed")')
+    steered = [int(layer) for layer in prepare(steering)[steering.key].data["layers"]]
+    after = [layer for layer in gdn if layer > min(steered)]
+    if not after:
+        raise BehaviorError(f"no GDN layer comes after the steering layers ({', '.join(map(str, steered))}) of "
+                            f"`{subject.behavior.name}`, so steering cannot move a recurrent state",
+                            subject.behavior.steer.loc, hint="steer an earlier layer (e.g. `layers 0`)")
+    return after
 
 
 def _probes(subject: common.Subject, count: int) -> tuple[str, ...]:

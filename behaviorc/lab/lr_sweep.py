@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BehaviorError(f"behavior `{subject.behavior.name}` has no general texts to measure the NLL "
                             "cost on", subject.behavior.loc,
                             hint='add `general "FILE.jsonl"` to its eval, or a `mix general` to its train')
+    common.check_seed_spread(args.seeds, "the general-NLL cost")
     seeds = list(range(args.seeds))
-    base = {s: subject.measure_point(f"base,seed={s}", None, s, args.samples) for s in seeds}
+    base = subject.base_points(seeds, args.samples)
     points = {}
     for lr in lrs:
         for s in seeds:
@@ -111,6 +112,7 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(f"**Answer:** the best learning rate is {results['best_lr']:.3g}: the largest mean gain "
                      f"in {measure} among rates whose general-NLL cost stays within "
                      f"{results['max_nll_cost']} nats/token. {where}")
+    lines += ["", common.measure_note(results)]
     lines += ["", f"| LR | gain in {measure} (95% CI) | general-NLL cost (95% CI) | within cost |",
               "|---|---|---|---|"]
     for row in results["points"]:

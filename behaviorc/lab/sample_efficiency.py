@@ -10,6 +10,7 @@ smallest N whose interval excludes zero.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from typing import Any
 
@@ -27,21 +28,25 @@ example:
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     common.add_common_options(parser)
-    parser.add_argument("--grid", default="10,50,500", help="example counts (default 10,50,500)")
+    parser.add_argument("--grid", help="example counts (default: the behavior's example count divided by "
+                                       "50 and by 10, rounded up, and all of them: 10,50,500 for 500 "
+                                       "examples, 1,2,14 for 14)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     common.check_counts(args)
-    grid = common.positive_ints(args.grid, "--grid")
     subject = common.load_subject(args.spec, args.behavior, args.score, needs_train=True,
                                   prompts=args.prompts)
+    if subject.measure == "margin":
+        common.check_seed_spread(args.seeds, "the margin")
     examples = subject.behavior.train.examples
+    grid = common.positive_ints(args.grid, "--grid") if args.grid is not None else default_grid(len(examples))
     if grid[-1] > len(examples):
         raise BehaviorError(f"--grid asks for {grid[-1]} examples, behavior `{subject.behavior.name}` "
                             f"has {len(examples)}", subject.behavior.train.loc,
                             hint=f"use N up to {len(examples)}, or add examples")
     seeds = range(args.seeds)
-    base = {s: subject.measure_point(f"base,seed={s}", None, s, args.samples) for s in seeds}
+    base = subject.base_points(seeds, args.samples)
     points = {}
     for n in grid:
         for s in seeds:
@@ -54,6 +59,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return analyze(subject, grid, list(seeds), args.samples,
                    {s: done[t.key].metrics for s, t in base.items()},
                    {k: done[t.key].metrics for k, t in points.items()})
+
+
+def default_grid(examples: int) -> list[int]:
+    """A small, a middle and the full share of the examples, spaced roughly tenfold."""
+    return sorted({math.ceil(examples / 50), math.ceil(examples / 10), examples})
 
 
 def analyze(subject: common.Subject, grid: list[int], seeds: list[int], samples: int,
@@ -80,21 +90,24 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(f"**Answer:** no N in {results['grid']} changed the {measure} distinguishably "
                      "from zero (every 95% interval includes 0).")
     else:
-        lines.append(f"**Answer:** {results['smallest_n']} examples are the fewest in the grid whose "
+        count = "1 example is" if results["smallest_n"] == 1 else f"{results['smallest_n']} examples are"
+        lines.append(f"**Answer:** {count} the fewest in the grid whose "
                      f"change in {measure} is distinguishable from zero (its 95% bootstrap interval "
                      "excludes 0).")
-        if results["smallest_n"] == results["grid"][0]:
+        if results["smallest_n"] == results["grid"][0] > 1:
             lines.append(f"That is the grid's smallest N: fewer may do; try `--grid` below "
                          f"{results['smallest_n']}.")
+    lines += ["", common.measure_note(results)]
     lines += ["", f"Base {measure} per seed: " + ", ".join(f"{v:.3f}" for v in results["before"]), "",
               f"| N | {measure} after (per seed) | change, mean and 95% CI | distinguishable |",
               "|---|---|---|---|"]
     for row in results["points"]:
         lines.append(f"| {row['n']} | {', '.join(f'{v:.3f}' for v in row['after'])} | "
                      f"{common.fmt_interval(row['change'])} | {'yes' if row['distinguishable'] else 'no'} |")
+    paired = ("the base model sampled under the same seed" if measure == "rate" else
+              "the base model's margin (computed once: nothing is sampled)")
     lines += ["", f"Seeds: {len(results['seeds'])}. The interval resamples seeds and, for rates, the "
-              "sampled replies (binomially). The change pairs each trained point with the base model "
-              "sampled under the same seed.", ""]
+              f"sampled replies (binomially). The change pairs each trained point with {paired}.", ""]
     return "\n".join(lines)
 
 

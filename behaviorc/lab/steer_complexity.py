@@ -98,8 +98,8 @@ def analyze(subjects: dict[str, common.Subject], strengths: list[float], seeds: 
         within = [r for r in rows if r["nll_cost"] <= max_cost and r["strength"] != 0]
         key = (lambda r: r["rate_change"]["mean"]) if subject.score else (lambda r: r["margin"])
         best = max(within, key=key) if within else None
-        behaviors.append({"role": role, "behavior": subject.behavior.name, "score": subject.score,
-                          "points": rows, "best_strength": best["strength"] if best else None})
+        behaviors.append({**common.describe(subject), "role": role, "points": rows,
+                          "best_strength": best["strength"] if best else None})
     return {"experiment": NAME, "spec": str(subjects["simple"].spec_path),
             "model": subjects["simple"].model.decl.source, "strengths": strengths, "seeds": seeds,
             "max_nll_cost": max_cost, "behaviors": behaviors}
@@ -138,14 +138,19 @@ def summary(results: dict[str, Any]) -> str:
               f"- simple: {_describe(simple)}", f"- multi-token: {_describe(complex_)}", ""]
     for entry in results["behaviors"]:
         lines += [f"## {entry['role']}: `{entry['behavior']}`", "",
+                  common.measure_note(entry), "",
                   "| strength | margin | rate (mean of seeds) | rate change (95% CI) | NLL cost |", "|---|---|---|---|---|"]
         for row in entry["points"]:
             rate = f"{row['rate']:.3f}" if "rate" in row else "-"
             change = common.fmt_interval(row["rate_change"]) if "rate_change" in row else "-"
             lines.append(f"| {row['strength']:g} | {row['margin']:+.3f} | {rate} | {change} | {row['nll_cost']:+.3f} |")
         lines.append("")
-    lines += [f"Rates: {len(results['seeds'])} sampling seeds; intervals are 95% bootstrap intervals over "
-              "seeds and replies, relative to strength 0.", ""]
+    if any(entry["score"] for entry in results["behaviors"]):
+        lines += [f"Rates: {len(results['seeds'])} sampling seeds; intervals are 95% bootstrap intervals over "
+                  "seeds and replies, relative to strength 0.", ""]
+    else:
+        lines += ["Margins are computed on the eval pairs, not sampled, so they carry no interval: steering "
+                  "\"works\" here when the margin at the chosen strength is above the unsteered one.", ""]
     return "\n".join(lines)
 
 
