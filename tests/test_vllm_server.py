@@ -71,3 +71,18 @@ def test_serve_help_teaches(capsys):
     text = capsys.readouterr().out
     assert "behaviorc serve tiny-gdn" in text
     assert "--api-key" in text
+
+
+def test_tensor_parallel_size_passes_through_to_vllm(tiny_gdn):
+    assert "--tensor-parallel-size" not in server_command(tiny_gdn, "127.0.0.1", 8000, None)
+    command = server_command(tiny_gdn, "127.0.0.1", 8000, None, tensor_parallel_size=2)
+    assert command[command.index("--tensor-parallel-size") + 1] == "2"
+
+
+def test_serve_refuses_more_shards_than_devices(capsys):
+    import os
+
+    too_many = len(os.sched_getaffinity(0)) + 1
+    assert main(["serve", "tiny-gdn", "--tensor-parallel-size", str(too_many)]) == 1
+    error = capsys.readouterr().err
+    assert f"--tensor-parallel-size {too_many}: this machine has" in error and "starting vLLM" not in error

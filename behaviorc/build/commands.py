@@ -14,7 +14,8 @@ from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 from behaviorc.core.task import Task
 from behaviorc.build.context import CancelSignal
 from behaviorc.core.events import EVENTS_FILE
-from behaviorc.build.executor import CANCEL_FILE, LOG_DIR, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint
+from behaviorc.build.executor import (CANCEL_FILE, LOG_DIR, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint,
+                                      plan_order)
 from behaviorc.build.parallel import Jobs
 from behaviorc.build.report import REPORT_FILE, count_statuses
 from behaviorc.build.store import Store
@@ -29,6 +30,7 @@ examples:
   behaviorc build specs/persona.behavior --only train:listen
   behaviorc build specs/listen.behavior --force      rebuild even what is stored
   behaviorc build specs/persona.behavior --jobs 2    two independent tasks at a time
+  behaviorc build specs/listen.behavior --nproc 2    train on 2 processes (FSDP2)
 
 An unchanged rebuild runs nothing; a changed strength or weight reruns only what depends
 on it. Ctrl-C stops at the next checkpoint and keeps every finished task (exit 130).
@@ -50,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="run up to N independent tasks at once, each in a worker process "
                             "(training, steering, measurements; live deploys run alone); "
                             "`auto`: one per usable core while memory allows (default 1)")
+    build.add_argument("--nproc", type=int, metavar="N",
+                       help="train on N processes (one per GPU, or per CPU core), each model "
+                            "sharded over them with FSDP2; everything else runs once. Several "
+                            "machines: start `behaviorc build` with torchrun instead")
     build.add_argument("--only", metavar="TASK",
                        help="build one task and what it needs (an id like train:listen, "
                             "or a name when only one task has it)")
@@ -81,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # --- build ------------------------------------------------------------------------------
 
-def load_plan(spec_path: Path) -> "Plan":
+def load_plan(spec_path: Path, warn: bool = True) -> "Plan":
     """Check and lower a spec. Warnings go to stderr; errors stop here (all of them)."""
     from behaviorc.lang import check_file
     from behaviorc.build.lower import lower
@@ -89,7 +95,7 @@ def load_plan(spec_path: Path) -> "Plan":
     spec, diagnostics = check_file(str(spec_path))
     if spec is None:
         raise BehaviorError("the spec has errors", diagnostics=diagnostics)
-    for warning in diagnostics:
+    for warning in diagnostics if warn else ():
         print(warning.render(), file=sys.stderr)
     return lower(spec)
 
@@ -120,8 +126,49 @@ def open_out_folder(out: Path, what: str) -> CancelSignal:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from behaviorc.build.launch import join_world, launch, launched
+    from behaviorc.engine.devices import check_process_count
+
+    if args.nproc is not None and not launched():
+        check_process_count(args.nproc, "--nproc")
+        if args.nproc > 1 and args.tui:
+            raise BehaviorError("--nproc runs the build in other processes: the dashboard cannot "
+                                "show it from here", hint="watch it with `behaviorc dash DIR`")
+        if args.nproc > 1:
+            return launch(_build_argv(args), args.nproc)
+    world = join_world()
+    if world is not None and world.rank != 0:
+        from behaviorc.train.ranks import follow
+        return follow(world, lambda: _training_tasks(args.spec))
+    try:
+        return _build(args, distributed=world is not None)
+    finally:
+        if world is not None:
+            from behaviorc.train.ranks import release
+            release(world)
+
+
+def _build_argv(args: argparse.Namespace) -> list[str]:
+    """The same build, as each launched process runs it."""
+    argv = ["build", str(args.spec), "--jobs", args.jobs, "--nproc", str(args.nproc)]
+    argv += ["--out", str(args.out)] if args.out else []
+    argv += ["--only", args.only] if args.only else []
+    return argv + (["--force"] if args.force else [])
+
+
+def _training_tasks(spec_path: Path) -> dict:
+    from behaviorc.train.task import TrainBehavior
+
+    plan = load_plan(spec_path, warn=False)
+    return {t.id: t for t in plan_order(plan.tasks) if isinstance(t, TrainBehavior)}
+
+
+def _build(args: argparse.Namespace, distributed: bool) -> int:
     spec_path: Path = args.spec
     jobs = Jobs.parse(args.jobs)
+    if distributed and jobs.most > 1:
+        raise BehaviorError("a build on several processes runs its tasks one at a time",
+                            hint="drop --jobs, or build without --nproc")
     plan = load_plan(spec_path)
     targets = [select(plan.tasks, args.only)] if args.only else list(plan.tasks)
     out: Path = args.out or Path("out") / spec_path.stem

@@ -82,6 +82,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 
+from behaviorc.train.distributed import local_shard
+
 Scaling = Literal["channel", "tensor"]
 
 
@@ -262,15 +264,23 @@ class APOLLO(torch.optim.Optimizer):
         # serves every matrix.
         beta1, beta2 = group["betas"]
         lr, rank = group["lr"], group["rank"]
+        # A sharded parameter (FSDP2) is updated in this rank's rows; `shard.sum` adds
+        # over the ranks what spans rows (behaviorc.train.distributed).
+        shard = local_shard(param)
         tall = param.shape[0] > param.shape[1]
-        grad = param.grad.float()
-        oriented = grad.T if tall else grad  # d x n, d <= n
-        side, channels = oriented.shape
+        grad = shard.grad.float()
+        oriented = grad.T if tall else grad  # d x n, d <= n (this rank's rows of it)
+        side, channels = min(param.shape), oriented.shape[1]
         state = self._init_apollo_state(param, rank, channels)
         [t] = self._advance([param])
 
         projected = self._scratch("projected", rank * channels, param.device).view(rank, channels)
-        self._project(self._projection(param, number, t - 1, group, side), oriented, projected)
+        projection = self._projection(param, number, t - 1, group, side)
+        if not tall:  # the rows are the projected side: each rank projects its own
+            projection = projection[:, shard.rows]
+        self._project(projection, oriented, projected)
+        if not tall:
+            shard.sum(projected)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(projected, 1 - beta1)
         projected_squares = projected.square_()  # R itself is no longer needed
@@ -282,8 +292,11 @@ class APOLLO(torch.optim.Optimizer):
         # Column sums of squares, not column norms: summing over the rows of a row-major
         # matrix is vectorised, a norm over them is not (20x slower on this CPU).
         channel_wise = group["scaling"] == "channel"
-        projected_sums = _channel_sums(projected_squares, channel_wise)
-        factors = _scaling_factors(exp_avg, exp_avg_sq, projected_sums, projected, t, group)
+        # a tall matrix's channels are its rows: the tensor-wise sums span the ranks
+        whole_sum = shard.sum if tall and not channel_wise else (lambda sums: sums)
+        projected_sums = whole_sum(_channel_sums(projected_squares, channel_wise))
+        factors = _scaling_factors(exp_avg, exp_avg_sq, projected_sums, projected, t, group,
+                                   whole_sum)
 
         # the factors index the channels of the oriented gradient: broadcast them onto G
         factors = factors.unsqueeze(1) if tall and channel_wise else factors.unsqueeze(0)
@@ -295,14 +308,15 @@ class APOLLO(torch.optim.Optimizer):
         # once in 30 steps on tiny-gdn at lr 1e-4), so most steps read G once here, not twice.
         alpha = _alpha(group, side)
         decay = 1 - lr * group["weight_decay"]
-        update_norm = alpha * self._apply_update(param, grad, factors, decay, -lr * alpha)
+        update_norm = alpha * shard.sum(
+            self._apply_update(shard.weights, grad, factors, decay, -lr * alpha)).sqrt()
         if group["limiter"] is not None:
             limit = self._limit(update_norm, state["previous_norm"], state["limited"], group["limiter"])
             update_norm = update_norm * limit
             # a CPU skips the correction when nothing was capped; an accelerator would
             # need a host sync to know, so it always takes it (a zero correction)
             if param.device.type != "cpu" or bool(limit != 1):
-                param.addcmul_(grad, factors * (1 - limit), value=lr * alpha)
+                shard.weights.addcmul_(grad, factors * (1 - limit), value=lr * alpha)
         state["previous_norm"].copy_(update_norm)
 
     def _limit(self, update_norm: torch.Tensor, previous: torch.Tensor, limited: torch.Tensor,
@@ -318,7 +332,7 @@ class APOLLO(torch.optim.Optimizer):
     def _apply_update(self, param: torch.Tensor, grad: torch.Tensor, factors: torch.Tensor,
                       decay: float, step_size: float) -> torch.Tensor:
         """param <- decay * param + step_size * grad * factors (factors broadcast along
-        rows or columns); returns ||grad * factors||. The product goes through a
+        rows or columns); returns ||grad * factors||^2. The product goes through a
         cache-sized block of rows at a time and is read back from cache for its norm and
         the weights: a full-size temporary would cost more than the arithmetic on a CPU
         (page faults on first touch, a write and a read of main memory). On an
@@ -338,7 +352,7 @@ class APOLLO(torch.optim.Optimizer):
             if decay != 1:
                 weights.mul_(decay)
             weights.add_(product, alpha=step_size)
-        return torch.stack(squares).sum().sqrt()
+        return torch.stack(squares).sum() if squares else grad.new_zeros(())
 
     # -- the grouped path (CUDA) -----------------------------------------------------------
 
@@ -545,17 +559,19 @@ def _alpha(group: dict[str, Any], side: int) -> float:
 
 
 def _scaling_factors(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, projected_sums: torch.Tensor,
-                     workspace: torch.Tensor, step: int, group: dict[str, Any]) -> torch.Tensor:
+                     workspace: torch.Tensor, step: int, group: dict[str, Any],
+                     whole_sum: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> torch.Tensor:
     """s = ||R~|| / ||R|| per channel (or per tensor) from the moments and the sums of
     squares of R, with R~ / (sqrt(bc2) / bc1) built in `workspace` (R's, no longer needed);
-    for one matrix ([r, n] -> [n] or [1]) or a stack ([k, r, n] -> [k, n] or [k])."""
+    for one matrix ([r, n] -> [n] or [1]) or a stack ([k, r, n] -> [k, n] or [k]).
+    `whole_sum` adds R~'s sums over the ranks where a sharded matrix's channels span them."""
     beta1, beta2 = group["betas"]
     bias2 = math.sqrt(1 - beta2 ** step)
     channel_wise = group["scaling"] == "channel"
     scaled = torch.sqrt(exp_avg_sq, out=workspace).add_(group["eps"] * bias2)
     scaled_squares = torch.div(exp_avg, scaled, out=scaled).square_()
     if exp_avg.ndim == 2:
-        scaled_sums = _channel_sums(scaled_squares, channel_wise)
+        scaled_sums = whole_sum(_channel_sums(scaled_squares, channel_wise))
     else:
         scaled_sums = scaled_squares.sum((1,) if channel_wise else (1, 2))
     tiny = torch.finfo(torch.float32).tiny

@@ -10,7 +10,8 @@
    guard's check. Its event is sent during the next step, when its limiter count has
    come back with that step's read, so the device is never waited on between steps.
 4. Checkpoints every `checkpoint_every` steps; a loop started over an existing
-   checkpoint resumes from it and ends with the same weights as one never interrupted.
+   checkpoint resumes from it and ends with the same weights as one never interrupted,
+   also from one a distributed training wrote (behaviorc.train.dcp).
 
 Learning rate: linear warmup over `warmup` steps, then constant or a cosine decay to
 10% of the peak at the last step.
@@ -30,10 +31,14 @@ from behaviorc.core import ir
 from behaviorc.train.apollo import APOLLO
 from behaviorc.train.checkpoint import METADATA, load_checkpoint, save_checkpoint
 from behaviorc.train.data import BatchSchedule, TrainSequence
+from behaviorc.train.dcp import (is_distributed_checkpoint, load_distributed_checkpoint, load_whole_checkpoint,
+                                 save_distributed_checkpoint)
+from behaviorc.train.distributed import ShardedRun
 from behaviorc.train.frozen import (FrozenContexts, collate, freeze_batch, length_mask, mask_if_padded,
                                      padded_ids, segment_logits, segment_loss_sum, upload_longs)
 
 COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
+CHECKPOINT_EVERY = 50  # steps between a build's training checkpoints, on one process or several
 
 
 @dataclass(frozen=True)
@@ -147,10 +152,12 @@ def train(
     checkpoint_every: int = 0,
     reuse_contexts: bool = False,
     extra_loss: Callable[[Sequence[TrainSequence]], torch.Tensor] | None = None,
+    sharded: ShardedRun | None = None,
 ) -> TrainSummary:
     """Train `targets` of `model` in place for `spec.steps` steps. `extra_loss`, when
     given, is added to each step's response loss; it is called right after the forward
-    of that loss, so hooks it holds on the model have seen the batch."""
+    of that loss, so hooks it holds on the model have seen the batch. With `sharded`,
+    this process is one rank of a data-parallel training (behaviorc.train.distributed)."""
     for param in model.parameters():
         param.requires_grad_(False)
     params = [targets[name] for name in sorted(targets)]
@@ -162,7 +169,9 @@ def train(
 
     start = 0
     if checkpoint_dir is not None and (checkpoint_dir / METADATA).is_file():
-        scalars = load_checkpoint(checkpoint_dir, targets, optimizer)
+        load = (load_distributed_checkpoint if is_distributed_checkpoint(checkpoint_dir)
+                else load_checkpoint if sharded is None else load_whole_checkpoint)
+        scalars = load(checkpoint_dir, targets, optimizer)
         start = summary.resumed_from = int(scalars["step"])
         summary.steps_skipped = int(scalars["steps_skipped"])
         summary.loss_first = scalars["loss_first"]
@@ -177,13 +186,20 @@ def train(
         began = time.perf_counter()
         if pending is not None:
             pending.seconds = began - pending.began
-        batch = schedule.at(step)
-        loss, _ = response_loss(batch)
+        whole = schedule.at(step)  # every rank's sequences: the step's tokens/s are theirs
+        batch = whole if sharded is None else sharded.local(whole)
+        loss, count = response_loss(batch)
         if extra_loss is not None:
             loss = loss + extra_loss(batch)
+        if sharded is not None:  # this rank's share of the mean over every rank's tokens
+            loss, whole_loss = sharded.mean(loss, count)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip if spec.clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # sharded gradients: a DTensor of partial sums
+            grad_norm = grad_norm.full_tensor()
         loss_value, grad_norm_value, limited_total = _read(loss.detach(), grad_norm, _limiter_total(optimizer))
+        if sharded is not None:
+            loss_value = whole_loss
         if pending is not None:
             listening = time.perf_counter()
             on_step(pending.event(limited_total))
@@ -199,14 +215,14 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         summary.losses.append(loss_value)
         summary.loss_first = summary.losses[0] if summary.loss_first is None else summary.loss_first
-        pending = _Pending(step + 1, loss_value, grad_norm_value, lr, skipped, sum(s.tokens for s in batch),
+        pending = _Pending(step + 1, loss_value, grad_norm_value, lr, skipped, sum(s.tokens for s in whole),
                            began, limited_total, summary)
 
         done = step + 1
         if checkpoint_dir is not None and checkpoint_every > 0 and done % checkpoint_every == 0 and done < spec.steps:
-            save_checkpoint(checkpoint_dir, targets, optimizer,
-                            {"step": done, "steps_skipped": summary.steps_skipped,
-                             "loss_first": summary.loss_first})
+            save = save_checkpoint if sharded is None else save_distributed_checkpoint
+            save(checkpoint_dir, targets, optimizer,
+                 {"step": done, "steps_skipped": summary.steps_skipped, "loss_first": summary.loss_first})
     if pending is not None:
         [limited_total] = _read(_limiter_total(optimizer))
         pending.seconds = time.perf_counter() - pending.began

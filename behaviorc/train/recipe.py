@@ -52,11 +52,12 @@ from behaviorc.model.adapter import ArchitectureAdapter
 from behaviorc.model.loading import context_positions, load_model, refuse_over_context
 from behaviorc.train.activations import ActivationMatch, steered_targets
 from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, encode_texts
+from behaviorc.train.distributed import current_world
 from behaviorc.train.distill_data import distill_data
 from behaviorc.train.handoff import live_handoff, trained_tensors
-from behaviorc.train.loop import StepEvent, train
+from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, train
+from behaviorc.train.ranks import lead_training
 
-CHECKPOINT_EVERY = 50
 SAMPLES_IN_DATA = 8  # distilled examples kept in the task's data for a reader to see
 
 
@@ -126,12 +127,16 @@ def distilled_examples(train_spec: ir.Train, run: Run, generator: Engine, stack:
     return result
 
 
-def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.ModelDecl,
+def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, model_path: str,
+                 decl: ir.ModelDecl,
                  train_spec: ir.Train, eval_pairs: Sequence[ir.Pair], general: Sequence[str],
                  steering_file: Path | None, strength: float, handoff: ir.Deploy | None,
                  loc: Location | None) -> TaskResult:
     """Train `name`'s behavior into a copy of the model at `model_path`; the result's
-    artifact `model` is the trained folder."""
+    artifact `model` is the trained folder. In a build on several processes (`--nproc`,
+    torchrun) this runs on rank 0, and the training of the spec's own examples on every
+    rank, the model sharded over them (`behaviorc.train.ranks`); distillation's samples
+    are rank 0's, so a distilled behavior trains there alone."""
     source = distilled_examples if train_spec.distill is not None else spec_examples
     if train_spec.distill is not None:
         loc = train_spec.distill.loc or train_spec.loc or loc
@@ -141,6 +146,11 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
         if not eval_pairs:
             raise BehaviorError("distillation needs pairs to measure the behavior on", loc,
                                 hint="add an eval section with pairs")
+
+    world = current_world()
+    if world is not None and handoff is not None:
+        raise BehaviorError("a live hand-off trains in one process: it reads the weights as they "
+                            "train", train_spec.loc, hint="build without --nproc, or drop `handoff on`")
 
     # 1. the model and its targets
     ctx.progress(0, train_spec.steps, "loading the model")
@@ -215,9 +225,13 @@ def run_training(ctx: TaskContext, *, name: str, model_path: str, decl: ir.Model
         # The scratch folder outlives a stopped build, so a rerun resumes from the checkpoint.
         checkpoint = ctx.scratch / "checkpoint"
         began = time.perf_counter()
-        summary = train(model, targets, schedule, train_spec, pad_id=tokenizer.pad_token_id,
-                        on_step=on_step, checkpoint_dir=checkpoint,
-                        checkpoint_every=CHECKPOINT_EVERY, extra_loss=examples.extra_loss)
+        if world is not None and train_spec.distill is None:
+            summary = lead_training(world, task_id, task_key, decl, train_spec, name,
+                                    Path(model_path), checkpoint, on_step, targets)
+        else:
+            summary = train(model, targets, schedule, train_spec, pad_id=tokenizer.pad_token_id,
+                            on_step=on_step, checkpoint_dir=checkpoint,
+                            checkpoint_every=CHECKPOINT_EVERY, extra_loss=examples.extra_loss)
         if train_spec.distill is not None:
             metrics["seconds_train"] = time.perf_counter() - began - paused[0]
         shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a rerun starts afresh

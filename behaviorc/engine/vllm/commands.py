@@ -27,6 +27,7 @@ examples:
   behaviorc serve tiny-gdn
   behaviorc serve ./out/listen/compose/persona/model --port 8000
   BEHAVIORC_API_KEY="$(openssl rand -hex 16)" behaviorc serve tiny-dense --host 0.0.0.0
+  behaviorc serve ./big-model --tensor-parallel-size 4    one model over 4 GPUs
 """
 
 
@@ -42,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="address to bind (default 127.0.0.1; others need an API key "
                              "in BEHAVIORC_API_KEY)")
     parser.add_argument("--api-key", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="K",
+                        help="split each layer over K GPUs (vLLM's tensor parallelism; on a "
+                             "CPU, K processes) for a model too large for one (default 1)")
     parser.set_defaults(run=run_serve)
     chat.register(subparsers)
 
@@ -49,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from behaviorc.core.diagnostics import BehaviorError
     from behaviorc.engine.vllm.http import API_KEY_ENV
+    from behaviorc.engine.devices import check_process_count
     from behaviorc.engine.vllm.server import serve
 
     if args.api_key is not None:
@@ -56,6 +61,7 @@ def run_serve(args: argparse.Namespace) -> int:
                             "user (`ps`), so `--api-key` is not taken",
                             hint=f"set it in the environment: {API_KEY_ENV}=KEY behaviorc serve ...")
     api_key = os.environ.get(API_KEY_ENV) or None
+    check_process_count(args.tensor_parallel_size, "--tensor-parallel-size")
 
     # The server runs in its own process group, out of reach of the terminal's Ctrl-C
     # and of a SIGTERM sent to us: both must end here, so the server is stopped too.
@@ -63,7 +69,8 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"starting vLLM for {args.model} ...", flush=True)
     interrupted = False
-    with serve(args.model, port=args.port, host=args.host, api_key=api_key) as server:
+    with serve(args.model, port=args.port, host=args.host, api_key=api_key,
+               tensor_parallel_size=args.tensor_parallel_size) as server:
         print(f"serving {server.model_dir}", flush=True)
         print(f"url: {server.url}", flush=True)
         print(f"log: {server.log_path}", flush=True)

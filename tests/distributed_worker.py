@@ -1,0 +1,54 @@
+"""One rank of the distributed tests' trainings, run by torch.distributed.run:
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py MODEL OPTIMIZER OUT [CHECKPOINT]
+
+trains MODEL's targets with the spec below and writes the trained targets (rank 0) to OUT;
+with CHECKPOINT, resumes from the checkpoint there and writes one every 2 steps.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from behaviorc.core import ir
+
+EXAMPLES = tuple(ir.Example(context=f"Question {i} from the user: which parser?\nAnswer:",
+                            response=" I will use the existing parser." if i % 2 else " A new one.")
+                 for i in range(6))
+
+
+def spec(optimizer: str) -> ir.Train:
+    # rank 16 projects every 128-wide matrix of tiny-dense (tall MLP, wide attention)
+    return ir.Train(examples=EXAMPLES, lr=1e-3, steps=5, batch=4, schedule="cosine", warmup=1,
+                    targets=("attn.q", "attn.o", "mlp", "norm"),
+                    optimizer=ir.Optimizer(name=optimizer, rank=16, refresh=2))
+
+
+CHECKPOINT_EVERY = 2
+
+
+def main(model_path: str, optimizer: str, out: str, checkpoint: str | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from behaviorc.model.adapter import ArchitectureAdapter
+    from behaviorc.model.loading import load_model
+    from behaviorc.train.data import BatchSchedule, encode_examples, start_token
+    from behaviorc.train.ranks import train_sharded
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    model, tokenizer = load_model(model_path, "float32", "cpu")
+    train_spec = spec(optimizer)
+    schedule = BatchSchedule(encode_examples(tokenizer, train_spec.examples), [], train_spec.batch, 0.0, 0)
+    _, weights = train_sharded(model, ArchitectureAdapter.for_model(model), schedule, train_spec,
+                               pad_id=tokenizer.pad_token_id, start_token=start_token(tokenizer),
+                               checkpoint_dir=checkpoint and Path(checkpoint), checkpoint_every=CHECKPOINT_EVERY)
+    if dist.get_rank() == 0:
+        save_file(weights, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
