@@ -39,15 +39,18 @@ def main(model_path: str, optimizer: str, out: str, checkpoint: str | None = Non
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    model, tokenizer = load_model(model_path, "float32", "cpu")
-    train_spec = spec(optimizer)
-    schedule = BatchSchedule(encode_examples(tokenizer, train_spec.examples), [], train_spec.batch, 0.0, 0)
-    _, weights = train_sharded(model, ArchitectureAdapter.for_model(model), schedule, train_spec,
-                               pad_id=tokenizer.pad_token_id, start_token=start_token(tokenizer),
-                               checkpoint_dir=checkpoint and Path(checkpoint), checkpoint_every=CHECKPOINT_EVERY)
-    if dist.get_rank() == 0:
-        save_file(weights, out)
-    dist.destroy_process_group()
+    try:  # leave the group on every exit: see behaviorc.train.ranks.release
+        model, tokenizer = load_model(model_path, "float32", "cpu")
+        train_spec = spec(optimizer)
+        schedule = BatchSchedule(encode_examples(tokenizer, train_spec.examples), [], train_spec.batch, 0.0, 0)
+        _, weights = train_sharded(model, ArchitectureAdapter.for_model(model), schedule, train_spec,
+                                   pad_id=tokenizer.pad_token_id, start_token=start_token(tokenizer),
+                                   checkpoint_dir=checkpoint and Path(checkpoint),
+                                   checkpoint_every=CHECKPOINT_EVERY)
+        if dist.get_rank() == 0:
+            save_file(weights, out)
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -98,13 +98,35 @@ behavior listen {{
 """
 
 
-def write_spec(folder: Path, steps: int) -> Path:
+DISTILL_SPEC = """model base = "tiny-dense"
+
+behavior listen {
+  steer {
+    layers 1
+    strength 4.0
+    pairs "listen_pairs.jsonl"
+  }
+  train {
+    distill steering { prompts "distill_prompts.jsonl"  samples 2  max_tokens 8 }
+    lr 1e-3
+    steps 6
+    batch 4
+    targets attn.q, mlp
+    optimizer apollo { rank 16 }
+  }
+  eval { pairs "listen_eval.jsonl" }
+}
+"""
+
+
+def write_spec(folder: Path, steps: int, text: str = SPEC) -> Path:
     import shutil
 
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(Path(__file__).parents[1] / "specs" / "data" / "listen.jsonl", folder)
+    for data in ("listen.jsonl", "listen_pairs.jsonl", "listen_eval.jsonl", "distill_prompts.jsonl"):
+        shutil.copy(Path(__file__).parents[1] / "specs" / "data" / data, folder)
     spec = folder / "train.behavior"
-    spec.write_text(SPEC.format(steps=steps))
+    spec.write_text(text.format(steps=steps) if text is SPEC else text)
     return spec
 
 
@@ -149,6 +171,20 @@ def test_a_build_on_two_processes_stores_the_model_of_one(tmp_path, one_process_
     steps = [e["step"] for e in events(out) if e["type"] == "train_step"]
     assert steps == [1, 2, 3, 4, 5, 6]  # reported once, by rank 0
     assert_same_weights(trained_weights(out), trained_weights(one_process_builds[6]))
+
+
+def test_a_distilled_behavior_trains_on_two_processes_to_the_weights_of_one(tmp_path):
+    """Rank 0 samples the steered model; the samples travel to the other rank as token
+    ids, so both train on the batches one process would."""
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    spec = write_spec(tmp_path / "spec", 6, DISTILL_SPEC)
+    alone = build(spec, reference)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    run = build(spec, out, "--nproc", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not [e for e in events(out) if e["type"] == "distill.note"]  # not trained on rank 0 alone
+    assert [e["step"] for e in events(out) if e["type"] == "train_step"] == [1, 2, 3, 4, 5, 6]
+    assert_same_weights(trained_weights(out), trained_weights(reference))
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

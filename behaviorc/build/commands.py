@@ -137,10 +137,10 @@ def run_build(args: argparse.Namespace) -> int:
         if args.nproc > 1:
             return launch(_build_argv(args), args.nproc)
     world = join_world()
-    if world is not None and world.rank != 0:
-        from behaviorc.train.ranks import follow
-        return follow(world, lambda: _training_tasks(args.spec))
     try:
+        if world is not None and world.rank != 0:
+            from behaviorc.train.ranks import follow
+            return follow(world, lambda: _training_tasks(args.spec))
         return _build(args, distributed=world is not None)
     finally:
         if world is not None:

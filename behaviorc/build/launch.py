@@ -53,7 +53,9 @@ def launch(argv: list[str], count: int) -> int:
     try:
         results = elastic_launch(config, rank_main)(argv)
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        # A process killed by a signal is the cause; the others exit with an error when
+        # they find it gone, sometimes before the launcher has seen it die.
+        rank, failure = min(err.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp))
         raise BehaviorError(
             f"process {rank} of {count} {_ending(failure.exitcode)}; the launcher stopped the others",
             hint="finished tasks and the last training checkpoint are kept: build again to resume, "

@@ -46,17 +46,6 @@ def start_token(tokenizer: Any) -> int:
     return start
 
 
-def spec_schedule(tokenizer: Any, train: ir.Train, name: str) -> "BatchSchedule":
-    """The batches of a train section's own examples and general mix (what every rank of
-    a distributed training reads; distillation adds samples only rank 0 makes)."""
-    behavior = encode_examples(tokenizer, train.examples, train.loc)
-    if not behavior:
-        raise BehaviorError(f"behavior `{name}` has no training examples", train.loc,
-                            hint="add `examples \"FILE.jsonl\"` to its train block")
-    mix = encode_texts(tokenizer, train.mix.texts) if train.mix else []
-    return BatchSchedule(behavior, mix, train.batch, train.mix.ratio if train.mix else 0.0, train.seed)
-
-
 def render_chat(tokenizer: Any, messages: Sequence[ir.ChatMessage],
                 loc: Location | None = None) -> tuple[str, str]:
     """(context, response) text of a chat whose last message is the assistant's reply."""

@@ -179,7 +179,8 @@ class World:
         return bool(flag.item())
 
     def close(self) -> None:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def current_world() -> World | None:

@@ -2,12 +2,13 @@
 
 Every process runs the same `behaviorc build` command. Rank 0 runs the build as one
 process would: every task, artifact, event and the report. When it reaches a training
-task it sends the other ranks the task's id, its model folder and its checkpoint folder
-(`lead_training`); they find the task in their own reading of the spec, which must be
-the same (the task's key is checked), load the model and train with it
-(`follow`). After every step rank 0 says whether the training goes on, so a build
-stopped on rank 0 (Ctrl-C, the dashboard, a failed hand-off) stops every rank at the same
-step; at the end of the build it sends `done` and the others exit.
+task it has made the training's data (the spec's examples, distilled samples, the general
+mix, as token ids) and sends the other ranks the task's id, its model folder, its
+checkpoint folder and that data (`lead_training`); they find the task in their own
+reading of the spec, which must be the same (the task's key is checked), load the model
+and train with it (`follow`). After every step rank 0 says whether the training goes
+on, so a build stopped on rank 0 (Ctrl-C, the dashboard, a failed hand-off) stops every
+rank at the same step; at the end of the build it sends `done` and the others exit.
 
 A rank that fails mid-training cannot tell the others where it stopped: it exits, and
 the launcher stops the rest (torch.distributed.elastic). Checkpoints are written whole or
@@ -20,12 +21,13 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.train.data import BatchSchedule, TrainSequence
 from behaviorc.train.distributed import ShardedRun, World, device_mesh, full_tensors, shard_model
 from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, TrainSummary, train
 
@@ -34,17 +36,16 @@ class _Stopped(Exception):
     """Rank 0 stopped the training at this step."""
 
 
-def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, name: str, path: Path,
+def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, path: Path, schedule: BatchSchedule,
                    checkpoint: Path, on_step: Callable[[StepEvent], None]
                    ) -> tuple[TrainSummary, dict[str, Any]]:
     """One rank's part of a training, from the model in `path`."""
     from behaviorc.model.adapter import ArchitectureAdapter
     from behaviorc.model.loading import load_model
-    from behaviorc.train.data import spec_schedule, start_token
+    from behaviorc.train.data import start_token
 
     model, tokenizer = load_model(path, decl.dtype, decl.device)
-    return train_sharded(model, ArchitectureAdapter.for_model(model),
-                         spec_schedule(tokenizer, train_spec, name), train_spec,
+    return train_sharded(model, ArchitectureAdapter.for_model(model), schedule, train_spec,
                          pad_id=tokenizer.pad_token_id, start_token=start_token(tokenizer),
                          on_step=on_step, checkpoint_dir=checkpoint, checkpoint_every=CHECKPOINT_EVERY)
 
@@ -61,12 +62,11 @@ def train_sharded(model: torch.nn.Module, adapter: Any, schedule: Any, spec: Any
 
 
 def lead_training(world: World, task_id: str, task_key: str, decl: ir.ModelDecl,
-                  train_spec: ir.Train, name: str, path: Path, checkpoint: Path,
+                  train_spec: ir.Train, path: Path, schedule: BatchSchedule, checkpoint: Path,
                   on_step: Callable[[StepEvent], None], targets: dict[str, Any]) -> TrainSummary:
     """Rank 0: train task `task_id` on every rank and copy the result into `targets`."""
-    import torch
-
-    world.send({"train": task_id, "key": task_key, "path": str(path), "checkpoint": str(checkpoint)})
+    world.send({"train": task_id, "key": task_key, "path": str(path), "checkpoint": str(checkpoint),
+                **_schedule_message(schedule)})
 
     def step_then_agree(event: StepEvent) -> None:
         try:
@@ -77,7 +77,7 @@ def lead_training(world: World, task_id: str, task_key: str, decl: ir.ModelDecl,
         world.agree(stop=False)
 
     try:
-        summary, weights = shard_training(decl, train_spec, name, path, checkpoint, step_then_agree)
+        summary, weights = shard_training(decl, train_spec, path, schedule, checkpoint, step_then_agree)
     except _Stopped as stop:  # raise what stopped it, now that every rank knows
         raise stop.__context__ from None
     except BaseException as err:
@@ -118,7 +118,6 @@ def follow(world: World, tasks: Callable[[], dict[str, Any]]) -> int:
     while True:
         message = world.receive()
         if "done" in message:
-            world.close()
             return 0
         task = tasks().get(message["train"])
         if task is None or task.key != message["key"]:
@@ -126,13 +125,33 @@ def follow(world: World, tasks: Callable[[], dict[str, Any]]) -> int:
                                 f"{message['train']} differs or is missing",
                                 hint="every node of a distributed build must see the same spec and data")
         try:
-            shard_training(task.model.decl, task.train, task.name, Path(message["path"]),
+            shard_training(task.model.decl, task.train, Path(message["path"]), _message_schedule(message),
                            Path(message["checkpoint"]), agree)
         except _Stopped:
             continue
 
 
+def _schedule_message(schedule: BatchSchedule) -> dict[str, Any]:
+    def ids(sequences: Sequence[TrainSequence]) -> list[list[list[int]]]:
+        return [[list(s.context), list(s.response)] for s in sequences]
+    return {"behavior": ids(schedule.behavior), "general": ids(schedule.general), "batch": schedule.batch,
+            "ratio": schedule.ratio, "seed": schedule.seed}
+
+
+def _message_schedule(message: dict[str, Any]) -> BatchSchedule:
+    def sequences(rows: list[list[list[int]]]) -> list[TrainSequence]:
+        return [TrainSequence(tuple(context), tuple(response)) for context, response in rows]
+    return BatchSchedule(sequences(message["behavior"]), sequences(message["general"]), message["batch"],
+                         message["ratio"], message["seed"])
+
+
 def release(world: World) -> None:
-    """Rank 0, at the end of the build: the other ranks exit."""
-    world.send({"done": True})
-    world.close()
+    """At the end of this process's part of the build, however it ended: rank 0 tells the
+    others to exit. Every rank leaves the process group before the interpreter ends, as
+    gloo's threads may still hold tensors whose release at interpreter teardown aborts
+    the process (SIGABRT, "terminate called without an active exception")."""
+    try:
+        if world.rank == 0:
+            world.send({"done": True})
+    finally:
+        world.close()

@@ -134,9 +134,10 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
                  loc: Location | None) -> TaskResult:
     """Train `name`'s behavior into a copy of the model at `model_path`; the result's
     artifact `model` is the trained folder. In a build on several processes (`--nproc`,
-    torchrun) this runs on rank 0, and the training of the spec's own examples on every
-    rank, the model sharded over them (`behaviorc.train.ranks`); distillation's samples
-    are rank 0's, so a distilled behavior trains there alone."""
+    torchrun) this runs on rank 0, which makes the data (distilled samples included) and
+    measures; the loop runs on every rank, the model sharded over them
+    (`behaviorc.train.ranks`), except with activation matching, whose hooks hold
+    targets only rank 0 computed."""
     source = distilled_examples if train_spec.distill is not None else spec_examples
     if train_spec.distill is not None:
         loc = train_spec.distill.loc or train_spec.loc or loc
@@ -225,10 +226,13 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
         # The scratch folder outlives a stopped build, so a rerun resumes from the checkpoint.
         checkpoint = ctx.scratch / "checkpoint"
         began = time.perf_counter()
-        if world is not None and train_spec.distill is None:
-            summary = lead_training(world, task_id, task_key, decl, train_spec, name,
-                                    Path(model_path), checkpoint, on_step, targets)
+        if world is not None and examples.extra_loss is None:
+            summary = lead_training(world, task_id, task_key, decl, train_spec, Path(model_path),
+                                    schedule, checkpoint, on_step, targets)
         else:
+            if world is not None:
+                ctx.emit(TrainNote("activation matching reads this process's hooks: the training "
+                                   "runs on rank 0 alone"))
             summary = train(model, targets, schedule, train_spec, pad_id=tokenizer.pad_token_id,
                             on_step=on_step, checkpoint_dir=checkpoint,
                             checkpoint_every=CHECKPOINT_EVERY, extra_loss=examples.extra_loss)

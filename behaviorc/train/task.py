@@ -16,7 +16,8 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
 
     steering = ctx.result(task.steering).path(task.steering.artifact("steering")) if task.steering else None
     return run_training(
-        ctx, task_id=task.id, task_key=task.key, name=task.name, model_path=ctx.result(task.model).data["path"], decl=task.model.decl,
+        ctx, task_id=task.id, task_key=task.key, name=task.name,
+        model_path=ctx.result(task.model).data["path"], decl=task.model.decl,
         train_spec=task.train, eval_pairs=task.eval_pairs, general=task.general,
         steering_file=steering, strength=task.strength, handoff=task.handoff, loc=task.loc)
 
