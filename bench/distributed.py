@@ -7,10 +7,12 @@ A randomly initialised Qwen3 of about 100M parameters (hidden 768, 12 layers, ff
 vocab 8192) trains every matrix and norm with behaviorc's loop under
 torch.distributed.run at N = 1 (the baseline: one process holds everything) and N = 2
 (each decoder layer and the model `fully_shard`ed), same global batch, one thread per
-process. Each process reports, after its first step, the bytes of its parameters and
-optimizer state as it holds them (its shards; APOLLO's replicated r x n moments of wide
-matrices count whole on each), and at the end its peak resident memory (which also holds
-the whole model as loaded before sharding, activations and torch itself).
+process. The model is written to a folder once; each process reads only its rows of it
+(`load_sharded`). Each process reports, after its first step, the bytes of its parameters
+and optimizer state as it holds them (its shards; APOLLO's replicated r x n moments of
+wide matrices count whole on each), its peak resident memory once the model is loaded,
+and at the end its peak resident memory (which also holds activations, gathered layers,
+the whole trained targets gathered at the end, and torch itself).
 
 Target (issue 19): parameters plus optimizer state per process at N = 2 <= 0.6x N = 1.
 The headline ratio is N=1's bytes / N=2's; its target 1 / 0.6. Tokens/s are the global
@@ -24,6 +26,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,17 +52,17 @@ def local_bytes(tensor: torch.Tensor) -> int:
 
 def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from behaviorc.core import ir
     from behaviorc.model.adapter import ArchitectureAdapter
     from behaviorc.train.data import BatchSchedule, TrainSequence
+    from behaviorc.train.distributed import device_mesh, load_sharded
     from behaviorc.train.ranks import train_sharded
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(**CONFIG))
+    model = load_sharded(Path(args.model), "float32", "cpu", device_mesh())
+    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     generator = torch.Generator().manual_seed(1)
     sequences = [TrainSequence(tuple(torch.randint(1, CONFIG["vocab_size"], (args.context,), generator=generator).tolist()),
                                tuple(torch.randint(1, CONFIG["vocab_size"], (args.tokens - args.context,),
@@ -86,16 +89,30 @@ def worker(args: argparse.Namespace) -> None:
                   on_step=on_step)
     steps = [b - a for a, b in zip([started] + moments, moments)][1:]
     report = {"rank": dist.get_rank(), **held, "step_s": statistics.median(steps),
+              "loaded_rss_bytes": loaded_rss,
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     Path(args.out).with_suffix(f".{dist.get_rank()}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
 
-def measure(nproc: int, args: argparse.Namespace) -> list[dict]:
+def write_model(folder: Path) -> None:
+    """The random model as a folder; a model folder has a tokenizer, and any will do for
+    random token ids (tiny-dense's)."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from behaviorc.model.builtin import ensure_builtin
+
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(**CONFIG)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ensure_builtin("tiny-dense")).save_pretrained(folder)
+
+
+def measure(nproc: int, model: Path, args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "figures"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                   __file__, "--worker", "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch),
+                   __file__, "--worker", "--model", str(model), "--out", str(out), "--steps", str(args.steps),
+                   "--batch", str(args.batch),
                    "--tokens", str(args.tokens), "--context", str(args.context), "--optimizer", args.optimizer,
                    "--rank", str(args.rank)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -113,6 +130,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32, help="of which context (no loss)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -120,17 +138,24 @@ def main() -> None:
     figures: dict[str, float] = {"optimizer": args.optimizer, "rank": args.rank, "batch": args.batch,
                                  "tokens_per_sequence": args.tokens, "threads_per_process": 1,
                                  "load_average": os.getloadavg()[0]}
-    for nproc in (1, 2):
-        ranks = measure(nproc, args)
+    model = Path(tempfile.mkdtemp(prefix="behaviorc-bench-"))
+    try:
+        write_model(model)
+        runs = {nproc: measure(nproc, model, args) for nproc in (1, 2)}
+    finally:
+        shutil.rmtree(model, ignore_errors=True)
+    for nproc, ranks in runs.items():
         held = max(r["parameters"] + r["optimizer_state"] for r in ranks)
         figures[f"n{nproc}_parameters_mb"] = max(r["parameters"] for r in ranks) / 1e6
         figures[f"n{nproc}_optimizer_state_mb"] = max(r["optimizer_state"] for r in ranks) / 1e6
         figures[f"n{nproc}_held_mb"] = held / 1e6
+        figures[f"n{nproc}_loaded_rss_mb"] = max(r["loaded_rss_bytes"] for r in ranks) / 1e6
         figures[f"n{nproc}_peak_rss_mb"] = max(r["peak_rss_bytes"] for r in ranks) / 1e6
         figures[f"n{nproc}_tokens_per_s"] = args.batch * args.tokens / max(r["step_s"] for r in ranks)
         print(f"N={nproc}: parameters + optimizer state per process {held / 1e6:8.1f} MB "
               f"(parameters {figures[f'n{nproc}_parameters_mb']:.1f}, state "
-              f"{figures[f'n{nproc}_optimizer_state_mb']:.1f}); peak RSS "
+              f"{figures[f'n{nproc}_optimizer_state_mb']:.1f}); RSS loaded "
+              f"{figures[f'n{nproc}_loaded_rss_mb']:.0f} MB, peak "
               f"{figures[f'n{nproc}_peak_rss_mb']:.0f} MB; {figures[f'n{nproc}_tokens_per_s']:.0f} tokens/s")
     ratio = figures["n1_held_mb"] / figures["n2_held_mb"]
     figures["n2_over_n1_held"] = 1 / ratio

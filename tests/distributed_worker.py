@@ -4,6 +4,11 @@
 
 trains MODEL's targets with the spec below and writes the trained targets (rank 0) to OUT;
 with CHECKPOINT, resumes from the checkpoint there and writes one every 2 steps.
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py MODEL load
+
+checks that each rank's shards and buffers as `load_sharded` reads them are those of the
+model loaded whole and then sharded.
 """
 
 import sys
@@ -29,18 +34,42 @@ def spec(optimizer: str) -> ir.Train:
 CHECKPOINT_EVERY = 2
 
 
-def main(model_path: str, optimizer: str, out: str, checkpoint: str | None = None) -> None:
+def compare_loading(model_path: str) -> None:
+    from behaviorc.model.adapter import ArchitectureAdapter
+    from behaviorc.model.loading import load_model
+    from behaviorc.train.distributed import device_mesh, load_sharded, shard_model
+
+    read = load_sharded(Path(model_path), "float32", "cpu", device_mesh())
+    whole, _ = load_model(model_path, "float32", "cpu")
+    shard_model(whole, ArchitectureAdapter.for_model(whole).decoder_layers(whole), device_mesh())
+    for kind in ("named_parameters", "named_buffers"):
+        expected = dict(getattr(whole, kind)())
+        got = dict(getattr(read, kind)())
+        assert sorted(got) == sorted(expected), (kind, sorted(set(got) ^ set(expected)))
+        for name, tensor in got.items():
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            wanted = expected[name].to_local() if hasattr(expected[name], "to_local") else expected[name]
+            assert torch.equal(local, wanted), name
+    if read.config.tie_word_embeddings:
+        assert read.get_output_embeddings().weight is read.get_input_embeddings().weight
+
+
+def main(model_path: str, optimizer: str, out: str | None = None, checkpoint: str | None = None) -> None:
     from safetensors.torch import save_file
 
     from behaviorc.model.adapter import ArchitectureAdapter
-    from behaviorc.model.loading import load_model
+    from behaviorc.model.loading import load_tokenizer
     from behaviorc.train.data import BatchSchedule, encode_examples, start_token
+    from behaviorc.train.distributed import device_mesh, load_sharded
     from behaviorc.train.ranks import train_sharded
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:  # leave the group on every exit: see behaviorc.train.ranks.release
-        model, tokenizer = load_model(model_path, "float32", "cpu")
+        if optimizer == "load":
+            return compare_loading(model_path)
+        model = load_sharded(Path(model_path), "float32", "cpu", device_mesh())
+        tokenizer = load_tokenizer(model_path)
         train_spec = spec(optimizer)
         schedule = BatchSchedule(encode_examples(tokenizer, train_spec.examples), [], train_spec.batch, 0.0, 0)
         _, weights = train_sharded(model, ArchitectureAdapter.for_model(model), schedule, train_spec,

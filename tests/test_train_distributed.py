@@ -71,6 +71,14 @@ def test_two_processes_train_the_weights_of_one(tiny_dense, tmp_path, optimizer)
     assert_same_weights(load_file(out), train_one_process(tiny_dense, optimizer))
 
 
+@pytest.mark.parametrize("model", ["tiny_dense", "smollm2", "tiny_gdn"])
+def test_each_process_reads_the_shards_of_the_model_loaded_whole(model, request):
+    """smollm2-135m ties its head to its embeddings; tiny-gdn's files hold its experts
+    one by one where the model fuses them, so it is loaded whole, then sharded."""
+    run = launch(2, str(WORKER), str(request.getfixturevalue(model)), "load")
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_a_one_process_checkpoint_resumes_on_two(tiny_dense, tmp_path):
     from safetensors.torch import load_file
 

@@ -231,17 +231,48 @@ def load_model(path: Path | str, dtype: str = "float32", device: str = "auto") -
     path = Path(path)
     validate_model_folder(path)
     quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # the folder passed our checks; transformers still refused it
         check_tensor_shapes(path)  # its report of a wrong shape goes to the log, not `err`
         raise BehaviorError(f"transformers could not load `{path}`: {err}") from None
+    return model.to(target).eval(), load_tokenizer(path)
+
+
+def load_empty_model(path: Path | str, dtype: str = "float32") -> Any:
+    """The model of a checked local folder without its weights: parameters on the meta
+    device (no memory), tied as the config says; buffers computed (rotary frequencies
+    are not in the files). For a process that will fill only its part of each tensor."""
+    from accelerate import init_empty_weights
+
+    torch_type = torch_dtype(dtype)
+    validate_model_folder(Path(path))
+    quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_type)
+    except Exception as err:
+        raise BehaviorError(f"transformers could not build the model of `{path}`: {err}") from None
+    model.tie_weights()
+    return model.eval()
+
+
+def load_tokenizer(path: Path | str) -> Any:
+    """The folder's tokenizer, padding with EOS when it names no pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:
+        raise BehaviorError(f"transformers could not load the tokenizer of `{path}`: {err}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(target).eval(), tokenizer
+    return tokenizer
 
 
 class _DropKernelFallbackNotice(logging.Filter):

@@ -25,6 +25,7 @@ import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -74,6 +75,39 @@ def shard_model(model: torch.nn.Module, layers: Sequence[torch.nn.Module], mesh:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def load_sharded(path: Path, dtype: str, device: str, mesh: Any) -> torch.nn.Module:
+    """The model of the folder `path`, sharded over `mesh`: each process
+    reads only its rows of each tensor from the files, so no process ever holds the whole
+    model. A folder whose tensors are not the model's parameters by name and shape (a
+    checkpoint transformers converts as it loads, like per-expert MoE weights) is loaded
+    whole, then sharded."""
+    from behaviorc.formats.safetensors_io import WeightFolder, to_float32
+    from behaviorc.model.adapter import ArchitectureAdapter
+    from behaviorc.model.loading import load_empty_model, load_model, resolve_device
+
+    model = load_empty_model(path, dtype)
+    layers = ArchitectureAdapter.for_model(model).decoder_layers(model)
+    with WeightFolder(path) as folder:
+        stored = {name: tuple(info.shape) for name, info in folder.tensors.items()}
+        if any(stored.get(name) != tuple(param.shape) for name, param in model.named_parameters()):
+            model, _ = load_model(path, dtype, device)
+            shard_model(model, ArchitectureAdapter.for_model(model).decoder_layers(model), mesh)
+            return model
+        shard_model(model, layers, mesh)
+        buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        model.to_empty(device=resolve_device(device))
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+            for name, param in model.named_parameters():
+                shard = local_shard(param)
+                if shard.rows.stop > shard.rows.start:
+                    rows = folder.read(name, (shard.rows.start, shard.rows.stop))
+                    values = torch.from_numpy(to_float32(rows, folder.tensors[name].dtype))
+                    shard.weights.copy_(values.reshape(shard.weights.shape))
+    return model
 
 
 class ShardedRun:

@@ -28,7 +28,7 @@ import torch
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.train.data import BatchSchedule, TrainSequence
-from behaviorc.train.distributed import ShardedRun, World, device_mesh, full_tensors, shard_model
+from behaviorc.train.distributed import ShardedRun, World, device_mesh, full_tensors, load_sharded
 from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, TrainSummary, train
 
 
@@ -41,10 +41,10 @@ def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, path: Path, schedul
                    ) -> tuple[TrainSummary, dict[str, Any]]:
     """One rank's part of a training, from the model in `path`."""
     from behaviorc.model.adapter import ArchitectureAdapter
-    from behaviorc.model.loading import load_model
+    from behaviorc.model.loading import load_tokenizer
     from behaviorc.train.data import start_token
 
-    model, tokenizer = load_model(path, decl.dtype, decl.device)
+    model, tokenizer = load_sharded(path, decl.dtype, decl.device, device_mesh()), load_tokenizer(path)
     return train_sharded(model, ArchitectureAdapter.for_model(model), schedule, train_spec,
                          pad_id=tokenizer.pad_token_id, start_token=start_token(tokenizer),
                          on_step=on_step, checkpoint_dir=checkpoint, checkpoint_every=CHECKPOINT_EVERY)
@@ -52,9 +52,8 @@ def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, path: Path, schedul
 
 def train_sharded(model: torch.nn.Module, adapter: Any, schedule: Any, spec: Any, *, pad_id: int,
                   start_token: int, **options: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Shard `model` over every process and train it as `train` does (`options` are
-    train's); returns the summary and the trained targets whole, on every rank."""
-    shard_model(model, adapter.decoder_layers(model), device_mesh())
+    """Train a model sharded over every process (`load_sharded`) as `train` does (`options`
+    are train's); returns the summary and the trained targets whole, on every rank."""
     targets = adapter.parameters(model, spec.targets)
     summary = train(model, targets, schedule, spec, pad_id=pad_id,
                     sharded=ShardedRun(model, spec.context, start_token), **options)
