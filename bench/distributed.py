@@ -133,7 +133,10 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args)
+        from behaviorc.train.ranks import exit_now
+
+        worker(args)
+        exit_now(0)  # not through the interpreter's teardown: see behaviorc.train.ranks.release
 
     figures: dict[str, float] = {"optimizer": args.optimizer, "rank": args.rank, "batch": args.batch,
                                  "tokens_per_sequence": args.tokens, "threads_per_process": 1,

@@ -83,4 +83,7 @@ def main(model_path: str, optimizer: str, out: str | None = None, checkpoint: st
 
 
 if __name__ == "__main__":
+    from behaviorc.train.ranks import exit_now
+
     main(*sys.argv[1:])
+    exit_now(0)  # not through the interpreter's teardown: see behaviorc.train.ranks.release

@@ -137,15 +137,18 @@ def run_build(args: argparse.Namespace) -> int:
         if args.nproc > 1:
             return launch(_build_argv(args), args.nproc)
     world = join_world()
+    code = None
     try:
         if world is not None and world.rank != 0:
             from behaviorc.train.ranks import follow
-            return follow(world, lambda: _training_tasks(args.spec))
-        return _build(args, distributed=world is not None)
+            code = follow(world, lambda: _training_tasks(args.spec))
+        else:
+            code = _build(args, distributed=world is not None)
+        return code
     finally:
         if world is not None:
             from behaviorc.train.ranks import release
-            release(world)
+            release(world, code)
 
 
 def _build_argv(args: argparse.Namespace) -> list[str]:

@@ -17,6 +17,7 @@ not at all, so nothing is half-written and the next build resumes from the last 
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import traceback
@@ -144,13 +145,24 @@ def _message_schedule(message: dict[str, Any]) -> BatchSchedule:
                          message["ratio"], message["seed"])
 
 
-def release(world: World) -> None:
+def release(world: World, code: int | None) -> None:
     """At the end of this process's part of the build, however it ended: rank 0 tells the
-    others to exit. Every rank leaves the process group before the interpreter ends, as
-    gloo's threads may still hold tensors whose release at interpreter teardown aborts
-    the process (SIGABRT, "terminate called without an active exception")."""
+    others to exit, and every rank leaves the process group. A part that ended with an
+    exit `code` (not an exception) then ends the process without the interpreter's
+    teardown: torch's distributed C++ threads can still be joinable when its static
+    objects are destroyed, which aborts a process whose work is done (SIGABRT,
+    "terminate called without an active exception", about once in 30 two-process runs
+    that checkpoint), and the launcher would report a finished build as a crash."""
     try:
         if world.rank == 0:
             world.send({"done": True})
     finally:
         world.close()
+    if code is not None:
+        atexit.register(exit_now, code)  # the last registered runs first
+
+
+def exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
