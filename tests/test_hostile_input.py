@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,17 +28,27 @@ ROOT = Path(__file__).resolve().parent.parent
 GOOD = 'model base = "tiny-gdn"\nbehavior b {\n  steer { pair "p" { positive " a"  negative " b" } }\n}\n'
 
 
+# The child reports its own peak: RUSAGE_CHILDREN's is the largest of every child this
+# test process ever waited for, models loaded by earlier tests included.
+CHILD = """import atexit, os, resource, sys
+from behaviorc.cli import main
+atexit.register(lambda: open(os.environ["PEAK_KIB_FILE"], "w").write(
+    str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+sys.exit(main())
+"""
+
+
 def behaviorc(*args: str, cwd: Path, env: dict | None = None,
               timeout: float = 60) -> tuple[int, str, float, float]:
     """Exit code, stderr, seconds and the child's peak memory in MiB of a CLI run."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", "import sys; from behaviorc.cli import main; sys.exit(main())",
-         *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return result.returncode, result.stderr, time.monotonic() - started, max(peak, before) / 1024
+    with tempfile.TemporaryDirectory() as folder:
+        peak_file = Path(folder) / "peak"
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-c", CHILD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PEAK_KIB_FILE": str(peak_file), **(env or {})})
+        seconds = time.monotonic() - started
+        return result.returncode, result.stderr, seconds, int(peak_file.read_text()) / 1024
 
 
 def write(folder: Path, name: str, content: str | bytes) -> Path:

@@ -147,19 +147,21 @@ def _message_schedule(message: dict[str, Any]) -> BatchSchedule:
 
 def release(world: World, code: int | None) -> None:
     """At the end of this process's part of the build, however it ended: rank 0 tells the
-    others to exit, and every rank leaves the process group. A part that ended with an
-    exit `code` (not an exception) then ends the process without the interpreter's
-    teardown: torch's distributed C++ threads can still be joinable when its static
-    objects are destroyed, which aborts a process whose work is done (SIGABRT,
-    "terminate called without an active exception", about once in 30 two-process runs
-    that checkpoint), and the launcher would report a finished build as a crash."""
+    others to exit, and every rank leaves the process group. A part that succeeded (exit
+    `code` 0) then ends the process without the interpreter's teardown: torch's
+    distributed C++ threads can still be joinable when its static objects are destroyed,
+    which aborts a process whose work is done (SIGABRT, "terminate called without an
+    active exception", about once in 30 two-process runs that checkpoint), and the
+    launcher would report a finished build as a crash. Any other ending keeps the
+    interpreter's, whose exit status the launcher reads (rank 0's code travels as its
+    return value, not its status)."""
     try:
         if world.rank == 0:
             world.send({"done": True})
     finally:
         world.close()
-    if code is not None:
-        atexit.register(exit_now, code)  # the last registered runs first
+    if code == 0:
+        atexit.register(exit_now, 0)  # the last registered runs first
 
 
 def exit_now(code: int) -> None:
