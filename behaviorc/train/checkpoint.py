@@ -64,14 +64,20 @@ def save_checkpoint(folder: Path, parameters: dict[str, torch.Tensor],
         (staging / METADATA).write_text(json.dumps({**meta, "loop": scalars}, indent=1))
 
 
+def read_weights(folder: Path, parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's whole trained tensors, checked to hold every one of `parameters`."""
+    weights = load_file(Path(folder) / WEIGHTS)
+    missing = sorted(set(parameters) - set(weights))
+    if missing:
+        raise ValueError(f"checkpoint {folder} lacks parameters: {', '.join(missing[:5])}")
+    return weights
+
+
 def load_checkpoint(folder: Path, parameters: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore parameters (in place) and optimizer state; returns the loop's scalars."""
     folder = Path(folder)
-    weights = load_file(folder / WEIGHTS)
-    missing = sorted(set(parameters) - set(weights))
-    if missing:
-        raise ValueError(f"checkpoint {folder} lacks parameters: {', '.join(missing[:5])}")
+    weights = read_weights(folder, parameters)
     with torch.no_grad():
         for name, param in parameters.items():
             param.copy_(weights[name])

@@ -99,14 +99,11 @@ def load_whole_checkpoint(folder: Path, parameters: dict[str, torch.Tensor],
     each rank takes its part of every whole tensor. Every rank calls it."""
     from safetensors.torch import load_file
 
-    from behaviorc.train.checkpoint import OPTIMIZER, WEIGHTS
+    from behaviorc.train.checkpoint import OPTIMIZER, read_weights
     from behaviorc.train.distributed import local_shard
 
     folder = Path(folder)
-    weights = load_file(folder / WEIGHTS)
-    missing = sorted(set(parameters) - set(weights))
-    if missing:
-        raise ValueError(f"checkpoint {folder} lacks parameters: {', '.join(missing[:5])}")
+    weights = read_weights(folder, parameters)
     with torch.no_grad():
         for name, param in parameters.items():
             shard = local_shard(param)
