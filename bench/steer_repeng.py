@@ -22,29 +22,20 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from behaviorc.core import ir
 from behaviorc.engine.embedded import EmbeddedEngine
+from behaviorc.lang.data import read_pair
 from behaviorc.model.builtin import ensure_builtin
 from behaviorc.model.chat import model_prompt
 from behaviorc.steer.extract import extract
 
 LAYERS = [5, 6, 7, 8]
 TARGET = 0.99
-PAIRS = [
-    ("How was your day?", " It was wonderful, I loved every minute!", " It was awful, I hated every minute."),
-    ("What do you think of the weather today?", " It's lovely, bright and sunny!", " It's miserable, grey and cold."),
-    ("How do you feel about Monday?", " I love Mondays, a fresh start!", " I dread Mondays, they are bleak."),
-    ("Tell me about your weekend.", " It was fantastic, full of fun!", " It was dreadful, boring and sad."),
-    ("How is the project going?", " It's going great, we're so close!", " It's going badly, we will fail."),
-    ("What do you think of this city?", " It's a delightful place, I adore it!", " It's a depressing place, I hate it."),
-    ("How was the movie?", " It was brilliant, I laughed all the way through!", " It was terrible, a waste of time."),
-    ("How was the trip?", " It was a joy from start to finish!", " It was a misery from start to finish."),
-    ("How is the food here?", " It's delicious, everything is perfect!", " It's disgusting, everything is wrong."),
-    ("How was school today?", " It was great, I learned so much!", " It was awful, I learned nothing."),
-]
+# ten cheerful/gloomy replies to everyday questions, also the steering tests' pairs
+PAIRS_FILE = Path(__file__).resolve().parent.parent / "specs" / "data" / "mood_pairs.jsonl"
 
 
 def main() -> int:
@@ -62,7 +53,7 @@ def main() -> int:
     tokenizer, model = engine.tokenizer, engine.model
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    pairs = [ir.Pair(prompt=p, positive=a, negative=b) for p, a, b in PAIRS]
+    pairs = [read_pair(json.loads(line)) for line in PAIRS_FILE.read_text().splitlines()]
     entries = [DatasetEntry(positive=model_prompt(tokenizer, p.prompt) + p.positive,
                             negative=model_prompt(tokenizer, p.prompt) + p.negative) for p in pairs]
     mean = extract(engine, pairs, LAYERS, method="mean_diff", read="last").vectors.directions

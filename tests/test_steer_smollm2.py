@@ -4,25 +4,18 @@ Margins only (no sweep, probe or samples): a few batched forwards."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from behaviorc.core import ir
+from behaviorc.lang.data import read_pair
 from behaviorc.steer.extract import extract
 from behaviorc.steer.verify import control_vectors, measure_at
 
-CHEER = [
-    ("How was your day?", " It was wonderful, I loved every minute!", " It was awful, I hated every minute."),
-    ("What do you think of the weather today?", " It's lovely, bright and sunny!", " It's miserable, grey and cold."),
-    ("How do you feel about Monday?", " I love Mondays, a fresh start!", " I dread Mondays, they are bleak."),
-    ("Tell me about your weekend.", " It was fantastic, full of fun!", " It was dreadful, boring and sad."),
-    ("How is the project going?", " It's going great, we're so close!", " It's going badly, we will fail."),
-    ("What do you think of this city?", " It's a delightful place, I adore it!", " It's a depressing place, I hate it."),
-    ("How was the movie?", " It was brilliant, I laughed all the way through!", " It was terrible, a waste of time."),
-    ("How was the trip?", " It was a joy from start to finish!", " It was a misery from start to finish."),
-    ("How is the food here?", " It's delicious, everything is perfect!", " It's disgusting, everything is wrong."),
-    ("How was school today?", " It was great, I learned so much!", " It was awful, I learned nothing."),
-]
+# ten cheerful/gloomy replies to everyday questions (bench/steer_repeng.py's pairs too)
+CHEER_PAIRS = Path(__file__).resolve().parent.parent / "specs" / "data" / "mood_pairs.jsonl"
 LAYER, STRENGTH = 16, 2.0  # the layer `layers auto` chose on these pairs
 
 
@@ -34,7 +27,7 @@ def smollm2_engine(smollm2):
 
 
 def test_cheer_beats_a_random_direction_and_pca_signs_agree(smollm2_engine):
-    pairs = [ir.Pair(prompt=p, positive=a, negative=b) for p, a, b in CHEER]
+    pairs = [read_pair(json.loads(line)) for line in CHEER_PAIRS.read_text().splitlines()]
     train, held = pairs[:6], pairs[6:]
     vectors = extract(smollm2_engine, train, [LAYER]).vectors
     before = measure_at(smollm2_engine, vectors, 0.0, held, (), full=False)
