@@ -286,10 +286,13 @@ def test_prefix_cache_is_reset_while_requests_run(vllm_server):
     reset preempts them instead, and none of them fails."""
     client = ServerClient(vllm_server.url)
     try:
-        with RequestLoop([vllm_server.url], threads=2, limit=60) as load:
+        # Long answers (128 tokens, end-of-text ignored) keep a request in flight
+        # nearly all the time, so a plain reset finds blocks held.
+        with RequestLoop([vllm_server.url], threads=2, limit=20, max_tokens=128,
+                         extra={"ignore_eos": True}) as load:
             while len(load.requests) < 2:
                 time.sleep(0.05)
-            plain = []  # until one is refused (a quiet machine finishes requests fast)
+            plain = []
             while len(plain) < 400 and False not in plain:
                 plain.append(client.request("POST", "/reset_prefix_cache", "resetting")["success"])
             for _ in range(5):

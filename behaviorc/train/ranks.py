@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,6 +32,9 @@ from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.train.data import BatchSchedule, TrainSequence
 from behaviorc.train.distributed import ShardedRun, World, device_mesh, full_tensors, load_sharded
 from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, TrainSummary, train
+
+
+LOST_PEER_GRACE_S = 2.0
 
 
 class _Stopped(Exception):
@@ -85,6 +89,10 @@ def lead_training(world: World, task_id: str, task_key: str, decl: ir.ModelDecl,
         # whole world (the launcher stops them) rather than hang.
         if _lost_peer(err):
             print(f"behaviorc: rank 0 lost another process while training {task_id}", file=sys.stderr)
+            sys.stderr.flush()
+            # The launcher names the first process it sees end (it looks every 0.1 s);
+            # the one that died is the cause, so let it be seen first.
+            time.sleep(LOST_PEER_GRACE_S)
         else:
             traceback.print_exc()
             print(f"behaviorc: rank 0 failed while training {task_id}; stopping every process",
