@@ -54,10 +54,10 @@ def launch(argv: list[str], count: int) -> int:
         results = elastic_launch(config, rank_main)(argv)
     except ChildFailedError as err:
         # A process killed by a signal is the cause; the others exit with an error when
-        # they find it gone, sometimes before the launcher has seen it die.
+        # they find it gone (rank 0 waits first, so that the launcher sees the cause).
         rank, failure = min(err.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp))
         raise BehaviorError(
-            f"process {rank} of {count} {_ending(failure.exitcode)}; the launcher stopped the others",
+            f"process {rank} of {count} {_ending(int(rank), failure.exitcode)}; the launcher stopped the others",
             hint="finished tasks and the last training checkpoint are kept: build again to resume, "
                  "with any --nproc") from None
     finally:
@@ -78,7 +78,11 @@ def rank_main(argv: list[str]) -> int:
     return code
 
 
-def _ending(exitcode: int) -> str:
+def _ending(rank: int, exitcode: int) -> str:
+    from behaviorc.train.ranks import LOST_PEER_EXIT
+
+    if rank == 0 and exitcode == LOST_PEER_EXIT:
+        return "lost another process, which ended before the launcher saw it (killed or crashed)"
     if exitcode < 0:
         try:
             return f"was killed by {signal.Signals(-exitcode).name}"

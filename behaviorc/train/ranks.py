@@ -35,6 +35,7 @@ from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, TrainSummary, trai
 
 
 LOST_PEER_GRACE_S = 2.0
+LOST_PEER_EXIT = 3  # rank 0's exit code when another process vanished mid-training
 
 
 class _Stopped(Exception):
@@ -93,10 +94,9 @@ def lead_training(world: World, task_id: str, task_key: str, decl: ir.ModelDecl,
             # The launcher names the first process it sees end (it looks every 0.1 s);
             # the one that died is the cause, so let it be seen first.
             time.sleep(LOST_PEER_GRACE_S)
-        else:
-            traceback.print_exc()
-            print(f"behaviorc: rank 0 failed while training {task_id}; stopping every process",
-                  file=sys.stderr)
+            os._exit(LOST_PEER_EXIT)
+        traceback.print_exc()
+        print(f"behaviorc: rank 0 failed while training {task_id}; stopping every process", file=sys.stderr)
         sys.stderr.flush()
         os._exit(1)
     with torch.no_grad():
