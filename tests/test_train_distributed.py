@@ -146,12 +146,15 @@ def build(spec: Path, out: Path, *options: str, wait: bool = True):
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
+def train_task(out: Path) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    return next(t for t in report["tasks"] if t["id"] == "train:listen")
+
+
 def trained_weights(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    report = json.loads((out / "report.json").read_text())
-    task = next(t for t in report["tasks"] if t["id"] == "train:listen")
-    return load_file(out / ".store" / task["key"] / "model" / "model.safetensors")
+    return load_file(out / ".store" / train_task(out)["key"] / "model" / "model.safetensors")
 
 
 def events(out: Path) -> list[dict]:
@@ -181,18 +184,28 @@ def test_a_build_on_two_processes_stores_the_model_of_one(tmp_path, one_process_
     assert_same_weights(trained_weights(out), trained_weights(one_process_builds[6]))
 
 
-def test_a_distilled_behavior_trains_on_two_processes_to_the_weights_of_one(tmp_path):
+@pytest.mark.parametrize("match_activations", [0.0, 1.0])
+def test_a_distilled_behavior_trains_on_two_processes_to_the_weights_of_one(tmp_path, match_activations):
     """Rank 0 samples the steered model; the samples travel to the other rank as token
-    ids, so both train on the batches one process would."""
+    ids, so both train on the batches one process would. With activation matching each
+    rank computes the steered targets with its sharded model, and the term is normalised
+    over the whole batch, as in one process."""
     reference, out = tmp_path / "reference", tmp_path / "out"
-    spec = write_spec(tmp_path / "spec", 6, DISTILL_SPEC)
+    text = DISTILL_SPEC.replace("max_tokens 8", f"max_tokens 8  match_activations {match_activations}")
+    spec = write_spec(tmp_path / "spec", 6, text)
     alone = build(spec, reference)
     assert alone.returncode == 0, alone.stderr[-3000:]
     run = build(spec, out, "--nproc", "2")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert not [e for e in events(out) if e["type"] == "distill.note"]  # not trained on rank 0 alone
-    assert [e["step"] for e in events(out) if e["type"] == "train_step"] == [1, 2, 3, 4, 5, 6]
+    assert not [e for e in events(out) if e["type"] == "distill.note"]
+    steps = [e for e in events(out) if e["type"] == "train_step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
+    # the reported loss is the whole batch's, the matching term included
+    expected = [e["loss"] for e in events(reference) if e["type"] == "train_step"]
+    assert [e["loss"] for e in steps] == pytest.approx(expected, rel=1e-5)
     assert_same_weights(trained_weights(out), trained_weights(reference))
+    matched = "seconds_targets" in train_task(reference)["metrics"]
+    assert matched == (match_activations > 0)
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

@@ -44,7 +44,8 @@ METRICS: dict[str, str] = {
     "samples_generated": "distillation: replies sampled",
     "samples_kept": "distillation: replies kept as training examples",
     "sample_score": "distillation: mean steering score of the kept replies",
-    "seconds_targets": "distillation: seconds computing steered activation targets",
+    "seconds_targets": "distillation: seconds computing steered activation targets "
+                       "(one process; on several, part of seconds_train)",
     "seconds_train": "distillation: seconds training (pauses for pushes excluded)",
     "served_margin_start": "hand-off: served margin when training starts",
     "served_margin_min": "hand-off: lowest served margin while training",

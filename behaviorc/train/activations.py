@@ -77,13 +77,33 @@ def _states(model: torch.nn.Module, layers: Sequence[torch.nn.Module], batch: Se
     steering = [layers[layer].register_forward_hook(add_to_output(delta)) for layer, delta in deltas.items()]
     try:
         # The steering hooks were registered first, so the capture sees steered outputs.
-        with capture_outputs(layers, wanted) as captured:
-            model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
+        # The whole model runs, not its decoder up to the deepest layer: a sharded model
+        # gathers its embeddings in the model's own forward, and every rank must run
+        # every layer's gather.
+        with capture_outputs(layers, wanted, stop_after_deepest=False) as captured:
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
     finally:
         for handle in steering:
             handle.remove()
     return [{layer: captured[layer][row, matched_span(s, "full")].float().clone() for layer in wanted}
             for row, s in enumerate(batch)]
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Activation matching as a data source asks for it. The targets are computed where
+    the training runs, with the model it trains: in a build on several processes every
+    rank computes them with its sharded model, so no rank sends hidden states."""
+
+    weight: float
+    strength: float
+    directions: Mapping[int, torch.Tensor]
+    sequences: tuple[TrainSequence, ...]  # the distilled ones: the rest has nothing to match
+
+    def start(self, model: torch.nn.Module, layers: Sequence[torch.nn.Module], pad_id: int,
+              mode: str) -> "ActivationMatch":
+        targets = steered_targets(model, layers, self.directions, self.strength, self.sequences, pad_id)
+        return ActivationMatch(layers, targets, self.weight, mode)
 
 
 class ActivationMatch:
@@ -112,10 +132,11 @@ class ActivationMatch:
             self._latest[index] = output[0] if isinstance(output, tuple) else output
         return hook
 
-    def __call__(self, batch: Sequence[TrainSequence]) -> torch.Tensor:
-        """weight * squared error / steering displacement over the batch's distilled
-        sequences (zero when it holds none), read from the forward that just ran."""
-        error, moved = None, 0.0
+    def __call__(self, batch: Sequence[TrainSequence], whole: Sequence[TrainSequence]) -> torch.Tensor:
+        """weight * squared error over `batch`'s distilled sequences (read from the forward
+        that just ran) / the steering displacement over the step's `whole` batch, of which
+        `batch` is this process's part (zero when it holds no distilled sequence)."""
+        error = None
         for row, sequence in enumerate(batch):
             target = self.targets.get(sequence)
             if target is None:  # a spec example or general text: nothing to match
@@ -125,8 +146,8 @@ class ActivationMatch:
                 hidden = self._latest[layer][row, span].float()
                 term = (hidden - states.to(hidden.device)).pow(2).sum()
                 error = term if error is None else error + term
-            moved += target.moved
         if error is None:
             device = next(iter(self._latest.values())).device if self._latest else "cpu"
             return torch.zeros((), device=device)
+        moved = sum(self.targets[s].moved for s in whole if s in self.targets)
         return self.weight * error / max(moved, 1e-12)

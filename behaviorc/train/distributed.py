@@ -143,13 +143,20 @@ class ShardedRun:
             with torch.no_grad():
                 self.model(input_ids=torch.tensor([[self.start_token]], device=device))
 
-    def mean(self, loss: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
+    def mean(self, loss: torch.Tensor, count: int,
+             extra: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """This rank's mean loss over its `count` tokens made its share of the mean over
-        every rank's tokens: what to differentiate, and that mean's value."""
-        totals = torch.tensor([float(loss.detach()) * count, float(count)], dtype=torch.float64)
+        every rank's tokens, plus its part of a term summed over ranks (`extra`, already
+        divided by its whole-batch normaliser): what to differentiate, and the whole
+        batch's loss. FSDP2 averages gradients over ranks, hence the factors of size."""
+        extra_value = float(extra.detach()) if extra is not None else 0.0
+        totals = torch.tensor([float(loss.detach()) * count, float(count), extra_value], dtype=torch.float64)
         dist.all_reduce(totals, group=self.group)
-        total, tokens = totals.tolist()
-        return loss * (count * self.size / tokens), total / tokens
+        total, tokens, extra_total = totals.tolist()
+        mine = loss * (count * self.size / tokens)
+        if extra is not None:
+            mine = mine + extra * self.size
+        return mine, total / tokens + extra_total
 
 
 def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -151,13 +151,14 @@ def train(
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 0,
     reuse_contexts: bool = False,
-    extra_loss: Callable[[Sequence[TrainSequence]], torch.Tensor] | None = None,
+    extra_loss: Callable[[Sequence[TrainSequence], Sequence[TrainSequence]], torch.Tensor] | None = None,
     sharded: ShardedRun | None = None,
 ) -> TrainSummary:
     """Train `targets` of `model` in place for `spec.steps` steps. `extra_loss`, when
-    given, is added to each step's response loss; it is called right after the forward
-    of that loss, so hooks it holds on the model have seen the batch. With `sharded`,
-    this process is one rank of a data-parallel training (behaviorc.train.distributed)."""
+    given, is added to each step's response loss; it is called with this process's
+    batch and the step's whole batch right after the forward of that loss, so hooks it
+    holds on the model have seen the batch. With `sharded`, this process is one rank of
+    a data-parallel training (behaviorc.train.distributed)."""
     for param in model.parameters():
         param.requires_grad_(False)
     params = [targets[name] for name in sorted(targets)]
@@ -189,10 +190,11 @@ def train(
         whole = schedule.at(step)  # every rank's sequences: the step's tokens/s are theirs
         batch = whole if sharded is None else sharded.local(whole)
         loss, count = response_loss(batch)
-        if extra_loss is not None:
-            loss = loss + extra_loss(batch)
-        if sharded is not None:  # this rank's share of the mean over every rank's tokens
-            loss, whole_loss = sharded.mean(loss, count)
+        extra = extra_loss(batch, whole) if extra_loss is not None else None
+        if sharded is not None:  # this rank's share of the whole batch's loss
+            loss, whole_loss = sharded.mean(loss, count, extra)
+        elif extra is not None:
+            loss = loss + extra
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip if spec.clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # sharded gradients: a DTensor of partial sums

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,6 +30,7 @@ import torch
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.train.activations import Matching
 from behaviorc.train.data import BatchSchedule, TrainSequence
 from behaviorc.train.distributed import ShardedRun, World, device_mesh, full_tensors, load_sharded
 from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, TrainSummary, train
@@ -43,7 +45,7 @@ class _Stopped(Exception):
 
 
 def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, path: Path, schedule: BatchSchedule,
-                   checkpoint: Path, on_step: Callable[[StepEvent], None]
+                   matching: Matching | None, checkpoint: Path, on_step: Callable[[StepEvent], None]
                    ) -> tuple[TrainSummary, dict[str, Any]]:
     """One rank's part of a training, from the model in `path`."""
     from behaviorc.model.adapter import ArchitectureAdapter
@@ -51,9 +53,16 @@ def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, path: Path, schedul
     from behaviorc.train.data import start_token
 
     model, tokenizer = load_sharded(path, decl.dtype, decl.device, device_mesh()), load_tokenizer(path)
-    return train_sharded(model, ArchitectureAdapter.for_model(model), schedule, train_spec,
-                         pad_id=tokenizer.pad_token_id, start_token=start_token(tokenizer),
-                         on_step=on_step, checkpoint_dir=checkpoint, checkpoint_every=CHECKPOINT_EVERY)
+    adapter = ArchitectureAdapter.for_model(model)
+    with ExitStack() as stack:
+        extra = None
+        if matching is not None:  # every rank runs the same target forwards, gathering together
+            extra = stack.enter_context(matching.start(model, adapter.decoder_layers(model),
+                                                       tokenizer.pad_token_id, train_spec.context))
+        return train_sharded(model, adapter, schedule, train_spec,
+                             pad_id=tokenizer.pad_token_id, start_token=start_token(tokenizer),
+                             on_step=on_step, checkpoint_dir=checkpoint,
+                             checkpoint_every=CHECKPOINT_EVERY, extra_loss=extra)
 
 
 def train_sharded(model: torch.nn.Module, adapter: Any, schedule: Any, spec: Any, *, pad_id: int,
@@ -68,10 +77,11 @@ def train_sharded(model: torch.nn.Module, adapter: Any, schedule: Any, spec: Any
 
 def lead_training(world: World, task_id: str, task_key: str, decl: ir.ModelDecl,
                   train_spec: ir.Train, path: Path, schedule: BatchSchedule, checkpoint: Path,
-                  on_step: Callable[[StepEvent], None], targets: dict[str, Any]) -> TrainSummary:
+                  on_step: Callable[[StepEvent], None], targets: dict[str, Any],
+                  matching: Matching | None) -> TrainSummary:
     """Rank 0: train task `task_id` on every rank and copy the result into `targets`."""
     world.send({"train": task_id, "key": task_key, "path": str(path), "checkpoint": str(checkpoint),
-                **_schedule_message(schedule)})
+                **_schedule_message(schedule), "matching": _matching_message(matching)})
 
     def step_then_agree(event: StepEvent) -> None:
         try:
@@ -82,7 +92,8 @@ def lead_training(world: World, task_id: str, task_key: str, decl: ir.ModelDecl,
         world.agree(stop=False)
 
     try:
-        summary, weights = shard_training(decl, train_spec, path, schedule, checkpoint, step_then_agree)
+        summary, weights = shard_training(decl, train_spec, path, schedule, matching, checkpoint,
+                                          step_then_agree)
     except _Stopped as stop:  # raise what stopped it, now that every rank knows
         raise stop.__context__ from None
     except BaseException as err:
@@ -134,23 +145,44 @@ def follow(world: World, tasks: Callable[[], dict[str, Any]]) -> int:
                                 hint="every node of a distributed build must see the same spec and data")
         try:
             shard_training(task.model.decl, task.train, Path(message["path"]), _message_schedule(message),
-                           Path(message["checkpoint"]), agree)
+                           _message_matching(message["matching"]), Path(message["checkpoint"]), agree)
         except _Stopped:
             continue
 
 
 def _schedule_message(schedule: BatchSchedule) -> dict[str, Any]:
-    def ids(sequences: Sequence[TrainSequence]) -> list[list[list[int]]]:
-        return [[list(s.context), list(s.response)] for s in sequences]
-    return {"behavior": ids(schedule.behavior), "general": ids(schedule.general), "batch": schedule.batch,
-            "ratio": schedule.ratio, "seed": schedule.seed}
+    return {"behavior": _token_ids(schedule.behavior), "general": _token_ids(schedule.general),
+            "batch": schedule.batch, "ratio": schedule.ratio, "seed": schedule.seed}
 
 
 def _message_schedule(message: dict[str, Any]) -> BatchSchedule:
-    def sequences(rows: list[list[list[int]]]) -> list[TrainSequence]:
-        return [TrainSequence(tuple(context), tuple(response)) for context, response in rows]
-    return BatchSchedule(sequences(message["behavior"]), sequences(message["general"]), message["batch"],
+    return BatchSchedule(_sequences(message["behavior"]), _sequences(message["general"]), message["batch"],
                          message["ratio"], message["seed"])
+
+
+def _matching_message(matching: Matching | None) -> dict[str, Any] | None:
+    if matching is None:
+        return None
+    # float32 values survive JSON exactly (as float64 numbers)
+    return {"weight": matching.weight, "strength": matching.strength,
+            "directions": {str(layer): vector.float().tolist() for layer, vector in matching.directions.items()},
+            "sequences": _token_ids(matching.sequences)}
+
+
+def _message_matching(message: dict[str, Any] | None) -> Matching | None:
+    if message is None:
+        return None
+    directions = {int(layer): torch.tensor(vector, dtype=torch.float32)
+                  for layer, vector in message["directions"].items()}
+    return Matching(message["weight"], message["strength"], directions, tuple(_sequences(message["sequences"])))
+
+
+def _token_ids(sequences: Sequence[TrainSequence]) -> list[list[list[int]]]:
+    return [[list(s.context), list(s.response)] for s in sequences]
+
+
+def _sequences(rows: list[list[list[int]]]) -> list[TrainSequence]:
+    return [TrainSequence(tuple(context), tuple(response)) for context, response in rows]
 
 
 def release(world: World, code: int | None) -> None:

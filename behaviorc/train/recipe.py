@@ -31,7 +31,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -50,7 +50,7 @@ from behaviorc.measure.projection import projection_score
 from behaviorc.measure.replies import reply_prompts, sample_replies
 from behaviorc.model.adapter import ArchitectureAdapter
 from behaviorc.model.loading import context_positions, load_model, refuse_over_context
-from behaviorc.train.activations import ActivationMatch, steered_targets
+from behaviorc.train.activations import Matching
 from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, encode_texts
 from behaviorc.train.distributed import current_world
 from behaviorc.train.distill_data import distill_data
@@ -63,11 +63,11 @@ SAMPLES_IN_DATA = 8  # distilled examples kept in the task's data for a reader t
 
 @dataclass
 class Examples:
-    """What a data source gives the loop: the behavior's sequences, an optional extra
-    loss, and what it reports (metrics, data)."""
+    """What a data source gives the loop: the behavior's sequences, optional activation
+    matching, and what it reports (metrics, data)."""
 
     behavior: list[TrainSequence]
-    extra_loss: Callable[[Sequence[TrainSequence]], torch.Tensor] | None = None
+    matching: Matching | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -85,14 +85,12 @@ class Run:
     seed: int
 
 
-def spec_examples(train_spec: ir.Train, run: Run, generator: Engine, stack: ExitStack,
-                  ctx: TaskContext) -> Examples:
+def spec_examples(train_spec: ir.Train, run: Run, generator: Engine, ctx: TaskContext) -> Examples:
     """The data source of plain fine-tuning: the spec's examples."""
     return Examples(encode_examples(run.tokenizer, train_spec.examples, train_spec.loc))
 
 
-def distilled_examples(train_spec: ir.Train, run: Run, generator: Engine, stack: ExitStack,
-                       ctx: TaskContext) -> Examples:
+def distilled_examples(train_spec: ir.Train, run: Run, generator: Engine, ctx: TaskContext) -> Examples:
     """The data source of distillation: the spec's examples and the best of what the
     steered model (`generator`) says to the distill prompts; with `match_activations`, a
     loss pulling the hidden states toward the steered model's."""
@@ -117,13 +115,7 @@ def distilled_examples(train_spec: ir.Train, run: Run, generator: Engine, stack:
     distilled = encode_examples(run.tokenizer, data.examples, loc)
     result.behavior += distilled
     if distill.match_activations > 0:
-        began = time.perf_counter()
-        layers = run.adapter.decoder_layers(run.model)
-        wanted = steered_targets(run.model, layers, run.directions, run.strength, distilled,
-                                 run.tokenizer.pad_token_id)
-        result.extra_loss = stack.enter_context(
-            ActivationMatch(layers, wanted, distill.match_activations, train_spec.context))
-        result.metrics["seconds_targets"] = time.perf_counter() - began
+        result.matching = Matching(distill.match_activations, run.strength, run.directions, tuple(distilled))
     return result
 
 
@@ -136,8 +128,7 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
     artifact `model` is the trained folder. In a build on several processes (`--nproc`,
     torchrun) this runs on rank 0, which makes the data (distilled samples included) and
     measures; the loop runs on every rank, the model sharded over them
-    (`behaviorc.train.ranks`), except with activation matching, whose hooks hold
-    targets only rank 0 computed."""
+    (`behaviorc.train.ranks`)."""
     source = distilled_examples if train_spec.distill is not None else spec_examples
     if train_spec.distill is not None:
         loc = train_spec.distill.loc or train_spec.loc or loc
@@ -195,7 +186,7 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
             metrics.get("margin_before", 0.0), metrics.get("margin_steered", 0.0)))
 
         # 4. the examples
-        examples = source(train_spec, run, live.generator() if live else engine, stack, ctx)
+        examples = source(train_spec, run, live.generator() if live else engine, ctx)
         if not examples.behavior:
             raise BehaviorError(f"behavior `{name}` has no training examples", train_spec.loc,
                                 hint="add `examples \"FILE.jsonl\"` to its train block")
@@ -225,17 +216,20 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
 
         # The scratch folder outlives a stopped build, so a rerun resumes from the checkpoint.
         checkpoint = ctx.scratch / "checkpoint"
+        matching, extra = examples.matching, None
+        if matching is not None and world is None:  # on several processes, each rank's training makes its own
+            began = time.perf_counter()
+            extra = stack.enter_context(matching.start(model, adapter.decoder_layers(model),
+                                                       tokenizer.pad_token_id, train_spec.context))
+            metrics["seconds_targets"] = time.perf_counter() - began
         began = time.perf_counter()
-        if world is not None and examples.extra_loss is None:
+        if world is not None:
             summary = lead_training(world, task_id, task_key, decl, train_spec, Path(model_path),
-                                    schedule, checkpoint, on_step, targets)
+                                    schedule, checkpoint, on_step, targets, matching)
         else:
-            if world is not None:
-                ctx.emit(TrainNote("activation matching reads this process's hooks: the training "
-                                   "runs on rank 0 alone"))
             summary = train(model, targets, schedule, train_spec, pad_id=tokenizer.pad_token_id,
                             on_step=on_step, checkpoint_dir=checkpoint,
-                            checkpoint_every=CHECKPOINT_EVERY, extra_loss=examples.extra_loss)
+                            checkpoint_every=CHECKPOINT_EVERY, extra_loss=extra)
         if train_spec.distill is not None:
             metrics["seconds_train"] = time.perf_counter() - began - paused[0]
         shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a rerun starts afresh
