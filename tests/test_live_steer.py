@@ -76,10 +76,10 @@ def clean(live):
 
 
 def complete(live: VLLMEngine, prompt: str, steer: str | None = None,
-             max_tokens: int = 6) -> tuple[str, list[float]]:
+             max_tokens: int = 6, ignore_eos: bool = False) -> tuple[str, list[float]]:
     """Greedy text and the log-prob of each generated token."""
     body = {"model": live.served_model_name, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0.0, "logprobs": 1}
+            "temperature": 0.0, "logprobs": 1, "ignore_eos": ignore_eos}
     if steer is not None:
         body["vllm_xargs"] = {"steer": steer}
     choice = live.client.request("POST", "/v1/completions", "completing", body)["choices"][0]
@@ -122,7 +122,13 @@ def test_steered_and_unsteered_requests_batched_together_match_separate_servers(
     work = [(p, steer) for p in PROMPTS for steer in (None, "happy:2", "happy:2,concise:-1.5")] * 3
     expected = {None: plain, "happy:2": happy, "happy:2,concise:-1.5": both}
     with ThreadPoolExecutor(8) as pool:
+        # Two long answers, one steered, run all through the short ones: forward passes
+        # then hold steered and unsteered requests at once, however fast the short ones go.
+        held = [pool.submit(complete, live, PROMPTS[0], steer, 256, ignore_eos=True)
+                for steer in (None, "happy:2")]
         answers = list(pool.map(lambda job: complete(live, *job), work))
+        for request in held:
+            request.result()
     for (prompt, steer), answer in zip(work, answers):
         assert_same(answer, expected[steer][prompt])
     after = live.client.rpc("behaviorc_steer_stats", doing="reading steering counts")
