@@ -20,6 +20,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.engine.devices import usable_cores
 
 if TYPE_CHECKING:
     from behaviorc.train.distributed import World
@@ -42,8 +43,7 @@ def launch(argv: list[str], count: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    cores = len(os.sched_getaffinity(0))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // count)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // count)))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")

@@ -37,6 +37,7 @@ from behaviorc.build.attempt import Attempt, attempt, render_failure
 from behaviorc.build.context import CancelSignal, EngineLoader, EnginePool, RunContext
 from behaviorc.core.events import jsonable, make_event
 from behaviorc.build.store import Store
+from behaviorc.engine.devices import usable_cores
 
 # Memory one more worker task needs, for `--jobs auto`: an interpreter with torch and
 # transformers loaded, plus the model several times over (weights, gradients, optimizer
@@ -44,11 +45,6 @@ from behaviorc.build.store import Store
 WORKER_BYTES = 700 << 20
 MODEL_COPIES = 6
 PARENT_WATCH_SECONDS = 0.5
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, not the machine's count)."""
-    return len(os.sched_getaffinity(0))
 
 
 def available_memory() -> int | None:
