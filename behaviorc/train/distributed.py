@@ -184,12 +184,10 @@ class World:
         self.size = dist.get_world_size()
 
     @classmethod
-    def join(cls) -> "World | None":
+    def join(cls) -> "World":
         """Join the process group this process was started into (torch.distributed's
-        environment: RANK, WORLD_SIZE, MASTER_ADDR ...); None when started alone.
+        environment: RANK, WORLD_SIZE, MASTER_ADDR ...), in a process a launcher started.
         NCCL carries an accelerator's tensors, gloo the CPU's and the messages."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return None
         if not dist.is_initialized():
             # rank 0 may run other tasks for long while the others wait for a message
             timeout = timedelta(hours=24)

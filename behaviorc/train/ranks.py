@@ -22,7 +22,7 @@ import os
 import sys
 import time
 import traceback
-from contextlib import ExitStack
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -54,11 +54,10 @@ def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, path: Path, schedul
 
     model, tokenizer = load_sharded(path, decl.dtype, decl.device, device_mesh()), load_tokenizer(path)
     adapter = ArchitectureAdapter.for_model(model)
-    with ExitStack() as stack:
-        extra = None
-        if matching is not None:  # every rank runs the same target forwards, gathering together
-            extra = stack.enter_context(matching.start(model, adapter.decoder_layers(model),
-                                                       tokenizer.pad_token_id, train_spec.context))
+    # every rank runs the same target forwards, gathering the layers together
+    matched = (matching.start(model, adapter.decoder_layers(model), tokenizer.pad_token_id, train_spec.context)
+               if matching is not None else nullcontext())
+    with matched as extra:  # None without matching
         return train_sharded(model, adapter, schedule, train_spec,
                              pad_id=tokenizer.pad_token_id, start_token=start_token(tokenizer),
                              on_step=on_step, checkpoint_dir=checkpoint,
