@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Container, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -67,10 +67,15 @@ def save_checkpoint(folder: Path, parameters: dict[str, torch.Tensor],
 def read_weights(folder: Path, parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint's whole trained tensors, checked to hold every one of `parameters`."""
     weights = load_file(Path(folder) / WEIGHTS)
-    missing = sorted(set(parameters) - set(weights))
+    refuse_missing(folder, parameters, weights)
+    return weights
+
+
+def refuse_missing(folder: Path, parameters: Iterable[str], stored: Container[str]) -> None:
+    """A checkpoint that lacks some of the trained parameters is not this training's."""
+    missing = sorted(name for name in parameters if name not in stored)
     if missing:
         raise ValueError(f"checkpoint {folder} lacks parameters: {', '.join(missing[:5])}")
-    return weights
 
 
 def load_checkpoint(folder: Path, parameters: dict[str, torch.Tensor],

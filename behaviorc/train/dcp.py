@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from behaviorc.train.apollo import APOLLO
-from behaviorc.train.checkpoint import METADATA
+from behaviorc.train.checkpoint import METADATA, refuse_missing
 
 FORMAT = "torch.distributed.checkpoint"
 
@@ -74,9 +74,7 @@ def load_distributed_checkpoint(folder: Path, parameters: dict[str, torch.Tensor
 
     reader = dcp.HuggingFaceStorageReader(str(folder))
     saved = reader.read_metadata().state_dict_metadata
-    missing = sorted(name for name in parameters if f"param.{name}" not in saved)
-    if missing:
-        raise ValueError(f"checkpoint {folder} lacks parameters: {', '.join(missing[:5])}")
+    refuse_missing(folder, parameters, {key.removeprefix("param.") for key in saved if key.startswith("param.")})
     state_dict: dict[str, torch.Tensor] = {f"param.{name}": p.detach() for name, p in parameters.items()}
     wanted: dict[str, tuple[torch.Tensor, str]] = {}
     for name, param in parameters.items():
