@@ -4,7 +4,7 @@ PYTHON ?= python
 VLLM ?= cpu
 STAMP := .behaviorc-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PYTHON) -m behaviorc.cli build specs/demo.behavior --out out/demo
 
+# Every test; the 15 slowest are listed at the end.
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
+
+# Only the tests that need no real model, vLLM server, testbed or other processes
+# (tests/conftest.py sets the tiers): under a minute here.
+test-fast: setup
+	$(PYTHON) -m pytest -q -m fast
 
 clean:
 	rm -rf out $(STAMP)

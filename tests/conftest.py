@@ -1,14 +1,46 @@
-"""Shared fixtures: the built-in models, built once into the user's cache."""
+"""Shared fixtures: the built-in models, built once into the user's cache; and the tiers.
 
+A test's tier follows from the fixtures it uses: the real model (`smollm2`), a vLLM server
+(`vllm_server`) and the pretrained testbed (`testbed`) each mark the tests that use them.
+Tests that start servers of their own say so with `pytest.mark.vllm`, tests that run builds
+in other processes (ranks, killed builds, terminals) with `pytest.mark.processes`. Every
+test with none of these marks is `fast`: `make test-fast` runs those.
+"""
+
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-# The tiny models' ops are far too small to gain from a second thread, and on a shared
-# 2-core machine two threads per process thrash (measured: 124 s against 6 s for one
-# training test). Servers started by the tests keep their own settings.
-torch.set_num_threads(1)
+# fixture -> the marker of the tier it puts a test in
+FIXTURE_TIERS = {
+    "smollm2": "real_model",
+    "vllm_server": "vllm",
+    "testbed": "testbed",
+}
+HEAVY_TIERS = ("real_model", "vllm", "testbed", "processes", "slow")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by these marks
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, tier in FIXTURE_TIERS.items():
+            if fixture in item.fixturenames:
+                item.add_marker(tier)
+        if not any(item.get_closest_marker(tier) for tier in HEAVY_TIERS):
+            item.add_marker("fast")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The tiny models' ops are far too small to gain from a second thread, and on a shared
+    2-core machine two threads per process thrash (measured: 124 s against 6 s for one
+    training test). torch is set only once something imported it, so tests of the
+    language never load it; servers started by the tests keep their own settings."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +87,11 @@ def vllm_server(tiny_gdn, tmp_path_factory):
     shutil.copytree(tiny_gdn, model_dir)
     with serve(model_dir, log_path=root / "server.log") as server:
         yield _LiveServer(server.url, model_dir, server.log_path)
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Path:
+    """tiny-gdn-testbed, pretrained here on generated dialogues (built once, minutes)."""
+    from behaviorc.model.builtin import ensure_builtin
+    return ensure_builtin("tiny-gdn-testbed")
+

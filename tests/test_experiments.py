@@ -19,11 +19,8 @@ SPECS = Path(__file__).resolve().parent.parent / "specs"
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory) -> Path:
+def spec(tmp_path_factory, testbed) -> Path:
     """specs/testbed_listen.behavior with its data paths made absolute."""
-    from behaviorc.model.builtin import ensure_builtin
-
-    ensure_builtin("tiny-gdn-testbed")
     text = (SPECS / "testbed_listen.behavior").read_text().replace('"data/', f'"{SPECS}/data/')
     path = tmp_path_factory.mktemp("spec") / "testbed.behavior"
     path.write_text(text)

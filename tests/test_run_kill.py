@@ -20,7 +20,11 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
+
 from behaviorc.core.task import Task, TaskContext, TaskResult
+
+pytestmark = pytest.mark.processes
 
 
 class Chunks(Task):

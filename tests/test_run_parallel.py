@@ -22,12 +22,16 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
+
 from behaviorc.core.events import TrainStep
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.core.events import read_events
 from behaviorc.build.executor import Executor
 from behaviorc.build.parallel import Jobs
+
+pytestmark = pytest.mark.processes
 
 HANG_GUARD = 60.0  # seconds; only ends a test that would otherwise hang
 

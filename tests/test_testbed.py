@@ -20,12 +20,6 @@ SPEC_DATA = Path(__file__).resolve().parent.parent / "specs" / "data"
 
 
 @pytest.fixture(scope="module")
-def testbed() -> Path:
-    from behaviorc.model.builtin import ensure_builtin
-    return ensure_builtin("tiny-gdn-testbed")
-
-
-@pytest.fixture(scope="module")
 def engine(testbed):
     from behaviorc.engine.embedded import EmbeddedEngine
     return EmbeddedEngine.load(testbed, device="cpu")

@@ -20,6 +20,8 @@ from behaviorc.train.loop import train
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_worker import spec  # noqa: E402
 
+pytestmark = pytest.mark.processes
+
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 
@@ -71,7 +73,7 @@ def test_two_processes_train_the_weights_of_one(tiny_dense, tmp_path, optimizer)
     assert_same_weights(load_file(out), train_one_process(tiny_dense, optimizer))
 
 
-@pytest.mark.parametrize("model", ["tiny_dense", "smollm2", "tiny_gdn"])
+@pytest.mark.parametrize("model", ["tiny_dense", pytest.param("smollm2", marks=pytest.mark.real_model), "tiny_gdn"])
 def test_each_process_reads_the_shards_of_the_model_loaded_whole(model, request):
     """smollm2-135m ties its head to its embeddings; tiny-gdn's files hold its experts
     one by one where the model fuses them, so it is loaded whole, then sharded."""

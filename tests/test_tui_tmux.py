@@ -13,8 +13,9 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
-                                reason="tmux is not installed (the setup script installs it)")
+pytestmark = [pytest.mark.processes,
+              pytest.mark.skipif(shutil.which("tmux") is None,
+                                 reason="tmux is not installed (the setup script installs it)")]
 
 
 def tmux(*args: str) -> str:
