@@ -29,14 +29,26 @@ per tensor, not tensors), and then merges piece by piece as a weighted sum.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Literal
+from typing import Iterable, Literal, Protocol
 
 import numpy as np
 
 from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.core.merge_methods import MethodTraits
 
-if TYPE_CHECKING:
-    from behaviorc.compose.merge import MergeOptions
+
+class MergeOptions(Protocol):
+    """What these methods read of behaviorc.compose.merge.MergeOptions."""
+
+    traits: MethodTraits
+    normalizes: bool
+    t: float | None
+    flatten: bool
+    row_wise: bool
+    filter_wise: bool
+    max_iter: int
+    tol: float
+    eps: float
 
 # The vectors a method normalizes: the whole tensor, each row (its last axis), or each
 # column (its first axis). A 1-D tensor is one vector whatever the method says.
