@@ -332,7 +332,23 @@ def test_the_merge_command_takes_each_method_and_only_its_settings(workspace, ti
     assert "--epsilon has no effect on `ties`" in capsys.readouterr().err
     assert main(["merge", str(tiny_gdn), str(tmp_path / "t"), *terms, "--method", "dare_tie"]) == 1
     assert "did you mean `dare_ties`" in capsys.readouterr().err
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "t"), *terms, "--method", "sce"]) == 1
+    assert "`merge ties` or `merge dare_ties`" in capsys.readouterr().err
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "t"), *terms, "--method", "slerp"]) == 1
+    assert "slerp needs `t`" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    # rescale on ties, a term's own density, and slerp's t.
+    own = ["--add", f"{workspace / 'a.safetensors'}=1,density=0.5", terms[2], terms[3]]
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "r"), *own, "--method", "ties",
+                 "--density", "0.2", "--rescale"]) == 0
+    record = json.loads((tmp_path / "r" / "behaviorc.json").read_text())
+    assert record["merge"]["rescale"] is True
+    assert [term.get("density") for term in record["terms"]] == [0.5, None]
+    assert "density: 0.5" in (tmp_path / "r" / "mergekit.yaml").read_text()
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "l"), *terms, "--method", "slerp",
+                 "--t", "0.3"]) == 0
+    assert json.loads((tmp_path / "l" / "behaviorc.json").read_text())["merge"] == {
+        "method": "slerp", "t": 0.3}
 
 
 def test_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):

@@ -1,10 +1,14 @@
 """Merging task vectors, one tensor (or block of rows) at a time.
 
-Every method is mergekit's generalized task arithmetic or Model Stock, with the same
-float32 roundings, so that a composition exported as mergekit YAML reproduces there.
-A method sparsifies each tau_i (optionally rescaling what is left to the L1 norm it had),
-weights it, and mixes: a plain sum, or (`*_ties` and `della`) TIES's sign election;
-`normalize` divides by the weights; lambda scales the result.
+Every method is mergekit 0.1.5's, so that a composition exported as mergekit YAML
+reproduces there. Its generalized task arithmetic, here with the same float32 roundings:
+a method sparsifies each tau_i with that term's density (and epsilon, gamma; density 0
+keeps nothing), optionally rescales what is left to the L1 norm it had (`rescale`, any
+sparsifying method), weights it, and mixes: a plain sum, or (`*_ties` and `della`) TIES's
+sign election; `normalize` divides by the weights; lambda scales the result. `linear`
+is the weighted sum of the models' weights (base + tau_i), normalized by default. Model
+Stock and the spherical methods (slerp, nuslerp, multislerp, karcher) are a weighted sum
+with factors found from each parameter's Gram matrix: see behaviorc.compose.spherical.
 
 - task_arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic"):
   sum_i w_i * tau_i, times lambda.
@@ -30,9 +34,10 @@ weights it, and mixes: a plain sum, or (`*_ties` and `della`) TIES's sign electi
   smallest, keeping int(density * n) in between (fewer outliers are dropped when the
   two do not fit), then a plain sum or TIES's election and mix.
 - model_stock (Jang et al. 2024, "Model Stock"): with N fine-tuned models and cos the
-  mean pairwise cosine of their task vectors over the whole tensor,
-  t = N cos / (1 + (N - 1) cos) and the merge is base + t * mean_i(tau_i). Weights do
-  not enter (each term is a model, weight 1); a term without a parameter has tau 0.
+  mean pairwise cosine of their task vectors over the whole tensor (or each row,
+  `filter_wise`), t = N cos / (1 + (N - 1) cos) and the merge is base + t *
+  mean_i(tau_i). Weights do not enter (each term is a model, as in mergekit); a term
+  without a parameter has tau 0.
 
 Ties, the deterministic order. Where a method ranks entries by magnitude (the trims of
 ties and breadcrumbs, della's ranks), entries of equal magnitude rank by position: the
