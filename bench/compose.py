@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from behaviorc.core.merge_methods import METHODS as METHODS_TRAITS
 from behaviorc.formats.safetensors_io import (
     PlannedTensor, StreamWriter, WeightFolder, fingerprint, to_float32)
 
@@ -62,13 +63,27 @@ HEAD_DIM = 64
 WEIGHTS = (1.0, 0.5, -0.8, 0.7, -0.3, 0.9)
 MERGEKIT_VERSION = "0.1.5"
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear",
-           "breadcrumbs", "breadcrumbs_ties", "model_stock")
+           "breadcrumbs", "breadcrumbs_ties", "model_stock", "linear", "slerp", "nuslerp",
+           "multislerp", "karcher", "ties_rescale", "model_stock_filter_wise", "nuslerp_rows")
+# Cases beyond a method's defaults: (method, options, the first term's own settings).
+CASES = {"ties_rescale": ("ties", ["--rescale"], ",density=0.5"),
+         "model_stock_filter_wise": ("model_stock", ["--filter-wise"], ""),
+         "nuslerp_rows": ("nuslerp", ["--no-flatten"], ""),
+         "slerp": ("slerp", ["--t", "0.3"], "")}
+TWO_TERMS = ("slerp", "nuslerp")  # methods that take two models
+UNWEIGHTED = ("model_stock", "karcher", "slerp")  # each model counts once
 DENSITIES = {"della": 0.4, "della_linear": 0.4, "breadcrumbs": 0.5, "breadcrumbs_ties": 0.5}
 RANDOM = ("dare_linear", "dare_ties", "della", "della_linear")
 STORED = {"bf16": "BF16", "fp32": "F32"}
 # mergekit's Model Stock computes (1 - t) base + t mean(finetuned), behaviorc base + t
 # mean(tau): equal but for float32 rounding, a few units in the last place in float32.
-ULP_TOLERANCE = {"model_stock": 16}
+# The spherical methods find their factors in float64 from summed inner products, where
+# mergekit rounds whole normalized float32 tensors: a few more.
+ULP_TOLERANCE = {"model_stock": 16, "linear": 16, "slerp": 16, "nuslerp": 16,
+                 "multislerp": 16, "karcher": 16}
+# mergekit's spherical methods normalize whole float32 tensors: their rounding is relative
+# to the tensor's largest entry, so these compare in units in the last place of that.
+TENSOR_ROUNDED = ("slerp", "nuslerp", "multislerp", "karcher")
 
 
 def qwen3_config(size: dict[str, int]) -> dict[str, object]:
@@ -231,7 +246,7 @@ def trim_ranks(method: str, density: float, count: int) -> list[int]:
 
 
 def compare_exact(ours: Path, theirs: Path, base_dir: Path, tuned: list[Path], method: str,
-                  density: float) -> dict[str, float]:
+                  densities: list[float]) -> dict[str, float]:
     """Largest differences between two merged models, in units in the last place of
     the output; differences at entries tied at a trim threshold are counted apart."""
     worst_all = worst_ulps_elsewhere = 0.0
@@ -250,9 +265,12 @@ def compare_exact(ours: Path, theirs: Path, base_dir: Path, tuned: list[Path], m
             # differ by that much where the result nearly cancels.
             scale = torch.stack([x.abs(), y.abs(), *(float32_of(f, name).abs()
                                                      for f in (base, *tuned_folders))]).amax(0)
+            if method in TENSOR_ROUNDED:
+                scale = scale.amax().expand_as(scale)
             ulp = torch.exp2(torch.floor(torch.log2(scale.clamp_min(1e-30))) - mantissa_bits)
             ulps = diff / ulp
-            ranks = trim_ranks(method, density, x.numel())
+            ranks = sorted({rank for density in densities
+                            for rank in trim_ranks(method, density, x.numel())})
             if ranks and bool((ulps > 1).any()):
                 tied = _at_trim_thresholds(name, base, tuned_folders, ranks)
                 tied_entries += int(((ulps > 1) & tied).sum())
@@ -389,19 +407,22 @@ def main() -> None:
                                       "load_average_before": round(os.getloadavg()[0], 2)}
         speedups: dict[str, float] = {}
         disagreeing = []
-        for method in methods:
+        for case in methods:
+            method, options, first_own = CASES.get(case, (case, [], ""))
             density = DENSITIES.get(method, args.density)
-            weights = [1.0] * args.k if method == "model_stock" else list(WEIGHTS[:args.k])
+            count = 2 if method in TWO_TERMS else args.k
+            weights = ([1.0] * count if method in UNWEIGHTED else list(WEIGHTS[:count]))
             for dtype in dtypes:
-                base, tuned = models[dtype]
-                label = f"{method}_{dtype}"
+                base, all_tuned = models[dtype]
+                tuned = all_tuned[:count]
+                label = f"{case}_{dtype}"
                 ours_out, theirs_out = root / f"ours_{label}", root / f"theirs_{label}"
                 ours_cmd = [sys.executable, "-m", "behaviorc.cli", "merge", str(base),
-                            str(ours_out), "--method", method]
-                if method != "model_stock" and method != "task_arithmetic":
+                            str(ours_out), "--method", method, *options]
+                if METHODS_TRAITS[method].sparsify is not None:
                     ours_cmd += ["--density", str(density)]
-                for path, weight in zip(tuned, weights):
-                    ours_cmd += ["--add", f"{path}={weight}"]
+                for index, (path, weight) in enumerate(zip(tuned, weights)):
+                    ours_cmd += ["--add", f"{path}={weight}{first_own if index == 0 else ''}"]
                 ours_s, ours_rss = run_measured(ours_cmd)
                 if mergekit:
                     theirs_cmd = [str(mergekit), str(ours_out / "mergekit.yaml"),
@@ -415,12 +436,14 @@ def main() -> None:
                 if method in RANDOM:
                     agreement = compare_random(ours_out, theirs_out, base, tuned, weights)
                 else:
-                    agreement = compare_exact(ours_out, theirs_out, base, tuned, method, density)
+                    own = float(first_own.split("=")[1]) if first_own else density
+                    agreement = compare_exact(ours_out, theirs_out, base, tuned, method,
+                                              sorted({density, own}))
                 text, agrees = agreement_text(method, agreement)
                 if not agrees:
                     disagreeing.append(label)
                 speedups[label] = theirs_s / ours_s
-                print(f"{method:>16} {dtype}: behaviorc {ours_s:6.1f} s {ours_rss:5.0f} MB | "
+                print(f"{case:>23} {dtype}: behaviorc {ours_s:6.1f} s {ours_rss:5.0f} MB | "
                       f"{baseline} {theirs_s:6.1f} s {theirs_rss:5.0f} MB | speedup "
                       f"{speedups[label]:4.1f}x | {text}{'' if agrees else ' DISAGREES'}",
                       flush=True)

@@ -143,6 +143,25 @@ def test_layers_checked_against_a_folder_model(tmp_path: Path) -> None:
     assert messages == ["layer 2 does not exist: `m` has 2 layers (0..1)"]
 
 
+def test_merge_settings_and_per_term_settings_reach_the_ir(tmp_path: Path) -> None:
+    from behaviorc.compose.merge import MergeOptions
+
+    trained = "\n".join(f'behavior {n} {{ train {{ example "a" {{ response " b" }} }} }}'
+                        for n in ("a", "b"))
+    spec, diagnostics = check_text(
+        f'model m = "tiny-gdn"\n{trained}\n'
+        "compose t = a + b * 0.5 { merge ties { density 0.2  rescale on  term b { density 0 } } }\n"
+        "compose n = a + b { merge nuslerp { flatten off  row_wise on } }\n"
+        "compose s = a { merge slerp { t 0.25 } }\n", str(tmp_path / "s.behavior"))
+    assert spec is not None, diagnostics
+    ties, nuslerp, slerp = spec.compositions
+    assert ties.merge.rescale is True and [t.density for t in ties.terms] == [None, 0.0]
+    options = MergeOptions.from_ir(ties.merge, ties.terms)
+    assert [options.density_of(i) for i in range(2)] == [0.2, 0.0]
+    assert (nuslerp.merge.flatten, nuslerp.merge.row_wise) == (False, True)
+    assert MergeOptions.from_ir(slerp.merge, slerp.terms).t == 0.25
+
+
 def test_external_behaviors(tmp_path: Path) -> None:
     folder = tmp_path / "tuned"
     folder.mkdir()

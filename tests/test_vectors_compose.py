@@ -129,7 +129,7 @@ def test_ties_from_folders_and_from_vectors_agree_with_the_in_memory_merge(works
                                    Term("b", workspace / "tuned_b", weights[1])), options),
             tmp_path / "f")
     assert from_vectors["merge"] == {"method": "ties", "lambda": 0.8, "density": 0.3,
-                                     "normalize": True}
+                                     "normalize": True, "rescale": False}
     base = load_file(tiny_gdn / "model.safetensors")
     tuned = [load_file(workspace / f"tuned_{x}" / "model.safetensors") for x in "ab"]
     vectors_out, folders_out = weights_of(tmp_path / "v"), weights_of(tmp_path / "f")
@@ -142,14 +142,23 @@ def test_ties_from_folders_and_from_vectors_agree_with_the_in_memory_merge(works
         assert torch.equal(folders_out[name], expected), name
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "breadcrumbs_ties"])
+BLOCKED = {"ties": dict(density=0.25, rescale=True), "task_arithmetic": {},
+           "breadcrumbs_ties": dict(density=0.25), "slerp": dict(t=0.3),
+           "nuslerp": dict(flatten=False), "nuslerp_columns": dict(flatten=False, row_wise=True),
+           "model_stock": dict(filter_wise=True), "karcher": {}, "multislerp": {},
+           "linear": dict(normalize=False)}
+
+
+@pytest.mark.parametrize("case", sorted(BLOCKED))
 def test_merging_in_blocks_of_rows_changes_nothing(workspace, tiny_gdn, tmp_path, monkeypatch,
-                                                   method):
+                                                   case):
     import behaviorc.formats.safetensors_io as io
 
-    composition = Composition(tiny_gdn, (Term("a", workspace / "a.safetensors", 0.7),
-                                         Term("b", workspace / "tuned_b", -1.2)),
-                              MergeOptions(method=method, density=0.25))
+    method = case.removesuffix("_columns")
+    weights = (0.7, -1.2) if METHODS[method].weighted else (1.0, 1.0)
+    composition = Composition(tiny_gdn, (Term("a", workspace / "a.safetensors", weights[0]),
+                                         Term("b", workspace / "tuned_b", weights[1])),
+                              MergeOptions(method=method, **BLOCKED[case]))
     compose(composition, tmp_path / "whole")
     extract_task_vector(tiny_gdn, workspace / "tuned_b", tmp_path / "b_whole.safetensors")
     monkeypatch.setattr(io, "BLOCK_ENTRIES", 3000)  # embeddings: dozens of blocks
@@ -215,16 +224,18 @@ def test_a_nan_is_found_by_every_method(workspace, tiny_gdn, tmp_path, method):
     # the method does with it (ties trims it, elects over it and clamps it; model_stock
     # takes cosines with it).
     bad = _broken_vector(workspace, tmp_path, "nan")
-    stock = method == "model_stock"
+    weighted = METHODS[method].weighted
     with pytest.raises(BehaviorError, match="`model.layers.0.linear_attn.A_log` holds NaN"):
         compose(Composition(tiny_gdn, (Term("a", workspace / "a.safetensors", 1.0),
-                                       Term("bad", bad, 1.0 if stock else 0.0)),
-                            MergeOptions(method=method, density=1.0 if stock else 0.5)),
+                                       Term("bad", bad, 0.0 if weighted else 1.0)),
+                            MergeOptions(method=method, density=0.5 if weighted else 1.0,
+                                         t=0.5 if method == "slerp" else None)),
                 tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"model_stock"}))
+@pytest.mark.parametrize("method", sorted(m for m, traits in METHODS.items()
+                                           if traits.task_arithmetic or m == "nuslerp"))
 def test_an_inf_is_refused_with_no_numpy_warning_first(workspace, tiny_gdn, tmp_path, method):
     # The same vector added and subtracted: +inf meets -inf in every method's sum, and
     # dare's drop multiplies infs by 0. numpy would warn on the terminal before the error
@@ -321,7 +332,23 @@ def test_the_merge_command_takes_each_method_and_only_its_settings(workspace, ti
     assert "--epsilon has no effect on `ties`" in capsys.readouterr().err
     assert main(["merge", str(tiny_gdn), str(tmp_path / "t"), *terms, "--method", "dare_tie"]) == 1
     assert "did you mean `dare_ties`" in capsys.readouterr().err
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "t"), *terms, "--method", "sce"]) == 1
+    assert "`merge ties` or `merge dare_ties`" in capsys.readouterr().err
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "t"), *terms, "--method", "slerp"]) == 1
+    assert "slerp needs `t`" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    # rescale on ties, a term's own density, and slerp's t.
+    own = ["--add", f"{workspace / 'a.safetensors'}=1,density=0.5", terms[2], terms[3]]
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "r"), *own, "--method", "ties",
+                 "--density", "0.2", "--rescale"]) == 0
+    record = json.loads((tmp_path / "r" / "behaviorc.json").read_text())
+    assert record["merge"]["rescale"] is True
+    assert [term.get("density") for term in record["terms"]] == [0.5, None]
+    assert "density: 0.5" in (tmp_path / "r" / "mergekit.yaml").read_text()
+    assert main(["merge", str(tiny_gdn), str(tmp_path / "l"), *terms, "--method", "slerp",
+                 "--t", "0.3"]) == 0
+    assert json.loads((tmp_path / "l" / "behaviorc.json").read_text())["merge"] == {
+        "method": "slerp", "t": 0.3}
 
 
 def test_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):

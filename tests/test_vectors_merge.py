@@ -8,15 +8,15 @@ import pytest
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.compose.merge import (
-    MergeOptions, RankCut, _radix_select, della_keep_probabilities, kth_largest_of_parts,
+    METHODS, MergeOptions, RankCut, _radix_select, della_keep_probabilities, kth_largest_of_parts,
     merged_delta, parameter_plan, rank_cut, trim_to_top_)
 from behaviorc.formats.safetensors_io import from_float32, to_float32
 
 
-def merge(deltas, weights, row_entries=None, **options):
+def merge(deltas, weights, row_entries=None, base=None, **options):
     copies = [np.array(d, dtype=np.float32) for d in deltas]
     return merged_delta("w", copies, list(weights), list(range(len(deltas))),
-                        MergeOptions(**options), row_entries=row_entries)
+                        MergeOptions(**options), row_entries=row_entries, base=base)
 
 
 def test_ties_equals_the_hand_computed_result():
@@ -124,10 +124,11 @@ def test_ties_density_is_exact_on_bfloat16_and_independent_of_pieces():
     # The same merge in pieces of 10,000 entries, its cuts found over parts.
     pieces = [slice(start, start + 10_000) for start in range(0, 96_000, 10_000)]
     magnitudes = lambda: ([np.abs(d[p]) for d in deltas] for p in pieces)
-    plan = parameter_plan("w", options, 96_000, 96_000, [0, 1, 2], 3,
-                          lambda: iter([(0, [d.copy() for d in deltas])]),
-                          lambda k: kth_largest_of_parts(magnitudes, 96_000, k,
-                                                         [np.abs(d[::7]) for d in deltas]))
+    plan = parameter_plan("w", options, (96_000,), 96_000, [0, 1, 2], weights,
+                          lambda: iter([(0, np.zeros(96_000, np.float32),
+                                         [d.copy() for d in deltas])]),
+                          lambda ks: kth_largest_of_parts(magnitudes, 96_000, ks,
+                                                          [np.abs(d[::7]) for d in deltas]))
     pieced = np.concatenate([merged_delta("w", [d[p].copy() for d in deltas], weights,
                                           [0, 1, 2], options, plan, offset=p.start)
                              for p in pieces])
@@ -179,6 +180,113 @@ def test_model_stock_moves_toward_the_mean_by_the_cosine():
     assert np.allclose(result, [0.96 / 1.64 * 7 / 3] * 2, rtol=1e-6)
 
 
+def test_model_stock_filter_wise_and_the_singular_case():
+    # Row 0: cos 24/25, t = 48/49, times the mean [3.5, 3.5]; row 1: cos 0, t = 0.
+    result = merge([[[3.0, 4.0], [1.0, 0.0]], [[4.0, 3.0], [0.0, 1.0]]], [1.0, 1.0],
+                   method="model_stock", filter_wise=True)
+    assert np.allclose(result, [[24 / 7, 24 / 7], [0, 0]], rtol=1e-6)
+    # Opposite vectors: 1 + (N - 1) cos = 0, no finite estimate: the base (as mergekit).
+    assert np.array_equal(merge([[1.0, 0.0], [-1.0, 0.0]], [1.0, 1.0], method="model_stock"),
+                          [0, 0])
+
+
+def test_linear_mixes_the_models_weights():
+    base = np.array([10.0, 10.0], np.float32)
+    deltas, weights = [[1.0, 2.0], [3.0, -2.0]], [1.0, 3.0]
+    # normalize (the default): (1 * [11, 12] + 3 * [13, 8]) / 4 = base + [2.5, -1]
+    assert np.allclose(merge(deltas, weights, method="linear", base=base), [2.5, -1.0])
+    # without: 1 * [11, 12] + 3 * [13, 8] = [50, 36], so the delta is [40, 26]
+    assert np.allclose(merge(deltas, weights, method="linear", normalize=False, base=base),
+                       [40.0, 26.0])
+
+
+def test_slerp_from_the_base_and_between_two_models():
+    # One term: from base [1, 0] to base + tau = [0, 1], a right angle; t = 0.5 gives
+    # sin(pi/4) of each: [0.7071, 0.7071], so the delta is that less the base.
+    half = np.sqrt(0.5)
+    result = merge([[-1.0, 1.0]], [1.0], method="slerp", t=0.5,
+                   base=np.array([1.0, 0.0], np.float32))
+    assert np.allclose(result, [half - 1, half], atol=1e-7)
+    # Two terms on a zero base: [2, 0] to [0, 2], t = 1/3: sin(pi/3) [2, 0] + sin(pi/6) [0, 2].
+    result = merge([[2.0, 0.0], [0.0, 2.0]], [1.0, 1.0], method="slerp", t=1 / 3,
+                   base=np.zeros(2, np.float32))
+    assert np.allclose(result, [np.sqrt(3), 1.0], atol=1e-6)
+    # Nearly parallel (cos > 0.9995): the plain (1 - t, t) mix.
+    result = merge([[1.0, 0.0], [2.0, 0.01]], [1.0, 1.0], method="slerp", t=0.25,
+                   base=np.zeros(2, np.float32))
+    assert np.allclose(result, [1.25, 0.0025], atol=1e-7)
+
+
+def test_nuslerp_by_tensor_row_and_column():
+    s8, s38 = np.sin(np.pi / 8), np.sin(3 * np.pi / 8)
+    # Weights 1 and 3: t = 0.75; a right angle: sin(pi/8) tau_1 + sin(3 pi/8) tau_2.
+    assert np.allclose(merge([[1.0, 0.0], [0.0, 1.0]], [1.0, 3.0], method="nuslerp"),
+                       [s8, s38], atol=1e-7)
+    first, second = [[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [2.0, 0.0]]
+    # Per row: row 0 a right angle; row 1 parallel, so 0.25 [1, 0] + 0.75 [2, 0].
+    rows = merge([first, second], [1.0, 3.0], method="nuslerp", flatten=False)
+    assert np.allclose(rows, [[s8, s38], [1.75, 0.0]], atol=1e-7)
+    # Per column: column 0 is [1, 1] and [0, 2], 45 degrees apart; column 1 is 0 and
+    # [1, 0] (a zero vector counts as orthogonal).
+    columns = merge([first, second], [1.0, 3.0], method="nuslerp", flatten=False,
+                    row_wise=True)
+    a, b = np.sin(np.pi / 16) / np.sin(np.pi / 4), np.sin(3 * np.pi / 16) / np.sin(np.pi / 4)
+    assert np.allclose(columns, [[a, s38], [a + 2 * b, 0.0]], atol=1e-6)
+
+
+def test_multislerp_is_the_weighted_mean_direction_at_the_mean_norm():
+    # Units [1, 0] and [0, 1] with weights 1/4, 3/4: direction [1, 3] / sqrt(10); the
+    # weighted mean norm 0.25 * 3 + 0.75 * 1 = 1.5. (The tangent mean at the normalized
+    # mean direction is always 0, so mergekit's exp map returns that direction.)
+    result = merge([[3.0, 0.0], [0.0, 1.0]], [1.0, 3.0], method="multislerp")
+    assert np.allclose(result, 1.5 * np.array([1.0, 3.0]) / np.sqrt(10), rtol=1e-6)
+    assert np.array_equal(merge([[3.0, -1.0]], [2.0], method="multislerp"), [3.0, -1.0])
+    with pytest.raises(BehaviorError, match="weighted mean direction"):
+        merge([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], [1.0, 1.0, 1.0], method="multislerp")
+
+
+def test_karcher_mean_on_the_sphere():
+    # Angles 0, 90 and 90 degrees: the Karcher mean is at 60 degrees (one step from the
+    # normalized average at 63.4); the mean norm is 1.
+    zero = np.zeros(2, np.float32)
+    result = merge([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], [1.0] * 3, method="karcher", base=zero)
+    assert np.allclose(result, [0.5, np.sqrt(3) / 2], atol=1e-6)
+    # Norms 2 and 1 at a right angle: the bisector at their mean norm 1.5.
+    result = merge([[2.0, 0.0], [0.0, 1.0]], [1.0, 1.0], method="karcher", base=zero)
+    assert np.allclose(result, [1.5 * np.sqrt(0.5)] * 2, atol=1e-6)
+    # On a base [1, 1]: the models [2, 0] and [0, 2], whose mean (norm 2) less the base.
+    base = np.array([1.0, 1.0], np.float32)
+    result = merge([[1.0, -1.0], [-1.0, 1.0]], [1.0, 1.0], method="karcher", base=base)
+    assert np.allclose(result + base, [np.sqrt(2)] * 2, atol=1e-6)
+
+
+def test_rescale_on_ties_and_breadcrumbs_restores_the_l1_norm():
+    # ties, density 0.5 keeps [4, 0, 2, 0]: L1 6 of 8, so times 4/3.
+    result = merge([[4.0, -1.0, 2.0, 1.0]], [1.0], method="ties", density=0.5, rescale=True)
+    assert np.allclose(result, [16 / 3, 0, 8 / 3, 0])
+    # breadcrumbs, density 0.5, gamma 0.25: drops the largest (8) and the smallest two,
+    # keeps [-2, 4]: L1 6 of 15.5, so times 15.5 / 6.
+    result = merge([[8.0, 4.0, -2.0, 1.0, 0.5, 0.0, 0.0, 0.0]], [1.0], method="breadcrumbs",
+                   density=0.25, gamma=0.125, rescale=True)
+    assert np.allclose(result, [0, 4 * 15.5 / 6, -2 * 15.5 / 6, 0, 0, 0, 0, 0])
+
+
+def test_each_term_has_its_own_density_and_density_zero_keeps_nothing():
+    from behaviorc.compose.merge import TermSettings
+
+    # Term 1 keeps 2 of 4 ([4, 0, 2, 0]), term 2 all of it; plain sum.
+    result = merge([[4.0, -1.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]], [1.0, 1.0],
+                   method="breadcrumbs", density=1.0, gamma=0.0,
+                   terms=(TermSettings(density=0.5), TermSettings()))
+    assert np.allclose(result, [5.0, 1.0, 3.0, 1.0])
+    for method in ("ties", "dare_linear", "della", "breadcrumbs"):
+        assert not merge([[4.0, -1.0, 2.0, 1.0]], [1.0], method=method, density=0.0).any()
+    # della: each term's own epsilon is checked against its density.
+    with pytest.raises(BehaviorError, match=r"epsilon 0.3 .* \(term 2\)"):
+        MergeOptions(method="della", density=0.5, epsilon=0.1,
+                     terms=(TermSettings(), TermSettings(density=0.8, epsilon=0.3)))
+
+
 def as_bfloat16(values: np.ndarray) -> np.ndarray:
     return to_float32(from_float32(values, "BF16"), "BF16")
 
@@ -206,8 +314,8 @@ def test_rank_cut_matches_a_full_selection(kind):
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(BehaviorError, match="density"):
-        MergeOptions(method="ties", density=0)
+    with pytest.raises(BehaviorError, match="density 1.5 is outside"):
+        MergeOptions(method="ties", density=1.5)
     with pytest.raises(BehaviorError) as refused:
         MergeOptions(method="tie")
     assert "did you mean `ties`" in refused.value.render()
@@ -215,8 +323,8 @@ def test_bad_options_are_refused():
         MergeOptions(method="della", density=0.8, epsilon=0.3)
     with pytest.raises(BehaviorError, match="gamma 1 is outside"):
         MergeOptions(method="breadcrumbs", density=0.5, gamma=1)
-    with pytest.raises(BehaviorError, match="`ties` does not rescale"):
-        MergeOptions(method="ties", density=0.5, rescale=True)
+    with pytest.raises(BehaviorError, match="`task_arithmetic` does not rescale"):
+        MergeOptions(method="task_arithmetic", rescale=True)
     assert MergeOptions(method="dare").method == "dare_linear"
 
 
@@ -229,11 +337,11 @@ def test_selection_over_parts_and_by_radix_matches_a_full_selection():
         expected = kth_by_sorting(values, k)
         ties = k - int(np.count_nonzero(values > expected))  # tied entries the cut takes
         assert _radix_select(lambda: iter(split(values)), k) == RankCut(expected, ties)
-        found = kth_largest_of_parts(parts, values.size, k, [values[:5000], doubled[:5000]])
+        found = kth_largest_of_parts(parts, values.size, [k, k], [values[:5000], doubled[:5000]])
         assert found == [RankCut(expected, ties), RankCut(expected * 2, ties)]
         assert rank_cut(values, k) == RankCut(expected, ties)
         # Samples from elsewhere misjudge the brackets; the answers are still exact.
-        found = kth_largest_of_parts(parts, values.size, k, [values[:5000] * 3, doubled[:9]])
+        found = kth_largest_of_parts(parts, values.size, [k, k], [values[:5000] * 3, doubled[:9]])
         assert found == [RankCut(expected, ties), RankCut(expected * 2, ties)]
 
 
@@ -269,7 +377,12 @@ EXPORTED = {
     "della_linear": dict(density=0.4),
     "breadcrumbs": dict(density=0.5, gamma=0.05),
     "breadcrumbs_ties": dict(density=0.5, normalize=True),
-    "model_stock": dict(),
+    "model_stock": dict(filter_wise=True),
+    "linear": dict(normalize=False),
+    "slerp": dict(t=0.3),
+    "nuslerp": dict(flatten=False, row_wise=True),
+    "multislerp": dict(eps=1e-7),
+    "karcher": dict(max_iter=20, tol=1e-6),
 }
 
 
@@ -279,11 +392,12 @@ def test_each_method_exports_its_mergekit_yaml(method):
     mergekit itself; mergekit 0.1.5's config schema accepts each golden file)."""
     from behaviorc.compose.mergekit_yaml import mergekit_yaml
 
-    weights = [1.0, 1.0] if method == "model_stock" else [1.0, -0.5]
+    weights = [1.0, -0.5] if METHODS[method].weighted else [1.0, 1.0]
+    own = {"density": 0.5} if method == "ties" else {}  # a term's own density
     record = {"name": "persona", "expression": "a + b", "base": {"path": "/models/base"},
               "merge": MergeOptions(method=method, **EXPORTED[method]).describe(),
               "terms": [{"behavior": "a", "weight": weights[0], "path": "/models/a",
-                         "model": "/models/a"},
+                         "model": "/models/a", **own},
                         {"behavior": "b", "weight": weights[1], "path": "b.safetensors"}],
               "dtype": "bfloat16"}
     golden = MERGEKIT_GOLDEN / f"{method}.yaml"

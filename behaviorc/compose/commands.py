@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ examples:
   behaviorc merge base/ merged/ --add ft_a/=1 --add ft_b/=1 --method ties --density 0.2
   behaviorc merge base/ merged/ --add ft_a/=1 --add ft_b/=1 --method della --density 0.3 --epsilon 0.1
   behaviorc merge base/ merged/ --add ft_a/=1 --add ft_b/=1 --add ft_c/=1 --method model_stock
+  behaviorc merge base/ merged/ --add ft_a/=1,density=0.5 --add ft_b/=1 --method ties --density 0.2
+  behaviorc merge base/ merged/ --add ft_a/=1 --add ft_b/=1 --method slerp --t 0.3
   behaviorc merge base/ gdn_only/ --add ft_a/=1 --groups gdn.gates,gdn.proj --max-shard-size 2GB
 """
 
@@ -55,11 +58,13 @@ def register(subparsers: Any) -> None:
     merge.add_argument("out", type=Path, help="the model folder to write")
     merge.add_argument("--add", metavar="PATH=WEIGHT", action="append", required=True,
                        help="a term: a task-vector file or model folder and its weight "
-                            "(repeat; a negative weight subtracts)")
+                            "(repeat; a negative weight subtracts), optionally with its own "
+                            "density, epsilon or gamma: PATH=WEIGHT,density=0.3")
     merge.add_argument("--method", default="task_arithmetic", metavar="METHOD",
                        help="task_arithmetic (default), ties, dare_linear (or dare), dare_ties, "
-                            "della, della_linear, breadcrumbs, breadcrumbs_ties, model_stock: "
-                            "mergekit's methods of those names")
+                            "della, della_linear, breadcrumbs, breadcrumbs_ties, model_stock, "
+                            "linear, slerp, nuslerp, multislerp, karcher: mergekit's methods "
+                            "of those names")
     merge.add_argument("--density", type=float,
                        help="ties, dare, della, breadcrumbs: the share of each vector's "
                             "entries kept (default 1)")
@@ -70,8 +75,9 @@ def register(subparsers: Any) -> None:
                             "sign-electing methods); default as in mergekit: on for ties and "
                             "della, off otherwise")
     merge.add_argument("--rescale", action=argparse.BooleanOptionalAction,
-                       help="dare, della: scale what survives the drop back to the L1 norm "
-                            "the vector had (default on)")
+                       help="ties, dare, della, breadcrumbs: scale what survives the "
+                            "sparsifying back to the L1 norm the vector had (default on for "
+                            "dare and della, off for ties and breadcrumbs)")
     merge.add_argument("--epsilon", type=float,
                        help="della: keep probabilities run from density - epsilon for the "
                             "smallest entry of a row to density + epsilon for the largest "
@@ -79,6 +85,21 @@ def register(subparsers: Any) -> None:
     merge.add_argument("--gamma", type=float,
                        help="breadcrumbs: the share of largest entries dropped (default 0.01)")
     merge.add_argument("--seed", type=int, help="dare, della: seed of the random drop (default 0)")
+    merge.add_argument("--t", type=float,
+                       help="slerp (required): 0 the first model (the base, with one term), "
+                            "1 the second")
+    merge.add_argument("--flatten", action=argparse.BooleanOptionalAction,
+                       help="nuslerp: one angle per tensor (default on), else per row")
+    merge.add_argument("--row-wise", dest="row_wise", action=argparse.BooleanOptionalAction,
+                       help="nuslerp with --no-flatten: one angle per column (mergekit's name)")
+    merge.add_argument("--filter-wise", dest="filter_wise",
+                       action=argparse.BooleanOptionalAction,
+                       help="model_stock: one angle per row (default off)")
+    merge.add_argument("--max-iter", dest="max_iter", type=int,
+                       help="karcher: at most this many steps (default 10)")
+    merge.add_argument("--tol", type=float, help="karcher: stop below this step (default 1e-5)")
+    merge.add_argument("--eps", type=float,
+                       help="multislerp: added to the norms it divides by (default 1e-8)")
     merge.add_argument("--groups", default="",
                        help="comma-separated parameter groups to merge (others stay base)")
     merge.add_argument("--max-shard-size", default="",
@@ -179,23 +200,39 @@ def _task_vector_text(record: dict[str, Any]) -> str:
 
 def run_merge(args: argparse.Namespace) -> int:
     from behaviorc.compose.composition import Composition, compose
-    from behaviorc.compose.merge import MergeOptions
+    from behaviorc.compose.merge import MergeOptions, TermSettings
+    from behaviorc.core.merge_methods import ALIASES, METHODS, ignores_weights
 
-    terms = tuple(_parse_term(text) for text in args.add)
+    parsed = [_parse_term(text) for text in args.add]
+    terms = tuple(term for term, _ in parsed)
     given = {"density": args.density, "lambda": args.lambda_, "normalize": args.normalize,
              "rescale": args.rescale, "epsilon": args.epsilon, "gamma": args.gamma,
-             "seed": args.seed}
-    options = MergeOptions(method=args.method, groups=tuple(g for g in args.groups.split(",") if g))
+             "seed": args.seed, "t": args.t, "flatten": args.flatten, "row_wise": args.row_wise,
+             "filter_wise": args.filter_wise, "max_iter": args.max_iter, "tol": args.tol,
+             "eps": args.eps}
+    method = ALIASES.get(args.method, args.method)
+    if method not in METHODS:
+        MergeOptions(method=method)  # says why: unknown, or which method to use instead
+    takes = METHODS[method].settings
     for name, value in given.items():
-        if value is not None and name not in options.traits.settings:
-            raise BehaviorError(f"--{name} has no effect on `{options.method}`",
-                                hint=f"`{options.method}` takes "
-                                     + (", ".join(f"--{n}" for n in options.traits.settings)
+        if value is not None and name not in takes:
+            raise BehaviorError(f"--{_flag(name)} has no effect on `{method}`",
+                                hint=f"`{method}` takes "
+                                     + (", ".join(f"--{_flag(n)}" for n in takes)
                                         or "no settings"))
+    for _, own in parsed:
+        for name in own:
+            if name not in takes:
+                raise BehaviorError(f"--add ...,{name}=: `{method}` takes no {name}")
+    if any(own for _, own in parsed):
+        given["terms"] = tuple(TermSettings(**own) for _, own in parsed)
     options = MergeOptions(
-        method=options.method, groups=options.groups,
+        method=method, groups=tuple(g for g in args.groups.split(",") if g),
         **{("lambda_" if name == "lambda" else name): value
            for name, value in given.items() if value is not None})
+    if ignores_weights(options.method, [term.weight for term in terms]):
+        print(f"warning: `{options.method}` takes no weights: each term counts once, as in "
+              "mergekit", file=sys.stderr)
     expression = " ".join(f"{'-' if t.weight < 0 else '+'} {t.label} * {abs(t.weight):g}"
                           for t in terms).removeprefix("+ ")
     record = compose(Composition(args.base, terms, options, expression=expression), args.out,
@@ -204,6 +241,10 @@ def run_merge(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {record['parameters_merged']} parameters merged, "
           f"{record['shards']} shard(s)")
     return 0
+
+
+def _flag(setting: str) -> str:
+    return setting.replace("_", "-")
 
 
 def run_taskvector(args: argparse.Namespace) -> int:
@@ -216,17 +257,32 @@ def run_taskvector(args: argparse.Namespace) -> int:
 
 
 def _parse_term(text: str):
+    """A term and its own settings from PATH=WEIGHT[,density=D][,epsilon=E][,gamma=G]."""
     from behaviorc.compose.composition import Term
+    from behaviorc.core.merge_methods import PER_TERM
 
-    path, sep, weight = text.rpartition("=")
+    own: dict[str, float] = {}
+    rest = text
+    while True:
+        head, comma, setting = rest.rpartition(",")
+        name, equals, value = setting.partition("=")
+        if not comma or not equals or name not in PER_TERM:
+            break
+        try:
+            own[name] = float(value)
+        except ValueError:
+            raise BehaviorError(f"--add {text}: {name} `{value}` is not a number") from None
+        rest = head
+    path, sep, weight = rest.rpartition("=")
     try:
-        value = float(weight)
+        number = float(weight)
     except ValueError:
-        value = None
-    if not sep or not path or value is None:
-        raise BehaviorError(f"--add {text}: expected PATH=WEIGHT, e.g. listen.safetensors=0.5")
+        number = None
+    if not sep or not path or number is None:
+        raise BehaviorError(f"--add {text}: expected PATH=WEIGHT, e.g. listen.safetensors=0.5, "
+                            "or PATH=WEIGHT,density=0.3")
     label = Path(path).name.removesuffix(".safetensors") or path
-    return Term(label=label, path=Path(path), weight=value)
+    return Term(label=label, path=Path(path), weight=number), own
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,

@@ -29,6 +29,7 @@ from behaviorc.compose.merge import (
     MergeOptions, ParameterPlan, RankCut, Workspace, kth_largest_of_parts, merged_delta,
     needs_plan, parameter_plan)
 from behaviorc.compose.mergekit_yaml import mergekit_yaml
+from behaviorc.core.merge_methods import terms_problem
 from behaviorc.formats.safetensors_io import (
     FLOAT_DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder,
     fingerprint, from_float32, plan_shards, row_blocks, to_float32, write_index)
@@ -81,11 +82,13 @@ def compose(composition: Composition, out: Path, *, max_shard_bytes: int | None 
     """Write the composed model folder `out`; returns its provenance record."""
     if not composition.terms:
         raise BehaviorError("a composition needs at least one term")
-    if composition.options.traits.stock:
-        if len(composition.terms) < 2 or any(t.weight != 1 for t in composition.terms):
-            raise BehaviorError("model_stock averages two or more fine-tuned models, each "
-                                "with weight 1",
-                                hint="weight the models with task_arithmetic or ties instead")
+    options = composition.options
+    problem = terms_problem(options.method, [t.weight for t in composition.terms],
+                            options.normalizes)
+    if problem:
+        raise BehaviorError(problem[0], hint=problem[1])
+    if options.terms and len(options.terms) != len(composition.terms):
+        raise AssertionError("per-term merge settings must align with the terms")
     hasher = ThreadPoolExecutor(max_workers=1)
     with WeightFolder(composition.base) as base:
         sources: list[DeltaSource] = []
@@ -237,12 +240,13 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
         return
     options = composition.options
     terms = [sources[i] for i in present]
-    weights = [composition.terms[i].weight for i in present]
+    all_weights = [term.weight for term in composition.terms]
+    weights = [all_weights[i] for i in present]
     plan = None
     for rows in blocks:
         base_stored, stored = reader.next(name, rows)
         if plan is None:
-            plan = _parameter_plan(name, base, terms, present, len(composition.terms), options,
+            plan = _parameter_plan(name, base, terms, present, all_weights, options,
                                    blocks, (base_stored, stored), workspace)
         yield _merged_block(name, info, base_stored, terms, stored, weights, present,
                             len(composition.terms), options, plan,
@@ -263,7 +267,7 @@ def _merged_block(name: str, info: TensorInfo, base_stored: np.ndarray,
         size = piece.stop - piece.start
         mixed = merged_delta(name, deltas, weights, term_indices, options, plan,
                              offset=first_entry + piece.start, row_entries=_ranked_row(info),
-                             term_count=term_count, workspace=workspace)
+                             term_count=term_count, workspace=workspace, base=base_values)
         merged = np.add(base_values, mixed, out=mixed)
         with np.errstate(over="ignore", invalid="ignore"):
             if not math.isfinite(np.add.reduce(merged)):
@@ -313,14 +317,14 @@ def _pieces(first_entry: int, count: int, row_entries: int) -> Iterator[slice]:
 
 
 def _parameter_plan(name: str, base: WeightFolder, terms: Sequence[DeltaSource],
-                    term_indices: list[int], term_count: int, options: MergeOptions,
+                    term_indices: list[int], weights: list[float], options: MergeOptions,
                     blocks: list[tuple[int, int] | None],
                     first_block: tuple[np.ndarray, list[np.ndarray]], workspace: Workspace
                     ) -> ParameterPlan:
     """What the merge of parameter `name` needs from all of it (see merge.parameter_plan):
     found in passes over its blocks (over the block already read, when it is one) before
     any of it is merged."""
-    if not needs_plan(options):
+    if not needs_plan(options, term_indices):
         return ParameterPlan()
     info = base.tensors[name]
 
@@ -329,28 +333,37 @@ def _parameter_plan(name: str, base: WeightFolder, terms: Sequence[DeltaSource],
             return first_block
         return base.read(name, rows), [term.read(name, rows) for term in terms]
 
-    def parts() -> Iterator[tuple[int, list[np.ndarray]]]:
+    def parts() -> Iterator[tuple[int, np.ndarray, list[np.ndarray]]]:
         for rows in blocks:
             base_stored, stored = read(rows)
             first_entry = rows[0] * info.row_entries if rows else 0
-            for piece, _, deltas in _piece_deltas(
+            for piece, base_values, deltas in _piece_deltas(
                     name, info, base_stored.reshape(-1), terms,
                     [values.reshape(-1) for values in stored], first_entry, workspace, "plan"):
-                yield first_entry + piece.start, deltas
-
-    def magnitudes() -> Iterator[list[np.ndarray]]:
-        for _, deltas in parts():
-            yield [np.abs(delta, out=delta) for delta in deltas]
+                yield first_entry + piece.start, base_values, deltas
 
     samples: list[np.ndarray] = []
 
-    def select(k: int) -> list[RankCut]:
+    def select(ks: list[int | None]) -> list[RankCut | None]:
+        wanted = [series for series, k in enumerate(ks) if k is not None]
+        if not wanted:
+            return [None] * len(ks)
         if not samples:
             samples.extend(_samples(name, info, base, terms, blocks, read))
-        return kth_largest_of_parts(magnitudes, info.numel, k, samples)
 
-    return parameter_plan(name, options, info.numel, _ranked_row(info), term_indices,
-                          term_count, parts, select)
+        def magnitudes() -> Iterator[list[np.ndarray]]:
+            for _, _, deltas in parts():
+                yield [np.abs(deltas[series], out=deltas[series]) for series in wanted]
+
+        found = kth_largest_of_parts(magnitudes, info.numel, [ks[s] for s in wanted],
+                                     [samples[s] for s in wanted])
+        cuts: list[RankCut | None] = [None] * len(ks)
+        for series, cut in zip(wanted, found):
+            cuts[series] = cut
+        return cuts
+
+    return parameter_plan(name, options, info.shape, _ranked_row(info), term_indices,
+                          weights, parts, select)
 
 
 def _samples(name: str, info: TensorInfo, base: WeightFolder, terms: Sequence[DeltaSource],
@@ -401,8 +414,9 @@ def provenance(composition: Composition, sources: Sequence[DeltaSource],
         "spec": {"path": composition.spec_path, "sha256": composition.spec_sha256},
         "base": {"path": str(composition.base),
                  "fingerprint": hashes[str(composition.base)]},
-        "terms": [_term_record(term, source, hashes[str(term.path)])
-                  for term, source in zip(composition.terms, sources)],
+        "terms": [_term_record(term, source, hashes[str(term.path)], own)
+                  for term, source, own in zip(composition.terms, sources,
+                                               _own_settings(composition.options))],
         "merge": composition.options.describe(),
         "parameters_merged": merged_count,
         "shards": shard_count,
@@ -411,9 +425,18 @@ def provenance(composition: Composition, sources: Sequence[DeltaSource],
     }
 
 
-def _term_record(term: Term, source: DeltaSource, sha256: str) -> dict[str, Any]:
+def _own_settings(options: MergeOptions) -> Iterator[dict[str, float]]:
+    """Each term's own merge settings (none past the given ones)."""
+    yield from (settings.given() for settings in options.terms)
+    while True:
+        yield {}
+
+
+def _term_record(term: Term, source: DeltaSource, sha256: str, own: dict[str, float]
+                 ) -> dict[str, Any]:
     record: dict[str, Any] = {"behavior": term.label, "weight": term.weight,
-                              "path": str(term.path), "kind": source.kind, "sha256": sha256}
+                              "path": str(term.path), "kind": source.kind, "sha256": sha256,
+                              **own}
     # The fine-tuned folder a vector came from, when known: mergekit needs folders.
     model = str(term.path) if source.kind == "model" else source.metadata.get("finetuned")
     if model:

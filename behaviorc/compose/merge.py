@@ -1,10 +1,14 @@
 """Merging task vectors, one tensor (or block of rows) at a time.
 
-Every method is mergekit's generalized task arithmetic or Model Stock, with the same
-float32 roundings, so that a composition exported as mergekit YAML reproduces there.
-A method sparsifies each tau_i (optionally rescaling what is left to the L1 norm it had),
-weights it, and mixes: a plain sum, or (`*_ties` and `della`) TIES's sign election;
-`normalize` divides by the weights; lambda scales the result.
+Every method is mergekit 0.1.5's, so that a composition exported as mergekit YAML
+reproduces there. Its generalized task arithmetic, here with the same float32 roundings:
+a method sparsifies each tau_i with that term's density (and epsilon, gamma; density 0
+keeps nothing), optionally rescales what is left to the L1 norm it had (`rescale`, any
+sparsifying method), weights it, and mixes: a plain sum, or (`*_ties` and `della`) TIES's
+sign election; `normalize` divides by the weights; lambda scales the result. `linear`
+is the weighted sum of the models' weights (base + tau_i), normalized by default. Model
+Stock and the spherical methods (slerp, nuslerp, multislerp, karcher) are a weighted sum
+with factors found from each parameter's Gram matrix: see behaviorc.compose.spherical.
 
 - task_arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic"):
   sum_i w_i * tau_i, times lambda.
@@ -30,9 +34,10 @@ weights it, and mixes: a plain sum, or (`*_ties` and `della`) TIES's sign electi
   smallest, keeping int(density * n) in between (fewer outliers are dropped when the
   two do not fit), then a plain sum or TIES's election and mix.
 - model_stock (Jang et al. 2024, "Model Stock"): with N fine-tuned models and cos the
-  mean pairwise cosine of their task vectors over the whole tensor,
-  t = N cos / (1 + (N - 1) cos) and the merge is base + t * mean_i(tau_i). Weights do
-  not enter (each term is a model, weight 1); a term without a parameter has tau 0.
+  mean pairwise cosine of their task vectors over the whole tensor (or each row,
+  `filter_wise`), t = N cos / (1 + (N - 1) cos) and the merge is base + t *
+  mean_i(tau_i). Weights do not enter (each term is a model, as in mergekit); a term
+  without a parameter has tau 0.
 
 Ties, the deterministic order. Where a method ranks entries by magnitude (the trims of
 ties and breadcrumbs, della's ranks), entries of equal magnitude rank by position: the
@@ -57,17 +62,33 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from behaviorc.core.diagnostics import BehaviorError, did_you_mean
-from behaviorc.core.merge_methods import (ALIASES, DEFAULT_EPSILON, DEFAULT_GAMMA, METHOD_NAMES,
-                                           METHODS, MethodTraits, merge_setting_problem)
+from behaviorc.core.merge_methods import (
+    ALIASES, DEFAULT_EPS, DEFAULT_EPSILON, DEFAULT_GAMMA, DEFAULT_MAX_ITER, DEFAULT_TOL,
+    METHOD_NAMES, METHODS, PER_TERM, REFUSED_METHODS, MethodTraits, merge_setting_problem)
+from behaviorc.compose.spherical import Mix, gram_sums, mix_of
 
 if TYPE_CHECKING:  # (importing the spec's model costs `behaviorc merge` a tenth of its start)
     from behaviorc.core import ir
+
+@dataclass(frozen=True)
+class TermSettings:
+    """One term's own sparsifying settings (mergekit's per-model parameters); None: the
+    merge's."""
+
+    density: float | None = None
+    epsilon: float | None = None
+    gamma: float | None = None
+
+    def given(self) -> dict[str, float]:
+        return {name: value for name in PER_TERM
+                if (value := getattr(self, name)) is not None}
+
 
 @dataclass(frozen=True)
 class MergeOptions:
@@ -75,25 +96,45 @@ class MergeOptions:
     density: float = 1.0  # sparsifying methods: the share of each vector's entries kept
     lambda_: float = 1.0  # scales the merged delta
     normalize: bool | None = None  # divide by the (agreeing) weights; None: the method's default
-    rescale: bool | None = None  # dare, della: restore L1 norms; None: the method's default
+    rescale: bool | None = None  # sparsifying methods: restore L1 norms; None: the method's default
     epsilon: float = DEFAULT_EPSILON  # della: half the spread of the keep probabilities
     gamma: float = DEFAULT_GAMMA  # breadcrumbs: the share of largest entries dropped
     seed: int = 0  # dare, della: the random drop
+    t: float | None = None  # slerp: 0 the first model (the base with one term), 1 the second
+    flatten: bool = True  # nuslerp: one angle per tensor (else per row or column)
+    row_wise: bool = False  # nuslerp without flatten: per column (mergekit's name)
+    filter_wise: bool = False  # model_stock: one angle per row
+    max_iter: int = DEFAULT_MAX_ITER  # karcher
+    tol: float = DEFAULT_TOL  # karcher
+    eps: float = DEFAULT_EPS  # multislerp
     groups: tuple[str, ...] = ()  # only these parameter groups merge; empty: all
+    terms: tuple[TermSettings, ...] = ()  # by term position (missing: the merge's settings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", ALIASES.get(self.method, self.method))
         if self.method not in METHODS:
+            refused = REFUSED_METHODS.get(self.method)
+            if refused:
+                raise BehaviorError(f"merge method `{self.method}` {refused[0]}", hint=refused[1])
             raise BehaviorError(f"unknown merge method `{self.method}`",
                                 hint=did_you_mean(self.method, METHOD_NAMES)
                                 or f"methods: {', '.join(METHOD_NAMES)}")
-        problem = merge_setting_problem(self.method, self.density, self.epsilon, self.gamma)
-        if problem:
-            raise BehaviorError(f"merge {problem}")
+        for index, term in enumerate(self.terms or (TermSettings(),)):
+            problem = merge_setting_problem(self.method, self.density_of(index),
+                                            self.epsilon_of(index), self.gamma_of(index))
+            if problem:
+                where = f" (term {index + 1})" if term.given() else ""
+                raise BehaviorError(f"merge {problem}{where}")
         if self.rescale is not None and "rescale" not in self.traits.settings:
             raise BehaviorError(f"`{self.method}` does not rescale",
-                                hint="rescale belongs to the random drops: dare_linear, "
-                                     "dare_ties, della, della_linear")
+                                hint="rescale belongs to the sparsifying methods: ties, dare, "
+                                     "della, breadcrumbs and their variants")
+        if self.traits.mix == "slerp" and self.t is None:
+            raise BehaviorError("slerp needs `t`, where between the two models to go",
+                                hint="t 0.5 is halfway; 0 is the first model, 1 the second")
+        if self.max_iter < 0 or not self.tol > 0 or not self.eps >= 0:
+            raise BehaviorError("merge max_iter must be at least 0, tol above 0, eps at "
+                                "least 0")
 
     @property
     def traits(self) -> MethodTraits:
@@ -108,22 +149,43 @@ class MergeOptions:
         return "rescale" in self.traits.settings and (
             self.traits.rescale if self.rescale is None else self.rescale)
 
-    @property
-    def sparsifies(self) -> bool:
-        return self.traits.sparsify is not None and self.density < 1
+    def _term(self, index: int, name: str) -> float:
+        own = getattr(self.terms[index], name) if index < len(self.terms) else None
+        return getattr(self, name) if own is None else own
+
+    def density_of(self, index: int) -> float:
+        """The density of the term at this position in the composition."""
+        return self._term(index, "density")
+
+    def epsilon_of(self, index: int) -> float:
+        return self._term(index, "epsilon")
+
+    def gamma_of(self, index: int) -> float:
+        return self._term(index, "gamma")
+
+    def sparsifies(self, index: int) -> bool:
+        """Whether the term at this position is sparsified (its density is below 1)."""
+        return self.traits.sparsify is not None and self.density_of(index) < 1
 
     @classmethod
-    def from_ir(cls, merge: ir.Merge) -> "MergeOptions":
+    def from_ir(cls, merge: ir.Merge, terms: tuple[ir.Term, ...] = ()) -> "MergeOptions":
         return cls(method=merge.method, density=merge.density, lambda_=merge.lambda_,
                    normalize=merge.normalize, rescale=merge.rescale, epsilon=merge.epsilon,
-                   gamma=merge.gamma, seed=merge.seed, groups=merge.groups)
+                   gamma=merge.gamma, seed=merge.seed, t=merge.t, flatten=merge.flatten,
+                   row_wise=merge.row_wise, filter_wise=merge.filter_wise,
+                   max_iter=merge.max_iter, tol=merge.tol, eps=merge.eps, groups=merge.groups,
+                   terms=tuple(TermSettings(term.density, term.epsilon, term.gamma)
+                               for term in terms))
 
     def describe(self) -> dict[str, object]:
-        """The options that affect this method's result (for provenance)."""
+        """The options that affect this method's result (for provenance; each term's own
+        settings are in its record)."""
         settings = self.traits.settings
         values = {"lambda": self.lambda_, "normalize": self.normalizes, "density": self.density,
                   "rescale": self.rescales, "seed": self.seed, "epsilon": self.epsilon,
-                  "gamma": self.gamma}
+                  "gamma": self.gamma, "t": self.t, "flatten": self.flatten,
+                  "row_wise": self.row_wise, "filter_wise": self.filter_wise,
+                  "max_iter": self.max_iter, "tol": self.tol, "eps": self.eps}
         shown: dict[str, object] = {"method": self.method}
         shown.update((name, values[name]) for name in settings)
         if self.groups:
@@ -177,15 +239,21 @@ def _nothing() -> RankCut:
     return RankCut(np.float32(np.inf), 0)
 
 
+# Ranks cut below the smallest: everything is above it (a term that keeps all).
+def _everything() -> RankCut:
+    return RankCut(np.float32(-np.inf), 0)
+
+
 @dataclass
 class ParameterPlan:
     """What merging a parameter piece by piece needs to know of the whole parameter
-    first, per term: the trims' cuts, the rescale factors, Model Stock's weights."""
+    first, per term: the trims' cuts, the rescale factors, the spherical methods' and
+    Model Stock's factors."""
 
     keep: list[RankCut] | None = None  # ties, breadcrumbs: entries ranked above are kept
     drop: list[RankCut] | None = None  # breadcrumbs: of those, entries ranked above drop
     scales: list[np.float32] | None = None  # rescaling: the factor of each sparsified tau
-    weights: list[float] | None = None  # model_stock: replaces the terms' weights
+    mix: Mix | None = None  # model_stock, slerp, ...: each term's factor and the base's
     # The random drops' keep masks found while rescaling, packed, by term and piece
     # offset: the merge applies them instead of drawing (and for della ranking) again.
     masks: list[dict[int, np.ndarray]] | None = None
@@ -195,43 +263,70 @@ class ParameterPlan:
 # pass and the merge (an eighth of a byte an entry and term); larger ones draw again.
 _MASKED_ENTRIES = 1 << 26
 
-# (offset of a piece's first entry in the parameter, each term's float32 tau over it);
-# the arrays may be consumed.
-Parts = Callable[[], Iterator[tuple[int, list[np.ndarray]]]]
+# (offset of a piece's first entry in the parameter, the base's float32 values over it,
+# each term's float32 tau over it); the tau arrays may be consumed.
+Parts = Callable[[], Iterator[tuple[int, np.ndarray, list[np.ndarray]]]]
+# Each present term's cut at the given rank from the top (None: no cut wanted, and None
+# comes back).
+Select = Callable[[list["int | None"]], list["RankCut | None"]]
 
 
-def needs_plan(options: MergeOptions) -> bool:
+def needs_plan(options: MergeOptions, term_indices: list[int]) -> bool:
     """Whether the method needs a pass over the whole parameter before merging it."""
-    return options.traits.stock or (options.sparsifies and (
-        options.traits.sparsify in ("magnitude", "outliers") or options.rescales))
+    if options.traits.mix not in ("sum", "consensus"):
+        return True
+    return any(options.sparsifies(index) and (
+        options.traits.sparsify in ("magnitude", "outliers") or options.rescales)
+        for index in term_indices)
 
 
-def parameter_plan(name: str, options: MergeOptions, count: int, row_entries: int,
-                   term_indices: list[int], term_count: int, parts: Parts,
-                   select: Callable[[int], list[RankCut]]) -> ParameterPlan:
-    """The plan of a parameter of `count` entries: `parts()` yields its pieces afresh
-    on each call, and `select(k)` finds each term's cut at rank k. (A NaN or inf goes
-    through silently here too: the merge's one check finds it.)"""
+def parameter_plan(name: str, options: MergeOptions, shape: tuple[int, ...], row_entries: int,
+                   term_indices: list[int], weights: list[float], parts: Parts,
+                   select: Select) -> ParameterPlan:
+    """The plan of a parameter of `shape`: `parts()` yields its pieces afresh on each
+    call, and `select(ks)` finds each present term's cut at rank k. `weights` are every
+    term's, by position. (A NaN or inf goes through silently here too: the merge's one
+    check finds it.)"""
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        return _plan(name, options, count, row_entries, term_indices, term_count, parts, select)
+        return _plan(name, options, shape, row_entries, term_indices, weights, parts, select)
 
 
-def _plan(name: str, options: MergeOptions, count: int, row_entries: int,
-          term_indices: list[int], term_count: int, parts: Parts,
-          select: Callable[[int], list[RankCut]]) -> ParameterPlan:
+def _plan(name: str, options: MergeOptions, shape: tuple[int, ...], row_entries: int,
+          term_indices: list[int], weights: list[float], parts: Parts,
+          select: Select) -> ParameterPlan:
     plan = ParameterPlan()
     kind = options.traits.sparsify
-    if options.traits.stock:
-        plan.weights = _stock_weights(parts, len(term_indices), term_count)
-    elif kind == "magnitude" and options.sparsifies:
-        plan.keep = select(keep_count(options.density, count))
-    elif kind == "outliers" and options.sparsifies:
-        kept, dropped = _outlier_ranks(count, options.density, options.gamma)
-        plan.keep = select(kept + dropped) if kept else [_nothing() for _ in term_indices]
-        plan.drop = select(dropped) if dropped else None
-    if options.sparsifies and options.rescales:
+    count = math.prod(shape)
+    if options.traits.mix not in ("sum", "consensus"):
+        sums = gram_sums(options, shape, term_indices, len(weights), parts())
+        plan.mix = mix_of(options, sums, weights, term_indices, name)
+        return plan
+    trimmed = [options.sparsifies(i) and options.density_of(i) > 0 for i in term_indices]
+    if kind == "magnitude":
+        plan.keep = _cuts(select([keep_count(options.density_of(i), count) if trim else None
+                                  for i, trim in zip(term_indices, trimmed)]), term_indices,
+                          options)
+    elif kind == "outliers":
+        ranks = [_outlier_ranks(count, options.density_of(i), options.gamma_of(i))
+                 if trim else (0, 0) for i, trim in zip(term_indices, trimmed)]
+        plan.keep = _cuts(select([kept + dropped if kept else None for kept, dropped in ranks]),
+                          term_indices, options)
+        if any(dropped for _, dropped in ranks):
+            plan.drop = [cut or _nothing() for cut in
+                         select([dropped if kept and dropped else None
+                                 for kept, dropped in ranks])]
+    if options.rescales and any(trimmed):
         plan.scales = _l1_scales(name, options, count, row_entries, term_indices, parts, plan)
     return plan
+
+
+def _cuts(found: list[RankCut | None], term_indices: list[int], options: MergeOptions
+          ) -> list[RankCut]:
+    """The cuts of every present term: where none was wanted, the term keeps all of its
+    entries (density 1) or none (density 0)."""
+    return [cut if cut is not None
+            else (_nothing() if options.density_of(index) == 0 else _everything())
+            for cut, index in zip(found, term_indices)]
 
 
 def keep_count(density: float, count: int) -> int:
@@ -249,15 +344,24 @@ def _outlier_ranks(count: int, density: float, gamma: float) -> tuple[int, int]:
 def _l1_scales(name: str, options: MergeOptions, count: int, row_entries: int,
                term_indices: list[int], parts: Parts, plan: ParameterPlan) -> list[np.float32]:
     """Each term's ||tau||_1 / ||sparsified tau||_1 (1 where either is below 1e-7, as
-    mergekit), the drop done exactly as the merge will do it; its masks are kept for the
-    merge unless the parameter is too large for that."""
+    mergekit), the sparsification done exactly as the merge will do it; the random
+    drops' masks are kept for the merge unless the parameter is too large for that."""
     before = [0.0] * len(term_indices)
     after = [0.0] * len(term_indices)
     masks: list[dict[int, np.ndarray]] = [{} for _ in term_indices]
-    keeps_masks = count <= _MASKED_ENTRIES
-    for offset, deltas in parts():
+    random = options.traits.sparsify in ("random", "della")
+    keeps_masks = random and count <= _MASKED_ENTRIES
+    # The trims' cuts count the tied entries they take: the pass takes its own copies.
+    pass_plan = ParameterPlan(
+        keep=[replace(cut) for cut in plan.keep] if plan.keep else None,
+        drop=[replace(cut) for cut in plan.drop] if plan.drop else None)
+    workspace = Workspace()
+    for offset, _, deltas in parts():
         for term, (delta, index) in enumerate(zip(deltas, term_indices)):
-            keep = _random_keep(delta, name, index, offset, row_entries, options)
+            if not options.sparsifies(index) or options.density_of(index) == 0:
+                continue
+            keep = _kept(delta, term, name, index, offset, row_entries, options, pass_plan,
+                         workspace)
             magnitude = np.abs(delta, out=delta)
             before[term] += float(np.add.reduce(magnitude, dtype=np.float64))
             magnitude *= keep
@@ -270,38 +374,23 @@ def _l1_scales(name: str, options: MergeOptions, count: int, row_entries: int,
             for b, a in zip(before, after)]
 
 
-def _stock_weights(parts: Parts, present: int, term_count: int) -> list[float]:
-    """Model Stock's t / N for each present term, from the pairwise cosines of all N
-    terms' vectors (a term without the parameter has tau 0, so cosine 0 with any other)."""
-    if term_count < 2:
-        raise BehaviorError("model_stock needs at least two fine-tuned models")
-    gram = np.zeros((present, present), np.float64)
-    for _, deltas in parts():
-        for i, first in enumerate(deltas):
-            for j in range(i, present):
-                gram[i, j] += float(np.dot(first, deltas[j]))
-    norms = np.sqrt(np.diag(gram))
-    cosines = [max(-1.0, min(1.0, gram[i, j] / max(norms[i] * norms[j], 1e-6)))
-               for i in range(present) for j in range(i + 1, present)]
-    cos = sum(cosines) / (term_count * (term_count - 1) / 2)
-    t = term_count * cos / (1 + (term_count - 1) * cos)
-    return [t / term_count] * present
-
-
 def merged_delta(name: str, deltas: list[np.ndarray], weights: list[float],
                  term_indices: list[int], options: MergeOptions,
                  plan: ParameterPlan | None = None, offset: int = 0,
                  row_entries: int | None = None, term_count: int | None = None,
-                 workspace: Workspace | None = None) -> np.ndarray:
+                 workspace: Workspace | None = None, base: np.ndarray | None = None,
+                 all_weights: list[float] | None = None) -> np.ndarray:
     """The delta to add to base parameter `name`, or to a piece of it.
 
     `deltas` (float32 arrays of one shape, consumed) and `weights` cover the terms that have
     this parameter; `term_indices` are those terms' positions in the composition, of
-    `term_count` terms (default: these). A piece of a parameter passes the parameter's
-    `plan` (see parameter_plan) and the index of its first entry in the parameter as
-    `offset`; without a plan the deltas are the whole parameter. Rows (della's ranks) are
-    `row_entries` long; default: the last axis. The result may live in `workspace` or in
-    one of the deltas.
+    `term_count` terms (default: these), whose weights are `all_weights` (default: these,
+    1 for the others). A piece of a parameter passes the parameter's `plan` (see
+    parameter_plan) and the index of its first entry in the parameter as `offset`;
+    without a plan the deltas are the whole parameter. Rows (della's ranks) are
+    `row_entries` long; default: the last axis. The methods that mix the models' weights
+    (linear without normalize, slerp, karcher) need the `base`'s values over the same
+    entries. The result may live in `workspace` or in one of the deltas.
 
     A NaN or inf in a delta goes through as arithmetic makes it, silently: the caller
     checks the merged values once and says which input held it."""
@@ -309,51 +398,72 @@ def merged_delta(name: str, deltas: list[np.ndarray], weights: list[float],
     row_entries = row_entries or (deltas[0].shape[-1] if deltas[0].ndim else 1)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if plan is None:
-            plan = _plan_of_arrays(name, deltas, term_indices, term_count or len(deltas),
-                                   row_entries, options)
+            if all_weights is None:
+                all_weights = [1.0] * (term_count or len(deltas))
+                for index, weight in zip(term_indices, weights):
+                    all_weights[index] = weight
+            plan = _plan_of_arrays(name, deltas, term_indices, all_weights, row_entries,
+                                   options, base)
         for term, (delta, index) in enumerate(zip(deltas, term_indices)):
             _sparsify_(delta, term, name, index, offset, row_entries, options, plan, workspace)
             if plan.scales is not None:
                 delta *= plan.scales[term]
-        weights = plan.weights or weights
+        if plan.mix is not None:
+            return plan.mix.apply(deltas, base, offset)
         if options.traits.consensus:
             mixed = _consensus_mix(deltas, weights, options.normalizes, workspace)
         else:
             mixed = _weighted_sum(deltas, weights)
+            total = np.float32(sum(np.float32(w) for w in weights))
             if options.normalizes:  # as mergekit: a sum of weights near 0 counts as 1
-                total = np.float32(sum(np.float32(w) for w in weights))
                 if abs(total) >= 1e-8:
                     mixed /= total
+            elif options.traits.on_weights and total != 1:
+                # linear mixes the weights: sum_i w_i (base + tau_i) = base + the sum of
+                # w_i tau_i + (sum_i w_i - 1) base
+                if base is None:
+                    raise AssertionError("linear without normalize needs the base's values")
+                mixed += base * (total - np.float32(1))
         if options.lambda_ != 1:
             mixed *= np.float32(options.lambda_)
         return mixed
 
 
 def _plan_of_arrays(name: str, deltas: list[np.ndarray], term_indices: list[int],
-                    term_count: int, row_entries: int, options: MergeOptions) -> ParameterPlan:
-    if not needs_plan(options):
+                    weights: list[float], row_entries: int, options: MergeOptions,
+                    base: np.ndarray | None) -> ParameterPlan:
+    if not needs_plan(options, term_indices):
         return ParameterPlan()
     flat = [delta.reshape(-1) for delta in deltas]
+    flat_base = (np.zeros(flat[0].size, np.float32) if base is None else base.reshape(-1))
     return parameter_plan(
-        name, options, flat[0].size, row_entries, term_indices, term_count,
-        lambda: iter([(0, [values.copy() for values in flat])]),
-        lambda k: [rank_cut(np.abs(values), k) for values in flat])
+        name, options, deltas[0].shape, row_entries, term_indices, weights,
+        lambda: iter([(0, flat_base, [values.copy() for values in flat])]),
+        lambda ks: [None if k is None else rank_cut(np.abs(values), k)
+                    for values, k in zip(flat, ks)])
 
 
 def _sparsify_(delta: np.ndarray, term: int, name: str, term_index: int, offset: int,
                row_entries: int, options: MergeOptions, plan: ParameterPlan,
                workspace: Workspace) -> None:
     """Sparsify one term's tau over one piece, in place (no rescale)."""
-    if not options.sparsifies:
+    if not options.sparsifies(term_index):
         return
-    kind = options.traits.sparsify
+    if options.density_of(term_index) == 0:  # as mergekit: nothing is kept
+        delta.fill(0)
+        return
+    delta *= _kept(delta, term, name, term_index, offset, row_entries, options, plan, workspace)
+
+
+def _kept(delta: np.ndarray, term: int, name: str, term_index: int, offset: int,
+          row_entries: int, options: MergeOptions, plan: ParameterPlan,
+          workspace: Workspace) -> np.ndarray:
+    """Which entries of one term's tau over one piece its sparsification keeps."""
     if plan.masks is not None:
         kept = np.unpackbits(plan.masks[term][offset], count=delta.size)
-        delta *= kept.view(np.bool_).reshape(delta.shape)
-        return
-    if kind in ("random", "della"):
-        delta *= _random_keep(delta, name, term_index, offset, row_entries, options)
-        return
+        return kept.view(np.bool_).reshape(delta.shape)
+    if options.traits.sparsify in ("random", "della"):
+        return _random_keep(delta, name, term_index, offset, row_entries, options)
     magnitude = np.abs(delta, out=workspace.array("magnitude", delta.shape))
     tied = workspace.array("tied", delta.shape, np.bool_)
     kept = plan.keep[term].select(magnitude, workspace.array("kept", delta.shape, np.bool_), tied)
@@ -361,7 +471,7 @@ def _sparsify_(delta: np.ndarray, term: int, name: str, term_index: int, offset:
         outlier = plan.drop[term].select(
             magnitude, workspace.array("outlier", delta.shape, np.bool_), tied)
         np.greater(kept, outlier, out=kept)
-    delta *= kept
+    return kept
 
 
 def _random_keep(delta: np.ndarray, name: str, term_index: int, offset: int,
@@ -369,13 +479,14 @@ def _random_keep(delta: np.ndarray, name: str, term_index: int, offset: int,
     """Which entries of a piece of tau a random drop keeps (dare: each with probability
     `density`; della: by `della_keep_probabilities`), seeded by the piece."""
     generator = np.random.default_rng(_seed_for(options.seed, name, term_index, offset))
+    density = options.density_of(term_index)
     if options.traits.sparsify == "della":
         rows = delta.reshape(-1, row_entries)
-        probability = della_keep_probabilities(rows, options.density, options.epsilon)
+        probability = della_keep_probabilities(rows, density, options.epsilon_of(term_index))
         return (generator.random(rows.shape, dtype=np.float32) < probability).reshape(delta.shape)
     # Raw 32-bit draws below density * 2^32 (exact to 2^-32): twice as fast as floats.
     raw = generator.bit_generator.random_raw((delta.size + 1) // 2)
-    return (raw.view(np.uint32)[:delta.size] < np.uint32(int(options.density * 2**32))
+    return (raw.view(np.uint32)[:delta.size] < np.uint32(int(density * 2**32))
             ).reshape(delta.shape)
 
 
@@ -467,8 +578,8 @@ def rank_cut(values: np.ndarray, k: int) -> RankCut:
 
 
 def kth_largest_of_parts(parts: Callable[[], Iterator[list[np.ndarray]]], count: int,
-                         k: int, samples: list[np.ndarray]) -> list[RankCut]:
-    """The cut at the k-th largest of each of several series of `count` non-negative
+                         ks: list[int], samples: list[np.ndarray]) -> list[RankCut]:
+    """The cut at the k-th largest (its own k) of each of several series of `count` non-negative
     float32 values that come in parts: `parts()` yields, afresh on each call, a list
     holding the next part of every series. O(n), in the memory of one part per series.
 
@@ -477,7 +588,7 @@ def kth_largest_of_parts(parts: Callable[[], Iterator[list[np.ndarray]]], count:
     and an exact selection among those finishes. Where a sample misjudged its bracket,
     a radix selection on the float bit patterns (three histogram passes) finds it.
     """
-    brackets = [_bracket(sample, count, k) for sample in samples]
+    brackets = [_bracket(sample, count, k) for sample, k in zip(samples, ks)]
     above = [0] * len(samples)
     inside: list[list[np.ndarray] | None] = [[] for _ in samples]
     workspace = Workspace()
@@ -498,12 +609,12 @@ def kth_largest_of_parts(parts: Callable[[], Iterator[list[np.ndarray]]], count:
     answers = []
     for series, kept in enumerate(inside):
         candidates = np.concatenate(kept) if kept else np.empty(0, np.float32)
-        wanted = k - above[series]  # the answer's rank, from the top, among candidates
+        wanted = ks[series] - above[series]  # the answer's rank from the top among candidates
         if kept is not None and 1 <= wanted <= candidates.size:
             answers.append(rank_cut(candidates, wanted))
         else:
             answers.append(_radix_select(
-                lambda series=series: (part[series] for part in parts()), k))
+                lambda series=series: (part[series] for part in parts()), ks[series]))
     return answers
 
 

@@ -82,7 +82,7 @@ def compose_behaviors(task: ComposeBehaviors, ctx: TaskContext) -> TaskResult:
     with located_at(spec.loc or task.loc):
         record = compose(
             Composition(base=Path(ctx.result(task.model).data["path"]), terms=terms,
-                        options=MergeOptions.from_ir(spec.merge), name=spec.name,
+                        options=MergeOptions.from_ir(spec.merge, spec.terms), name=spec.name,
                         expression=spec.expression, spec_path=spec_path,
                         spec_sha256=ctx.spec_sha256,
                         base_fingerprint=task.model.decl.fingerprint,

@@ -17,6 +17,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from behaviorc.core.diagnostics import Location
+from behaviorc.core.merge_methods import (DEFAULT_EPS, DEFAULT_EPSILON, DEFAULT_GAMMA,
+                                          DEFAULT_MAX_ITER, DEFAULT_TOL, METHODS)
+
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the catalog's names
 
 # The parameter groups a `targets` line may name; the architecture adapter maps them.
 PARAMETER_GROUPS = (
@@ -204,22 +208,32 @@ class Behavior(Node):
 class Term(Node):
     behavior: str
     weight: float
+    # The term's own sparsifying settings (`merge ... { term NAME { density 0.3 } }`,
+    # mergekit's per-model parameters); None: the merge's.
+    density: float | None = None
+    epsilon: float | None = None
+    gamma: float | None = None
 
 
 class Merge(Node):
     """A composition's merge method and settings (behaviorc.compose.merge defines them;
     `dare` is read as `dare_linear`)."""
 
-    method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "della",
-                    "della_linear", "breadcrumbs", "breadcrumbs_ties",
-                    "model_stock"] = "task_arithmetic"
+    method: MethodName = "task_arithmetic"
     density: float = 1.0
     lambda_: float = 1.0
     normalize: bool | None = None  # None: the method's default (mergekit's)
     rescale: bool | None = None  # None: the method's default (mergekit's)
-    epsilon: float = 0.15  # della
-    gamma: float = 0.01  # breadcrumbs
+    epsilon: float = DEFAULT_EPSILON  # della
+    gamma: float = DEFAULT_GAMMA  # breadcrumbs
     seed: int = 0
+    t: float | None = None  # slerp (required there)
+    flatten: bool = True  # nuslerp
+    row_wise: bool = False  # nuslerp
+    filter_wise: bool = False  # model_stock
+    max_iter: int = DEFAULT_MAX_ITER  # karcher
+    tol: float = DEFAULT_TOL  # karcher
+    eps: float = DEFAULT_EPS  # multislerp
     groups: tuple[str, ...] = ()  # empty: every parameter
     loc: Location | None = Field(default=None, exclude=True)
 

@@ -353,21 +353,27 @@ class _Checker:
             self.sink.error(f"`{ref.name}` is on model `{second}`, other terms on `{first}`",
                             ref.loc, "a composition adds task vectors of one base model")
         block = Block(decl.options, "compose", self.sink)
-        merge = self._merge(block.one("merge"), block.one("groups"))
+        merged = self._merge(block.one("merge"), block.one("groups"))
         # no model: its behaviors have no model either, and say why
-        if len(self.sink.errors) > errors or not terms or merge is None or not models:
+        if len(self.sink.errors) > errors or not terms or merged is None or not models:
             return None
-        from behaviorc.core.merge_methods import METHODS
+        merge, own_settings = merged
+        from behaviorc.core.merge_methods import (METHODS, ignores_weights, merge_setting_problem,
+                                                  terms_problem)
 
         traits = METHODS[merge.method]
-        if traits.stock and (len(terms) < 2 or any(w != 1 for _, w in terms)):
-            self.sink.error("model_stock averages two or more fine-tuned models, each with "
-                            "weight 1", decl.expr.loc,
-                            "write the sum of the behaviors, or weight them with "
-                            "task_arithmetic or ties")
-            return None
         normalizes = traits.normalize if merge.normalize is None else merge.normalize
-        if normalizes and any(w < 0 for _, w in terms):
+        weights = [w for _, w in terms]
+        problem = terms_problem(merge.method, weights, normalizes)
+        if problem:
+            self.sink.error(problem[0], decl.expr.loc, problem[1])
+            return None
+        if ignores_weights(merge.method, weights):
+            self.sink.warning(f"`{merge.method}` takes no weights: each behavior counts once, "
+                              "as in mergekit", decl.expr.loc,
+                              "write the plain sum, or weight them with linear, "
+                              "task_arithmetic or ties")
+        if traits.task_arithmetic and normalizes and any(w < 0 for w in weights):
             # mergekit divides by the summed weights (of the agreeing terms, with a sign
             # election): with a negative one that sum can be near zero or negative,
             # flipping the result.
@@ -375,8 +381,28 @@ class _Checker:
                               "weights, so a subtracted behavior can flip or amplify the "
                               "merge", merge.loc,
                               "write `normalize off` when a composition subtracts a behavior")
-        return ir.Compose(name=decl.name.name, model=next(iter(models)),
-                          terms=tuple(ir.Term(behavior=n, weight=w) for n, w in terms),
+        names = [name for name, _ in terms]
+        for name, (setting, _) in own_settings.items():
+            if name not in names:
+                self.sink.error(f"`{name}` is not a term of `{decl.name.name}`",
+                                setting.values[0].loc,
+                                did_you_mean(name, names) or f"its terms: {', '.join(names)}")
+        ir_terms = []
+        for name, weight in terms:
+            setting, own = own_settings.get(name, (None, {}))
+            term = ir.Term(behavior=name, weight=weight, **own)
+            ir_terms.append(term)
+            problem = setting and merge_setting_problem(
+                merge.method, merge.density if term.density is None else term.density,
+                merge.epsilon if term.epsilon is None else term.epsilon,
+                merge.gamma if term.gamma is None else term.gamma)
+            if problem:
+                self.sink.error(f"`merge {merge.method}`, term `{name}`: {problem}",
+                                setting.loc,
+                                "della keeps entries with probabilities density ± epsilon")
+        if len(self.sink.errors) > errors:
+            return None
+        return ir.Compose(name=decl.name.name, model=next(iter(models)), terms=tuple(ir_terms),
                           expression=canonical_text(terms), merge=merge, loc=decl.name.loc)
 
     def _composable(self, ref: ast.Ref, composition: str) -> bool:
@@ -399,39 +425,76 @@ class _Checker:
             return False
         return True
 
-    def _merge(self, setting: ast.Setting | None, groups_setting: ast.Setting | None) -> ir.Merge | None:
-        from behaviorc.core.merge_methods import ALIASES, METHOD_NAMES, METHODS, merge_setting_problem
+    def _merge(self, setting: ast.Setting | None, groups_setting: ast.Setting | None
+               ) -> tuple[ir.Merge, dict[str, tuple[ast.Setting, dict[str, float]]]] | None:
+        """The merge, and each `term NAME { ... }` block's settings by behavior name."""
+        from behaviorc.core.merge_methods import (
+            ALIASES, METHOD_NAMES, METHODS, PER_TERM, REFUSED_METHODS, REFUSED_SETTINGS,
+            merge_setting_problem)
 
         groups = self.values.groups(groups_setting) if groups_setting else ()
         if setting is None:
-            return ir.Merge(groups=groups) if groups is not None else None
+            return (ir.Merge(groups=groups), {}) if groups is not None else None
         errors = len(self.sink.errors)
+        word = setting.values[0]
+        if word.name in REFUSED_METHODS:
+            why, instead = REFUSED_METHODS[word.name]
+            self.sink.error(f"merge method `{word.name}` {why}", word.loc, instead)
+            return None
         method = self.values.choice(setting, METHOD_NAMES, "merge method")
-        block = Block(setting.block, "merge", self.sink)
+        block = Block(setting.block, "merge", self.sink, repeatable=("term",))
         if method is None:
             return None
         method = ALIASES.get(method, method)
         takes = METHODS[method].settings
+        per_term = [name for name in PER_TERM if name in takes]
         for key, found in block.by_key.items():
-            if key not in takes:
+            if key in REFUSED_SETTINGS:
+                why, instead = REFUSED_SETTINGS[key]
+                self.sink.error(f"`{key}` {why}", found[0].key_loc, instead)
+            elif key == "term" and not per_term:
+                self.sink.error(f"`{method}` takes no per-term settings", found[0].key_loc,
+                                "per-term density, epsilon and gamma belong to the "
+                                "sparsifying methods (ties, dare, della, breadcrumbs)")
+            elif key not in takes and key != "term":
                 self.sink.warning(f"`{key}` has no effect on `{method}`", found[0].key_loc,
                                   f"`{method}` takes {', '.join(takes)}" if takes else
                                   f"`{method}` takes no settings")
         defaults = ir.Merge()
+        number = self.values.number
         options = dict(
             method=method,
-            density=self.values.number(block.one("density"), low=0, high=1, low_open=True, percent=True,
-                                 default=defaults.density),
-            lambda_=self.values.number(block.one("lambda"), default=defaults.lambda_),
+            density=self._density(block.one("density"), defaults.density),
+            lambda_=number(block.one("lambda"), default=defaults.lambda_),
             normalize=self._optional_switch(block.one("normalize")),
             rescale=self._optional_switch(block.one("rescale")),
-            epsilon=self.values.number(block.one("epsilon"), low=0, high=0.5, low_open=True,
-                                       high_open=True, default=defaults.epsilon),
-            gamma=self.values.number(block.one("gamma"), low=0, high=1, high_open=True,
-                                     percent=True, default=defaults.gamma),
-            seed=self.values.number(block.one("seed"), low=0, whole=True, default=defaults.seed),
+            epsilon=self._epsilon(block.one("epsilon"), defaults.epsilon),
+            gamma=self._gamma(block.one("gamma"), defaults.gamma),
+            seed=number(block.one("seed"), low=0, whole=True, default=defaults.seed),
+            t=number(block.one("t"), default=None),
+            flatten=self.values.switch(block.one("flatten"), defaults.flatten),
+            row_wise=self.values.switch(block.one("row_wise"), defaults.row_wise),
+            filter_wise=self.values.switch(block.one("filter_wise"), defaults.filter_wise),
+            max_iter=number(block.one("max_iter"), low=0, whole=True, default=defaults.max_iter),
+            tol=number(block.one("tol"), low=0, low_open=True, default=defaults.tol),
+            eps=number(block.one("eps"), low=0, default=defaults.eps),
             groups=groups,
         )
+        if method == "slerp" and block.one("t") is None:
+            self.sink.error("`merge slerp` needs `t`: where between the two models to go",
+                            setting.key_loc, "e.g. `merge slerp { t 0.5 }`: 0 is the first "
+                            "model (the base, with one term), 1 the second")
+        if method == "nuslerp" and options["flatten"] and block.one("row_wise"):
+            self.sink.warning("`row_wise` has no effect with `flatten on` (the default)",
+                              block.one("row_wise").key_loc, "write `flatten off  row_wise on`")
+        own: dict[str, tuple[ast.Setting, dict[str, float]]] = {}
+        for term in block.all("term") if per_term else ():
+            name = term.values[0].name
+            if name in own:
+                self.sink.error(f"`term {name}` is given twice", term.key_loc,
+                                f"first on line {own[name][0].loc.line}; keep one")
+                continue
+            own[name] = (term, self._term_settings(term, method, per_term))
         if len(self.sink.errors) > errors:
             return None
         problem = merge_setting_problem(method, options["density"], options["epsilon"],
@@ -441,7 +504,36 @@ class _Checker:
             self.sink.error(f"`merge {method}`: {problem}", blamed.loc,
                             "della keeps entries with probabilities density ± epsilon")
             return None
-        return ir.Merge(**options, loc=setting.loc)
+        return ir.Merge(**options, loc=setting.loc), own
+
+    def _term_settings(self, term: ast.Setting, method: str, per_term: list[str]
+                       ) -> dict[str, float]:
+        from behaviorc.core.merge_methods import REFUSED_SETTINGS
+
+        block = Block(term.block, "term", self.sink)
+        for key, found in block.by_key.items():
+            if key in REFUSED_SETTINGS:
+                why, instead = REFUSED_SETTINGS[key]
+                self.sink.error(f"`{key}` {why}", found[0].key_loc, instead)
+            elif key not in per_term:
+                self.sink.warning(f"`{key}` has no effect on `{method}`", found[0].key_loc,
+                                  f"a term of `{method}` takes {', '.join(per_term)}")
+        given = {"density": self._density(block.one("density"), None),
+                 "epsilon": self._epsilon(block.one("epsilon"), None),
+                 "gamma": self._gamma(block.one("gamma"), None)}
+        return {key: value for key, value in given.items()
+                if key in per_term and value is not None}
+
+    def _density(self, setting: ast.Setting | None, default: float | None) -> float | None:
+        return self.values.number(setting, low=0, high=1, percent=True, default=default)
+
+    def _epsilon(self, setting: ast.Setting | None, default: float | None) -> float | None:
+        return self.values.number(setting, low=0, high=0.5, low_open=True, high_open=True,
+                                  default=default)
+
+    def _gamma(self, setting: ast.Setting | None, default: float | None) -> float | None:
+        return self.values.number(setting, low=0, high=1, high_open=True, percent=True,
+                                  default=default)
 
     def _optional_switch(self, setting: ast.Setting | None) -> bool | None:
         """An on/off setting, None when not given (the method's default applies)."""

@@ -16,8 +16,10 @@ or averaged over the completion's tokens). The direction at a layer is then
   differences (so the axis of `pca`).
 
 Every direction points from negative to positive completions: its sign is chosen so
-that the mean difference projects positively on it (repeng votes pair by pair instead,
-which agrees whenever most pairs agree). `pca_diff` and `pca_center` are scaled to the
+that the mean difference projects positively on it. (repeng votes pair by pair instead,
+flipping a direction when more pairs' positives project below their negatives than
+above: the two differ where a minority of pairs outweighs the majority's projections,
+and on a tied vote, where repeng keeps the SVD's arbitrary sign.) `pca_diff` and `pca_center` are scaled to the
 mean difference's norm, so that with any method a strength of 1 moves a hidden state
 as far as the pairs' average positive lies from its negative: the unit of strength is
 the behavior's own contrast at that layer, which carries across models and tools
