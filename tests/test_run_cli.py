@@ -103,6 +103,49 @@ def test_clean_unused_needs_a_report(tmp_path, capsys):
     assert any((out / ".store").iterdir())  # nothing removed
 
 
+def test_clean_keeps_files_the_build_did_not_write(tmp_path, capsys):
+    out = tmp_path / "out"
+    Executor(out).run([Measured(name="bad", margin=0.1), Failing(name="f")])
+    assert (out / "logs" / "test.failing-f.log").exists()
+    (out / "logs" / "app.log").write_text("mine")  # added after the build
+    (out / "notes.txt").write_text("mine")
+    assert main(["clean", str(out)]) == 0
+    assert "kept what builds did not write: logs, notes.txt" in capsys.readouterr().out
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == \
+        ["logs", "logs/app.log", "notes.txt"]
+
+
+def test_clean_refuses_a_folder_only_looking_like_a_build(tmp_path, capsys):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "report.json").write_text("{}")
+    (tmp_path / "logs" / "app.log").write_text("x")
+    assert main(["clean", str(tmp_path)]) == 1
+    assert "is not a build folder" in capsys.readouterr().err
+    assert (tmp_path / "logs" / "app.log").read_text() == "x" and (tmp_path / "report.json").exists()
+
+
+def test_a_build_refuses_an_out_folder_holding_foreign_files_unless_forced(tmp_path, capsys, tiny_gdn):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text('{"mine": 1}')
+    (out / "events.jsonl").write_text("mine\n")
+    assert main(["build", str(LISTEN), "--out", str(out), "--only", "model:base"]) == 1
+    err = capsys.readouterr().err
+    assert "holds files behaviorc did not write: events.jsonl, report.json" in err and "--force-out" in err
+    assert (out / "report.json").read_text() == '{"mine": 1}' and not (out / ".store").exists()
+    assert main(["build", str(LISTEN), "--out", str(out), "--only", "model:base", "--force-out"]) == 0
+    assert json.loads((out / "report.json").read_text())["ok"]
+    # the build's own folder is taken again without the flag
+    assert main(["build", str(LISTEN), "--out", str(out), "--only", "model:base"]) == 0
+
+
+class Failing(Task):
+    kind: ClassVar[str] = "test.failing"
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        raise RuntimeError("a bug")
+
+
 def test_expect_lines_are_judged_into_the_report(tmp_path):
     loc = Location(file="x.behavior", line=9, column=5, end_line=9, end_column=30)
     good, bad = Measured(name="good", margin=0.8), Measured(name="bad", margin=0.1)

@@ -231,10 +231,10 @@ def test_cancel_keeps_finished_tasks_and_the_scratch_folder(tmp_path):
 
 def test_a_cancel_file_stops_a_build_before_its_next_task(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    Executor(out).run([])  # an earlier build
     signal = CancelSignal(out / "cancel")
     executor = Executor(out, cancel=signal)
-    (out / "cancel").write_text("")  # left from an earlier build: must not stop this one
+    (out / "cancel").write_text("")  # left from the earlier build: must not stop this one
     first = executor.run([Source(name="s", text="x")])
     assert first.ok
 
@@ -280,6 +280,7 @@ def test_a_corrupted_artifact_is_detected_and_rebuilt(tmp_path):
 def test_a_staging_folder_left_by_a_killed_build_is_removed(tmp_path):
     out = tmp_path / "out"
     source = Source(name="s", text="x")
+    Executor(out).run([])  # the killed build had taken the folder
     stale = out / ".store" / f"{source.key}.tmp-99999999"
     stale.mkdir(parents=True)
     (stale / "text.txt").write_text("half")

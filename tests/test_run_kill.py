@@ -162,6 +162,55 @@ def test_a_killed_long_task_resumes_from_its_scratch_checkpoint(tmp_path):
     assert final_digests(rebuilt) == expected
 
 
+TRAIN_SPEC = """model base = "tiny-dense"
+
+behavior listen {
+  train {
+    examples "listen.jsonl"
+    steps 4
+    batch 2
+    targets attn.q
+    optimizer apollo { rank 8 }
+  }
+}
+"""
+
+# The build, killed with SIGKILL where the trained model is about to be saved: after the
+# last step, before the result is stored.
+KILLED_AFTER_TRAINING = """
+import os, signal, sys
+from behaviorc.cli import main
+import behaviorc.train.recipe as recipe
+recipe.save_model = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(main(["build", sys.argv[1], "--out", sys.argv[2]]))
+"""
+
+
+def test_a_kill_between_the_last_step_and_the_stored_result_resumes_without_training(tmp_path, tiny_dense):
+    import shutil
+
+    from behaviorc.cli import main
+
+    for data in ("listen.jsonl",):
+        shutil.copy(Path(__file__).parents[1] / "specs" / "data" / data, tmp_path)
+    spec, out = tmp_path / "train.behavior", tmp_path / "out"
+    spec.write_text(TRAIN_SPEC)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_TRAINING, str(spec), str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    trained_steps = [e["step"] for e in map(json.loads, (out / "events.jsonl").read_text().splitlines())
+                     if e["type"] == "train_step"]
+    assert trained_steps == [1, 2, 3, 4]
+
+    assert main(["build", str(spec), "--out", str(out)]) == 0
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["type"] == "train_step"]  # no step trained again
+    record = next(t for t in json.loads((out / "report.json").read_text())["tasks"] if t["id"] == "train:listen")
+    assert record["status"] == "done" and record["data"]["resumed_from"] == 4
+    assert len(record["data"]["losses"]) == 4 and record["metrics"]["loss_last"] == record["data"]["losses"][-1]
+    assert not list((out / ".store").glob("*.scratch"))  # the checkpoint went with the stored result
+
+
 if __name__ == "__main__":  # the build these tests kill (and test_run_cli interrupts)
     from behaviorc.build.context import CancelSignal
     from behaviorc.build.executor import Executor, cancel_on_sigint

@@ -105,10 +105,20 @@ def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_weights(tiny_dense, 
             return None, None
         return {n: p.detach().clone() for n, p in targets.items()}, summary
 
-    uninterrupted, _ = run()
+    uninterrupted, whole = run()
     assert run(tmp_path / "ckpt", stop_at=5) == (None, None)  # checkpoint of step 4 left behind
     resumed, summary = run(tmp_path / "ckpt")
-    assert summary.resumed_from == 4 and len(summary.losses) == 2
+    assert summary.resumed_from == 4
+    # the figures cover the whole training, not only the resumed part
+    assert len(summary.losses) == 6 and summary.losses[:4] == whole.losses[:4]
+    assert whole.limiter_activations > 0
+    assert summary.limiter_activations == whole.limiter_activations
+    # the last step leaves a checkpoint: resuming from it trains no step
+    again, finished = run(tmp_path / "ckpt")
+    assert finished.resumed_from == 6 and finished.losses == summary.losses
+    assert finished.limiter_activations == whole.limiter_activations
+    for name, weight in resumed.items():
+        torch.testing.assert_close(again[name], weight, rtol=0, atol=0)
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6)
 

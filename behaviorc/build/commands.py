@@ -15,7 +15,8 @@ from behaviorc.core.task import Task
 from behaviorc.build.context import CancelSignal
 from behaviorc.core.events import EVENTS_FILE
 from behaviorc.core.state import reply_table_lines
-from behaviorc.build.executor import (CANCEL_FILE, LOG_DIR, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint,
+from behaviorc.build import outputs
+from behaviorc.build.executor import (CANCEL_FILE, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint,
                                       plan_order)
 from behaviorc.build.parallel import Jobs
 from behaviorc.build.report import REPORT_FILE, count_statuses
@@ -48,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("spec", type=Path, help="the .behavior file")
     build.add_argument("--out", type=Path, help="build folder (default: out/<spec name>)")
     build.add_argument("--force", action="store_true", help="rerun tasks even when stored")
+    build.add_argument("--force-out", action="store_true",
+                       help="build into an --out folder that holds files no build wrote "
+                            "(refused without it; report.json and events.jsonl there are "
+                            "replaced, and `clean` later removes only what builds wrote)")
     build.add_argument("--tui", action="store_true", help="show the Textual dashboard")
     build.add_argument("--jobs", default="1", metavar="N",
                        help="run up to N independent tasks at once, each in a worker process "
@@ -64,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     clean = subparsers.add_parser(
         "clean", help="remove a build folder's stored results, events and report",
-        description="Remove what `behaviorc build` wrote into a build folder. Stored results "
+        description="Remove what `behaviorc build` wrote into a build folder (the store "
+                    "records each file); anything else in the folder is kept. Stored results "
                     "are kept across builds (a spec edited back reuses them); --unused removes "
                     "only those the last build did not use.",
         epilog="examples:\n  behaviorc clean out/listen\n"
@@ -157,6 +163,7 @@ def _build_argv(args: argparse.Namespace) -> list[str]:
     argv = ["build", str(args.spec), "--jobs", args.jobs, "--nproc", str(args.nproc)]
     argv += ["--out", str(args.out)] if args.out else []
     argv += ["--only", args.only] if args.only else []
+    argv += ["--force-out"] if args.force_out else []
     return argv + (["--force"] if args.force else [])
 
 
@@ -177,7 +184,7 @@ def _build(args: argparse.Namespace, distributed: bool) -> int:
     targets = [select(plan.tasks, args.only)] if args.only else list(plan.tasks)
     out: Path = args.out or Path("out") / spec_path.stem
     cancel = open_out_folder(out, "build")
-    settings = dict(force=args.force, spec_path=str(spec_path.resolve()), spec_sha256=plan.spec.sha256,
+    settings = dict(force=args.force, force_out=args.force_out, spec_path=str(spec_path.resolve()), spec_sha256=plan.spec.sha256,
                     cancel=cancel, expectations=plan.expectations, jobs=jobs)
     if args.tui:
         return _build_with_dashboard(out, targets, cancel, settings)
@@ -289,30 +296,27 @@ def _print_reply_tables(outcome: BuildOutcome) -> None:
 
 # --- clean, dash ------------------------------------------------------------------------
 
-BUILD_OUTPUTS = (STORE_DIR, EVENTS_FILE, REPORT_FILE, LOG_DIR, CANCEL_FILE)
-
-
 def run_clean(args: argparse.Namespace) -> int:
     folder: Path = args.dir
-    if not (folder / STORE_DIR).is_dir() and not (folder / REPORT_FILE).exists():
-        raise BehaviorError(f"{folder} is not a build folder (no {STORE_DIR} or {REPORT_FILE} in it)",
-                            hint="pass the --out folder of a build")
+    if outputs.owned(folder) is None:
+        raise BehaviorError(f"{folder} is not a build folder (no {outputs.manifest_path(folder)}, "
+                            "the record of what builds wrote there)",
+                            hint="pass the --out folder of a build; remove other folders by hand")
     if args.unused:
         return clean_unused(folder)
     store = Store(folder / STORE_DIR)
     store.acquire()  # refuses while a build runs there, and keeps one from starting
     try:
-        for name in BUILD_OUTPUTS:
-            path = folder / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        kept = outputs.remove(folder)
+        shutil.rmtree(folder / STORE_DIR)
     finally:
         store.release()
-    if not any(folder.iterdir()):
+    if kept:
+        print(f"removed the build in {folder}; kept what builds did not write: {', '.join(kept[:5])}"
+              + (f" and {len(kept) - 5} more" if len(kept) > 5 else ""))
+    else:
         folder.rmdir()
-    print(f"removed the build in {folder}")
+        print(f"removed the build in {folder}")
     return 0
 
 

@@ -36,9 +36,10 @@ from behaviorc.core.events import EVENTS_FILE, EventLog, Listener, location_fiel
 from behaviorc.build.expect import Expectation, Verdict, judge
 from behaviorc.build.parallel import Job, Jobs, WorkerPool, start_resource_tracker, task_memory
 from behaviorc.build.report import REPORT_FILE, Report, TaskRecord, count_statuses
+from behaviorc.build import outputs
+from behaviorc.build.outputs import STORE_DIR
 from behaviorc.build.store import InvalidEntry, Store
 
-STORE_DIR = ".store"
 LOG_DIR = "logs"
 CANCEL_FILE = "cancel"
 POLL_SECONDS = 0.1  # how often the executor looks at the cancel signal while workers run
@@ -98,9 +99,10 @@ class Executor:
                  spec_sha256: str = "", listeners: Sequence[Listener] = (),
                  engine_loader: EngineLoader = load_embedded_engine,
                  cancel: CancelSignal | None = None, expectations: Sequence[Expectation] = (),
-                 jobs: Jobs = Jobs(1)):
+                 jobs: Jobs = Jobs(1), force_out: bool = False):
         self.out = Path(out).resolve()
         self.force = force
+        self.force_out = force_out
         self.spec_path = spec_path
         self.spec_sha256 = spec_sha256
         self.store = Store(self.out / STORE_DIR)
@@ -124,10 +126,13 @@ class Executor:
         self._results = {}
         self._model_users = _model_users(tasks)
         self.out.mkdir(parents=True, exist_ok=True)
+        outputs.claim(self.out, self.force_out)
+        outputs.record(self.out, (EVENTS_FILE, REPORT_FILE, CANCEL_FILE))  # before the lock makes .store
         self.store.acquire()
         (self.out / CANCEL_FILE).unlink(missing_ok=True)  # a request meant for an earlier build
-        for leftover in self.out.glob(f".{REPORT_FILE}.tmp-*"):  # a report write a kill cut short
-            leftover.unlink(missing_ok=True)
+        for leftover in self.out.iterdir():
+            if outputs.cut_short(leftover.name):
+                leftover.unlink(missing_ok=True)
         report = Report(self.out / REPORT_FILE, self.spec_path, self.spec_sha256, str(self.out), records)
         started = time.perf_counter()
         self.events.open()
@@ -332,9 +337,10 @@ class Executor:
                          artifacts=result.artifacts)
 
     def _save_traceback(self, task: Task, text: str) -> Path:
-        logs = self.out / LOG_DIR
-        logs.mkdir(exist_ok=True)
-        path = logs / (task.id.replace(":", "-").replace("/", "_") + ".log")
+        name = f"{LOG_DIR}/" + task.id.replace(":", "-").replace("/", "_") + ".log"
+        outputs.record(self.out, [name])
+        path = self.out / name
+        path.parent.mkdir(exist_ok=True)
         path.write_text(text, encoding="utf-8")
         return path
 

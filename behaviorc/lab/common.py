@@ -273,8 +273,10 @@ def write_results(out: Path, results: dict[str, Any], summary: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from behaviorc.build import outputs
     from behaviorc.core.atomic import atomic_file, write_json_atomic, write_text_atomic
 
+    outputs.record(out, [RESULTS_FILE, SUMMARY_FILE, *(name for name, _ in plots)])
     written = []
     for name, draw in plots:
         figure = plt.figure(figsize=(6.4, 4.2))

@@ -205,6 +205,7 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
 
     client = ServerClient(args.url)
     try:
+        client.require_answer(f"`steer {args.steer_command}`")
         yield client
     finally:
         client.close()

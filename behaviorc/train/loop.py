@@ -54,7 +54,7 @@ class StepEvent:
 
 @dataclass
 class TrainSummary:
-    losses: list[float] = field(default_factory=list)  # of the steps run in this call
+    losses: list[float] = field(default_factory=list)  # of every step, those before a resume included
     loss_first: float | None = None  # of step 1, also when this call resumed later
     steps_skipped: int = 0
     limiter_activations: int = 0
@@ -168,7 +168,7 @@ def train(
     response_loss = ResponseLoss(model, spec.context, pad_id, reuse_contexts)
     summary = TrainSummary()
 
-    start = 0
+    start = resumed_limited = 0
     if checkpoint_dir is not None and (checkpoint_dir / METADATA).is_file():
         load = (load_distributed_checkpoint if is_distributed_checkpoint(checkpoint_dir)
                 else load_checkpoint if sharded is None else load_whole_checkpoint)
@@ -176,6 +176,10 @@ def train(
         start = summary.resumed_from = int(scalars["step"])
         summary.steps_skipped = int(scalars["steps_skipped"])
         summary.loss_first = scalars["loss_first"]
+        summary.losses = [float(v) for v in scalars.get("losses", ())]
+        # the optimizer's count restarts with it: what the steps before the checkpoint limited
+        summary.limiter_activations = int(scalars.get("limiter_activations", 0))
+        resumed_limited = summary.limiter_activations
 
     # One read from the device per step: the loss and gradient norm of this step (the
     # NaN/inf guard needs them before the optimizer step) with the limiter count after
@@ -221,10 +225,15 @@ def train(
                            began, limited_total, summary)
 
         done = step + 1
-        if checkpoint_dir is not None and checkpoint_every > 0 and done % checkpoint_every == 0 and done < spec.steps:
+        # The last step checkpoints too: the caller measures and saves for minutes after
+        # it, and a kill then must not cost the training (the store drops the checkpoint
+        # with the task's stored result).
+        if checkpoint_dir is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == spec.steps):
             save = save_checkpoint if sharded is None else save_distributed_checkpoint
+            [limited_now] = _read(_limiter_total(optimizer))
             save(checkpoint_dir, targets, optimizer,
-                 {"step": done, "steps_skipped": summary.steps_skipped, "loss_first": summary.loss_first})
+                 {"step": done, "steps_skipped": summary.steps_skipped, "loss_first": summary.loss_first,
+                  "losses": summary.losses, "limiter_activations": resumed_limited + int(limited_now)})
     if pending is not None:
         [limited_total] = _read(_limiter_total(optimizer))
         pending.seconds = time.perf_counter() - pending.began

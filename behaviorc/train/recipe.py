@@ -26,7 +26,6 @@ midway the servers keep the last pushed weights with the strength that went with
 
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -232,7 +231,6 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
                             checkpoint_every=CHECKPOINT_EVERY, extra_loss=extra)
         if train_spec.distill is not None:
             metrics["seconds_train"] = time.perf_counter() - began - paused[0]
-        shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a rerun starts afresh
         ctx.check_cancelled()
         metrics.update(summary.metrics())
         data.update(losses=summary.losses, resumed_from=summary.resumed_from)

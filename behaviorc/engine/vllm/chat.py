@@ -117,6 +117,7 @@ def run_chat(args: argparse.Namespace) -> int:
     client = ServerClient(args.url)  # the key, if any, from the environment: never argv
     chat = Conversation(client, args.steer, args.max_tokens, args.temperature)
     try:
+        client.require_answer("chatting")
         if args.prompt is not None:
             _show(*chat.ask(args.prompt, args.compare), chat.steer)
             return 0

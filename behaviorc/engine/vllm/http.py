@@ -1,16 +1,21 @@
 """HTTP to a live vLLM server: one client for every call behaviorc makes (the engine, a
 push, the probe traffic).
 
-Every call has a timeout; a server that stops answering gives a BehaviorError naming the
-server and what was being done, never a hang or a raw traceback.
+Every call has a deadline for the whole call (connecting, sending, the headers and the
+body), not for each read: a server that trickles a byte a second cannot hold a call past
+its timeout. A server that stops answering gives a BehaviorError naming the server and
+what was being done, never a hang or a raw traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from typing import Any
 
+import httpcore
 import httpx
 
 from behaviorc.core.diagnostics import BehaviorError
@@ -21,6 +26,7 @@ TIMEOUT_ENV = "BEHAVIORC_SERVER_TIMEOUT_S"
 KEEPALIVE_S = 2.0
 API_KEY_ENV = "BEHAVIORC_API_KEY"  # the key for servers that need one (never on a command line)
 NOT_REPEATABLE = {"/collective_rpc"}  # requests that may change the server's state
+HEALTH_TIMEOUT_S = 5.0  # a server's /health answers in milliseconds, even under load
 
 
 class ServerClient:
@@ -90,9 +96,15 @@ class ServerClient:
 
     def healthy(self) -> bool:
         try:
-            return self._http.get("/health", timeout=5.0).status_code == 200
+            return self._http.get("/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def require_answer(self, doing: str) -> None:
+        """Fail in seconds when the server does not answer `/health`, before a call that
+        may rightly wait for minutes."""
+        self.request("GET", "/health", f"checking that it answers before {doing}",
+                     timeout=min(HEALTH_TIMEOUT_S, self._http.timeout.read or HEALTH_TIMEOUT_S))
 
 
 def http_client(url: str, api_key: str | None, timeout: float) -> httpx.Client:
@@ -102,9 +114,83 @@ def http_client(url: str, api_key: str | None, timeout: float) -> httpx.Client:
     request never goes out on a connection the server is closing."""
     api_key = api_key or os.environ.get(API_KEY_ENV) or None  # never from a command line
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    transport = _DeadlineTransport(verify=url.startswith("https://"),
+                                   limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
     return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
-                        verify=url.startswith("https://"),
-                        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
+                        transport=transport)
+
+
+# --- the whole call's deadline -----------------------------------------------------------
+# httpx's timeouts bound each socket operation. A request's deadline (now + its read
+# timeout) is kept for the thread making it, and every connect, write and read of the
+# connection waits at most until then. httpx reads a response's body right after the
+# transport returns, in the same thread, before the thread's next request sets a new one.
+
+_calls = threading.local()
+
+
+class _DeadlineTransport(httpx.HTTPTransport):
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        # httpcore takes a network backend only when its pool is made; httpx makes the
+        # pool without one, so the default backend is wrapped where the pool keeps it.
+        self._pool._network_backend = _DeadlineBackend(self._pool._network_backend)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        seconds = request.extensions.get("timeout", {}).get("read")
+        _calls.deadline = None if seconds is None else time.monotonic() + seconds
+        return super().handle_request(request)
+
+
+def _left(timeout: float | None, late: type[Exception]) -> float | None:
+    """What an operation may wait: its own timeout, cut at the call's deadline."""
+    deadline = getattr(_calls, "deadline", None)
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise late("the call's deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream):
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname,
+                                                     _left(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, inner: httpcore.NetworkBackend):
+        self._inner = inner
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None, socket_options: Any = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_tcp(
+            host, port, _left(timeout, httpcore.ConnectTimeout), local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Any = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_unix_socket(
+            path, _left(timeout, httpcore.ConnectTimeout), socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
 
 
 def default_timeout(given: float | None = None, fallback: float = REQUEST_TIMEOUT_S) -> float:

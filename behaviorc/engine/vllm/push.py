@@ -34,7 +34,6 @@ from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.vllm.http import PUSH_TIMEOUT_S, ServerClient, default_timeout
 
 SHARED_MEMORY = Path("/dev/shm")
-ANSWER_TIMEOUT_S = 5.0  # a server's /health answers in milliseconds, even under load
 
 
 @dataclass(frozen=True)
@@ -93,9 +92,9 @@ def answering(urls: Sequence[str], api_key: str | None = None,
     rightly take minutes: a server that accepts connections and never answers is named
     in seconds, not after the push's timeout."""
     for url in urls:
-        client = ServerClient(url, api_key, min(default_timeout(timeout), ANSWER_TIMEOUT_S))
+        client = ServerClient(url, api_key, default_timeout(timeout))
         try:
-            client.request("GET", "/health", "checking that it answers before a push")
+            client.require_answer("a push")
         finally:
             client.close()
 
