@@ -151,11 +151,12 @@ def _clock_seconds(line: str) -> int | None:
     return int(found[1]) * 3600 + int(found[2]) * 60 + int(found[3]) if found else None
 
 
-def test_a_build_logging_to_a_file_prints_a_progress_line_at_least_every_30_s(tmp_path, tiny_dense):
+def test_a_build_logging_to_a_file_prints_a_progress_line_at_least_every_30_s(tmp_path, tiny_dense, capsys):
     """A long task (training, its phases: loading, sample replies, steps) prints its
     phase, count and ETA at a steady interval into a file. The interval is lowered to
     2 s so the task need not last minutes; the requirement (a line every 30 s at most)
-    is checked on the gaps between the lines' own times."""
+    is checked on the gaps between the lines' own times. The trained model is then
+    found by name, `DIR/listen/model`, and `behaviorc show` says what made it."""
     spec = tmp_path / "long.behavior"
     spec.write_text(LISTEN.read_text().replace('"tiny-gdn"', '"tiny-dense"').replace("steps 30", "steps 12")
                     .replace("targets gdn.gates, gdn.proj, attn.q", "targets attn.q, mlp"))
@@ -178,3 +179,32 @@ def test_a_build_logging_to_a_file_prints_a_progress_line_at_least_every_30_s(tm
     times = [_clock_seconds(line) for line in lines]
     gaps = [(b - a) % 86400 for a, b in zip(times, times[1:])]
     assert max(gaps) <= 30, text
+
+    model = tmp_path / "out" / "listen" / "model"
+    assert model.is_symlink() and (tmp_path / "out" / ".store") in model.resolve().parents
+    assert f"results: {model.parent}" in text
+    assert main(["show", str(model)]) == 0
+    shown = capsys.readouterr().out
+    assert "made by:  train:listen (train" in shown and f"spec:     {spec}" in shown
+    assert "from:     model:base (model): " + str(tiny_dense) in shown and "margin_after=" in shown
+
+
+def test_result_links_are_replaced_in_place_and_dangling_ones_dropped(tmp_path):
+    from behaviorc.build.results import link_results
+
+    out = tmp_path / "out"
+    first, second = (out / ".store" / key / "model" for key in ("k1", "k2"))
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+    gone = out / ".store" / "k3" / "vectors.safetensors"
+    gone.parent.mkdir()
+    gone.write_bytes(b"")
+    task = Measured(name="listen", margin=1.0)
+    link_results(out, [(task, TaskResult(artifacts={"model": str(first)})),
+                       (task, TaskResult(artifacts={"vectors": str(gone)}))])
+    link = out / "listen" / "model"
+    assert link.resolve() == first.resolve() and not Path(os.readlink(link)).is_absolute()
+    shutil.rmtree(gone.parent)  # e.g. `behaviorc clean --unused`
+    link_results(out, [(task, TaskResult(artifacts={"model": str(second), "base": str(tmp_path)}))])
+    assert link.resolve() == second.resolve()
+    assert sorted(p.name for p in (out / "listen").iterdir()) == ["model"]  # no staging left, k3's gone
