@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,3 +186,68 @@ def test_ctrl_c_stops_the_build_keeps_finished_work_and_exits_130(tmp_path):
     assert not [p for p in (out / ".store").iterdir() if ".tmp-" in p.name]
     steps_key = next(t["key"] for t in report["tasks"] if t["id"] == "kill.steps:d")
     assert os.listdir(out / ".store" / f"{steps_key}.scratch")  # its checkpoint, for the rerun
+
+
+def _clock_seconds(line: str) -> int | None:
+    """The HH:MM:SS a log line of the build begins with, as seconds of the day."""
+    found = re.match(r"(\d\d):(\d\d):(\d\d) ", line)
+    return int(found[1]) * 3600 + int(found[2]) * 60 + int(found[3]) if found else None
+
+
+def test_a_build_logging_to_a_file_prints_a_progress_line_at_least_every_30_s(tmp_path, tiny_dense, capsys):
+    """A long task (training, its phases: loading, sample replies, steps) prints its
+    phase, count and ETA at a steady interval into a file. The interval is lowered to
+    2 s so the task need not last minutes; the requirement (a line every 30 s at most)
+    is checked on the gaps between the lines' own times. The trained model is then
+    found by name, `DIR/listen/model`, and `behaviorc show` says what made it."""
+    spec = tmp_path / "long.behavior"
+    spec.write_text(LISTEN.read_text().replace('"tiny-gdn"', '"tiny-dense"').replace("steps 30", "steps 12")
+                    .replace("targets gdn.gates, gdn.proj, attn.q", "targets attn.q, mlp"))
+    shutil.copytree(LISTEN.parent / "data", tmp_path / "data")
+    log = tmp_path / "build.log"
+    with open(log, "w") as handle:
+        code = subprocess.call([sys.executable, "-m", "behaviorc.cli", "build", str(spec), "--out",
+                                str(tmp_path / "out"), "--only", "train:listen"], stdout=handle,
+                               stderr=subprocess.STDOUT, env={**os.environ, "BEHAVIORC_LOG_PROGRESS_S": "2"})
+    text = log.read_text()
+    assert code == 0, text
+    lines = [line for line in text.splitlines() if _clock_seconds(line) is not None and " train:listen " in line]
+    running = [line for line in lines if "▶ running" in line]
+    assert lines[-1].split()[1:3] == ["✓", "done"], text
+    assert len(running) >= 4, text  # it lasted several intervals
+    phases = {re.sub(r"[\d.]+", "#", line.split("  ")[-1].split(" · ")[0]) for line in running}
+    assert len(phases) >= 3, text  # sub-phases by name: loading, sample replies, steps
+    assert any(re.search(r"loss \d\.\d+ · \d+/12 \(\d+%\)", line) for line in running), text
+    assert any("ETA " in line for line in running), text
+    times = [_clock_seconds(line) for line in lines]
+    gaps = [(b - a) % 86400 for a, b in zip(times, times[1:])]
+    assert max(gaps) <= 30, text
+
+    model = tmp_path / "out" / "listen" / "model"
+    assert model.is_symlink() and (tmp_path / "out" / ".store") in model.resolve().parents
+    assert f"results: {model.parent}" in text
+    assert main(["show", str(model)]) == 0
+    shown = capsys.readouterr().out
+    assert "made by:  train:listen (train" in shown and f"spec:     {spec}" in shown
+    assert "from:     model:base (model): " + str(tiny_dense) in shown and "margin_after=" in shown
+
+
+def test_result_links_are_replaced_in_place_and_dangling_ones_dropped(tmp_path):
+    from behaviorc.build.results import link_results
+
+    out = tmp_path / "out"
+    first, second = (out / ".store" / key / "model" for key in ("k1", "k2"))
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+    gone = out / ".store" / "k3" / "vectors.safetensors"
+    gone.parent.mkdir()
+    gone.write_bytes(b"")
+    task = Measured(name="listen", margin=1.0)
+    link_results(out, [(task, TaskResult(artifacts={"model": str(first)})),
+                       (task, TaskResult(artifacts={"vectors": str(gone)}))])
+    link = out / "listen" / "model"
+    assert link.resolve() == first.resolve() and not Path(os.readlink(link)).is_absolute()
+    shutil.rmtree(gone.parent)  # e.g. `behaviorc clean --unused`
+    link_results(out, [(task, TaskResult(artifacts={"model": str(second), "base": str(tmp_path)}))])
+    assert link.resolve() == second.resolve()
+    assert sorted(p.name for p in (out / "listen").iterdir()) == ["model"]  # no staging left, k3's gone

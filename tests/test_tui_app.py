@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -335,6 +336,8 @@ async def test_build_tui_runs_the_build_beside_the_app_and_c_cancels_it(tmp_path
         thread.start()
         await settle(app, pilot, lambda: len(app.state.losses.get("test.slow:s", [])) >= 3)
         assert "running" in app.status_line()
+        # the running task's sub-phase and count, on every tab
+        assert re.search(r"test\.slow:s: .* · \d+/400 \(\d+%\)", app.status_line())
         assert app.query_one(PlanTree).labels()["test.quick:q"].startswith("✓")
         await pilot.press("c")
         await settle(app, pilot, lambda: app.state.finished)

@@ -201,6 +201,18 @@ def _build(args: argparse.Namespace, distributed: bool) -> int:
     return outcome.exit_code
 
 
+def _link_results(outcome: BuildOutcome, out: Path) -> None:
+    """Friendly names in `out/<behavior>/` for what the build made (build.results)."""
+    from behaviorc.build.results import link_results
+
+    finished = [(r.task, r.result) for r in outcome.records
+                if r.status in ("done", "cached") and r.result is not None]
+    links = link_results(out, finished)
+    if links:
+        folders = sorted({str(link.parent) for link in links})
+        print(f"results: {', '.join(folders)}")
+
+
 class BuildThread(threading.Thread):
     """A build running beside the dashboard (Textual needs the main thread). Its outcome,
     or the error that stopped it, is handed to the main thread by `result`."""
@@ -244,6 +256,7 @@ def _build_with_dashboard(out: Path, targets: list[Task], cancel: CancelSignal, 
 def _print_outcome(outcome: BuildOutcome, out: Path) -> None:
     _print_replies(outcome)
     _print_reply_tables(outcome)
+    _link_results(outcome, out)
     for record in outcome.failed:
         print(f"\ntask {record.task.id} failed:\n{record.error}", file=sys.stderr)
     for verdict in outcome.unmet:

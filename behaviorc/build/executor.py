@@ -35,6 +35,7 @@ from behaviorc.build.context import CancelSignal, EngineLoader, EnginePool, RunC
 from behaviorc.core.events import EVENTS_FILE, EventLog, Listener, location_fields
 from behaviorc.build.expect import Expectation, Verdict, judge
 from behaviorc.build.parallel import Job, Jobs, WorkerPool, start_resource_tracker, task_memory
+from behaviorc.build.results import stamp_provenance
 from behaviorc.build.report import REPORT_FILE, Report, TaskRecord, count_statuses
 from behaviorc.build import outputs
 from behaviorc.build.outputs import STORE_DIR
@@ -279,6 +280,8 @@ class Executor:
             if tried.status == "done":
                 assert tried.result is not None
                 try:
+                    stamp_provenance(task, staging, tried.result, self._results, self.spec_path,
+                                     self.spec_sha256)
                     stored = self.store.commit(task, staging, tried.result, time.perf_counter() - started,
                                                tried.events)
                     record.result = self._results[task.key] = stored.result

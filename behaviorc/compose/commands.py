@@ -146,7 +146,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def _folder_record(path: Path) -> dict[str, Any]:
-    from behaviorc.compose.composition import PROVENANCE_FILE
+    from behaviorc.core.files import PROVENANCE_FILE
 
     provenance = path / PROVENANCE_FILE
     if not provenance.is_file():
@@ -161,6 +161,8 @@ def _folder_record(path: Path) -> dict[str, Any]:
 
 
 def _folder_text(path: Path, record: dict[str, Any]) -> str:
+    from behaviorc.core.files import BUILT_PROVENANCE
+
     lines = [f"{path}"]
     if record.get("kind") == "composed":
         lines.append(f"  composed: {record.get('name') or '(unnamed)'} = "
@@ -179,6 +181,17 @@ def _folder_text(path: Path, record: dict[str, Any]) -> str:
                          f"sha256 {term['sha256'][:16]}  {term['path']}")
         lines.append(f"  parameters merged: {record.get('parameters_merged')}, "
                      f"shards: {record.get('shards')}, dtype: {record.get('dtype')}")
+    elif record.get("kind") == BUILT_PROVENANCE:
+        lines.append(f"  made by:  {record.get('task')} ({record.get('task_kind')}, key {record.get('key', '')[:16]})")
+        spec = record.get("spec") or {}
+        if spec.get("path"):
+            lines.append(f"  spec:     {spec['path']} (sha256 {spec.get('sha256', '')[:16]})")
+        for source in record.get("inputs", []):
+            where = source.get("path") or ", ".join(source.get("artifacts", {}).values()) or "-"
+            lines.append(f"  from:     {source.get('task')} ({source.get('as')}): {where}")
+        metrics = record.get("metrics") or {}
+        if metrics:
+            lines.append("  metrics:  " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     elif record:
         lines.append("  " + json.dumps(record))
     else:

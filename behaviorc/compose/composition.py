@@ -34,8 +34,8 @@ from behaviorc.formats.safetensors_io import (
     FLOAT_DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder,
     fingerprint, from_float32, plan_shards, row_blocks, to_float32, write_index)
 from behaviorc.compose.sources import DeltaSource, check_finite, open_source
+from behaviorc.core.files import PROVENANCE_FILE
 
-PROVENANCE_FILE = "behaviorc.json"
 MERGEKIT_FILE = "mergekit.yaml"
 # Entries sampled to bracket a ties threshold (a smaller parameter is selected directly).
 _SAMPLE_ENTRIES = 1 << 15

@@ -12,6 +12,9 @@ from pathlib import Path
 from behaviorc.core.atomic import write_text_atomic
 
 HASH_WINDOW = 16 * 1024 * 1024
+# In a model folder behaviorc made: what made it (a built-in, a composition, a build task)
+PROVENANCE_FILE = "behaviorc.json"
+BUILT_PROVENANCE = "built"  # its kind when a build task made it (build.results)
 
 
 def cache_root() -> Path:

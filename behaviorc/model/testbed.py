@@ -20,6 +20,7 @@ from typing import Callable
 
 from behaviorc.model.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_gdn_config
 from behaviorc.model.testbed_corpus import Dialogue, chat_text, corpus, tokenizer_texts
+from behaviorc.core.files import PROVENANCE_FILE
 
 MODEL_NAME = "tiny-gdn-testbed"  # its built-in name
 SEED = 0
@@ -78,7 +79,7 @@ def write_testbed(folder: Path, progress: Progress | None = None, steps: int = S
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, safe_serialization=True)
-    (folder / "behaviorc.json").write_text(json.dumps({
+    (folder / PROVENANCE_FILE).write_text(json.dumps({
         "builtin": MODEL_NAME, "seed": SEED, "steps": steps, "batch": BATCH,
         "peak_lr": PEAK_LR, "loss_first": losses[0], "loss_last": losses[-1],
         "seconds": round(time.perf_counter() - began, 1)}, indent=2) + "\n")

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from behaviorc.core.files import PROVENANCE_FILE
+
 SEED = 0
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -89,7 +91,7 @@ def write_tiny(folder: Path, config: Any, builder_version: int, name: str) -> No
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config(len(tokenizer))),
                                                  dtype=torch.float32)
     model.save_pretrained(folder, safe_serialization=True)
-    (folder / "behaviorc.json").write_text(json.dumps(
+    (folder / PROVENANCE_FILE).write_text(json.dumps(
         {"builtin": name, "builder_version": builder_version, "seed": SEED}, indent=2) + "\n")
 
 

@@ -20,7 +20,7 @@ from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane, Tre
 from textual.worker import get_current_worker
 
 from behaviorc.core.events import EVENTS_FILE
-from behaviorc.core.state import BuildState, process_alive, summarize
+from behaviorc.core.state import BuildState, process_alive, progress_text, summarize
 from behaviorc.tui.tail import EventsRead, EventTail
 from behaviorc.tui.widgets import (PlanTree, StatePanel, TaskDetail, draw_compose_deploy, draw_errors,
                                    draw_steering, draw_task_detail, draw_training)
@@ -141,7 +141,11 @@ class Dashboard(App[None]):
         else:
             verdict = "stopping…" if self.cancel_requested else "running"
         extra = "".join(f" · {counts[s]} {s}" for s in ("cached", "failed", "skipped") if counts.get(s))
-        return f"{spec} · {verdict} · {finished}/{len(state.tasks)} tasks{extra}"
+        line = f"{spec} · {verdict} · {finished}/{len(state.tasks)} tasks{extra}"
+        if not state.finished:  # what each running task is doing: its sub-phase, count, ETA
+            now = self.now()
+            line += "".join(f" | {task.id}: {progress_text(task, now) or 'starting'}" for task in state.running)
+        return line
 
     def build_alive(self) -> bool:
         """Whether the build writing this log still runs (a killed one never says so)."""
