@@ -8,19 +8,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from behaviorc.build.executor import Executor
 from behaviorc.build.lower import lower
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.embedded import EmbeddedEngine
-from behaviorc.evaluate.table import reply_table
+from behaviorc.core.events import EvalReplies, jsonable, make_event
+from behaviorc.core.state import BuildState
+from behaviorc.evaluate.table import reply_table, side_by_side
 from behaviorc.lang import check_file, load_spec
 from behaviorc.lang.fmt import format_text
 from behaviorc.measure.intervals import bootstrap_mean
 from behaviorc.measure.judge import Judge
 from behaviorc.measure.replies import Markers, Projection, Reply, summarize, text_broke, versus
 from behaviorc.measure.repetition import distinct_ngram_share, repeated_ngram_share
+from behaviorc.tui.widgets import draw_replies
+
+
+def text_of(renderable) -> str:
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))
+    console.print(renderable)
+    return console.export_text()
 
 # Replies the issue quotes: smollm2-135m steered toward pirate speech at strength 1.
 LOOPING = ["Aye, the tallest mountain! I'm aye, the tallest! I'm aye, the tallest! I'm aye, the tallest!",
@@ -92,6 +102,23 @@ def test_a_looping_steering_is_flagged_whatever_its_rate():
     assert any("steered model's text broke" in w for w in table.warnings)
     assert table.metrics()["reply_warnings"] >= 1
     assert text_broke(table.stats["prompted"], table.stats["base"]) == []
+
+
+def test_the_dashboard_and_the_summary_show_the_table_from_its_event():
+    base, looping = replies(PLAIN), replies(LOOPING)
+    marks = Markers(words=("aye",))
+    table = reply_table({"base": base, "steered": looping},
+                        {"base": marks.scores(base), "steered": marks.scores(looping)})
+    event = EvalReplies(scorer="markers", rows=table.rows(), verdict=list(table.verdict),
+                        side_by_side=side_by_side({"base": base, "steered": looping}))
+    state = BuildState()
+    state.apply(jsonable(make_event(event.type, "evaluate.table:pirate", **event.fields())))
+    shown = " ".join(text_of(draw_replies(state)).split())
+    assert "replies pirate (scored by markers" in shown
+    assert "base 0% [0%, 0%]" in shown and "steered 100% [100%, 100%]" in shown
+    assert "steered beats the base model" in shown and "steered: the text broke" in shown
+    assert f"steered: {' '.join(LOOPING[0].split())}" in shown
+    assert "no reply table" in text_of(draw_replies(BuildState()))
 
 
 def test_projection_is_calibrated_to_the_pairs(tiny_dense):
