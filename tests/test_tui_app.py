@@ -115,6 +115,8 @@ async def test_keys_switch_panels_and_enter_opens_a_task(tmp_path):
         await pilot.press("tab")
         assert panels.active == "errors"
         await pilot.press("tab")
+        assert panels.active == "replies"
+        await pilot.press("tab")
         assert panels.active == "train"
         await pilot.press("2")
         assert panels.active == "steer"

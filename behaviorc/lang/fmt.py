@@ -175,6 +175,8 @@ class _Printer:
 
     def _setting(self, setting: ast.Setting, depth: int) -> None:
         head = _head(setting)
+        if len(INDENT * depth + head) > WIDTH and setting.key == "score":
+            head = _wrapped_words(setting, depth)
         if setting.block is None:
             self._emit(head, depth, setting.loc.end_line)
         else:
@@ -195,6 +197,21 @@ def _head(setting: ast.Setting) -> str:
         return " ".join(("score", _value(kind), ", ".join(_value(v) for v in strings))).rstrip()
     separator = ", " if setting.key in COMMA_SEPARATED else " "
     return setting.key + " " + separator.join(_value(v) for v in setting.values)
+
+
+def _wrapped_words(setting: ast.Setting, depth: int) -> str:
+    """`score markers` with a long word list: as many words a line as fit, the lines
+    after the first indented one level deeper."""
+    words = [_value(v) for v in setting.values[1:]]
+    lines, line = [], f"score {_value(setting.values[0])} {words[0]}"
+    for word in words[1:]:
+        if len(INDENT * depth + line) + len(word) + 2 > WIDTH:
+            lines.append(line + ",")
+            line = INDENT + word
+        else:
+            line += ", " + word
+    lines.append(line)
+    return ("\n" + INDENT * depth).join(lines)
 
 
 def _flat(setting: ast.Setting) -> str:

@@ -72,8 +72,10 @@ class Judge:
         try:
             answer = client.request("POST", "/v1/chat/completions", "rating a reply", body)
         except BehaviorError as err:
-            first = err.diagnostics[0]
-            raise self._error(reply, f"gave no rating: {first.message}", first.hint) from None
+            raise self._error(reply, f"gave no rating: {err.diagnostics[0].message}",
+                              f"is the judge server running and serving `{self.model}`? "
+                              f"`timeout` in the judge's block sets how long a rating may take "
+                              f"(now {self.timeout:g} s)") from None
         try:
             content = answer["choices"][0]["message"]["content"]
         except (TypeError, KeyError, IndexError):
@@ -82,11 +84,11 @@ class Judge:
         found = _NUMBER.fullmatch(content or "")
         if found is None or int(found.group(1)) > 100:
             raise self._error(reply, f"answered {(content or '')[:80]!r}, not a number from 0 to 100",
-                              "a judge model must answer with the number alone; vLLM servers are "
+                              "the judge model must answer with the number alone; vLLM servers are "
                               "asked with structured outputs (`guided on`), which ensure it")
         return int(found.group(1)) / 100
 
     def _error(self, reply: Reply, what: str, hint: str | None = None) -> BehaviorError:
         shown = reply.text if len(reply.text) <= 80 else reply.text[:77] + "..."
-        return BehaviorError(f"the judge at {self.url} (model `{self.model}`) {what}, rating "
-                             f"the reply {shown!r}", hint=hint)
+        return BehaviorError(f"the judge at {self.url} (model `{self.model}`), rating the reply "
+                             f"{shown!r}, {what}", hint=hint)

@@ -23,12 +23,12 @@ from behaviorc.core.events import EVENTS_FILE
 from behaviorc.core.state import BuildState, process_alive, progress_text, summarize
 from behaviorc.tui.tail import EventsRead, EventTail
 from behaviorc.tui.widgets import (PlanTree, StatePanel, TaskDetail, draw_compose_deploy, draw_errors,
-                                   draw_steering, draw_task_detail, draw_training)
+                                   draw_replies, draw_steering, draw_task_detail, draw_training)
 
 REDRAW_HZ = 10
 POLL_SECONDS = 0.05  # how long the tail worker sleeps when the log has nothing new
 LIVENESS_SECONDS = 1.0  # how often to ask whether an unfinished build still runs
-PANELS = ("train", "steer", "deploy", "errors")
+PANELS = ("train", "steer", "deploy", "errors", "replies")
 
 
 class Dashboard(App[None]):
@@ -42,6 +42,7 @@ class Dashboard(App[None]):
         Binding("2", "panel(1)", "steer", show=False),
         Binding("3", "panel(2)", "deploy", show=False),
         Binding("4", "panel(3)", "errors", show=False),
+        Binding("5", "panel(4)", "replies", show=False),
     ]
 
     def __init__(self, build_dir: Path, cancel: Callable[[], None] | None = None,
@@ -72,6 +73,8 @@ class Dashboard(App[None]):
                     with Vertical():
                         yield StatePanel(draw_errors, id="errors-view")
                         yield RichLog(id="log", max_lines=500, wrap=False, markup=False)
+                with TabPane("5 Replies", id="replies"):
+                    yield StatePanel(draw_replies, id="replies-view")
         yield Footer()
 
     def on_mount(self) -> None:

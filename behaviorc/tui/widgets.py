@@ -15,7 +15,8 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static, Tree
 
-from behaviorc.core.state import STATUS_STYLE, BuildState, TaskState, format_metrics, summarize
+from behaviorc.core.state import (STATUS_STYLE, BuildState, TaskState, format_metrics, reply_table_lines,
+                                  summarize)
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 CURVE_WIDTH = 40
@@ -222,6 +223,21 @@ def _sample_replies(task: TaskState | None, sweep: list[dict]) -> list[Renderabl
             reply = " ".join(samples[index].split()) if index < len(samples) else ""
             parts.append(Text.assemble((f"  {point.get('strength', 0):>5g}  ", "dim"), reply or "–"))
     return parts
+
+
+def draw_replies(state: BuildState) -> RenderableType:
+    """Each behavior's reply table: its models' scored replies, the verdict, and greedy
+    replies side by side (the lines the build's summary prints)."""
+    parts: list[RenderableType] = []
+    for task_id, table in state.reply_tables.items():
+        parts += [Text("")] if parts else []
+        parts.append(_heading(f"replies  {task_id.split(':', 1)[-1]}  (scored by {table.get('scorer')}; "
+                              "95% intervals over prompts)"))
+        for line in reply_table_lines(table):
+            warn = line.startswith("  verdict:") and ("broke" in line or "loses" in line)
+            parts.append(Text(line, style="bold yellow" if warn else ""))
+    return Group(*parts) if parts else Text("no reply table in this plan (an eval's `score` "
+                                            "makes one)", style="dim")
 
 
 def draw_compose_deploy(state: BuildState) -> RenderableType:
