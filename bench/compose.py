@@ -3,9 +3,12 @@
 The bench writes a random Qwen3 base model and K fine-tuned variants of it (the base plus
 random perturbations of every parameter) into a temporary folder, once in bfloat16 and
 once in float32, then merges them by every method (task arithmetic, TIES, DARE linear and
-TIES, DELLA and DELLA linear, Model Breadcrumbs and its TIES variant, Model Stock) with
-weights (1.0, 0.5, -0.8, ...) (Model Stock: 1 each), density 0.2 (0.4 for DELLA, 0.5 for
-breadcrumbs): once with `behaviorc merge` and once with mergekit 0.1.5's `mergekit-yaml`,
+TIES, DELLA and DELLA linear, Model Breadcrumbs and its TIES variant, Model Stock, linear,
+SLERP (t 0.3) and NuSLERP between the first two, Multi-SLERP, Karcher) and a few settings
+(rescale on ties and breadcrumbs, the first term's own density 0.5 or 0, Model Stock
+filter-wise, NuSLERP per row) with weights (1.0, 0.5, -0.8, ...) (Model Stock, Karcher
+and SLERP: 1 each), density 0.2 (0.4 for DELLA, 0.5 for breadcrumbs): once with
+`behaviorc merge` and once with mergekit 0.1.5's `mergekit-yaml`,
 each as the command a user runs, in its own process, start-up included (mergekit in a
 virtual environment the bench creates beside this machine's torch). mergekit reads the
 YAML behaviorc exports for the same composition, so the export is exercised too. Both
@@ -17,8 +20,10 @@ method and dtype by dtype, so a shared machine's load falls on both alike.
 
 Reported per method and dtype: wall seconds and peak RSS of each process, and agreement.
 Methods without randomness must agree to a unit in the last place of the output dtype
-(of the largest of the results and the input weights; Model Stock, whose formula rounds
-differently in mergekit, to 16 in float32), except at entries whose magnitude ties with a trim threshold (ties and breadcrumbs keep
+(of the largest of the results and the input weights; Model Stock, linear and the
+spherical methods, whose formulas round differently in mergekit, to 16 in float32, the
+spherical ones in units of the tensor's largest entry, since mergekit normalizes whole
+float32 tensors), except at entries whose magnitude ties with a trim threshold (ties and breadcrumbs keep
 exactly k entries; behaviorc keeps the earliest tied ones, mergekit an arbitrary few):
 those differences are counted apart. The random drops (dare, della) are compared by
 their statistics over the whole model: the share of entries the merge changes, the norm
@@ -64,9 +69,12 @@ WEIGHTS = (1.0, 0.5, -0.8, 0.7, -0.3, 0.9)
 MERGEKIT_VERSION = "0.1.5"
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear",
            "breadcrumbs", "breadcrumbs_ties", "model_stock", "linear", "slerp", "nuslerp",
-           "multislerp", "karcher", "ties_rescale", "model_stock_filter_wise", "nuslerp_rows")
+           "multislerp", "karcher", "ties_rescale", "breadcrumbs_rescale", "ties_density_zero",
+           "model_stock_filter_wise", "nuslerp_rows")
 # Cases beyond a method's defaults: (method, options, the first term's own settings).
 CASES = {"ties_rescale": ("ties", ["--rescale"], ",density=0.5"),
+         "breadcrumbs_rescale": ("breadcrumbs", ["--rescale"], ""),
+         "ties_density_zero": ("ties", [], ",density=0"),
          "model_stock_filter_wise": ("model_stock", ["--filter-wise"], ""),
          "nuslerp_rows": ("nuslerp", ["--no-flatten"], ""),
          "slerp": ("slerp", ["--t", "0.3"], "")}
