@@ -171,6 +171,18 @@ def test_merging_in_blocks_of_rows_changes_nothing(workspace, tiny_gdn, tmp_path
     assert all(torch.equal(whole[name], blocks[name]) for name in whole)
 
 
+def test_linear_without_normalize_scales_every_parameter_as_mergekit(workspace, tiny_gdn,
+                                                                     tmp_path):
+    # linear mixes models: 2 x (base + tau_b) is twice the fine-tuned model, including
+    # the parameters tau_b leaves alone (mergekit scales every tensor).
+    compose(Composition(tiny_gdn, (Term("b", workspace / "b.safetensors", 2.0),),
+                        MergeOptions(method="linear", normalize=False)), tmp_path / "twice")
+    tuned, out = load_file(workspace / "tuned_b" / "model.safetensors"), weights_of(tmp_path / "twice")
+    untouched = [name for name in tuned if "linear_attn" not in name and "experts" not in name]
+    assert untouched and all(torch.allclose(out[name], 2 * tuned[name], rtol=1e-6, atol=1e-7)
+                             for name in tuned if tuned[name].is_floating_point())
+
+
 def test_groups_merge_only_their_parameters(workspace, tiny_gdn, tmp_path):
     record = compose(Composition(tiny_gdn, (Term("a", workspace / "a.safetensors", 1.0),),
                                  MergeOptions(groups=("gdn.gates",))), tmp_path / "gates")

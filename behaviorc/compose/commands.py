@@ -162,6 +162,7 @@ def _folder_record(path: Path) -> dict[str, Any]:
 
 def _folder_text(path: Path, record: dict[str, Any]) -> str:
     from behaviorc.core.files import BUILT_PROVENANCE
+    from behaviorc.core.merge_methods import PER_TERM
 
     lines = [f"{path}"]
     if record.get("kind") == "composed":
@@ -177,8 +178,9 @@ def _folder_text(path: Path, record: dict[str, Any]) -> str:
             f"{k} {', '.join(v) if isinstance(v, list) else v}" for k, v in merge.items()))
         lines.append("  terms:")
         for term in record.get("terms", []):
+            own = "".join(f"  {name} {term[name]:g}" for name in PER_TERM if name in term)
             lines.append(f"    {term['weight']:>+6g} x {term['behavior']:<16} {term['kind']:<11} "
-                         f"sha256 {term['sha256'][:16]}  {term['path']}")
+                         f"sha256 {term['sha256'][:16]}  {term['path']}{own}")
         lines.append(f"  parameters merged: {record.get('parameters_merged')}, "
                      f"shards: {record.get('shards')}, dtype: {record.get('dtype')}")
     elif record.get("kind") == BUILT_PROVENANCE:

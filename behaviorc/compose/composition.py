@@ -100,7 +100,9 @@ def compose(composition: Composition, out: Path, *, max_shard_bytes: int | None 
                 source = open_source(term.path)
                 sources.append(source)
                 source.check_against(base)
-            merged = _parameters_to_merge(base, sources, composition.options.groups)
+            alone = _base_factor(composition)
+            merged = _parameters_to_merge(base, sources, composition.options.groups,
+                                          every=alone is not None)
             plan = [PlannedTensor(info.name, info.dtype, info.shape)
                     for info in sorted(base.tensors.values(), key=lambda i: (i.file, i.offset))]
             shards = plan_shards(plan, max_shard_bytes)
@@ -115,7 +117,8 @@ def compose(composition: Composition, out: Path, *, max_shard_bytes: int | None 
                         if progress is not None:
                             progress(done, len(plan), planned.name)
                         writer.write(planned.name, _output_parts(
-                            planned.name, base, sources, composition, reader, workspace))
+                            planned.name, base, sources, composition, reader, workspace,
+                            alone if planned.name in merged else None))
                     writer.finish()
                 finally:
                     reader.close()
@@ -150,11 +153,24 @@ def _start_fingerprints(composition: Composition, hasher: ThreadPoolExecutor
     return jobs
 
 
+def _base_factor(composition: Composition) -> float | None:
+    """What a parameter no term changes is multiplied by, where that is not 1: `linear`
+    without normalize mixes sum_i w_i (base + tau_i), so the base alone is scaled too."""
+    options = composition.options
+    total = sum(term.weight for term in composition.terms)
+    if options.traits.on_weights and options.traits.mix == "sum" and not options.normalizes:
+        return total if total != 1 else None
+    return None
+
+
 def _parameters_to_merge(base: WeightFolder, sources: Sequence[DeltaSource],
-                         groups: tuple[str, ...]) -> set[str]:
-    """Float parameters that some term changes, narrowed to `groups` when given."""
+                         groups: tuple[str, ...], every: bool = False) -> set[str]:
+    """Float parameters that some term changes (`every`: all of them), narrowed to
+    `groups` when given."""
     touched = {name for source in sources for name in source.tensors
                if base.tensors[name].is_float}
+    if every:
+        touched = {name for name, info in base.tensors.items() if info.is_float}
     if not groups:
         return touched
     from behaviorc.model.adapter import check_groups, group_of
@@ -227,16 +243,25 @@ class _BlockReader:
 
 
 def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
-                  composition: Composition, reader: _BlockReader, workspace: Workspace
-                  ) -> Iterator[np.ndarray]:
-    """The output parameter, as consecutive blocks of rows (one block when small). A
-    block is valid until the next one is asked for."""
+                  composition: Composition, reader: _BlockReader, workspace: Workspace,
+                  alone: float | None = None) -> Iterator[np.ndarray]:
+    """The output parameter, as consecutive blocks of rows (one block when small); one
+    that no term changes is the base's, times `alone` when given. A block is valid until
+    the next one is asked for."""
     info = base.tensors[name]
     blocks = row_blocks(info)
     present = reader.next_terms()
     if not present:
         for rows in blocks:
-            yield reader.next(name, rows)[0]
+            stored = reader.next(name, rows)[0]
+            if alone is None:
+                yield stored
+                continue
+            values = to_float32(stored.reshape(-1), info.dtype,
+                                workspace.array("base", stored.size))
+            values *= np.float32(alone)
+            yield from_float32(values, info.dtype, workspace.array(
+                "output", stored.size, stored.dtype)).reshape(stored.shape)
         return
     options = composition.options
     terms = [sources[i] for i in present]
@@ -249,13 +274,13 @@ def _output_parts(name: str, base: WeightFolder, sources: Sequence[DeltaSource],
             plan = _parameter_plan(name, base, terms, present, all_weights, options,
                                    blocks, (base_stored, stored), workspace)
         yield _merged_block(name, info, base_stored, terms, stored, weights, present,
-                            len(composition.terms), options, plan,
+                            all_weights, options, plan,
                             rows[0] * info.row_entries if rows else 0, workspace)
 
 
 def _merged_block(name: str, info: TensorInfo, base_stored: np.ndarray,
                   terms: Sequence[DeltaSource], stored: list[np.ndarray], weights: list[float],
-                  term_indices: list[int], term_count: int, options: MergeOptions,
+                  term_indices: list[int], all_weights: list[float], options: MergeOptions,
                   plan: ParameterPlan, first_entry: int, workspace: Workspace) -> np.ndarray:
     """base + merged delta for one block (`first_entry` is its place in the parameter),
     in the base's dtype."""
@@ -267,7 +292,8 @@ def _merged_block(name: str, info: TensorInfo, base_stored: np.ndarray,
         size = piece.stop - piece.start
         mixed = merged_delta(name, deltas, weights, term_indices, options, plan,
                              offset=first_entry + piece.start, row_entries=_ranked_row(info),
-                             term_count=term_count, workspace=workspace, base=base_values)
+                             term_count=len(all_weights), workspace=workspace,
+                             base=base_values, all_weights=all_weights)
         merged = np.add(base_values, mixed, out=mixed)
         with np.errstate(over="ignore", invalid="ignore"):
             if not math.isfinite(np.add.reduce(merged)):

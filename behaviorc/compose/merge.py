@@ -414,7 +414,9 @@ def merged_delta(name: str, deltas: list[np.ndarray], weights: list[float],
             mixed = _consensus_mix(deltas, weights, options.normalizes, workspace)
         else:
             mixed = _weighted_sum(deltas, weights)
-            total = np.float32(sum(np.float32(w) for w in weights))
+            # linear mixes models, and a model without this parameter has the base's
+            counted = all_weights if options.traits.on_weights and all_weights else weights
+            total = np.float32(sum(np.float32(w) for w in counted))
             if options.normalizes:  # as mergekit: a sum of weights near 0 counts as 1
                 if abs(total) >= 1e-8:
                     mixed /= total

@@ -180,7 +180,9 @@ def mix_of(options: MergeOptions, sums: GramSums, weights: list[float], present:
     else:
         factors = _karcher(gram, options.max_iter, options.tol)
     base = None
-    if with_base(options):  # x_i = base + tau_i: the base's factor is the sum, less 1 (kept)
+    if with_base(options):
+        # sum_i c_i x_i with x_0 the base and x_i = base + tau_i is base + the delta
+        # (sum_i c_i - 1) base + sum_i c_i tau_i.
         base_factor = factors.sum(axis=1) - 1
         base_factor[np.abs(base_factor) < 1e-9] = 0
         factors = factors[:, 1:]
