@@ -63,10 +63,13 @@ def run_serve(args: argparse.Namespace) -> int:
     api_key = os.environ.get(API_KEY_ENV) or None
     check_process_count(args.tensor_parallel_size, "--tensor-parallel-size")
 
-    # The server runs in its own process group, out of reach of the terminal's Ctrl-C
-    # and of a SIGTERM sent to us: both must end here, so the server is stopped too.
+    # The server runs in its own process group, out of reach of the terminal's Ctrl-C,
+    # of its hang-up when it closes and of a SIGTERM sent to us: each must end here, so
+    # the server is stopped too. (Were this process killed outright, the server's
+    # parent-death signal stops it: see engine/vllm/server.py.)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     print(f"starting vLLM for {args.model} ...", flush=True)
     interrupted = False
     with serve(args.model, port=args.port, host=args.host, api_key=api_key,
