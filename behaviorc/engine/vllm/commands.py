@@ -13,7 +13,7 @@ DESCRIPTION = """\
 Serve a built-in model or a local Hugging Face folder with vLLM's OpenAI-compatible
 server, with behaviorc's worker extension loaded so builds can steer it and push
 weights into it while it serves. Binds to 127.0.0.1; another host needs an API key,
-given in the environment variable BEHAVIORC_API_KEY (every route then requires it, the
+given in the environment variable BEHAVIORC_API_KEY (every route but /health then requires it, the
 weight-push routes included; a key on a command line is readable by every local user,
 so there is no --api-key). Ctrl-C stops it.
 

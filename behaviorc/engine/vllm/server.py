@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
-from behaviorc.engine.vllm.http import API_KEY_ENV
+from behaviorc.engine.vllm.http import API_KEY_ENV, check_api_key
 
 if TYPE_CHECKING:
     import httpx
@@ -158,6 +158,7 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
             f"refusing to serve on `{host}` without an API key: the server can be steered "
             f"and its weights replaced by anyone who reaches it",
             hint=f"bind to 127.0.0.1, or set an API key in {API_KEY_ENV}")
+    check_api_key(api_key)
     model_dir = resolve_model_dir(model)
     port = port or free_port(host)
     if log_path is None:
@@ -285,7 +286,9 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 
 async def guard_all_routes(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Server-side: require the API key on every route but /health (runs inside vLLM)."""
+    """Server-side: require the API key on every route but /health (runs inside vLLM).
+    /health stays open so load balancers and `behaviorc` can probe it; it says only
+    that the server runs."""
     from fastapi.responses import JSONResponse
 
     key = os.environ.get(API_KEY_ENV, "")
