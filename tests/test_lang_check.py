@@ -98,7 +98,7 @@ def test_all_errors_of_a_file_in_one_run(tmp_path: Path) -> None:
         "compose c = a + zz\n"
         'deploy c to vllm "localhost:8000"\n', tmp_path)
     assert messages == [
-        "`strength` must be greater than 0, not 0",
+        "`strength` must be in (0, 1000], not 0",
         "data file `missing.jsonl` not found",
         "`lr` must be in (0, 1], not 5",
         "`a` has no weights to compose",

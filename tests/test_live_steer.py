@@ -225,8 +225,8 @@ def test_push_list_remove_from_the_command_line(clean, directions, tmp_path, cap
 @pytest.mark.parametrize("name, layers, says", [
     ("happy", {1: [0.5] * 7}, "has 7 values, the hidden size is 128"),
     ("happy", {9: [0.5] * 128}, "layer 9 out of range: the model has 4 decoder layers"),
-    ("happy", {1: [0.5] * 127 + [float("nan")]}, "NaN, infinite or non-numeric"),
-    ("happy", {1: [0.5] * 127 + [float("inf")]}, "NaN, infinite or non-numeric"),
+    ("happy", {1: [0.5] * 127 + [float("nan")]}, "has NaN or infinite values"),
+    ("happy", {1: [0.5] * 127 + [float("inf")]}, "has NaN or infinite values"),
     ("two words", {1: [0.5] * 128}, "is not a vector name"),
     ("happy", {}, "no layers given"),
 ])

@@ -153,3 +153,52 @@ def test_ctrl_c_stops_the_server_and_frees_the_port(served_dense):
     with socket.socket() as probe:  # and the port can be bound again
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+
+
+
+def test_killing_serve_outright_stops_vllm_and_frees_its_port_and_memory(tiny_dense):
+    """kill -9 of `behaviorc serve` (nothing of it runs to stop the server) must not
+    leave vLLM running: the kernel's parent-death signal stops it."""
+    from behaviorc.engine.vllm.server import free_port, shared_memory
+
+    port = free_port("127.0.0.1")
+    serving = ServeProcess(subprocess.Popen(
+        [sys.executable, "-m", "behaviorc.cli", "serve", str(tiny_dense), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "press Ctrl-C to stop" not in serving.output:
+            assert serving.process.poll() is None and time.monotonic() < deadline, serving.output
+            time.sleep(0.5)
+        group = next(int(p.name) for p in Path("/proc").iterdir()
+                     if p.name.isdigit() and _parent(p) == serving.process.pid)
+        segments = shared_memory(group)
+        serving.process.send_signal(signal.SIGKILL)
+        serving.wait(timeout=60)
+        deadline = time.monotonic() + 120  # only guards against a server that never goes
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _group_alive(group), "vLLM outlived behaviorc serve"
+        with socket.socket() as probe:  # the port can be bound again
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+        assert not [s for s in segments if s.exists()]
+    finally:
+        if serving.process.poll() is None:
+            serving.process.kill()
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError):
+        return -1
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -7,6 +7,7 @@ result or records the failure exactly as for a task it ran itself.
 
 from __future__ import annotations
 
+import errno
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.core.task import Cancelled, Task, TaskResult
 from behaviorc.build.context import RunContext
+
+
+MACHINE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk, quota, read-only
 
 
 @dataclass
@@ -42,6 +46,15 @@ def attempt(task: Task, ctx: RunContext) -> Attempt:
         return Attempt("cancelled", reason=str(err) or "interrupted")
     except BehaviorError as err:
         error, loc = render_failure(task, err)
+        return Attempt("failed", error=error, loc=loc)
+    except OSError as err:
+        if err.errno not in MACHINE_ERRORS:
+            return Attempt("failed", traceback=traceback.format_exc())
+        # the machine, not behaviorc: say so where it is read, not only in the log
+        where = f" ({err.filename})" if err.filename else ""
+        error, loc = render_failure(task, BehaviorError(
+            f"{err.strerror or err}{where}", hint="free some space (or quota), or build "
+            "into a folder on another disk with --out, then build again: finished tasks are kept"))
         return Attempt("failed", error=error, loc=loc)
     except Exception:  # a bug in a task: keep the traceback, report it plainly
         return Attempt("failed", traceback=traceback.format_exc())

@@ -159,4 +159,5 @@ def _count(n: int, noun: str) -> str:
 
 
 def _write_keeping_mode(path: str, text: str) -> None:
-    write_text_atomic(Path(path), text, mode=os.stat(path).st_mode & 0o777)
+    # the file a symlinked spec points to is rewritten; the link stays a link
+    write_text_atomic(Path(path).resolve(), text, mode=os.stat(path).st_mode & 0o777)

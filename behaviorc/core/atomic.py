@@ -25,6 +25,7 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     _refuse_existing(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would keep the folder from other users
     try:
         yield staging
         if target.exists():
@@ -46,6 +47,7 @@ def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
     _refuse_existing(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600: an artifact is read like any file
     os.close(handle)
     staging = Path(name)
     try:
@@ -72,6 +74,19 @@ def write_text_atomic(target: Path, text: str, *, sync: bool = False, mode: int 
 def write_json_atomic(target: Path, data: Any) -> None:
     """JSON, durably, that readers see whole or not at all."""
     write_text_atomic(target, json.dumps(data, indent=1), sync=True)
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it: os.umask can only read it by
+    setting it, and a file another thread made meanwhile would get no mask at all."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _refuse_existing(target: Path, overwrite: bool) -> None:

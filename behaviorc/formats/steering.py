@@ -210,8 +210,11 @@ def load_steering(path: str | Path, loc: Location | None = None) -> SteeringVect
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise BehaviorError(f"steering vectors file `{path}` does not exist", loc)
+    if not path.is_file():
+        raise BehaviorError(f"steering vectors file `{path}` is not a regular file "
+                            f"(a folder, pipe or device)", loc)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -224,6 +227,10 @@ def load_steering(path: str | Path, loc: Location | None = None) -> SteeringVect
         if match is None:
             raise BehaviorError(f"`{path}`: tensor `{name}` is not named `layer.N`", loc,
                                 hint="a steering file holds one tensor `layer.N` per decoder layer N")
+        if not tensor.is_floating_point():
+            raise BehaviorError(f"`{path}`: tensor `{name}` has dtype "
+                                f"{str(tensor.dtype).removeprefix('torch.')}; steering vectors "
+                                f"are floating point", loc)
         directions[int(match.group(1))] = tensor
     where = f"`{path}`"
     _check_declared_layers(metadata.get("layers"), directions, where, loc)

@@ -24,7 +24,7 @@ from behaviorc.core.files import sha256_file
 from behaviorc.lang.models import read_model_folder, resolve_model_source
 from behaviorc.lang.parse import parse_text
 from behaviorc.lang.sections import Sections
-from behaviorc.lang.values import Block, SWITCHES, Values
+from behaviorc.lang.values import MAX_SEED, MAX_STEPS, MAX_TIMEOUT_S, MIN_TIMEOUT_S, Block, SWITCHES, Values
 from behaviorc.core.textfiles import TextFileError, read_text_file
 
 
@@ -470,7 +470,7 @@ class _Checker:
             rescale=self._optional_switch(block.one("rescale")),
             epsilon=self._epsilon(block.one("epsilon"), defaults.epsilon),
             gamma=self._gamma(block.one("gamma"), defaults.gamma),
-            seed=number(block.one("seed"), low=0, whole=True, default=defaults.seed),
+            seed=number(block.one("seed"), low=0, high=MAX_SEED, whole=True, default=defaults.seed),
             t=number(block.one("t"), default=None),
             flatten=self.values.switch(block.one("flatten"), defaults.flatten),
             row_wise=self.values.switch(block.one("row_wise"), defaults.row_wise),
@@ -584,8 +584,9 @@ class _Checker:
                 self.sink.error(f"`steering` is `on`, `off` or `named`, not `{word.name}`",
                                 word.loc, did_you_mean(word.name, [*SWITCHES, "named"]))
         handoff = self.values.switch(block.one("handoff"), False)
-        push_every = self.values.number(block.one("push_every"), low=0, whole=True, default=0)
-        timeout = self.values.number(block.one("timeout"), low=0, low_open=True)
+        push_every = self.values.number(block.one("push_every"), low=0, high=MAX_STEPS, whole=True,
+                                        default=0)
+        timeout = self.values.number(block.one("timeout"), low=MIN_TIMEOUT_S, high=MAX_TIMEOUT_S)
         api_key = self._api_key(block.one("api_key"))
         if steering and isinstance(entity, ast.BehaviorDecl):
             self._fixed_strength(target, block.one("steering").values[0].loc, "`steering on`")
@@ -630,6 +631,17 @@ class _Checker:
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             self.sink.error(f"`{url.value}` is not an http(s) URL", url.loc,
                             'write the server\'s address, e.g. "http://127.0.0.1:8000"')
+        elif parsed.username is not None or parsed.password is not None:
+            # plans, reports and errors print URLs: a password in one is shown to everyone
+            self.sink.error("a server URL holds no user or password", url.loc,
+                            "give the server's key with `api_key`, or in BEHAVIORC_API_KEY")
+        else:
+            try:
+                port = parsed.port
+            except ValueError:  # past 65535, or not a number
+                port = 0
+            if port == 0:
+                self.sink.error(f"`{url.value}` has no valid port (1..65535)", url.loc)
         return url.value
 
 

@@ -9,7 +9,8 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import DiagnosticSink, Location, did_you_mean
 from behaviorc.lang import ast
 from behaviorc.lang.data import DataFiles, read_example, read_pair, read_prompt, read_text
-from behaviorc.lang.values import Block, Values, values_of
+from behaviorc.lang.values import (MAX_BATCH, MAX_RANK, MAX_SEED, MAX_STEPS, MAX_STRENGTH, Block,
+                                   Values, values_of)
 from behaviorc.core.metrics import EXPECTABLE, STEER_EXPECTABLE, TRAIN, reply_table
 
 
@@ -45,7 +46,8 @@ class Sections:
             self.sink.warning(f"strength {strength:g} is very strong: steered text often stops "
                               "making sense above 20", block.one("strength").values[0].loc,
                               "check it with `sweep`, e.g. `sweep 2, 4, 8, 16`")
-        sweep = tuple(self.values.number_at(v, "sweep") for v in values_of(block.one("sweep")))
+        sweep = tuple(self.values.number_at(v, "sweep", low=-MAX_STRENGTH, high=MAX_STRENGTH)
+                      for v in values_of(block.one("sweep")))
         pairs, sources = self._pairs(block, base)
         if not block.all("pair") and not block.all("pairs"):
             self._missing(section, "steer has no pairs", section.key_loc,
@@ -66,7 +68,7 @@ class Sections:
     def _strength(self, setting: ast.Setting | None) -> float | str | None:
         if setting is not None and isinstance(setting.values[0], ast.Word):
             return self.values.choice(setting, ("auto",), "strength")
-        return self.values.number(setting, low=0, low_open=True,
+        return self.values.number(setting, low=0, low_open=True, high=MAX_STRENGTH,
                                   default=ir.Steer.model_fields["strength"].default)
 
     def _budget(self, setting: ast.Setting | None) -> dict[str, float] | None:
@@ -106,6 +108,11 @@ class Sections:
             if count is not None and end >= count:
                 self.sink.error(f"layer {end} does not exist: `{model.name}` has {count} layers "
                                 f"(0..{count - 1})", span.loc, "layers are numbered from 0")
+                continue
+            again = sorted(set(layers) & set(range(start, end + 1)))
+            if again:
+                self.sink.error(f"layer {again[0]} is listed twice", span.loc,
+                                "steering adds once per layer; list each layer once")
                 continue
             layers.extend(range(start, end + 1))
         return tuple(sorted(set(layers)))
@@ -187,12 +194,15 @@ class Sections:
             examples=tuple(examples), sources=tuple(sources), distill=distill,
             mix=self._mix(block.one("mix"), base),
             lr=lr,
-            steps=self.values.number(block.one("steps"), low=1, whole=True, default=defaults.steps),
-            batch=self.values.number(block.one("batch"), low=1, whole=True, default=defaults.batch),
+            steps=self.values.number(block.one("steps"), low=1, high=MAX_STEPS, whole=True,
+                                     default=defaults.steps),
+            batch=self.values.number(block.one("batch"), low=1, high=MAX_BATCH, whole=True,
+                                     default=defaults.batch),
             warmup=self.values.number(block.one("warmup"), low=0, whole=True, default=defaults.warmup),
             schedule=self.values.choice(block.one("schedule"), ("cosine", "constant"), "schedule"),
             clip=self.values.number(block.one("clip"), low=0, default=defaults.clip),
-            seed=self.values.number(block.one("seed"), low=0, whole=True, default=defaults.seed),
+            seed=self.values.number(block.one("seed"), low=0, high=MAX_SEED, whole=True,
+                                    default=defaults.seed),
             context=self.values.choice(block.one("context"), ("frozen", "full"), "context mode"),
             targets=self.values.groups(block.one("targets")),
             optimizer=self._optimizer(block.one("optimizer")),
@@ -245,8 +255,10 @@ class Sections:
             betas = tuple(found) if None not in found else None
         options = dict(
             name=name,
-            rank=self.values.number(block.one("rank"), low=1, whole=True, default=defaults.rank),
-            refresh=self.values.number(block.one("refresh"), low=1, whole=True, default=defaults.refresh),
+            rank=self.values.number(block.one("rank"), low=1, high=MAX_RANK, whole=True,
+                                    default=defaults.rank),
+            refresh=self.values.number(block.one("refresh"), low=1, high=MAX_STEPS, whole=True,
+                                       default=defaults.refresh),
             limiter=self.values.number(block.one("limiter"), low=1, default=defaults.limiter),
             weight_decay=self.values.number(block.one("weight_decay"), low=0,
                                       default=defaults.weight_decay),

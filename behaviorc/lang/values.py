@@ -12,6 +12,16 @@ from behaviorc.lang import ast
 
 SWITCHES = {"on": True, "off": False, "true": True, "false": False}
 
+# Bounds past which a setting cannot be meant: they would overflow the model's numbers,
+# spin for days, or exhaust memory before the first step.
+MAX_STRENGTH = 1000.0  # steering past ~20 already breaks the text (a warning says so)
+MAX_STEPS = 1_000_000
+MAX_BATCH = 4096  # sequences in one step, all of them in memory at once
+MAX_RANK = 65536  # APOLLO's projection rank: above a matrix's side it is plain AdamW
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators take 32 bits
+MIN_TIMEOUT_S = 0.1  # no server answers faster
+MAX_TIMEOUT_S = 86400.0
+
 
 class Block:
     """The settings of one `{ ... }` block by key; a key given twice is an error unless
@@ -108,7 +118,8 @@ class Values:
 
 
 def _range_text(low, high, low_open, high_open, percent) -> str:
-    show: Callable[[float], str] = (lambda v: f"{v * 100:g}%") if percent else (lambda v: f"{v:g}")
+    show: Callable[[float], str] = (lambda v: f"{v * 100:g}%") if percent else (
+        lambda v: str(int(v)) if float(v).is_integer() and abs(v) < 1e16 else f"{v:g}")
     if low is not None and high is not None:
         return f"in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
     if low is not None:

@@ -13,7 +13,7 @@ DESCRIPTION = """\
 Serve a built-in model or a local Hugging Face folder with vLLM's OpenAI-compatible
 server, with behaviorc's worker extension loaded so builds can steer it and push
 weights into it while it serves. Binds to 127.0.0.1; another host needs an API key,
-given in the environment variable BEHAVIORC_API_KEY (every route then requires it, the
+given in the environment variable BEHAVIORC_API_KEY (every route but /health then requires it, the
 weight-push routes included; a key on a command line is readable by every local user,
 so there is no --api-key). Ctrl-C stops it.
 
@@ -63,10 +63,13 @@ def run_serve(args: argparse.Namespace) -> int:
     api_key = os.environ.get(API_KEY_ENV) or None
     check_process_count(args.tensor_parallel_size, "--tensor-parallel-size")
 
-    # The server runs in its own process group, out of reach of the terminal's Ctrl-C
-    # and of a SIGTERM sent to us: both must end here, so the server is stopped too.
+    # The server runs in its own process group, out of reach of the terminal's Ctrl-C,
+    # of its hang-up when it closes and of a SIGTERM sent to us: each must end here, so
+    # the server is stopped too. (Were this process killed outright, the server's
+    # parent-death signal stops it: see engine/vllm/server.py.)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     print(f"starting vLLM for {args.model} ...", flush=True)
     interrupted = False
     with serve(args.model, port=args.port, host=args.host, api_key=api_key,

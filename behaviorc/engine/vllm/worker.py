@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,19 +94,16 @@ class BehaviorWorker(NamedSteering):
         import torch
 
         request = json.loads(payload)
-        strength = float(request["strength"])
+        strength = request.get("strength") if isinstance(request, dict) else None
+        if type(strength) not in (int, float) or not math.isfinite(strength):
+            raise ValueError(f"the steering strength must be a finite number, not {strength!r}")
+        # Everything is checked before the steering in place is touched: a refused
+        # request leaves it as it was.
+        problems = self._behaviorc_vector_problems("steering", request.get("vectors"), strength)
+        if problems:
+            raise ValueError("; ".join(problems))
         layers = self._behaviorc_decoder_layers()
-        hidden = int(self._behaviorc_text_config().hidden_size)
-        additions: dict[int, list[float]] = {}
-        for key, values in request["vectors"].items():
-            index = int(key)
-            if not 0 <= index < len(layers):
-                raise ValueError(f"layer {index} out of range: the model has {len(layers)} "
-                                 f"decoder layers (0..{len(layers) - 1})")
-            if len(values) != hidden:
-                raise ValueError(f"vector for layer {index} has {len(values)} values, "
-                                 f"hidden size is {hidden}")
-            additions[index] = values
+        additions = {int(key): values for key, values in request["vectors"].items()}
         self.behaviorc_clear_steering()
         handles = []
         for index, values in additions.items():
