@@ -228,3 +228,15 @@ def test_build_plots_are_pngs_beside_the_results_and_one_strength_is_no_curve(tm
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_help_teaches_what_the_command_needs_without_repeating_the_steering_essay(capsys):
+    import pytest
+
+    for argv, wanted, unwanted in ((["steer", "push", "--help"], "steer push http://", "pca_center"),
+                                   (["steer", "--help"], "pca_center", None),
+                                   (["serve", "--help"], "smollm2-135m", None)):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert wanted in text and (unwanted is None or unwanted not in text), text
