@@ -43,11 +43,9 @@ def test_pairs_from_a_builtin_are_filtered_and_a_build_steers_with_them(tmp_path
 def test_pairs_written_by_a_server_are_filtered_on_the_model_named_for(vllm_server, tmp_path, capsys):
     out = tmp_path / "pairs.jsonl"
     code = main(["pairs", "upbeat", "--model", vllm_server.url, "--for", str(vllm_server.model_dir),
-                 "--questions", "4", "--drop", "0", "--out", str(out)])
+                 "--questions", "6", "--drop", "0", "--out", str(out)])
     said = capsys.readouterr()
-    if code != 0:  # noise from a tiny model may leave too few pairs: said so, nothing written
-        assert "too few" in said.err and not out.exists(), said.err
-        return
+    assert code == 0, said.err
     pairs = read_jsonl(out)
     assert len(pairs) >= 2 and all(p["positive"] != p["negative"] for p in pairs)
     assert f"on {vllm_server.model_dir} they separate best" in said.out

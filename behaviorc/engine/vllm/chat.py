@@ -64,7 +64,6 @@ class Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
     chat_template: bool = True  # cleared when the server's model has none
     model: str = ""  # the served model's name, asked once
-    seed: int | None = None  # for sampling (temperature above 0) that can be repeated
 
     def ask(self, text: str, compare: bool = False) -> tuple[str, str | None]:
         """The steered answer, and the unsteered one to the same history when `compare`."""
@@ -83,8 +82,6 @@ class Conversation:
     def _answer(self, history: list[dict[str, str]], steer: str) -> str:
         body: dict[str, Any] = {"model": self._served_model(), "max_tokens": self.max_tokens,
                                 "temperature": self.temperature}
-        if self.seed is not None:
-            body["seed"] = self.seed
         if steer:
             body["vllm_xargs"] = {"steer": steer}
         doing = f"answering{' steered by ' + steer if steer else ''}"
