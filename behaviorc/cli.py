@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "behaviorc.engine.vllm.commands",
     "behaviorc.steer.commands",
     "behaviorc.lab.commands",
+    "behaviorc.lab.pairs",
 )
 
 DESCRIPTION = """\

@@ -221,3 +221,33 @@ def test_bad_options_are_clear_errors(spec, tmp_path, capsys, options, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "x" / "results.json").exists()
+
+
+def _margin_only_results(strengths: list[float]) -> dict:
+    """steer-complexity's results as a model without a reply scorer gives them."""
+    def entry(role: str, name: str) -> dict:
+        points = [{"strength": s, "margin": -0.3 + 0.2 * s, "general_nll": 3.0 + 0.1 * s, "nll_cost": 0.1 * s}
+                  for s in strengths]
+        return {"spec": "s.behavior", "behavior": name, "model": "smollm2-135m", "measure": "margin",
+                "score": None, "held_out_prompts": 0, "eval_pairs": 6, "role": role, "points": points,
+                "best_strength": strengths[-1]}
+    return {"experiment": "steer-complexity", "spec": "s.behavior", "model": "smollm2-135m",
+            "strengths": strengths, "seeds": [0, 1], "max_nll_cost": 0.5, "notes": ["nothing is sampled"],
+            "behaviors": [entry("simple", "concise"), entry("complex", "listen")]}
+
+
+def test_steer_complexity_on_margins_alone_draws_no_empty_plot_and_one_strength_concludes_nothing(
+        tmp_path, recwarn):
+    from behaviorc.lab import steer_complexity
+    from behaviorc.lab.common import write_results
+
+    one = _margin_only_results([0.0, 2.0])
+    text = steer_complexity.summary(one)
+    assert "**The data cannot support a conclusion:** one nonzero strength (2)" in text
+    assert "**Answer:**" not in text and "- note: nothing is sampled" in text
+    assert "**Answer:** steering works for both" in steer_complexity.summary(_margin_only_results([0.0, 1.0, 2.0]))
+
+    plots = steer_complexity.plots(one)
+    assert [name for name, _ in plots] == ["steer_margin.png", "steer_nll_cost.png"]  # no rate was measured
+    write_results(tmp_path, one, text, plots)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]

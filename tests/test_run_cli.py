@@ -225,7 +225,7 @@ def test_a_build_logging_to_a_file_prints_a_progress_line_at_least_every_30_s(tm
 
     model = tmp_path / "out" / "listen" / "model"
     assert model.is_symlink() and (tmp_path / "out" / ".store") in model.resolve().parents
-    assert f"results: {model.parent}" in text
+    assert f"results: {model.parent}" in text and (model.parent / "loss.png").is_file()
     assert main(["show", str(model)]) == 0
     shown = capsys.readouterr().out
     assert "made by:  train:listen (train" in shown and f"spec:     {spec}" in shown
@@ -251,3 +251,35 @@ def test_result_links_are_replaced_in_place_and_dangling_ones_dropped(tmp_path):
     link_results(out, [(task, TaskResult(artifacts={"model": str(second), "base": str(tmp_path)}))])
     assert link.resolve() == second.resolve()
     assert sorted(p.name for p in (out / "listen").iterdir()) == ["model"]  # no staging left, k3's gone
+
+
+def test_build_plots_are_pngs_beside_the_results_and_one_strength_is_no_curve(tmp_path, recwarn):
+    from behaviorc.build.plots import LOSS_PNG, SWEEP_PNG, write_build_plots
+    from behaviorc.core.state import BuildState
+
+    state = BuildState()
+    for step in range(1, 6):
+        state.apply({"t": step, "type": "train_step", "task": "train:happy", "step": step, "steps": 5,
+                     "loss": 1.0 / step})
+    state.apply({"t": 6, "type": "train_eval", "task": "train:happy", "step": 5, "margin": 0.2})
+    for strength, margin in ((0.0, -0.3), (2.0, 0.1), (4.0, 0.4)):
+        state.apply({"t": 7, "type": "steer.point", "task": "steer.verify:happy", "strength": strength,
+                     "margin": margin, "general_nll": 3.0 + strength / 10})
+    state.apply({"t": 8, "type": "steer.point", "task": "steer.verify:lone", "strength": 2.0, "margin": 0.1})
+    written = write_build_plots(tmp_path, state)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in written) == [f"happy/{LOSS_PNG}", f"happy/{SWEEP_PNG}"]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_help_teaches_what_the_command_needs_without_repeating_the_steering_essay(capsys):
+    import pytest
+
+    for argv, wanted, unwanted in ((["steer", "push", "--help"], "steer push http://", "pca_center"),
+                                   (["steer", "--help"], "pca_center", None),
+                                   (["serve", "--help"], "smollm2-135m", None)):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert wanted in text and (unwanted is None or unwanted not in text), text

@@ -348,3 +348,47 @@ async def test_build_tui_runs_the_build_beside_the_app_and_c_cancels_it(tmp_path
     outcome = thread.result()
     assert outcome.exit_code == 130
     assert outcome.record("test.quick:q").status == "done"
+
+
+async def test_the_train_tab_ends_with_the_margins_the_distilled_samples_and_the_replies(tmp_path):
+    """What a distillation ends with is on the Train tab before quitting: the margins and
+    steered_share, a few distilled samples, the greedy replies, and the loss as a plot."""
+    events = [{"t": 1.0, "type": "build_start", "task": None, "spec": "d.behavior", "out": str(tmp_path),
+               "tasks": [{"id": "train:happy", "kind": "train"}]},
+              {"t": 1.0, "type": "task_start", "task": "train:happy", "kind": "train"},
+              {"t": 1.5, "type": "progress", "task": "train:happy", "done": 0, "total": 4,
+               "what": "sampling 10 prompts x 4"}]
+    events += [{"t": 2.0 + step, "type": "train_step", "task": "train:happy", "step": step, "steps": 4,
+                "loss": 2.0 / step} for step in range(1, 5)]
+    events += [{"t": 7.0, "type": "task_end", "task": "train:happy", "status": "done", "seconds": 6.0,
+                "metrics": {"margin_before": -0.305, "margin_steered": 0.018, "margin_after": -0.085,
+                            "steered_share": 0.68},
+                "data": {"samples": [{"prompt": "How was your day?", "response": "Wonderful, thanks!",
+                                      "score": 1.25}],
+                         "replies": [{"prompt": "Tell me about rain.", "base": "Rain is water.",
+                                      "steered": "Rain is a joyful gift!", "trained": "Rain is lovely."}]}},
+               {"t": 7.1, "type": "build_end", "task": None, "ok": True, "cancelled": False, "seconds": 6.1}]
+    (tmp_path / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
+    app = Dashboard(tmp_path, now=lambda: 8.0)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await settle(app, pilot, lambda: app.state.finished)
+        await pilot.press("1")
+        assert app.query_one(TabbedContent).active == "train"
+        training = panel_text(app, "train-view")
+    assert "margin  before -0.305  steered +0.018  after -0.085  steered_share +0.680" in training
+    assert "How was your day?  score +1.250" in training and "Wonderful, thanks!" in training
+    assert "Tell me about rain." in training
+    assert "base:     Rain is water." in training and "trained:  Rain is lovely." in training
+    assert "2 ┤" in training and "0.5 ┤" in training  # the loss plot's axis: highest, lowest
+    assert "step 4: 0.5000" in training
+
+
+def test_a_running_training_shows_its_sub_phase_on_the_train_tab():
+    from behaviorc.tui.widgets import draw_training
+
+    state = BuildState()
+    state.apply({"t": 1.0, "type": "build_start", "task": None, "tasks": [{"id": "train:happy", "kind": "train"}]})
+    state.apply({"t": 1.0, "type": "task_start", "task": "train:happy", "kind": "train"})
+    state.apply({"t": 2.0, "type": "progress", "task": "train:happy", "done": 0, "total": 30,
+                 "what": "sampling 10 prompts x 4"})
+    assert "▶ sampling 10 prompts x 4 · 0/30 (0%)" in text_of(draw_training(state))

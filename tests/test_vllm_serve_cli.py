@@ -137,6 +137,48 @@ def test_the_key_guards_the_server_and_is_on_no_command_line(served_dense, monke
     push_weights([url], model_dir)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_serve_and_curl() -> tuple[str, str]:
+    """The README's first `behaviorc serve MODEL` and the curl request after it (its
+    continued lines joined), as a user copies them."""
+    text = README.read_text()
+    served = re.search(r"^behaviorc serve (\S+)", text, re.MULTILINE)
+    assert served, "the README shows no `behaviorc serve`"
+    curl = re.search(r"^curl .*?(?<!\\)$", text[served.end():], re.MULTILINE | re.DOTALL)
+    assert curl, "no curl after the README's `behaviorc serve`"
+    return served.group(1), curl.group(0).replace("\\\n", " ")
+
+
+def test_the_readme_curl_answers_from_behaviorc_serve(served_dense):
+    """The README's curl, run as written against `behaviorc serve`: only the URL, the
+    model id (this server serves tiny-dense, the README a built-in the same way) and the
+    API key this server needs are changed."""
+    import json
+
+    from behaviorc.engine.vllm.server import STARTUP_PHASES, served_model_name, startup_phase
+
+    serving, _ = served_dense
+    model, curl = readme_serve_and_curl()
+    readme_id = json.loads(re.search(r"-d '(\{.*\})'", curl).group(1))["model"]
+    assert readme_id == served_model_name(model)  # what `behaviorc serve MODEL` prints
+    assert re.search(r"^model: tiny-dense$", serving.output, re.MULTILINE), serving.output
+    url = re.search(r"http://\S+?(?=/v1/)", curl).group(0)
+    command = curl.replace(url, serving.url()).replace(f'"model": "{readme_id}"', '"model": "tiny-dense"')
+    command += f" -sS --fail-with-body -H 'Authorization: Bearer {KEY}'"
+    answer = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    reply = json.loads(answer.stdout)
+    assert reply["model"] == "tiny-dense" and reply["usage"]["completion_tokens"] >= 1
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
+    # while it started, `serve` told what vLLM was doing, by phrases its log really holds
+    log = Path(re.search(r"^log: (\S+)$", serving.output, re.MULTILINE).group(1))
+    text = log.read_text(errors="replace")
+    assert startup_phase(log) == "ready"
+    assert [phrase for phrase, _ in STARTUP_PHASES if phrase not in text] == [], text[-3000:]
+
+
 def test_ctrl_c_stops_the_server_and_frees_the_port(served_dense):
     serving, _ = served_dense
     port = int(serving.url().rsplit(":", 1)[1])

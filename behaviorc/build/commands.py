@@ -201,16 +201,24 @@ def _build(args: argparse.Namespace, distributed: bool) -> int:
     return outcome.exit_code
 
 
-def _link_results(outcome: BuildOutcome, out: Path) -> None:
-    """Friendly names in `out/<behavior>/` for what the build made (build.results)."""
+def _publish_results(outcome: BuildOutcome, out: Path) -> None:
+    """Friendly names in `out/<behavior>/` for what the build made (build.results),
+    and its plots beside them (build.plots)."""
+    from behaviorc.build.plots import write_build_plots
     from behaviorc.build.results import link_results
+    from behaviorc.core.events import read_events
+    from behaviorc.core.state import BuildState
 
     finished = [(r.task, r.result) for r in outcome.records
                 if r.status in ("done", "cached") and r.result is not None]
-    links = link_results(out, finished)
-    if links:
-        folders = sorted({str(link.parent) for link in links})
-        print(f"results: {', '.join(folders)}")
+    out = out.resolve()
+    written = link_results(out, finished)
+    state = BuildState()
+    for event in read_events(outcome.events_path):
+        state.apply(event)
+    written += write_build_plots(out, state)
+    if written:
+        print(f"results: {', '.join(sorted({str(path.parent) for path in written}))}")
 
 
 class BuildThread(threading.Thread):
@@ -256,7 +264,7 @@ def _build_with_dashboard(out: Path, targets: list[Task], cancel: CancelSignal, 
 def _print_outcome(outcome: BuildOutcome, out: Path) -> None:
     _print_replies(outcome)
     _print_reply_tables(outcome)
-    _link_results(outcome, out)
+    _publish_results(outcome, out)
     for record in outcome.failed:
         print(f"\ntask {record.task.id} failed:\n{record.error}", file=sys.stderr)
     for verdict in outcome.unmet:

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from behaviorc.build import outputs
 from behaviorc.core.files import BUILT_PROVENANCE, PROVENANCE_FILE
 from behaviorc.core.task import Task, TaskResult
 
@@ -59,6 +60,8 @@ def link_results(out: Path, finished: Iterable[tuple[Task, TaskResult]]) -> list
             if not target.is_absolute() or out not in target.parents:
                 continue  # an imported model or file: not the build's own result
             folder = out / task.name
+            # recorded first: clean removes it, and the next build does not take it for a stranger's
+            outputs.record(out, [f"{task.name}/{target.name}"])
             folder.mkdir(exist_ok=True)
             made.append(_replace_link(folder / target.name, target))
     for folder in {link.parent for link in made}:

@@ -269,25 +269,12 @@ def write_results(out: Path, results: dict[str, Any], summary: str,
                   plots: Sequence[tuple[str, Callable[[Any], None]]]) -> list[Path]:
     """results.json, each plot (a function drawing on a matplotlib figure) and summary.md,
     each written beside its final name and renamed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from behaviorc.build import outputs
-    from behaviorc.core.atomic import atomic_file, write_json_atomic, write_text_atomic
+    from behaviorc.build.plots import write_png
+    from behaviorc.core.atomic import write_json_atomic, write_text_atomic
 
     outputs.record(out, [RESULTS_FILE, SUMMARY_FILE, *(name for name, _ in plots)])
-    written = []
-    for name, draw in plots:
-        figure = plt.figure(figsize=(6.4, 4.2))
-        try:
-            draw(figure)
-            figure.tight_layout()
-            with atomic_file(out / name, overwrite=True) as staging:
-                figure.savefig(staging, dpi=110, format="png")
-            written.append(out / name)
-        finally:
-            plt.close(figure)
+    written = [write_png(out / name, draw) for name, draw in plots]
     results = {**results, "plots": [p.name for p in written]}
     write_json_atomic(out / RESULTS_FILE, results)
     write_text_atomic(out / SUMMARY_FILE, summary)

@@ -12,6 +12,7 @@ each reaches within the NLL budget.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from behaviorc.lab.stats import bootstrap_change
 from behaviorc.lab.measure import MeasurePoint
 
 NAME = "steer-complexity"
+DEFAULT_SEEDS = 3
 HELP = "steering a simple feature and a multi-token pattern across strengths"
 EPILOG = """\
 example:
@@ -38,12 +40,16 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-nll-cost", type=float, default=0.5,
                         help="largest acceptable rise of general NLL, nats/token (default 0.5)")
     parser.add_argument("--out", type=Path, help="result folder")
-    parser.add_argument("--seeds", type=int, default=3, help="sampling seeds per strength (default 3)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="sampling seeds per strength (default 3; only a model with a scorer "
+                             "for its replies samples anything)")
     parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt (default 4)")
     parser.add_argument("--prompts", type=int, help="held-out prompts to rate on (default: all)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    seeds_given = args.seeds is not None
+    args.seeds = args.seeds if seeds_given else DEFAULT_SEEDS
     common.check_counts(args)
     strengths = common.floats(args.strengths, "--strengths")
     if 0.0 not in strengths:
@@ -71,10 +77,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         name=f"{name}[strength={strength:g},seed={s}]", model=subject.model,
                         steering=steering, strength=strength, score=subject.score, users=subject.users,
                         samples=args.samples, seed=s)
+    notes = []
+    if not any(subject.score for subject in subjects.values()):
+        model = subjects["simple"].model.decl.source
+        notes.append(f"Nothing is sampled here ({model} has no scorer for its replies): each point's margin "
+                     "and general NLL are computed exactly, so "
+                     + ("--seeds and --samples changed nothing" if seeds_given else "there are no seeds")
+                     + " and no point has an interval.")
+        if seeds_given:
+            print(f"behaviorc: warning: {notes[-1]}", file=sys.stderr)
     spec_hash = subjects["simple"].plan.spec.sha256
     done = common.run_points(args.out, list(tasks.values()), args.spec, spec_hash, jobs=args.jobs)
     metrics = {key: done[task.key].metrics for key, task in tasks.items()}
-    return analyze(subjects, strengths, seeds, args.samples, args.max_nll_cost, metrics)
+    return {**analyze(subjects, strengths, seeds, args.samples, args.max_nll_cost, metrics), "notes": notes}
 
 
 def analyze(subjects: dict[str, common.Subject], strengths: list[float], seeds: list[int], samples: int,
@@ -134,7 +149,16 @@ def summary(results: dict[str, Any]) -> str:
               (True, False): "steering works for the simple feature but not for the multi-token pattern",
               (False, True): "steering works for the multi-token pattern but not for the simple feature",
               (False, False): "steering moved neither behavior measurably"}[works(simple), works(complex_)]
-    lines += [f"**Answer:** {answer} (within a general-NLL cost of {results['max_nll_cost']} nats/token).", "",
+    nonzero = [s for s in results["strengths"] if s != 0]
+    if len(nonzero) < 2:
+        lines += [f"**The data cannot support a conclusion:** one nonzero strength ({', '.join(f'{s:g}' for s in nonzero)}) "
+                  "was measured, so a difference from strength 0 may belong to that strength alone, not to "
+                  "steering; measure several (e.g. `--strengths 0,0.5,1,2`). What it showed: "
+                  f"{answer}.", ""]
+    else:
+        lines += [f"**Answer:** {answer} (within a general-NLL cost of {results['max_nll_cost']} nats/token).", ""]
+    lines += [f"- note: {note}" for note in results.get("notes", [])]
+    lines += [
               f"- simple: {_describe(simple)}", f"- multi-token: {_describe(complex_)}", ""]
     for entry in results["behaviors"]:
         lines += [f"## {entry['role']}: `{entry['behavior']}`", "",
@@ -166,6 +190,9 @@ def plots(results: dict[str, Any]) -> list[tuple[str, Any]]:
         ax.set_ylabel(label)
         ax.legend()
 
-    return [("steer_margin.png", lambda f: panel(f, "margin", "margin (log-prob, positive - negative)")),
-            ("steer_rate.png", lambda f: panel(f, "rate", "generation rate")),
-            ("steer_nll_cost.png", lambda f: panel(f, "nll_cost", "general-NLL cost (nats/token)"))]
+    panels = [("steer_margin.png", "margin", "margin (log-prob, positive - negative)"),
+              ("steer_rate.png", "rate", "generation rate"),
+              ("steer_nll_cost.png", "nll_cost", "general-NLL cost (nats/token)")]
+    # a quantity nothing measured (the rate, where no reply is scored) gets no empty picture
+    return [(name, lambda f, key=key, label=label: panel(f, key, label)) for name, key, label in panels
+            if any(key in r for entry in results["behaviors"] for r in entry["points"])]

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
 
-EXAMPLES = """\
+METHODS = """\
 methods (a steer section's `method`), each from the paired differences d = positive - negative
 of the hidden states, and each pointing from negative to positive (aligned with mean(d)):
   mean_diff   mean(d)
@@ -20,24 +20,33 @@ of the hidden states, and each pointing from negative to positive (aligned with 
   pca_center  repeng's: first principal component of each state minus its pair's midpoint
               (the axis of pca), scaled to |mean(d)|
 
+"""
+STRENGTH = """\
 strength: a vector's length is the pairs' own contrast at its layer, so strength 1 moves a
 hidden state as far as an average positive lies from its negative, on any model. A GGUF
 holds the vectors as they are: llama.cpp's --control-vector-scaled FILE S steers like
 strength S; repeng's unit vectors need coefficient S x the layer's norm (`steer show`).
 
+"""
+FILE_EXAMPLES = """\
 examples:
-  behaviorc steer show out/listen/.store/<key>/vectors.safetensors
+  behaviorc steer show out/listen/listen/vectors.safetensors
   behaviorc steer show listen.gguf --json
   behaviorc steer convert vectors.safetensors listen.gguf     for llama.cpp --control-vector
   behaviorc steer convert repeng_vector.gguf listen.safetensors
-  behaviorc steer push http://127.0.0.1:8000 vectors.safetensors --name happy
+"""
+SERVER_EXAMPLES = """\
+examples:
+  behaviorc steer push http://127.0.0.1:8000 out/listen/listen/vectors.safetensors --name happy
   behaviorc steer list http://127.0.0.1:8000
   behaviorc steer remove http://127.0.0.1:8000 happy
 
-A vector pushed under a name steers only the requests that ask for it:
-  curl URL/v1/completions -d '{"model": M, "prompt": "...", "vllm_xargs": {"steer": "happy:2"}}'
+A vector pushed under a name steers only the requests that ask for it, at the strength
+they give (`steer --help` says what a strength is); MODEL is the id `behaviorc serve` prints:
+  curl URL/v1/completions -d '{"model": "MODEL", "prompt": "...", "vllm_xargs": {"steer": "happy:2"}}'
   behaviorc chat URL --steer happy:2,concise:-1
 """
+EXAMPLES = METHODS + STRENGTH + FILE_EXAMPLES + "  " + SERVER_EXAMPLES.removeprefix("examples:\n  ")
 
 SUFFIXES = (".safetensors", ".gguf")
 
@@ -56,7 +65,7 @@ def register(subparsers: Any) -> None:
     show = commands.add_parser(
         "show", help="layers, norms and provenance of a steering file",
         description="Print a steering file's layers with their norms and its metadata.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=STRENGTH + FILE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("path", type=Path, help="a .safetensors or .gguf steering file")
     show.add_argument("--json", action="store_true", help="print the metadata as JSON")
     show.set_defaults(run=run_show)
@@ -66,7 +75,7 @@ def register(subparsers: Any) -> None:
         description="Read a steering file and write it in the format OUT's suffix names. "
                     "GGUF cannot hold layer 0 (llama.cpp refuses it): leave it out with "
                     "--layers.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=STRENGTH + FILE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     convert.add_argument("source", type=Path, help="a .safetensors or .gguf steering file")
     convert.add_argument("out", type=Path, help="the .safetensors or .gguf file to write")
     convert.add_argument("--layers", default="", help="comma-separated layers to keep (default: all)")
@@ -79,7 +88,7 @@ def _register_server_commands(commands: Any) -> None:
     from behaviorc.engine.vllm.server import API_KEY_ENV
 
     def server_parser(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        parser = commands.add_parser(name, help=help, description=description, epilog=EXAMPLES,
+        parser = commands.add_parser(name, help=help, description=description, epilog=SERVER_EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("url", help="a server started by `behaviorc serve` (a key it needs "
                                         f"comes from ${API_KEY_ENV}, never the command line)")

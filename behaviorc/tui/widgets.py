@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Callable
 
 from rich.console import Group, RenderableType
@@ -15,24 +16,53 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static, Tree
 
-from behaviorc.core.state import (STATUS_STYLE, BuildState, TaskState, format_metrics, reply_table_lines,
-                                  summarize)
+from behaviorc.core.state import (STATUS_STYLE, BuildState, TaskState, format_metrics, progress_text,
+                                  reply_table_lines, summarize)
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 CURVE_WIDTH = 40
+PLOT_HEIGHT = 5
+REPLY_CHARS = 160  # of a reply shown in a panel
+DISTILLED_SHOWN = 3
+SWEEP_COLUMNS = 4  # columns per strength in the sweep's plot
+
+
+def _resample(values: list[float], width: int) -> list[float]:
+    """At most `width` values: the mean of each column's share of the points."""
+    if len(values) <= width:
+        return list(values)
+    step = len(values) / width
+    return [sum(chunk) / len(chunk) for chunk in
+            (values[int(i * step): max(int((i + 1) * step), int(i * step) + 1)] for i in range(width))]
 
 
 def render_curve(values: list[float], width: int = CURVE_WIDTH) -> str:
     """A one-line plot: the values resampled to `width` columns, as block heights."""
     if not values:
         return ""
-    if len(values) > width:  # the mean of each column's share of the points
-        step = len(values) / width
-        values = [sum(chunk) / len(chunk) for chunk in
-                  (values[int(i * step): max(int((i + 1) * step), int(i * step) + 1)] for i in range(width))]
+    values = _resample(values, width)
     low, high = min(values), max(values)
     span = high - low or 1.0
     return "".join(BLOCKS[min(int((v - low) / span * (len(BLOCKS) - 1) + 0.5), len(BLOCKS) - 1)] for v in values)
+
+
+def render_plot(values: list[float], height: int = PLOT_HEIGHT, width: int = CURVE_WIDTH,
+                label: str = "") -> Text:
+    """A plot `height` rows tall (each row eight block heights), the highest and lowest
+    value on its axis, `label` under it."""
+    if not values:
+        return Text("")
+    values = _resample(values, width)
+    low, high = min(values), max(values)
+    span = high - low or 1.0
+    eighths = [1 + round((v - low) / span * (height * 8 - 1)) for v in values]
+    lines = []
+    for row in range(height - 1, -1, -1):
+        cells = "".join(" " if e <= row * 8 else BLOCKS[min(e - row * 8, 8) - 1] for e in eighths)
+        axis = f"{high:>9.4g} ┤" if row == height - 1 else f"{low:>9.4g} ┤" if row == 0 else " " * 10 + "│"
+        lines.append(Text.assemble((axis, "dim"), cells))
+    lines.append(Text(" " * 11 + label, style="dim"))
+    return Text("\n").join(lines)
 
 
 def task_seconds(task: TaskState, now: float) -> str:
@@ -139,9 +169,13 @@ def draw_training(state: BuildState) -> RenderableType:
         margins = state.train_margins.get(task_id, [])
         status = task.status if task else "?"
         parts.append(_heading(f"{task_id}  [{status}]"))
+        if task is not None and task.status == "running":
+            parts.append(Text(f"▶ {progress_text(task, time.time()) or 'starting'}", style="yellow"))
+        if task is not None and task.metrics:
+            parts.append(_train_margins(task.metrics))
         if losses:
             step, loss = losses[-1]
-            parts.append(Text(f"loss {render_curve([l for _, l in losses])}  step {step}: {loss:.4f}"))
+            parts.append(render_plot([l for _, l in losses], label=f"loss per step · step {step}: {loss:.4f}"))
         if margins:
             step, margin = margins[-1]
             parts.append(Text(f"margin {render_curve([m for _, m in margins])}  {margin:+.3f}"))
@@ -157,10 +191,55 @@ def draw_training(state: BuildState) -> RenderableType:
                               f"{distilled.get('engine', '')})", style="dim"))
         for note in state.notes.get(task_id, []):
             parts.append(Text(f"! {note}", style="yellow"))
+        if task is not None:
+            parts += _distilled_samples(task) + _final_replies(task)
         if task and task.metrics:
             parts.append(Text(format_metrics(task.metrics, limit=8), style="dim"))
         parts.append(Text(""))
     return Group(*parts)
+
+
+# What a training says about the behavior, first: the margin before, steered and after
+# (steering removed), and the share of the steered gain the weights carry.
+TRAIN_MARGINS = (("before", "margin_before"), ("steered", "margin_steered"), ("after", "margin_after"),
+                 ("steered_share", "steered_share"))
+
+
+def _train_margins(metrics: dict[str, float]) -> Text:
+    shown = [(title, metrics[key]) for title, key in TRAIN_MARGINS if key in metrics]
+    return Text("margin  " + "  ".join(f"{title} {value:+.3f}" for title, value in shown), style="bold")
+
+
+def _distilled_samples(task: TaskState) -> list[RenderableType]:
+    """A few of the steered replies distillation trained on (the task's data.samples)."""
+    samples = task.data.get("samples") or []
+    if not samples:
+        return []
+    parts: list[RenderableType] = [_heading(f"distilled samples ({len(samples)} shown)")]
+    for sample in samples[:DISTILLED_SHOWN]:
+        parts.append(Text.assemble(("  " + _one_line(sample.get("prompt", "")), "bold"),
+                                   (f"  score {sample['score']:+.3f}" if "score" in sample else "", "dim")))
+        parts.append(Text("    " + _one_line(sample.get("response", ""))))
+    return parts
+
+
+def _final_replies(task: TaskState) -> list[RenderableType]:
+    """Greedy replies to held-out prompts of the base, steered and trained model."""
+    rows = task.data.get("replies") or []
+    if not rows:
+        return []
+    parts: list[RenderableType] = [_heading("replies (greedy)")]
+    for row in rows:
+        parts.append(Text("  " + _one_line(row.get("prompt", "")), style="bold"))
+        for model, reply in row.items():
+            if model != "prompt":
+                parts.append(Text.assemble((f"    {model + ':':<9} ", "dim"), _one_line(str(reply))))
+    return parts
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= REPLY_CHARS else text[:REPLY_CHARS - 1] + "…"
 
 
 def draw_steering(state: BuildState) -> RenderableType:
@@ -203,7 +282,10 @@ def draw_steering(state: BuildState) -> RenderableType:
             rows.add_row(f"{point.get('strength', 0):g}", f"{point.get('margin', 0):+.3f}",
                          f"{point['general_nll']:.3f}" if "general_nll" in point else "–",
                          *(f"{point[key]:.3f}" if key in point else "–" for key in costs))
-        parts += [Text(render_curve([p.get("margin", 0.0) for p in sweep])), rows]
+        ordered = sorted(sweep, key=lambda p: p.get("strength", 0.0))
+        strengths = ", ".join(f"{p.get('strength', 0):g}" for p in ordered)
+        parts += [render_plot([p.get("margin", 0.0) for p in ordered for _ in range(SWEEP_COLUMNS)],
+                              label=f"margin per strength ({strengths})"), rows]
         parts += _sample_replies(state.tasks.get(task_id), sweep)
     return Group(*parts)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import time
 
+from behaviorc.core.catalog import BUILTIN_MODELS
 from behaviorc.engine.vllm import chat
 
 DESCRIPTION = """\
@@ -24,10 +26,13 @@ request (or talk to it with `behaviorc chat URL --steer happy:2`).
 
 EPILOG = """\
 examples:
-  behaviorc serve tiny-gdn
-  behaviorc serve ./out/listen/compose/persona/model --port 8000
+  behaviorc serve smollm2-135m --port 8000
+  behaviorc serve out/persona/persona/model    a build's result (requests name it `persona`)
   BEHAVIORC_API_KEY="$(openssl rand -hex 16)" behaviorc serve tiny-dense --host 0.0.0.0
   behaviorc serve ./big-model --tensor-parallel-size 4    one model over 4 GPUs
+
+It prints the URL and the model id requests name (a built-in's name, else the folder's),
+and while vLLM starts (a minute or more on a CPU), what it is doing every 10 s.
 """
 
 
@@ -36,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="serve a model with vLLM for live steering and weight pushes",
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a built-in model (tiny-gdn, tiny-dense) or a model folder")
+    parser.add_argument("model", help=f"a built-in model ({', '.join(BUILTIN_MODELS)}) or a model folder")
     parser.add_argument("--port", type=int, default=None,
                         help="port to listen on (default: a free one)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -70,13 +75,19 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
-    print(f"starting vLLM for {args.model} ...", flush=True)
+    print(f"starting vLLM for {args.model} (a minute or more on a CPU) ...", flush=True)
     interrupted = False
     with serve(args.model, port=args.port, host=args.host, api_key=api_key,
-               tensor_parallel_size=args.tensor_parallel_size) as server:
+               tensor_parallel_size=args.tensor_parallel_size, waiting=_starting) as server:
         print(f"serving {server.model_dir}", flush=True)
         print(f"url: {server.url}", flush=True)
+        print(f"model: {server.model_name}", flush=True)
         print(f"log: {server.log_path}", flush=True)
+        body = json.dumps({"model": server.model_name, "max_tokens": 32,
+                           "messages": [{"role": "user", "content": "Hello"}]})
+        key = ' -H "Authorization: Bearer $BEHAVIORC_API_KEY"' if api_key else ""
+        print(f"try: curl {server.url}/v1/chat/completions -H 'Content-Type: application/json'{key} "
+              f"-d '{body}'", flush=True)
         print("press Ctrl-C to stop", flush=True)
         try:
             while server.process.poll() is None:
@@ -89,6 +100,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
     print(f"the server exited with code {server.process.returncode}; see {server.log_path}")
     return 1
+
+
+def _starting(seconds: float, phase: str) -> None:
+    print(f"  {seconds:4.0f} s  {phase}", flush=True)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -41,6 +41,7 @@ WORKER_EXTENSION = "behaviorc.engine.vllm.worker.BehaviorWorker"
 STEER_MIDDLEWARE = "behaviorc.engine.vllm.live_steer.SteerRequests"
 VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM 0.32 reads it when no --api-key is given
 READY_TIMEOUT_S = 600.0
+WAITING_INTERVAL_S = 10.0  # how often a starting server's phase is told
 STOP_GRACE_S = 15.0
 
 
@@ -51,6 +52,7 @@ class Server:
     log_path: Path
     api_key: str | None
     process: subprocess.Popen
+    model_name: str = ""  # the `model` a request names (served_model_name)
 
     @property
     def pid(self) -> int:
@@ -78,6 +80,44 @@ def resolve_model_dir(model: str | Path) -> Path:
         hint=did_you_mean(str(model), BUILTINS) or f"built-in models: {', '.join(BUILTINS)}")
 
 
+def served_model_name(model: str | Path) -> str:
+    """The `model` requests name: a built-in's name, else the folder's own name, or for
+    a build's `DIR/<behavior>/model`, the behavior's (vLLM would take the folder's whole
+    path, which it also accepts)."""
+    from behaviorc.core.catalog import BUILTIN_MODELS
+
+    if str(model) in BUILTIN_MODELS:
+        return str(model)
+    folder = Path(os.path.abspath(os.path.expanduser(model)))
+    return folder.parent.name if folder.name == "model" and folder.parent.name else folder.name
+
+
+# What vLLM's log says as it starts, in the order it says it: (a phrase of its
+# messages, what a person is told). The last one found is where it got to.
+STARTUP_PHASES = (
+    ("non-default args", "reading the model's config"),
+    ("Initializing a V1 LLM engine", "starting the engine (its worker imports torch and vLLM)"),
+    ("Starting to load model", "loading the weights"),
+    ("Loading weights took", "weights loaded; profiling memory"),
+    ("KV cache size", "allocating the KV cache and warming up"),
+    ("init engine", "engine ready; starting the HTTP server"),
+    ("Starting vLLM server on", "opening the HTTP server"),
+    ("Application startup complete", "ready"),
+)
+
+
+def startup_phase(log_path: Path) -> str:
+    """What a starting server is doing, read from the end of its log."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(max(log.seek(0, os.SEEK_END) - 4_000_000, 0))  # its start, unless it served long
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return "starting"
+    found = [(text.rfind(phrase), said) for phrase, said in STARTUP_PHASES if phrase in text]
+    return max(found)[1] if found else "starting Python and importing vLLM"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -99,9 +139,10 @@ def has_gpu() -> bool:
 
 
 def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
-                   tensor_parallel_size: int = 1) -> list[str]:
+                   tensor_parallel_size: int = 1, model_name: str = "") -> list[str]:
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", host, "--port", str(port),
+               "--served-model-name", *dict.fromkeys([model_name or model_dir.name, str(model_dir)]),
                "--enforce-eager", "--worker-extension-cls", WORKER_EXTENSION,
                "--max-model-len", "2048", "--middleware", STEER_MIDDLEWARE]
     if tensor_parallel_size > 1:  # vLLM's own: each layer's matrices split over K devices
@@ -137,12 +178,17 @@ def cpu_binding(shards: int) -> str:
     return "|".join(",".join(str(c) for c in run) for run in runs)
 
 
+Waiting = Callable[[float, str], None]  # (seconds since the start, startup_phase) while a server starts
+
+
 @contextmanager
 def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
           api_key: str | None = None, log_path: Path | None = None,
-          ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1) -> Iterator[Server]:
+          ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
+          waiting: Waiting | None = None) -> Iterator[Server]:
     """A running vLLM server for `model`, stopped when the block ends."""
-    server = start_server(model, port, host, api_key, log_path, ready_timeout, tensor_parallel_size)
+    server = start_server(model, port, host, api_key, log_path, ready_timeout, tensor_parallel_size,
+                          waiting)
     try:
         yield server
     finally:
@@ -151,8 +197,10 @@ def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
 
 def start_server(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
                  api_key: str | None = None, log_path: Path | None = None,
-                 ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1) -> Server:
-    """Start a server and wait until it answers; the caller stops it with stop_server."""
+                 ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
+                 waiting: Waiting | None = None) -> Server:
+    """Start a server and wait until it answers (told to `waiting` every
+    WAITING_INTERVAL_S); the caller stops it with stop_server."""
     if not is_loopback(host) and not api_key:
         raise BehaviorError(
             f"refusing to serve on `{host}` without an API key: the server can be steered "
@@ -166,28 +214,34 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
         log_dir = cache_root() / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log", dir=log_dir)[1])
+    model_name = served_model_name(model)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            server_command(model_dir, host, port, api_key, tensor_parallel_size), stdout=log,
+            server_command(model_dir, host, port, api_key, tensor_parallel_size, model_name), stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=server_environment(api_key, tensor_parallel_size), start_new_session=True,
             preexec_fn=_die_with(os.getpid()))
     url_host = f"[{host}]" if ":" in host else host
-    server = Server(f"http://{url_host}:{port}", model_dir, Path(log_path), api_key, process)
+    server = Server(f"http://{url_host}:{port}", model_dir, Path(log_path), api_key, process, model_name)
     try:
-        wait_until_ready(server, ready_timeout)
+        wait_until_ready(server, ready_timeout, waiting)
     except BaseException:
         stop_server(server)
         raise
     return server
 
 
-def wait_until_ready(server: Server, timeout: float) -> None:
+def wait_until_ready(server: Server, timeout: float, waiting: Waiting | None = None) -> None:
     from behaviorc.engine.vllm.http import http_client
 
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    told = started
     with http_client(server.url, server.api_key, 2.0) as http:
         while not _answers_health(server, http):
+            if waiting is not None and time.monotonic() - told >= WAITING_INTERVAL_S:
+                told = time.monotonic()
+                waiting(told - started, startup_phase(server.log_path))
             if time.monotonic() > deadline:
                 raise BehaviorError(
                     f"the vLLM server for {server.model_dir} did not answer "
