@@ -27,7 +27,8 @@ def shuffled(pairs: list[ir.Pair]) -> list[ir.Pair]:
 
 def test_a_planted_direction_beats_the_control_and_moves_every_pair_the_right_way(engine):
     vectors = extract(engine, planted_pairs(8), [2]).vectors
-    result = verify(engine, vectors, 4.0, planted_pairs(4, offset=3), GENERAL, sample_tokens=8)
+    result = verify(engine, vectors, 4.0, planted_pairs(4, offset=3), GENERAL, sweep=(4.0,),
+                    sample_tokens=8)
     assert result.effect > 0.1
     assert result.effect > 2 * abs(result.control_effect)
     assert result.steered.right_share == 1.0 and result.steered.wrong_share == 0.0
@@ -37,7 +38,7 @@ def test_a_planted_direction_beats_the_control_and_moves_every_pair_the_right_wa
     assert metrics["steer_effect"] == pytest.approx(metrics["margin_steered"] - metrics["margin_before"])
     assert metrics["anti_steerable_share"] == 0.0
     # replies at each strength, greedy, and scored for the trait
-    assert len(result.before.samples) == 3 and len(result.steered.samples) == 3
+    assert len(result.before.samples) == 4 and len(result.steered.samples) == 4  # one per held-out prompt
     assert result.steered.projection is not None
     # the projection score tells text with the trait from text without it
     prompts = [p.prompt for p in planted_pairs(4, offset=5)]
@@ -58,7 +59,7 @@ def test_the_control_has_the_norm_of_the_vectors_and_a_fixed_seed(engine):
 def test_pairs_without_a_consistent_direction_get_a_warning(engine):
     vectors = extract(engine, shuffled(planted_pairs(8)), [2]).vectors
     result = verify(engine, vectors, 4.0, shuffled(planted_pairs(4, offset=3)), GENERAL,
-                    sample_tokens=4)
+                    sweep=(4.0,), sample_tokens=4)
     assert any("does not beat a random direction" in w for w in result.warnings), result.warnings
     assert result.metrics()["steer_warnings"] >= 1
 
@@ -67,7 +68,7 @@ def test_a_reversed_direction_is_called_anti_steerable(engine):
     vectors = extract(engine, planted_pairs(8), [2]).vectors
     result = verify(engine, vectors, 4.0,
                     [ir.Pair(prompt=p.prompt, positive=NEGATIVE, negative=POSITIVE)
-                     for p in planted_pairs(4, offset=3)], GENERAL, sample_tokens=4)
+                     for p in planted_pairs(4, offset=3)], GENERAL, sweep=(4.0,), sample_tokens=4)
     assert result.steered.wrong_share == 1.0
     assert any("wrong way" in w for w in result.warnings)
 
@@ -127,7 +128,7 @@ def test_the_capability_probe_matches_an_independent_log_prob_scoring(engine, ti
                 logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
                 scores.append(sum(float(logprobs[i - 1, ids[i]]) for i in range(len(prompt_ids), len(ids))))
             right += max(range(len(scores)), key=scores.__getitem__) == q.answer
-    assert capability_accuracy(engine) == pytest.approx(right / len(questions))
+    assert capability_accuracy(engine, questions) == pytest.approx(right / len(questions))
 
 
 def test_a_build_of_pairs_without_a_direction_warns_and_fails_its_expect(tied_gdn, tmp_path, capsys):

@@ -227,10 +227,17 @@ def choice(scores: Sequence[LayerScore], chosen: int) -> str:
         said += (f"; layer {strongest.layer} raised the margin more ({strongest.effect:+.3g}) but "
                  f"the positives less ({strongest.lift:+.3g}): the rest of its gain made the "
                  "negatives unlikely, which sampled text cannot teach")
-    if kept.distillable <= 0:
-        said += ("; no layer steered made the positives likelier, so distilling this steering "
-                 "may carry little of its effect into the weights")
     return said
+
+
+def choice_warnings(scores: Sequence[LayerScore], chosen: int) -> tuple[str, ...]:
+    """What the scores say against the layer `layers auto` kept, for the task's line."""
+    kept = next((s for s in scores if s.layer == chosen and s.distillable is not None), None)
+    if kept is None or kept.distillable > 0:
+        return ()
+    return (f"layer {chosen} chosen, but no layer steered made the positives likelier (best lift "
+            f"{max(s.lift for s in scores if s.lift is not None):+.3g}): distilling this steering "
+            "may carry little of its effect into the weights",)
 
 
 def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[int, torch.Tensor],
