@@ -33,6 +33,18 @@ def model_prompt(tokenizer: Any, prompt: str) -> str:
                                          tokenize=False, add_generation_prompt=True)
 
 
+def system_prompted(tokenizer: Any, system: str, prompt: str) -> str:
+    """The text the model reads for `prompt` asked under the system prompt `system`: a
+    chat model's system and user turns and its reply cue (the template's tokens in it
+    make `model_prompt` keep it as written); a plain model reads the system prompt, a
+    blank line, then the prompt."""
+    if prompt_format(tokenizer) == "plain":
+        return f"{system}\n\n{prompt}"
+    return tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+        tokenize=False, add_generation_prompt=True)
+
+
 def _preformatted(tokenizer: Any, prompt: str) -> bool:
     return any(token in prompt for token in _template_tokens(tokenizer))
 
