@@ -4,6 +4,8 @@ budget, the capability probe and the activation-projection score."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -156,3 +158,43 @@ def test_a_build_of_pairs_without_a_direction_warns_and_fails_its_expect(tied_gd
     assert len(verify_task["data"]["pairs"]) == 2  # every 5th pair held out
     assert {"margin_before", "margin_steered"} <= set(verify_task["data"]["pairs"][0])
     assert "effect" in verify_task["data"]["control"]
+
+
+def test_auto_chooses_by_the_replies_and_never_a_strength_whose_text_broke():
+    base = SweepPoint(0.0, margin=0.0, general_nll=5.0, behavior=0.1)
+    loops = ("90% of replies loop",)
+    points = [SweepPoint(1.0, margin=0.2, general_nll=5.0, behavior=0.3),
+              SweepPoint(2.0, margin=0.3, general_nll=5.1, behavior=0.6),
+              # the largest margin and score, but its replies loop (the pirate pairs at 4)
+              SweepPoint(4.0, margin=0.9, general_nll=5.2, behavior=0.9, broke=loops)]
+    strength, why = choose_strength(points, base, Budget())
+    assert strength == 2.0 and why.startswith("strength 2: the highest reply behavior score (0.60")
+    # a scorer-less engine (a live server) falls back on the margin, and says so
+    unscored = [replace(p, behavior=None) for p in points]
+    strength, why = choose_strength(unscored, replace(base, behavior=None), Budget())
+    assert strength == 2.0 and "could not be scored" in why
+    assert choose_strength(points[2:], base, Budget())[0] is None
+
+
+def test_the_verdict_says_the_text_broke_whatever_the_margin_and_shows_the_replies(engine):
+    from behaviorc.steer.verify import Verification, verdict, with_replies_read
+
+    prompts = ["How tall is the mountain?", "Tell me about ships."]
+    base = SweepPoint(0.0, margin=-0.3, general_nll=5.0, margins=(-0.3, -0.3),
+                      samples=("It is very tall, about two miles high.", "Ships carry goods over the sea."))
+    base, base_replies = with_replies_read(engine, base, prompts, None, None, None)
+    assert base.broke == () and base.looping == 0.0 and base.reply_nll > 0
+    looping = SweepPoint(2.0, margin=1.5, general_nll=5.1, margins=(1.5, 1.5),
+                         samples=("Aye, the tallest! I'm aye, the tallest! I'm aye, the tallest! I'm aye,",
+                                  "Aye, aye, aye, aye, aye, aye, aye, aye, aye, aye"))
+    looping, _ = with_replies_read(engine, looping, prompts, None, None, base_replies)
+    assert looping.looping == 1.0 and any("loop" in reason for reason in looping.broke)
+    control = SweepPoint(2.0, margin=-0.3, general_nll=float("nan"), margins=(-0.3, -0.3))
+    result = Verification(before=base, steered=looping, sweep=(looping,), control=control, strength=2.0)
+    warnings = verdict(result, Budget(), auto=False, fits=True)
+    broke = next(w for w in warnings if "text broke" in w)
+    assert broke.startswith("the text broke at strength 2 whatever the margin (+1.8)")
+    assert "'Ships carry goods over the sea.' became 'Aye, aye, aye" in broke
+    assert "no strength of the sweep fits the budget" in broke
+    assert Verification(before=base, steered=looping, sweep=(looping,), control=control,
+                        strength=2.0, warnings=warnings).metrics()["text_broke"] == 1.0

@@ -33,6 +33,10 @@ METRICS: dict[str, str] = {
     "projection_steered": "activation-projection score of the steered model's replies",
     "projection_after": "activation-projection score of the trained model's replies",
     "strength": "the steering strength verification used (chosen by `strength auto`)",
+    "text_broke": ("1 when the steered replies loop or lost distinct-2 against steering off, "
+                   "whatever the margin (steer.verify); 0 when they read as text"),
+    "strength_relative": ("the strength used as a share of a typical hidden state's norm at the "
+                          "steered layer (the largest over the layers)"),
     "steer_warnings": "reasons not to trust the steering (the verdict; 0: none)",
     "general_nll_before": "mean NLL per token of general text, base model",
     "general_nll_steered": "mean NLL per token of general text, steering on",
@@ -89,7 +93,7 @@ STEER_VERIFY: tuple[str, ...] = (
     "general_nll_steered", "steer_effect", "control_effect", "right_share",
     "anti_steerable_share", "capability_before", "capability_steered", "repetition_before",
     "repetition_steered", "projection_before", "projection_steered", "strength",
-    "steer_warnings")
+    "strength_relative", "text_broke", "steer_warnings")
 TRAIN: tuple[str, ...] = (
     "loss_first", "loss_last", "steps_skipped", "limiter_activations", "margin_before",
     "margin_steered", "margin_after", "general_nll_before", "general_nll_after", "steered_share",

@@ -19,7 +19,8 @@ Every direction points from negative to positive completions: its sign is chosen
 that the mean difference projects positively on it (repeng votes pair by pair instead,
 which agrees whenever most pairs agree). `pca_diff` and `pca_center` are scaled to the
 mean difference's norm, so that with any method a strength of 1 moves a hidden state
-as far as the pairs' average positive lies from its negative: the unit of strength is
+as far as the pairs' average positive lies from its negative (over several layers, the
+layers share it: each carries its direction over their number): the unit of strength is
 the behavior's own contrast at that layer, which carries across models and tools
 (repeng's unit vectors need coefficient = strength x that norm, the `norms` the
 extraction reports; the GGUF holds the vectors as they are, so llama.cpp's
@@ -296,7 +297,11 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
         scores = tuple(score_layers(positives, negatives))
         scores = tuple(measure_effects(engine, pairs, positives, negatives, scores, method))
         wanted = [best_layer(scores)]
-    directions = {layer: direction(positives[layer], negatives[layer], method) for layer in wanted}
+    # Several layers share the strength: each adds its direction over the number of
+    # layers, so `layers 12..18` at strength S moves the residual stream about as far as
+    # one layer at S (steering adds up along the stream), not seven times that.
+    directions = {layer: direction(positives[layer], negatives[layer], method) / len(wanted)
+                  for layer in wanted}
     vectors = SteeringVectors(
         directions=directions, method=method, model=info.name, read=read,
         model_type=model_type(info.path) or info.architecture)

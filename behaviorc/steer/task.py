@@ -108,10 +108,18 @@ def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
     if result.warnings:
         ctx.emit(SteerVerdict(warnings=list(result.warnings), strength=result.strength))
     control = result.control
+    metrics = result.metrics()
+    # Strength 1 is the pairs' own contrast; beside it, how far that moves a typical
+    # hidden state at the layer, which says more about what the text can take.
+    relative = {layer: result.strength * share
+                for layer, share in ctx.result(task.vectors).data.get("relative_norms", {}).items()}
+    if relative:
+        metrics["strength_relative"] = max(relative.values())
     return TaskResult(
-        metrics=result.metrics(),
+        metrics=metrics,
         data={
             "strength": result.strength,
+            "strength_relative": relative,
             "choice": result.choice,
             "warnings": list(result.warnings),
             "control": {"strength": control.strength, "margin": control.margin,
@@ -136,7 +144,8 @@ class ExtractSteering(Task):
     distillable effect for the steered candidates) and the choice, in words."""
 
     kind: ClassVar[str] = "steer.extract"
-    version: ClassVar[int] = 2  # 2: `layers auto` keeps the largest distillable effect
+    # 2: `layers auto` keeps the largest distillable effect; 3: several layers share the strength
+    version: ClassVar[int] = 3
     reports: ClassVar[tuple[str, ...]] = STEER_EXTRACT
     provides: ClassVar[dict[str, str]] = {"steering": "vectors"}
     parallel_safe: ClassVar[bool] = True

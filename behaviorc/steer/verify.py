@@ -53,7 +53,8 @@ from behaviorc.measure.nll import general_nll
 from behaviorc.measure.capability import capability_accuracy
 from behaviorc.measure.projection import REPLY_TOKENS, projection_score
 from behaviorc.measure.repetition import repeated_ngram_share
-from behaviorc.measure.replies import reply_prompts, sample_replies
+from behaviorc.measure.replies import (Projection, Reply, ReplyStats, read_by, reply_prompts,
+                                      sample_replies, summarize, text_broke)
 
 # Strengths measured when the spec has no sweep, and `strength auto` chooses from. A
 # strength multiplies the extracted vector, whose length is the pairs' mean difference
@@ -78,8 +79,10 @@ class Budget:
     repetition_rise: float = 0.10
 
     def allows(self, point: "SweepPoint", base: "SweepPoint") -> bool:
+        """Inside the budget, and text that did not break (measure.replies.text_broke)."""
         return (point.general_nll <= base.general_nll * (1 + self.nll_rise)
-                and point.repetition <= base.repetition + self.repetition_rise)
+                and point.repetition <= base.repetition + self.repetition_rise
+                and not point.broke)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,15 @@ class SweepPoint:
     capability: float | None = None  # the probe's accuracy, where it was measured
     repetition: float = 0.0  # share of repeated word 3-grams in the samples
     projection: float | None = None  # None when every sample was empty
+    # The replies read as a person would (measure.replies): the mean behavior score
+    # (projection calibrated on the pairs: 0 the negatives, 1 the positives; None when it
+    # cannot be calibrated), distinct-2, the share that loops, NLL under the base model,
+    # and why the text broke against steering off (empty: it did not).
+    behavior: float | None = None
+    distinct_2: float | None = None
+    looping: float = 0.0
+    reply_nll: float | None = None
+    broke: tuple[str, ...] = ()
     right_share: float = 0.0  # pairs whose margin rose against steering off
     wrong_share: float = 0.0  # pairs whose margin fell (anti-steerable)
     margins: tuple[float, ...] = ()  # per held-out pair
@@ -100,7 +112,8 @@ class SweepPoint:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SweepPoint":
-        return cls(**{**data, "margins": tuple(data["margins"]), "samples": tuple(data["samples"])})
+        return cls(**{**data, "margins": tuple(data["margins"]), "samples": tuple(data["samples"]),
+                      "broke": tuple(data.get("broke", ()))})
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,7 @@ class Verification:
             "repetition_before": before.repetition,
             "repetition_steered": steered.repetition,
             "strength": self.strength,
+            "text_broke": float(bool(steered.broke)),
             "steer_warnings": float(len(self.warnings)),
         }
         if before.capability is not None and steered.capability is not None:
@@ -171,12 +185,15 @@ def control_vectors(vectors: SteeringVectors, seed: int = CONTROL_SEED) -> Steer
 def measure_at(engine: Engine, vectors: SteeringVectors | None, strength: float,
                pairs: Sequence[ir.Pair], general: Sequence[str],
                base: SweepPoint | None = None, prompts: Sequence[str] = (),
-               sample_tokens: int = SAMPLE_TOKENS, full: bool = True,
-               probe: bool = False) -> SweepPoint:
+               sample_tokens: int = SAMPLE_TOKENS, full: bool = True, probe: bool = False,
+               scorer: Projection | None = None, base_replies: ReplyStats | None = None,
+               ) -> SweepPoint:
     """One strength's figures (`vectors` None or strength 0: steering off); `base`,
-    steering off's point, gives the per-pair shares. `full` False measures the margins
-    only (the control); `probe` adds the capability probe, which costs more than all
-    the rest of a point together, so it runs only where a strength is used."""
+    steering off's point, gives the per-pair shares, and `base_replies` its replies'
+    figures, which say whether the text broke. `full` False measures the margins only
+    (the control); `probe` adds the capability probe, which costs more than all the rest
+    of a point together, so it runs only where a strength is used. `scorer` scores the
+    replies for the behavior."""
     engine.clear_steering()
     on = vectors is not None and strength != 0
     with steered(engine, vectors.directions, strength) if on else nullcontext(engine):
@@ -193,35 +210,91 @@ def measure_at(engine: Engine, vectors: SteeringVectors | None, strength: float,
                   "wrong_share": sum(c < 0 for c in changes) / len(changes)}
     if not full:
         return SweepPoint(strength, mean, math.nan, margins=tuple(margins), **shares)
-    # Read back unsteered: the score is a property of the text (measure.projection).
-    projection = projection_score(engine, vectors.directions, prompts, replies) if vectors else None
-    return SweepPoint(strength, mean, nll, capability=capability,
-                      repetition=repeated_ngram_share(replies), projection=projection,
-                      margins=tuple(margins), samples=tuple(replies), **shares)
+    point = SweepPoint(strength, mean, nll, capability=capability,
+                       repetition=repeated_ngram_share(replies), margins=tuple(margins),
+                       samples=tuple(replies), **shares)
+    if not replies:
+        return point
+    return with_replies_read(engine, point, prompts, vectors, scorer, base_replies)[0]
+
+
+def with_replies_read(engine: Engine, point: SweepPoint, prompts: Sequence[str],
+                      vectors: SteeringVectors | None, scorer: Projection | None,
+                      base_replies: ReplyStats | None) -> tuple[SweepPoint, ReplyStats]:
+    """`point` with its replies read back unsteered (measure.replies): behavior score,
+    coherence, whether the text broke against `base_replies`; and their figures."""
+    replies = read_by(engine, [Reply(p, text, sampled=False) for p, text in zip(prompts, point.samples)])
+    stats = summarize(replies, scorer.scores(replies) if scorer else [0.0] * len(replies))
+    projection = None
+    if vectors is not None:
+        # Read back unsteered: the score is a property of the text (measure.projection).
+        projection = projection_score(engine, vectors.directions, prompts, point.samples)
+    return replace(point, projection=projection,
+                   behavior=stats.score.mean if scorer else None,
+                   distinct_2=_number(stats.distinct_2.mean), looping=stats.looping,
+                   reply_nll=_number(stats.nll.mean),
+                   broke=tuple(text_broke(stats, base_replies)) if base_replies else ()), stats
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def behavior_scorer(engine: Engine, vectors: SteeringVectors, pairs: Sequence[ir.Pair]) -> Projection | None:
+    """The reply scorer verification chooses with: the projection on the vectors,
+    calibrated on the held-out pairs; None where it cannot be (an engine that does not
+    read hidden states, pairs whose positives do not project above their negatives)."""
+    if not getattr(engine, "reads_hidden_states", True):
+        return None
+    try:
+        return Projection.calibrate(engine, vectors.directions, pairs)
+    except BehaviorError:
+        return None
 
 
 def measure_base(engine: Engine, pairs: Sequence[ir.Pair], general: Sequence[str],
                  sample_tokens: int = SAMPLE_TOKENS) -> SweepPoint:
     """Steering off: everything a verification compares against, the capability probe
     included, and nothing that depends on the vectors, so one measurement serves every
-    strength, layer and method (steer.task.MeasureBase caches it). Its projection is
-    None: that reads the replies along a direction, which `verify` adds."""
+    strength, layer and method (steer.task.MeasureBase caches it). Its projection and
+    behavior score are None: those read the replies along a direction, which `verify`
+    adds."""
     return measure_at(engine, None, 0.0, pairs, general, None,
                       reply_prompts(pairs, SAMPLE_PROMPTS), sample_tokens, probe=True)
 
 
 def choose_strength(points: Sequence[SweepPoint], base: SweepPoint, budget: Budget) -> tuple[float | None, str]:
-    """The strength with the largest margin gain inside the budget, and why; None when
-    no strength fits."""
+    """The strength whose replies show the behavior most (the reply behavior score; the
+    margin where replies were not scored) among those inside the budget whose text did
+    not break, and why; None when no strength fits."""
     fitting = [p for p in points if p.strength != 0 and budget.allows(p, base)]
     if not fitting:
         return None, "no strength kept inside the budget"
+    cost = (f"general NLL rose at most {budget.nll_rise:.0%} and repetition at most "
+            f"{budget.repetition_rise:g}, and whose replies did not loop or lose distinct-2")
+    if all(p.behavior is not None for p in fitting) and base.behavior is not None:
+        best = max(fitting, key=lambda p: (p.behavior, p.margin, -abs(p.strength)))
+        return best.strength, (
+            f"strength {best.strength:g}: the highest reply behavior score ({best.behavior:.2f}, "
+            f"base {base.behavior:.2f}; margin {best.margin - base.margin:+.3g}) of {len(points)} "
+            f"tried whose {cost} (general NLL {best.general_nll / base.general_nll - 1:+.1%}, "
+            f"repetition {best.repetition - base.repetition:+.2f})")
     best = max(fitting, key=lambda p: (p.margin, -abs(p.strength)))
     return best.strength, (
         f"strength {best.strength:g}: the largest margin gain ({best.margin - base.margin:+.3g}) "
-        f"of {len(points)} tried whose general NLL rose at most {budget.nll_rise:.0%} "
-        f"({best.general_nll / base.general_nll - 1:+.1%}) and repetition at most "
-        f"{budget.repetition_rise:g} ({best.repetition - base.repetition:+.2f})")
+        f"of {len(points)} tried whose {cost} (general NLL "
+        f"{best.general_nll / base.general_nll - 1:+.1%}, repetition "
+        f"{best.repetition - base.repetition:+.2f}); the replies could not be scored for the "
+        "behavior")
+
+
+def broken_text(point: SweepPoint, base: SweepPoint, shown: int = 2) -> str:
+    """Why the text broke at `point`, with the replies that show it beside steering off's."""
+    order = sorted(range(len(point.samples)), key=lambda i: -repeated_ngram_share([point.samples[i]]))
+    quoted = "; ".join(f"{base.samples[i]!r} became {point.samples[i]!r}" for i in order[:shown]
+                       if i < len(base.samples))
+    return (f"the text broke at strength {point.strength:g} whatever the margin "
+            f"({point.margin - base.margin:+.3g}): {'; '.join(point.broke)}. Replies: {quoted}")
 
 
 def verdict(result: Verification, budget: Budget, auto: bool, fits: bool) -> tuple[str, ...]:
@@ -237,13 +310,17 @@ def verdict(result: Verification, budget: Budget, auto: bool, fits: bool) -> tup
                         f"(anti-steerable), only {steered.right_share:.0%} the right way")
     if auto and not fits:
         warnings.append(f"no strength tried fits the budget (general NLL +{budget.nll_rise:.0%}, "
-                        f"repetition +{budget.repetition_rise:g}); strength "
-                        f"{result.strength:g} is the weakest tried")
-    elif not auto and not budget.allows(steered, result.before):
+                        f"repetition +{budget.repetition_rise:g}, replies that do not break); "
+                        f"strength {result.strength:g} is the weakest tried")
+    instead = ""
+    if not auto and not budget.allows(steered, result.before):
         fitting, _ = choose_strength(result.sweep, result.before, budget)
-        instead = (f"; of the sweep, strength {fitting:g} fits it: write `strength {fitting:g}` "
-                   "or `strength auto`" if fitting is not None else
-                   "; no strength of the sweep fits it")
+        instead = (f"; of the sweep, strength {fitting:g} fits the budget: write `strength "
+                   f"{fitting:g}` or `strength auto`" if fitting is not None else
+                   "; no strength of the sweep fits the budget")
+    if steered.broke:
+        warnings.append(broken_text(steered, result.before) + instead)
+    elif instead:
         warnings.append(
             f"strength {result.strength:g} costs more than the budget: general NLL "
             f"{steered.general_nll / result.before.general_nll - 1:+.1%} (budget "
@@ -287,7 +364,9 @@ def verify(engine: Engine, vectors: SteeringVectors, strength: float | Literal["
         base = measure_base(engine, pairs, general, sample_tokens)
     elif len(base.margins) != len(pairs) or len(base.samples) != len(prompts):
         raise ValueError("the base measurement was made on other pairs than the verification's")
-    before = replace(base, projection=projection_score(engine, vectors.directions, prompts, base.samples))
+    scorer = behavior_scorer(engine, vectors, pairs)
+    before, base_replies = with_replies_read(engine, base, prompts, vectors, scorer, None) \
+        if base.samples else (base, None)
     strengths = [s for s in dict.fromkeys([*([] if auto else [float(strength)]), *tried]) if s != 0]
     total = len(strengths) + 1
     if on_point is not None:
@@ -295,7 +374,7 @@ def verify(engine: Engine, vectors: SteeringVectors, strength: float | Literal["
     measured: dict[float, SweepPoint] = {0.0: before}
     for done, value in enumerate(strengths, 2):
         measured[value] = measure_at(engine, vectors, value, pairs, general, before, prompts,
-                                     sample_tokens)
+                                     sample_tokens, scorer=scorer, base_replies=base_replies)
         if on_point is not None:
             on_point(measured[value], done, total)
     choice, fits = "", True
