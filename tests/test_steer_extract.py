@@ -195,3 +195,10 @@ def test_auto_prefers_the_effect_that_makes_the_wanted_completions_likelier():
         "layer 20 chosen, but no layer steered made the positives likelier (best lift -0.1): "
         "distilling this steering may carry little of its effect into the weights",)
     assert choice_warnings([unwanted_falls, wanted_rises], 22) == ()
+    # a layer whose steered replies broke is no choice, whatever its effect
+    looping = LayerScore(24, 0.99, 1.0, effect=0.9, lift=0.5, broke=("75% of replies loop",))
+    assert best_layer([looping, wanted_rises]) == 22
+    assert "left out, their steered replies broke: layer 24 (75% of replies loop)" in \
+        choice([looping, wanted_rises], 22)
+    assert best_layer([looping]) == 24 and "every candidate layer's replies broke" in \
+        choice_warnings([looping], 24)[0]

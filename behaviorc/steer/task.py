@@ -58,7 +58,8 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     if extraction.scores:
         data["scores"] = [
             {"layer": s.layer, "consistency": s.consistency, "accuracy": s.accuracy,
-             "effect": s.effect, "lift": s.lift, "distillable": s.distillable}
+             "effect": s.effect, "lift": s.lift, "distillable": s.distillable,
+             "behavior": s.behavior, "broke": list(s.broke)}
             for s in extraction.scores]
         chosen = next(s for s in extraction.scores if s.layer == vectors.layers[0])
         data["chosen"] = chosen.layer
@@ -144,8 +145,9 @@ class ExtractSteering(Task):
     distillable effect for the steered candidates) and the choice, in words."""
 
     kind: ClassVar[str] = "steer.extract"
-    # 2: `layers auto` keeps the largest distillable effect; 3: several layers share the strength
-    version: ClassVar[int] = 3
+    # 2: `layers auto` keeps the largest distillable effect; 3: several layers share the
+    # strength; 4: `layers auto` leaves out layers whose steered replies break
+    version: ClassVar[int] = 4
     reports: ClassVar[tuple[str, ...]] = STEER_EXTRACT
     provides: ClassVar[dict[str, str]] = {"steering": "vectors"}
     parallel_safe: ClassVar[bool] = True
