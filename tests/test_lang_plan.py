@@ -31,15 +31,15 @@ def by_id(plan) -> dict:
 
 def test_listen_plan() -> None:
     plan = lower(load_spec(str(TINY_SPECS / "listen.behavior")))
-    assert [t.id for t in plan.tasks] == ["model:base", "steer.extract:listen", "steer.verify:listen",
-                                          "train:listen", "task_vector:listen"]
+    assert [t.id for t in plan.tasks] == ["model:base", "steer.extract:listen", "steer.base:listen",
+                                          "steer.verify:listen", "train:listen", "task_vector:listen"]
     tasks = by_id(plan)
     extract, verify, train = tasks["steer.extract:listen"], tasks["steer.verify:listen"], tasks["train:listen"]
     spec = plan.spec
     # eval pairs verify; every steer pair extracts
     assert extract.pairs == spec.behavior("listen").steer.pairs
-    assert verify.pairs == spec.behavior("listen").eval.pairs and verify.vectors is extract
-    assert verify.general == spec.behavior("listen").train.mix.texts
+    assert verify.base.pairs == spec.behavior("listen").eval.pairs and verify.vectors is extract
+    assert verify.base.general == spec.behavior("listen").train.mix.texts
     assert train.eval_pairs == spec.behavior("listen").eval.pairs and train.steering is None
     assert tasks["task_vector:listen"].finetuned is train
     assert extract.loc.line == 10 and train.loc.line == 22  # tasks point back at the spec
@@ -93,15 +93,15 @@ def test_verification_holds_out_every_fifth_pair(tmp_path: Path) -> None:
     plan = plan_of(f'model m = "tiny-gdn"\nbehavior a {{ steer {{ {pairs(12)} }} }}\n', tmp_path)
     tasks = by_id(plan)
     extract, verify = tasks["steer.extract:a"], tasks["steer.verify:a"]
-    assert [p.prompt for p in verify.pairs] == ["p4", "p9"]
+    assert [p.prompt for p in verify.base.pairs] == ["p4", "p9"]
     assert [p.prompt for p in extract.pairs] == [f"p{i}" for i in range(12) if i not in (4, 9)]
-    assert verify.general and "held out" in plan.notes[0]
+    assert verify.base.general and "held out" in plan.notes[0]
 
 
 def test_few_pairs_verify_on_themselves_and_say_so(tmp_path: Path) -> None:
     plan = plan_of(f'model m = "tiny-gdn"\nbehavior a {{ steer {{ {pairs(3)} }} }}\n', tmp_path)
     tasks = by_id(plan)
-    assert tasks["steer.verify:a"].pairs == tasks["steer.extract:a"].pairs
+    assert tasks["steer.verify:a"].base.pairs == tasks["steer.extract:a"].pairs
     assert "verified on the pairs it was extracted from" in plan.notes[0]
 
 
@@ -153,6 +153,35 @@ def test_strength_reaches_training_when_it_distills(tmp_path: Path) -> None:
     assert changed == {"steer.verify:a", "train:a", "task_vector:a"}
 
 
+def test_the_base_model_is_measured_once_for_every_strength_layer_and_method(tmp_path: Path) -> None:
+    spec = ('model m = "tiny-gdn"\nbehavior a {{ steer {{ strength {s}  layers {l}  method {m}  {p} }}\n'
+            '  train {{ distill steering {{ prompt "go" }} }}\n'
+            '  eval {{ pair "q" {{ positive " {e}"  negative " no" }} }} }}\n')
+    first = keys(spec.format(s=4, l=1, m="mean_diff", p=pairs(6), e="yes"), tmp_path)
+    for change in ({"s": 2}, {"s": "auto"}, {"l": "2..3"}, {"l": "auto"}, {"m": "pca"}):
+        varied = keys(spec.format(**{"s": 4, "l": 1, "m": "mean_diff", "p": pairs(6), "e": "yes",
+                                     **change}), tmp_path)
+        assert varied["steer.base:a"] == first["steer.base:a"], change
+        assert varied["steer.verify:a"] != first["steer.verify:a"], change
+    # the extraction pairs are not measured on the base model; the held-out ones are
+    assert keys(spec.format(s=4, l=1, m="mean_diff", p=pairs(7), e="yes"), tmp_path)["steer.base:a"] \
+        == first["steer.base:a"]
+    assert keys(spec.format(s=4, l=1, m="mean_diff", p=pairs(6), e="yes!"), tmp_path)["steer.base:a"] \
+        != first["steer.base:a"]
+
+
+def test_strength_auto_reaches_training_through_the_verification(tmp_path: Path) -> None:
+    plan = plan_of(f'model m = "tiny-gdn"\nbehavior a {{ steer {{ strength auto  {pairs(6)} }}\n'
+                   '  train { distill steering { prompt "go" } } }\n', tmp_path)
+    tasks = by_id(plan)
+    train = tasks["train:a"]
+    assert train.strength_from is tasks["steer.verify:a"] and train.steering is tasks["steer.extract:a"]
+    assert "strength_from" in train.arguments()  # the verification runs first
+    fixed = by_id(plan_of(f'model m = "tiny-gdn"\nbehavior a {{ steer {{ strength 2  {pairs(6)} }}\n'
+                          '  train { distill steering { prompt "go" } } }\n', tmp_path))["train:a"]
+    assert fixed.strength_from is None and fixed.strength == 2.0
+
+
 def test_changing_a_weight_reruns_only_the_composition(tmp_path: Path) -> None:
     spec = ('model m = "tiny-gdn"\nbehavior a { train { example "x" { response " y" } } }\n'
             'compose c = a * WEIGHT\ndeploy c to vllm auto\n')
@@ -176,7 +205,7 @@ def test_render_tree_and_json() -> None:
     plan = lower(load_spec(str(TINY_SPECS / "persona.behavior")))
     tree = plan.render_tree()
     lines = tree.splitlines()
-    assert lines[0] == f"{TINY_SPECS / 'persona.behavior'}: 13 tasks"
+    assert lines[0] == f"{TINY_SPECS / 'persona.behavior'}: 15 tasks"
     for task in plan.tasks:  # each task once in full: id, key prefix, spec line
         full = [line for line in lines if task.key[:8] in line]
         assert len(full) == 1 and task.id in full[0] and f"{task.loc.file}:{task.loc.line}" in full[0]

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.measure.margin import behavior_margin
-from behaviorc.steer.extract import (LayerScore, best_layer, check_pairs, choice, direction,
-                                     extract, read_pairs, score_layers)
+from behaviorc.steer.extract import (LayerScore, best_layer, check_pairs, choice, choice_warnings,
+                                     direction, extract, read_pairs, score_layers)
 
 SUBJECTS = ["I", "You", "We", "The model", "The user", "The parser", "The test", "The assistant"]
 VERBS = ["will use", "should write", "can read", "might change", "wants"]
@@ -188,4 +188,17 @@ def test_auto_prefers_the_effect_that_makes_the_wanted_completions_likelier():
     said = choice([unwanted_falls, wanted_rises], 22)
     assert "layer 22" in said and "layer 21 raised the margin more (+0.52)" in said
     assert "raised the margin more" not in choice([wanted_rises], 22)  # the strongest, kept
-    assert "may carry little" in choice([LayerScore(20, 0.9, 1.0, effect=0.3, lift=-0.1)], 20)
+    # no layer lifts the positives (the pirate pairs on smollm2-135m): a warning that names
+    # the layer, for the task's terminal line
+    falling = [LayerScore(20, 0.9, 1.0, effect=0.3, lift=-0.1), LayerScore(21, 0.9, 1.0, effect=0.2, lift=-0.4)]
+    assert choice_warnings(falling, 20) == (
+        "layer 20 chosen, but no layer steered made the positives likelier (best lift -0.1): "
+        "distilling this steering may carry little of its effect into the weights",)
+    assert choice_warnings([unwanted_falls, wanted_rises], 22) == ()
+    # a layer whose steered replies broke is no choice, whatever its effect
+    looping = LayerScore(24, 0.99, 1.0, effect=0.9, lift=0.5, broke=("75% of replies loop",))
+    assert best_layer([looping, wanted_rises]) == 22
+    assert "left out, their steered replies broke: layer 24 (75% of replies loop)" in \
+        choice([looping, wanted_rises], 22)
+    assert best_layer([looping]) == 24 and "every candidate layer's replies broke" in \
+        choice_warnings([looping], 24)[0]

@@ -4,6 +4,8 @@ budget, the capability probe and the activation-projection score."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -27,7 +29,8 @@ def shuffled(pairs: list[ir.Pair]) -> list[ir.Pair]:
 
 def test_a_planted_direction_beats_the_control_and_moves_every_pair_the_right_way(engine):
     vectors = extract(engine, planted_pairs(8), [2]).vectors
-    result = verify(engine, vectors, 4.0, planted_pairs(4, offset=3), GENERAL, sample_tokens=8)
+    result = verify(engine, vectors, 4.0, planted_pairs(4, offset=3), GENERAL, sweep=(4.0,),
+                    sample_tokens=8)
     assert result.effect > 0.1
     assert result.effect > 2 * abs(result.control_effect)
     assert result.steered.right_share == 1.0 and result.steered.wrong_share == 0.0
@@ -37,7 +40,7 @@ def test_a_planted_direction_beats_the_control_and_moves_every_pair_the_right_wa
     assert metrics["steer_effect"] == pytest.approx(metrics["margin_steered"] - metrics["margin_before"])
     assert metrics["anti_steerable_share"] == 0.0
     # replies at each strength, greedy, and scored for the trait
-    assert len(result.before.samples) == 3 and len(result.steered.samples) == 3
+    assert len(result.before.samples) == 4 and len(result.steered.samples) == 4  # one per held-out prompt
     assert result.steered.projection is not None
     # the projection score tells text with the trait from text without it
     prompts = [p.prompt for p in planted_pairs(4, offset=5)]
@@ -58,7 +61,7 @@ def test_the_control_has_the_norm_of_the_vectors_and_a_fixed_seed(engine):
 def test_pairs_without_a_consistent_direction_get_a_warning(engine):
     vectors = extract(engine, shuffled(planted_pairs(8)), [2]).vectors
     result = verify(engine, vectors, 4.0, shuffled(planted_pairs(4, offset=3)), GENERAL,
-                    sample_tokens=4)
+                    sweep=(4.0,), sample_tokens=4)
     assert any("does not beat a random direction" in w for w in result.warnings), result.warnings
     assert result.metrics()["steer_warnings"] >= 1
 
@@ -67,7 +70,7 @@ def test_a_reversed_direction_is_called_anti_steerable(engine):
     vectors = extract(engine, planted_pairs(8), [2]).vectors
     result = verify(engine, vectors, 4.0,
                     [ir.Pair(prompt=p.prompt, positive=NEGATIVE, negative=POSITIVE)
-                     for p in planted_pairs(4, offset=3)], GENERAL, sample_tokens=4)
+                     for p in planted_pairs(4, offset=3)], GENERAL, sweep=(4.0,), sample_tokens=4)
     assert result.steered.wrong_share == 1.0
     assert any("wrong way" in w for w in result.warnings)
 
@@ -127,7 +130,7 @@ def test_the_capability_probe_matches_an_independent_log_prob_scoring(engine, ti
                 logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
                 scores.append(sum(float(logprobs[i - 1, ids[i]]) for i in range(len(prompt_ids), len(ids))))
             right += max(range(len(scores)), key=scores.__getitem__) == q.answer
-    assert capability_accuracy(engine) == pytest.approx(right / len(questions))
+    assert capability_accuracy(engine, questions) == pytest.approx(right / len(questions))
 
 
 def test_a_build_of_pairs_without_a_direction_warns_and_fails_its_expect(tied_gdn, tmp_path, capsys):
@@ -155,3 +158,43 @@ def test_a_build_of_pairs_without_a_direction_warns_and_fails_its_expect(tied_gd
     assert len(verify_task["data"]["pairs"]) == 2  # every 5th pair held out
     assert {"margin_before", "margin_steered"} <= set(verify_task["data"]["pairs"][0])
     assert "effect" in verify_task["data"]["control"]
+
+
+def test_auto_chooses_by_the_replies_and_never_a_strength_whose_text_broke():
+    base = SweepPoint(0.0, margin=0.0, general_nll=5.0, behavior=0.1)
+    loops = ("90% of replies loop",)
+    points = [SweepPoint(1.0, margin=0.2, general_nll=5.0, behavior=0.3),
+              SweepPoint(2.0, margin=0.3, general_nll=5.1, behavior=0.6),
+              # the largest margin and score, but its replies loop (the pirate pairs at 4)
+              SweepPoint(4.0, margin=0.9, general_nll=5.2, behavior=0.9, broke=loops)]
+    strength, why = choose_strength(points, base, Budget())
+    assert strength == 2.0 and why.startswith("strength 2: the highest reply behavior score (0.60")
+    # a scorer-less engine (a live server) falls back on the margin, and says so
+    unscored = [replace(p, behavior=None) for p in points]
+    strength, why = choose_strength(unscored, replace(base, behavior=None), Budget())
+    assert strength == 2.0 and "could not be scored" in why
+    assert choose_strength(points[2:], base, Budget())[0] is None
+
+
+def test_the_verdict_says_the_text_broke_whatever_the_margin_and_shows_the_replies(engine):
+    from behaviorc.steer.verify import Verification, verdict, with_replies_read
+
+    prompts = ["How tall is the mountain?", "Tell me about ships."]
+    base = SweepPoint(0.0, margin=-0.3, general_nll=5.0, margins=(-0.3, -0.3),
+                      samples=("It is very tall, about two miles high.", "Ships carry goods over the sea."))
+    base, base_replies = with_replies_read(engine, base, prompts, None, None, None)
+    assert base.broke == () and base.looping == 0.0 and base.reply_nll > 0
+    looping = SweepPoint(2.0, margin=1.5, general_nll=5.1, margins=(1.5, 1.5),
+                         samples=("Aye, the tallest! I'm aye, the tallest! I'm aye, the tallest! I'm aye,",
+                                  "Aye, aye, aye, aye, aye, aye, aye, aye, aye, aye"))
+    looping, _ = with_replies_read(engine, looping, prompts, None, None, base_replies)
+    assert looping.looping == 1.0 and any("loop" in reason for reason in looping.broke)
+    control = SweepPoint(2.0, margin=-0.3, general_nll=float("nan"), margins=(-0.3, -0.3))
+    result = Verification(before=base, steered=looping, sweep=(looping,), control=control, strength=2.0)
+    warnings = verdict(result, Budget(), auto=False, fits=True)
+    broke = next(w for w in warnings if "text broke" in w)
+    assert broke.startswith("the text broke at strength 2 whatever the margin (+1.8)")
+    assert "'Ships carry goods over the sea.' became 'Aye, aye, aye" in broke
+    assert "no strength of the sweep fits the budget" in broke
+    assert Verification(before=base, steered=looping, sweep=(looping,), control=control,
+                        strength=2.0, warnings=warnings).metrics()["text_broke"] == 1.0

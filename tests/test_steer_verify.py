@@ -11,7 +11,7 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
 from behaviorc.measure.margin import behavior_margin
-from behaviorc.build.kinds import ExtractSteering, ResolveModel, VerifySteering
+from behaviorc.build.kinds import ExtractSteering, MeasureBase, ResolveModel, TrainBehavior, VerifySteering
 from behaviorc.steer.extract import extract
 from behaviorc.formats.steering import SteeringVectors, load_steering, read_gguf
 from behaviorc.steer.verify import check_fits, verify
@@ -49,14 +49,15 @@ def test_vectors_that_do_not_fit_the_model_are_refused(engine):
         verify(engine, deep, 4.0, planted_pairs(2), GENERAL)
 
 
-def _plan(folder, layers, held_out=4):
+def _plan(folder, layers, held_out=4, strength=4.0):
     decl = ir.ModelDecl(name="base", source=str(folder), kind="folder")
     model = ResolveModel(name="base", decl=decl)
     extraction = ExtractSteering(name="yes", model=model, layers=layers, method="mean_diff",
                                  read="mean", pairs=tuple(planted_pairs(8)), loc=LOC)
-    verification = VerifySteering(name="yes", model=model, vectors=extraction, strength=4.0,
-                                  sweep=(0.0, 2.0, 4.0), pairs=tuple(planted_pairs(held_out, offset=3)),
-                                  general=tuple(GENERAL), loc=LOC)
+    base = MeasureBase(name="yes", model=model, pairs=tuple(planted_pairs(held_out, offset=3)),
+                       general=tuple(GENERAL), loc=LOC)
+    verification = VerifySteering(name="yes", model=model, vectors=extraction, base=base,
+                                  strength=strength, sweep=(0.0, 2.0, 4.0), loc=LOC)
     return extraction, verification
 
 
@@ -69,6 +70,7 @@ def test_tasks_under_the_executor_write_artifacts_and_report_metrics(tied_gdn, t
     extracted = outcome.record(extraction.id).result
     chosen = extracted.data["chosen"]
     assert extracted.data["layers"] == [chosen] and chosen > 0
+    assert extracted.metrics["layer"] == chosen  # on the task's terminal line
     assert [s["layer"] for s in extracted.data["scores"]] == [0, 1, 2, 3]
     vectors = load_steering(extracted.path("vectors"))
     assert vectors.layers == (chosen,) and vectors.extra["task_key"] == extraction.key
@@ -80,7 +82,13 @@ def test_tasks_under_the_executor_write_artifacts_and_report_metrics(tied_gdn, t
     verified = outcome.record(verification.id).result
     metrics = verified.metrics
     assert metrics["margin_steered"] > metrics["margin_before"] + 0.1
-    assert metrics["margin_after"] == metrics["margin_steered"]
+    # nothing is "after" a steering: only training reports margin_after
+    assert "margin_after" not in metrics
+    measured = outcome.record(verification.base.id).result
+    assert verified.data["before"]["margins"] == measured.data["point"]["margins"]
+    assert metrics["margin_before"] == measured.metrics["margin_before"]
+    # the capability probe runs with steering off and at the strength used only
+    assert [p["capability"] is not None for p in verified.data["sweep"]] == [True, False, True]
     assert {"general_nll_before", "general_nll_steered"} <= set(metrics)
     assert [p["strength"] for p in verified.data["sweep"]] == [0.0, 2.0, 4.0]
     report = json.loads(outcome.report_path.read_text())
@@ -91,6 +99,13 @@ def test_tasks_under_the_executor_write_artifacts_and_report_metrics(tied_gdn, t
     # a rebuild runs nothing again
     again = Executor(tmp_path / "out").run([verification])
     assert {r.status for r in again.records} == {"cached"}
+    # another strength reruns the verification alone: the base model is not measured again
+    _, weaker = _plan(tied_gdn, "auto", strength=2.0)
+    rerun = Executor(tmp_path / "out").run([weaker])
+    assert {r.task.id: r.status for r in rerun.records} == {
+        "model:base": "cached", extraction.id: "cached", verification.base.id: "cached",
+        verification.id: "done"}
+    assert rerun.record(verification.id).result.metrics["margin_before"] == metrics["margin_before"]
 
 
 def test_layer_zero_stays_in_the_safetensors_and_out_of_the_gguf(tied_gdn, tmp_path):
@@ -158,11 +173,39 @@ def test_verify_on_a_live_vllm_server_agrees_with_the_embedded_engine(vllm_serve
     # A strength that moves this random model's margin well past bfloat16 rounding.
     strength = 4.0 / vectors.norms[2]
     held = planted_pairs(4, offset=3)
-    local = verify(embedded, vectors, strength, held, GENERAL)
+    local = verify(embedded, vectors, strength, held, GENERAL, sweep=(strength,))
     assert abs(local.steered.margin - local.before.margin) > 0.1
     with VLLMEngine(vllm_server.url) as live:
-        served = verify(live, vectors, strength, held, GENERAL)
+        served = verify(live, vectors, strength, held, GENERAL, sweep=(strength,))
         assert served.before.margin == pytest.approx(local.before.margin, abs=0.03)
         assert served.steered.margin == pytest.approx(local.steered.margin, abs=0.03)
         assert served.steered.general_nll == pytest.approx(local.steered.general_nll, abs=0.03)
         assert behavior_margin(live, held) == pytest.approx(served.before.margin, abs=1e-6)
+
+
+def test_distilling_with_strength_auto_trains_at_the_strength_verification_chose(tied_gdn, tmp_path):
+    """`strength auto` beside `distill steering`: the verification chooses inside the
+    budget, the training reads that choice from its result and measures its steered
+    margin there (the same held-out pairs, so the same margin)."""
+    from behaviorc.build.executor import Executor
+    from test_distill import HELD_OUT, TRAIN, distill_spec
+
+    decl = ir.ModelDecl(name="base", source=str(tied_gdn), kind="folder")
+    model = ResolveModel(name="base", decl=decl)
+    extraction = ExtractSteering(name="yes", model=model, layers=(2,), method="mean_diff",
+                                 read="mean", pairs=tuple(planted_pairs(8)), loc=LOC)
+    base = MeasureBase(name="yes", model=model, pairs=HELD_OUT, general=tuple(GENERAL), loc=LOC)
+    verification = VerifySteering(name="yes", model=model, vectors=extraction, base=base,
+                                  strength="auto", sweep=(1.0, 4.0), loc=LOC)
+    train = TrainBehavior(name="yes", model=model, eval_pairs=HELD_OUT, general=tuple(GENERAL),
+                          train=TRAIN.model_copy(update={"distill": distill_spec(samples=1), "steps": 1}),
+                          steering=extraction, strength_from=verification, loc=LOC)
+    outcome = Executor(tmp_path / "out").run([train])
+    assert outcome.ok, [r.error for r in outcome.records]
+    verified = outcome.record(verification.id).result
+    chosen = verified.data["strength"]
+    assert chosen in (1.0, 4.0) and verified.data["choice"].startswith(f"strength {chosen:g}")
+    margins = {p["strength"]: p["margin"] for p in verified.data["sweep"]}
+    assert margins[1.0] != pytest.approx(margins[4.0], abs=1e-3)
+    trained = outcome.record(train.id).result.metrics
+    assert trained["margin_steered"] == pytest.approx(margins[chosen], abs=1e-5)

@@ -11,12 +11,12 @@ from behaviorc.core.task import Task
 from behaviorc.deploy.task import DeployModel
 from behaviorc.evaluate.task import AnswerPrompts, ReplyTable
 from behaviorc.model.task import ResolveModel
-from behaviorc.steer.task import ExtractSteering, VerifySteering
+from behaviorc.steer.task import ExtractSteering, MeasureBase, VerifySteering
 from behaviorc.train.task import TrainBehavior
 
 TASK_KINDS: dict[str, type[Task]] = {
     cls.kind: cls
-    for cls in (ResolveModel, ExtractSteering, VerifySteering, TrainBehavior, ImportModel,
+    for cls in (ResolveModel, ExtractSteering, MeasureBase, VerifySteering, TrainBehavior, ImportModel,
                 ImportTaskVector, ExtractTaskVector, ComposeBehaviors, DeployModel, AnswerPrompts,
                 ReplyTable)
 }

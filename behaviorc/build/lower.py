@@ -14,8 +14,8 @@ from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
 from behaviorc.build.plan import Expectation, Plan
 from behaviorc.core.task import Task
 from behaviorc.build.kinds import (AnswerPrompts, ComposeBehaviors, DeployModel, ExtractSteering,
-                                  ExtractTaskVector, ImportModel, ImportTaskVector, ReplyTable,
-                                  ResolveModel, TrainBehavior, VerifySteering)
+                                  ExtractTaskVector, ImportModel, ImportTaskVector, MeasureBase,
+                                  ReplyTable, ResolveModel, TrainBehavior, VerifySteering)
 
 HOLD_OUT_EVERY = 5  # without eval pairs, every 5th steer pair verifies instead of extracting
 TABLE_PROMPTS = 8  # held-out pair prompts the reply table answers when the eval names none
@@ -73,11 +73,14 @@ class _Lowering:
             # Distillation samples the steered model; a hand-off serves it while training.
             handoff = self._handoff(b.name) if b.steer else None
             uses_steering = b.steer is not None and (b.train.distill is not None or handoff is not None)
+            # `strength auto` is chosen by the verification: training reads its result.
+            chosen = uses_steering and b.steer.strength == "auto"
             train = self._add(TrainBehavior(
                 name=b.name, model=model, train=b.train,
                 eval_pairs=eval_pairs or (b.steer.pairs if b.steer else ()), general=general,
                 steering=self.steering[b.name] if uses_steering else None,
-                strength=b.steer.strength if uses_steering else 0.0,
+                strength=b.steer.strength if uses_steering and not chosen else 0.0,
+                strength_from=verify if chosen else None,
                 handoff=handoff, loc=b.train.loc))
             if not train.eval_pairs:
                 self.notes.append(f"`{b.name}` has no pairs to measure its margin on: add an "
@@ -109,7 +112,7 @@ class _Lowering:
         evaluation = b.eval
         prompts = evaluation.prompts
         if not prompts:
-            held_out = verify.pairs if verify is not None else evaluation.pairs
+            held_out = verify.base.pairs if verify is not None else evaluation.pairs
             prompts = tuple(dict.fromkeys(p.prompt for p in held_out if p.prompt.strip()))[:TABLE_PROMPTS]
             self.notes.append(f"`{b.name}`: the reply table answers the {len(prompts)} prompts of "
                               "the held-out pairs (`prompts` in eval names others)")
@@ -166,9 +169,12 @@ class _Lowering:
             name=b.name, model=model, layers=steer.layers, method=steer.method, read=steer.read,
             pairs=extract_pairs, loc=steer.loc))
         self.steering[b.name] = extract
+        # The base model measured apart: no strength, layer or method in its key.
+        base = self._add(MeasureBase(name=b.name, model=model, pairs=verify_pairs, general=general,
+                                     loc=steer.loc))
         return self._add(VerifySteering(
-            name=b.name, model=model, vectors=extract, strength=steer.strength, sweep=steer.sweep,
-            pairs=verify_pairs, general=general, nll_budget=steer.nll_budget,
+            name=b.name, model=model, vectors=extract, base=base, strength=steer.strength,
+            sweep=steer.sweep, nll_budget=steer.nll_budget,
             repetition_budget=steer.repetition_budget, loc=steer.loc))
 
     def _compose(self, c: ir.Compose) -> None:

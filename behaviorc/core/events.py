@@ -182,6 +182,13 @@ class SteerPoint(TaskEvent):
     wrong_share: float | None = None  # ... and the wrong way (anti-steerable)
     margins: list[float] | tuple[float, ...] | None = None  # per held-out pair
     samples: list[str] | tuple[str, ...] | None = None  # greedy replies
+    # the replies read back (steer.verify.SweepPoint): behavior score, coherence, and why
+    # the text broke (empty: it held)
+    behavior: float | None = None
+    distinct_2: float | None = None
+    looping: float | None = None
+    reply_nll: float | None = None
+    broke: list[str] | tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,7 +206,7 @@ class SteerLayers(TaskEvent):
     """How well each layer separates the pairs, and the one `layers auto` chose."""
 
     type: ClassVar[str] = "steer.layers"
-    scores: list[dict[str, float]]
+    scores: list[dict]  # steer.extract's per-layer figures (numbers; `broke`: reasons)
     chosen: int
 
 

@@ -14,8 +14,9 @@ METRICS: dict[str, str] = {
     # completion over held-out pairs.
     "margin_before": "behavior margin of the base model, steering off",
     "margin_steered": "behavior margin with the behavior's steering on",
-    "margin_after": "behavior margin of the result, steering off (verification: = margin_steered)",
+    "margin_after": "behavior margin of the trained result, steering off",
     "steered_share": "share of the steered gain the trained weights carry without steering",
+    "layer": "the layer `layers auto` chose to steer",
     "separation": "how consistently the chosen layer separates the pairs (layers auto)",
     "layer_effect": "held-out margin gain of the layer `layers auto` chose",
     "layer_lift": ("held-out rise of the positives' log-prob per token when steering at the "
@@ -32,6 +33,10 @@ METRICS: dict[str, str] = {
     "projection_steered": "activation-projection score of the steered model's replies",
     "projection_after": "activation-projection score of the trained model's replies",
     "strength": "the steering strength verification used (chosen by `strength auto`)",
+    "text_broke": ("1 when the steered replies loop or lost distinct-2 against steering off, "
+                   "whatever the margin (steer.verify); 0 when they read as text"),
+    "strength_relative": ("the strength used as a share of a typical hidden state's norm at the "
+                          "steered layer (the largest over the layers)"),
     "steer_warnings": "reasons not to trust the steering (the verdict; 0: none)",
     "general_nll_before": "mean NLL per token of general text, base model",
     "general_nll_steered": "mean NLL per token of general text, steering on",
@@ -80,13 +85,15 @@ METRICS: dict[str, str] = {
     "arithmetic_accuracy": "share of the testbed's sums answered right (greedy)",
 }
 
-STEER_EXTRACT: tuple[str, ...] = ("separation", "layer_effect", "layer_lift")
+STEER_EXTRACT: tuple[str, ...] = ("layer", "separation", "layer_effect", "layer_lift")
+STEER_BASE: tuple[str, ...] = ("margin_before", "general_nll_before", "capability_before",
+                               "repetition_before")
 STEER_VERIFY: tuple[str, ...] = (
-    "margin_before", "margin_steered", "margin_after", "general_nll_before",
+    "margin_before", "margin_steered", "general_nll_before",
     "general_nll_steered", "steer_effect", "control_effect", "right_share",
     "anti_steerable_share", "capability_before", "capability_steered", "repetition_before",
     "repetition_steered", "projection_before", "projection_steered", "strength",
-    "steer_warnings")
+    "strength_relative", "text_broke", "steer_warnings")
 TRAIN: tuple[str, ...] = (
     "loss_first", "loss_last", "steps_skipped", "limiter_activations", "margin_before",
     "margin_steered", "margin_after", "general_nll_before", "general_nll_after", "steered_share",

@@ -38,10 +38,17 @@ def probe_questions() -> tuple[Question, ...]:
     return tuple(Question(r["question"], tuple(r["options"]), int(r["answer"])) for r in rows)
 
 
+def default_questions() -> tuple[Question, ...]:
+    """Every other question of the probe: both kinds (knowledge, arithmetic) at half the
+    cost. The probe was ~75% of a steering verification's time on smollm2-135m, and a
+    strength that costs the model its capability moves half the questions as surely."""
+    return probe_questions()[::2]
+
+
 def capability_accuracy(engine: Engine, questions: Sequence[Question] | None = None) -> float:
-    """The share of `questions` (default: the shipped probe) whose right option has the
+    """The share of `questions` (default: `default_questions`) whose right option has the
     highest total log-prob, all options scored in one batch."""
-    questions = probe_questions() if questions is None else questions
+    questions = default_questions() if questions is None else questions
     prompts = [q.prompt for q in questions for _ in q.options]
     completions = [f" {option}" for q in questions for option in q.options]
     scores = [sum(values) for values in engine.completion_logprobs(prompts, completions)]

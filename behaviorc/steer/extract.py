@@ -21,7 +21,8 @@ flipping a direction when more pairs' positives project below their negatives th
 above: the two differ where a minority of pairs outweighs the majority's projections,
 and on a tied vote, where repeng keeps the SVD's arbitrary sign.) `pca_diff` and `pca_center` are scaled to the
 mean difference's norm, so that with any method a strength of 1 moves a hidden state
-as far as the pairs' average positive lies from its negative: the unit of strength is
+as far as the pairs' average positive lies from its negative (over several layers, the
+layers share it: each carries its direction over their number): the unit of strength is
 the behavior's own contrast at that layer, which carries across models and tools
 (repeng's unit vectors need coefficient = strength x that norm, the `norms` the
 extraction reports; the GGUF holds the vectors as they are, so llama.cpp's
@@ -41,7 +42,9 @@ margin rises as much when the steering makes the unwanted completions unlikely a
 it makes the wanted ones likely, but distillation trains on what the steered model
 *says*, which can only teach the plain model to make such text likely. So the layer
 kept is the one with the largest `distillable` effect, the margin gain that the wanted
-completions' lift accounts for, min(effect, lift) (`best_layer`). Measured on
+completions' lift accounts for, min(effect, lift) (`best_layer`), among the candidates
+whose steered greedy replies still read as text (measure.replies.text_broke: no loops,
+no collapsed distinct-2 against the plain model's replies). Measured on
 smollm2-135m with the demo's cheerful pairs (its eval pairs, strength 2, the whole
 direction): layer 21 raised the margin most (+0.52) but the positives only +0.08 (the
 negatives fell 0.44), and distilling it kept 40% and 49% of the gain (`steered_share`,
@@ -74,6 +77,7 @@ Progress = Callable[[int, int], None]
 DEFAULT_BATCH = 32
 EFFECT_CANDIDATES = 4  # best-separating layers whose steering effect `layers auto` measures
 EFFECT_STRENGTH = 2.0  # in the unit of steer.verify: the pairs' own mean difference
+REPLY_CHECK_PROMPTS = 4  # prompts each candidate layer answers steered, to see its text hold
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,10 @@ class LayerScore:
     accuracy: float
     effect: float | None = None  # held-out margin gain when steering there (candidates only)
     lift: float | None = None  # held-out gain of the positives' log-prob per token, likewise
+    # The candidates' greedy replies steered at EFFECT_STRENGTH: their behavior score
+    # (projection calibrated on the pairs, 0..1) and why their text broke (empty: it held).
+    behavior: float | None = None
+    broke: tuple[str, ...] = ()
 
     @property
     def distillable(self) -> float | None:
@@ -207,9 +215,11 @@ def _candidates(scores: Sequence[LayerScore]) -> list[LayerScore]:
 
 def best_layer(scores: Sequence[LayerScore]) -> int:
     """The layer with the largest distillable steering effect (the margin gain, then
-    consistency, then the shallower layer break ties), or without measured effects the
+    consistency, then the shallower layer break ties) among those whose steered replies
+    did not break (all of them when every one broke), or without measured effects the
     most consistent one (accuracy breaks ties, then the shallower layer)."""
     measured = [s for s in _candidates(scores) if s.distillable is not None]
+    measured = [s for s in measured if not s.broke] or measured
     if measured:
         return max(measured, key=lambda s: (s.distillable, s.effect, s.consistency, -s.layer)).layer
     return max(_candidates(scores), key=lambda s: (s.consistency, s.accuracy, -s.layer)).layer
@@ -224,26 +234,49 @@ def choice(scores: Sequence[LayerScore], chosen: int) -> str:
     said = (f"layer {chosen}: the largest distillable effect ({kept.distillable:+.3g}: margin "
             f"{kept.effect:+.3g}, positives {kept.lift:+.3g}) of the {len(measured)} best-separating "
             f"layers steered at strength {EFFECT_STRENGTH:g}")
+    if kept.behavior is not None:
+        said += f"; its replies score {kept.behavior:.2f} for the behavior"
+    broken = [s for s in measured if s.broke]
+    if broken:
+        said += "; left out, their steered replies broke: " + ", ".join(
+            f"layer {s.layer} ({s.broke[0]})" for s in broken)
     strongest = measured[0]
-    if strongest.layer != chosen:
+    if strongest.layer != chosen and not strongest.broke:
         said += (f"; layer {strongest.layer} raised the margin more ({strongest.effect:+.3g}) but "
                  f"the positives less ({strongest.lift:+.3g}): the rest of its gain made the "
                  "negatives unlikely, which sampled text cannot teach")
-    if kept.distillable <= 0:
-        said += ("; no layer steered made the positives likelier, so distilling this steering "
-                 "may carry little of its effect into the weights")
     return said
+
+
+def choice_warnings(scores: Sequence[LayerScore], chosen: int) -> tuple[str, ...]:
+    """What the scores say against the layer `layers auto` kept, for the task's line."""
+    kept = next((s for s in scores if s.layer == chosen and s.distillable is not None), None)
+    if kept is None:
+        return ()
+    warnings = []
+    if kept.broke:
+        warnings.append(f"layer {chosen} chosen, but every candidate layer's replies broke when "
+                        f"steered at strength {EFFECT_STRENGTH:g}: {'; '.join(kept.broke)}")
+    if kept.distillable <= 0:
+        warnings.append(f"layer {chosen} chosen, but no layer steered made the positives likelier "
+                        f"(best lift {max(s.lift for s in scores if s.lift is not None):+.3g}): "
+                        "distilling this steering may carry little of its effect into the weights")
+    return tuple(warnings)
 
 
 def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[int, torch.Tensor],
                     negatives: dict[int, torch.Tensor], scores: Sequence[LayerScore],
-                    method: Method) -> list[LayerScore]:
+                    method: Method, read: Read = "mean") -> list[LayerScore]:
     """`scores` with the held-out steering effect and lift of the best-separating layers:
     for each fold (as in `score_layers`) the direction from one half steers the other
     half at EFFECT_STRENGTH; the gains of their mean margin and of their positives' mean
-    log-prob per token are averaged over folds."""
+    log-prob per token are averaged over folds. Each candidate's whole direction then
+    answers `REPLY_CHECK_PROMPTS` prompts greedily at that strength: the replies' behavior
+    score and whether their text broke against the plain model's (measure.replies)."""
     from behaviorc.engine.protocol import steered
     from behaviorc.measure.margin import per_pair_logprobs
+    from behaviorc.measure.projection import REPLY_TOKENS
+    from behaviorc.measure.replies import Projection, answer, read_by, reply_prompts, summarize, text_broke
 
     ranked = sorted(_candidates(scores), key=lambda s: (-s.consistency, -s.accuracy, s.layer))
     chosen = {s.layer for s in ranked[:EFFECT_CANDIDATES]}
@@ -262,8 +295,27 @@ def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[in
             margin_gains.append((sum(rises) + sum(falls)) / len(held))
             lifts.append(sum(rises) / len(held))
         effects[layer] = (sum(margin_gains) / len(folds), sum(lifts) / len(folds))
-    return [replace(s, effect=effects[s.layer][0], lift=effects[s.layer][1]) if s.layer in effects else s
-            for s in scores]
+    # Each candidate's whole direction answers a few prompts, as the verification's
+    # replies would: a layer whose text breaks is no choice whatever its margin.
+    prompts = reply_prompts(pairs, REPLY_CHECK_PROMPTS)
+    plain = read_by(engine, answer(engine, prompts, samples=0, max_new_tokens=REPLY_TOKENS))
+    plain_stats = summarize(plain, [0.0] * len(plain))
+    replies: dict[int, tuple[float, tuple[str, ...]]] = {}
+    for layer in chosen:
+        whole = direction(positives[layer], negatives[layer], method)
+        unit = whole.double() / whole.double().norm()
+        # The pairs' own states (averaged over the completion, as the score reads a reply)
+        # calibrate the projection score: 0 at the negatives, 1 at the positives.
+        scorer = Projection(engine, {layer: whole}, float((negatives[layer].double() @ unit).mean()),
+                            float((positives[layer].double() @ unit).mean())) if read == "mean" \
+            else Projection.calibrate(engine, {layer: whole}, pairs)
+        said = read_by(engine, answer(engine, prompts, samples=0, steering={layer: whole},
+                                      strength=EFFECT_STRENGTH, max_new_tokens=REPLY_TOKENS))
+        stats = summarize(said, scorer.scores(said))
+        replies[layer] = (stats.score.mean, tuple(text_broke(stats, plain_stats)))
+    return [replace(s, effect=effects[s.layer][0], lift=effects[s.layer][1],
+                    behavior=replies[s.layer][0], broke=replies[s.layer][1])
+            if s.layer in effects else s for s in scores]
 
 
 def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Literal["auto"],
@@ -289,9 +341,13 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
     scores: tuple[LayerScore, ...] = ()
     if layers == "auto":
         scores = tuple(score_layers(positives, negatives))
-        scores = tuple(measure_effects(engine, pairs, positives, negatives, scores, method))
+        scores = tuple(measure_effects(engine, pairs, positives, negatives, scores, method, read))
         wanted = [best_layer(scores)]
-    directions = {layer: direction(positives[layer], negatives[layer], method) for layer in wanted}
+    # Several layers share the strength: each adds its direction over the number of
+    # layers, so `layers 12..18` at strength S moves the residual stream about as far as
+    # one layer at S (steering adds up along the stream), not seven times that.
+    directions = {layer: direction(positives[layer], negatives[layer], method) / len(wanted)
+                  for layer in wanted}
     vectors = SteeringVectors(
         directions=directions, method=method, model=info.name, read=read,
         model_type=model_type(info.path) or info.architecture)

@@ -1,4 +1,4 @@
-"""The steering tasks: ExtractSteering and VerifySteering, and what they run.
+"""The steering tasks: ExtractSteering, MeasureBase and VerifySteering, and what they run.
 
 The methods import torch, so they are imported when a task runs: checking and planning
 a spec never load them.
@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 
 from behaviorc.core import ir
 from behaviorc.core.events import SteerLayers, SteerPoint, SteerVerdict
-from behaviorc.core.metrics import STEER_EXTRACT, STEER_VERIFY
+from behaviorc.core.metrics import STEER_BASE, STEER_EXTRACT, STEER_VERIFY
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.model.task import ResolveModel
 
@@ -19,14 +19,14 @@ VECTORS_FILE = "vectors.safetensors"
 CONTROL_VECTOR_FILE = "control_vector.gguf"
 
 
-def _engine(task: ExtractSteering | VerifySteering, ctx: TaskContext):
+def _engine(task: ExtractSteering | MeasureBase | VerifySteering, ctx: TaskContext):
     decl = task.model.decl
     return ctx.engine(ctx.result(task.model).data["path"], decl.dtype, decl.device)
 
 
 def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     from behaviorc.formats.steering import export_gguf, save_steering
-    from behaviorc.steer.extract import choice, extract
+    from behaviorc.steer.extract import choice, choice_warnings, extract
 
     engine = _engine(task, ctx)
     extraction = extract(
@@ -58,11 +58,14 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     if extraction.scores:
         data["scores"] = [
             {"layer": s.layer, "consistency": s.consistency, "accuracy": s.accuracy,
-             "effect": s.effect, "lift": s.lift, "distillable": s.distillable}
+             "effect": s.effect, "lift": s.lift, "distillable": s.distillable,
+             "behavior": s.behavior, "broke": list(s.broke)}
             for s in extraction.scores]
         chosen = next(s for s in extraction.scores if s.layer == vectors.layers[0])
         data["chosen"] = chosen.layer
         data["choice"] = choice(extraction.scores, chosen.layer)
+        data["warnings"] = list(choice_warnings(extraction.scores, chosen.layer))
+        metrics["layer"] = float(chosen.layer)
         metrics["separation"] = chosen.consistency
         if chosen.effect is not None:
             metrics["layer_effect"] = chosen.effect
@@ -72,38 +75,61 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     return TaskResult(metrics=metrics, artifacts=artifacts, data=data)
 
 
+def measure_base(task: MeasureBase, ctx: TaskContext) -> TaskResult:
+    from behaviorc.steer.verify import measure_base
+
+    engine = _engine(task, ctx)
+    ctx.progress(0, 1, "measuring the base model")
+    point = measure_base(engine, task.pairs, task.general)
+    metrics = {"margin_before": point.margin, "general_nll_before": point.general_nll,
+               "repetition_before": point.repetition}
+    if point.capability is not None:
+        metrics["capability_before"] = point.capability
+    return TaskResult(metrics=metrics, data={"point": point.as_dict(),
+                                             "prompt_format": engine.prompt_format})
+
+
 def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
     from behaviorc.formats.steering import load_steering
-    from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
     from behaviorc.measure.replies import reply_prompts
     from behaviorc.steer.verify import SAMPLE_PROMPTS, Budget, SweepPoint, verify
 
     vectors = load_steering(ctx.result(task.vectors).path("vectors"), task.loc)
+    base = SweepPoint.from_dict(ctx.result(task.base).data["point"])
     engine = _engine(task, ctx)
 
     def on_point(point: SweepPoint, done: int, total: int) -> None:
         ctx.emit(SteerPoint(**point.as_dict()))
         ctx.progress(done, total, f"strength {point.strength:g}")
 
-    result = verify(engine, vectors, task.strength, task.pairs,
-                    task.general or DEFAULT_GENERAL_TEXTS, task.sweep, on_point, task.loc,
-                    Budget(task.nll_budget, task.repetition_budget))
+    pairs = task.base.pairs
+    result = verify(engine, vectors, task.strength, pairs, task.base.general, task.sweep,
+                    on_point, task.loc, Budget(task.nll_budget, task.repetition_budget),
+                    base=base)
     if result.warnings:
         ctx.emit(SteerVerdict(warnings=list(result.warnings), strength=result.strength))
     control = result.control
+    metrics = result.metrics()
+    # Strength 1 is the pairs' own contrast; beside it, how far that moves a typical
+    # hidden state at the layer, which says more about what the text can take.
+    relative = {layer: result.strength * share
+                for layer, share in ctx.result(task.vectors).data.get("relative_norms", {}).items()}
+    if relative:
+        metrics["strength_relative"] = max(relative.values())
     return TaskResult(
-        metrics=result.metrics(),
+        metrics=metrics,
         data={
             "strength": result.strength,
+            "strength_relative": relative,
             "choice": result.choice,
             "warnings": list(result.warnings),
             "control": {"strength": control.strength, "margin": control.margin,
                         "effect": result.control_effect, "right_share": control.right_share,
                         "wrong_share": control.wrong_share},
             "pairs": [{"prompt": pair.prompt, "margin_before": before, "margin_steered": after}
-                      for pair, before, after in zip(task.pairs, result.before.margins,
+                      for pair, before, after in zip(pairs, result.before.margins,
                                                      result.steered.margins)],
-            "sample_prompts": reply_prompts(task.pairs, SAMPLE_PROMPTS),
+            "sample_prompts": reply_prompts(pairs, SAMPLE_PROMPTS),
             "sweep": [p.as_dict() for p in result.sweep],
             "before": result.before.as_dict(),
             "steered": result.steered.as_dict(),
@@ -119,7 +145,9 @@ class ExtractSteering(Task):
     distillable effect for the steered candidates) and the choice, in words."""
 
     kind: ClassVar[str] = "steer.extract"
-    version: ClassVar[int] = 2  # 2: `layers auto` keeps the largest distillable effect
+    # 2: `layers auto` keeps the largest distillable effect; 3: several layers share the
+    # strength; 4: `layers auto` leaves out layers whose steered replies break
+    version: ClassVar[int] = 4
     reports: ClassVar[tuple[str, ...]] = STEER_EXTRACT
     provides: ClassVar[dict[str, str]] = {"steering": "vectors"}
     parallel_safe: ClassVar[bool] = True
@@ -134,6 +162,24 @@ class ExtractSteering(Task):
         return extract_steering(self, ctx)
 
 
+class MeasureBase(Task):
+    """The base model's side of a steering verification, steering off: held-out margins,
+    general NLL, the capability probe and greedy replies. Its key holds only the model
+    and the data measured, so a change of strength, layers, method, budget or training
+    reuses it. metrics: core.metrics.STEER_BASE. data: point (a steer.verify SweepPoint
+    at strength 0, without a projection: that needs the direction)."""
+
+    kind: ClassVar[str] = "steer.base"
+    reports: ClassVar[tuple[str, ...]] = STEER_BASE
+    parallel_safe: ClassVar[bool] = True
+    model: ResolveModel
+    pairs: tuple[ir.Pair, ...]  # the verification's held-out pairs
+    general: tuple[str, ...]
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return measure_base(self, ctx)
+
+
 class VerifySteering(Task):
     """The steerability report: held-out margins with steering off, at the spec's
     strength (or the one `strength auto` chose inside the budget) and at each sweep
@@ -145,14 +191,15 @@ class VerifySteering(Task):
     sample_prompts."""
 
     kind: ClassVar[str] = "steer.verify"
+    version: ClassVar[int] = 2  # 2: the base model measured apart; probe at the strength used
     reports: ClassVar[tuple[str, ...]] = STEER_VERIFY
     parallel_safe: ClassVar[bool] = True
     model: ResolveModel
     vectors: ExtractSteering
+    # Steering off, measured on the held-out pairs and general texts this task verifies on.
+    base: MeasureBase
     strength: float | Literal["auto"]
     sweep: tuple[float, ...]
-    pairs: tuple[ir.Pair, ...]  # held out from extraction
-    general: tuple[str, ...]
     nll_budget: float = 0.10  # `strength auto`'s and the verdict's cost budget
     repetition_budget: float = 0.10
 

@@ -15,11 +15,12 @@ def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
     from behaviorc.train.recipe import run_training
 
     steering = ctx.result(task.steering).path(task.steering.artifact("steering")) if task.steering else None
+    strength = ctx.result(task.strength_from).data["strength"] if task.strength_from else task.strength
     return run_training(
         ctx, task_id=task.id, task_key=task.key, name=task.name,
         model_path=ctx.result(task.model).data["path"], decl=task.model.decl,
         train_spec=task.train, eval_pairs=task.eval_pairs, general=task.general,
-        steering_file=steering, strength=task.strength, handoff=task.handoff, loc=task.loc)
+        steering_file=steering, strength=strength, handoff=task.handoff, loc=task.loc)
 
 
 class TrainBehavior(Task):
@@ -37,6 +38,9 @@ class TrainBehavior(Task):
     # it steered while it trains: the vectors, at `strength`.
     steering: Task | None = None  # provides "steering"
     strength: float = 0.0
+    # Set for `strength auto`: the task whose result's data["strength"] is the strength
+    # (the verification's choice inside the budget), read instead of `strength`.
+    strength_from: Task | None = None
     # Set when a live deploy of this behavior says `handoff on`: this task then owns
     # the deploy's servers and hands the steering over to the weights while it trains.
     handoff: ir.Deploy | None = None

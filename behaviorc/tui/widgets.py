@@ -276,12 +276,13 @@ def draw_steering(state: BuildState) -> RenderableType:
             parts.append(Text(f"{task.id.split(':', 1)[-1]}: {task.data['choice']}", style="dim"))
     for task_id, sweep in state.sweeps.items():
         parts += [Text(""), _heading(f"strength sweep  {task_id.split(':', 1)[-1]}")]
-        costs = [key for key in ("capability", "repetition") if any(key in p for p in sweep)]
+        # capability is measured only where a strength is used (None elsewhere)
+        costs = [key for key in ("capability", "repetition") if any(p.get(key) is not None for p in sweep)]
         rows = Table("strength", "margin", "general nll", *costs, box=None, pad_edge=False)
         for point in sweep:
             rows.add_row(f"{point.get('strength', 0):g}", f"{point.get('margin', 0):+.3f}",
                          f"{point['general_nll']:.3f}" if "general_nll" in point else "–",
-                         *(f"{point[key]:.3f}" if key in point else "–" for key in costs))
+                         *(f"{point[key]:.3f}" if point.get(key) is not None else "–" for key in costs))
         ordered = sorted(sweep, key=lambda p: p.get("strength", 0.0))
         strengths = ", ".join(f"{p.get('strength', 0):g}" for p in ordered)
         parts += [render_plot([p.get("margin", 0.0) for p in ordered for _ in range(SWEEP_COLUMNS)],
