@@ -71,7 +71,8 @@ class _Lowering:
         if b.train:
             # Distillation samples the steered model; a hand-off serves it while training.
             handoff = self._handoff(b.name) if b.steer else None
-            uses_steering = b.steer is not None and (b.train.distill is not None or handoff is not None)
+            uses_steering = b.steer is not None and ((b.train.distill is not None and b.train.distill.steering)
+                                                     or handoff is not None)
             train = self._add(TrainBehavior(
                 name=b.name, model=model, train=b.train,
                 eval_pairs=eval_pairs or (b.steer.pairs if b.steer else ()), general=general,

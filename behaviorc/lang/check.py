@@ -290,7 +290,8 @@ class _Checker:
                                         train_s is not None) if eval_s else None
         train = self.sections.train(train_s, base, steer_s is not None) if train_s else None
         if train is not None and train.distill is not None:
-            self._fixed_strength(name, train.distill.loc, "`distill steering`")
+            if train.distill.steering:
+                self._fixed_strength(name, train.distill.loc, "`distill steering`")
         if model_name is None or (steer_s and steer is None) or (train_s and train is None) \
                 or (eval_s and evaluation is None) or (decl.external and external is None):
             return None

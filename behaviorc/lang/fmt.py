@@ -18,7 +18,7 @@ from behaviorc.lang.parse import parse_text
 
 INDENT = "  "
 WIDTH = 88
-INLINE_BLOCKS = ("optimizer", "merge", "distill", "model", "deploy")
+INLINE_BLOCKS = ("optimizer", "merge", "distill", "objective", "mix", "model", "deploy")
 COMMA_SEPARATED = ("layers", "sweep", "targets", "groups", "betas")
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
@@ -190,6 +190,9 @@ def _kind(item: ast.Item) -> str:
 def _head(setting: ast.Setting) -> str:
     if not setting.values:
         return setting.key
+    if setting.key == "distill":  # teachers: a name, maybe its text, joined by `+`
+        return "distill " + " ".join(
+            ("+ " if isinstance(v, ast.Word) and i else "") + _value(v) for i, v in enumerate(setting.values))
     separator = ", " if setting.key in COMMA_SEPARATED else " "
     return setting.key + " " + separator.join(_value(v) for v in setting.values)
 
