@@ -14,6 +14,7 @@ from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 from behaviorc.core.task import Task
 from behaviorc.build.context import CancelSignal
 from behaviorc.core.events import EVENTS_FILE
+from behaviorc.core.state import reply_table_lines
 from behaviorc.build.executor import (CANCEL_FILE, LOG_DIR, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint,
                                       plan_order)
 from behaviorc.build.parallel import Jobs
@@ -235,6 +236,7 @@ def _build_with_dashboard(out: Path, targets: list[Task], cancel: CancelSignal, 
 
 def _print_outcome(outcome: BuildOutcome, out: Path) -> None:
     _print_replies(outcome)
+    _print_reply_tables(outcome)
     for record in outcome.failed:
         print(f"\ntask {record.task.id} failed:\n{record.error}", file=sys.stderr)
     for verdict in outcome.unmet:
@@ -269,6 +271,20 @@ def _print_replies(outcome: BuildOutcome) -> None:
             for model, text in row.items():
                 if model != "prompt":
                     print(f"    {model + ':':<9} {' '.join(text.split())}")
+
+
+def _print_reply_tables(outcome: BuildOutcome) -> None:
+    """Each behavior's reply table: what its models say, scored, beside the prompt."""
+    for record in outcome.records:
+        data = record.result.data if record.result else {}
+        if "rows" not in data or "verdict" not in data:
+            continue
+        rows = data["rows"]
+        answered = rows[0]["replies"] if rows else 0
+        print(f"\nreply table of {record.task.name} (scored by {data['scorer']}; {answered} replies "
+              "per model; 95% intervals over prompts)")
+        for line in reply_table_lines(data):
+            print(line)
 
 
 # --- clean, dash ------------------------------------------------------------------------

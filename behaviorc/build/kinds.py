@@ -9,6 +9,7 @@ from __future__ import annotations
 from behaviorc.compose.task import ComposeBehaviors, ExtractTaskVector, ImportModel, ImportTaskVector
 from behaviorc.core.task import Task
 from behaviorc.deploy.task import DeployModel
+from behaviorc.evaluate.task import AnswerPrompts, ReplyTable
 from behaviorc.model.task import ResolveModel
 from behaviorc.steer.task import ExtractSteering, VerifySteering
 from behaviorc.train.task import TrainBehavior
@@ -16,5 +17,6 @@ from behaviorc.train.task import TrainBehavior
 TASK_KINDS: dict[str, type[Task]] = {
     cls.kind: cls
     for cls in (ResolveModel, ExtractSteering, VerifySteering, TrainBehavior, ImportModel,
-                ImportTaskVector, ExtractTaskVector, ComposeBehaviors, DeployModel)
+                ImportTaskVector, ExtractTaskVector, ComposeBehaviors, DeployModel, AnswerPrompts,
+                ReplyTable)
 }

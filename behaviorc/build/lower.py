@@ -13,11 +13,12 @@ from behaviorc.core import ir
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
 from behaviorc.build.plan import Expectation, Plan
 from behaviorc.core.task import Task
-from behaviorc.build.kinds import (ComposeBehaviors, DeployModel, ExtractSteering, ExtractTaskVector,
-                                  ImportModel, ImportTaskVector, ResolveModel, TrainBehavior,
-                                  VerifySteering)
+from behaviorc.build.kinds import (AnswerPrompts, ComposeBehaviors, DeployModel, ExtractSteering,
+                                  ExtractTaskVector, ImportModel, ImportTaskVector, ReplyTable,
+                                  ResolveModel, TrainBehavior, VerifySteering)
 
 HOLD_OUT_EVERY = 5  # without eval pairs, every 5th steer pair verifies instead of extracting
+TABLE_PROMPTS = 8  # held-out pair prompts the reply table answers when the eval names none
 
 
 def lower(spec: ir.Spec) -> Plan:
@@ -93,13 +94,45 @@ class _Lowering:
         elif b.external:
             self.vectors[b.name] = self._add(ImportTaskVector(
                 name=b.name, model=model, external=b.external, loc=b.external.loc))
-        # Training answers for the lasting effect, verification for the steered one (the
-        # checker has made sure one of them reports each metric).
-        answering = [t for t in (train, verify, self.steering.get(b.name)) if t is not None]
+        table = self._reply_table(b, model, verify, train) if b.eval and b.eval.score else None
+        # Training answers for the lasting effect, verification for the steered one, the
+        # reply table for replies (the checker has made sure one of them reports each metric).
+        answering = [t for t in (train, verify, self.steering.get(b.name), table) if t is not None]
         for expect in b.eval.expect if b.eval else ():
             source = next((t for t in answering if expect.metric in t.reports), None)
             if source is not None:  # else the checker has warned that nothing measures it
                 self.expectations.append(Expectation(source.id, expect))
+
+    def _reply_table(self, b: ir.Behavior, model: ResolveModel, verify: VerifySteering | None,
+                     train: TrainBehavior | None) -> ReplyTable:
+        """Every model the behavior makes, and the prompted base, answering held-out prompts:
+        the eval's, else those of the pairs no steering was extracted from."""
+        evaluation = b.eval
+        prompts = evaluation.prompts
+        if not prompts:
+            held_out = verify.pairs if verify is not None else evaluation.pairs
+            prompts = tuple(dict.fromkeys(p.prompt for p in held_out if p.prompt.strip()))[:TABLE_PROMPTS]
+            self.notes.append(f"`{b.name}`: the reply table answers the {len(prompts)} prompts of "
+                              "the held-out pairs (`prompts` in eval names others)")
+        common = dict(model=model, prompts=prompts, samples=evaluation.samples,
+                      max_tokens=evaluation.max_tokens, loc=evaluation.score.loc)
+        answers = [self._add(AnswerPrompts(name=f"{b.name}.base", variant="base", **common))]
+        if evaluation.system:
+            answers.append(self._add(AnswerPrompts(name=f"{b.name}.prompted", variant="prompted",
+                                                   system=evaluation.system, **common)))
+        if verify is not None:
+            answers.append(self._add(AnswerPrompts(
+                name=f"{b.name}.steered", variant="steered", source=self.steering[b.name],
+                strength=b.steer.strength,
+                verification=verify if b.steer.strength == "auto" else None, **common)))
+        if train is not None:
+            answers.append(self._add(AnswerPrompts(name=f"{b.name}.trained", variant="trained",
+                                                   source=train, **common)))
+        projection = evaluation.score.kind == "projection"
+        return self._add(ReplyTable(
+            name=b.name, model=model, answers=tuple(answers), score=evaluation.score,
+            steering=self.steering[b.name] if projection else None,
+            pairs=b.steer.pairs if projection else (), loc=evaluation.score.loc))
 
     def _handoff(self, name: str) -> ir.Deploy | None:
         """The live deploy of `name` that hands its steering over to the weights while

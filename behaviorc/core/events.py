@@ -260,6 +260,20 @@ class DeployPush(TaskEvent):
 
 
 @dataclass(frozen=True)
+class EvalReplies(TaskEvent):
+    """A behavior's reply table: per model (base, prompted, steered, trained) its scored
+    replies' figures, the verdict in words, and greedy replies side by side."""
+
+    type: ClassVar[str] = "evaluate.replies"
+    scorer: str  # markers | projection | judge
+    # {model, replies, rate, score, distinct_2, repeated_share, nll: {mean, low, high},
+    #  tokens, looping}
+    rows: list[dict[str, Any]]
+    verdict: list[str]
+    side_by_side: list[dict[str, str]]  # {prompt, base, prompted, ...}: greedy replies
+
+
+@dataclass(frozen=True)
 class ExperimentPoint(TaskEvent):
     """One measured point of an experiment; its metrics are written as fields."""
 
@@ -273,4 +287,4 @@ class ExperimentPoint(TaskEvent):
 
 TASK_EVENTS: tuple[type[TaskEvent], ...] = (TrainStep, TrainEval, SteerPoint, SteerVerdict, SteerLayers,
                                              DistillData, TrainNote, HandoffServed, Push,
-                                             DeployPush, ExperimentPoint)
+                                             DeployPush, EvalReplies, ExperimentPoint)

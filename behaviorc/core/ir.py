@@ -164,11 +164,40 @@ class Expectation(Node):
     loc: Location | None = Field(default=None, exclude=True)
 
 
+class Judge(Node):
+    """An OpenAI-compatible server that rates each reply 0-100 against `rubric`."""
+
+    url: str
+    model: str
+    rubric: str
+    guided: bool = True  # ask with vLLM's structured outputs (a choice of "0".."100")
+    # How the server is reached, not what it rates: outside plans and content keys.
+    timeout: float | None = Field(default=None, exclude=True)  # s per rating; else 60
+    loc: Location | None = Field(default=None, exclude=True)
+
+
+class Score(Node):
+    """How a reply's behavior is scored (0..1; at least 0.5 shows the behavior)."""
+
+    kind: Literal["markers", "projection", "judge"]
+    pattern: str | None = None  # markers: a regular expression
+    words: tuple[str, ...] = ()  # markers: whole words
+    judge: Judge | None = None
+    loc: Location | None = Field(default=None, exclude=True)
+
+
 class Eval(Node):
     pairs: tuple[Pair, ...] = ()
     sources: tuple[DataFile, ...] = ()
     general: tuple[str, ...] = ()  # texts for general NLL
     expect: tuple[Expectation, ...] = ()
+    # The reply table (with `score`): held-out prompts (empty: the held-out pairs'),
+    # answered by the base, prompted (`system`), steered and trained models.
+    prompts: tuple[str, ...] = ()
+    system: str | None = None  # the prompting baseline's system prompt
+    score: Score | None = None
+    samples: int = 2  # sampled replies per prompt beside the greedy one
+    max_tokens: int = 40  # tokens per reply
     loc: Location | None = Field(default=None, exclude=True)
 
 

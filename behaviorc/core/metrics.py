@@ -63,6 +63,19 @@ METRICS: dict[str, str] = {
     "requests_failed": "probe requests that failed while pushing (the claim is zero)",
     "tensors_changed": "tensors of a task vector (those that differ from the base)",
     "parameters_merged": "parameters a composition changed",
+    # The reply table (evaluate.table): per model answering the held-out prompts, one
+    # metric of each kind below, named `<kind>_<model>` (see REPLY_MODELS).
+    **{f"{kind}_{model}": f"{what}, {whose}"
+       for kind, what in (
+           ("behavior_rate", "share of replies scored as showing the behavior (score >= 0.5)"),
+           ("behavior_score", "mean behavior score of the replies (0..1)"),
+           ("distinct_2", "mean distinct-2 of the replies (distinct word bigrams / bigrams)"),
+           ("repeated_share", "mean share of repeated 3-grams per reply"),
+           ("reply_nll", "mean per-token NLL of the replies under the base model"))
+       for model, whose in (
+           ("base", "base model"), ("prompted", "base model with the eval's system prompt"),
+           ("steered", "steered model"), ("trained", "trained model, steering off"))},
+    "reply_warnings": "reasons the reply table gives not to trust a model's text (0: none)",
     # An experiment's measured point (behaviorc.lab): not for `expect`.
     "rate": "share of sampled replies the testbed scorer counts as the behavior",
     "rate_stderr": "standard error of `rate`",
@@ -94,7 +107,19 @@ DEPLOY: tuple[str, ...] = ("push_ms", "requests_served", "requests_failed")
 EXPERIMENT_POINT: tuple[str, ...] = ("rate", "rate_stderr", "malformed", "margin", "general_nll",
                                      "arithmetic_accuracy")
 
+REPLY_MODELS: tuple[str, ...] = ("base", "prompted", "steered", "trained")
+REPLY_KINDS: tuple[str, ...] = ("behavior_rate", "behavior_score", "distinct_2", "repeated_share",
+                                "reply_nll")
+
+
+def reply_table(models: tuple[str, ...] = REPLY_MODELS) -> tuple[str, ...]:
+    """The reply table's metrics for `models` (a subset of REPLY_MODELS)."""
+    return tuple(f"{kind}_{model}" for model in models for kind in REPLY_KINDS) + ("reply_warnings",)
+
+
+REPLY_TABLE: tuple[str, ...] = reply_table()
+
 # What an `expect` in a behavior's eval section can name: the metrics of the tasks a
 # behavior lowers to (training's answer the lasting effect, steering's the steered one).
 STEER_EXPECTABLE: tuple[str, ...] = STEER_VERIFY + STEER_EXTRACT
-EXPECTABLE: tuple[str, ...] = tuple(dict.fromkeys(STEER_EXPECTABLE + TRAIN))
+EXPECTABLE: tuple[str, ...] = tuple(dict.fromkeys(STEER_EXPECTABLE + TRAIN + REPLY_TABLE))

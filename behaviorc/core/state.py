@@ -92,6 +92,7 @@ class BuildState:
     served: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # step, margin, strength
     pushes: list[dict[str, Any]] = field(default_factory=list)
     points: dict[str, dict[str, float]] = field(default_factory=dict)  # an experiment's measurements
+    reply_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # by evaluate.table task
     unmet: list[dict[str, Any]] = field(default_factory=list)  # `expect` lines that did not hold
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
     events_seen: int = 0
@@ -217,10 +218,36 @@ class BuildState:
             self._on_push({"task": event.get("task"), "url": url, "ok": True, "ms": event.get("push_ms", 0.0),
                            "requests_failed": event.get("requests_failed")})
 
+    def _on_evaluate_replies(self, event: dict[str, Any]) -> None:
+        self.reply_tables[event["task"]] = {k: event.get(k) for k in ("scorer", "rows", "verdict", "side_by_side")}
+
     def _on_experiment_point(self, event: dict[str, Any]) -> None:
         """One measured point of an experiment: its numbers, by task id."""
         self.points[event["task"]] = {k: float(v) for k, v in event.items() if k != "t"
                                       and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def reply_table_lines(table: dict[str, Any]) -> list[str]:
+    """A reply table (evaluate.replies' fields, evaluate.table's data) as text: a row
+    per model with 95% intervals, the verdict, then greedy replies side by side."""
+    def cell(figure: dict[str, float] | None, percent: bool = False) -> str:
+        if not figure or figure.get("mean") != figure.get("mean"):  # absent or NaN
+            return "–"
+        show = (lambda v: f"{v:.0%}") if percent else (lambda v: f"{v:.2f}")
+        return f"{show(figure['mean'])} [{show(figure['low'])}, {show(figure['high'])}]"
+
+    lines = [f"  {'model':<9} {'behavior rate':<16} {'mean score':<19} {'distinct-2':<19} "
+             f"{'NLL under base':<19} loops"]
+    for row in table.get("rows") or []:
+        lines.append(f"  {row['model']:<9} {cell(row.get('rate'), True):<16} "
+                     f"{cell(row.get('score')):<19} {cell(row.get('distinct_2')):<19} "
+                     f"{cell(row.get('nll')):<19} {row.get('looping', 0):.0%}")
+    lines += [f"  verdict: {line}" for line in table.get("verdict") or []]
+    for row in table.get("side_by_side") or []:
+        lines.append(f"  prompt: {row['prompt']}")
+        lines += [f"    {model + ':':<10}{' '.join(str(text).split())}" for model, text in row.items()
+                  if model != "prompt"]
+    return lines
 
 
 def process_alive(pid: int | None) -> bool:

@@ -28,7 +28,7 @@ from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 from behaviorc.engine.hooks import add_to_output, capture_outputs
 from behaviorc.engine.protocol import ModelInfo
 from behaviorc.model.adapter import ArchitectureAdapter
-from behaviorc.model.chat import PromptFormat, model_prompt, prompt_format
+from behaviorc.model.chat import PromptFormat, model_prompt, prompt_format, system_prompted
 
 
 class EmbeddedEngine:
@@ -70,6 +70,9 @@ class EmbeddedEngine:
     @property
     def prompt_format(self) -> PromptFormat:
         return prompt_format(self.tokenizer)
+
+    def with_system(self, system: str, prompt: str) -> str:
+        return system_prompted(self.tokenizer, system, prompt)
 
     @property
     def device(self) -> torch.device:

@@ -47,6 +47,10 @@ class Engine(Protocol):
     def prompt_format(self) -> Literal["chat", "plain"]:
         """How prompts reach the model: as a chat template's user turn, or as plain text."""
 
+    def with_system(self, system: str, prompt: str) -> str:
+        """`prompt` asked under the system prompt `system`, as a prompt this engine reads
+        as written (behaviorc.model.chat.system_prompted)."""
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32,
                  temperature: float = 0.0, seed: int = 0) -> list[str]:
         """Completions (text after the prompt), batched; greedy when temperature is 0."""

@@ -26,7 +26,7 @@ from typing import Any
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.lab import common
-from behaviorc.lab.stats import bootstrap_mean
+from behaviorc.measure.intervals import bootstrap_mean
 from behaviorc.lab.measure import GdnStates
 
 NAME = "gdn-state"

@@ -9,27 +9,11 @@ seeds are resampled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-RESAMPLES = 4000
-LEVEL = 0.95
-
-
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    low: float
-    high: float
-
-    @property
-    def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
-
-    def as_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "low": self.low, "high": self.high}
+from behaviorc.measure.intervals import LEVEL, RESAMPLES, Interval
 
 
 def bootstrap_change(after: Sequence[float], before: Sequence[float], totals: Sequence[int] | None = None,
@@ -50,14 +34,3 @@ def bootstrap_change(after: Sequence[float], before: Sequence[float], totals: Se
     tail = (1 - LEVEL) / 2
     return Interval(float((after_a - before_a).mean()), float(np.quantile(means, tail)),
                     float(np.quantile(means, 1 - tail)))
-
-
-def bootstrap_mean(values: Sequence[float], seed: int = 0) -> Interval:
-    """CI of the mean of `values` (e.g. per-prompt cosines), resampling them."""
-    data = np.asarray(values, float)
-    if data.size == 0:
-        raise ValueError("no values")
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(RESAMPLES, data.size))].mean(axis=1)
-    tail = (1 - LEVEL) / 2
-    return Interval(float(data.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)))

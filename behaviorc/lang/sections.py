@@ -3,12 +3,14 @@ distillation) and `eval`. Each returns its IR node, or None after reporting why.
 
 from __future__ import annotations
 
+import re
+
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import DiagnosticSink, Location, did_you_mean
 from behaviorc.lang import ast
 from behaviorc.lang.data import DataFiles, read_example, read_pair, read_prompt, read_text
 from behaviorc.lang.values import Block, Values, values_of
-from behaviorc.core.metrics import EXPECTABLE, STEER_EXPECTABLE, TRAIN
+from behaviorc.core.metrics import EXPECTABLE, STEER_EXPECTABLE, TRAIN, reply_table
 
 
 # Steering methods (steer.extract says what each computes).
@@ -331,19 +333,8 @@ class Sections:
             return None
         teachers = self._teachers(setting, steers)
         block = Block(setting.block, "distill", self.sink, repeatable=("prompt",))
-        prompts: list[str] = []
-        for inline in block.all("prompt"):
-            if inline.values[0].value.strip():
-                prompts.append(inline.values[0].value)
-            else:
-                self.sink.error("the prompt is empty", inline.values[0].loc)
-        data_file = None
-        if block.one("prompts"):
-            loaded = self.data.load(block.one("prompts").values[0], base, read_prompt, PROMPT_LINE)
-            if loaded:
-                prompts.extend(loaded.records)
-                data_file = loaded.source
-        elif not block.all("prompt"):
+        prompts, data_file = self._prompts(block, base)
+        if not block.one("prompts") and not block.all("prompt"):
             self._missing(setting, "distill has no prompts", setting.key_loc,
                           'add `prompts "file.jsonl"` or `prompt "..."` inside its braces')
         defaults = ir.Distill(prompts=())
@@ -372,12 +363,31 @@ class Sections:
         return ir.Distill(prompts=tuple(prompts), source=data_file, steering=teachers[0],
                           system=teachers[1], objective=objective, loc=setting.loc, **options)
 
+    def _prompts(self, block: Block, base: str) -> tuple[list[str], ir.DataFile | None]:
+        """A block's `prompt "..."` lines, then its `prompts "file.jsonl"`."""
+        prompts: list[str] = []
+        for inline in block.all("prompt"):
+            if inline.values[0].value.strip():
+                prompts.append(inline.values[0].value)
+            else:
+                self.sink.error("the prompt is empty", inline.values[0].loc)
+        data_file = None
+        if block.one("prompts"):
+            loaded = self.data.load(block.one("prompts").values[0], base, read_prompt, PROMPT_LINE)
+            if loaded:
+                prompts.extend(loaded.records)
+                data_file = loaded.source
+        return prompts, data_file
+
     def eval(self, section: ast.Setting, base: str, behavior: str,
              steers: bool, trains: bool) -> ir.Eval | None:
         block = Block(section.block, "eval", self.sink,
-                       repeatable=("pair", "pairs", "general", "expect"))
+                       repeatable=("pair", "pairs", "general", "expect", "prompt"))
         errors = len(self.sink.errors)
         pairs, sources = self._pairs(block, base)
+        replies = self._reply_table(block, base, steers, bool(pairs))
+        if replies and replies.get("source"):
+            sources.append(replies["source"])
         general: list[str] = []
         for setting in block.all("general"):
             loaded = self.data.load(setting.values[0], base, read_text, TEXT_LINE)
@@ -385,6 +395,10 @@ class Sections:
                 general.extend(loaded.records)
                 sources.append(loaded.source)
         reported = set(STEER_EXPECTABLE if steers else ()) | set(TRAIN if trains else ())
+        if replies and replies.get("score"):
+            models = ("base", "prompted" if replies.get("system") else "", "steered" if steers else "",
+                      "trained" if trains else "")
+            reported |= set(reply_table(tuple(m for m in models if m)))
         if not reported:
             self.sink.warning("nothing measures this eval: the behavior has no steer or train "
                               "section", section.key_loc)
@@ -404,9 +418,116 @@ class Sections:
             if number is not None:
                 expects.append(ir.Expectation(metric=metric.name, op=op.text, value=number,
                                               loc=setting.loc))
-        if len(self.sink.errors) > errors:
+        if len(self.sink.errors) > errors or replies is None:
             return None
         return ir.Eval(pairs=tuple(pairs), sources=tuple(sources), general=tuple(general),
-                       expect=tuple(expects), loc=section.loc)
+                       expect=tuple(expects), loc=section.loc,
+                       **{k: v for k, v in replies.items() if k != "source"})
+
+    def _reply_table(self, block: Block, base: str, steers: bool, has_pairs: bool) -> dict | None:
+        """The reply table's settings of an eval block, as ir.Eval fields; None after an error."""
+        errors = len(self.sink.errors)
+        score_s = block.one("score")
+        prompts, source = self._prompts(block, base)
+        system = block.one("system")
+        if system is not None and not system.values[0].value.strip():
+            self.sink.error("the system prompt is empty", system.values[0].loc,
+                            'e.g. `system "You are a cheerful assistant."`')
+        defaults = ir.Eval()
+        fields = dict(
+            prompts=tuple(prompts),
+            system=system.values[0].value if system else None,
+            score=self._score(score_s, steers) if score_s else None,
+            samples=self.values.number(block.one("samples"), low=0, high=16, whole=True,
+                                       default=defaults.samples),
+            max_tokens=self.values.number(block.one("max_tokens"), low=1, high=512, whole=True,
+                                          default=defaults.max_tokens))
+        given = [s for key in ("prompts", "prompt", "system", "samples", "max_tokens")
+                 for s in block.all(key)]
+        if given and score_s is None:
+            self.sink.error(f"`{given[0].key}` is for the reply table, which needs a `score`",
+                            given[0].key_loc, 'add `score markers "regex"`, `score projection` '
+                                              'or `score judge "URL" { model "M"  rubric "..." }`')
+        elif score_s is not None and not prompts and not has_pairs and not steers:
+            self.sink.error("the reply table has no prompts to answer", score_s.key_loc,
+                            'add `prompts "file.jsonl"` ({"prompt"} lines) or `prompt "..."`')
+        if len(self.sink.errors) > errors:
+            return None
+        return {**fields, "source": source}
+
+    def _score(self, setting: ast.Setting, steers: bool) -> ir.Score | None:
+        kind = self.values.choice_word(setting.values[0], ("markers", "projection", "judge"), "scorer")
+        strings: list[ast.Str] = list(setting.values[1:])
+        if kind != "judge" and setting.block is not None:
+            self.sink.error(f"`score {kind}` takes no block", setting.key_loc,
+                            "only `score judge \"URL\" { ... }` has settings")
+            return None
+        if kind == "markers":
+            return self._markers(setting, strings)
+        if kind == "projection":
+            if strings:
+                self.sink.error("`score projection` takes no text", strings[0].loc,
+                                "it projects replies on the behavior's own steering direction")
+            elif not steers:
+                self.sink.error("`score projection` needs a steer section: replies are projected "
+                                "on the steering direction", setting.key_loc,
+                                'score with `markers "regex"` or a `judge` instead')
+            else:
+                return ir.Score(kind="projection", loc=setting.loc)
+            return None
+        if kind == "judge":
+            return self._judge(setting, strings)
+        return None
+
+    def _markers(self, setting: ast.Setting, strings: list[ast.Str]) -> ir.Score | None:
+        if not strings:
+            self.sink.error("`score markers` needs a pattern or words", setting.key_loc,
+                            'e.g. `score markers "glad|happy|great"` (a regular expression) or '
+                            '`score markers "glad", "happy", "great"` (whole words)')
+            return None
+        for text in strings:
+            if not text.value.strip():
+                self.sink.error("the marker is empty", text.loc)
+                return None
+        if len(strings) > 1:
+            return ir.Score(kind="markers", words=tuple(t.value for t in strings), loc=setting.loc)
+        try:
+            re.compile(strings[0].value)
+        except re.error as err:
+            self.sink.error(f"the marker pattern is not a regular expression: {err}", strings[0].loc,
+                            "escape special characters with a backslash, or list whole words: "
+                            '`score markers "glad", "happy"`')
+            return None
+        return ir.Score(kind="markers", pattern=strings[0].value, loc=setting.loc)
+
+    def _judge(self, setting: ast.Setting, strings: list[ast.Str]) -> ir.Score | None:
+        if len(strings) != 1:
+            self.sink.error("`score judge` takes one server URL", setting.key_loc,
+                            'e.g. `score judge "http://127.0.0.1:8000" { model "M"  rubric "..." }`')
+            return None
+        url = strings[0]
+        if not url.value.startswith(("http://", "https://")):
+            self.sink.error(f"`{url.value}` is not an http(s) URL", url.loc,
+                            'e.g. "http://127.0.0.1:8000", an OpenAI-compatible server')
+            return None
+        block = Block(setting.block, "judge", self.sink)
+        found: dict[str, str] = {}
+        for key, example in (("model", 'model "Qwen/Qwen3-0.6B"'),
+                             ("rubric", 'rubric "How cheerful the reply sounds."')):
+            value = block.one(key)
+            if value is None:
+                self._missing(setting, f"the judge has no `{key}`", setting.key_loc,
+                              f"add `{example}` inside its braces")
+            elif not value.values[0].value.strip():
+                self.sink.error(f"the judge's {key} is empty", value.values[0].loc)
+            else:
+                found[key] = value.values[0].value
+        guided = self.values.switch(block.one("guided"), True)
+        timeout = self.values.number(block.one("timeout"), low=0, low_open=True)
+        if len(found) < 2 or guided is None or (block.one("timeout") and timeout is None):
+            return None
+        judge = ir.Judge(url=url.value, model=found["model"], rubric=found["rubric"], guided=guided,
+                         timeout=timeout, loc=setting.loc)
+        return ir.Score(kind="judge", judge=judge, loc=setting.loc)
 
     # ---- compositions

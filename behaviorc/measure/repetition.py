@@ -1,10 +1,15 @@
-"""Coherence of generated text, judge-free: the share of repeated n-grams.
+"""Coherence of generated text, judge-free: repeated and distinct n-grams.
 
 A reply that loops ("the the the", "I am happy. I am happy.", "RemCom!RemCom!RemCom!")
 repeats its n-grams; ordinary prose rarely repeats a 3-gram within a short reply. Words
-and punctuation marks are the units, so text that loops without spaces counts too. The
-share is pooled over replies: (n-grams - distinct n-grams per reply) / n-grams, 0 for
-text too short to hold an n-gram.
+and punctuation marks are the units, so text that loops without spaces counts too.
+
+- `repeated_ngram_share` is pooled over texts: (n-grams - distinct n-grams per text) /
+  n-grams, 0 for text too short to hold an n-gram.
+- `distinct_ngram_share` is one text's distinct-n (Li et al., 2016: distinct n-grams /
+  n-grams), within the reply rather than across replies, so greedy and sampled replies
+  to one prompt, which share words, do not count as repetition; None when the text is
+  too short to hold an n-gram.
 """
 
 from __future__ import annotations
@@ -16,11 +21,20 @@ NGRAM = 3
 _UNITS = re.compile(r"[\w']+|[^\w\s']")
 
 
+def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    words = _UNITS.findall(text)
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
 def repeated_ngram_share(texts: Sequence[str], n: int = NGRAM) -> float:
     total = repeated = 0
     for text in texts:
-        words = _UNITS.findall(text)
-        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        grams = ngrams(text, n)
         total += len(grams)
         repeated += len(grams) - len(set(grams))
     return repeated / total if total else 0.0
+
+
+def distinct_ngram_share(text: str, n: int = 2) -> float | None:
+    grams = ngrams(text, n)
+    return len(set(grams)) / len(grams) if grams else None

@@ -25,21 +25,24 @@ def prompt_format(tokenizer: Any) -> PromptFormat:
     return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
 
-def model_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:
-    """The text the model reads for a user's `prompt`; its reply follows directly. With a
-    `system` prompt (a prompt teacher's), the chat's system turn says it (a model without
-    a template reads it as a paragraph before the prompt); the result holds the
-    template's tokens, so passed on as a prompt it is read as written."""
-    if system is not None:
-        if prompt_format(tokenizer) == "plain":
-            return f"{system}\n\n{prompt}"
-        return tokenizer.apply_chat_template([{"role": "system", "content": system},
-                                              {"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
+def model_prompt(tokenizer: Any, prompt: str) -> str:
+    """The text the model reads for a user's `prompt`; its reply follows directly."""
     if not prompt or prompt_format(tokenizer) == "plain" or _preformatted(tokenizer, prompt):
         return prompt
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                          tokenize=False, add_generation_prompt=True)
+
+
+def system_prompted(tokenizer: Any, system: str, prompt: str) -> str:
+    """The text the model reads for `prompt` asked under the system prompt `system`: a
+    chat model's system and user turns and its reply cue (the template's tokens in it
+    make `model_prompt` keep it as written); a plain model reads the system prompt, a
+    blank line, then the prompt."""
+    if prompt_format(tokenizer) == "plain":
+        return f"{system}\n\n{prompt}"
+    return tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+        tokenize=False, add_generation_prompt=True)
 
 
 def _preformatted(tokenizer: Any, prompt: str) -> bool:

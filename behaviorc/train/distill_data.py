@@ -7,10 +7,11 @@ batched: one `engine.generate` call per sample round over a batch of prompts, ea
 round with its own seed, so a server that seeds every request alike (vLLM) still gives
 different samples of the same prompt.
 
-A teacher that loops is no teacher: a sample whose own 3-grams repeat (more than
-`LOOPING` of them: "Ahoy! Ahoy! Ahoy!") or that reads as broken text to the base model
-(its NLL per token under the plain model above `BROKEN` times that of the plain
-model's own replies to the same prompts) is dropped with its reason counted, and when
+A teacher that loops is no teacher: a sample whose own 3-grams repeat (at least
+`LOOP_SHARE` of them, as the reply table counts a reply that loops: "Ahoy! Ahoy!
+Ahoy!") or that reads as broken text to the base model (its NLL per token under the
+plain model above `BROKEN` times that of the plain model's own replies to the same
+prompts) is dropped with its reason counted, and when
 fewer than half of the samples remain the teacher is refused, with examples, before any
 training: a student learns a looping teacher's loops.
 
@@ -35,9 +36,9 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.engine.protocol import Engine, steered
 from behaviorc.measure.repetition import repeated_ngram_share
+from behaviorc.measure.replies import LOOP_SHARE
 
 PROMPTS_PER_BATCH = 32
-LOOPING = 0.25  # a sample whose repeated 3-gram share is above this loops
 BROKEN = 2.5  # a sample whose NLL under the plain model is this many times its own replies' is broken
 KEPT_AT_LEAST = 0.5  # of the non-empty samples, else the teacher is refused
 
@@ -70,8 +71,8 @@ class DistillData:
     @property
     def dropped(self) -> str | None:
         """Which samples were dropped and why, in words; None when none was."""
-        reasons = [f"{n} {why}" for n, why in ((self.looping, "looping (repeated 3-grams above "
-                                                f"{LOOPING:.0%})"),
+        reasons = [f"{n} {why}" for n, why in ((self.looping, "looping (at least "
+                                                f"{LOOP_SHARE:.0%} of their 3-grams repeat)"),
                                                (self.broken, f"broken (NLL under the plain model above "
                                                 f"{BROKEN:g}x its own replies' {self.plain_nll:.2f})"))
                    if n]
@@ -163,7 +164,7 @@ def distill_data(generator: Engine, scorer: Engine, directions: Mapping[int, tor
         for i, (score, sample_nll, response) in enumerate(zip(ss, ns, rs)):
             if score is None:
                 continue
-            if repeated_ngram_share([response]) > LOOPING:
+            if repeated_ngram_share([response]) >= LOOP_SHARE:
                 looping += 1
             elif plain_nll_values and sample_nll > BROKEN * plain_nll:
                 broken += 1

@@ -50,7 +50,7 @@ from behaviorc.measure.nll import general_nll
 from behaviorc.measure.projection import projection_score
 from behaviorc.measure.replies import reply_prompts, sample_replies
 from behaviorc.model.adapter import ArchitectureAdapter
-from behaviorc.model.chat import model_prompt
+from behaviorc.model.chat import system_prompted
 from behaviorc.model.loading import context_positions, load_model, refuse_over_context
 from behaviorc.train.activations import Matching
 from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, encode_texts
@@ -107,7 +107,7 @@ def distilled_examples(train_spec: ir.Train, run: Run, generator: Engine, ctx: T
     loc = distill.loc or train_spec.loc
     ctx.progress(0, train_spec.steps, f"sampling {len(distill.prompts)} prompts x {distill.samples}")
     began = time.perf_counter()
-    teacher_prompts = ([model_prompt(run.tokenizer, p, distill.system) for p in distill.prompts]
+    teacher_prompts = ([system_prompted(run.tokenizer, distill.system, p) for p in distill.prompts]
                        if distill.system is not None else None)
     directions = run.directions if distill.steering else {}
     # A hand-off samples the served, steered model; otherwise this copy, steered here.
@@ -138,7 +138,7 @@ def distilled_examples(train_spec: ir.Train, run: Run, generator: Engine, ctx: T
             sets.append((data.plain, plain, objective.plain))
         for samples, sequences, weight in sets:
             for sample, sequence in zip(samples, sequences):
-                context = (tuple(run.tokenizer(model_prompt(run.tokenizer, sample.prompt, distill.system)).input_ids)
+                context = (tuple(run.tokenizer(system_prompted(run.tokenizer, distill.system, sample.prompt)).input_ids)
                            if distill.system is not None else sequence.context)
                 result.taught.append(TeacherRow(sequence, context, bool(directions), weight, objective.temperature))
     if distill.match_activations > 0:
@@ -199,7 +199,7 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
                            margin_steered=metrics.get("margin_steered")))
     system = distill.system if distill is not None else None
     if eval_pairs and system is not None:  # the prompt teacher's margin: the prompts with the system prompt
-        teacher_pairs = [ir.Pair(prompt=model_prompt(tokenizer, p.prompt, system), positive=p.positive,
+        teacher_pairs = [ir.Pair(prompt=system_prompted(tokenizer, system, p.prompt), positive=p.positive,
                                  negative=p.negative) for p in eval_pairs]
         with steered(engine, directions, strength) if distill.steering else nullcontext():
             metrics["margin_teacher"] = behavior_margin(engine, teacher_pairs)
@@ -214,7 +214,7 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
         [ir.Pair(prompt=p, positive="", negative="") for p in distill.prompts] if distill else [])
     replies = {"base": sample_replies(engine, shown)}
     if system is not None:
-        replies["prompted"] = sample_replies(engine, [model_prompt(tokenizer, p, system) for p in shown])
+        replies["prompted"] = sample_replies(engine, [system_prompted(tokenizer, system, p) for p in shown])
     if directions:
         replies["steered"] = sample_replies(engine, shown, steering=directions, strength=strength)
         # How much of the trait the replies express, read by the base model unsteered.

@@ -11,7 +11,7 @@ from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.protocol import ModelInfo
 from behaviorc.engine.vllm.http import ServerClient
 from behaviorc.engine.vllm.push import push_weights
-from behaviorc.model.chat import PromptFormat, model_prompt, prompt_format
+from behaviorc.model.chat import PromptFormat, model_prompt, prompt_format, system_prompted
 
 
 class VLLMEngine:
@@ -107,6 +107,10 @@ class VLLMEngine:
     def prompt_format(self) -> PromptFormat:
         tokenizer = self._template_tokenizer
         return "plain" if tokenizer is None else prompt_format(tokenizer)
+
+    def with_system(self, system: str, prompt: str) -> str:
+        # without the served folder's tokenizer (a remote server) prompts go as plain text
+        return system_prompted(self._template_tokenizer, system, prompt)
 
     def _model_prompt(self, prompt: str) -> str:
         tokenizer = self._template_tokenizer
