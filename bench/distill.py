@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OPTIMIZERS = ("apollo", "apollo_mini", "adamw")
 TARGET_RATIO = 0.9
 
-SPEC = """model base = "smollm2-135m"
+SPEC = """model base = "{model}"
 behavior cheerful {{
   steer {{
     layers {layer}
@@ -53,9 +53,9 @@ behavior cheerful {{
 """
 
 
-def distil(folder: Path, optimizer: str, layer: int, steps: int, objective: str) -> dict[str, float]:
+def distil(folder: Path, model: str, optimizer: str, layer: int, steps: int, objective: str) -> dict[str, float]:
     spec = folder / f"{optimizer}.behavior"
-    spec.write_text(SPEC.format(layer=layer, steps=steps, objective=objective, optimizer=optimizer))
+    spec.write_text(SPEC.format(model=model, layer=layer, steps=steps, objective=objective, optimizer=optimizer))
     out = folder / "out"  # one store for all three: the steering is extracted once
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "behaviorc.cli", "build", str(spec), "--out", str(out),
@@ -72,13 +72,15 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=23, help="the steered layer (default: the demo's pick)")
     parser.add_argument("--steps", type=int, default=30, help="training steps, the same for each optimizer")
     parser.add_argument("--objective", choices=("kl", "sft"), default="kl")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="a built-in or a folder (tiny-dense checks the bench runs, in seconds)")
     args = parser.parse_args()
     figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         (folder / "data").symlink_to(ROOT / "specs" / "data")
         for optimizer in OPTIMIZERS:
-            m = distil(folder, optimizer, args.layer, args.steps, args.objective)
+            m = distil(folder, args.model, optimizer, args.layer, args.steps, args.objective)
             figures[optimizer] = {
                 "steered_share": m.get("steered_share", float("nan")),
                 "nll_change": m["general_nll_after"] / m["general_nll_before"] - 1,
@@ -86,7 +88,7 @@ def main() -> None:
                 "capability_after": m.get("capability_after", float("nan")),
                 "seconds_train": m["seconds_train"], "loss_last": m["loss_last"]}
             print(f"  {optimizer} done", file=sys.stderr)
-    print(f"demo cheerful, layer {args.layer}, {args.steps} steps, objective {args.objective}; "
+    print(f"demo cheerful on {args.model}, layer {args.layer}, {args.steps} steps, objective {args.objective}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'optimizer':<12} {'share kept':>10} {'NLL change':>11} {'capability':>13} {'train s':>8}")
     for name, f in figures.items():
@@ -94,7 +96,7 @@ def main() -> None:
               f"{f['capability_before']:>6.2f}->{f['capability_after']:.2f} {f['seconds_train']:>8.1f}")
     ratio = figures["apollo"]["steered_share"] / figures["adamw"]["steered_share"]
     print(json.dumps({"bench": "distill", "figures": figures, "headline": {
-        "what": f"steered share kept by APOLLO / by AdamW (demo cheerful, layer {args.layer}, "
+        "what": f"steered share kept by APOLLO / by AdamW (demo cheerful on {args.model}, layer {args.layer}, "
                 f"{args.steps} steps, objective {args.objective})",
         "ratio": round(ratio, 3), "target": TARGET_RATIO}}))
 

@@ -39,7 +39,11 @@ from behaviorc.measure.repetition import repeated_ngram_share
 from behaviorc.measure.replies import LOOP_SHARE
 
 PROMPTS_PER_BATCH = 32
-BROKEN = 2.5  # a sample whose NLL under the plain model is this many times its own replies' is broken
+# A sample whose NLL under the plain model is this many times its own replies' is broken.
+# The broken pirate replies of a looping steered teacher on smollm2-135m read at 2.58
+# nats a token against 0.80 for the base's own replies (3.2x); fluent replies in an
+# unusual style sit lower, and a prompt teacher is the base model itself.
+BROKEN = 3.0
 KEPT_AT_LEAST = 0.5  # of the non-empty samples, else the teacher is refused
 
 
