@@ -22,7 +22,7 @@ KEEPS_AT_LEAST = 0.5
 
 def distill_spec(**fields) -> ir.Distill:
     defaults = dict(prompts=tuple(PROMPTS[1::5][:8]), samples=2, keep=1, temperature=0.7,
-                    max_tokens=6, match_activations=1.0, loc=LOC)
+                    max_tokens=6, match_activations=1.0, objective=ir.Objective(name="sft"), loc=LOC)
     return ir.Distill(**{**defaults, **fields})
 
 
@@ -243,3 +243,59 @@ def test_training_on_examples_hands_over_live_as_distillation_does(vllm_server, 
     expected = EmbeddedEngine.load(result.path("model"), dtype="bfloat16").completion_logprobs(
         PROBE_PROMPTS, PROBE_COMPLETIONS)
     assert max(abs(a - b) for x, y in zip(served, expected) for a, b in zip(x, y)) < BF16_TOLERANCE
+
+
+class LoopingEngine(CountingEngine):
+    """The embedded engine, whose every `every`-th generated reply loops."""
+
+    LOOP = " ha ha ha ha ha ha ha ha"
+
+    def __init__(self, engine, every: int):
+        super().__init__(engine)
+        self.every = every
+
+    def generate(self, prompts, **options):
+        texts = self.engine.generate(prompts, **options)
+        return [self.LOOP if i % self.every == 0 else t for i, t in enumerate(texts)]
+
+
+def test_looping_samples_are_dropped_and_a_looping_teacher_is_refused(embedded, directions):
+    from behaviorc.core.diagnostics import BehaviorError
+
+    spec = distill_spec(samples=2, keep=2)
+    data = distill_data(LoopingEngine(embedded, every=4), embedded, directions, 4.0, spec, seed=0, loc=LOC)
+    assert data.looping >= 4 and f"{data.looping} looping" in data.dropped  # a tiny model loops too
+    assert data.kept and all(s.response != LoopingEngine.LOOP for s in data.kept)
+    assert len(data.plain) == len(spec.prompts)  # the plain model's own replies, one a prompt
+    with pytest.raises(BehaviorError) as refused:
+        distill_data(LoopingEngine(embedded, every=1), embedded, directions, 4.0, spec, seed=0, loc=LOC)
+    assert "loops or breaks: 16 of its 16 samples" in str(refused.value) and "'ha ha ha" in str(refused.value)
+    assert refused.value.diagnostics[0].loc == LOC
+
+
+def test_kl_distillation_teaches_the_steered_distribution_and_measures_forgetting(tied_gdn, tmp_path):
+    result = run_plan(distill_plan(tied_gdn, steps=6, match_activations=0.0,
+                                   objective=ir.Objective(name="kl", top_k=16, plain=1.0)), tmp_path / "out")
+    m = result.metrics
+    assert m["steered_share"] > 0.1
+    # the loss is a KL to the teacher, from the base weights' distance to it down toward 0
+    assert 0 < m["loss_last"] < m["loss_first"]
+    # the kept samples and the plain model's own replies (8 prompts each) learn it
+    assert m["samples_kept"] == 8 and m["seconds_targets"] > 0
+    assert {"capability_before", "capability_after", "general_nll_before", "general_nll_after"} <= set(m)
+    assert result.data["warnings"] == []
+
+
+def test_a_prompt_teacher_needs_no_pairs_and_its_student_reads_no_system_prompt(tied_gdn, tmp_path):
+    """Context distillation: the teacher is the base reading a system prompt; the student
+    trains without it."""
+    system = "Answer every question with Yes."
+    plan = distill_plan(tied_gdn, steps=2, match_activations=0.0, steering=False, system=system,
+                        objective=ir.Objective(name="kl", top_k=8, plain=0.0))
+    prompt_only = plan.model_copy(update={"steering": None, "strength": 0.0, "eval_pairs": ()})
+    result = run_plan(prompt_only, tmp_path / "alone")
+    assert result.metrics["samples_kept"] == 8 and "margin_before" not in result.metrics
+    shown = result.data["replies"]
+    assert shown and {"prompt", "base", "prompted", "trained"} <= set(shown[0])
+    assert not any(system in r["prompt"] for r in shown)
+

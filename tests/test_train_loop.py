@@ -87,20 +87,34 @@ def test_a_nan_step_is_skipped_and_counted(tiny_dense):
     assert all(torch.isfinite(p).all() for p in targets.values())
 
 
-def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_weights(tiny_dense, tmp_path):
+@pytest.mark.parametrize("objective", ["sft", "kl"])
+def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_weights(tiny_dense, tmp_path, objective):
+    """Also with a teacher's distribution (`objective kl`, here a steered teacher on half
+    the examples): a resumed run computes it again from the base weights it reloads."""
+    from behaviorc.model.adapter import ArchitectureAdapter
+    from behaviorc.train.teacher import Teacher, TeacherRow
+
     spec = _spec(steps=6, schedule="cosine", warmup=1, optimizer=ir.Optimizer(rank=16, refresh=2))
+    direction = torch.randn(1024, generator=torch.Generator().manual_seed(0))
 
     def run(checkpoint_dir=None, stop_at=None):
         model, tokenizer = _load(tiny_dense)
         targets = _targets(model, ["attn.q", "mlp"])
-        schedule = BatchSchedule(encode_examples(tokenizer, spec.examples), [], 2, 0.0, 0)
+        sequences = encode_examples(tokenizer, spec.examples)
+        schedule = BatchSchedule(sequences, [], 2, 0.0, 0)
+        teacher = None
+        if objective == "kl":
+            rows = tuple(TeacherRow(s, s.context, True, 1.0, 2.0) for s in sequences[::2])
+            teacher = Teacher(rows, {1: direction[:model.config.hidden_size]}, 4.0, 8).distributions(
+                model, ArchitectureAdapter.for_model(model).decoder_layers(model), tokenizer.pad_token_id)
 
         def on_step(event):
             if event.step == stop_at:
                 raise KeyboardInterrupt  # a build stopped mid-training
         try:
             summary = train(model, targets, schedule, spec, pad_id=tokenizer.pad_token_id,
-                            on_step=on_step, checkpoint_dir=checkpoint_dir, checkpoint_every=2)
+                            on_step=on_step, checkpoint_dir=checkpoint_dir, checkpoint_every=2,
+                            teacher=teacher)
         except KeyboardInterrupt:
             return None, None
         return {n: p.detach().clone() for n, p in targets.items()}, summary
@@ -163,6 +177,9 @@ def test_training_planted_examples_raises_the_margin_on_held_out_pairs(tmp_path)
     assert m["margin_after"] > m["margin_before"] + 0.5, m
     assert m["loss_last"] < m["loss_first"] and m["steps_skipped"] == 0
     assert {"general_nll_before", "general_nll_after"} <= set(m)
+    # a loss near 0 on a handful of token targets is flagged as memorised, and only then
+    memorised = [w for w in result.data["warnings"] if "memorised" in w]
+    assert bool(memorised) == (m["loss_last"] < 0.05), (m["loss_last"], result.data["warnings"])
 
     events = [json.loads(line) for line in outcome.events_path.read_text().splitlines()]
     steps = [e for e in events if e["type"] == "train_step"]

@@ -72,7 +72,8 @@ class _Lowering:
         if b.train:
             # Distillation samples the steered model; a hand-off serves it while training.
             handoff = self._handoff(b.name) if b.steer else None
-            uses_steering = b.steer is not None and (b.train.distill is not None or handoff is not None)
+            uses_steering = b.steer is not None and ((b.train.distill is not None and b.train.distill.steering)
+                                                     or handoff is not None)
             # `strength auto` is chosen by the verification: training reads its result.
             chosen = uses_steering and b.steer.strength == "auto"
             train = self._add(TrainBehavior(

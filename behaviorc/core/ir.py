@@ -106,13 +106,33 @@ class Mix(Node):
     ratio: float  # 0..1, the share of training sequences drawn from `texts`
     texts: tuple[str, ...]
     source: DataFile | None = None
+    # sft: next-token loss on the texts; kl: the base model's distribution on them
+    # (an anchor to what the model was, not to the texts' own tokens)
+    anchor: Literal["sft", "kl"] = "sft"
     loc: Location | None = Field(default=None, exclude=True)
 
 
+class Objective(Node):
+    """What the student learns from the teacher's samples. sft: their tokens; kl: the
+    teacher's next-token distribution at every position of them (its `top_k` tokens,
+    the rest lumped into one), at `temperature`, and with weight `plain` the same on the
+    plain model's own replies, where the teacher says what it would not have said."""
+
+    # sft stays the default until kl is measured on smollm2-135m (README, "Defaults")
+    name: Literal["sft", "kl"] = "sft"
+    top_k: int = 64  # 0: the whole vocabulary
+    temperature: float = 1.0
+    plain: float = 1.0
+
+
 class Distill(Node):
-    """Make the steered behavior permanent: sample with steering on, keep the best."""
+    """Make a teacher's behavior permanent: sample the teacher (the behavior's steering,
+    a system prompt, or both), keep the best samples, train the plain model on them."""
 
     prompts: tuple[str, ...]
+    steering: bool = True  # the teacher is steered by the behavior's steering
+    system: str | None = None  # the teacher's system prompt; the student sees none
+    objective: Objective = Objective()
     source: DataFile | None = None
     samples: int = 4
     keep: int = 1  # best samples kept per prompt, by the behavior's margin

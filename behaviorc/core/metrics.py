@@ -17,6 +17,9 @@ METRICS: dict[str, str] = {
     "margin_after": "behavior margin of the trained result, steering off",
     "steered_share": "share of the steered gain the trained weights carry without steering",
     "layer": "the layer `layers auto` chose to steer",
+    "margin_teacher": ("behavior margin of a prompt teacher: the base model reading its system "
+                       "prompt (and steered, for `distill steering + prompt`)"),
+    "teacher_share": "share of the prompt teacher's margin gain the trained weights carry, no prompt",
     "separation": "how consistently the chosen layer separates the pairs (layers auto)",
     "layer_effect": "held-out margin gain of the layer `layers auto` chose",
     "layer_lift": ("held-out rise of the positives' log-prob per token when steering at the "
@@ -27,6 +30,7 @@ METRICS: dict[str, str] = {
     "anti_steerable_share": "share of held-out pairs whose margin the steering lowered",
     "capability_before": "capability probe accuracy, steering off",
     "capability_steered": "capability probe accuracy, steering on",
+    "capability_after": "capability probe accuracy of the trained model",
     "repetition_before": "share of repeated 3-grams in greedy replies, steering off",
     "repetition_steered": "share of repeated 3-grams in greedy replies, steering on",
     "projection_before": "activation-projection score of the base model's replies",
@@ -48,9 +52,10 @@ METRICS: dict[str, str] = {
     "seconds_generate": "distillation: seconds sampling the steered model",
     "samples_generated": "distillation: replies sampled",
     "samples_kept": "distillation: replies kept as training examples",
+    "samples_dropped": "distillation: teacher replies dropped as looping or broken",
     "sample_score": "distillation: mean steering score of the kept replies",
-    "seconds_targets": "distillation: seconds computing steered activation targets "
-                       "(one process; on several, part of seconds_train)",
+    "seconds_targets": "distillation: seconds computing the teacher's targets, its distributions "
+                       "and steered activations (one process; on several, part of seconds_train)",
     "seconds_train": "distillation: seconds training (pauses for pushes excluded)",
     "served_margin_start": "hand-off: served margin when training starts",
     "served_margin_min": "hand-off: lowest served margin while training",
@@ -97,7 +102,9 @@ STEER_VERIFY: tuple[str, ...] = (
 TRAIN: tuple[str, ...] = (
     "loss_first", "loss_last", "steps_skipped", "limiter_activations", "margin_before",
     "margin_steered", "margin_after", "general_nll_before", "general_nll_after", "steered_share",
-    "seconds_generate", "samples_generated", "samples_kept", "sample_score", "seconds_targets",
+    "margin_teacher", "teacher_share", "capability_before", "capability_after",
+    "seconds_generate", "samples_generated", "samples_kept", "samples_dropped", "sample_score",
+    "seconds_targets",
     "seconds_train", "projection_before", "projection_steered", "projection_after",
     "served_margin_start", "served_margin_min", "served_margin_end",
     "strength_end", "pushes", "seconds_push", "push_ms", "requests_served", "requests_failed")

@@ -100,6 +100,11 @@ class AstBuilder:
     def names(self, children):
         return [self._word(t) for t in children if t.type == "NAME"]
 
+    def teacher(self, children):
+        """`steering` or `prompt "..."`: its values, joined into the `distill` setting's."""
+        name, text = children
+        return [self._word(name)] + ([text] if text is not None else [])
+
     def string(self, children):
         token = children[0]
         raw = token.value

@@ -18,7 +18,7 @@ from behaviorc.lang.parse import parse_text
 
 INDENT = "  "
 WIDTH = 88
-INLINE_BLOCKS = ("optimizer", "merge", "distill", "model", "deploy", "score")
+INLINE_BLOCKS = ("optimizer", "merge", "distill", "objective", "mix", "model", "deploy", "score")
 COMMA_SEPARATED = ("layers", "sweep", "targets", "groups", "betas")
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
@@ -192,6 +192,9 @@ def _kind(item: ast.Item) -> str:
 def _head(setting: ast.Setting) -> str:
     if not setting.values:
         return setting.key
+    if setting.key == "distill":  # teachers: a name, maybe its text, joined by `+`
+        return "distill " + " ".join(
+            ("+ " if isinstance(v, ast.Word) and i else "") + _value(v) for i, v in enumerate(setting.values))
     if setting.key == "score":  # score markers "happy", "glad": a kind, then its strings
         kind, *strings = setting.values
         return " ".join(("score", _value(kind), ", ".join(_value(v) for v in strings))).rstrip()

@@ -21,6 +21,7 @@ PAIR_LINE = '{"prompt", "positive", "negative"}'
 EXAMPLE_LINE = '{"context", "response"} or {"messages": [{"role", "content"}, ...]}'
 TEXT_LINE = '{"text"}'
 PROMPT_LINE = '{"prompt"}'
+TEACHERS = ("steering", "prompt")  # what `distill` learns from
 
 
 class Sections:
@@ -232,9 +233,12 @@ class Sections:
             self.sink.warning(f"a {ratio.source} general mix leaves less than half of training "
                               "for the behavior", ratio.loc, "25% is the usual share")
         loaded = self.data.load(file, base, read_text, TEXT_LINE)
-        if value is None or loaded is None:
+        anchor = self.values.choice(Block(setting.block, "mix", self.sink).one("anchor"), ("sft", "kl"),
+                                    "anchor") if setting.block else "sft"
+        if value is None or loaded is None or anchor is None:
             return None
-        return ir.Mix(ratio=value, texts=loaded.records, source=loaded.source, loc=setting.loc)
+        return ir.Mix(ratio=value, texts=loaded.records, source=loaded.source, anchor=anchor,
+                      loc=setting.loc)
 
     def _optimizer(self, setting: ast.Setting | None) -> ir.Optimizer | None:
         if setting is None:
@@ -268,17 +272,78 @@ class Sections:
             return None
         return ir.Optimizer(**options, scale=scale)
 
+    def _teachers(self, setting: ast.Setting, steers: bool) -> tuple[bool, str | None] | None:
+        """(steered, system prompt) of `distill steering`, `distill prompt "..."` or both
+        (`steering + prompt "..."`); None after reporting why not."""
+        errors = len(self.sink.errors)
+        teachers: dict[str, tuple[ast.Word, ast.Str | None]] = {}
+        for value in setting.values:
+            if isinstance(value, ast.Word):
+                if value.name not in TEACHERS:
+                    self.sink.error(f"cannot distill from `{value.name}`", value.loc,
+                                    did_you_mean(value.name, TEACHERS) or
+                                    'the teachers are `steering` (the behavior\'s steering) and '
+                                    '`prompt "..."` (the base model with that system prompt)')
+                elif value.name in teachers:
+                    self.sink.error(f"`{value.name}` is named twice as a teacher", value.loc)
+                teachers[value.name] = (value, None)
+            else:  # a teacher's text
+                word, _ = list(teachers.values())[-1]
+                if word.name == "prompt":
+                    teachers["prompt"] = (word, value)
+                else:
+                    self.sink.error(f"`{word.name}` takes no text", value.loc,
+                                    'a system prompt goes with `prompt`: `distill steering + prompt "..."`')
+        if "steering" in teachers and not steers:
+            self.sink.error("`distill steering` needs a steer section in the same behavior",
+                            teachers["steering"][0].loc, "add `steer { ... }` with the pairs to steer by")
+        system = None
+        if "prompt" in teachers:
+            word, text = teachers["prompt"]
+            if text is None:
+                self.sink.error("a prompt teacher needs its system prompt", word.loc,
+                                'write `distill prompt "You are ..."`: the teacher reads it, the student does not')
+            elif not text.value.strip():
+                self.sink.error("the teacher's system prompt is empty", text.loc,
+                                "write what the prompted teacher is told, e.g. \"You are cheerful.\"")
+            else:
+                system = text.value
+        if len(self.sink.errors) > errors:
+            return None
+        return "steering" in teachers, system
+
+    def _objective(self, setting: ast.Setting | None) -> ir.Objective | None:
+        defaults = ir.Objective()
+        if setting is None:
+            return defaults
+        name = self.values.choice(setting, ("sft", "kl"), "objective")
+        block = Block(setting.block, "objective", self.sink)
+        if name == "sft" and setting.block:
+            self.sink.warning("`objective sft` trains on the samples' tokens: its settings are "
+                              "kl's and are ignored", setting.block[0].loc, "drop them, or write `objective kl`")
+        top_k_setting = block.one("top_k")
+        top_k = defaults.top_k
+        if top_k_setting and isinstance(top_k_setting.values[0], ast.Word):
+            top_k = 0 if self.values.choice(top_k_setting, ("all",), "top_k") else None
+        elif top_k_setting and top_k_setting.values[0].value < 1:
+            top_k = None
+            self.sink.error(f"`top_k` must be at least 1, not {top_k_setting.values[0].source}",
+                            top_k_setting.values[0].loc, "`top_k all` keeps the whole vocabulary")
+        elif top_k_setting:
+            top_k = self.values.number(top_k_setting, low=1, whole=True)
+        options = dict(
+            name=name, top_k=top_k,
+            temperature=self.values.number(block.one("temperature"), low=0, low_open=True,
+                                           default=defaults.temperature),
+            plain=self.values.number(block.one("plain"), low=0, default=defaults.plain))
+        if None in options.values():
+            return None
+        return ir.Objective(**options)
+
     def _distill(self, setting: ast.Setting | None, base: str, steers: bool) -> ir.Distill | None:
         if setting is None:
             return None
-        source = setting.values[0]
-        if source.name != "steering":
-            self.sink.error(f"cannot distill from `{source.name}`", source.loc,
-                            did_you_mean(source.name, ["steering"]) or
-                            "distill makes the behavior's steering permanent: `distill steering`")
-        elif not steers:
-            self.sink.error("`distill steering` needs a steer section in the same behavior",
-                            setting.key_loc, "add `steer { ... }` with the pairs to steer by")
+        teachers = self._teachers(setting, steers)
         block = Block(setting.block, "distill", self.sink, repeatable=("prompt",))
         prompts, data_file = self._prompts(block, base)
         if not block.one("prompts") and not block.all("prompt"):
@@ -299,9 +364,16 @@ class Sections:
             match_activations=self.values.number(block.one("match_activations"), low=0,
                                            default=defaults.match_activations),
         )
-        if None in options.values() or not prompts:
+        objective = self._objective(block.one("objective"))
+        matching = block.one("match_activations")
+        if teachers is not None and not teachers[0] and matching is not None:
+            self.sink.error("`match_activations` pulls the hidden states toward the steered model's: "
+                            "a prompt teacher has none", matching.key_loc,
+                            "drop it, or distill `steering + prompt \"...\"`")
+        if None in options.values() or not prompts or teachers is None or objective is None:
             return None
-        return ir.Distill(prompts=tuple(prompts), source=data_file, loc=setting.loc, **options)
+        return ir.Distill(prompts=tuple(prompts), source=data_file, steering=teachers[0],
+                          system=teachers[1], objective=objective, loc=setting.loc, **options)
 
     def _prompts(self, block: Block, base: str) -> tuple[list[str], ir.DataFile | None]:
         """A block's `prompt "..."` lines, then its `prompts "file.jsonl"`."""

@@ -306,9 +306,17 @@ def segment_logits(model: torch.nn.Module, batch: FrozenBatch) -> torch.Tensor:
 def segment_loss_sum(logits: torch.Tensor, batch: FrozenBatch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of each segment's next tokens (the response tokens), and how
     many tokens that covers."""
-    targets = batch.input_ids[:, 1:].masked_fill(batch.segment_mask[:, 1:] == 0, -100)
-    loss = torch.nn.functional.cross_entropy(
+    return token_loss_sum(logits, segment_labels(batch)), batch.targets
+
+
+def segment_labels(batch: FrozenBatch) -> torch.Tensor:
+    """[B, S - 1]: the token each segment position predicts, -100 past the segment."""
+    return batch.input_ids[:, 1:].masked_fill(batch.segment_mask[:, 1:] == 0, -100)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `logits` [B, S, vocab] against `labels` [B, S - 1] (the
+    token each position predicts; -100: none)."""
+    return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
-        targets.reshape(-1),
-        ignore_index=-100, reduction="sum")
-    return loss, batch.targets
+        labels.reshape(-1), ignore_index=-100, reduction="sum")

@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -35,7 +35,8 @@ from behaviorc.train.dcp import (is_distributed_checkpoint, load_distributed_che
                                  save_distributed_checkpoint)
 from behaviorc.train.distributed import ShardedRun
 from behaviorc.train.frozen import (FrozenContexts, collate, freeze_batch, length_mask, mask_if_padded,
-                                     padded_ids, segment_logits, segment_loss_sum, upload_longs)
+                                     padded_ids, segment_labels, segment_logits, token_loss_sum, upload_longs)
+from behaviorc.train.teacher import Distribution, kl_loss_sum
 
 COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
 CHECKPOINT_EVERY = 50  # steps between a build's training checkpoints, on one process or several
@@ -92,15 +93,19 @@ def learning_rate(step: int, train: ir.Train) -> float:
 
 
 class ResponseLoss:
-    """Mean loss over the response tokens of a batch, with the context frozen or not.
+    """Mean loss over the response tokens of a batch, with the context frozen or not:
+    next-token cross-entropy, or for a sequence that has a teacher's distribution
+    (`teacher`, behaviorc.train.teacher) the weighted KL to it at each response token.
     With `reuse_contexts`, each sequence's frozen context is computed once and kept
     (keyed by the sequence, as a row of one batch on the device, its keys padded to the
     longest context kept): later steps skip the context forward, at the price of states
     from the weights as they were when first seen."""
 
-    def __init__(self, model: torch.nn.Module, mode: str, pad_id: int, reuse_contexts: bool = False):
+    def __init__(self, model: torch.nn.Module, mode: str, pad_id: int, reuse_contexts: bool = False,
+                 teacher: Mapping[TrainSequence, Distribution] | None = None):
         self.model, self.mode, self.pad_id = model, mode, pad_id
         self.reuse_contexts = reuse_contexts
+        self.teacher = teacher or {}
         self._kept: FrozenContexts | None = None
         self._kept_rows: dict[TrainSequence, int] = {}
 
@@ -108,9 +113,19 @@ class ResponseLoss:
         if self.mode == "frozen":
             inputs = collate(self.model, self._contexts(batch), [s.context[-1:] + s.response for s in batch],
                              self.pad_id)
-            total, count = segment_loss_sum(segment_logits(self.model, inputs), inputs)
+            logits = segment_logits(self.model, inputs)
+            labels = segment_labels(inputs)
+            firsts = [0] * len(batch)  # the segment's first position predicts the response's first token
         else:
-            total, count = self._full(batch)
+            logits, labels = self._full(batch)
+            firsts = [len(s.context) - 1 for s in batch]
+        taught = [(row, firsts[row], self.teacher[s]) for row, s in enumerate(batch) if s in self.teacher]
+        if taught:  # their tokens are the teacher's business, not the cross-entropy's
+            labels = labels.index_fill(0, upload_longs([row for row, _, _ in taught], labels.device), -100)
+        total = token_loss_sum(logits, labels)
+        if taught:
+            total = total + kl_loss_sum(logits, taught)
+        count = sum(len(s.response) for s in batch)
         return total / count, count
 
     def _contexts(self, batch: Sequence[TrainSequence]) -> FrozenContexts:
@@ -124,20 +139,17 @@ class ResponseLoss:
                 self._kept_rows[sequence] = len(self._kept_rows)
         return self._kept.gather([self._kept_rows[s] for s in batch])
 
-    def _full(self, batch: Sequence[TrainSequence]) -> tuple[torch.Tensor, int]:
+    def _full(self, batch: Sequence[TrainSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the whole sequences and the labels their positions predict (a label
+        on each response token: past the context, within the sequence; -100 elsewhere)."""
         device = next(self.model.parameters()).device
         ids = padded_ids([s.context + s.response for s in batch], self.pad_id, device)
         lengths = upload_longs([s.tokens for s in batch] + [len(s.context) for s in batch], device)
         mask = length_mask(lengths[:len(batch)], ids.shape[1])
-        # a label on each response token: past the context, within the sequence
         past_context = ~length_mask(lengths[len(batch):], ids.shape[1]).bool()
         labels = ids.masked_fill(~(mask.bool() & past_context), -100)
-        logits = self.model(input_ids=ids, attention_mask=mask_if_padded(mask, [s.tokens for s in batch])).logits[:, :-1]
-        targets = labels[:, 1:]
-        total = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
-            targets.reshape(-1), ignore_index=-100, reduction="sum")
-        return total, sum(len(s.response) for s in batch)
+        logits = self.model(input_ids=ids, attention_mask=mask_if_padded(mask, [s.tokens for s in batch])).logits
+        return logits, labels[:, 1:]
 
 
 def train(
@@ -153,19 +165,21 @@ def train(
     reuse_contexts: bool = False,
     extra_loss: Callable[[Sequence[TrainSequence], Sequence[TrainSequence]], torch.Tensor] | None = None,
     sharded: ShardedRun | None = None,
+    teacher: Mapping[TrainSequence, Distribution] | None = None,
 ) -> TrainSummary:
     """Train `targets` of `model` in place for `spec.steps` steps. `extra_loss`, when
     given, is added to each step's response loss; it is called with this process's
     batch and the step's whole batch right after the forward of that loss, so hooks it
     holds on the model have seen the batch. With `sharded`, this process is one rank of
-    a data-parallel training (behaviorc.train.distributed)."""
+    a data-parallel training (behaviorc.train.distributed). Sequences in `teacher` learn
+    its distribution instead of their tokens (`ResponseLoss`)."""
     for param in model.parameters():
         param.requires_grad_(False)
     params = [targets[name] for name in sorted(targets)]
     for param in params:
         param.requires_grad_(True)
     optimizer = make_optimizer(spec.optimizer, params, spec.lr, spec.seed)
-    response_loss = ResponseLoss(model, spec.context, pad_id, reuse_contexts)
+    response_loss = ResponseLoss(model, spec.context, pad_id, reuse_contexts, teacher)
     summary = TrainSummary()
 
     start = resumed_limited = 0

@@ -42,12 +42,14 @@ from behaviorc.core.task import TaskContext, TaskResult
 from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.engine.protocol import Engine, steered
 from behaviorc.formats.steering import load_steering
+from behaviorc.measure.capability import capability_accuracy
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
 from behaviorc.measure.margin import behavior_margin
 from behaviorc.measure.nll import general_nll
 from behaviorc.measure.projection import projection_score
 from behaviorc.measure.replies import reply_prompts, sample_replies
 from behaviorc.model.adapter import ArchitectureAdapter
+from behaviorc.model.chat import system_prompted
 from behaviorc.model.loading import context_positions, load_model, refuse_over_context
 from behaviorc.train.activations import Matching
 from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, encode_texts
@@ -56,19 +58,24 @@ from behaviorc.train.distill_data import distill_data
 from behaviorc.train.handoff import live_handoff, trained_tensors
 from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, train
 from behaviorc.train.ranks import lead_training
+from behaviorc.train.teacher import Teacher, TeacherRow
 
 SAMPLES_IN_DATA = 8  # distilled examples kept in the task's data for a reader to see
+MEMORISED = 0.05  # a last training loss below this on token targets: memorised, flagged
 
 
 @dataclass
 class Examples:
     """What a data source gives the loop: the behavior's sequences, optional activation
-    matching, and what it reports (metrics, data)."""
+    matching, the rows that learn a teacher's distribution, and what it reports
+    (metrics, data, warnings)."""
 
     behavior: list[TrainSequence]
     matching: Matching | None = None
+    taught: list[TeacherRow] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -91,28 +98,48 @@ def spec_examples(train_spec: ir.Train, run: Run, generator: Engine, ctx: TaskCo
 
 def distilled_examples(train_spec: ir.Train, run: Run, generator: Engine, ctx: TaskContext) -> Examples:
     """The data source of distillation: the spec's examples and the best of what the
-    steered model (`generator`) says to the distill prompts; with `match_activations`, a
-    loss pulling the hidden states toward the steered model's."""
+    teacher (the steered model, `generator`, and/or the base reading the system prompt)
+    says to the distill prompts. `objective kl` teaches the teacher's distribution over
+    them and over the plain model's own replies; `match_activations` adds a loss pulling
+    the hidden states toward the steered model's."""
     distill = train_spec.distill
     loc = distill.loc or train_spec.loc
     ctx.progress(0, train_spec.steps, f"sampling {len(distill.prompts)} prompts x {distill.samples}")
     began = time.perf_counter()
+    teacher_prompts = ([system_prompted(run.tokenizer, distill.system, p) for p in distill.prompts]
+                       if distill.system is not None else None)
+    directions = run.directions if distill.steering else {}
     # A hand-off samples the served, steered model; otherwise this copy, steered here.
     own = generator is run.engine
-    with steered(run.engine, run.directions, run.strength) if own else nullcontext():
-        data = distill_data(generator, run.engine, run.directions, run.strength, distill,
-                            run.seed, loc)
+    with steered(run.engine, directions, run.strength) if own and directions else nullcontext():
+        data = distill_data(generator, run.engine, directions, run.strength, distill,
+                            run.seed, loc, teacher_prompts)
     ctx.emit(DistillData(generated=data.generated, kept=len(data.kept), empty=data.empty,
                          mean_score=data.mean_score, engine="embedded" if own else "vllm"))
     result = Examples(
         encode_examples(run.tokenizer, train_spec.examples, train_spec.loc),
         metrics={"seconds_generate": time.perf_counter() - began,
                  "samples_generated": float(data.generated), "samples_kept": float(len(data.kept)),
-                 "sample_score": data.mean_score},
+                 "samples_dropped": float(data.looping + data.broken), "sample_score": data.mean_score},
         data={"samples": [{"prompt": s.prompt, "response": s.response, "score": s.score}
                           for s in data.kept[:SAMPLES_IN_DATA]]})
+    if data.dropped:
+        result.warnings.append(f"the teacher's samples: dropped {data.dropped}")
     distilled = encode_examples(run.tokenizer, data.examples, loc)
     result.behavior += distilled
+    objective = distill.objective
+    if objective.name == "kl":
+        sets = [(data.kept, distilled, 1.0)]
+        if objective.plain > 0:
+            plain = encode_examples(run.tokenizer, [ir.Example(context=s.prompt, response=s.response)
+                                                    for s in data.plain], loc)
+            result.behavior += plain
+            sets.append((data.plain, plain, objective.plain))
+        for samples, sequences, weight in sets:
+            for sample, sequence in zip(samples, sequences):
+                context = (tuple(run.tokenizer(system_prompted(run.tokenizer, distill.system, sample.prompt)).input_ids)
+                           if distill.system is not None else sequence.context)
+                result.taught.append(TeacherRow(sequence, context, bool(directions), weight, objective.temperature))
     if distill.match_activations > 0:
         result.matching = Matching(distill.match_activations, run.strength, run.directions, tuple(distilled))
     return result
@@ -128,9 +155,10 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
     torchrun) this runs on rank 0, which makes the data (distilled samples included) and
     measures; the loop runs on every rank, the model sharded over them
     (`behaviorc.train.ranks`)."""
-    source = distilled_examples if train_spec.distill is not None else spec_examples
-    if train_spec.distill is not None:
-        loc = train_spec.distill.loc or train_spec.loc or loc
+    distill = train_spec.distill
+    source = distilled_examples if distill is not None else spec_examples
+    if distill is not None and distill.steering:
+        loc = distill.loc or train_spec.loc or loc
         if steering_file is None:
             raise BehaviorError("`distill steering` needs the behavior's steering", loc,
                                 hint="add a steer section to the behavior")
@@ -142,6 +170,11 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
     if world is not None and handoff is not None:
         raise BehaviorError("a live hand-off trains in one process: it reads the weights as they "
                             "train", train_spec.loc, hint="build without --nproc, or drop `handoff on`")
+    anchored = train_spec.mix is not None and train_spec.mix.anchor == "kl"
+    if world is not None and (anchored or (distill is not None and distill.objective.name == "kl")):
+        raise BehaviorError("a teacher's distribution (`objective kl`, `anchor kl`) trains in one "
+                            "process", (train_spec.mix.loc if anchored else distill.loc) or train_spec.loc,
+                            hint="build without --nproc, or write `objective sft` / drop `anchor kl`")
 
     # 1. the model and its targets
     ctx.progress(0, train_spec.steps, "loading the model")
@@ -163,10 +196,24 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
                 metrics["margin_steered"] = behavior_margin(engine, eval_pairs)
         ctx.emit(TrainEval(step=0, margin=metrics["margin_before"],
                            margin_steered=metrics.get("margin_steered")))
+    system = distill.system if distill is not None else None
+    if eval_pairs and system is not None:  # the prompt teacher's margin: the prompts with the system prompt
+        teacher_pairs = [ir.Pair(prompt=system_prompted(tokenizer, system, p.prompt), positive=p.positive,
+                                 negative=p.negative) for p in eval_pairs]
+        with steered(engine, directions, strength) if distill.steering else nullcontext():
+            metrics["margin_teacher"] = behavior_margin(engine, teacher_pairs)
     metrics["general_nll_before"] = general_nll(engine, general)
+    # what a teacher or an anchor may cost besides the general NLL (plain fine-tuning skips it)
+    probed = distill is not None or anchored
+    if probed:
+        metrics["capability_before"] = capability_accuracy(engine)
     ctx.progress(0, train_spec.steps, "sample replies before training")
-    shown = reply_prompts(eval_pairs)
+    # a behavior taught by a system prompt alone may have no pairs: its first distill prompts then
+    shown = reply_prompts(eval_pairs) or reply_prompts(
+        [ir.Pair(prompt=p, positive="", negative="") for p in distill.prompts] if distill else [])
     replies = {"base": sample_replies(engine, shown)}
+    if system is not None:
+        replies["prompted"] = sample_replies(engine, [system_prompted(tokenizer, system, p) for p in shown])
     if directions:
         replies["steered"] = sample_replies(engine, shown, steering=directions, strength=strength)
         # How much of the trait the replies express, read by the base model unsteered.
@@ -191,7 +238,11 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
                                 hint="add `examples \"FILE.jsonl\"` to its train block")
         metrics.update(examples.metrics)
         data.update(examples.data)
+        warnings = list(examples.warnings)
+        for warning in warnings:
+            ctx.emit(TrainNote(warning))
         mix = encode_texts(tokenizer, train_spec.mix.texts) if train_spec.mix else []
+        taught = examples.taught + [TeacherRow(s, s.context, False, 1.0, 1.0) for s in (mix if anchored else [])]
         positions = context_positions(model.config)
         for kind, sequences in (("training example", examples.behavior), ("general text", mix)):
             for number, sequence in enumerate(sequences, 1):
@@ -215,11 +266,16 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
 
         # The scratch folder outlives a stopped build, so a rerun resumes from the checkpoint.
         checkpoint = ctx.scratch / "checkpoint"
-        matching, extra = examples.matching, None
+        matching, extra, distributions = examples.matching, None, None
+        began = time.perf_counter()
         if matching is not None and world is None:  # on several processes, each rank's training makes its own
-            began = time.perf_counter()
             extra = stack.enter_context(matching.start(model, adapter.decoder_layers(model),
                                                        tokenizer.pad_token_id, train_spec.context))
+        if taught:
+            ctx.progress(0, train_spec.steps, f"the teacher's distributions over {len(taught)} sequences")
+            teacher = Teacher(tuple(taught), directions, strength, distill.objective.top_k if distill else 0)
+            distributions = teacher.distributions(model, adapter.decoder_layers(model), tokenizer.pad_token_id)
+        if matching is not None or taught:
             metrics["seconds_targets"] = time.perf_counter() - began
         began = time.perf_counter()
         if world is not None:
@@ -228,17 +284,26 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
         else:
             summary = train(model, targets, schedule, train_spec, pad_id=tokenizer.pad_token_id,
                             on_step=on_step, checkpoint_dir=checkpoint,
-                            checkpoint_every=CHECKPOINT_EVERY, extra_loss=extra)
+                            checkpoint_every=CHECKPOINT_EVERY, extra_loss=extra, teacher=distributions)
         if train_spec.distill is not None:
             metrics["seconds_train"] = time.perf_counter() - began - paused[0]
         ctx.check_cancelled()
         metrics.update(summary.metrics())
         data.update(losses=summary.losses, resumed_from=summary.resumed_from)
+        learned = {row.sequence for row in taught}
+        tokens_learned = [s for s in examples.behavior if s not in learned]
+        if tokens_learned and metrics["loss_last"] < MEMORISED:
+            warnings.append(f"the training loss fell to {metrics['loss_last']:.3f} on "
+                            f"{len(set(tokens_learned))} examples: the model has memorised them, and its "
+                            "replies may copy them (more prompts or samples, fewer steps, or `objective kl`)")
+            ctx.emit(TrainNote(warnings[-1]))
 
         # 6. after
         if eval_pairs:
             metrics["margin_after"] = behavior_margin(engine, eval_pairs)
         metrics["general_nll_after"] = general_nll(engine, general)
+        if probed:
+            metrics["capability_after"] = capability_accuracy(engine)
         replies["trained"] = sample_replies(engine, shown)
         if directions:
             _keep(metrics, "projection_after", projection_score(engine, directions, shown, replies["trained"]))
@@ -252,6 +317,10 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
                 ctx.emit(TrainNote(f"the steering did not raise the margin ({gain:+.4f}), so "
                                    "there is no steered effect for the weights to carry: no "
                                    "steered_share"))
+        if "margin_teacher" in metrics and metrics["margin_teacher"] > metrics["margin_before"]:
+            metrics["teacher_share"] = ((metrics["margin_after"] - metrics["margin_before"])
+                                        / (metrics["margin_teacher"] - metrics["margin_before"]))
+        data["warnings"] = warnings
 
         # 7. the model folder; the hand-off ends on the final weights, unsteered
         save_model(model, tokenizer, Path(ctx.out) / "model")

@@ -1,0 +1,141 @@
+"""The teacher's distribution: what `objective kl` and `anchor kl` train toward.
+
+Training on a steered model's samples (`objective sft`) teaches the plain model the
+tokens the teacher happened to say; it cannot teach what the teacher would NOT have
+said, and on the real model much of a steering's effect is exactly that (the plain
+replies becoming unlikely). Here the student learns the teacher's whole next-token
+distribution at every position that predicts a response token: the forward KL
+KL(teacher || student), whose minimum is the teacher itself.
+
+The distributions are computed once, before training, with the base weights: the
+teacher reads its own context (the prompt with the teacher's system prompt, for a prompt
+teacher) followed by the response's tokens, with the behavior's steering on for a
+steered teacher, and off for the general-data anchor (`anchor kl`: the base model as it
+was). Each position keeps its `top_k` tokens' log-probs and one lumped outcome, "any
+other token", whose log-prob is what the k leave, so a sample set of R positions costs
+R x (k + 1) numbers, not R x vocabulary. The student's distribution is lumped over the
+same k tokens, so the KL is over k + 1 outcomes and is exact for k = the vocabulary
+(`top_k all`). At temperature T both distributions are softmaxes of logits / T and the
+KL is multiplied by T^2, so its gradient keeps its size whatever T (Hinton et al. 2015).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from behaviorc.engine.hooks import add_to_output
+from behaviorc.train.data import TrainSequence
+from behaviorc.train.frozen import padded_ids
+
+TEACHER_BATCH = 8  # sequences per teacher forward: [batch, length, vocab] logits in memory
+
+
+@dataclass(frozen=True)
+class TeacherRow:
+    """One sequence the student trains on with a teacher: the student reads `sequence`
+    (its context, then the response), the teacher reads `context` then the same response
+    tokens."""
+
+    sequence: TrainSequence
+    context: tuple[int, ...]
+    steered: bool  # the behavior's steering on while the teacher reads it
+    weight: float  # of this sequence's KL beside the other losses
+    temperature: float
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """The teacher's next-token distributions over one response's positions."""
+
+    tokens: torch.Tensor  # [R, k] the top-k token ids
+    logprobs: torch.Tensor  # [R, k] their log-probs at `temperature`
+    rest: torch.Tensor  # [R] log-prob of every other token together (-inf when k covers all)
+    weight: float
+    temperature: float
+
+    @property
+    def numbers(self) -> int:
+        return self.tokens.numel() + self.logprobs.numel() + self.rest.numel()
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The teacher's rows and how to read them; `distributions` computes them where the
+    training runs, with the model it trains, before its first step."""
+
+    rows: tuple[TeacherRow, ...]
+    directions: Mapping[int, torch.Tensor]
+    strength: float
+    top_k: int  # 0: the whole vocabulary
+
+    @torch.no_grad()
+    def distributions(self, model: torch.nn.Module, layers: Sequence[torch.nn.Module],
+                      pad_id: int) -> dict[TrainSequence, Distribution]:
+        param = next(model.parameters())
+        deltas = {layer: (self.strength * vector.float()).to(param.device, param.dtype)
+                  for layer, vector in self.directions.items()}
+        found: dict[TrainSequence, Distribution] = {}
+        for steered in (False, True):
+            rows = [r for r in self.rows if r.steered == steered]
+            for start in range(0, len(rows), TEACHER_BATCH):
+                batch = rows[start:start + TEACHER_BATCH]
+                hooks = [layers[layer].register_forward_hook(add_to_output(delta))
+                         for layer, delta in deltas.items()] if steered else []
+                try:
+                    found.update(self._read(model, batch, pad_id))
+                finally:
+                    for handle in hooks:
+                        handle.remove()
+        return found
+
+    def _read(self, model: torch.nn.Module, batch: Sequence[TeacherRow],
+              pad_id: int) -> dict[TrainSequence, Distribution]:
+        device = next(model.parameters()).device
+        texts = [r.context + r.sequence.response for r in batch]
+        ids = padded_ids(texts, pad_id, device)
+        mask = torch.zeros_like(ids)
+        for row, text in enumerate(texts):
+            mask[row, :len(text)] = 1
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        found = {}
+        for row, r in enumerate(batch):
+            first = len(r.context) - 1  # the position that predicts the first response token
+            span = logits[row, first:first + len(r.sequence.response)].float() / r.temperature
+            logprobs = torch.log_softmax(span, dim=-1)
+            k = logprobs.shape[-1] if self.top_k == 0 else min(self.top_k, logprobs.shape[-1])
+            top, tokens = logprobs.topk(k, dim=-1)
+            rest = (logprobs.scatter(-1, tokens, float("-inf")).logsumexp(-1) if k < logprobs.shape[-1]
+                    else torch.full(top.shape[:1], float("-inf"), device=top.device))
+            found[r.sequence] = Distribution(tokens, top, rest, r.weight, r.temperature)
+        return found
+
+
+def lumped_kl(student_logits: torch.Tensor, tokens: torch.Tensor, teacher_logprobs: torch.Tensor,
+              teacher_rest: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Per position [N], T^2 x KL(teacher || student) over the teacher's k tokens and the
+    rest of the vocabulary lumped into one outcome. `student_logits` [N, vocab] (with
+    gradient), `tokens`/`teacher_logprobs` [N, k], `teacher_rest` [N], `temperature` [N]."""
+    logq = torch.log_softmax(student_logits.float() / temperature[:, None], dim=-1)
+    logq_k = logq.gather(-1, tokens)
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - logq_k)).sum(-1)
+    if tokens.shape[-1] < logq.shape[-1]:  # else there is no rest (a logsumexp over nothing)
+        logq_rest = logq.scatter(-1, tokens, float("-inf")).logsumexp(-1)
+        kl = kl + teacher_rest.exp() * (teacher_rest - logq_rest)
+    return kl * temperature * temperature
+
+
+def kl_loss_sum(logits: torch.Tensor, rows: Sequence[tuple[int, int, Distribution]]) -> torch.Tensor:
+    """Summed weighted KL of the batch rows that have a teacher: `rows` holds (row, the
+    position in `logits` [B, S, vocab] that predicts its first response token, its
+    teacher's distribution)."""
+    spans = [logits[row, first:first + d.tokens.shape[0]] for row, first, d in rows]
+    tokens = torch.cat([d.tokens for _, _, d in rows])
+    teacher = torch.cat([d.logprobs for _, _, d in rows])
+    rest = torch.cat([d.rest for _, _, d in rows])
+    device = tokens.device
+    temperature = torch.cat([torch.full((d.tokens.shape[0],), d.temperature, device=device) for _, _, d in rows])
+    weight = torch.cat([torch.full((d.tokens.shape[0],), d.weight, device=device) for _, _, d in rows])
+    return (weight * lumped_kl(torch.cat(spans), tokens, teacher, rest, temperature)).sum()
