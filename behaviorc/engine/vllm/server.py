@@ -39,6 +39,12 @@ WORKER_EXTENSION = "behaviorc.engine.vllm.worker.BehaviorWorker"
 STEER_MIDDLEWARE = "behaviorc.engine.vllm.live_steer.SteerRequests"
 VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM 0.32 reads it when no --api-key is given
 READY_TIMEOUT_S = 600.0
+# LoRA serving (`lora_rank`): vLLM keeps this many adapters in its batch at once and this
+# many more loaded on the CPU side, and refuses adapters above the rank it was started with.
+LORA_SLOTS = 4
+LORA_CPU_CACHE = 16
+LORA_MIDDLEWARE = "behaviorc.engine.vllm.lora.PromptLogprobsGuard"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max ranks vLLM 0.32 accepts
 STOP_GRACE_S = 15.0
 
 
@@ -97,13 +103,17 @@ def has_gpu() -> bool:
 
 
 def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
-                   tensor_parallel_size: int = 1) -> list[str]:
+                   tensor_parallel_size: int = 1, lora_rank: int = 0) -> list[str]:
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", host, "--port", str(port),
                "--enforce-eager", "--worker-extension-cls", WORKER_EXTENSION,
                "--max-model-len", "2048", "--middleware", STEER_MIDDLEWARE]
     if tensor_parallel_size > 1:  # vLLM's own: each layer's matrices split over K devices
         command += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    if lora_rank:  # adapters chosen per request by name, loaded at run time (engine/vllm/lora.py)
+        command += ["--enable-lora", "--max-lora-rank", str(lora_rank),
+                    "--max-loras", str(LORA_SLOTS), "--max-cpu-loras", str(LORA_CPU_CACHE),
+                    "--middleware", LORA_MIDDLEWARE]
     if api_key:
         # The key itself goes in the environment (server_environment): any local user
         # reads a command line with `ps`.
@@ -111,9 +121,12 @@ def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
     return command
 
 
-def server_environment(api_key: str | None, tensor_parallel_size: int = 1) -> dict[str, str]:
+def server_environment(api_key: str | None, tensor_parallel_size: int = 1,
+                       lora_rank: int = 0) -> dict[str, str]:
     env = dict(os.environ)
     env["VLLM_SERVER_DEV_MODE"] = "1"  # opens /collective_rpc and /reset_prefix_cache
+    if lora_rank:  # opens /v1/load_lora_adapter and /v1/unload_lora_adapter
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if not has_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; tiny models need little
         if tensor_parallel_size > 1:
@@ -138,9 +151,12 @@ def cpu_binding(shards: int) -> str:
 @contextmanager
 def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
           api_key: str | None = None, log_path: Path | None = None,
-          ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1) -> Iterator[Server]:
-    """A running vLLM server for `model`, stopped when the block ends."""
-    server = start_server(model, port, host, api_key, log_path, ready_timeout, tensor_parallel_size)
+          ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
+          lora_rank: int = 0) -> Iterator[Server]:
+    """A running vLLM server for `model`, stopped when the block ends; `lora_rank` > 0
+    serves LoRA adapters up to that rank."""
+    server = start_server(model, port, host, api_key, log_path, ready_timeout,
+                          tensor_parallel_size, lora_rank)
     try:
         yield server
     finally:
@@ -149,13 +165,18 @@ def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
 
 def start_server(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
                  api_key: str | None = None, log_path: Path | None = None,
-                 ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1) -> Server:
+                 ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
+                 lora_rank: int = 0) -> Server:
     """Start a server and wait until it answers; the caller stops it with stop_server."""
     if not is_loopback(host) and not api_key:
         raise BehaviorError(
             f"refusing to serve on `{host}` without an API key: the server can be steered "
             f"and its weights replaced by anyone who reaches it",
             hint=f"bind to 127.0.0.1, or set an API key in {API_KEY_ENV}")
+    if lora_rank and lora_rank not in LORA_RANKS:
+        raise BehaviorError(f"vLLM serves LoRA adapters up to a rank of "
+                            f"{', '.join(map(str, LORA_RANKS))}, not {lora_rank}",
+                            hint="pick the smallest of those at least the adapters' rank")
     model_dir = resolve_model_dir(model)
     port = port or free_port(host)
     if log_path is None:
@@ -165,9 +186,10 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
         log_path = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log", dir=log_dir)[1])
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            server_command(model_dir, host, port, api_key, tensor_parallel_size), stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=server_environment(api_key, tensor_parallel_size), start_new_session=True)
+            server_command(model_dir, host, port, api_key, tensor_parallel_size, lora_rank),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=server_environment(api_key, tensor_parallel_size, lora_rank),
+            start_new_session=True)
     url_host = f"[{host}]" if ":" in host else host
     server = Server(f"http://{url_host}:{port}", model_dir, Path(log_path), api_key, process)
     try:
