@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "behaviorc.build.spec_commands",
     "behaviorc.model.commands",
     "behaviorc.compose.commands",
+    "behaviorc.compose.lora_commands",
     "behaviorc.build.commands",
     "behaviorc.engine.vllm.commands",
     "behaviorc.steer.commands",

@@ -30,6 +30,7 @@ examples:
   behaviorc serve out/persona/persona/model    a build's result (requests name it `persona`)
   BEHAVIORC_API_KEY="$(openssl rand -hex 16)" behaviorc serve tiny-dense --host 0.0.0.0
   behaviorc serve ./big-model --tensor-parallel-size 4    one model over 4 GPUs
+  behaviorc serve smollm2-135m --lora       adapters per request (`behaviorc lora push`)
 
 It prints the URL and the model id requests name (a built-in's name, else the folder's),
 and while vLLM starts (a minute or more on a CPU), what it is doing every 10 s.
@@ -51,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="K",
                         help="split each layer over K GPUs (vLLM's tensor parallelism; on a "
                              "CPU, K processes) for a model too large for one (default 1)")
+    parser.add_argument("--lora", nargs="?", type=int, const=64, default=0, metavar="RANK",
+                        help="serve LoRA adapters chosen per request, loaded at run time with "
+                             "`behaviorc lora push` (up to rank RANK, default 64; vLLM takes "
+                             "1, 8, 16, 32, 64, 128, 256, 320 or 512)")
     parser.set_defaults(run=run_serve)
     chat.register(subparsers)
 
@@ -78,7 +83,8 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"starting vLLM for {args.model} (a minute or more on a CPU) ...", flush=True)
     interrupted = False
     with serve(args.model, port=args.port, host=args.host, api_key=api_key,
-               tensor_parallel_size=args.tensor_parallel_size, waiting=_starting) as server:
+               tensor_parallel_size=args.tensor_parallel_size, waiting=_starting,
+               lora_rank=args.lora) as server:
         print(f"serving {server.model_dir}", flush=True)
         print(f"url: {server.url}", flush=True)
         print(f"model: {server.model_name}", flush=True)

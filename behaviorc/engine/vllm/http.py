@@ -59,7 +59,10 @@ class ServerClient:
         if response.status_code >= 400:
             raise BehaviorError(f"the vLLM server at {self.url} refused {doing}: HTTP "
                                 f"{response.status_code}: {_error_text(response)}")
-        return response.json() if response.content else None
+        if not response.content:
+            return None
+        # a few vLLM routes (loading a LoRA adapter) answer in plain text
+        return response.json() if "json" in response.headers.get("content-type", "") else response.text
 
     def _send(self, method: str, path: str, body: Any, timeout: float | None) -> httpx.Response:
         timeout = timeout if timeout is not None else self._http.timeout

@@ -42,6 +42,12 @@ STEER_MIDDLEWARE = "behaviorc.engine.vllm.live_steer.SteerRequests"
 VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM 0.32 reads it when no --api-key is given
 READY_TIMEOUT_S = 600.0
 WAITING_INTERVAL_S = 10.0  # how often a starting server's phase is told
+# LoRA serving (`lora_rank`): vLLM keeps this many adapters in its batch at once and this
+# many more loaded on the CPU side, and refuses adapters above the rank it was started with.
+LORA_SLOTS = 4
+LORA_CPU_CACHE = 16
+LORA_MIDDLEWARE = "behaviorc.engine.vllm.lora.PromptLogprobsGuard"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max ranks vLLM 0.32 accepts
 STOP_GRACE_S = 15.0
 
 
@@ -139,7 +145,7 @@ def has_gpu() -> bool:
 
 
 def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
-                   tensor_parallel_size: int = 1, model_name: str = "") -> list[str]:
+                   tensor_parallel_size: int = 1, model_name: str = "", lora_rank: int = 0) -> list[str]:
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", host, "--port", str(port),
                "--served-model-name", *dict.fromkeys([model_name or model_dir.name, str(model_dir)]),
@@ -147,6 +153,10 @@ def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
                "--max-model-len", "2048", "--middleware", STEER_MIDDLEWARE]
     if tensor_parallel_size > 1:  # vLLM's own: each layer's matrices split over K devices
         command += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    if lora_rank:  # adapters chosen per request by name, loaded at run time (engine/vllm/lora.py)
+        command += ["--enable-lora", "--max-lora-rank", str(lora_rank),
+                    "--max-loras", str(LORA_SLOTS), "--max-cpu-loras", str(LORA_CPU_CACHE),
+                    "--middleware", LORA_MIDDLEWARE]
     if api_key:
         # The key itself goes in the environment (server_environment): any local user
         # reads a command line with `ps`.
@@ -154,9 +164,12 @@ def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
     return command
 
 
-def server_environment(api_key: str | None, tensor_parallel_size: int = 1) -> dict[str, str]:
+def server_environment(api_key: str | None, tensor_parallel_size: int = 1,
+                       lora_rank: int = 0) -> dict[str, str]:
     env = dict(os.environ)
     env["VLLM_SERVER_DEV_MODE"] = "1"  # opens /collective_rpc and /reset_prefix_cache
+    if lora_rank:  # opens /v1/load_lora_adapter and /v1/unload_lora_adapter
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if not has_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; tiny models need little
         if tensor_parallel_size > 1:
@@ -185,10 +198,11 @@ Waiting = Callable[[float, str], None]  # (seconds since the start, startup_phas
 def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
           api_key: str | None = None, log_path: Path | None = None,
           ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
-          waiting: Waiting | None = None) -> Iterator[Server]:
-    """A running vLLM server for `model`, stopped when the block ends."""
+          waiting: Waiting | None = None, lora_rank: int = 0) -> Iterator[Server]:
+    """A running vLLM server for `model`, stopped when the block ends; `lora_rank` > 0
+    serves LoRA adapters up to that rank."""
     server = start_server(model, port, host, api_key, log_path, ready_timeout, tensor_parallel_size,
-                          waiting)
+                          waiting, lora_rank)
     try:
         yield server
     finally:
@@ -198,7 +212,7 @@ def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
 def start_server(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
                  api_key: str | None = None, log_path: Path | None = None,
                  ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
-                 waiting: Waiting | None = None) -> Server:
+                 waiting: Waiting | None = None, lora_rank: int = 0) -> Server:
     """Start a server and wait until it answers (told to `waiting` every
     WAITING_INTERVAL_S); the caller stops it with stop_server."""
     if not is_loopback(host) and not api_key:
@@ -207,6 +221,10 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
             f"and its weights replaced by anyone who reaches it",
             hint=f"bind to 127.0.0.1, or set an API key in {API_KEY_ENV}")
     check_api_key(api_key)
+    if lora_rank and lora_rank not in LORA_RANKS:
+        raise BehaviorError(f"vLLM serves LoRA adapters up to a rank of "
+                            f"{', '.join(map(str, LORA_RANKS))}, not {lora_rank}",
+                            hint="pick the smallest of those at least the adapters' rank")
     model_dir = resolve_model_dir(model)
     port = port or free_port(host)
     if log_path is None:
@@ -217,9 +235,9 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
     model_name = served_model_name(model)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            server_command(model_dir, host, port, api_key, tensor_parallel_size, model_name), stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=server_environment(api_key, tensor_parallel_size), start_new_session=True,
+            server_command(model_dir, host, port, api_key, tensor_parallel_size, model_name, lora_rank),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=server_environment(api_key, tensor_parallel_size, lora_rank), start_new_session=True,
             preexec_fn=_die_with(os.getpid()))
     url_host = f"[{host}]" if ":" in host else host
     server = Server(f"http://{url_host}:{port}", model_dir, Path(log_path), api_key, process, model_name)

