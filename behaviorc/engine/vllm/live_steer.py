@@ -401,7 +401,7 @@ class SteerRequests:
         except ValueError:
             return body  # vLLM answers malformed JSON itself
         method = call.get("method") if isinstance(call, dict) else None
-        if not isinstance(method, str) or method not in _worker_methods():
+        if not isinstance(method, str) or not method.startswith(WORKER_METHOD_PREFIX):
             return await _refuse(send, 403, f"worker method {json.dumps(method)} is not one "
                                             f"behaviorc serves", "method")
         args, kwargs = call.get("args", []), call.get("kwargs", {})
@@ -462,6 +462,9 @@ async def _read_body(receive: Any, limit: int | None = None) -> bytes | None:
 
 RPC_BODY_BASE = 1 << 16  # a worker call's body beyond its steering vectors' values
 OPEN_DEVELOPMENT_ROUTES = {"/collective_rpc", "/reset_prefix_cache"}  # what behaviorc uses
+# `/collective_rpc` calls only behaviorc's worker methods: the public methods of its
+# extension all carry this prefix, and vLLM refuses a name the worker does not have.
+WORKER_METHOD_PREFIX = "behaviorc_"
 
 
 def _development_routes() -> set[str]:
@@ -475,13 +478,6 @@ def _development_routes() -> set[str]:
     register_vllm_dev_api_routers(opened)
     register_rl_api_routers(opened)
     return {r.path for r in opened.routes} - {r.path for r in bare.routes}
-
-
-def _worker_methods() -> frozenset[str]:
-    """behaviorc's worker methods: the only ones `/collective_rpc` may call."""
-    from behaviorc.engine.vllm.worker import BehaviorWorker
-
-    return frozenset(name for name in dir(BehaviorWorker) if name.startswith("behaviorc_"))
 
 
 def _replay(body: bytes, receive: Any) -> Any:
