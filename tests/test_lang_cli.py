@@ -77,8 +77,8 @@ def test_plan_tree_and_json(capsys) -> None:
     code, out, _ = run(capsys, "plan", str(TINY_SPECS / "deploy.behavior"), "--json")
     data = json.loads(out)
     assert code == 0 and [t["id"] for t in data["tasks"]] == [
-        "model:base", "steer.extract:listen", "steer.verify:listen", "train:listen",
-        "task_vector:listen"]
+        "model:base", "steer.extract:listen", "steer.base:listen", "steer.verify:listen",
+        "train:listen", "task_vector:listen"]
 
 
 def test_plan_of_a_bad_spec_fails(tmp_path: Path, capsys) -> None:
