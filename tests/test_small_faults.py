@@ -85,3 +85,17 @@ def test_steering_files_that_are_not_regular_or_not_float(tmp_path):
     save_file({"layer.1": torch.arange(8)}, str(tmp_path / "ints.safetensors"))
     with pytest.raises(BehaviorError, match="tensor `layer.1` has dtype int64; steering vectors are floating"):
         load_steering(tmp_path / "ints.safetensors")
+
+
+def test_a_megabyte_text_is_refused_from_its_length_before_tokenizing(tiny_gdn):
+    """Issue 31 finding 7: a 1 MiB line cost ~300 MB and seconds of tokenizing only to be
+    refused as too long; its length alone shows it cannot fit."""
+    from behaviorc.engine.embedded import EmbeddedEngine
+
+    engine = EmbeddedEngine.load(tiny_gdn, device="cpu")
+    huge = "word " * 210_000
+    with pytest.raises(BehaviorError, match=r"is at least \d+ tokens long \(1050004 characters\), "
+                                            r"more than the model's context of 2048 positions"):
+        engine.completion_logprobs([huge], [" yes"])
+    with pytest.raises(BehaviorError, match="is at least"):
+        engine.generate([huge], max_new_tokens=1)

@@ -109,3 +109,62 @@ def test_an_oversized_worker_call_is_refused_before_its_body_is_read(server):
         status_line = connection.recv(4096).split(b"\r\n", 1)[0]
     assert status_line == b"HTTP/1.1 413 Request Entity Too Large" or b" 413 " in status_line
     still_serves(engine, plain)
+
+
+# ---- a fuzzer for the worker calls: whatever a client sends, the server answers it,
+# changes nothing unless everything was right, and serves the others as before.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ODD_NUMBERS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**40, 10**40), st.booleans(),
+    st.sampled_from([3.4e38, -3.4e38, 1e39, 1e-45, -0.0]), st.text(max_size=3), st.none())
+
+
+@st.composite
+def steering_payloads(draw, hidden: int, layers: int) -> tuple[str, dict]:
+    """A registration or a server-wide steering, mostly well-formed, sometimes not."""
+    keys = draw(st.lists(st.one_of(st.integers(-2, layers + 2).map(str), st.sampled_from(["x", "1.5", ""])),
+                         min_size=0, max_size=3, unique=True))
+    vectors = {}
+    for key in keys:
+        size = draw(st.sampled_from([hidden, hidden, hidden - 1, 0]))
+        base = draw(st.floats(-1, 1))
+        values = [base] * size
+        for _ in range(draw(st.integers(0, 2)) if size else 0):
+            values[draw(st.integers(0, size - 1))] = draw(ODD_NUMBERS)
+        vectors[key] = values
+    if draw(st.booleans()):
+        name = draw(st.one_of(st.just("fuzzed"), st.text(max_size=5)))
+        return "behaviorc_steer_register", {"name": name, "vectors": vectors}
+    strength = draw(st.one_of(st.floats(-10, 10), ODD_NUMBERS))
+    return "behaviorc_set_steering", {"strength": strength, "vectors": vectors}
+
+
+def test_fuzzed_steering_calls_never_break_the_server(server):
+    live, engine, hidden, layers = server
+    plain = engine.generate(["Hello"], max_new_tokens=4)
+
+    @settings(max_examples=15, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(steering_payloads(hidden, layers))
+    def one_call(call):
+        method, payload = call
+        before = registered_vectors(engine.client)
+        response = rpc(live.url, method, json.dumps(payload, allow_nan=True))
+        assert response.status_code in (200, 400, 500), response.text
+        ok = response.status_code == 200 and (response.json()["results"][0] or {}).get("ok", True)
+        after = registered_vectors(engine.client)  # valid JSON for everyone, always
+        if method == "behaviorc_steer_register":
+            if ok:
+                assert after[payload["name"]]["norms"]
+                answer(rpc(live.url, "behaviorc_steer_unregister", json.dumps({"name": payload["name"]})))
+            else:
+                assert after == before
+        else:
+            removed = answer(rpc(live.url, "behaviorc_clear_steering"))["removed"]
+            assert removed == (len(payload["vectors"]) if ok else 0)
+        assert engine.generate(["Hello"], max_new_tokens=4) == plain
+
+    one_call()

@@ -19,6 +19,7 @@ after one start token (BOS, else EOS), so the first token of a text has a predic
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -81,12 +82,14 @@ class EmbeddedEngine:
     # ---------------------------------------------------------------- tokenization
 
     def _prompt_ids(self, prompt: str) -> list[int]:
+        self._fits_unread(prompt)
         ids = self.tokenizer(model_prompt(self.tokenizer, prompt)).input_ids
         self._fits(len(ids), prompt)
         return ids if ids else [self._start_id]
 
     def _encode(self, prompt: str, completion: str) -> tuple[list[int], int]:
         """Token ids of prompt+completion and how many of them belong to the prompt."""
+        self._fits_unread(prompt + completion)
         rendered = model_prompt(self.tokenizer, prompt)
         prompt_ids = self.tokenizer(rendered).input_ids
         full = self.tokenizer(rendered + completion).input_ids
@@ -100,8 +103,23 @@ class EmbeddedEngine:
         too long for the model is refused before any work."""
         from behaviorc.model.loading import refuse_over_context
 
-        shown = text if len(text) <= 60 else text[:57] + "..."
-        refuse_over_context(tokens, self._positions, f"the text {shown!r}")
+        refuse_over_context(tokens, self._positions, f"the text {_shown(text)!r}")
+
+    def _fits_unread(self, text: str) -> None:
+        """Refuse a text before tokenizing it when its length alone shows it cannot fit:
+        no token spells more characters than the vocabulary's longest piece, so it has
+        at least len / longest tokens. Tokenizing a megabyte takes seconds and hundreds
+        of MB only to be refused."""
+        if self._positions is not None and len(text) > self._positions * self._longest_piece:
+            raise BehaviorError(f"the text {_shown(text)!r} is at least "
+                                f"{-(-len(text) // self._longest_piece)} tokens long "
+                                f"({len(text)} characters), more than the model's context of "
+                                f"{self._positions} positions",
+                                hint="shorten it, or split it into several records")
+
+    @functools.cached_property
+    def _longest_piece(self) -> int:
+        return max(map(len, self.tokenizer.get_vocab()), default=1) or 1
 
     def _batches(self, rows: Sequence[list[int]]) -> list[list[int]]:
         """Row indices grouped into batches of similar length (less padding)."""
@@ -310,3 +328,7 @@ def _read_weights_folder(folder: Path, adapter: ArchitectureAdapter) -> dict[str
     for file in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(file)))
     return state
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."

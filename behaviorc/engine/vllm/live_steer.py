@@ -341,37 +341,23 @@ class SteerRequests:
 
     It knows the registry's names from the worker (one RPC, remembered until a
     `/collective_rpc` call passes through, which may have changed the registry, or until a
-    request names a vector it does not know).
-
-    It also stands in front of the routes vLLM's development mode opens (behaviorc needs
-    that mode for `/collective_rpc` and `/reset_prefix_cache`): every other development
-    route (`/sleep`, `/pause`, `/update_weights`, `/server_info`, ...) is refused, and
-    `/collective_rpc` calls only behaviorc's worker methods, with a body no larger than
-    the biggest steering payload the model can take, refused before it is read."""
+    request names a vector it does not know)."""
 
     def __init__(self, app: Any):
         self.app = app
         self._digests: dict[str, str] | None = None
-        self._closed_routes = _development_routes() - OPEN_DEVELOPMENT_ROUTES
-        self._rpc_limit: int | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] in self._closed_routes:
-            return await _refuse(send, 403, f"{scope['path']} is not served by behaviorc's "
-                                            f"server", "path")
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         if scope["path"] == "/collective_rpc":
-            body = await self._rpc_body(scope, receive, send)
-            if body is None:
-                return None
             try:
-                return await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
+                return await self.app(scope, receive, send)
             finally:
                 self._digests = None
         if scope["path"] not in STEERED_ROUTES:
             return await self.app(scope, receive, send)
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:  # the client went away
             return None
         if b'"' + STEER_ARG.encode() + b'"' in body:
@@ -379,37 +365,7 @@ class SteerRequests:
                 body = await self._salted(scope, body)
             except SteerSpecError as err:
                 return await _bad_request(send, str(err))
-        return await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
-
-    async def _rpc_body(self, scope: Any, receive: Any, send: Any) -> bytes | None:
-        """The body of an allowed worker call; None when refused (answered here)."""
-        if self._rpc_limit is None:
-            config = scope["app"].state.engine_client.model_config.hf_text_config
-            # a float in JSON is at most ~24 characters with its separator
-            self._rpc_limit = RPC_BODY_BASE + 32 * int(config.num_hidden_layers) * int(config.hidden_size)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self._rpc_limit):
-            return await _refuse(send, 413, f"a worker call of {length.decode(errors='replace')} "
-                                            f"bytes; this model's take at most {self._rpc_limit}", "body")
-        body = await _read_body(receive, self._rpc_limit)
-        if body is None:
-            return None
-        if len(body) > self._rpc_limit:
-            return await _refuse(send, 413, f"a worker call over {self._rpc_limit} bytes", "body")
-        try:
-            call = json.loads(body)
-        except ValueError:
-            return body  # vLLM answers malformed JSON itself
-        method = call.get("method") if isinstance(call, dict) else None
-        if not isinstance(method, str) or not method.startswith(WORKER_METHOD_PREFIX):
-            return await _refuse(send, 403, f"worker method {json.dumps(method)} is not one "
-                                            f"behaviorc serves", "method")
-        args, kwargs = call.get("args", []), call.get("kwargs", {})
-        if not (isinstance(args, list) and len(args) <= 1 and all(isinstance(a, str) for a in args)
-                and kwargs == {}):
-            return await _refuse(send, 400, "a behaviorc worker call takes at most one "
-                                            "argument, a JSON string", "args")
-        return body
+        return await self.app(with_length(scope, len(body)), replay(body, receive), send)
 
     async def _salted(self, scope: Any, body: bytes) -> bytes:
         try:
@@ -446,7 +402,7 @@ class SteerRequests:
         return self._digests
 
 
-async def _read_body(receive: Any, limit: int | None = None) -> bytes | None:
+async def read_body(receive: Any, limit: int | None = None) -> bytes | None:
     """The request's body; None when the client went away. Past `limit` bytes reading
     stops, and what was read (more than the limit) is returned."""
     chunks, size = [], 0
@@ -460,27 +416,7 @@ async def _read_body(receive: Any, limit: int | None = None) -> bytes | None:
             return b"".join(chunks)
 
 
-RPC_BODY_BASE = 1 << 16  # a worker call's body beyond its steering vectors' values
-OPEN_DEVELOPMENT_ROUTES = {"/collective_rpc", "/reset_prefix_cache"}  # what behaviorc uses
-# `/collective_rpc` calls only behaviorc's worker methods: the public methods of its
-# extension all carry this prefix, and vLLM refuses a name the worker does not have.
-WORKER_METHOD_PREFIX = "behaviorc_"
-
-
-def _development_routes() -> set[str]:
-    """The paths vLLM opens only in development mode, read from vLLM's own registrations
-    (so a new vLLM's new routes are closed too)."""
-    from fastapi import FastAPI
-    from vllm.entrypoints.rl.factories import register_rl_api_routers
-    from vllm.entrypoints.serve import register_vllm_dev_api_routers
-
-    bare, opened = FastAPI(), FastAPI()
-    register_vllm_dev_api_routers(opened)
-    register_rl_api_routers(opened)
-    return {r.path for r in opened.routes} - {r.path for r in bare.routes}
-
-
-def _replay(body: bytes, receive: Any) -> Any:
+def replay(body: bytes, receive: Any) -> Any:
     """A `receive` that hands vLLM the (rewritten) body once, then the client's own
     messages (vLLM watches them for a disconnect)."""
     sent = False
@@ -495,16 +431,16 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replayed
 
 
-def _with_length(scope: Any, length: int) -> Any:
+def with_length(scope: Any, length: int) -> Any:
     headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
     return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
 
 
 async def _bad_request(send: Any, message: str) -> None:
-    await _refuse(send, 400, message, "vllm_xargs.steer")
+    await refuse(send, 400, message, "vllm_xargs.steer")
 
 
-async def _refuse(send: Any, status: int, message: str, param: str) -> None:
+async def refuse(send: Any, status: int, message: str, param: str) -> None:
     body = json.dumps({"error": {"message": message, "type": "BadRequestError",
                                  "param": param, "code": status}}).encode()
     await send({"type": "http.response.start", "status": status,

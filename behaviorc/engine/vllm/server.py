@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 WORKER_EXTENSION = "behaviorc.engine.vllm.worker.BehaviorWorker"
 # Checks and cache-salts per-request steering (`vllm_xargs.steer`); see engine/vllm/live_steer.py.
 STEER_MIDDLEWARE = "behaviorc.engine.vllm.live_steer.SteerRequests"
+# Closes the development routes and worker methods behaviorc does not use; see engine/vllm/guard.py.
+GUARD_MIDDLEWARE = "behaviorc.engine.vllm.guard.WorkerCalls"
 VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM 0.32 reads it when no --api-key is given
 READY_TIMEOUT_S = 600.0
 WAITING_INTERVAL_S = 10.0  # how often a starting server's phase is told
@@ -150,7 +152,8 @@ def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
                "--model", str(model_dir), "--host", host, "--port", str(port),
                "--served-model-name", *dict.fromkeys([model_name or model_dir.name, str(model_dir)]),
                "--enforce-eager", "--worker-extension-cls", WORKER_EXTENSION,
-               "--max-model-len", "2048", "--middleware", STEER_MIDDLEWARE]
+               "--max-model-len", "2048", "--middleware", STEER_MIDDLEWARE,
+               "--middleware", GUARD_MIDDLEWARE]
     if tensor_parallel_size > 1:  # vLLM's own: each layer's matrices split over K devices
         command += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if lora_rank:  # adapters chosen per request by name, loaded at run time (engine/vllm/lora.py)
