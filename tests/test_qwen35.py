@@ -72,7 +72,7 @@ def test_thinking_is_a_model_setting_applied_where_prompts_become_tokens(tiny_qw
     spec = tmp_path / "t.behavior"
     spec.write_text('model base = "tiny-qwen3.5" { thinking maybe }\n')
     assert main(["check", str(spec)]) == 1
-    assert f"{spec}:1:41: error: `thinking` is `on` or `off`, not `maybe`" in capsys.readouterr().err
+    assert f"{spec}:1:40: error: `thinking` is `on` or `off`, not `maybe`" in capsys.readouterr().err
 
 
 def test_a_wrong_qwen35_folder_is_an_error_naming_the_file_and_field(tiny_qwen35, tmp_path):
@@ -111,8 +111,8 @@ def test_a_wrong_qwen35_folder_is_an_error_naming_the_file_and_field(tiny_qwen35
 
     with pytest.raises(BehaviorError) as err:
         resolve_model_dir(broken("shape", wrong_shape))
-    assert ("tensor `model.visual.merger.linear_fc2.weight` in model.safetensors has shape [64, 256], "
-            "the config makes it [128, 256]") in str(err.value)
+    assert ("tensor `model.visual.merger.linear_fc2.weight` in model.safetensors has shape [64, 512], "
+            "the config makes it [128, 512]") in str(err.value)
 
 
 def test_a_build_on_tiny_qwen35_runs_every_task_kind_and_keeps_the_layout(tiny_qwen35, tmp_path, capsys):

@@ -28,6 +28,7 @@ examples:
   behaviorc serve ./out/listen/compose/persona/model --port 8000
   BEHAVIORC_API_KEY="$(openssl rand -hex 16)" behaviorc serve tiny-dense --host 0.0.0.0
   behaviorc serve ./big-model --tensor-parallel-size 4    one model over 4 GPUs
+  behaviorc serve tiny-qwen3.5 --max-model-len 1024       a shorter context than the model's
 """
 
 
