@@ -21,6 +21,9 @@ BUILTIN_MODELS: dict[str, BuiltinInfo] = {
     for info in (
         BuiltinInfo("tiny-gdn", "Qwen3-Next: 3 Gated DeltaNet + 1 attention layer, MoE, hidden 128",
                     "Qwen3NextForCausalLM", 4),
+        BuiltinInfo("tiny-qwen3.5", "Qwen3.5 as published: 3 Gated DeltaNet + 1 attention "
+                    "layer under model.language_model, a vision tower, an MTP layer, a "
+                    "thinking chat template; hidden 128", "Qwen3_5ForConditionalGeneration", 4),
         BuiltinInfo("tiny-dense", "Qwen3: 4 attention layers, hidden 128", "Qwen3ForCausalLM", 4),
         BuiltinInfo("tiny-gdn-testbed", "tiny-gdn pretrained on the testbed dialogues "
                     "(behaviors at known rates; a few minutes to build)", "Qwen3NextForCausalLM", 4),

@@ -70,6 +70,9 @@ class ModelDecl(Node):
     kind: Literal["builtin", "folder", "hub"]
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    # the chat template's thinking mode (`enable_thinking`) wherever prompts become
+    # tokens; off by default: behavior data are replies, not reasoning
+    thinking: bool = False
     num_layers: int | None = None  # known for built-ins and readable folders
     fingerprint: str = ""  # changes when the model's files do (cache keys follow it)
     loc: Location | None = Field(default=None, exclude=True)

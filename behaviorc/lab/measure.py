@@ -17,6 +17,7 @@ from behaviorc.core import ir
 from behaviorc.core.events import ExperimentPoint
 from behaviorc.core.metrics import EXPERIMENT_POINT
 from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.model.chat import set_thinking
 from behaviorc.model.task import ResolveModel
 from behaviorc.steer.task import ExtractSteering
 from behaviorc.train.task import TrainBehavior
@@ -30,7 +31,9 @@ def _engine(task: MeasurePoint | GdnStates, ctx: TaskContext) -> Any:
         path = str(ctx.result(task.weights).path("model"))
     else:
         path = ctx.result(task.model).data["path"]
-    return ctx.engine(path, decl.dtype, decl.device)
+    engine = ctx.engine(path, decl.dtype, decl.device)
+    set_thinking(engine.tokenizer, decl.thinking)
+    return engine
 
 
 @contextmanager

@@ -243,12 +243,13 @@ class _Checker:
         options = Block(decl.options, "model", self.sink)
         dtype = self.values.choice(options.one("dtype"), ("float32", "bfloat16", "float16"), "dtype")
         device = self.values.choice(options.one("device"), ("cpu", "cuda", "auto"), "device")
+        thinking = self.values.switch(options.one("thinking"), False)
         self._plain_name(decl.name)
         source = resolve_model_source(decl.source, base, self.sink)
         if source is None:
             return None
         model = ir.ModelDecl(name=name, source=source.source, kind=source.kind,
-                             dtype=dtype or "float32", device=device or "auto",
+                             dtype=dtype or "float32", device=device or "auto", thinking=thinking or False,
                              num_layers=source.num_layers, fingerprint=source.fingerprint,
                              loc=decl.name.loc)
         self.models[name] = model

@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
-from behaviorc.core.diagnostics import BehaviorError, did_you_mean
+from behaviorc.core.diagnostics import BehaviorError, Location, did_you_mean
 from behaviorc.core.ir import PARAMETER_GROUPS
 
 LayerKind = Literal["gdn", "attention"]
+# `layer_types` values, by the kind of layer each is (transformers' names)
+LAYER_TYPES: dict[str, LayerKind] = {"linear_attention": "gdn", "full_attention": "attention",
+                                     "sliding_attention": "attention"}
+# vision-language checkpoints whose text model is configured in `text_config`
+_WRAPPED_TEXT = ("qwen3_5", "qwen3_5_moe")
 
 # model_type -> the family name shown to users. Text configs of multimodal checkpoints
 # (qwen3_5 -> text_config) are unwrapped before this lookup.
@@ -109,14 +114,22 @@ class ArchitectureAdapter:
     layer_of = staticmethod(layer_of)
 
     @classmethod
-    def for_config(cls, config: Any) -> "ArchitectureAdapter":
-        """The adapter for a transformers config (or a config.json dict)."""
+    def for_config(cls, config: Any, field_at: Callable[[str], Location | None] = lambda field: None
+                   ) -> "ArchitectureAdapter":
+        """The adapter for a transformers config (or a config.json dict); `field_at`
+        places an error at the config field it is about."""
         fields = config if isinstance(config, dict) else config.to_dict()
         architectures = fields.get("architectures") or []
         architecture = architectures[0] if architectures else "(none listed)"
+        if fields.get("model_type") in _WRAPPED_TEXT and "ForConditionalGeneration" in architecture:
+            if not isinstance(fields.get("text_config"), dict):
+                raise BehaviorError(
+                    f"config.json of this `{architecture}` has no `text_config` object: the "
+                    "text model's layers and sizes are configured there", field_at("model_type"),
+                    hint="copy config.json from the checkpoint the weights came from")
         text = fields.get("text_config") or fields
         model_type = text.get("model_type") or fields.get("model_type")
-        if model_type in ("qwen3_5", "qwen3_5_moe"):  # a text config saved without text_config
+        if model_type in _WRAPPED_TEXT:  # a text config saved without text_config
             model_type += "_text"
         family = FAMILIES.get(model_type or "")
         if family is None:
@@ -129,15 +142,21 @@ class ArchitectureAdapter:
         if missing:
             raise BehaviorError(
                 f"the {family} config has no {' or '.join(f'`{k}`' for k in missing)}: "
-                "cannot tell how many decoder layers the model has")
+                "cannot tell how many decoder layers the model has", field_at(missing[0]))
         num_layers = text["num_hidden_layers"]
         layer_types = text.get("layer_types") or ["full_attention"] * num_layers
-        if len(layer_types) < num_layers:
+        if not isinstance(layer_types, list) or len(layer_types) < num_layers:
             raise BehaviorError(
-                f"the {family} config lists {len(layer_types)} `layer_types` for "
-                f"{num_layers} layers")
-        kinds = tuple("gdn" if t == "linear_attention" else "attention"
-                      for t in layer_types[:num_layers])
+                f"the {family} config's `layer_types` must list one type for each of its "
+                f"{num_layers} layers", field_at("layer_types"))
+        unknown = sorted({str(t) for t in layer_types if t not in LAYER_TYPES})
+        if unknown:
+            raise BehaviorError(
+                f"the {family} config's `layer_types` holds unknown "
+                f"{'types' if len(unknown) > 1 else 'type'} {', '.join(f'`{t}`' for t in unknown)}",
+                field_at("layer_types"), hint=did_you_mean(unknown[0], LAYER_TYPES)
+                or f"each is one of {', '.join(LAYER_TYPES)}")
+        kinds = tuple(LAYER_TYPES[t] for t in layer_types[:num_layers])
         return cls(family=family, architecture=architecture, model_type=model_type,
                    num_layers=num_layers, hidden_size=text["hidden_size"], layer_kinds=kinds)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from behaviorc.core.atomic import atomic_folder
 from behaviorc.core.files import cache_root
 from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS, BuiltinInfo
-from behaviorc.model import smollm2, testbed, tiny
+from behaviorc.model import qwen35, smollm2, testbed, tiny
 
 BuildProgress = Callable[[int, int, float], None]  # (step, steps, loss) of a trained built-in
 
@@ -24,9 +24,11 @@ BuildProgress = Callable[[int, int, float], None]  # (step, steps, loss) of a tr
 @dataclass(frozen=True)
 class BuiltinModel:
     info: BuiltinInfo
-    config: Callable[[int], dict[str, Any]]  # vocab size -> config.json fields
-    # Writes the whole folder itself (a model that is trained, not only initialized),
-    # reporting (step, steps, loss); None: initialize `config` with the shared tokenizer.
+    # vocab size -> config.json fields, initialized over the shared tokenizer; None for
+    # a model whose `write` makes the whole folder
+    config: Callable[[int], dict[str, Any]] | None
+    # Writes the whole folder itself (a model that is trained, or laid out as published),
+    # reporting (step, steps, loss) if trained; None: initialize `config`.
     write: Callable[[Path, BuildProgress | None], None] | None = None
 
     @property
@@ -38,9 +40,10 @@ class BuiltinModel:
         return self.info.architecture
 
 
-_MAKERS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[Path, BuildProgress | None], None] | None]] = {
+_MAKERS: dict[str, tuple[Callable[[int], dict[str, Any]] | None, Callable[[Path, BuildProgress | None], None] | None]] = {
     "tiny-gdn": (tiny.tiny_gdn_config, None),
     "tiny-dense": (tiny.tiny_dense_config, None),
+    qwen35.NAME: (None, lambda folder, progress: qwen35.write_tiny_qwen35(folder, BUILDER_VERSION)),
     "tiny-gdn-testbed": (tiny.tiny_gdn_config, testbed.write_testbed),
     "smollm2-135m": (smollm2.config_fields, lambda folder, progress: smollm2.write_smollm2(folder)),
 }
@@ -73,4 +76,5 @@ def write_builtin(name: str, folder: Path, progress: BuildProgress | None = None
     if spec.write is not None:
         spec.write(folder, progress)
     else:
+        assert spec.config is not None
         tiny.write_tiny(folder, spec.config, BUILDER_VERSION, name)

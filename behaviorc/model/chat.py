@@ -10,14 +10,37 @@ scored from the start token) and one that already holds the tokenizer's special 
 
 This is the one place that applies the template; the engines and the training data call
 it where prompt text becomes token ids, so steering, training and measurement read the
-same tokens.
+same tokens. A template with a thinking mode (Qwen3's and Qwen3.5's `enable_thinking`)
+renders with the model's `thinking` setting, kept on its tokenizer (`set_thinking`): off
+unless a spec says `thinking on`, so a reply follows an empty thinking block.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 PromptFormat = Literal["chat", "plain"]
+_THINKING = "_behaviorc_thinking"
+
+
+def set_thinking(tokenizer: Any, on: bool) -> None:
+    """The model's `thinking` setting, for every prompt this tokenizer renders."""
+    setattr(tokenizer, _THINKING, on)
+
+
+def thinking_mode(tokenizer: Any) -> Literal["on", "off"] | None:
+    """How the template renders thinking; None when it has no thinking switch."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or "enable_thinking" not in template:
+        return None
+    return "on" if getattr(tokenizer, _THINKING, False) else "off"
+
+
+def render_turns(tokenizer: Any, turns: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+    """Chat turns as the template renders them, in the model's thinking mode."""
+    return tokenizer.apply_chat_template(list(turns), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=getattr(tokenizer, _THINKING, False))
 
 
 def prompt_format(tokenizer: Any) -> PromptFormat:
@@ -29,8 +52,7 @@ def model_prompt(tokenizer: Any, prompt: str) -> str:
     """The text the model reads for a user's `prompt`; its reply follows directly."""
     if not prompt or prompt_format(tokenizer) == "plain" or _preformatted(tokenizer, prompt):
         return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         tokenize=False, add_generation_prompt=True)
+    return render_turns(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
 def system_prompted(tokenizer: Any, system: str, prompt: str) -> str:

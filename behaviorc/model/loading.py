@@ -79,7 +79,7 @@ def validate_model_folder(path: Path, loc: Location | None = None) -> Architectu
     config = _read_config(config_path)
     _check_config_dtype(config_path, config)
     with located_at(_field_location(config_path, "model_type")):
-        adapter = ArchitectureAdapter.for_config(config)
+        adapter = ArchitectureAdapter.for_config(config, lambda key: _field_location(config_path, key))
     for weights in weight_files(path, loc):
         check_safetensors_file(weights)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
@@ -157,17 +157,22 @@ def check_safetensors_file(file: Path) -> None:
 
 def check_tensor_shapes(path: Path, loc: Location | None = None) -> None:
     """A BehaviorError naming every tensor whose stored shape is not the one the folder's
-    config gives it. The model is built on the meta device: no memory, no weights read."""
+    config gives it. The model is built on the meta device (no memory, no weights read)
+    as the class config.json names, so a vision tower is checked too; tensors that class
+    does not hold (multi-token-prediction layers) are not."""
     import torch
+    import transformers
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
+        named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
         with torch.device("meta"):
-            expected = {name: list(tensor.shape) for name, tensor in
-                        AutoModelForCausalLM.from_config(config).state_dict().items()}
+            model = (named._from_config(config) if isinstance(named, type)
+                     else AutoModelForCausalLM.from_config(config))
+            expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     except Exception:  # a config transformers cannot build: its own error says more
         return
     wrong = []
@@ -184,6 +189,11 @@ def check_tensor_shapes(path: Path, loc: Location | None = None) -> None:
                             + "; ".join(wrong[:10]) + more, loc,
                             hint="the weights come from another model, or config.json was "
                                  "edited; put the matching config.json beside them")
+
+
+def has_vision_tower(folder: Path) -> bool:
+    """Whether a (checked) model folder is a vision-language checkpoint."""
+    return "vision_config" in _read_config(Path(folder) / "config.json")
 
 
 def context_positions(config: Any) -> int | None:

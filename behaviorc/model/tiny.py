@@ -95,9 +95,13 @@ def write_tiny(folder: Path, config: Any, builder_version: int, name: str) -> No
         {"builtin": name, "builder_version": builder_version, "seed": SEED}, indent=2) + "\n")
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer trained on the generated corpus (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(special_tokens: list[str] = SPECIAL_TOKENS, chat_template: str = CHAT_TEMPLATE,
+                    eos_token: str = "<|endoftext|>", plain_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on the generated corpus (deterministic).
+    `special_tokens` (the first is the padding token) come first in the vocabulary;
+    `plain_tokens` are added after the trained ones as single tokens that decoding keeps
+    (as Qwen's `<think>`)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -105,19 +109,20 @@ def build_tokenizer():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=365,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    tok.add_tokens([AddedToken(token, special=False, normalized=False) for token in plain_tokens])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        eos_token=eos_token,
+        pad_token=special_tokens[0],
         bos_token=None,
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        additional_special_tokens=[t for t in special_tokens[1:] if t != eos_token],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 

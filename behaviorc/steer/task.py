@@ -13,6 +13,7 @@ from behaviorc.core import ir
 from behaviorc.core.events import SteerLayers, SteerPoint, SteerVerdict
 from behaviorc.core.metrics import STEER_BASE, STEER_EXTRACT, STEER_VERIFY
 from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.model.chat import set_thinking, thinking_mode
 from behaviorc.model.task import ResolveModel
 
 VECTORS_FILE = "vectors.safetensors"
@@ -21,7 +22,9 @@ CONTROL_VECTOR_FILE = "control_vector.gguf"
 
 def _engine(task: ExtractSteering | MeasureBase | VerifySteering, ctx: TaskContext):
     decl = task.model.decl
-    return ctx.engine(ctx.result(task.model).data["path"], decl.dtype, decl.device)
+    engine = ctx.engine(ctx.result(task.model).data["path"], decl.dtype, decl.device)
+    set_thinking(engine.tokenizer, decl.thinking)
+    return engine
 
 
 def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
@@ -41,6 +44,7 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     artifacts = {"vectors": VECTORS_FILE}
     data: dict = {
         "prompt_format": engine.prompt_format,
+        "thinking": thinking_mode(engine.tokenizer),
         "layers": list(vectors.layers),
         "norms": {str(layer): norm for layer, norm in vectors.norms.items()},
         # what strength 1 moves, relative to a typical hidden state at the layer
@@ -134,6 +138,7 @@ def verify_steering(task: VerifySteering, ctx: TaskContext) -> TaskResult:
             "before": result.before.as_dict(),
             "steered": result.steered.as_dict(),
             "prompt_format": engine.prompt_format,
+            "thinking": thinking_mode(engine.tokenizer),
         },
     )
 

@@ -26,7 +26,7 @@ import torch
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
-from behaviorc.model.chat import model_prompt
+from behaviorc.model.chat import model_prompt, render_turns
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ def render_chat(tokenizer: Any, messages: Sequence[ir.ChatMessage],
         raise BehaviorError("a chat example must end with an assistant message: it is the response", loc)
     turns = [{"role": m.role, "content": m.content} for m in messages]
     if getattr(tokenizer, "chat_template", None):
-        context = tokenizer.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(turns, tokenize=False)
+        context = render_turns(tokenizer, turns[:-1], add_generation_prompt=True)
+        full = render_turns(tokenizer, turns, add_generation_prompt=False)
         if full.startswith(context) and len(full) > len(context):
             return context, full[len(context):]
         raise BehaviorError(

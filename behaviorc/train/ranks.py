@@ -49,10 +49,12 @@ def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, path: Path, schedul
                    ) -> tuple[TrainSummary, dict[str, Any]]:
     """One rank's part of a training, from the model in `path`."""
     from behaviorc.model.adapter import ArchitectureAdapter
+    from behaviorc.model.chat import set_thinking
     from behaviorc.model.loading import load_tokenizer
     from behaviorc.train.data import start_token
 
     model, tokenizer = load_sharded(path, decl.dtype, decl.device, device_mesh()), load_tokenizer(path)
+    set_thinking(tokenizer, decl.thinking)
     adapter = ArchitectureAdapter.for_model(model)
     # every rank runs the same target forwards, gathering the layers together
     matched = (matching.start(model, adapter.decoder_layers(model), tokenizer.pad_token_id, train_spec.context)

