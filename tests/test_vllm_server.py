@@ -8,9 +8,11 @@ minute here) only to kill it would test the same socket behaviour.
 from __future__ import annotations
 
 import pytest
+
 from stand_in_server import stand_in_server
 
 from behaviorc.cli import main
+from behaviorc.core.catalog import BUILTIN_MODELS
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.vllm.push import push_weights
 from behaviorc.engine.vllm.server import server_command, start_server
@@ -69,8 +71,9 @@ def test_serve_help_teaches(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = capsys.readouterr().out
-    assert "behaviorc serve tiny-gdn" in text
+    assert "behaviorc serve smollm2-135m" in text
     assert "--api-key" in text
+    assert all(name in text for name in BUILTIN_MODELS)
 
 
 def test_tensor_parallel_size_passes_through_to_vllm(tiny_gdn):

@@ -79,16 +79,17 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def progress_text(task: "TaskState", now: float) -> str:
+def progress_text(task: "TaskState", now: float | None) -> str:
     """A running task's sub-phase, count and ETA in a few words, e.g.
-    `sampling 10 prompts x 4 · 0/30` or `loss 0.41 · 12/30 (40%) · ETA 1m05s`."""
+    `sampling 10 prompts x 4 · 0/30` or `loss 0.41 · 12/30 (40%) · ETA 1m05s`; no ETA
+    without a clock (`now` None)."""
     if task.progress is None:
         return task.note or ""
     done, total, what = task.progress
     parts = [what] if what else []
     if total > 0:
         parts.append(f"{done}/{total} ({100 * done // total}%)")
-    eta = task.phase.eta(done, now) if task.phase is not None else None
+    eta = task.phase.eta(done, now) if task.phase is not None and now is not None else None
     if eta is not None:
         parts.append(f"ETA {format_seconds(eta)}")
     return " · ".join(parts)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, Callable
 
 from rich.console import Group, RenderableType
@@ -170,7 +169,9 @@ def draw_training(state: BuildState) -> RenderableType:
         status = task.status if task else "?"
         parts.append(_heading(f"{task_id}  [{status}]"))
         if task is not None and task.status == "running":
-            parts.append(Text(f"▶ {progress_text(task, time.time()) or 'starting'}", style="yellow"))
+            # no ETA here: the status line gives it by the dashboard's clock; panels draw
+            # from events alone, so a replayed build looks as it did
+            parts.append(Text(f"▶ {progress_text(task, None) or 'starting'}", style="yellow"))
         if task is not None and task.metrics:
             parts.append(_train_margins(task.metrics))
         if losses:
