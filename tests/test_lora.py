@@ -286,3 +286,30 @@ def test_bad_adapters_never_reach_the_server_and_it_keeps_serving(live, tiny_den
     assert complete(plain, PROMPTS[0]) == before
     assert main(["lora", "list", server.url]) == 0
     assert "big" not in capsys.readouterr().out
+
+
+def test_a_composition_exports_as_one_adapter_beside_the_merged_model(tiny_dense, tuned, tmp_path,
+                                                                      capsys):
+    from behaviorc.cli import main
+
+    other = tuned_copy(tiny_dense, tmp_path / "other", seed=5)
+    assert main(["merge", str(tiny_dense), str(tmp_path / "persona"),
+                 "--add", f"{tuned}=1", "--add", f"{other}=-0.5"]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "Hello", "positive": " Great!", "negative": " Fine."}\n'
+                     '{"prompt": "How was your day?", "positive": " Wonderful!", "negative": " Ok."}\n')
+    capsys.readouterr()
+    assert main(["lora", "export", str(tmp_path / "persona"), str(tmp_path / "adapter"),
+                 "--base", str(tiny_dense), "--rank", "6", "--pairs", str(pairs), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # two rank-3 deltas per matrix compose to rank 6: the adapter carries all of it
+    assert report["max_rank"] == 6 and report["energy_kept"] == pytest.approx(
+        1 - report["uncarried_energy"], rel=1e-4)
+    assert report["margin_full"] != report["margin_base"]
+    gain = report["margin_full"] - report["margin_base"]
+    assert report["margin_kept"] == pytest.approx((report["margin_adapter"] - report["margin_base"]) / gain)
+    # what the adapter misses is the changed norm it cannot carry: a small part of the gain
+    assert 0.8 < report["margin_kept"] < 1.2, report
+    assert main(["lora", "export", str(tmp_path / "persona"), str(tmp_path / "adapter"),
+                 "--base", str(tiny_dense), "--energy", "150%"]) == 1
+    assert "not a share" in capsys.readouterr().err

@@ -25,8 +25,8 @@ from behaviorc.formats.peft_lora import CONFIG_FILE, WEIGHTS_FILE, adapter_confi
 from behaviorc.formats.safetensors_io import WeightFolder, fingerprint, to_float32
 from behaviorc.compose.sources import check_finite, open_source
 
-# Chosen on smollm2-135m's demo behavior (README, "LoRA adapters"): the rank at which the
-# adapter keeps >= 90% of the full task vector's held-out margin gain.
+# Not yet measured on the demo's trained behavior (README, "Trained behaviors per
+# request"): 16 is PEFT's and vLLM's common default, and vLLM's default max rank.
 DEFAULT_RANK = 16
 # Groups whose parameters are not the weight of a linear layer vLLM can adapt.
 _UNCARRIED_GROUPS = {"embed", "head", "norm", "attn.norm", "gdn.norm", "gdn.gates", "gdn.conv"}
