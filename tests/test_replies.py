@@ -222,6 +222,7 @@ behavior cheerful {
     batch 1
   }
   eval {
+    general "general.jsonl"
     prompt "How was your day?"
     prompt "Tell me a story."
     system "You are a cheerful assistant."
@@ -236,6 +237,7 @@ behavior cheerful {
 
 def test_the_reply_table_end_to_end_and_a_failing_judge_keeps_the_replies(tiny_dense, tmp_path):
     spec_path = tmp_path / "t.behavior"
+    (tmp_path / "general.jsonl").write_text('{"text": "The river runs past the bridge."}\n')  # a short NLL
     spec_path.write_text(TABLE_SPEC.replace("SCORE", 'markers "e"'))
     plan = lower(load_spec(str(spec_path)))
     table = next(t for t in plan.tasks if t.kind == "evaluate.table")
