@@ -21,6 +21,7 @@ from behaviorc.evaluate.table import reply_table, side_by_side
 from behaviorc.lang import check_file, load_spec
 from behaviorc.lang.fmt import format_text
 from behaviorc.measure.intervals import bootstrap_mean
+from behaviorc.model.chat import model_prompt
 from behaviorc.measure.judge import Judge
 from behaviorc.measure.replies import Markers, Projection, Reply, summarize, text_broke, versus
 from behaviorc.measure.repetition import distinct_ngram_share, repeated_ngram_share
@@ -121,7 +122,7 @@ def test_the_dashboard_and_the_summary_show_the_table_from_its_event():
     assert "no reply table" in text_of(draw_replies(BuildState()))
 
 
-def test_projection_is_calibrated_to_the_pairs(tiny_dense):
+def test_projection_is_calibrated_to_the_pairs_and_a_system_prompt_reaches_the_model(tiny_dense):
     torch.manual_seed(0)
     engine = EmbeddedEngine.load(tiny_dense)
     pairs = [ir.Pair(prompt="How are you?", positive=" Wonderful, thanks!", negative=" Bad."),
@@ -139,6 +140,10 @@ def test_projection_is_calibrated_to_the_pairs(tiny_dense):
     assert all(0.0 <= s <= 1.0 for s in scores) and scores[1] == 0.0
     with pytest.raises(BehaviorError, match="do not project above"):
         Projection.calibrate(engine, {1: -direction[1]}, pairs)
+    # the prompted baseline's text: system and user turns, read as written
+    asked = engine.with_system("Be brief.", "Hi there")
+    assert asked.index("Be brief.") < asked.index("Hi there")
+    assert model_prompt(engine.tokenizer, asked) == asked
 
 
 def test_eval_settings_are_checked_where_they_are_and_formatted(tmp_path):
@@ -222,6 +227,7 @@ behavior cheerful {
     batch 1
   }
   eval {
+    general "general.jsonl"
     prompt "How was your day?"
     prompt "Tell me a story."
     system "You are a cheerful assistant."
@@ -236,6 +242,7 @@ behavior cheerful {
 
 def test_the_reply_table_end_to_end_and_a_failing_judge_keeps_the_replies(tiny_dense, tmp_path):
     spec_path = tmp_path / "t.behavior"
+    (tmp_path / "general.jsonl").write_text('{"text": "The river runs past the bridge."}\n')  # a short NLL
     spec_path.write_text(TABLE_SPEC.replace("SCORE", 'markers "e"'))
     plan = lower(load_spec(str(spec_path)))
     table = next(t for t in plan.tasks if t.kind == "evaluate.table")

@@ -47,7 +47,10 @@ SHOWS = 0.5  # a reply scored at least this shows the behavior
 # When text broke, whatever the margin: a reply loops when this share of its 3-grams
 # repeats (ordinary replies of 40 tokens: 0 to 0.05; "I can help! I can help! ..." 0.6).
 LOOP_SHARE = 0.25
-LOOP_RISE = 0.10  # more of the replies looping than the base model's, by this share
+# More of the replies looping than the base model's, by this share: above 1 in 20. The
+# demo's steered model (strength 2, layer 23) loops in 2 of its 24 replies ("I can help
+# with anything! I can help with anything! ..."), which 0.10 let pass.
+LOOP_RISE = 0.05
 DISTINCT_DROP = 0.05  # mean distinct-2 this far below the base model's
 
 
