@@ -128,7 +128,7 @@ def test_a_build_on_tiny_qwen35_runs_every_task_kind_and_keeps_the_layout(tiny_q
     report = json.loads((out / "report.json").read_text())
     tasks = {task["id"]: task for task in report["tasks"]}
     assert {t["status"] for t in tasks.values()} == {"done"}
-    assert {t.split(":")[0] for t in tasks} == {"model", "steer.extract", "steer.verify", "train",
+    assert {t.split(":")[0] for t in tasks} == {"model", "steer.extract", "steer.base", "steer.verify", "train",
                                                 "task_vector", "compose"}
     extract = tasks["steer.extract:listen"]
     assert extract["data"]["layers"] == [1, 3]  # a GDN layer and the attention layer
