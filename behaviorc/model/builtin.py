@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from behaviorc.core.atomic import atomic_folder
-from behaviorc.core.files import cache_root
-from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS, BuiltinInfo
+from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS, BuiltinInfo, builtin_path
 from behaviorc.model import smollm2, testbed, tiny
 
 BuildProgress = Callable[[int, int, float], None]  # (step, steps, loss) of a trained built-in
@@ -46,10 +45,6 @@ _MAKERS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[Path, BuildP
 }
 BUILTINS: dict[str, BuiltinModel] = {
     name: BuiltinModel(info, *_MAKERS[name]) for name, info in BUILTIN_MODELS.items()}
-
-
-def builtin_path(name: str) -> Path:
-    return cache_root() / "models" / f"{name}-v{BUILDER_VERSION}"
 
 
 def ensure_builtin(name: str, progress: BuildProgress | None = None) -> Path:
