@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from behaviorc.core.atomic import atomic_folder
+from behaviorc.core.atomic import atomic_folder, remove_abandoned
 from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS, BuiltinInfo, builtin_path
 from behaviorc.model import smollm2, testbed, tiny
 
@@ -53,6 +53,7 @@ def ensure_builtin(name: str, progress: BuildProgress | None = None) -> Path:
     if name not in BUILTINS:
         raise KeyError(name)
     path = builtin_path(name)
+    remove_abandoned(path)  # what a build of it killed midway left in the cache
     if (path / "model.safetensors").is_file():
         return path
     # Two builds may make it at once; each writes its own staging folder and the second
