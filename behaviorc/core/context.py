@@ -30,14 +30,14 @@ def over_context(tokens: int, positions: int | None) -> str | None:
     return f"is {tokens} tokens long, more than the model's context of {positions} positions"
 
 
-def surely_too_long(text: str, positions: int | None, longest: int) -> str | None:
-    """Why `text` cannot fit `positions` whatever its tokenization, or None when it
-    might: no token spells more than `longest` characters, so it has at least
-    len / longest tokens. Tokenizing a megabyte takes seconds and hundreds of MB only
-    to be refused."""
-    if positions is None or len(text) <= positions * longest:
+def surely_too_long(chars: int, positions: int | None, longest: int) -> str | None:
+    """Why a text of `chars` characters cannot fit `positions` whatever its
+    tokenization, or None when it might: no token spells more than `longest`
+    characters, so it has at least chars / longest tokens. Tokenizing a megabyte takes
+    seconds and hundreds of MB only to be refused."""
+    if positions is None or chars <= positions * longest:
         return None
-    return (f"is at least {-(-len(text) // longest)} tokens long ({len(text)} characters), "
+    return (f"is at least {-(-chars // longest)} tokens long ({chars} characters), "
             f"more than the model's context of {positions} positions")
 
 

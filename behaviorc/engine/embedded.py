@@ -108,7 +108,7 @@ class EmbeddedEngine:
 
     def _fits_unread(self, text: str) -> None:
         """Refuse a text before tokenizing it when its length alone shows it cannot fit."""
-        reason = surely_too_long(text, self._positions, self._longest_piece)
+        reason = surely_too_long(len(text), self._positions, self._longest_piece)
         if reason:
             raise BehaviorError(f"the text {shown(text)!r} {reason}", hint=TOO_LONG_HINT)
 

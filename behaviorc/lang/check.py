@@ -303,21 +303,25 @@ class _Checker:
     def _fits_context(self, behavior: ir.Behavior, sections: dict[str, ast.Setting | None]) -> None:
         """Refuse a text the model cannot hold now rather than minutes into the build;
         the first such text of each section is reported."""
-        if behavior.model not in self.contexts:
-            self.contexts[behavior.model] = ModelContext.of(self.models[behavior.model])
-        context = self.contexts[behavior.model]
+        model = self.models.get(behavior.model)
+        if model is None:
+            return  # its declaration had an error, reported already
+        if model.name not in self.contexts:
+            self.contexts[model.name] = ModelContext.of(model)
+        context = self.contexts[model.name]
         if context is None:
             return
         reported: set[str] = set()
-        for section, what, text in model_texts(behavior):
+        for section, what, parts in model_texts(behavior):
             if section in reported:
                 continue
-            reason = context.too_long(text)
+            reason = context.too_long(parts)
             setting = sections[section]
             if reason and setting is not None:
                 reported.add(section)
+                start = next((part for part in parts if part), "")
                 self.sink.error(f"in `{behavior.name}`'s {section} section, {what} "
-                                f"{shown(text)!r} {reason}", setting.key_loc, TOO_LONG_HINT)
+                                f"{shown(start)!r} {reason}", setting.key_loc, TOO_LONG_HINT)
 
     def _external(self, ext: ast.External, base: str) -> ir.External | None:
         kind = self.values.choice_word(ext.kind, ("model", "task_vector"), "source")

@@ -44,40 +44,42 @@ class ModelContext:
             return None
         return cls(positions, longest_piece(tokenizer.get_vocab()), tokenizer)
 
-    def too_long(self, text: str) -> str | None:
-        """Why `text` alone cannot fit (the prompt format only adds tokens), or None."""
-        reason = surely_too_long(text, self.positions, self.longest)
+    def too_long(self, parts: tuple[str, ...]) -> str | None:
+        """Why the text `parts` make cannot fit (the prompt format only adds tokens),
+        or None. Joined only to be tokenized: a huge text is refused from its length."""
+        reason = surely_too_long(sum(map(len, parts)), self.positions, self.longest)
         # A token spells at least one byte, so a text of fewer bytes than positions fits
         # (without tokenizing every record of every check).
-        if reason or len(text.encode("utf-8", "surrogatepass")) < self.positions:
+        if reason or sum(len(p.encode("utf-8", "surrogatepass")) for p in parts) < self.positions:
             return reason
-        return over_context(len(self.tokenizer.encode(text, add_special_tokens=False).ids),
-                           self.positions)
+        return over_context(len(self.tokenizer.encode("".join(parts), add_special_tokens=False).ids),
+                            self.positions)
 
 
-def model_texts(behavior: ir.Behavior) -> Iterator[tuple[str, str, str]]:
-    """(section, what it is, text) for each text the build gives the model whole."""
+def model_texts(behavior: ir.Behavior) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+    """(section, what it is, the parts of the text) for each text the build gives the
+    model whole."""
     sections = (("steer", behavior.steer.pairs if behavior.steer else ()),
                 ("eval", behavior.eval.pairs if behavior.eval else ()))
     for section, pairs in sections:
         for pair in pairs:
-            yield section, "a pair's prompt and positive", pair.prompt + pair.positive
-            yield section, "a pair's prompt and negative", pair.prompt + pair.negative
+            yield section, "a pair's prompt and positive", (pair.prompt, pair.positive)
+            yield section, "a pair's prompt and negative", (pair.prompt, pair.negative)
     if behavior.eval:
         for prompt in behavior.eval.prompts:
-            yield "eval", "the prompt", prompt
+            yield "eval", "the prompt", (prompt,)
         for text in behavior.eval.general:
-            yield "eval", "the general text", text
+            yield "eval", "the general text", (text,)
         if behavior.eval.system:
-            yield "eval", "the system prompt", behavior.eval.system
+            yield "eval", "the system prompt", (behavior.eval.system,)
     train = behavior.train
     if train:
         for example in train.examples:
-            yield "train", "the example", (example.context + example.response
-                                           + "".join(m.content for m in example.messages))
+            yield "train", "the example", (example.context, example.response,
+                                           *(m.content for m in example.messages))
         for prompt in train.distill.prompts if train.distill else ():
-            yield "train", "the distil prompt", prompt
+            yield "train", "the distil prompt", (prompt,)
         if train.distill and train.distill.system:
-            yield "train", "the system prompt", train.distill.system
+            yield "train", "the system prompt", (train.distill.system,)
         for text in train.mix.texts if train.mix else ():
-            yield "train", "the general text", text
+            yield "train", "the general text", (text,)
