@@ -5,6 +5,7 @@ transformers; a model without a tokenizer.json is left to the build's own check.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -30,19 +31,7 @@ class ModelContext:
                   "folder": lambda: model.source}.get(model.kind, lambda: None)()
         if folder is None or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
             return None
-        try:
-            config = json.loads(read_bytes(os.path.join(folder, "config.json"), "data"))
-            positions = positions_in(config) if isinstance(config, dict) else None
-            if positions is None:
-                return None
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-        except (OSError, ValueError, TextFileError):
-            return None  # reported by the model folder's own check, or at load
-        except Exception:  # noqa: BLE001 - tokenizers raises plain Exception on a bad file
-            return None
-        return cls(positions, longest_piece(tokenizer.get_vocab()), tokenizer)
+        return _read_context(folder, model.fingerprint)
 
     def too_long(self, parts: tuple[str, ...]) -> str | None:
         """Why the text `parts` make cannot fit (the prompt format only adds tokens),
@@ -54,6 +43,25 @@ class ModelContext:
             return reason
         return over_context(len(self.tokenizer.encode("".join(parts), add_special_tokens=False).ids),
                             self.positions)
+
+
+# A model's fingerprint changes with its files; a tokenizer takes a tenth of a second to
+# read, which every check of a spec would otherwise pay again (the fuzzers check thousands).
+@functools.lru_cache(maxsize=8)
+def _read_context(folder: str, fingerprint: str) -> ModelContext | None:  # noqa: ARG001 (a key)
+    try:
+        config = json.loads(read_bytes(os.path.join(folder, "config.json"), "data"))
+        positions = positions_in(config) if isinstance(config, dict) else None
+        if positions is None:
+            return None
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    except (OSError, ValueError, TextFileError):
+        return None  # reported by the model folder's own check, or at load
+    except Exception:  # noqa: BLE001 - tokenizers raises plain Exception on a bad file
+        return None
+    return ModelContext(positions, longest_piece(tokenizer.get_vocab()), tokenizer)
 
 
 def model_texts(behavior: ir.Behavior) -> Iterator[tuple[str, str, tuple[str, ...]]]:
