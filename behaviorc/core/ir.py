@@ -37,7 +37,8 @@ class Node(BaseModel):
 class DataFile(Node):
     """A data file the spec named; its hash makes cache keys follow its content."""
 
-    path: str  # absolute
+    # absolute; left out of dumps, so of cache keys: a moved project keeps its keys
+    path: str = Field(exclude=True)
     sha256: str
     loc: Location | None = Field(default=None, exclude=True)
 

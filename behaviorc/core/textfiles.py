@@ -13,10 +13,12 @@ variable to raise.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
 from dataclasses import dataclass
+from typing import BinaryIO, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
 
@@ -88,6 +90,78 @@ def read_bytes(path: str, limit_name: str) -> bytes:
     """The bytes of a regular file, refused past the limit (without reading further).
     OSError (FileNotFoundError, IsADirectoryError, ...) passes through."""
     most = limit(limit_name)
+    with _open_regular(path, limit_name) as handle:
+        raw = handle.read(most + 1)  # a file that grew since fstat stops here too
+    if len(raw) > most:
+        raise TextFileError(over_limit(limit_name, len(raw)))
+    return raw
+
+
+class TextLines:
+    """The lines of a regular text file (as `read_text_file` reads text), read a chunk
+    at a time so that memory holds at most one line: a line over the `line` limit is
+    yielded as its size alone, and the file is refused past `limit_name`'s bytes.
+    `sha256` is the stored bytes' hash once every line has been read."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: str, limit_name: str) -> None:
+        self.path, self.limit_name = path, limit_name
+        self._hash = hashlib.sha256()
+        self._handle = _open_regular(path, limit_name)  # refuses at once what it must
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def __iter__(self) -> Iterator[tuple[int, str | int]]:
+        """(line number, its text, or its size in bytes when over the line limit)."""
+        most, longest = limit(self.limit_name), limit("line")
+        line, size, number, total, carried = bytearray(), 0, 1, 0, b""
+        with self._handle as handle:
+            while chunk := handle.read(self.CHUNK):
+                total += len(chunk)
+                if total > most:
+                    raise TextFileError(over_limit(self.limit_name, total))
+                self._hash.update(chunk)
+                # a `\r` that ends a chunk may begin a `\r\n`: wait for the next byte
+                chunk, carried = (carried + chunk).replace(b"\r\n", b"\n"), b""
+                if chunk.endswith(b"\r"):
+                    chunk, carried = chunk[:-1], b"\r"
+                *ended, rest = chunk.replace(b"\r", b"\n").split(b"\n")
+                for piece in ended:
+                    size += len(piece)
+                    if size <= longest:
+                        line += piece
+                        text, line = self._text(line, number), bytearray()  # one copy held
+                        yield number, text
+                    else:
+                        yield number, size
+                    line, size, number = bytearray(), 0, number + 1
+                size += len(rest)
+                if size <= longest:
+                    line += rest
+                else:
+                    line.clear()  # over the limit: only its size is kept
+            if carried or size:  # the last line, ended by a lone `\r` or by the file's end
+                yield number, self._text(line, number) if size <= longest else size
+
+    @staticmethod
+    def _text(raw: bytearray, number: int) -> str:
+        try:
+            return decode(raw) if number == 1 else raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            column = len(raw[:err.start].decode("utf-8")) + 1
+            raise TextFileError(f"not UTF-8 text: byte 0x{raw[err.start]:02x} cannot start or "
+                                f"continue a character", number, column,
+                                hint="save the file as UTF-8") from None
+        except TextFileError as err:
+            raise TextFileError(err.message, number, err.column, err.hint) from None
+
+
+def _open_regular(path: str, limit_name: str) -> BinaryIO:
+    """A regular file opened for reading, refused at once when it is over the limit
+    or is not a regular file. OSError passes through."""
     # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just after.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
@@ -97,16 +171,12 @@ def read_bytes(path: str, limit_name: str) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise TextFileError(f"not a regular file (a {_file_kind(info.st_mode)})",
                                 hint="name a file on disk")
-        if info.st_size > most:
+        if info.st_size > limit(limit_name):
             raise TextFileError(over_limit(limit_name, info.st_size))
         os.set_blocking(fd, True)
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            raw = handle.read(most + 1)  # a file that grew since fstat stops here too
+        return os.fdopen(os.dup(fd), "rb")
     finally:
         os.close(fd)
-    if len(raw) > most:
-        raise TextFileError(over_limit(limit_name, len(raw)))
-    return raw
 
 
 def _file_kind(mode: int) -> str:
@@ -121,7 +191,7 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
-def decode(raw: bytes) -> str:
+def decode(raw: bytes | bytearray) -> str:
     """UTF-8 text with a leading BOM dropped and `\\r\\n`, `\\r` made `\\n`; a
     TextFileError at the line and column of the first byte that is not UTF-8."""
     try:

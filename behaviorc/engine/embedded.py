@@ -26,6 +26,7 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 
 from behaviorc.core.diagnostics import BehaviorError, did_you_mean
+from behaviorc.core.context import TOO_LONG_HINT, longest_piece, shown, surely_too_long
 from behaviorc.engine.hooks import add_to_output, capture_outputs
 from behaviorc.engine.protocol import ModelInfo
 from behaviorc.model.adapter import ArchitectureAdapter
@@ -103,23 +104,17 @@ class EmbeddedEngine:
         too long for the model is refused before any work."""
         from behaviorc.model.loading import refuse_over_context
 
-        refuse_over_context(tokens, self._positions, f"the text {_shown(text)!r}")
+        refuse_over_context(tokens, self._positions, f"the text {shown(text)!r}")
 
     def _fits_unread(self, text: str) -> None:
-        """Refuse a text before tokenizing it when its length alone shows it cannot fit:
-        no token spells more characters than the vocabulary's longest piece, so it has
-        at least len / longest tokens. Tokenizing a megabyte takes seconds and hundreds
-        of MB only to be refused."""
-        if self._positions is not None and len(text) > self._positions * self._longest_piece:
-            raise BehaviorError(f"the text {_shown(text)!r} is at least "
-                                f"{-(-len(text) // self._longest_piece)} tokens long "
-                                f"({len(text)} characters), more than the model's context of "
-                                f"{self._positions} positions",
-                                hint="shorten it, or split it into several records")
+        """Refuse a text before tokenizing it when its length alone shows it cannot fit."""
+        reason = surely_too_long(len(text), self._positions, self._longest_piece)
+        if reason:
+            raise BehaviorError(f"the text {shown(text)!r} {reason}", hint=TOO_LONG_HINT)
 
     @functools.cached_property
     def _longest_piece(self) -> int:
-        return max(map(len, self.tokenizer.get_vocab()), default=1) or 1
+        return longest_piece(self.tokenizer.get_vocab())
 
     def _batches(self, rows: Sequence[list[int]]) -> list[list[int]]:
         """Row indices grouped into batches of similar length (less padding)."""
@@ -282,8 +277,8 @@ class EmbeddedEngine:
             elif not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
                 problems.append(f"`{name}` has NaN, inf or non-float values")
         if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise BehaviorError(f"weights not loaded (the model is unchanged): {shown}")
+            listed = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise BehaviorError(f"weights not loaded (the model is unchanged): {listed}")
         with torch.no_grad():
             for name, tensor in state.items():
                 views[name].copy_(tensor.to(device=views[name].device, dtype=views[name].dtype))
@@ -328,7 +323,3 @@ def _read_weights_folder(folder: Path, adapter: ArchitectureAdapter) -> dict[str
     for file in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(file)))
     return state
-
-
-def _shown(text: str) -> str:
-    return text if len(text) <= 60 else text[:57] + "..."

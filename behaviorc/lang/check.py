@@ -18,6 +18,8 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import (BehaviorError, Diagnostic, DiagnosticSink, Location,
                                    did_you_mean)
 from behaviorc.lang import ast
+from behaviorc.core.context import TOO_LONG_HINT, shown
+from behaviorc.lang.context import ModelContext, model_texts
 from behaviorc.lang.data import DataFiles, resolve_path
 from behaviorc.lang.linear import canonical_text, linearize, references
 from behaviorc.core.files import sha256_file
@@ -112,6 +114,7 @@ class _Checker:
         self.model_decls: dict[str, ast.ModelDecl] = {}
         self.entities: dict[str, ast.BehaviorDecl | ast.ComposeDecl] = {}
         self.facts: dict[str, _Facts] = {}
+        self.contexts: dict[str, ModelContext | None] = {}  # by model name, read once
 
     # ---- files and imports
 
@@ -293,8 +296,33 @@ class _Checker:
         if model_name is None or (steer_s and steer is None) or (train_s and train is None) \
                 or (eval_s and evaluation is None) or (decl.external and external is None):
             return None
-        return ir.Behavior(name=name, model=model_name, steer=steer, train=train, eval=evaluation,
-                           external=external, loc=decl.name.loc)
+        behavior = ir.Behavior(name=name, model=model_name, steer=steer, train=train,
+                               eval=evaluation, external=external, loc=decl.name.loc)
+        self._fits_context(behavior, {"steer": steer_s, "train": train_s, "eval": eval_s})
+        return behavior
+
+    def _fits_context(self, behavior: ir.Behavior, sections: dict[str, ast.Setting | None]) -> None:
+        """Refuse a text the model cannot hold now rather than minutes into the build;
+        the first such text of each section is reported."""
+        model = self.models.get(behavior.model)
+        if model is None:
+            return  # its declaration had an error, reported already
+        if model.name not in self.contexts:
+            self.contexts[model.name] = ModelContext.of(model)
+        context = self.contexts[model.name]
+        if context is None:
+            return
+        reported: set[str] = set()
+        for section, what, parts in model_texts(behavior):
+            if section in reported:
+                continue
+            reason = context.too_long(parts)
+            setting = sections[section]
+            if reason and setting is not None:
+                reported.add(section)
+                start = next((part for part in parts if part), "")
+                self.sink.error(f"in `{behavior.name}`'s {section} section, {what} "
+                                f"{shown(start)!r} {reason}", setting.key_loc, TOO_LONG_HINT)
 
     def _external(self, ext: ast.External, base: str) -> ir.External | None:
         kind = self.values.choice_word(ext.kind, ("model", "task_vector"), "source")

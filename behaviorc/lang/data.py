@@ -6,7 +6,6 @@ and line inside it (`data/listen_pairs.jsonl:3: field `negative` is missing`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -15,8 +14,7 @@ from typing import Any, Callable
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import DiagnosticSink
 from behaviorc.lang import ast
-from behaviorc.core.textfiles import (TextFileError, has_surrogate, limit, over_limit,
-                                 read_text_file)
+from behaviorc.core.textfiles import TextFileError, TextLines, has_surrogate, over_limit
 
 MAX_ERRORS_PER_FILE = 5
 ROLES = ("system", "user", "assistant", "tool")
@@ -132,8 +130,17 @@ class DataFiles:
         if "\0" in name.value:
             self.sink.error("a file name cannot contain a NUL character", name.loc)
             return None
+        records: list[Any] = []
+        errors = 0
         try:
-            file = read_text_file(path, "data")
+            lines = TextLines(path, "data")
+            for number, line in lines:
+                problem = self._record(line, read, what, records)
+                if problem:
+                    errors += 1
+                    if errors <= MAX_ERRORS_PER_FILE:
+                        self.sink.error(f"{shown}:{number}: {problem}", name.loc,
+                                        f"each line holds {what}" if errors == 1 else None)
         except FileNotFoundError:
             self.sink.error(f"data file `{shown}` not found", name.loc,
                             f"paths are relative to the spec's folder, `{base_dir or '.'}`")
@@ -148,33 +155,6 @@ class DataFiles:
             where = f"{shown}:{err.line}:{err.column}: " if err.line else f"data file `{shown}`: "
             self.sink.error(where + err.message, name.loc, err.hint)
             return None
-        raw, text = file.raw, file.text
-        longest = limit("line")
-        records: list[Any] = []
-        errors = 0
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            problem = None
-            try:
-                if len(line) > longest // 4 and len(line.encode("utf-8")) > longest:
-                    raise RecordError(over_limit("line", len(line.encode("utf-8")), "the line"))
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    problem = f"each line must be a JSON object {what}, not {_json_kind(record)}"
-                else:
-                    records.append(read(record))
-            except json.JSONDecodeError as err:
-                problem = f"not valid JSON: {err.msg} (column {err.colno})"
-            except RecursionError:
-                problem = "JSON nested too deeply"
-            except RecordError as err:
-                problem = str(err)
-            if problem:
-                errors += 1
-                if errors <= MAX_ERRORS_PER_FILE:
-                    self.sink.error(f"{shown}:{number}: {problem}", name.loc,
-                                    f"each line holds {what}" if errors == 1 else None)
         if errors > MAX_ERRORS_PER_FILE:
             self.sink.error(f"{shown}: {errors - MAX_ERRORS_PER_FILE} more bad lines", name.loc)
         if errors:
@@ -182,7 +162,28 @@ class DataFiles:
         if not records:
             self.sink.error(f"data file `{shown}` has no records", name.loc, f"each line holds {what}")
             return None
-        source = ir.DataFile(path=os.path.abspath(path), sha256=hashlib.sha256(raw).hexdigest(),
-                             loc=name.loc)
+        source = ir.DataFile(path=os.path.abspath(path), sha256=lines.sha256, loc=name.loc)
         return Loaded(source, tuple(records))
+
+    @staticmethod
+    def _record(line: str | int, read: Callable[[dict], Any], what: str,
+                records: list[Any]) -> str | None:
+        """Append the line's record to `records`, or say what is wrong with it; `line`
+        is its size alone when it is over the line limit."""
+        if isinstance(line, int):
+            return over_limit("line", line, "the line")
+        if not line.strip():
+            return None
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                return f"each line must be a JSON object {what}, not {_json_kind(record)}"
+            records.append(read(record))
+        except json.JSONDecodeError as err:
+            return f"not valid JSON: {err.msg} (column {err.colno})"
+        except RecursionError:
+            return "JSON nested too deeply"
+        except RecordError as err:
+            return str(err)
+        return None
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from behaviorc.core.atomic import atomic_folder
-from behaviorc.core.files import cache_root
-from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS, BuiltinInfo
+from behaviorc.core.atomic import atomic_folder, remove_abandoned
+from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS, BuiltinInfo, builtin_path
 from behaviorc.model import qwen35, smollm2, testbed, tiny
 
 BuildProgress = Callable[[int, int, float], None]  # (step, steps, loss) of a trained built-in
@@ -51,16 +50,13 @@ BUILTINS: dict[str, BuiltinModel] = {
     name: BuiltinModel(info, *_MAKERS[name]) for name, info in BUILTIN_MODELS.items()}
 
 
-def builtin_path(name: str) -> Path:
-    return cache_root() / "models" / f"{name}-v{BUILDER_VERSION}"
-
-
 def ensure_builtin(name: str, progress: BuildProgress | None = None) -> Path:
     """The folder of a built-in model, building it on first use (seconds; minutes for
     one that is trained, which reports `progress`)."""
     if name not in BUILTINS:
         raise KeyError(name)
     path = builtin_path(name)
+    remove_abandoned(path)  # what a build of it killed midway left in the cache
     if (path / "model.safetensors").is_file():
         return path
     # Two builds may make it at once; each writes its own staging folder and the second

@@ -18,6 +18,7 @@ from typing import Any
 
 from behaviorc.formats.safetensors_io import SafetensorsFile
 from behaviorc.core.diagnostics import BehaviorError, Location, located_at
+from behaviorc.core.context import TOO_LONG_HINT, over_context, positions_in
 from behaviorc.model.adapter import ArchitectureAdapter
 from behaviorc.model.builtin import BUILTINS, BuildProgress, ensure_builtin
 
@@ -198,19 +199,16 @@ def has_vision_tower(folder: Path) -> bool:
 
 def context_positions(config: Any) -> int | None:
     """How many token positions the model takes (None when its config does not say)."""
-    config = getattr(config, "text_config", None) or config
-    positions = getattr(config, "max_position_embeddings", None)
-    return positions if isinstance(positions, int) and positions > 0 else None
+    return positions_in(config.to_dict())
 
 
 def refuse_over_context(tokens: int, positions: int | None, what: str,
                         loc: Location | None = None) -> None:
     """A BehaviorError when `tokens` do not fit the model's positions, raised before any
     forward pass: past them a model reads nonsense, slowly."""
-    if positions is not None and tokens > positions:
-        raise BehaviorError(f"{what} is {tokens} tokens long, more than the model's context "
-                            f"of {positions} positions", loc,
-                            hint="shorten it, or split it into several records")
+    reason = over_context(tokens, positions)
+    if reason:
+        raise BehaviorError(f"{what} {reason}", loc, hint=TOO_LONG_HINT)
 
 
 def resolve_device(device: str) -> str:
