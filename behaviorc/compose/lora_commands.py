@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from behaviorc.core.diagnostics import BehaviorError
 
@@ -203,12 +202,7 @@ def run_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextmanager
-def _client(args: argparse.Namespace) -> Iterator[Any]:
-    from behaviorc.engine.vllm.http import ServerClient
+def _client(args: argparse.Namespace) -> Any:
+    from behaviorc.engine.vllm.http import answering_client
 
-    client = ServerClient(args.url)
-    try:
-        yield client
-    finally:
-        client.close()
+    return answering_client(args.url, f"`lora {args.lora_command}`")

@@ -13,7 +13,8 @@ import json
 import os
 import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import httpcore
 import httpx
@@ -234,3 +235,15 @@ def _error_text(response: httpx.Response) -> str:
             inner = inner.get("message", inner)
         return str(inner)[:500]
     return str(detail)[:500]
+
+
+@contextmanager
+def answering_client(url: str, doing: str) -> Iterator[ServerClient]:
+    """A client of the server at `url` for one command, which first fails in seconds when
+    the server does not answer `/health` (see ServerClient.require_answer)."""
+    client = ServerClient(url)
+    try:
+        client.require_answer(doing)
+        yield client
+    finally:
+        client.close()
