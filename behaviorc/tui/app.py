@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -120,7 +121,7 @@ class Dashboard(App[None]):
             return  # nothing new, or the app is closing
         self._dirty = False
         now = self.now()
-        self._status_bar.update(self.status_line())
+        self._status_bar.update(Text(self.status_line()))  # task ids like `x[n=5]` are not markup
         self._plan_tree.refresh_labels(self.state, now)
         for panel in self._panels:
             panel.show(self.state)
