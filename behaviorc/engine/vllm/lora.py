@@ -87,11 +87,11 @@ class PromptLogprobsGuard:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        from behaviorc.engine.vllm.live_steer import STEERED_ROUTES, _read_body, _replay, _with_length
+        from behaviorc.engine.vllm.live_steer import STEERED_ROUTES, read_body, replay, with_length
 
         if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in STEERED_ROUTES:
             return await self.app(scope, receive, send)
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:  # the client went away
             return None
         if _asks_prompt_logprobs(body):
@@ -105,7 +105,7 @@ class PromptLogprobsGuard:
                                     (b"content-length", str(len(message)).encode())]})
             await send({"type": "http.response.body", "body": message})
             return None
-        return await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
+        return await self.app(with_length(scope, len(body)), replay(body, receive), send)
 
 
 def _asks_prompt_logprobs(body: bytes) -> bool:
