@@ -54,6 +54,10 @@ def test_distinct_2_and_repeated_share_by_hand():
     assert repeated_ngram_share(["a b c a b c"]) == pytest.approx(1 / 4)
     reply = Reply("p", "a b c a b c a b c", sampled=False)  # 7 trigrams, 3 distinct
     assert reply.repeated_share == pytest.approx(4 / 7) and reply.loops
+    # one token said over and over has no spaces to split it: "ssss" is four units
+    assert Reply("p", "s" * 40, sampled=False).loops
+    assert Reply("p", "hahahaha " * 5, sampled=False).loops
+    assert not Reply("p", "Mississippi had 1000000 people, hahaha, said www.", sampled=False).loops
 
 
 def test_markers_match_words_or_a_pattern_case_insensitively():

@@ -218,7 +218,11 @@ def test_a_build_logging_to_a_file_prints_a_progress_line_at_least_every_30_s(tm
     phases = {re.sub(r"[\d.]+", "#", line.split("  ")[-1].split(" · ")[0]) for line in running}
     assert len(phases) >= 3, text  # sub-phases by name: loading, sample replies, steps
     assert any(re.search(r"loss \d\.\d+ · \d+/12 \(\d+%\)", line) for line in running), text
-    assert any("ETA " in line for line in running), text
+    # a steps line counted past the phase's first event has an ETA (lines come by the
+    # clock, so how many steps fall between two of them depends on the machine)
+    steps = [(int(m[1]), line) for line in running if (m := re.search(r"loss [\d.]+ · (\d+)/12", line))]
+    later = [line for done, line in steps if steps[0][0] < done < 12]
+    assert all("ETA " in line for line in later), text
     times = [_clock_seconds(line) for line in lines]
     gaps = [(b - a) % 86400 for a, b in zip(times, times[1:])]
     assert max(gaps) <= 30, text
@@ -230,6 +234,24 @@ def test_a_build_logging_to_a_file_prints_a_progress_line_at_least_every_30_s(tm
     shown = capsys.readouterr().out
     assert "made by:  train:listen (train" in shown and f"spec:     {spec}" in shown
     assert "from:     model:base (model): " + str(tiny_dense) in shown and "margin_after=" in shown
+
+
+def test_a_running_phase_gets_an_eta_from_its_own_rate_and_a_new_phase_starts_over():
+    from behaviorc.core.state import BuildState, progress_text
+
+    state = BuildState()
+    state.apply({"type": "task_start", "task": "train:listen", "t": 100.0})
+    state.apply({"type": "progress", "task": "train:listen", "done": 0, "total": 3,
+                 "what": "sampling replies", "t": 100.0})
+    state.apply({"type": "progress", "task": "train:listen", "done": 2, "total": 10,
+                 "what": "loss 0.9", "t": 110.0})
+    task = state.tasks["train:listen"]
+    assert "ETA" not in progress_text(task, 111.0)  # one event: no rate yet
+    state.apply({"type": "progress", "task": "train:listen", "done": 4, "total": 10,
+                 "what": "loss 0.7", "t": 120.0})
+    # 2 steps per 10 s since the phase began, 6 left: 30 s
+    assert progress_text(task, 120.0) == "loss 0.7 · 4/10 (40%) · ETA 30s"
+    assert "ETA" not in progress_text(task, None)  # no clock, no ETA
 
 
 def test_result_links_are_replaced_in_place_and_dangling_ones_dropped(tmp_path):

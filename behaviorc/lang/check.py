@@ -375,6 +375,10 @@ class _Checker:
                         terms.append((name, weight))
             if not linear.weights:
                 self.sink.error("a composition needs at least one behavior", decl.expr.loc)
+            elif not terms and len(self.sink.errors) == errors:
+                self.sink.error(f"every behavior in `{decl.name.name}` cancels out: it composes "
+                                "nothing", decl.expr.loc,
+                                "give at least one behavior a weight other than 0")
         if len(models) > 1:
             (first, _), (second, ref) = list(models.items())[:2]
             self.sink.error(f"`{ref.name}` is on model `{second}`, other terms on `{first}`",

