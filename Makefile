@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PYTHON) -m behaviorc.cli build specs/demo.behavior --out out/demo
 
-# Every test; the 15 slowest are listed at the end.
+# Every test, on two workers (tests/conftest.py groups them); the 15 slowest are listed
+# at the end.
 test: setup
-	$(PYTHON) -m pytest -q --durations=15
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
 
 # Only the tests that need no real model, vLLM server, testbed or other processes
 # (tests/conftest.py sets the tiers): under a minute here.

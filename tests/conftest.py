@@ -29,6 +29,24 @@ def pytest_collection_modifyitems(items):
                 item.add_marker(tier)
         if not any(item.get_closest_marker(tier) for tier in HEAVY_TIERS):
             item.add_marker("fast")
+    _group_for_workers(items)
+
+
+def _group_for_workers(items):
+    """`make test` runs two workers (pytest-xdist, `--dist loadgroup`). A worker runs a
+    whole module, so its module fixtures are made once; the modules that use the
+    session's vLLM server run on one worker, so one server starts. The modules on the
+    real model go first, then the other heavy ones, so that no long one starts last."""
+    sharing = {item.module.__name__ for item in items if "vllm_server" in item.fixturenames}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("vllm_server" if module in sharing else module))
+    rank: dict[str, int] = {}  # module -> 0: uses the real model, 1: other heavy, 2: light
+    for item in items:
+        tier = (0 if item.get_closest_marker("real_model") else
+                1 if any(item.get_closest_marker(tier) for tier in HEAVY_TIERS) else 2)
+        rank[item.module.__name__] = min(tier, rank.get(item.module.__name__, 2))
+    items.sort(key=lambda item: rank[item.module.__name__])  # stable: file order kept
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ Bump `catalog.BUILDER_VERSION` whenever anything here changes what is written.
 
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -56,13 +57,18 @@ def ensure_builtin(name: str, progress: BuildProgress | None = None) -> Path:
     if name not in BUILTINS:
         raise KeyError(name)
     path = builtin_path(name)
-    remove_abandoned(path)  # what a build of it killed midway left in the cache
     if (path / "model.safetensors").is_file():
         return path
-    # Two builds may make it at once; each writes its own staging folder and the second
-    # rename replaces an identical folder.
-    with atomic_folder(path, overwrite=True) as staging:
-        write_builtin(name, staging, progress)
+    # One process makes it; others asking meanwhile wait and then find it made (the
+    # testbed trains for minutes, and replacing a folder another process reads from
+    # would pull files from under it).
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}-making.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_abandoned(path)  # what a build of it killed midway left in the cache
+        if not (path / "model.safetensors").is_file():
+            with atomic_folder(path, overwrite=True) as staging:
+                write_builtin(name, staging, progress)
     return path
 
 
