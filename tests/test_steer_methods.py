@@ -95,3 +95,55 @@ def test_pca_diff_ignores_the_common_shift_and_finds_the_spread():
     assert abs(float(found[1])) / float(found.norm()) > 0.95
     center = direction(positives.float(), negatives.float(), "pca_center")
     assert float(center[0]) / float(center.norm()) > 0.8
+
+
+def test_orient_vote_follows_most_pairs_where_the_mean_follows_the_largest():
+    # differences along axis 0: +10, -1, -1. The mean (+8/3) points one way, two of the
+    # three pairs the other: `mean` keeps +, `vote` (repeng's rule) flips to -.
+    negatives = torch.zeros(3, 2)
+    positives = torch.tensor([[10.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    for method in ("mean_diff", "pca", "pca_diff", "pca_center"):
+        by_mean = direction(positives, negatives, method)
+        by_vote = direction(positives, negatives, method, orient="vote")
+        assert float(by_mean[0]) > 0 and float(by_vote[0]) < 0, method
+        assert torch.allclose(by_vote, -by_mean), method
+    # a tied vote keeps the mean's sign (repeng keeps whatever sign its SVD gave)
+    tied = torch.tensor([[3.0, 0.0], [-1.0, 0.0]])
+    assert float(direction(tied, torch.zeros(2, 2), "pca_diff", orient="vote")[0]) > 0
+
+
+@pytest.mark.parametrize("method", ["pca_diff", "pca_center"])
+def test_orient_vote_and_the_last_layer_after_the_final_norm_give_repengs_vector_sign_and_all(
+        engine, tied_gdn, method):
+    pairs = varied_pairs(10)
+    last = engine.info.num_layers - 1
+    ours = extract(engine, pairs, [last], method=method, read="last", orient="vote",
+                   after_final_norm=True).vectors.directions[last]
+    # transformers' hidden_states[last + 1] is hidden_states[-1]: after the final norm
+    theirs = torch.from_numpy(repeng_direction(transformers_hidden(tied_gdn, pairs, last), method))
+    cosine = float(torch.cosine_similarity(ours.double(), theirs, dim=0))
+    assert cosine >= 0.99, cosine  # the sign too
+    before = extract(engine, pairs, [last], method=method, read="last").vectors.directions[last]
+    assert float(torch.cosine_similarity(before.double(), theirs, dim=0)) < 0.99
+
+
+def test_orient_and_final_norm_are_checked_with_locations():
+    from behaviorc.lang.check import check_text
+
+    spec, diagnostics = check_text('model base = "tiny-gdn"\nbehavior b on base {\n  steer {\n'
+                                   '    pair "p" { positive "a" negative "b" }\n'
+                                   '    pair "q" { positive "c" negative "d" }\n'
+                                   '    method pca_diff  orient vote  final_norm after\n  }\n}\n',
+                                   "x.behavior")
+    assert spec is not None, diagnostics
+    steer = spec.behaviors[0].steer
+    assert (steer.orient, steer.final_norm) == ("vote", "after")
+    spec, diagnostics = check_text('model base = "tiny-gdn"\nbehavior b on base {\n  steer {\n'
+                                   '    pair "p" { positive "a" negative "b" }\n'
+                                   '    orient majority  final_norm later\n  }\n}\n', "x.behavior")
+    assert spec is None
+    errors = sorted((d.loc.line, d.loc.column, d.message, d.hint or "") for d in diagnostics
+                    if d.severity == "error")
+    assert [(line, column) for line, column, *_ in errors] == [(5, 12), (5, 33)], errors
+    assert "unknown orientation `majority`" in errors[0][2] and "vote" in errors[0][3], errors
+    assert "`later`" in errors[1][2] and "after" in errors[1][3], errors

@@ -86,6 +86,12 @@ class Steer(Node):
     # verification inside the budget
     strength: float | Literal["auto"] = 2.0
     read: Literal["last", "mean"] = "mean"  # last token, or the mean over completion tokens
+    # A direction's sign: the mean difference projects positively on it (`mean`), or
+    # most pairs' differences do (`vote`, repeng's rule)
+    orient: Literal["mean", "vote"] = "mean"
+    # The last layer read where steering adds (`before` the final norm) or after it, as
+    # transformers' hidden_states[-1] (repeng's reading)
+    final_norm: Literal["before", "after"] = "before"
     pairs: tuple[Pair, ...]
     sources: tuple[DataFile, ...] = ()
     sweep: tuple[float, ...] = ()  # strengths for the verification sweep; empty: none

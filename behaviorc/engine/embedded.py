@@ -198,7 +198,8 @@ class EmbeddedEngine:
     @torch.inference_mode()
     def hidden_states(self, prompts: Sequence[str], completions: Sequence[str],
                       layers: Sequence[int],
-                      read: Literal["last", "mean"] = "mean") -> dict[int, torch.Tensor]:
+                      read: Literal["last", "mean"] = "mean",
+                      after_final_norm: bool = False) -> dict[int, torch.Tensor]:
         _same_length(prompts, completions)
         wanted = sorted(set(self._check_layers(layers)))
         if read not in ("last", "mean"):
@@ -213,12 +214,21 @@ class EmbeddedEngine:
         rows = [ids for ids, _ in encoded]
         out = {layer: torch.empty(len(rows), self.adapter.hidden_size) for layer in wanted}
         decoder = self.model.get_decoder()
+        last = self.adapter.num_layers - 1
+        final_norm = getattr(decoder, "norm", None)
+        if after_final_norm and last in wanted and final_norm is None:
+            raise BehaviorError("this model has no final norm (`norm` of the "
+                                "decoder) to read the last layer after",
+                                hint="read it before the final norm (the default)")
         for batch in self._batches(rows):
             ids, mask = self._right_padded([rows[i] for i in batch])
             with capture_outputs(self._layers, wanted) as captured:
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
             for layer in wanted:
                 states = captured[layer]
+                if after_final_norm and layer == last:
+                    with torch.no_grad():
+                        states = final_norm(states)
                 for row, i in enumerate(batch):
                     full, prompt_len = encoded[i]
                     span = slice(len(full) - 1, len(full)) if read == "last" else slice(prompt_len, len(full))

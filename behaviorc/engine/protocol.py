@@ -61,10 +61,13 @@ class Engine(Protocol):
 
     def hidden_states(self, prompts: Sequence[str], completions: Sequence[str],
                       layers: Sequence[int],
-                      read: Literal["last", "mean"] = "mean") -> dict[int, torch.Tensor]:
+                      read: Literal["last", "mean"] = "mean",
+                      after_final_norm: bool = False) -> dict[int, torch.Tensor]:
         """Residual stream at the output of each layer, [n, hidden] per layer: at the
         last token of prompt+completion, or averaged over the completion's tokens. The
-        forward stops after the deepest layer asked for."""
+        forward stops after the deepest layer asked for. `after_final_norm`: the last
+        layer's states pass the model's final norm first (transformers'
+        `hidden_states[-1]`)."""
 
     def set_steering(self, vectors: Mapping[int, torch.Tensor], strength: float) -> None:
         """Replace all steering with `strength * vectors[layer]` at each layer."""

@@ -42,6 +42,9 @@ class Sections:
         layers = self._layers(block.one("layers"), model)
         method = self.values.choice(block.one("method"), METHODS, "method") or "mean_diff"
         read = self.values.choice(block.one("read"), ("last", "mean"), "read position") or "mean"
+        orient = self.values.choice(block.one("orient"), ("mean", "vote"), "orientation") or "mean"
+        final_norm = (self.values.choice(block.one("final_norm"), ("before", "after"),
+                                         "final_norm reading") or "before")
         strength = self._strength(block.one("strength"))
         if isinstance(strength, float) and strength > 20:
             self.sink.warning(f"strength {strength:g} is very strong: steered text often stops "
@@ -63,6 +66,7 @@ class Sections:
         if len(self.sink.errors) > errors or strength is None or budget is None:
             return None
         return ir.Steer(layers=layers, method=method, strength=strength, read=read,
+                        orient=orient, final_norm=final_norm,
                         pairs=tuple(pairs), sources=tuple(sources),
                         sweep=tuple(s for s in sweep if s is not None), **budget, loc=section.loc)
 

@@ -16,10 +16,14 @@ or averaged over the completion's tokens). The direction at a layer is then
   differences (so the axis of `pca`).
 
 Every direction points from negative to positive completions: its sign is chosen so
-that the mean difference projects positively on it. (repeng votes pair by pair instead,
-flipping a direction when more pairs' positives project below their negatives than
-above: the two differ where a minority of pairs outweighs the majority's projections,
-and on a tied vote, where repeng keeps the SVD's arbitrary sign.) `pca_diff` and `pca_center` are scaled to the
+that the mean difference projects positively on it (`orient mean`). With `orient vote`,
+repeng's rule, most pairs' differences project positively instead (a direction is
+flipped when more pairs' positives project below their negatives than above): the two
+differ where a minority of pairs outweighs the majority's projections. On a tied vote
+repeng keeps the SVD's arbitrary sign; behaviorc keeps the mean's, so it stays
+deterministic. The last layer is read before the model's final norm, where steering
+adds; `final_norm after` reads it after, as transformers' `hidden_states[-1]` and so
+repeng do (on SmolLM2-135M, cosine 0.91 with the other reading, 18.7 times the norm). `pca_diff` and `pca_center` are scaled to the
 mean difference's norm, so that with any method a strength of 1 moves a hidden state
 as far as the pairs' average positive lies from its negative (over several layers, the
 layers share it: each carries its direction over their number): the unit of strength is
@@ -72,6 +76,7 @@ from behaviorc.formats.steering import SteeringVectors
 
 Method = Literal["mean_diff", "pca", "pca_diff", "pca_center"]
 Read = Literal["last", "mean"]
+Orient = Literal["mean", "vote"]
 Progress = Callable[[int, int], None]
 
 DEFAULT_BATCH = 32
@@ -143,6 +148,7 @@ def check_layers(layers: Sequence[int], num_layers: int, loc: Location | None = 
 
 def read_pairs(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int], read: Read,
                batch_size: int = DEFAULT_BATCH, progress: Progress | None = None,
+               after_final_norm: bool = False,
                ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Hidden states of every positive and every negative, [n, hidden] per layer."""
     texts = [(pair.prompt, getattr(pair, side)) for pair in pairs for side in ("positive", "negative")]
@@ -156,7 +162,7 @@ def read_pairs(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int], 
     gathered: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(texts) for layer in layers}
     for done, batch in enumerate(batches, 1):
         states = engine.hidden_states([texts[i][0] for i in batch], [texts[i][1] for i in batch],
-                                      list(layers), read)
+                                      list(layers), read, after_final_norm)
         for layer in layers:
             for row, index in enumerate(batch):
                 gathered[layer][index] = states[layer][row]
@@ -167,12 +173,13 @@ def read_pairs(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int], 
     return positives, negatives
 
 
-def direction(positives: torch.Tensor, negatives: torch.Tensor, method: Method) -> torch.Tensor:
+def direction(positives: torch.Tensor, negatives: torch.Tensor, method: Method,
+              orient: Orient = "mean") -> torch.Tensor:
     """One layer's steering direction from paired states [n, hidden]."""
     differences = (positives - negatives).double()
     mean = differences.mean(dim=0)
     if method == "mean_diff":
-        return mean.float()
+        return (mean if orient == "mean" or _votes_for(differences, mean) else -mean).float()
     # Rows are pairs, so the first right singular vector is the first principal
     # direction of the rows; pca_center's rows (each state minus its pair's midpoint,
     # +d/2 and -d/2) have the same axis as the uncentered differences.
@@ -182,8 +189,17 @@ def direction(positives: torch.Tensor, negatives: torch.Tensor, method: Method) 
     along = float(mean @ axis)
     if along < 0:
         axis, along = -axis, -along
-    length = along if method == "pca" else float(mean.norm())
+    if orient == "vote" and not _votes_for(differences, axis):
+        axis, along = -axis, -along
+    length = abs(along) if method == "pca" else float(mean.norm())
     return (axis * length).float()
+
+
+def _votes_for(differences: torch.Tensor, axis: torch.Tensor) -> bool:
+    """Whether at least as many pairs' differences project positively on `axis` as
+    negatively (a tie keeps it)."""
+    along = differences @ axis
+    return int((along > 0).sum()) >= int((along < 0).sum())
 
 
 def score_layers(positives: dict[int, torch.Tensor], negatives: dict[int, torch.Tensor]) -> list[LayerScore]:
@@ -266,7 +282,7 @@ def choice_warnings(scores: Sequence[LayerScore], chosen: int) -> tuple[str, ...
 
 def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[int, torch.Tensor],
                     negatives: dict[int, torch.Tensor], scores: Sequence[LayerScore],
-                    method: Method, read: Read = "mean") -> list[LayerScore]:
+                    method: Method, read: Read = "mean", orient: Orient = "mean") -> list[LayerScore]:
     """`scores` with the held-out steering effect and lift of the best-separating layers:
     for each fold (as in `score_layers`) the direction from one half steers the other
     half at EFFECT_STRENGTH; the gains of their mean margin and of their positives' mean
@@ -287,7 +303,7 @@ def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[in
     for layer in chosen:
         margin_gains, lifts = [], []
         for train, held in folds:
-            vector = direction(positives[layer][train], negatives[layer][train], method)
+            vector = direction(positives[layer][train], negatives[layer][train], method, orient)
             with steered(engine, {layer: vector}, EFFECT_STRENGTH):
                 steered_positives, steered_negatives = per_pair_logprobs(engine, [pairs[i] for i in held])
             rises = [p - plain_positives[i] for p, i in zip(steered_positives, held)]
@@ -302,7 +318,7 @@ def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[in
     plain_stats = summarize(plain, [0.0] * len(plain))
     replies: dict[int, tuple[float, tuple[str, ...]]] = {}
     for layer in chosen:
-        whole = direction(positives[layer], negatives[layer], method)
+        whole = direction(positives[layer], negatives[layer], method, orient)
         unit = whole.double() / whole.double().norm()
         # The pairs' own states (averaged over the completion, as the score reads a reply)
         # calibrate the projection score: 0 at the negatives, 1 at the positives.
@@ -320,7 +336,8 @@ def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[in
 
 def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Literal["auto"],
             method: Method = "mean_diff", read: Read = "mean", batch_size: int = DEFAULT_BATCH,
-            progress: Progress | None = None, loc: Location | None = None) -> Extraction:
+            progress: Progress | None = None, loc: Location | None = None, *,
+            orient: Orient = "mean", after_final_norm: bool = False) -> Extraction:
     """Steering vectors for `pairs` at `layers` (or the best layer, for `auto`)."""
     check_pairs(pairs, loc)
     info = engine.info
@@ -335,18 +352,20 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
             raise BehaviorError("no layers to steer", loc)
         check_layers(wanted, info.num_layers, loc)
     try:  # a pair the model cannot read (too long for it) is the spec's pairs' problem
-        positives, negatives = read_pairs(engine, pairs, wanted, read, batch_size, progress)
+        positives, negatives = read_pairs(engine, pairs, wanted, read, batch_size, progress,
+                                          after_final_norm)
     except BehaviorError as err:
         raise err.with_parent_location(loc) from None
     scores: tuple[LayerScore, ...] = ()
     if layers == "auto":
         scores = tuple(score_layers(positives, negatives))
-        scores = tuple(measure_effects(engine, pairs, positives, negatives, scores, method, read))
+        scores = tuple(measure_effects(engine, pairs, positives, negatives, scores, method, read,
+                                       orient))
         wanted = [best_layer(scores)]
     # Several layers share the strength: each adds its direction over the number of
     # layers, so `layers 12..18` at strength S moves the residual stream about as far as
     # one layer at S (steering adds up along the stream), not seven times that.
-    directions = {layer: direction(positives[layer], negatives[layer], method) / len(wanted)
+    directions = {layer: direction(positives[layer], negatives[layer], method, orient) / len(wanted)
                   for layer in wanted}
     vectors = SteeringVectors(
         directions=directions, method=method, model=info.name, read=read,

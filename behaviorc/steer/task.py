@@ -33,7 +33,8 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
 
     engine = _engine(task, ctx)
     extraction = extract(
-        engine, task.pairs, task.layers, task.method, task.read,
+        engine, task.pairs, task.layers, task.method, task.read, orient=task.orient,
+        after_final_norm=task.final_norm == "after",
         progress=lambda done, total: ctx.progress(done, total, "reading hidden states"),
         loc=task.loc)
     # The task key names exactly the inputs these vectors came from.
@@ -161,6 +162,8 @@ class ExtractSteering(Task):
     layers: tuple[int, ...] | Literal["auto"]
     method: Literal["mean_diff", "pca", "pca_diff", "pca_center"]
     read: Literal["last", "mean"]
+    orient: Literal["mean", "vote"] = "mean"
+    final_norm: Literal["before", "after"] = "before"
     pairs: tuple[ir.Pair, ...]  # the extraction split
 
     def execute(self, ctx: TaskContext) -> TaskResult:

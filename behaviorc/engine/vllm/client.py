@@ -149,7 +149,8 @@ class VLLMEngine:
 
     def hidden_states(self, prompts: Sequence[str], completions: Sequence[str],
                       layers: Sequence[int],
-                      read: Literal["last", "mean"] = "mean") -> dict[int, Any]:
+                      read: Literal["last", "mean"] = "mean",
+                      after_final_norm: bool = False) -> dict[int, Any]:
         raise BehaviorError(
             "reading hidden states is not supported by the vLLM engine",
             hint="extract steering vectors with the embedded engine; the vLLM engine "
