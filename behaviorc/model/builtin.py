@@ -57,15 +57,17 @@ def ensure_builtin(name: str, progress: BuildProgress | None = None) -> Path:
     if name not in BUILTINS:
         raise KeyError(name)
     path = builtin_path(name)
+    remove_abandoned(path)  # what a build of it killed midway left in the cache
     if (path / "model.safetensors").is_file():
         return path
     # One process makes it; others asking meanwhile wait and then find it made (the
     # testbed trains for minutes, and replacing a folder another process reads from
-    # would pull files from under it).
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}-making.lock", "w") as lock:
+    # would pull files from under it). The locks live beside the models' folder, which
+    # holds models only.
+    locks = path.parent.with_name("locks")
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        remove_abandoned(path)  # what a build of it killed midway left in the cache
         if not (path / "model.safetensors").is_file():
             with atomic_folder(path, overwrite=True) as staging:
                 write_builtin(name, staging, progress)
