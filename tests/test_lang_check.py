@@ -242,7 +242,7 @@ def test_readme_tour_parses_and_is_formatted() -> None:
     tour = readme[readme.index("## A tour of the language"):]
     example = re.findall(r"```\n(.*?)```", tour, re.S)[0]
     result = parse_text(example, "tour.behavior")
-    assert result.diagnostics == [] and len(result.file.items) == 8
+    assert result.diagnostics == [] and len(result.file.items) == 9
     assert format_text(example, "tour.behavior")[1] == []
 
 

@@ -250,6 +250,65 @@ def test_an_adapter_and_a_steering_vector_in_one_request(live):
 
 
 @pytest.mark.vllm
+def test_a_spec_deploys_a_trained_behavior_as_an_adapter_requests_pick_by_name(live, tmp_path):
+    """`deploy X to vllm "URL" { as lora { rank 8 } }`: the build factors X's weights'
+    change and loads it under X's name while unnamed requests keep flowing; requests
+    naming X get base + adapter, unnamed ones the base. A second deploy replaces it."""
+    import json
+
+    from behaviorc.cli import main
+    from behaviorc.engine.vllm.lora import remove_adapter, served as served_now
+
+    server, adapters = live
+    spec = tmp_path / "lora.behavior"
+    spec.write_text(f'model base = "{server.model_dir}"\n'
+                    f'behavior tuned from model "{adapters["alpha"][1]}"\n'
+                    f'deploy tuned to vllm "{server.url}" {{ as lora {{ rank 8 }} }}\n')
+    plain = served(server.url)
+    before = unnamed(plain)
+    try:
+        for _ in range(2):  # the second replaces the adapter of that name
+            assert main(["build", str(spec), "--out", str(tmp_path / "out")]) == 0
+        tasks = {t["id"]: t for t in json.loads((tmp_path / "out" / "report.json").read_text())["tasks"]}
+        deploy, export = tasks["deploy:tuned"], tasks["lora.export:tuned"]
+        assert deploy["metrics"]["requests_failed"] == 0
+        assert deploy["metrics"]["requests_served"] > 0
+        # the norm's change cannot be carried; the two rank-3 deltas are, whole
+        assert 0.9 < export["metrics"]["energy_kept"] < 1
+        assert export["data"]["max_rank"] == 3
+        assert "tuned" in served_now(plain.client).adapters
+        adapter = Path(export["artifacts"]["adapter"])
+        assert_greedy_in_transformers(greedy_ids(served(server.url, "tuned")), server.model_dir,
+                                      adapter)
+        assert unnamed(plain) == before
+    finally:
+        if "tuned" in served_now(plain.client).adapters:
+            remove_adapter(plain.client, "tuned")
+
+
+def test_as_lora_settings_are_checked_with_locations():
+    from behaviorc.lang.check import check_text
+
+    def errors(deploy: str) -> list[tuple[int, str]]:
+        spec, found = check_text('model base = "tiny-dense"\nbehavior b on base {\n'
+                                 '  steer { pair "p" { positive "a" negative "b" } }\n'
+                                 '  train { example "q" { response "r" } }\n}\n' + deploy,
+                                 "x.behavior")
+        return [(d.loc.column, d.message) for d in found if d.severity == "error"]
+
+    assert errors('deploy b to vllm auto { as lora { energy 90% } }\n') == []
+    assert errors('deploy b to vllm auto { as lora }\n') == []
+    found = errors('deploy b to vllm auto { as lora { rank 8  energy 90% } }\n')
+    assert [c for c, _ in found] == [43] and "not both" in found[0][1], found
+    found = errors('deploy b to vllm auto { as adapter }\n')
+    assert [c for c, _ in found] == [28] and "unknown deploy form `adapter`" in found[0][1], found
+    found = errors('deploy b to vllm auto { as lora { rank 0 } }\n')
+    assert [c for c, _ in found] == [40] and "[1, 512]" in found[0][1], found
+    found = errors('deploy b to vllm auto { steering on  as lora }\n')
+    assert [c for c, _ in found] == [38] and "takes no `steering`" in found[0][1], found
+
+
+@pytest.mark.vllm
 def test_bad_adapters_never_reach_the_server_and_it_keeps_serving(live, tiny_dense, tmp_path, capsys):
     from behaviorc.cli import main
     from behaviorc.engine.vllm.lora import push_adapter

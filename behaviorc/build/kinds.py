@@ -6,7 +6,8 @@ imports them from there, and nothing they import reaches back into the build.
 
 from __future__ import annotations
 
-from behaviorc.compose.task import ComposeBehaviors, ExtractTaskVector, ImportModel, ImportTaskVector
+from behaviorc.compose.task import (ComposeBehaviors, ExportLora, ExtractTaskVector, ImportModel,
+                                    ImportTaskVector)
 from behaviorc.core.task import Task
 from behaviorc.deploy.task import DeployModel
 from behaviorc.evaluate.task import AnswerPrompts, ReplyTable
@@ -17,6 +18,6 @@ from behaviorc.train.task import TrainBehavior
 TASK_KINDS: dict[str, type[Task]] = {
     cls.kind: cls
     for cls in (ResolveModel, ExtractSteering, MeasureBase, VerifySteering, TrainBehavior, ImportModel,
-                ImportTaskVector, ExtractTaskVector, ComposeBehaviors, DeployModel, AnswerPrompts,
+                ImportTaskVector, ExtractTaskVector, ComposeBehaviors, ExportLora, DeployModel, AnswerPrompts,
                 ReplyTable)
 }

@@ -13,8 +13,8 @@ from behaviorc.core import ir
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
 from behaviorc.build.plan import Expectation, Plan
 from behaviorc.core.task import Task
-from behaviorc.build.kinds import (AnswerPrompts, ComposeBehaviors, DeployModel, ExtractSteering,
-                                  ExtractTaskVector, ImportModel, ImportTaskVector, MeasureBase,
+from behaviorc.build.kinds import (AnswerPrompts, ComposeBehaviors, DeployModel, ExportLora,
+                                  ExtractSteering, ExtractTaskVector, ImportModel, ImportTaskVector, MeasureBase,
                                   ReplyTable, ResolveModel, TrainBehavior, VerifySteering)
 
 HOLD_OUT_EVERY = 5  # without eval pairs, every 5th steer pair verifies instead of extracting
@@ -210,5 +210,9 @@ class _Lowering:
             n += 1
             name = f"{d.target}.{n}"
         self.deploy_ids.add(f"{DeployModel.kind}:{name}")
+        adapter = None
+        if d.lora is not None and source is not None:
+            adapter = self._add(ExportLora(name=name, model=model, source=source, form=d.lora,
+                                           loc=d.loc))
         self._add(DeployModel(name=name, deploy=d, model=model, source=source, steering=steering,
-                              steering_strength=strength, loc=d.loc))
+                              steering_strength=strength, adapter=adapter, loc=d.loc))

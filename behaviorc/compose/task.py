@@ -1,5 +1,5 @@
-"""The plan's task-vector tasks: ImportModel, ImportTaskVector, ExtractTaskVector and
-ComposeBehaviors (behaviorc.build.kinds).
+"""The plan's task-vector tasks: ImportModel, ImportTaskVector, ExtractTaskVector,
+ComposeBehaviors and ExportLora (behaviorc.build.kinds).
 
 Failures on files the spec named are reported at the spec line that named them.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from behaviorc.core import ir
-from behaviorc.core.metrics import COMPOSE, TASK_VECTOR
+from behaviorc.core.metrics import COMPOSE, LORA_EXPORT, TASK_VECTOR
 
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from behaviorc.model.task import ResolveModel
 TASK_VECTOR_FILE = "task_vector.safetensors"
 MODEL_FOLDER = "model"
 STEERING_FILE = "steering.safetensors"
+ADAPTER_FOLDER = "adapter"
 
 
 def import_model(task: ImportModel, ctx: TaskContext) -> TaskResult:
@@ -166,3 +167,38 @@ class ComposeBehaviors(Task):
 
     def execute(self, ctx: TaskContext) -> TaskResult:
         return compose_behaviors(self, ctx)
+
+
+def export_adapter(task: ExportLora, ctx: TaskContext) -> TaskResult:
+    from behaviorc.compose.lora import DEFAULT_RANK, RankChoice, export_lora
+
+    form = task.form
+    choice = (RankChoice(energy=form.energy) if form.energy is not None
+              else RankChoice(rank=form.rank or DEFAULT_RANK))
+    folder = ctx.result(task.source).path(task.source.artifact("model"))
+    with located_at(task.loc):
+        exported = export_lora(folder, Path(ctx.result(task.model).data["path"]),
+                               ctx.out / ADAPTER_FOLDER, choice,
+                               progress=lambda done, total, _: ctx.progress(
+                                   done, total, "factoring the weights' change"))
+    summary = exported.summary()
+    return TaskResult(metrics={"energy_kept": summary["energy_kept"],
+                               "uncarried_energy": summary["uncarried_energy"]},
+                      artifacts={"adapter": ADAPTER_FOLDER},
+                      data={**summary, "adapter": ADAPTER_FOLDER, "ranks": exported.ranks})
+
+
+class ExportLora(Task):
+    """A model's change from its base as a PEFT LoRA adapter (`as lora`): per matrix a
+    truncated SVD of the delta (compose.lora). artifacts: adapter. data: ranks, energy
+    kept, what LoRA cannot carry."""
+
+    kind: ClassVar[str] = "lora.export"
+    reports: ClassVar[tuple[str, ...]] = LORA_EXPORT
+    provides: ClassVar[dict[str, str]] = {"adapter": "adapter"}
+    model: ResolveModel
+    source: Task  # provides "model": trained, imported or composed
+    form: ir.LoraForm
+
+    def execute(self, ctx: TaskContext) -> TaskResult:
+        return export_adapter(self, ctx)

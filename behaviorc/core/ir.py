@@ -280,6 +280,16 @@ class Compose(Node):
     loc: Location | None = Field(default=None, exclude=True)
 
 
+class LoraForm(Node):
+    """`as lora`: the target's weight change served as a LoRA adapter named after it,
+    which requests pick by name, instead of pushed into the served weights. At most
+    `rank` per matrix, or the fewest singular values keeping `energy` of each matrix's
+    delta; neither: compose.lora.DEFAULT_RANK."""
+
+    rank: int | None = None
+    energy: float | None = None
+
+
 class Deploy(Node):
     target: str  # a behavior or compose name
     urls: tuple[str, ...] | Literal["auto"]
@@ -290,6 +300,7 @@ class Deploy(Node):
     named: bool = False
     handoff: bool = False  # lower served steering as training moves it into weights
     push_every: int = 0  # training steps between live pushes; 0: only the final weights
+    lora: LoraForm | None = None  # served as an adapter (`as lora`), not pushed
     # How the servers are reached, not what they get: outside plans and content keys.
     api_key: str | None = Field(default=None, exclude=True, repr=False)  # else BEHAVIORC_API_KEY
     timeout: float | None = Field(default=None, exclude=True)  # s per call; else the default

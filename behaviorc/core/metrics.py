@@ -66,6 +66,10 @@ METRICS: dict[str, str] = {
     "push_ms": "milliseconds per push into the live servers",
     "requests_served": "probe requests answered while pushing",
     "requests_failed": "probe requests that failed while pushing (the claim is zero)",
+    "energy_kept": "LoRA export: share of the weights' change (squared norm) the adapter "
+                   "carries",
+    "uncarried_energy": "LoRA export: share of the change in tensors LoRA cannot carry "
+                        "(embeddings, norms, gates)",
     "tensors_changed": "tensors of a task vector (those that differ from the base)",
     "parameters_merged": "parameters a composition changed",
     # The reply table (evaluate.table): per model answering the held-out prompts, one
@@ -111,6 +115,7 @@ TRAIN: tuple[str, ...] = (
 TASK_VECTOR: tuple[str, ...] = ("tensors_changed",)
 COMPOSE: tuple[str, ...] = ("parameters_merged",)
 DEPLOY: tuple[str, ...] = ("push_ms", "requests_served", "requests_failed")
+LORA_EXPORT: tuple[str, ...] = ("energy_kept", "uncarried_energy")
 EXPERIMENT_POINT: tuple[str, ...] = ("rate", "rate_stderr", "malformed", "margin", "general_nll",
                                      "arithmetic_accuracy")
 

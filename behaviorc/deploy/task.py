@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import ClassVar
 
 from behaviorc.core import ir
@@ -29,6 +30,8 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
 
     if task.source is None:
         return _deploy_steering(task, ctx)
+    if task.adapter is not None:
+        return _deploy_adapter(task, ctx)
     folder = ctx.result(task.source).path(task.source.artifact("model"))
     api_key, timeout = task.deploy.api_key, task.deploy.timeout
     with ExitStack() as stack:
@@ -59,15 +62,56 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
               "auto": task.deploy.urls == "auto"})
 
 
-def _servers(task: DeployModel, ctx: TaskContext, stack: ExitStack) -> list[str]:
+def _deploy_adapter(task: DeployModel, ctx: TaskContext) -> TaskResult:
+    """`as lora`: the adapter (compose.task.ExportLora) loaded into every server under
+    the target's name, replacing an adapter of that name; requests naming it get the
+    behavior, the others none, and nothing restarts."""
+    from behaviorc.engine.vllm.http import ServerClient
+    from behaviorc.engine.vllm.lora import push_adapter, remove_adapter, served
+    from behaviorc.engine.vllm.server import LORA_RANKS
+    from behaviorc.engine.vllm.traffic import RequestLoop
+
+    assert task.adapter is not None
+    exported = ctx.result(task.adapter)
+    adapter, name = exported.path(task.adapter.artifact("adapter")), task.deploy.target
+    base = Path(ctx.result(task.model).data["path"])
+    # a server of ours takes adapters up to the smallest rank vLLM allows above these
+    rank = next((r for r in LORA_RANKS if r >= exported.data["max_rank"]), LORA_RANKS[-1])
+    with ExitStack() as stack:
+        urls = _servers(task, ctx, stack, lora_rank=rank)
+        ctx.progress(1, 3, f"loading adapter `{name}` into {len(urls)} server(s)")
+        started = time.perf_counter()
+        with RequestLoop(urls, threads=1, api_key=task.deploy.api_key) as probes:
+            for url in urls:
+                client = ServerClient(url, task.deploy.api_key, task.deploy.timeout)
+                try:
+                    with located_at(task.deploy.loc):
+                        if name in served(client).adapters:
+                            remove_adapter(client, name)
+                        push_adapter(client, adapter, name, base)
+                finally:
+                    client.close()
+        seconds = time.perf_counter() - started
+        ctx.emit(DeployPush(urls=urls, push_ms=seconds * 1000.0, requests=len(probes.requests),
+                            requests_failed=len(probes.failed)))
+        ctx.progress(3, 3, "deployed")
+    return TaskResult(
+        metrics={"push_ms": seconds * 1000.0, "requests_failed": float(len(probes.failed)),
+                 "requests_served": float(len(probes.requests) - len(probes.failed))},
+        data={"urls": urls, "adapter": name, "auto": task.deploy.urls == "auto"})
+
+
+def _servers(task: DeployModel, ctx: TaskContext, stack: ExitStack,
+             lora_rank: int = 0) -> list[str]:
     """The deploy's URLs, each checked to answer; for `auto`, a server of the base model
-    held open by `stack`."""
+    held open by `stack` (taking adapters up to `lora_rank`, if not 0)."""
     from behaviorc.engine.vllm.push import answering
     from behaviorc.engine.vllm.server import serve
 
     if task.deploy.urls == "auto":
         ctx.progress(0, 3, "starting a vLLM server")
-        urls = [stack.enter_context(serve(ctx.result(task.model).data["path"])).url]
+        urls = [stack.enter_context(serve(ctx.result(task.model).data["path"],
+                                          lora_rank=lora_rank)).url]
     else:
         urls = list(task.deploy.urls)
     ctx.check_cancelled()
@@ -161,7 +205,8 @@ def _steering_directions(task: DeployModel, ctx: TaskContext) -> dict:
 
 class DeployModel(Task):
     """Push a model folder (and optionally steering) into live vLLM servers, all or
-    nothing across replicas; for a behavior that only steers (no `source`), attach its
+    nothing across replicas, or its adapter (`as lora`, loaded by name); for a behavior
+    that only steers (no `source`), attach its
     vectors server-wide (`steering on`), detach all (`steering off`) or register them
     by name for the requests that ask (`steering named`). metrics: core.metrics.DEPLOY.
     data: urls."""
@@ -172,6 +217,7 @@ class DeployModel(Task):
     model: ResolveModel
     source: Task | None  # provides "model": trained, imported or composed; None: steering only
     steering: Task | None = None  # provides "steering"
+    adapter: Task | None = None  # provides "adapter": served as LoRA (`as lora`), not pushed
     steering_strength: float = 1.0  # the behavior's steer strength (1.0 for a composition)
 
     def execute(self, ctx: TaskContext) -> TaskResult:

@@ -26,7 +26,8 @@ from behaviorc.core.files import sha256_file
 from behaviorc.lang.models import read_model_folder, resolve_model_source
 from behaviorc.lang.parse import parse_text
 from behaviorc.lang.sections import Sections
-from behaviorc.lang.values import MAX_SEED, MAX_STEPS, MAX_TIMEOUT_S, MIN_TIMEOUT_S, Block, SWITCHES, Values
+from behaviorc.lang.values import (MAX_LORA_RANK, MAX_SEED, MAX_STEPS, MAX_TIMEOUT_S, MIN_TIMEOUT_S,
+                                   Block, SWITCHES, Values)
 from behaviorc.core.textfiles import TextFileError, read_text_file
 
 
@@ -619,6 +620,17 @@ class _Checker:
                                         default=0)
         timeout = self.values.number(block.one("timeout"), low=MIN_TIMEOUT_S, high=MAX_TIMEOUT_S)
         api_key = self._api_key(block.one("api_key"))
+        as_setting = block.one("as")
+        lora = self._lora_form(as_setting) if as_setting is not None else None
+        if lora is not None and (steering or named or handoff or push_every):
+            self.sink.error("`as lora` serves the weights' change as an adapter: it takes no "
+                            "`steering`, `handoff` or `push_every`", as_setting.loc,
+                            "deploy the steering in a deploy of its own")
+        elif (lora is not None and isinstance(entity, ast.BehaviorDecl)
+              and not self.facts[target].has_weights):
+            self.sink.error(f"`{target}` has no weights to serve as a LoRA adapter",
+                            as_setting.values[0].loc,
+                            "add a train section, or deploy its steering with `steering on`")
         if steering and isinstance(entity, ast.BehaviorDecl):
             self._fixed_strength(target, block.one("steering").values[0].loc, "`steering on`")
         if (isinstance(entity, ast.BehaviorDecl) and steers and not self.facts[target].has_weights
@@ -641,7 +653,23 @@ class _Checker:
         if len(self.sink.errors) > errors:
             return None
         return ir.Deploy(target=target, urls=urls, live=live, steering=steering, named=named,
-                         handoff=handoff, push_every=push_every, api_key=api_key, timeout=timeout, loc=decl.loc)
+                         handoff=handoff, push_every=push_every, lora=lora, api_key=api_key,
+                         timeout=timeout, loc=decl.loc)
+
+    def _lora_form(self, setting: ast.Setting) -> ir.LoraForm | None:
+        if self.values.choice(setting, ("lora",), "deploy form") is None:
+            return None
+        block = Block(setting.block, "as lora", self.sink)
+        rank = self.values.number(block.one("rank"), low=1, high=MAX_LORA_RANK, whole=True)
+        energy = self.values.number(block.one("energy"), low=0, low_open=True, high=1,
+                                    percent=True)
+        if rank is not None and energy is not None:
+            self.sink.error("`as lora` takes a `rank` or an `energy` share, not both",
+                            block.one("energy").loc,
+                            "`rank 16`: at most 16 per matrix; `energy 90%`: per matrix the "
+                            "fewest singular values that keep 90% of its change")
+            return None
+        return ir.LoraForm(rank=int(rank) if rank is not None else None, energy=energy)
 
     def _api_key(self, setting: ast.Setting | None) -> str | None:
         if setting is None:

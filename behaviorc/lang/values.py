@@ -18,6 +18,7 @@ MAX_STRENGTH = 1000.0  # steering past ~20 already breaks the text (a warning sa
 MAX_STEPS = 1_000_000
 MAX_BATCH = 4096  # sequences in one step, all of them in memory at once
 MAX_RANK = 65536  # APOLLO's projection rank: above a matrix's side it is plain AdamW
+MAX_LORA_RANK = 512  # the largest max-lora-rank vLLM takes
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators take 32 bits
 MIN_TIMEOUT_S = 0.1  # no server answers faster
 MAX_TIMEOUT_S = 86400.0
