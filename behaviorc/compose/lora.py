@@ -25,8 +25,9 @@ from behaviorc.formats.peft_lora import CONFIG_FILE, WEIGHTS_FILE, adapter_confi
 from behaviorc.formats.safetensors_io import WeightFolder, fingerprint, to_float32
 from behaviorc.compose.sources import check_finite, open_source
 
-# Not yet measured on the demo's trained behavior (README, "Trained behaviors per
-# request"): 16 is PEFT's and vLLM's common default, and vLLM's default max rank.
+# PEFT's and vLLM's common default. On smollm2-135m the demo's trained behavior keeps
+# 120% of its held-out margin gain at rank 16 (112% at 4, 107% at 64; README, "Trained
+# behaviors per request").
 DEFAULT_RANK = 16
 # Groups whose parameters are not the weight of a linear layer vLLM can adapt.
 _UNCARRIED_GROUPS = {"embed", "head", "norm", "attn.norm", "gdn.norm", "gdn.gates", "gdn.conv"}
