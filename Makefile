@@ -28,10 +28,10 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
 
-# Only the tests that need no real model, vLLM server, testbed or other processes
+# Only the tests that need no model (real or tiny), vLLM server, testbed or other processes
 # (tests/conftest.py sets the tiers): under a minute here.
 test-fast: setup
-	$(PYTHON) -m pytest -q -m fast
+	$(PYTHON) -m pytest -q -n 2 -m fast
 
 clean:
 	rm -rf out $(STAMP)

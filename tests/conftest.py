@@ -1,7 +1,8 @@
 """Shared fixtures: the built-in models, built once into the user's cache; and the tiers.
 
 A test's tier follows from the fixtures it uses: the real model (`smollm2`), a vLLM server
-(`vllm_server`) and the pretrained testbed (`testbed`) each mark the tests that use them.
+(`vllm_server`, `smollm2_server`), the pretrained testbed (`testbed`) and the tiny models
+(`tiny_gdn`, `tiny_dense`, `tiny_qwen35`) each mark the tests that use them.
 Tests that start servers of their own say so with `pytest.mark.vllm`, tests that run builds
 in other processes (ranks, killed builds, terminals) with `pytest.mark.processes`. Every
 test with none of these marks is `fast`: `make test-fast` runs those.
@@ -18,10 +19,14 @@ FIXTURE_TIERS = {
     "vllm_server": "vllm",
     "smollm2_server": "vllm",
     "testbed": "testbed",
+    "tiny_gdn": "tiny_model",
+    "tiny_dense": "tiny_model",
+    "tiny_qwen35": "tiny_model",
 }
 # Servers started once per session: the modules that use one run on one worker.
 SHARED_SERVERS = ("vllm_server", "smollm2_server")
 HEAVY_TIERS = ("real_model", "vllm", "testbed", "processes", "slow")
+NOT_FAST = HEAVY_TIERS + ("tiny_model",)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by these marks
@@ -30,7 +35,7 @@ def pytest_collection_modifyitems(items):
         for fixture, tier in FIXTURE_TIERS.items():
             if fixture in item.fixturenames:
                 item.add_marker(tier)
-        if not any(item.get_closest_marker(tier) for tier in HEAVY_TIERS):
+        if not any(item.get_closest_marker(tier) for tier in NOT_FAST):
             item.add_marker("fast")
     _group_for_workers(items)
 

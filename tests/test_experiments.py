@@ -35,7 +35,7 @@ def out(tmp_path_factory) -> Path:
 # Points this small cost less than starting a worker process (an interpreter importing
 # torch): they run in the test's process, except where running them side by side is
 # what a test is about.
-REDUCED = ["--seeds", "2", "--samples", "1", "--prompts", "16", "--steps", "3", "--jobs", "1"]
+REDUCED = ["--seeds", "2", "--samples", "1", "--prompts", "8", "--steps", "3", "--jobs", "1"]
 
 
 def run(name: str, spec: Path, out: Path, *options: str) -> dict:
