@@ -255,9 +255,11 @@ def draw_steering(state: BuildState) -> RenderableType:
     table = Table("behavior", "before", "steered", "after", *(t for t, _ in report),
                   box=None, pad_edge=False)
     for task in verifies:
-        m = task.metrics
-        table.add_row(task.id.split(":", 1)[-1], _metric(m, "margin_before"),
-                      _metric(m, "margin_steered"), _metric(m, "margin_after"),
+        m, name = task.metrics, task.id.split(":", 1)[-1]
+        # after: the trained model without steering, as its training measured it
+        trained = state.tasks.get(f"train:{name}")
+        table.add_row(name, _metric(m, "margin_before"), _metric(m, "margin_steered"),
+                      _metric(trained.metrics if trained else {}, "margin_after"),
                       *(_metric(m, key) for _, key in report))
     parts: list[RenderableType] = [_heading("margins"), table]
     for task_id, layers in state.layer_scores.items():
