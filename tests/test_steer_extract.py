@@ -134,10 +134,18 @@ def test_auto_never_picks_layer_zero_when_another_layer_exists():
     assert best_layer(scores[:1]) == 0
 
 
-def test_progress_is_reported_per_batch(engine):
+def test_progress_is_reported_per_batch_and_per_candidate_layer(engine):
     seen = []
-    extract(engine, planted_pairs(6), [1], batch_size=4, progress=lambda d, t: seen.append((d, t)))
-    assert seen == [(1, 3), (2, 3), (3, 3)]
+    extract(engine, planted_pairs(6), [1], batch_size=4, progress=lambda *p: seen.append(p))
+    assert seen == [(1, 3, "reading hidden states"), (2, 3, "reading hidden states"),
+                    (3, 3, "reading hidden states")]
+    seen.clear()
+    extract(engine, planted_pairs(6), "auto", batch_size=16, progress=lambda *p: seen.append(p))
+    phases = [what.split(" layer ")[0] for _, _, what in seen[1:]]
+    candidates = len(phases) // 2
+    assert seen[0] == (1, 1, "reading hidden states") and candidates >= 1
+    assert phases == (["steering candidate"] * candidates + ["replies steered at candidate"] * candidates)
+    assert [done for done, _, _ in seen[1:]] == list(range(2 * candidates))
 
 
 LOC = Location(file="listen.behavior", line=4, column=5, end_line=4, end_column=15)

@@ -77,7 +77,7 @@ from behaviorc.formats.steering import SteeringVectors
 Method = Literal["mean_diff", "pca", "pca_diff", "pca_center"]
 Read = Literal["last", "mean"]
 Orient = Literal["mean", "vote"]
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int, str], None]  # done, total, what is being done
 
 DEFAULT_BATCH = 32
 EFFECT_CANDIDATES = 4  # best-separating layers whose steering effect `layers auto` measures
@@ -167,7 +167,7 @@ def read_pairs(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int], 
             for row, index in enumerate(batch):
                 gathered[layer][index] = states[layer][row]
         if progress is not None:
-            progress(done, len(batches))
+            progress(done, len(batches), "reading hidden states")
     positives = {layer: torch.stack(rows[0::2]).float() for layer, rows in gathered.items()}
     negatives = {layer: torch.stack(rows[1::2]).float() for layer, rows in gathered.items()}
     return positives, negatives
@@ -282,7 +282,8 @@ def choice_warnings(scores: Sequence[LayerScore], chosen: int) -> tuple[str, ...
 
 def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[int, torch.Tensor],
                     negatives: dict[int, torch.Tensor], scores: Sequence[LayerScore],
-                    method: Method, read: Read = "mean", orient: Orient = "mean") -> list[LayerScore]:
+                    method: Method, read: Read = "mean", orient: Orient = "mean",
+                    progress: Progress | None = None) -> list[LayerScore]:
     """`scores` with the held-out steering effect and lift of the best-separating layers:
     for each fold (as in `score_layers`) the direction from one half steers the other
     half at EFFECT_STRENGTH; the gains of their mean margin and of their positives' mean
@@ -300,7 +301,9 @@ def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[in
     folds = [(indices[0::2], indices[1::2]), (indices[1::2], indices[0::2])]
     plain_positives, plain_negatives = per_pair_logprobs(engine, pairs)
     effects: dict[int, tuple[float, float]] = {}
-    for layer in chosen:
+    for done, layer in enumerate(sorted(chosen)):
+        if progress is not None:
+            progress(done, 2 * len(chosen), f"steering candidate layer {layer} on held-out pairs")
         margin_gains, lifts = [], []
         for train, held in folds:
             vector = direction(positives[layer][train], negatives[layer][train], method, orient)
@@ -317,7 +320,9 @@ def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[in
     plain = read_by(engine, answer(engine, prompts, samples=0, max_new_tokens=REPLY_TOKENS))
     plain_stats = summarize(plain, [0.0] * len(plain))
     replies: dict[int, tuple[float, tuple[str, ...]]] = {}
-    for layer in chosen:
+    for done, layer in enumerate(sorted(chosen), len(chosen)):
+        if progress is not None:
+            progress(done, 2 * len(chosen), f"replies steered at candidate layer {layer}")
         whole = direction(positives[layer], negatives[layer], method, orient)
         unit = whole.double() / whole.double().norm()
         # The pairs' own states (averaged over the completion, as the score reads a reply)
@@ -360,7 +365,7 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
     if layers == "auto":
         scores = tuple(score_layers(positives, negatives))
         scores = tuple(measure_effects(engine, pairs, positives, negatives, scores, method, read,
-                                       orient))
+                                       orient, progress))
         wanted = [best_layer(scores)]
     # Several layers share the strength: each adds its direction over the number of
     # layers, so `layers 12..18` at strength S moves the residual stream about as far as

@@ -35,7 +35,7 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     extraction = extract(
         engine, task.pairs, task.layers, task.method, task.read, orient=task.orient,
         after_final_norm=task.final_norm == "after",
-        progress=lambda done, total: ctx.progress(done, total, "reading hidden states"),
+        progress=ctx.progress,
         loc=task.loc)
     # The task key names exactly the inputs these vectors came from.
     vectors = extraction.vectors.with_directions(
