@@ -62,6 +62,12 @@ class RankChoice:
         return min(int(np.searchsorted(cumulative, self.energy * cumulative[-1] * (1 - 1e-9))) + 1,
                    nonzero)
 
+    @classmethod
+    def given(cls, rank: int | None, energy: float | None) -> "RankChoice":
+        """The choice a user gave: an energy share, else a rank, else DEFAULT_RANK."""
+        return (cls(energy=energy) if energy is not None
+                else cls(rank=rank if rank is not None else DEFAULT_RANK))
+
     def describe(self) -> str:
         return f"rank {self.rank}" if self.rank is not None else f"energy {self.energy:.0%}"
 

@@ -114,11 +114,10 @@ def parse_energy(text: str) -> float:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from behaviorc.compose.lora import DEFAULT_RANK, RankChoice, compare_margins, export_lora
+    from behaviorc.compose.lora import RankChoice, compare_margins, export_lora
     from behaviorc.engine.vllm.server import resolve_model_dir
 
-    choice = (RankChoice(energy=parse_energy(args.energy)) if args.energy is not None
-              else RankChoice(rank=args.rank if args.rank is not None else DEFAULT_RANK))
+    choice = RankChoice.given(args.rank, parse_energy(args.energy) if args.energy is not None else None)
     pairs = _read_pairs(args.pairs) if args.pairs else None
     base = resolve_model_dir(args.base)
     exported = export_lora(args.delta, base, args.out, choice, overwrite=args.overwrite)

@@ -170,11 +170,9 @@ class ComposeBehaviors(Task):
 
 
 def export_adapter(task: ExportLora, ctx: TaskContext) -> TaskResult:
-    from behaviorc.compose.lora import DEFAULT_RANK, RankChoice, export_lora
+    from behaviorc.compose.lora import RankChoice, export_lora
 
-    form = task.form
-    choice = (RankChoice(energy=form.energy) if form.energy is not None
-              else RankChoice(rank=form.rank or DEFAULT_RANK))
+    choice = RankChoice.given(task.form.rank, task.form.energy)
     folder = ctx.result(task.source).path(task.source.artifact("model"))
     with located_at(task.loc):
         exported = export_lora(folder, Path(ctx.result(task.model).data["path"]),

@@ -227,8 +227,7 @@ class EmbeddedEngine:
             for layer in wanted:
                 states = captured[layer]
                 if after_final_norm and layer == last:
-                    with torch.no_grad():
-                        states = final_norm(states)
+                    states = final_norm(states)
                 for row, i in enumerate(batch):
                     full, prompt_len = encoded[i]
                     span = slice(len(full) - 1, len(full)) if read == "last" else slice(prompt_len, len(full))
