@@ -18,11 +18,11 @@ from behaviorc import __version__
 from behaviorc.core.diagnostics import BehaviorError
 
 COMMAND_MODULES = (
-    "behaviorc.build.spec_commands",
+    "behaviorc.pipeline.spec_commands",
     "behaviorc.model.commands",
     "behaviorc.compose.commands",
     "behaviorc.compose.lora_commands",
-    "behaviorc.build.commands",
+    "behaviorc.pipeline.commands",
     "behaviorc.engine.vllm.commands",
     "behaviorc.steer.commands",
     "behaviorc.lab.commands",

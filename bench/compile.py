@@ -19,7 +19,7 @@ from pathlib import Path
 
 from behaviorc.lang.check import check_file
 from behaviorc.lang.parse import parse_text
-from behaviorc.build.lower import lower
+from behaviorc.pipeline.lower import lower
 
 TARGET_SECONDS = 1.0
 

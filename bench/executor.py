@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from behaviorc.core.task import Task, TaskContext, TaskResult
-from behaviorc.build.executor import Executor, plan_order
+from behaviorc.pipeline.executor import Executor, plan_order
 
 BUDGET_MS = 5.0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import grimp
 import pytest
 
-from behaviorc.build.kinds import TASK_KINDS
+from behaviorc.pipeline.kinds import TASK_KINDS
 from behaviorc.core import metrics
 from behaviorc.core.events import TASK_EVENTS
 from behaviorc.core.state import BuildState

@@ -10,7 +10,7 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import Location
 from behaviorc.train.distill_data import distill_data, keep_best
 from behaviorc.train.handoff import lowered_strength, trained_tensors
-from behaviorc.build.kinds import ExtractSteering, ResolveModel, TrainBehavior
+from behaviorc.pipeline.kinds import ExtractSteering, ResolveModel, TrainBehavior
 from test_steer_extract import OBJECTS, SUBJECTS, VERBS, planted_pairs, tied_gdn  # noqa: F401 (fixture)
 
 LOC = Location(file="yes.behavior", line=8, column=5, end_line=8, end_column=12)
@@ -118,7 +118,7 @@ def distill_plan(folder, steps: int = 12, handoff: ir.Deploy | None = None,
 
 
 def run_plan(task: TrainBehavior, out):
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.executor import Executor
 
     record = Executor(out).run([task]).record(task.id)
     assert record.status == "done", record.error

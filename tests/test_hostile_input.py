@@ -244,7 +244,7 @@ def test_serve_keeps_the_api_key_off_every_command_line(tiny_gdn, tmp_path):
 def test_a_deploy_takes_its_key_from_the_spec_or_the_environment(tiny_gdn, tmp_path, monkeypatch):
     from behaviorc.engine.vllm.http import http_client
     from behaviorc.lang.check import check_text
-    from behaviorc.build.lower import lower
+    from behaviorc.pipeline.lower import lower
 
     spec_text = ('model base = "tiny-gdn"\nbehavior b from model "m"\n'
                  'deploy b to vllm "http://127.0.0.1:9" { api_key "k-from-spec"  timeout 3 }\n')
@@ -263,8 +263,8 @@ def test_a_deploy_takes_its_key_from_the_spec_or_the_environment(tiny_gdn, tmp_p
 
 
 def test_a_server_that_accepts_and_never_answers_fails_in_seconds(tiny_dense, tmp_path):
-    from behaviorc.build.kinds import DeployModel, ImportModel, ResolveModel
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.kinds import DeployModel, ImportModel, ResolveModel
+    from behaviorc.pipeline.executor import Executor
 
     with socket.socket() as silent:  # the kernel accepts connections; nothing answers
         silent.bind(("127.0.0.1", 0))

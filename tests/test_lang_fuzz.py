@@ -15,7 +15,7 @@ import pytest
 
 from behaviorc.lang.check import check_text
 from behaviorc.lang.parse import _language
-from behaviorc.build.lower import lower
+from behaviorc.pipeline.lower import lower
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 EXAMPLES = sorted(SPECS.glob("*.behavior"))

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from behaviorc.lang import check_text, load_spec
-from behaviorc.build.lower import lower
-from behaviorc.build.kinds import (ComposeBehaviors, DeployModel, ExtractTaskVector, ImportModel,
+from behaviorc.pipeline.lower import lower
+from behaviorc.pipeline.kinds import (ComposeBehaviors, DeployModel, ExtractTaskVector, ImportModel,
                                   ImportTaskVector, ResolveModel)
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"

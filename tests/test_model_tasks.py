@@ -4,8 +4,8 @@ import shutil
 
 from behaviorc.core.diagnostics import Location
 from behaviorc.core.ir import ModelDecl
-from behaviorc.build.kinds import ResolveModel
-from behaviorc.build.executor import Executor
+from behaviorc.pipeline.kinds import ResolveModel
+from behaviorc.pipeline.executor import Executor
 
 SPEC_LOC = Location(file="specs/x.behavior", line=1, column=14, end_line=1, end_column=24)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from behaviorc.build.executor import Executor
-from behaviorc.build.lower import lower
+from behaviorc.pipeline.executor import Executor
+from behaviorc.pipeline.lower import lower
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.embedded import EmbeddedEngine

@@ -16,9 +16,9 @@ from typing import ClassVar
 from behaviorc.core import ir
 from behaviorc.cli import main
 from behaviorc.core.diagnostics import Location
-from behaviorc.build.plan import Expectation
+from behaviorc.pipeline.plan import Expectation
 from behaviorc.core.task import Task, TaskContext, TaskResult
-from behaviorc.build.executor import Executor
+from behaviorc.pipeline.executor import Executor
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny-model copy of specs/listen.behavior (the example now runs on smollm2-135m).
@@ -255,7 +255,7 @@ def test_a_running_phase_gets_an_eta_from_its_own_rate_and_a_new_phase_starts_ov
 
 
 def test_result_links_are_replaced_in_place_and_dangling_ones_dropped(tmp_path):
-    from behaviorc.build.results import link_results
+    from behaviorc.pipeline.results import link_results
 
     out = tmp_path / "out"
     first, second = (out / ".store" / key / "model" for key in ("k1", "k2"))
@@ -276,7 +276,7 @@ def test_result_links_are_replaced_in_place_and_dangling_ones_dropped(tmp_path):
 
 
 def test_build_plots_are_pngs_beside_the_results_and_one_strength_is_no_curve(tmp_path, recwarn):
-    from behaviorc.build.plots import LOSS_PNG, SWEEP_PNG, write_build_plots
+    from behaviorc.pipeline.plots import LOSS_PNG, SWEEP_PNG, write_build_plots
     from behaviorc.core.state import BuildState
 
     state = BuildState()

@@ -13,12 +13,12 @@ import pytest
 from behaviorc.core.events import TaskEvent
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.core.task import Task, TaskContext, TaskResult
-from behaviorc.build.kinds import ResolveModel
+from behaviorc.pipeline.kinds import ResolveModel
 from behaviorc.core import ir
-from behaviorc.build.context import CancelSignal
+from behaviorc.pipeline.context import CancelSignal
 from behaviorc.core.events import read_events
-from behaviorc.build.executor import Executor, plan_order
-from behaviorc.build.store import Store
+from behaviorc.pipeline.executor import Executor, plan_order
+from behaviorc.pipeline.store import Store
 
 
 class Source(Task):

@@ -104,7 +104,7 @@ def wait_for_start(events_file: Path, proc: subprocess.Popen) -> None:
 
 
 def test_a_build_killed_at_random_points_resumes_and_reuses_finished_work(tmp_path):
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.executor import Executor
 
     reference = Executor(tmp_path / "reference").run(plan())
     assert reference.ok
@@ -142,7 +142,7 @@ def test_a_build_killed_at_random_points_resumes_and_reuses_finished_work(tmp_pa
 
 
 def test_a_killed_long_task_resumes_from_its_scratch_checkpoint(tmp_path):
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.executor import Executor
 
     expected = final_digests(Executor(tmp_path / "reference").run(plan()))
     out = tmp_path / "out"
@@ -212,8 +212,8 @@ def test_a_kill_between_the_last_step_and_the_stored_result_resumes_without_trai
 
 
 if __name__ == "__main__":  # the build these tests kill (and test_run_cli interrupts)
-    from behaviorc.build.context import CancelSignal
-    from behaviorc.build.executor import Executor, cancel_on_sigint
+    from behaviorc.pipeline.context import CancelSignal
+    from behaviorc.pipeline.executor import Executor, cancel_on_sigint
     out = Path(sys.argv[1])
     cancel = CancelSignal(out / "cancel")
     with cancel_on_sigint(cancel):

@@ -28,8 +28,8 @@ from behaviorc.core.events import TrainStep
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.core.events import read_events
-from behaviorc.build.executor import Executor
-from behaviorc.build.parallel import Jobs
+from behaviorc.pipeline.executor import Executor
+from behaviorc.pipeline.parallel import Jobs
 
 pytestmark = pytest.mark.processes
 
@@ -190,7 +190,7 @@ def test_auto_starts_another_worker_only_while_free_memory_holds_another_task(tm
     plenty = Executor(tmp_path / "plenty", jobs=Jobs(2, fit_memory=True)).run(tasks)
     assert len({r.result.metrics["pid"] for r in plenty.records}) == 2
 
-    monkeypatch.setattr("behaviorc.build.parallel.available_memory", lambda: 0)
+    monkeypatch.setattr("behaviorc.pipeline.parallel.available_memory", lambda: 0)
     tight = Executor(tmp_path / "tight", jobs=Jobs(2, fit_memory=True)).run(tasks)
     assert tight.ok and len({r.result.metrics["pid"] for r in tight.records}) == 1  # one at a time
 
@@ -346,7 +346,7 @@ def test_a_build_beside_the_dashboard_starts_its_workers(tmp_path):
 
 
 async def build_beside_dashboard(out: Path) -> int:
-    from behaviorc.build.commands import BuildThread
+    from behaviorc.pipeline.commands import BuildThread
     from behaviorc.tui.app import Dashboard
 
     texts = tuple(Text(name=n, text=n) for n in ("a", "b"))
@@ -360,8 +360,8 @@ async def build_beside_dashboard(out: Path) -> int:
 
 
 if __name__ == "__main__":  # the builds the tests above interrupt, or run beside the dashboard
-    from behaviorc.build.context import CancelSignal
-    from behaviorc.build.executor import cancel_on_sigint
+    from behaviorc.pipeline.context import CancelSignal
+    from behaviorc.pipeline.executor import cancel_on_sigint
     out, room, kind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     if kind == "dashboard":
         sys.exit(asyncio.run(build_beside_dashboard(out)))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from behaviorc.build.executor import Executor
+from behaviorc.pipeline.executor import Executor
 from behaviorc.cli import main
 from behaviorc.core.atomic import atomic_folder, write_text_atomic
 from behaviorc.core.diagnostics import BehaviorError

@@ -11,7 +11,7 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
 from behaviorc.measure.margin import behavior_margin
-from behaviorc.build.kinds import ExtractSteering, MeasureBase, ResolveModel, TrainBehavior, VerifySteering
+from behaviorc.pipeline.kinds import ExtractSteering, MeasureBase, ResolveModel, TrainBehavior, VerifySteering
 from behaviorc.steer.extract import extract
 from behaviorc.formats.steering import SteeringVectors, load_steering, read_gguf
 from behaviorc.steer.verify import check_fits, verify
@@ -62,7 +62,7 @@ def _plan(folder, layers, held_out=4, strength=4.0):
 
 
 def test_tasks_under_the_executor_write_artifacts_and_report_metrics(tied_gdn, tmp_path):
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.executor import Executor
 
     extraction, verification = _plan(tied_gdn, "auto")
     outcome = Executor(tmp_path / "out").run([verification])
@@ -109,7 +109,7 @@ def test_tasks_under_the_executor_write_artifacts_and_report_metrics(tied_gdn, t
 
 
 def test_layer_zero_stays_in_the_safetensors_and_out_of_the_gguf(tied_gdn, tmp_path):
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.executor import Executor
 
     extraction, _ = _plan(tied_gdn, (0, 2))
     outcome = Executor(tmp_path / "out").run([extraction])
@@ -120,7 +120,7 @@ def test_layer_zero_stays_in_the_safetensors_and_out_of_the_gguf(tied_gdn, tmp_p
 
 
 def test_a_layer_out_of_range_at_run_time_fails_the_task_at_the_spec_line(tied_gdn, tmp_path):
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.executor import Executor
 
     extraction, verification = _plan(tied_gdn, (2, 7))
     outcome = Executor(tmp_path / "out").run([verification])
@@ -187,7 +187,7 @@ def test_distilling_with_strength_auto_trains_at_the_strength_verification_chose
     """`strength auto` beside `distill steering`: the verification chooses inside the
     budget, the training reads that choice from its result and measures its steered
     margin there (the same held-out pairs, so the same margin)."""
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.executor import Executor
     from test_distill import HELD_OUT, TRAIN, distill_spec
 
     decl = ir.ModelDecl(name="base", source=str(tied_gdn), kind="folder")

@@ -10,7 +10,7 @@ import torch
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import Location
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
-from behaviorc.build.kinds import ResolveModel, TrainBehavior
+from behaviorc.pipeline.kinds import ResolveModel, TrainBehavior
 from behaviorc.train.data import BatchSchedule, encode_examples, encode_texts
 from behaviorc.train.loop import learning_rate, train
 
@@ -167,7 +167,7 @@ def _task(steps: int, **train_fields) -> TrainBehavior:
 
 def test_training_planted_examples_raises_the_margin_on_held_out_pairs(tmp_path):
     from behaviorc.model.loading import load_model
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.executor import Executor
 
     task = _task(steps=12)
     outcome = Executor(tmp_path / "out").run([task])
@@ -194,7 +194,7 @@ def test_training_planted_examples_raises_the_margin_on_held_out_pairs(tmp_path)
 
 
 def test_distillation_without_steering_is_refused_at_its_spec_line(tmp_path):
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.executor import Executor
 
     distill_loc = Location(file="listen.behavior", line=12, column=5, end_line=12, end_column=12)
     task = _task(steps=1, distill=ir.Distill(prompts=("Which parser?",), loc=distill_loc))
@@ -205,7 +205,7 @@ def test_distillation_without_steering_is_refused_at_its_spec_line(tmp_path):
 
 
 def test_targets_absent_from_the_model_are_a_located_error(tiny_dense, tmp_path):
-    from behaviorc.build.executor import Executor
+    from behaviorc.pipeline.executor import Executor
 
     decl = ir.ModelDecl(name="base", source=str(tiny_dense), kind="folder")
     task = TrainBehavior(name="x", model=ResolveModel(name="base", decl=decl),

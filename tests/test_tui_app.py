@@ -17,9 +17,9 @@ from textual.widgets import TabbedContent
 
 from behaviorc.core.events import EVENTS_FILE, TrainStep
 from behaviorc.core.task import Task, TaskContext, TaskResult
-from behaviorc.build.commands import BuildThread
-from behaviorc.build.context import CancelSignal
-from behaviorc.build.executor import Executor
+from behaviorc.pipeline.commands import BuildThread
+from behaviorc.pipeline.context import CancelSignal
+from behaviorc.pipeline.executor import Executor
 from behaviorc.core.state import BuildState
 from behaviorc.tui.app import Dashboard
 from behaviorc.tui.tail import EventTail

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import Location
-from behaviorc.build.kinds import (
+from behaviorc.pipeline.kinds import (
     ComposeBehaviors, ExtractSteering, ExtractTaskVector, ImportModel, ImportTaskVector,
     ResolveModel)
-from behaviorc.build.executor import Executor
+from behaviorc.pipeline.executor import Executor
 from behaviorc.formats.steering import load_steering
 from behaviorc.core.files import sha256_file
 from behaviorc.compose.taskvector import extract_task_vector

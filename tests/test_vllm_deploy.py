@@ -14,8 +14,8 @@ from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.engine.vllm.push import push_weights
 from behaviorc.engine.vllm.server import free_port
 from behaviorc.engine.vllm.client import VLLMEngine
-from behaviorc.build.kinds import DeployModel, ImportModel, ResolveModel
-from behaviorc.build.executor import Executor
+from behaviorc.pipeline.kinds import DeployModel, ImportModel, ResolveModel
+from behaviorc.pipeline.executor import Executor
 
 pytestmark = pytest.mark.vllm
 

@@ -1,5 +1,5 @@
 """The plan's task-vector tasks: ImportModel, ImportTaskVector, ExtractTaskVector,
-ComposeBehaviors and ExportLora (behaviorc.build.kinds).
+ComposeBehaviors and ExportLora (behaviorc.pipeline.kinds).
 
 Failures on files the spec named are reported at the spec line that named them.
 """

@@ -5,7 +5,7 @@ already loaded, so file contents are in it) and its upstream tasks. Its `key` ha
 kind, the method version and all of that, with upstream tasks contributing their own
 keys, so a rebuild reruns exactly the tasks whose inputs changed.
 
-Tasks never schedule anything; the executor (`behaviorc.build`) orders them by
+Tasks never schedule anything; the executor (`behaviorc.pipeline`) orders them by
 `arguments()`, gives each a `TaskContext`, stores what `execute` returns and reports.
 """
 

@@ -73,7 +73,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def run_experiment(module, args: argparse.Namespace) -> int:
     from behaviorc.lab.common import Stopped, write_results
-    from behaviorc.build.parallel import Jobs
+    from behaviorc.pipeline.parallel import Jobs
 
     spec: Path = args.spec
     args.jobs = Jobs.parse(args.jobs)

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 from behaviorc.lab.measure import MeasurePoint
-from behaviorc.build.plan import Plan
+from behaviorc.pipeline.plan import Plan
 from behaviorc.core.task import Task, TaskResult
 from behaviorc.model.task import ResolveModel
 from behaviorc.steer.task import ExtractSteering
 from behaviorc.train.task import TrainBehavior
 
 if TYPE_CHECKING:
-    from behaviorc.build.parallel import Jobs
+    from behaviorc.pipeline.parallel import Jobs
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
@@ -88,7 +88,7 @@ class Subject:
 def load_subject(spec_path: Path, behavior_name: str | None, score: str | None, needs_train: bool,
                  prompts: int | None = None) -> Subject:
     """The behavior to study; `prompts` limits the held-out prompts rated (spread evenly)."""
-    from behaviorc.build.commands import load_plan
+    from behaviorc.pipeline.commands import load_plan
     from behaviorc.model.testbed import MODEL_NAME
     from behaviorc.lab.scoring import BEHAVIORS
 
@@ -246,9 +246,9 @@ def run_points(out: Path, tasks: Sequence[Task], spec_path: Path, sha256: str,
     experiment with its error."""
     from rich.console import Console
 
-    from behaviorc.build.commands import open_out_folder
-    from behaviorc.build.executor import Executor, cancel_on_sigint
-    from behaviorc.build.progress import TerminalProgress
+    from behaviorc.pipeline.commands import open_out_folder
+    from behaviorc.pipeline.executor import Executor, cancel_on_sigint
+    from behaviorc.pipeline.progress import TerminalProgress
 
     cancel = open_out_folder(out, "experiment")
     progress = TerminalProgress(Console(file=sys.stderr), cancel)
@@ -269,8 +269,8 @@ def write_results(out: Path, results: dict[str, Any], summary: str,
                   plots: Sequence[tuple[str, Callable[[Any], None]]]) -> list[Path]:
     """results.json, each plot (a function drawing on a matplotlib figure) and summary.md,
     each written beside its final name and renamed."""
-    from behaviorc.build import outputs
-    from behaviorc.build.plots import write_png
+    from behaviorc.pipeline import outputs
+    from behaviorc.pipeline.plots import write_png
     from behaviorc.core.atomic import write_json_atomic, write_text_atomic
 
     outputs.record(out, [RESULTS_FILE, SUMMARY_FILE, *(name for name, _ in plots)])

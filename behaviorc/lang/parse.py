@@ -21,7 +21,7 @@ from lark import Lark
 
 from behaviorc.core.diagnostics import Diagnostic
 from behaviorc.lang import ast
-from behaviorc.lang.build import AstBuilder
+from behaviorc.lang.ast_builder import AstBuilder
 from behaviorc.lang.lalr import Machine, Rejected, Tables
 from behaviorc.lang.syntax_errors import SyntaxMessages
 from behaviorc.lang.tokens import BadCharacter, Lexer, Tok

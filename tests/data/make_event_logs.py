@@ -21,7 +21,7 @@ from typing import ClassVar
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.core.events import Push, SteerPoint, TrainEval, TrainStep
 from behaviorc.core.task import Task, TaskContext, TaskResult
-from behaviorc.build.executor import Executor
+from behaviorc.pipeline.executor import Executor
 
 HERE = Path(__file__).parent
 SPEC = "tests/data/demo.behavior"

@@ -21,7 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from behaviorc.build.context import CancelSignal
+from behaviorc.pipeline.context import CancelSignal
 from behaviorc.core.state import (LINE_METRICS, STATUS_STYLE, BuildState, TaskState, format_metrics,
                                   format_seconds, headline_first, progress_text)
 

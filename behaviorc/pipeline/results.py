@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from behaviorc.build import outputs
+from behaviorc.pipeline import outputs
 from behaviorc.core.files import BUILT_PROVENANCE, PROVENANCE_FILE
 from behaviorc.core.task import Task, TaskResult
 

@@ -8,7 +8,7 @@ Cancellation (Ctrl-C, the dashboard) stops at the task's next `progress` or
 `check_cancelled`; everything finished stays in the store.
 
 With `jobs` above 1, tasks that say they are `parallel_safe` run in worker processes
-(`behaviorc.build.parallel`) while the executor goes on: it starts each ready task as a
+(`behaviorc.pipeline.parallel`) while the executor goes on: it starts each ready task as a
 worker frees up, writes the workers' events to the log as they come, and stores each
 result itself. Other tasks (a live server, shared engines) run in this process, alone:
 once one is ready no new worker task starts until it has run. With `jobs` 1 every task
@@ -30,16 +30,16 @@ from typing import Iterator, Sequence
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.core.task import Task, TaskResult
-from behaviorc.build.attempt import Attempt, attempt, render_failure
-from behaviorc.build.context import CancelSignal, EngineLoader, EnginePool, RunContext, load_embedded_engine
+from behaviorc.pipeline.attempt import Attempt, attempt, render_failure
+from behaviorc.pipeline.context import CancelSignal, EngineLoader, EnginePool, RunContext, load_embedded_engine
 from behaviorc.core.events import EVENTS_FILE, EventLog, Listener, location_fields
-from behaviorc.build.expect import Expectation, Verdict, judge
-from behaviorc.build.parallel import Job, Jobs, WorkerPool, start_resource_tracker, task_memory
-from behaviorc.build.results import stamp_provenance
-from behaviorc.build.report import REPORT_FILE, Report, TaskRecord, count_statuses
-from behaviorc.build import outputs
-from behaviorc.build.outputs import STORE_DIR
-from behaviorc.build.store import InvalidEntry, Store
+from behaviorc.pipeline.expect import Expectation, Verdict, judge
+from behaviorc.pipeline.parallel import Job, Jobs, WorkerPool, start_resource_tracker, task_memory
+from behaviorc.pipeline.results import stamp_provenance
+from behaviorc.pipeline.report import REPORT_FILE, Report, TaskRecord, count_statuses
+from behaviorc.pipeline import outputs
+from behaviorc.pipeline.outputs import STORE_DIR
+from behaviorc.pipeline.store import InvalidEntry, Store
 
 LOG_DIR = "logs"
 CANCEL_FILE = "cancel"

@@ -33,10 +33,10 @@ from typing import Any, Callable, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.core.task import Task, TaskResult
-from behaviorc.build.attempt import Attempt, attempt, render_failure
-from behaviorc.build.context import CancelSignal, EngineLoader, EnginePool, RunContext
+from behaviorc.pipeline.attempt import Attempt, attempt, render_failure
+from behaviorc.pipeline.context import CancelSignal, EngineLoader, EnginePool, RunContext
 from behaviorc.core.events import jsonable, make_event
-from behaviorc.build.store import Store
+from behaviorc.pipeline.store import Store
 from behaviorc.engine.devices import usable_cores
 
 # Memory one more worker task needs, for `--jobs auto`: an interpreter with torch and

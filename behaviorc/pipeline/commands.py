@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING, Sequence
 
 from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 from behaviorc.core.task import Task
-from behaviorc.build.context import CancelSignal
+from behaviorc.pipeline.context import CancelSignal
 from behaviorc.core.events import EVENTS_FILE
 from behaviorc.core.state import reply_table_lines
-from behaviorc.build import outputs
-from behaviorc.build.executor import (CANCEL_FILE, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint,
+from behaviorc.pipeline import outputs
+from behaviorc.pipeline.executor import (CANCEL_FILE, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint,
                                       plan_order)
-from behaviorc.build.parallel import Jobs
-from behaviorc.build.report import REPORT_FILE, count_statuses
-from behaviorc.build.store import Store
+from behaviorc.pipeline.parallel import Jobs
+from behaviorc.pipeline.report import REPORT_FILE, count_statuses
+from behaviorc.pipeline.store import Store
 
 if TYPE_CHECKING:
-    from behaviorc.build.plan import Plan
+    from behaviorc.pipeline.plan import Plan
 
 BUILD_EPILOG = """\
 examples:
@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def load_plan(spec_path: Path, warn: bool = True) -> "Plan":
     """Check and lower a spec. Warnings go to stderr; errors stop here (all of them)."""
     from behaviorc.lang import check_file
-    from behaviorc.build.lower import lower
+    from behaviorc.pipeline.lower import lower
 
     spec, diagnostics = check_file(str(spec_path))
     if spec is None:
@@ -133,7 +133,7 @@ def open_out_folder(out: Path, what: str) -> CancelSignal:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from behaviorc.build.launch import join_world, launch, launched
+    from behaviorc.pipeline.launch import join_world, launch, launched
     from behaviorc.engine.devices import check_process_count
 
     if args.nproc is not None and not launched():
@@ -190,7 +190,7 @@ def _build(args: argparse.Namespace, distributed: bool) -> int:
         return _build_with_dashboard(out, targets, cancel, settings)
 
     from rich.console import Console
-    from behaviorc.build.progress import TerminalProgress
+    from behaviorc.pipeline.progress import TerminalProgress
 
     console = Console()
     progress = TerminalProgress(console, cancel)
@@ -204,8 +204,8 @@ def _build(args: argparse.Namespace, distributed: bool) -> int:
 def _publish_results(outcome: BuildOutcome, out: Path) -> None:
     """Friendly names in `out/<behavior>/` for what the build made (build.results),
     and its plots beside them (build.plots)."""
-    from behaviorc.build.plots import write_build_plots
-    from behaviorc.build.results import link_results
+    from behaviorc.pipeline.plots import write_build_plots
+    from behaviorc.pipeline.results import link_results
     from behaviorc.core.events import read_events
     from behaviorc.core.state import BuildState
 

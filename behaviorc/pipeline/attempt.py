@@ -1,6 +1,6 @@
 """Running one task's `execute` and saying what came of it, before anything is stored.
 
-The same in the build's process and in a worker process (`behaviorc.build.parallel`): an
+The same in the build's process and in a worker process (`behaviorc.pipeline.parallel`): an
 `Attempt` is plain data, so a worker sends it back to the executor, which stores the
 result or records the failure exactly as for a task it ran itself.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.core.task import Cancelled, Task, TaskResult
-from behaviorc.build.context import RunContext
+from behaviorc.pipeline.context import RunContext
 
 
 MACHINE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk, quota, read-only

@@ -17,7 +17,7 @@ from behaviorc.core.task import TaskResult
 
 
 class Expectation(Protocol):
-    """What lowering gives (behaviorc.build.plan.Expectation)."""
+    """What lowering gives (behaviorc.pipeline.plan.Expectation)."""
 
     task_id: str
     expect: ir.Expectation

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from behaviorc.build import outputs
+from behaviorc.pipeline import outputs
 from behaviorc.core.state import BuildState
 
 LOSS_PNG = "loss.png"

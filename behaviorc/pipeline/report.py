@@ -26,7 +26,7 @@ from behaviorc.core.task import Task, TaskResult
 from behaviorc.core.atomic import write_json_atomic
 
 if TYPE_CHECKING:
-    from behaviorc.build.expect import Verdict
+    from behaviorc.pipeline.expect import Verdict
 
 REPORT_FILE = "report.json"
 STATUSES = ("pending", "running", "done", "cached", "failed", "skipped", "cancelled")

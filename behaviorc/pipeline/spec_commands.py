@@ -98,7 +98,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from behaviorc.lang.check import check_file
-    from behaviorc.build.lower import lower
+    from behaviorc.pipeline.lower import lower
 
     if not _exists(args.spec):
         return 2

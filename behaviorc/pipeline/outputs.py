@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from behaviorc.build.report import REPORT_FILE
+from behaviorc.pipeline.report import REPORT_FILE
 from behaviorc.core.atomic import write_json_atomic
 from behaviorc.core.diagnostics import BehaviorError
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from behaviorc.core import ir
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
-from behaviorc.build.plan import Expectation, Plan
+from behaviorc.pipeline.plan import Expectation, Plan
 from behaviorc.core.task import Task
-from behaviorc.build.kinds import (AnswerPrompts, ComposeBehaviors, DeployModel, ExportLora,
+from behaviorc.pipeline.kinds import (AnswerPrompts, ComposeBehaviors, DeployModel, ExportLora,
                                   ExtractSteering, ExtractTaskVector, ImportModel, ImportTaskVector, MeasureBase,
                                   ReplyTable, ResolveModel, TrainBehavior, VerifySteering)
 
