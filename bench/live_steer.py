@@ -31,7 +31,7 @@ import torch
 from behaviorc.engine.vllm.named_vectors import register_vectors
 from behaviorc.engine.vllm.server import serve
 from behaviorc.engine.vllm.client import VLLMEngine
-from behaviorc.model.builtin import tokenizer_corpus
+from behaviorc.model.tiny import tokenizer_corpus
 
 TARGET_RATIO = 0.8
 
