@@ -76,6 +76,10 @@ METHODS: dict[str, MethodTraits] = {
     "multislerp": MethodTraits(mix="multislerp", normalize=True),
     "karcher": MethodTraits(mix="karcher", on_weights=True, weighted=False),
 }
+# The catalog is where the method names are written, each beside its traits; the IR's
+# type is taken from it (checked at run time, by pydantic: a type checker cannot read a
+# Literal built from values).
+MergeMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 ALIASES = {"dare": "dare_linear"}
 METHOD_NAMES = (*METHODS, *ALIASES)
 DEFAULT_EPSILON, DEFAULT_GAMMA = 0.15, 0.01  # mergekit's
