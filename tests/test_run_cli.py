@@ -16,7 +16,7 @@ from typing import ClassVar
 from behaviorc.core import ir
 from behaviorc.cli import main
 from behaviorc.core.diagnostics import Location
-from behaviorc.pipeline.plan import Expectation
+from behaviorc.pipeline.plan import TaskExpectation
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.pipeline.executor import Executor
 
@@ -153,8 +153,8 @@ def test_expect_lines_are_judged_into_the_report(tmp_path):
     good, bad = Measured(name="good", margin=0.8), Measured(name="bad", margin=0.1)
     expect = ir.Expectation(metric="margin_after", op=">", value=0.5, loc=loc)
     outcome = Executor(tmp_path / "out", expectations=[
-        Expectation(good.id, expect), Expectation(bad.id, expect),
-        Expectation("test.measured:not-built", expect)]).run([good, bad])
+        TaskExpectation(good.id, expect), TaskExpectation(bad.id, expect),
+        TaskExpectation("test.measured:not-built", expect)]).run([good, bad])
     assert [(v.task_id, v.met) for v in outcome.verdicts] == [(good.id, True), (bad.id, False)]
     assert not outcome.ok and outcome.exit_code == 1
     assert "expectation not met: margin_after > 0.5 (measured 0.1 by test.measured:bad)" in \

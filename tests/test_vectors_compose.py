@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from behaviorc.cli import main
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.compose.composition import Composition, Term, compose
-from behaviorc.compose.merge import METHODS, MergeOptions, merged_delta
+from behaviorc.compose.merge import MergeOptions, merged_delta
+from behaviorc.core.merge_methods import METHODS
 from behaviorc.core.files import sha256_file
 from behaviorc.formats.safetensors_io import fingerprint
 from behaviorc.compose.taskvector import check_task_vector, extract_task_vector

@@ -8,8 +8,9 @@ import pytest
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.compose.merge import (
-    METHODS, MergeOptions, RankCut, _radix_select, della_keep_probabilities, kth_largest_of_parts,
+    MergeOptions, RankCut, _radix_select, della_keep_probabilities, kth_largest_of_parts,
     merged_delta, parameter_plan, rank_cut, trim_to_top_)
+from behaviorc.core.merge_methods import METHODS
 from behaviorc.formats.safetensors_io import from_float32, to_float32
 
 

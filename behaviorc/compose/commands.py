@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.core.merge_methods import ALIASES, METHODS
 
 SHOW_EXAMPLES = """\
 examples:
@@ -61,10 +62,8 @@ def register(subparsers: Any) -> None:
                             "(repeat; a negative weight subtracts), optionally with its own "
                             "density, epsilon or gamma: PATH=WEIGHT,density=0.3")
     merge.add_argument("--method", default="task_arithmetic", metavar="METHOD",
-                       help="task_arithmetic (default), ties, dare_linear (or dare), dare_ties, "
-                            "della, della_linear, breadcrumbs, breadcrumbs_ties, model_stock, "
-                            "linear, slerp, nuslerp, multislerp, karcher: mergekit's methods "
-                            "of those names")
+                       help=f"{_method_names()}: mergekit's methods of those names "
+                            "(default %(default)s)")
     merge.add_argument("--density", type=float,
                        help="ties, dare, della, breadcrumbs: the share of each vector's "
                             "entries kept (default 1)")
@@ -213,10 +212,17 @@ def _task_vector_text(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _method_names() -> str:
+    """The merge methods, each alias beside the method it stands for."""
+    aliases = {method: alias for alias, method in ALIASES.items()}
+    return ", ".join(f"{name} (or {aliases[name]})" if name in aliases else name
+                     for name in METHODS)
+
+
 def run_merge(args: argparse.Namespace) -> int:
     from behaviorc.compose.composition import Composition, compose
     from behaviorc.compose.merge import MergeOptions, TermSettings
-    from behaviorc.core.merge_methods import ALIASES, METHODS, ignores_weights
+    from behaviorc.core.merge_methods import ignores_weights
 
     parsed = [_parse_term(text) for text in args.add]
     terms = tuple(term for term, _ in parsed)

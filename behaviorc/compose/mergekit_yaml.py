@@ -18,9 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from behaviorc.compose.merge import ALIASES, DEFAULT_EPSILON, DEFAULT_GAMMA, METHODS
-from behaviorc.core.merge_methods import (DEFAULT_EPS, DEFAULT_MAX_ITER, DEFAULT_TOL,
-                                          PER_TERM)
+from behaviorc.core.merge_methods import (ALIASES, DEFAULT_EPS, DEFAULT_EPSILON, DEFAULT_GAMMA,
+                                          DEFAULT_MAX_ITER, DEFAULT_TOL, METHODS, PER_TERM)
 
 # behaviorc's shared settings by mergekit's names, per method family.
 _SHARED = {"nuslerp": {"flatten": "nuslerp_flatten", "row_wise": "nuslerp_row_wise"},

@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from behaviorc.core.diagnostics import Location
 from behaviorc.core.merge_methods import (DEFAULT_EPS, DEFAULT_EPSILON, DEFAULT_GAMMA,
-                                          DEFAULT_MAX_ITER, DEFAULT_TOL, METHODS)
-
-MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the catalog's names
+                                          DEFAULT_MAX_ITER, DEFAULT_TOL, MergeMethod)
+from behaviorc.core.vocabulary import (ChatRole, ContextMode, Device, DType, ExternalKind,
+                                       FinalNormReading, LrSchedule, ModelSourceKind,
+                                       ObjectiveName, OptimizerName, Orientation, ReadPosition,
+                                       ScoreKind, SteerMethod)
 
 # The parameter groups a `targets` line may name; the architecture adapter maps them.
 PARAMETER_GROUPS = (
@@ -52,7 +54,7 @@ class Pair(Node):
 
 
 class ChatMessage(Node):
-    role: Literal["system", "user", "assistant", "tool"]
+    role: ChatRole
     content: str
 
 
@@ -68,9 +70,9 @@ class Example(Node):
 class ModelDecl(Node):
     name: str
     source: str  # built-in name, a local folder (absolute), or a hub id
-    kind: Literal["builtin", "folder", "hub"]
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: Literal["cpu", "cuda", "auto"] = "auto"
+    kind: ModelSourceKind
+    dtype: DType = "float32"
+    device: Device = "auto"
     # the chat template's thinking mode (`enable_thinking`) wherever prompts become
     # tokens; off by default: behavior data are replies, not reasoning
     thinking: bool = False
@@ -81,17 +83,13 @@ class ModelDecl(Node):
 
 class Steer(Node):
     layers: tuple[int, ...] | Literal["auto"]
-    method: Literal["mean_diff", "pca", "pca_diff", "pca_center"] = "mean_diff"
+    method: SteerMethod = "mean_diff"
     # measured on smollm2-135m: 4 degrades replies (README, defaults); auto: chosen by
     # verification inside the budget
     strength: float | Literal["auto"] = 2.0
-    read: Literal["last", "mean"] = "mean"  # last token, or the mean over completion tokens
-    # A direction's sign: the mean difference projects positively on it (`mean`), or
-    # most pairs' differences do (`vote`, repeng's rule)
-    orient: Literal["mean", "vote"] = "mean"
-    # The last layer read where steering adds (`before` the final norm) or after it, as
-    # transformers' hidden_states[-1] (repeng's reading)
-    final_norm: Literal["before", "after"] = "before"
+    read: ReadPosition = "mean"
+    orient: Orientation = "mean"
+    final_norm: FinalNormReading = "before"
     pairs: tuple[Pair, ...]
     sources: tuple[DataFile, ...] = ()
     sweep: tuple[float, ...] = ()  # strengths for the verification sweep; empty: none
@@ -101,7 +99,7 @@ class Steer(Node):
 
 
 class Optimizer(Node):
-    name: Literal["apollo", "apollo_mini", "adamw"] = "apollo"
+    name: OptimizerName = "apollo"
     rank: int = 64
     refresh: int = 200
     limiter: float = 1.01
@@ -118,7 +116,7 @@ class Mix(Node):
     source: DataFile | None = None
     # sft: next-token loss on the texts; kl: the base model's distribution on them
     # (an anchor to what the model was, not to the texts' own tokens)
-    anchor: Literal["sft", "kl"] = "sft"
+    anchor: ObjectiveName = "sft"
     loc: Location | None = Field(default=None, exclude=True)
 
 
@@ -129,7 +127,7 @@ class Objective(Node):
     plain model's own replies, where the teacher says what it would not have said."""
 
     # sft stays the default until kl is measured on smollm2-135m (README, "Defaults")
-    name: Literal["sft", "kl"] = "sft"
+    name: ObjectiveName = "sft"
     top_k: int = 64  # 0: the whole vocabulary
     temperature: float = 1.0
     plain: float = 1.0
@@ -163,9 +161,9 @@ class Train(Node):
     steps: int = 30
     batch: int = 4
     warmup: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: LrSchedule = "cosine"
     clip: float = 1.0
-    context: Literal["frozen", "full"] = "frozen"
+    context: ContextMode = "frozen"
     targets: tuple[str, ...] = ("gdn.gates", "gdn.proj", "attn.q", "mlp")
     optimizer: Optimizer = Optimizer()
     seed: int = 0
@@ -194,7 +192,7 @@ class Judge(Node):
 class Score(Node):
     """How a reply's behavior is scored (0..1; at least 0.5 shows the behavior)."""
 
-    kind: Literal["markers", "projection", "judge"]
+    kind: ScoreKind
     pattern: str | None = None  # markers: a regular expression
     words: tuple[str, ...] = ()  # markers: whole words
     judge: Judge | None = None
@@ -219,7 +217,7 @@ class Eval(Node):
 class External(Node):
     """A behavior trained elsewhere: a fine-tuned model folder or a task-vector file."""
 
-    kind: Literal["model", "task_vector"]
+    kind: ExternalKind
     path: str  # absolute
     fingerprint: str = ""  # content hash of the file, or of the folder's config and weights
     loc: Location | None = Field(default=None, exclude=True)
@@ -246,10 +244,10 @@ class Term(Node):
 
 
 class Merge(Node):
-    """A composition's merge method and settings (behaviorc.compose.merge defines them;
-    `dare` is read as `dare_linear`)."""
+    """A composition's merge method and settings (behaviorc.core.merge_methods names the
+    methods and what each takes; `dare` is read as `dare_linear`)."""
 
-    method: MethodName = "task_arithmetic"
+    method: MergeMethod = "task_arithmetic"
     density: float = 1.0
     lambda_: float = 1.0
     normalize: bool | None = None  # None: the method's default (mergekit's)

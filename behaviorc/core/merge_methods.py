@@ -10,7 +10,7 @@ from typing import Literal, Sequence
 Sparsifier = Literal["magnitude", "random", "della", "outliers"]
 # How the (sparsified) vectors are mixed: a weighted sum, TIES's sign election, or a
 # factor per term (per tensor, row or column) found from the vectors' inner products.
-Mix = Literal["sum", "consensus", "stock", "slerp", "nuslerp", "multislerp", "karcher"]
+Mixing = Literal["sum", "consensus", "stock", "slerp", "nuslerp", "multislerp", "karcher"]
 # Settings a term may override inside `merge { term NAME { ... } }` (mergekit's
 # per-model parameters; a term's weight is its coefficient in the expression).
 PER_TERM = ("density", "epsilon", "gamma")
@@ -21,7 +21,7 @@ class MethodTraits:
     """How a method sparsifies and mixes, with mergekit 0.1.5's defaults."""
 
     sparsify: Sparsifier | None = None
-    mix: Mix = "sum"
+    mix: Mixing = "sum"
     normalize: bool = False  # default: divide by the (agreeing) weights
     rescale: bool = False  # default: restore each sparsified tau's L1 norm
     # It mixes the models' weights (base + tau_i), not the task vectors: the base's own
@@ -76,6 +76,10 @@ METHODS: dict[str, MethodTraits] = {
     "multislerp": MethodTraits(mix="multislerp", normalize=True),
     "karcher": MethodTraits(mix="karcher", on_weights=True, weighted=False),
 }
+# The catalog is where the method names are written, each beside its traits; the IR's
+# type is taken from it (checked at run time, by pydantic: a type checker cannot read a
+# Literal built from values).
+MergeMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 ALIASES = {"dare": "dare_linear"}
 METHOD_NAMES = (*METHODS, *ALIASES)
 DEFAULT_EPSILON, DEFAULT_GAMMA = 0.15, 0.01  # mergekit's

@@ -29,6 +29,7 @@ from behaviorc.lang.sections import Sections
 from behaviorc.lang.values import (MAX_LORA_RANK, MAX_SEED, MAX_STEPS, MAX_TIMEOUT_S, MIN_TIMEOUT_S,
                                    Block, SWITCHES, Values)
 from behaviorc.core.textfiles import TextFileError, read_text_file
+from behaviorc.core.vocabulary import DEVICES, DTYPES, EXTERNAL_KINDS
 
 
 def check_file(path: str) -> tuple[ir.Spec | None, list[Diagnostic]]:
@@ -93,7 +94,7 @@ class _Facts:
     model: str | None
     steers: bool
     trains: bool
-    external: str | None  # "model" | "task_vector"
+    external: str | None  # the word after `from`, as written (checked in _external)
     strength_auto: bool = False  # its steer strength is chosen at build time
 
 
@@ -245,8 +246,8 @@ class _Checker:
         decl = self.model_decls[name]
         base = os.path.dirname(decl.loc.file)
         options = Block(decl.options, "model", self.sink)
-        dtype = self.values.choice(options.one("dtype"), ("float32", "bfloat16", "float16"), "dtype")
-        device = self.values.choice(options.one("device"), ("cpu", "cuda", "auto"), "device")
+        dtype = self.values.choice(options.one("dtype"), DTYPES, "dtype")
+        device = self.values.choice(options.one("device"), DEVICES, "device")
         thinking = self.values.switch(options.one("thinking"), False)
         self._plain_name(decl.name)
         source = resolve_model_source(decl.source, base, self.sink)
@@ -326,7 +327,7 @@ class _Checker:
                                 f"{shown(start)!r} {reason}", setting.key_loc, TOO_LONG_HINT)
 
     def _external(self, ext: ast.External, base: str) -> ir.External | None:
-        kind = self.values.choice_word(ext.kind, ("model", "task_vector"), "source")
+        kind = self.values.choice_word(ext.kind, EXTERNAL_KINDS, "source")
         path = resolve_path(ext.path.value, base)
         if kind == "model":
             if not os.path.exists(path):

@@ -15,9 +15,9 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import DiagnosticSink
 from behaviorc.lang import ast
 from behaviorc.core.textfiles import TextFileError, TextLines, has_surrogate, over_limit
+from behaviorc.core.vocabulary import CHAT_ROLES
 
 MAX_ERRORS_PER_FILE = 5
-ROLES = ("system", "user", "assistant", "tool")
 
 
 class RecordError(ValueError):
@@ -62,8 +62,9 @@ def read_example(record: dict) -> ir.Example:
             if not isinstance(message, dict):
                 raise RecordError(f"`messages[{i}]` must be an object with `role` and `content`")
             role = _text(message, "role", f"messages[{i}].")
-            if role not in ROLES:
-                raise RecordError(f"`messages[{i}].role` is `{role}`; expected one of {', '.join(ROLES)}")
+            if role not in CHAT_ROLES:
+                raise RecordError(f"`messages[{i}].role` is `{role}`; expected one of "
+                                  f"{', '.join(CHAT_ROLES)}")
             turns.append(ir.ChatMessage(role=role, content=_text(message, "content", f"messages[{i}].")))
         if turns[-1].role != "assistant":
             raise RecordError("the last message must be the assistant's (it is the response trained on)")

@@ -7,6 +7,9 @@ import re
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import DiagnosticSink, Location, did_you_mean
+from behaviorc.core.vocabulary import (CONTEXT_MODES, FINAL_NORM_READINGS, LR_SCHEDULES,
+                                       OBJECTIVES, OPTIMIZERS, ORIENTATIONS, READ_POSITIONS,
+                                       SCORE_KINDS, STEER_METHODS, TEACHERS)
 from behaviorc.lang import ast
 from behaviorc.lang.data import DataFiles, read_example, read_pair, read_prompt, read_text
 from behaviorc.lang.values import (MAX_BATCH, MAX_RANK, MAX_SEED, MAX_STEPS, MAX_STRENGTH, Block,
@@ -14,14 +17,10 @@ from behaviorc.lang.values import (MAX_BATCH, MAX_RANK, MAX_SEED, MAX_STEPS, MAX
 from behaviorc.core.metrics import EXPECTABLE, STEER_EXPECTABLE, TRAIN, reply_table
 
 
-# Steering methods (steer.extract says what each computes).
-METHODS = ("mean_diff", "pca", "pca_diff", "pca_center")
-
 PAIR_LINE = '{"prompt", "positive", "negative"}'
 EXAMPLE_LINE = '{"context", "response"} or {"messages": [{"role", "content"}, ...]}'
 TEXT_LINE = '{"text"}'
 PROMPT_LINE = '{"prompt"}'
-TEACHERS = ("steering", "prompt")  # what `distill` learns from
 
 
 class Sections:
@@ -40,10 +39,10 @@ class Sections:
         block = Block(section.block, "steer", self.sink, repeatable=("pair", "pairs"))
         errors = len(self.sink.errors)
         layers = self._layers(block.one("layers"), model)
-        method = self.values.choice(block.one("method"), METHODS, "method") or "mean_diff"
-        read = self.values.choice(block.one("read"), ("last", "mean"), "read position") or "mean"
-        orient = self.values.choice(block.one("orient"), ("mean", "vote"), "orientation") or "mean"
-        final_norm = (self.values.choice(block.one("final_norm"), ("before", "after"),
+        method = self.values.choice(block.one("method"), STEER_METHODS, "method") or "mean_diff"
+        read = self.values.choice(block.one("read"), READ_POSITIONS, "read position") or "mean"
+        orient = self.values.choice(block.one("orient"), ORIENTATIONS, "orientation") or "mean"
+        final_norm = (self.values.choice(block.one("final_norm"), FINAL_NORM_READINGS,
                                          "final_norm reading") or "before")
         strength = self._strength(block.one("strength"))
         if isinstance(strength, float) and strength > 20:
@@ -204,11 +203,11 @@ class Sections:
             batch=self.values.number(block.one("batch"), low=1, high=MAX_BATCH, whole=True,
                                      default=defaults.batch),
             warmup=self.values.number(block.one("warmup"), low=0, whole=True, default=defaults.warmup),
-            schedule=self.values.choice(block.one("schedule"), ("cosine", "constant"), "schedule"),
+            schedule=self.values.choice(block.one("schedule"), LR_SCHEDULES, "schedule"),
             clip=self.values.number(block.one("clip"), low=0, default=defaults.clip),
             seed=self.values.number(block.one("seed"), low=0, high=MAX_SEED, whole=True,
                                     default=defaults.seed),
-            context=self.values.choice(block.one("context"), ("frozen", "full"), "context mode"),
+            context=self.values.choice(block.one("context"), CONTEXT_MODES, "context mode"),
             targets=self.values.groups(block.one("targets")),
             optimizer=self._optimizer(block.one("optimizer")),
         )
@@ -237,8 +236,8 @@ class Sections:
             self.sink.warning(f"a {ratio.source} general mix leaves less than half of training "
                               "for the behavior", ratio.loc, "25% is the usual share")
         loaded = self.data.load(file, base, read_text, TEXT_LINE)
-        anchor = self.values.choice(Block(setting.block, "mix", self.sink).one("anchor"), ("sft", "kl"),
-                                    "anchor") if setting.block else "sft"
+        anchor = self.values.choice(Block(setting.block, "mix", self.sink).one("anchor"),
+                                    OBJECTIVES, "anchor") if setting.block else "sft"
         if value is None or loaded is None or anchor is None:
             return None
         return ir.Mix(ratio=value, texts=loaded.records, source=loaded.source, anchor=anchor,
@@ -247,7 +246,7 @@ class Sections:
     def _optimizer(self, setting: ast.Setting | None) -> ir.Optimizer | None:
         if setting is None:
             return None
-        name = self.values.choice(setting, ("apollo", "apollo_mini", "adamw"), "optimizer")
+        name = self.values.choice(setting, OPTIMIZERS, "optimizer")
         block = Block(setting.block, "optimizer", self.sink)
         defaults = ir.Optimizer()
         scale_setting = block.one("scale")
@@ -320,7 +319,7 @@ class Sections:
         defaults = ir.Objective()
         if setting is None:
             return defaults
-        name = self.values.choice(setting, ("sft", "kl"), "objective")
+        name = self.values.choice(setting, OBJECTIVES, "objective")
         block = Block(setting.block, "objective", self.sink)
         if name == "sft" and setting.block:
             self.sink.warning("`objective sft` trains on the samples' tokens: its settings are "
@@ -472,7 +471,7 @@ class Sections:
         return {**fields, "source": source}
 
     def _score(self, setting: ast.Setting, steers: bool) -> ir.Score | None:
-        kind = self.values.choice_word(setting.values[0], ("markers", "projection", "judge"), "scorer")
+        kind = self.values.choice_word(setting.values[0], SCORE_KINDS, "scorer")
         strings: list[ast.Str] = list(setting.values[1:])
         if kind != "judge" and setting.block is not None:
             self.sink.error(f"`score {kind}` takes no block", setting.key_loc,

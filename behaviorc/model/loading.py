@@ -19,6 +19,7 @@ from typing import Any
 from behaviorc.formats.safetensors_io import SafetensorsFile
 from behaviorc.core.diagnostics import BehaviorError, Location, located_at
 from behaviorc.core.context import TOO_LONG_HINT, over_context, positions_in
+from behaviorc.core.vocabulary import DTYPES
 from behaviorc.model.adapter import ArchitectureAdapter
 from behaviorc.model.builtin import BUILTINS, BuildProgress, ensure_builtin
 
@@ -26,7 +27,6 @@ from behaviorc.model.builtin import BUILTINS, BuildProgress, ensure_builtin
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DTYPES = ("float32", "bfloat16", "float16")
 # What config.json may say about the stored dtype (both spellings transformers writes).
 _CONFIG_DTYPES = {"float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "auto"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

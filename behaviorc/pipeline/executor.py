@@ -33,8 +33,9 @@ from behaviorc.core.task import Task, TaskResult
 from behaviorc.pipeline.attempt import Attempt, attempt, render_failure
 from behaviorc.pipeline.context import CancelSignal, EngineLoader, EnginePool, RunContext, load_embedded_engine
 from behaviorc.core.events import EVENTS_FILE, EventLog, Listener, location_fields
-from behaviorc.pipeline.expect import Expectation, Verdict, judge
+from behaviorc.pipeline.expect import Verdict, judge
 from behaviorc.pipeline.parallel import Job, Jobs, WorkerPool, start_resource_tracker, task_memory
+from behaviorc.pipeline.plan import TaskExpectation
 from behaviorc.pipeline.results import stamp_provenance
 from behaviorc.pipeline.report import REPORT_FILE, Report, TaskRecord, count_statuses
 from behaviorc.pipeline import outputs
@@ -99,7 +100,7 @@ class Executor:
     def __init__(self, out: Path, *, force: bool = False, spec_path: str = "",
                  spec_sha256: str = "", listeners: Sequence[Listener] = (),
                  engine_loader: EngineLoader = load_embedded_engine,
-                 cancel: CancelSignal | None = None, expectations: Sequence[Expectation] = (),
+                 cancel: CancelSignal | None = None, expectations: Sequence[TaskExpectation] = (),
                  jobs: Jobs = Jobs(1), force_out: bool = False):
         self.out = Path(out).resolve()
         self.force = force

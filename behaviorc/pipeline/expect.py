@@ -9,20 +9,11 @@ the build fails for those tasks already, or did not try them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
-from behaviorc.core import ir
 from behaviorc.core.diagnostics import Diagnostic, Location
 from behaviorc.core.task import TaskResult
-
-
-class Expectation(Protocol):
-    """What lowering gives (behaviorc.pipeline.plan.Expectation)."""
-
-    task_id: str
-    expect: ir.Expectation
-
-    def holds(self, value: float) -> bool: ...
+from behaviorc.pipeline.plan import TaskExpectation
 
 
 @dataclass(frozen=True)
@@ -49,7 +40,7 @@ class Verdict:
                 "loc": self.loc.model_dump() if self.loc else None}
 
 
-def judge(expectations: Sequence[Expectation], finished: Mapping[str, TaskResult]) -> list[Verdict]:
+def judge(expectations: Sequence[TaskExpectation], finished: Mapping[str, TaskResult]) -> list[Verdict]:
     """Verdicts on the expectations whose task finished (`finished`: results by task id)."""
     verdicts = []
     for expectation in expectations:

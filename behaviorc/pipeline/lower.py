@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from behaviorc.core import ir
 from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
-from behaviorc.pipeline.plan import Expectation, Plan
+from behaviorc.pipeline.plan import Plan, TaskExpectation
 from behaviorc.core.task import Task
 from behaviorc.pipeline.kinds import (AnswerPrompts, ComposeBehaviors, DeployModel, ExportLora,
                                   ExtractSteering, ExtractTaskVector, ImportModel, ImportTaskVector, MeasureBase,
@@ -30,7 +30,7 @@ class _Lowering:
         self.spec = spec
         self.created: list[Task] = []
         self.notes: list[str] = []
-        self.expectations: list[Expectation] = []
+        self.expectations: list[TaskExpectation] = []
         self.models: dict[str, ResolveModel] = {}
         self.steering: dict[str, ExtractSteering] = {}
         self.weights: dict[str, TrainBehavior | ImportModel] = {}
@@ -104,7 +104,7 @@ class _Lowering:
         for expect in b.eval.expect if b.eval else ():
             source = next((t for t in answering if expect.metric in t.reports), None)
             if source is not None:  # else the checker has warned that nothing measures it
-                self.expectations.append(Expectation(source.id, expect))
+                self.expectations.append(TaskExpectation(source.id, expect))
 
     def _reply_table(self, b: ir.Behavior, model: ResolveModel, verify: VerifySteering | None,
                      train: TrainBehavior | None) -> ReplyTable:

@@ -9,8 +9,9 @@ from typing import Any
 from behaviorc.core import ir
 from behaviorc.core.task import Task
 
+
 @dataclass(frozen=True)
-class Expectation:
+class TaskExpectation:
     """An `expect` line of the spec, bound to the task whose metrics answer it."""
 
     task_id: str
@@ -27,7 +28,7 @@ class Plan:
     spec: ir.Spec
     tasks: tuple[Task, ...]  # dependencies first, each once
     notes: tuple[str, ...] = ()  # choices lowering made that a user should know about
-    expectations: tuple[Expectation, ...] = ()
+    expectations: tuple[TaskExpectation, ...] = ()
 
     def task(self, task_id: str) -> Task:
         return next(t for t in self.tasks if t.id == task_id)

@@ -71,12 +71,10 @@ import torch
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.core.vocabulary import Orientation, ReadPosition, SteerMethod
 from behaviorc.engine.protocol import Engine
 from behaviorc.formats.steering import SteeringVectors
 
-Method = Literal["mean_diff", "pca", "pca_diff", "pca_center"]
-Read = Literal["last", "mean"]
-Orient = Literal["mean", "vote"]
 Progress = Callable[[int, int, str], None]  # done, total, what is being done
 
 DEFAULT_BATCH = 32
@@ -146,8 +144,9 @@ def check_layers(layers: Sequence[int], num_layers: int, loc: Location | None = 
                 f"(0..{num_layers - 1})", loc)
 
 
-def read_pairs(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int], read: Read,
-               batch_size: int = DEFAULT_BATCH, progress: Progress | None = None,
+def read_pairs(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int],
+               read: ReadPosition, batch_size: int = DEFAULT_BATCH,
+               progress: Progress | None = None,
                after_final_norm: bool = False,
                ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Hidden states of every positive and every negative, [n, hidden] per layer."""
@@ -173,8 +172,8 @@ def read_pairs(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int], 
     return positives, negatives
 
 
-def direction(positives: torch.Tensor, negatives: torch.Tensor, method: Method,
-              orient: Orient = "mean") -> torch.Tensor:
+def direction(positives: torch.Tensor, negatives: torch.Tensor, method: SteerMethod,
+              orient: Orientation = "mean") -> torch.Tensor:
     """One layer's steering direction from paired states [n, hidden]."""
     differences = (positives - negatives).double()
     mean = differences.mean(dim=0)
@@ -282,7 +281,7 @@ def choice_warnings(scores: Sequence[LayerScore], chosen: int) -> tuple[str, ...
 
 def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[int, torch.Tensor],
                     negatives: dict[int, torch.Tensor], scores: Sequence[LayerScore],
-                    method: Method, read: Read = "mean", orient: Orient = "mean",
+                    method: SteerMethod, read: ReadPosition = "mean", orient: Orientation = "mean",
                     progress: Progress | None = None) -> list[LayerScore]:
     """`scores` with the held-out steering effect and lift of the best-separating layers:
     for each fold (as in `score_layers`) the direction from one half steers the other
@@ -340,9 +339,10 @@ def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[in
 
 
 def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Literal["auto"],
-            method: Method = "mean_diff", read: Read = "mean", batch_size: int = DEFAULT_BATCH,
+            method: SteerMethod = "mean_diff", read: ReadPosition = "mean",
+            batch_size: int = DEFAULT_BATCH,
             progress: Progress | None = None, loc: Location | None = None, *,
-            orient: Orient = "mean", after_final_norm: bool = False) -> Extraction:
+            orient: Orientation = "mean", after_final_norm: bool = False) -> Extraction:
     """Steering vectors for `pairs` at `layers` (or the best layer, for `auto`)."""
     check_pairs(pairs, loc)
     info = engine.info

@@ -13,6 +13,7 @@ from behaviorc.core import ir
 from behaviorc.core.events import SteerLayers, SteerPoint, SteerVerdict
 from behaviorc.core.metrics import STEER_BASE, STEER_EXTRACT, STEER_VERIFY
 from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.core.vocabulary import FinalNormReading, Orientation, ReadPosition, SteerMethod
 from behaviorc.model.chat import set_thinking, thinking_mode
 from behaviorc.model.task import ResolveModel
 
@@ -160,10 +161,10 @@ class ExtractSteering(Task):
     model: ResolveModel
     # Only what extraction reads, so changing a strength does not re-extract.
     layers: tuple[int, ...] | Literal["auto"]
-    method: Literal["mean_diff", "pca", "pca_diff", "pca_center"]
-    read: Literal["last", "mean"]
-    orient: Literal["mean", "vote"] = "mean"
-    final_norm: Literal["before", "after"] = "before"
+    method: SteerMethod
+    read: ReadPosition
+    orient: Orientation = "mean"
+    final_norm: FinalNormReading = "before"
     pairs: tuple[ir.Pair, ...]  # the extraction split
 
     def execute(self, ctx: TaskContext) -> TaskResult:
