@@ -188,7 +188,7 @@ def test_distilling_with_strength_auto_trains_at_the_strength_verification_chose
     budget, the training reads that choice from its result and measures its steered
     margin there (the same held-out pairs, so the same margin)."""
     from behaviorc.pipeline.executor import Executor
-    from test_distill import HELD_OUT, TRAIN, distill_spec
+    from test_train_distill import HELD_OUT, TRAIN, distill_spec
 
     decl = ir.ModelDecl(name="base", source=str(tied_gdn), kind="folder")
     model = ResolveModel(name="base", decl=decl)

@@ -11,7 +11,7 @@ from behaviorc.engine.vllm.client import VLLMEngine
 from behaviorc.compose.composition import Composition, Term, compose
 from behaviorc.compose.merge import MergeOptions
 from behaviorc.compose.taskvector import extract_task_vector
-from test_vectors_compose import perturbed_copy
+from test_compose_models import perturbed_copy
 
 pytestmark = pytest.mark.vllm
 

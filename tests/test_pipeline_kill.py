@@ -211,7 +211,7 @@ def test_a_kill_between_the_last_step_and_the_stored_result_resumes_without_trai
     assert not list((out / ".store").glob("*.scratch"))  # the checkpoint went with the stored result
 
 
-if __name__ == "__main__":  # the build these tests kill (and test_run_cli interrupts)
+if __name__ == "__main__":  # the build these tests kill (and test_pipeline_cli interrupts)
     from behaviorc.pipeline.context import CancelSignal
     from behaviorc.pipeline.executor import Executor, cancel_on_sigint
     out = Path(sys.argv[1])

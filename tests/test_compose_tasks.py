@@ -17,7 +17,7 @@ from behaviorc.pipeline.executor import Executor
 from behaviorc.formats.steering import load_steering
 from behaviorc.core.files import sha256_file
 from behaviorc.compose.taskvector import extract_task_vector
-from test_vectors_compose import perturbed_copy
+from test_compose_models import perturbed_copy
 
 PAIRS = (ir.Pair(prompt="I will use", positive=" the existing parser.", negative=" a new parser."),
          ir.Pair(prompt="We should", positive=" keep the old code.", negative=" change the plan."))

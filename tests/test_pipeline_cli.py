@@ -166,7 +166,7 @@ def test_expect_lines_are_judged_into_the_report(tmp_path):
 
 def test_ctrl_c_stops_the_build_keeps_finished_work_and_exits_130(tmp_path):
     out = tmp_path / "out"
-    script = REPO / "tests" / "test_run_kill.py"
+    script = REPO / "tests" / "test_pipeline_kill.py"
     proc = subprocess.Popen([sys.executable, str(script), str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     events = out / "events.jsonl"
