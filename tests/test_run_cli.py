@@ -281,9 +281,9 @@ def test_build_plots_are_pngs_beside_the_results_and_one_strength_is_no_curve(tm
 
     state = BuildState()
     for step in range(1, 6):
-        state.apply({"t": step, "type": "train_step", "task": "train:happy", "step": step, "steps": 5,
+        state.apply({"t": step, "type": "train.step", "task": "train:happy", "step": step, "steps": 5,
                      "loss": 1.0 / step})
-    state.apply({"t": 6, "type": "train_eval", "task": "train:happy", "step": 5, "margin": 0.2})
+    state.apply({"t": 6, "type": "train.eval", "task": "train:happy", "step": 5, "margin": 0.2})
     for strength, margin in ((0.0, -0.3), (2.0, 0.1), (4.0, 0.4)):
         state.apply({"t": 7, "type": "steer.point", "task": "steer.verify:happy", "strength": strength,
                      "margin": margin, "general_nll": 3.0 + strength / 10})

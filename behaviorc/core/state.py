@@ -267,10 +267,10 @@ class BuildState:
         self.distilled[event["task"]] = {k: event[k] for k in ("generated", "kept", "empty",
                                                                "mean_score", "engine") if k in event}
 
-    def _on_distill_note(self, event: dict[str, Any]) -> None:
+    def _on_train_note(self, event: dict[str, Any]) -> None:
         self.notes.setdefault(event["task"], []).append(str(event.get("message", "")))
 
-    def _on_distill_served(self, event: dict[str, Any]) -> None:
+    def _on_handoff_served(self, event: dict[str, Any]) -> None:
         self.served.setdefault(event["task"], []).append(
             (int(event.get("step", 0)), float(event.get("served_margin", 0.0)), float(event.get("strength", 0.0))))
 
@@ -283,7 +283,7 @@ class BuildState:
             self._on_push({"task": event.get("task"), "url": url, "ok": True, "ms": event.get("push_ms", 0.0),
                            "requests_failed": event.get("requests_failed")})
 
-    def _on_evaluate_replies(self, event: dict[str, Any]) -> None:
+    def _on_eval_replies(self, event: dict[str, Any]) -> None:
         self.reply_tables[event["task"]] = {k: event.get(k) for k in ("scorer", "rows", "verdict", "side_by_side")}
 
     def _on_experiment_point(self, event: dict[str, Any]) -> None:
@@ -293,7 +293,7 @@ class BuildState:
 
 
 def reply_table_lines(table: dict[str, Any]) -> list[str]:
-    """A reply table (evaluate.replies' fields, evaluate.table's data) as text: a row
+    """A reply table (eval.replies' fields, evaluate.table's data) as text: a row
     per model with 95% intervals, the verdict, then greedy replies side by side."""
     def cell(figure: dict[str, float] | None, percent: bool = False) -> str:
         if not figure or figure.get("mean") != figure.get("mean"):  # absent or NaN
