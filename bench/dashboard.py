@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from behaviorc.core.state import BuildState
+from behaviorc.tui.state import BuildState
 from behaviorc.tui.app import Dashboard
 
 TASKS = ["model:base", "steer.extract:listen", "steer.verify:listen", "train:listen", "deploy:persona"]

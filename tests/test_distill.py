@@ -184,7 +184,7 @@ def test_live_handoff_ends_unsteered_on_the_written_weights(vllm_server, tied_gd
 
     from behaviorc.engine.embedded import EmbeddedEngine
     from behaviorc.core.events import EVENTS_FILE
-    from behaviorc.core.state import BuildState
+    from behaviorc.tui.state import BuildState
 
     url = vllm_server.url
     deploy = ir.Deploy(target="yes", urls=(url,), steering=True, handoff=True, push_every=4)

@@ -20,7 +20,7 @@ from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.pipeline.commands import BuildThread
 from behaviorc.pipeline.context import CancelSignal
 from behaviorc.pipeline.executor import Executor
-from behaviorc.core.state import BuildState
+from behaviorc.tui.state import BuildState
 from behaviorc.tui.app import Dashboard
 from behaviorc.tui.tail import EventTail
 from behaviorc.tui.widgets import PlanTree, StatePanel, TaskDetail, render_curve

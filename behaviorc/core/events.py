@@ -25,12 +25,13 @@ just before its task_end, so a rebuild's log shows what the stored result came f
 
 Emitted by tasks through `ctx.emit`: the `TaskEvent` classes below, each with its
 fields, named in the log after its class (`TrainStep` is `train.step`). Every one of
-them is folded by the dashboard's state (`behaviorc.core.state`); a test holds this.
+them is folded by the dashboard's state (`behaviorc.tui.state`); a test holds this.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -125,6 +126,20 @@ def read_events(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return events
+
+
+def process_alive(pid: int | None) -> bool:
+    """Whether process `pid` runs: a build killed with -9 never writes its build_end, so a
+    reader of its log asks about the pid its build_start gave."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
 
 
 # --- what tasks emit ---------------------------------------------------------------------
