@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from behaviorc.core.state import BuildState
+from behaviorc.tui.state import BuildState
 from behaviorc.tui.app import Dashboard
 
 TASKS = ["model:base", "steer.extract:listen", "steer.verify:listen", "train:listen", "deploy:persona"]
@@ -34,12 +34,12 @@ def synthetic_events(count: int) -> list[dict]:
     step = 0
     while len(events) < count:
         step += 1
-        events.append({"type": "train_step", "task": "train:listen", "step": step, "steps": 10**6,
+        events.append({"type": "train.step", "task": "train:listen", "step": step, "steps": 10**6,
                        "loss": 2.0 / (1 + step / 500), "lr": 3e-5})
         if step % 10 == 0:
             events.append({"type": "progress", "task": "train:listen", "done": step, "total": 10**6, "what": "steps"})
         if step % 50 == 0:
-            events.append({"type": "train_eval", "task": "train:listen", "step": step, "margin": step / 1e4})
+            events.append({"type": "train.eval", "task": "train:listen", "step": step, "margin": step / 1e4})
         if step % 100 == 0:
             events.append({"type": "push", "task": "deploy:persona", "url": "http://127.0.0.1:8000",
                            "ok": True, "ms": 33.0, "step": step})

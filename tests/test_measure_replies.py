@@ -16,7 +16,7 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.core.events import EvalReplies, jsonable, make_event
-from behaviorc.core.state import BuildState
+from behaviorc.tui.state import BuildState
 from behaviorc.evaluate.table import reply_table, side_by_side
 from behaviorc.lang import check_file, load_spec
 from behaviorc.lang.fmt import format_text

@@ -237,7 +237,8 @@ def test_a_build_logging_to_a_file_prints_a_progress_line_at_least_every_30_s(tm
 
 
 def test_a_running_phase_gets_an_eta_from_its_own_rate_and_a_new_phase_starts_over():
-    from behaviorc.core.state import BuildState, progress_text
+    from behaviorc.tui.state import BuildState
+    from behaviorc.tui.styles import progress_text
 
     state = BuildState()
     state.apply({"type": "task_start", "task": "train:listen", "t": 100.0})
@@ -277,13 +278,13 @@ def test_result_links_are_replaced_in_place_and_dangling_ones_dropped(tmp_path):
 
 def test_build_plots_are_pngs_beside_the_results_and_one_strength_is_no_curve(tmp_path, recwarn):
     from behaviorc.pipeline.plots import LOSS_PNG, SWEEP_PNG, write_build_plots
-    from behaviorc.core.state import BuildState
+    from behaviorc.tui.state import BuildState
 
     state = BuildState()
     for step in range(1, 6):
-        state.apply({"t": step, "type": "train_step", "task": "train:happy", "step": step, "steps": 5,
+        state.apply({"t": step, "type": "train.step", "task": "train:happy", "step": step, "steps": 5,
                      "loss": 1.0 / step})
-    state.apply({"t": 6, "type": "train_eval", "task": "train:happy", "step": 5, "margin": 0.2})
+    state.apply({"t": 6, "type": "train.eval", "task": "train:happy", "step": 5, "margin": 0.2})
     for strength, margin in ((0.0, -0.3), (2.0, 0.1), (4.0, 0.4)):
         state.apply({"t": 7, "type": "steer.point", "task": "steer.verify:happy", "strength": strength,
                      "margin": margin, "general_nll": 3.0 + strength / 10})

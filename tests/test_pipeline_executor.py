@@ -35,7 +35,6 @@ class Source(Task):
 
 @dataclass(frozen=True)
 class Shouted(TaskEvent):
-    type: ClassVar[str] = "shouted"
     chars: int
 
 

@@ -199,12 +199,12 @@ def test_a_kill_between_the_last_step_and_the_stored_result_resumes_without_trai
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     trained_steps = [e["step"] for e in map(json.loads, (out / "events.jsonl").read_text().splitlines())
-                     if e["type"] == "train_step"]
+                     if e["type"] == "train.step"]
     assert trained_steps == [1, 2, 3, 4]
 
     assert main(["build", str(spec), "--out", str(out)]) == 0
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert not [e for e in events if e["type"] == "train_step"]  # no step trained again
+    assert not [e for e in events if e["type"] == "train.step"]  # no step trained again
     record = next(t for t in json.loads((out / "report.json").read_text())["tasks"] if t["id"] == "train:listen")
     assert record["status"] == "done" and record["data"]["resumed_from"] == 4
     assert len(record["data"]["losses"]) == 4 and record["metrics"]["loss_last"] == record["data"]["losses"][-1]

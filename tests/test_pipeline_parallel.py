@@ -176,12 +176,12 @@ def test_independent_tasks_run_side_by_side_in_workers_and_events_keep_their_ord
     for meet in meets:
         own = [e for e in events if e["task"] == meet.id]
         assert own[0]["type"] == "task_start" and own[-1]["type"] == "task_end"
-        assert [e["step"] for e in own if e["type"] == "train_step"] == [1, 2, 3, 4, 5]
+        assert [e["step"] for e in own if e["type"] == "train.step"] == [1, 2, 3, 4, 5]
 
     # the rebuild starts no worker: everything is in the store, curves replayed from it
     again = Executor(out, jobs=Jobs(2)).run([gather])
     assert set(statuses(again).values()) == {"cached"}
-    replayed = [e for e in read_events(out / "events.jsonl") if e["type"] == "train_step"]
+    replayed = [e for e in read_events(out / "events.jsonl") if e["type"] == "train.step"]
     assert len(replayed) == 10 and all(e["replayed"] for e in replayed)
 
 

@@ -184,7 +184,7 @@ def test_live_handoff_ends_unsteered_on_the_written_weights(vllm_server, tied_gd
 
     from behaviorc.engine.embedded import EmbeddedEngine
     from behaviorc.core.events import EVENTS_FILE
-    from behaviorc.core.state import BuildState
+    from behaviorc.tui.state import BuildState
 
     url = vllm_server.url
     deploy = ir.Deploy(target="yes", urls=(url,), steering=True, handoff=True, push_every=4)
@@ -210,7 +210,7 @@ def test_live_handoff_ends_unsteered_on_the_written_weights(vllm_server, tied_gd
         PROBE_PROMPTS, PROBE_COMPLETIONS)
     assert max(abs(a - b) for x, y in zip(served, expected) for a, b in zip(x, y)) < BF16_TOLERANCE
     events = [json.loads(line) for line in (tmp_path / "out" / EVENTS_FILE).read_text().splitlines()]
-    assert [e["step"] for e in events if e["type"] == "distill.served"] == [0, 4, 8, 12]
+    assert [e["step"] for e in events if e["type"] == "handoff.served"] == [0, 4, 8, 12]
     assert [e["step"] for e in events if e["type"] == "push"] == [0, 4, 8, 12]
     # what the dashboard draws from them: the pushes table and the margin curve
     state = BuildState()

@@ -182,7 +182,7 @@ def test_a_build_on_two_processes_stores_the_model_of_one(tmp_path, one_process_
     run = build(write_spec(tmp_path, 6), out, "--nproc", "2")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "built: 3 done" in run.stdout
-    steps = [e["step"] for e in events(out) if e["type"] == "train_step"]
+    steps = [e["step"] for e in events(out) if e["type"] == "train.step"]
     assert steps == [1, 2, 3, 4, 5, 6]  # reported once, by rank 0
     assert_same_weights(trained_weights(out), trained_weights(one_process_builds[6]))
 
@@ -200,11 +200,11 @@ def test_a_distilled_behavior_trains_on_two_processes_to_the_weights_of_one(tmp_
     assert alone.returncode == 0, alone.stderr[-3000:]
     run = build(spec, out, "--nproc", "2")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert not [e for e in events(out) if e["type"] == "distill.note"]
-    steps = [e for e in events(out) if e["type"] == "train_step"]
+    assert not [e for e in events(out) if e["type"] == "train.note"]
+    steps = [e for e in events(out) if e["type"] == "train.step"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
     # the reported loss is the whole batch's, the matching term included
-    expected = [e["loss"] for e in events(reference) if e["type"] == "train_step"]
+    expected = [e["loss"] for e in events(reference) if e["type"] == "train.step"]
     assert [e["loss"] for e in steps] == pytest.approx(expected, rel=1e-5)
     assert_same_weights(trained_weights(out), trained_weights(reference))
     assert "seconds_targets" in train_task(reference)["metrics"]  # the matching ran
@@ -234,7 +234,7 @@ def test_a_killed_distributed_build_resumes_on_one_process_to_the_same_weights(t
     process = build(spec, out, "--nproc", "2", wait=False)
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and process.poll() is None:
-        done = [e["step"] for e in events(out) if e["type"] == "train_step"] if (out / "events.jsonl").exists() else []
+        done = [e["step"] for e in events(out) if e["type"] == "train.step"] if (out / "events.jsonl").exists() else []
         if done and done[-1] >= 51:  # past the checkpoint of step 50
             break
         time.sleep(0.2)
@@ -269,7 +269,7 @@ def test_a_distributed_build_stopped_from_the_dashboard_stops_every_process(tmp_
     process = build(write_spec(tmp_path, 54), out, "--nproc", "2", wait=False)
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and process.poll() is None:
-        if (out / "events.jsonl").exists() and any(e["type"] == "train_step" for e in events(out)):
+        if (out / "events.jsonl").exists() and any(e["type"] == "train.step" for e in events(out)):
             break
         time.sleep(0.2)
     (out / "cancel").write_text("requested by the test\n")

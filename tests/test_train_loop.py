@@ -182,7 +182,7 @@ def test_training_planted_examples_raises_the_margin_on_held_out_pairs(tmp_path)
     assert bool(memorised) == (m["loss_last"] < 0.05), (m["loss_last"], result.data["warnings"])
 
     events = [json.loads(line) for line in outcome.events_path.read_text().splitlines()]
-    steps = [e for e in events if e["type"] == "train_step"]
+    steps = [e for e in events if e["type"] == "train.step"]
     assert [e["step"] for e in steps] == list(range(1, 13))
     assert {"loss", "grad_norm", "lr", "limiter", "tokens_per_s"} <= set(steps[0])
 

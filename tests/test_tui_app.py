@@ -20,7 +20,7 @@ from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.pipeline.commands import BuildThread
 from behaviorc.pipeline.context import CancelSignal
 from behaviorc.pipeline.executor import Executor
-from behaviorc.core.state import BuildState
+from behaviorc.tui.state import BuildState
 from behaviorc.tui.app import Dashboard
 from behaviorc.tui.tail import EventTail
 from behaviorc.tui.widgets import PlanTree, StatePanel, TaskDetail, render_curve
@@ -217,7 +217,7 @@ def test_the_tail_skips_lines_cut_by_a_kill(tmp_path):
 def test_state_from_events_and_the_curve():
     state = BuildState()
     state.apply({"t": 1, "type": "build_start", "task": None, "tasks": [{"id": "train:x", "kind": "train"}]})
-    state.apply({"t": 2, "type": "train_step", "task": "train:x", "step": 1, "loss": 2.0, "margin": 0.1})
+    state.apply({"t": 2, "type": "train.step", "task": "train:x", "step": 1, "loss": 2.0, "margin": 0.1})
     state.apply({"t": 3, "type": "something_new", "task": "train:x", "value": 1})
     assert state.losses["train:x"] == [(1, 2.0)] and state.train_margins["train:x"] == [(1, 0.1)]
     assert state.recent[-1]["type"] == "something_new"
@@ -248,7 +248,7 @@ async def test_a_live_build_redraws_while_a_task_detail_is_open(tmp_path):
         await pilot.pause(0.1)
         assert isinstance(app.screen, TaskDetail)
         with open(app.build_dir / "events.jsonl", "a") as handle:
-            handle.write('{"t": 1764000003.0, "type": "train_step", "task": "train:listen", '
+            handle.write('{"t": 1764000003.0, "type": "train.step", "task": "train:listen", '
                          '"step": 31, "steps": 60, "loss": 0.85}\n')
         await settle(app, pilot, lambda: app.state.losses["train:listen"][-1][0] == 31)
         assert isinstance(app.screen, TaskDetail)
@@ -358,7 +358,7 @@ async def test_the_train_tab_ends_with_the_margins_the_distilled_samples_and_the
               {"t": 1.0, "type": "task_start", "task": "train:happy", "kind": "train"},
               {"t": 1.5, "type": "progress", "task": "train:happy", "done": 0, "total": 4,
                "what": "sampling 10 prompts x 4"}]
-    events += [{"t": 2.0 + step, "type": "train_step", "task": "train:happy", "step": step, "steps": 4,
+    events += [{"t": 2.0 + step, "type": "train.step", "task": "train:happy", "step": step, "steps": 4,
                 "loss": 2.0 / step} for step in range(1, 5)]
     events += [{"t": 7.0, "type": "task_end", "task": "train:happy", "status": "done", "seconds": 6.0,
                 "metrics": {"margin_before": -0.305, "margin_steered": 0.018, "margin_after": -0.085,

@@ -24,13 +24,15 @@ A cached task's own events (those below) are emitted again, with `replayed: true
 just before its task_end, so a rebuild's log shows what the stored result came from.
 
 Emitted by tasks through `ctx.emit`: the `TaskEvent` classes below, each with its
-fields. Every one of them is folded by the dashboard's state (`behaviorc.core.state`);
-a test holds this.
+fields, named in the log after its class (`TrainStep` is `train.step`). Every one of
+them is folded by the dashboard's state (`behaviorc.tui.state`); a test holds this.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -126,14 +128,40 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
+def process_alive(pid: int | None) -> bool:
+    """Whether process `pid` runs: a build killed with -9 never writes its build_end, so a
+    reader of its log asks about the pid its build_start gave."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
 # --- what tasks emit ---------------------------------------------------------------------
+
+
+# Every task event's class by its name in the log, filled as each class is defined.
+TASK_EVENTS: dict[str, type[TaskEvent]] = {}
 
 
 @dataclass(frozen=True)
 class TaskEvent:
-    """An event a task emits as it works; `type` is its name in the log."""
+    """An event a task emits as it works. `type`, its name in the log, is made from its
+    class's name (`TrainStep` -> `train.step`), so a name and its class never disagree."""
 
     type: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.type = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", ".", cls.__name__).lower()
+        if cls.type in TASK_EVENTS:
+            raise TypeError(f"{cls.__name__} and {TASK_EVENTS[cls.type].__name__} are both {cls.type!r}")
+        TASK_EVENTS[cls.type] = cls
 
     def fields(self) -> dict[str, Any]:
         """The event's fields as written: an optional field left at None is left out."""
@@ -144,7 +172,6 @@ class TaskEvent:
 class TrainStep(TaskEvent):
     """One optimizer step."""
 
-    type: ClassVar[str] = "train_step"
     step: int
     steps: int
     loss: float
@@ -160,7 +187,6 @@ class TrainStep(TaskEvent):
 class TrainEval(TaskEvent):
     """The behavior margin of the training weights (steering off) at a step."""
 
-    type: ClassVar[str] = "train_eval"
     step: int
     margin: float
     margin_steered: float | None = None  # at step 0, when the task carries steering
@@ -171,7 +197,6 @@ class TrainEval(TaskEvent):
 class SteerPoint(TaskEvent):
     """One strength of a steering verification sweep: what it did and what it cost."""
 
-    type: ClassVar[str] = "steer.point"
     strength: float
     margin: float
     general_nll: float | None = None
@@ -196,7 +221,6 @@ class SteerVerdict(TaskEvent):
     """Why not to trust a steering vector (empty: nothing against it), and the strength
     verification settled on."""
 
-    type: ClassVar[str] = "steer.verdict"
     warnings: list[str]
     strength: float
 
@@ -205,7 +229,6 @@ class SteerVerdict(TaskEvent):
 class SteerLayers(TaskEvent):
     """How well each layer separates the pairs, and the one `layers auto` chose."""
 
-    type: ClassVar[str] = "steer.layers"
     scores: list[dict]  # steer.extract's per-layer figures (numbers; `broke`: reasons)
     chosen: int
 
@@ -214,7 +237,6 @@ class SteerLayers(TaskEvent):
 class DistillData(TaskEvent):
     """What distillation sampled and kept."""
 
-    type: ClassVar[str] = "distill.data"
     generated: int
     kept: int
     empty: int
@@ -226,7 +248,6 @@ class DistillData(TaskEvent):
 class TrainNote(TaskEvent):
     """Something about a training run a reader should know (e.g. no steered gain)."""
 
-    type: ClassVar[str] = "distill.note"
     message: str
 
 
@@ -234,7 +255,6 @@ class TrainNote(TaskEvent):
 class HandoffServed(TaskEvent):
     """A live hand-off's served behavior after a change of weights or strength."""
 
-    type: ClassVar[str] = "distill.served"
     step: int
     strength: float
     served_margin: float
@@ -245,7 +265,6 @@ class HandoffServed(TaskEvent):
 class Push(TaskEvent):
     """A push of weights into one live server."""
 
-    type: ClassVar[str] = "push"
     url: str
     ms: float
     ok: bool = True
@@ -259,7 +278,6 @@ class Push(TaskEvent):
 class DeployPush(TaskEvent):
     """One all-or-nothing push of a model into several live servers."""
 
-    type: ClassVar[str] = "deploy.push"
     urls: list[str]
     push_ms: float
     requests: int
@@ -271,7 +289,6 @@ class EvalReplies(TaskEvent):
     """A behavior's reply table: per model (base, prompted, steered, trained) its scored
     replies' figures, the verdict in words, and greedy replies side by side."""
 
-    type: ClassVar[str] = "evaluate.replies"
     scorer: str  # markers | projection | judge
     # {model, replies, rate, score, distinct_2, repeated_share, nll: {mean, low, high},
     #  tokens, looping}
@@ -284,14 +301,9 @@ class EvalReplies(TaskEvent):
 class ExperimentPoint(TaskEvent):
     """One measured point of an experiment; its metrics are written as fields."""
 
-    type: ClassVar[str] = "experiment.point"
     point: str
     values: dict[str, float]
 
     def fields(self) -> dict[str, Any]:
         return {"point": self.point, **self.values}
 
-
-TASK_EVENTS: tuple[type[TaskEvent], ...] = (TrainStep, TrainEval, SteerPoint, SteerVerdict, SteerLayers,
-                                             DistillData, TrainNote, HandoffServed, Push,
-                                             DeployPush, EvalReplies, ExperimentPoint)

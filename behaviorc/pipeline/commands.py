@@ -14,7 +14,7 @@ from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 from behaviorc.core.task import Task
 from behaviorc.pipeline.context import CancelSignal
 from behaviorc.core.events import EVENTS_FILE
-from behaviorc.core.state import reply_table_lines
+from behaviorc.tui.styles import reply_table_lines
 from behaviorc.pipeline import outputs
 from behaviorc.pipeline.executor import (CANCEL_FILE, STORE_DIR, BuildOutcome, Executor, cancel_on_sigint,
                                       plan_order)
@@ -207,7 +207,7 @@ def _publish_results(outcome: BuildOutcome, out: Path) -> None:
     from behaviorc.pipeline.plots import write_build_plots
     from behaviorc.pipeline.results import link_results
     from behaviorc.core.events import read_events
-    from behaviorc.core.state import BuildState
+    from behaviorc.tui.state import BuildState
 
     finished = [(r.task, r.result) for r in outcome.records
                 if r.status in ("done", "cached") and r.result is not None]

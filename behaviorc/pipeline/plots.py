@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from behaviorc.pipeline import outputs
-from behaviorc.core.state import BuildState
+from behaviorc.tui.state import BuildState
 
 LOSS_PNG = "loss.png"
 SWEEP_PNG = "margin_per_strength.png"

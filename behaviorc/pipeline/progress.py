@@ -22,8 +22,9 @@ from rich.table import Table
 from rich.text import Text
 
 from behaviorc.pipeline.context import CancelSignal
-from behaviorc.core.state import (LINE_METRICS, STATUS_STYLE, BuildState, TaskState, format_metrics,
-                                  format_seconds, headline_first, progress_text)
+from behaviorc.tui.state import BuildState, TaskState
+from behaviorc.tui.styles import (LINE_METRICS, STATUS_STYLE, format_metrics, format_seconds, headline_first,
+                                  progress_text)
 
 # A log line per running task at least this often (seconds): a reader of a log, or CI
 # killing a job that prints nothing for 10 minutes, sees the build is alive.

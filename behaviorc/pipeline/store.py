@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from behaviorc.core.events import process_alive
 from behaviorc.core.files import sha256_file
-from behaviorc.core.state import process_alive
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.core.task import Task, TaskResult
 

@@ -20,8 +20,9 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane, Tree
 from textual.worker import get_current_worker
 
-from behaviorc.core.events import EVENTS_FILE
-from behaviorc.core.state import BuildState, process_alive, progress_text, summarize
+from behaviorc.core.events import EVENTS_FILE, process_alive
+from behaviorc.tui.state import BuildState
+from behaviorc.tui.styles import progress_text, summarize
 from behaviorc.tui.tail import EventsRead, EventTail
 from behaviorc.tui.widgets import (PlanTree, StatePanel, TaskDetail, draw_compose_deploy, draw_errors,
                                    draw_replies, draw_steering, draw_task_detail, draw_training)

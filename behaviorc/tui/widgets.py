@@ -15,8 +15,8 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static, Tree
 
-from behaviorc.core.state import (STATUS_STYLE, BuildState, TaskState, format_metrics, progress_text,
-                                  reply_table_lines, summarize)
+from behaviorc.tui.state import BuildState, TaskState
+from behaviorc.tui.styles import STATUS_STYLE, format_metrics, progress_text, reply_table_lines, summarize
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 CURVE_WIDTH = 40

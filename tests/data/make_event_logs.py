@@ -166,7 +166,7 @@ def main() -> int:
     write("events_ok.jsonl", whole)
     write("events_failed.jsonl", record(failing=True))
     cut = next(i for i, e in enumerate(whole)
-               if e["type"] == "train_step" and e["task"] == "train:listen" and e["step"] == 30)
+               if e["type"] == TrainStep.type and e["task"] == "train:listen" and e["step"] == 30)
     write("events_live.jsonl", whole[: cut + 1])
     return 0
 

@@ -1,48 +1,26 @@
-"""A build's state folded from its events: what the terminal progress and the
-dashboard draw. Reading events is the only way either learns about a build, so a live
-build and a replayed log look the same.
+"""A build's state folded from its events: what the dashboard and the terminal progress
+draw (`behaviorc.tui.styles` says how). Reading events is the only way either learns
+about a build, so a live build and a replayed log look the same.
+
+Each event is folded by its type: a task event by its class (`behaviorc.core.events`),
+found from its name in the log; the executor's own events, which have no class, by name.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from behaviorc.core.events import (TASK_EVENTS, DeployPush, DistillData, EvalReplies, ExperimentPoint,
+                                   HandoffServed, Push, SteerLayers, SteerPoint, SteerVerdict, TaskEvent,
+                                   TrainEval, TrainNote, TrainStep)
 
 RECENT_EVENTS = 500  # events kept for the log panel
 # What the Steer panel shows of each strength tried (steer.verify's points carry more).
 SWEEP_FIELDS = ("strength", "margin", "general_nll", "capability", "repetition", "right_share",
                 "wrong_share", "samples")
-
-
-# How the terminal and the dashboard show a task's status and numbers.
-STATUS_STYLE = {
-    "pending": ("·", "dim"), "running": ("▶", "bold yellow"), "done": ("✓", "green"),
-    "cached": ("≡", "cyan"), "failed": ("✗", "bold red"), "skipped": ("-", "dim"),
-    "cancelled": ("■", "magenta"),
-}
-SHOWN_METRICS = 3
-# What a finished task's terminal line shows first: the behavior before and after; for a
-# steering verification, the effect beside the random control's and the shares of pairs
-# moved the right and the wrong (anti-steerable) way.
-HEADLINE_METRICS = ("margin_before", "margin_steered", "margin_after", "steer_effect",
-                    "control_effect", "right_share", "anti_steerable_share", "steered_share",
-                    "push_ms", "requests_failed")
-LINE_METRICS = 6
-
-
-def format_metrics(metrics: dict[str, float], limit: int = SHOWN_METRICS) -> str:
-    return "  ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:limit])
-
-
-def headline_first(metrics: dict[str, float]) -> dict[str, float]:
-    first = {k: metrics[k] for k in HEADLINE_METRICS if k in metrics}
-    return {**first, **{k: v for k, v in metrics.items() if k not in first}}
-
-
 
 NUMBER = re.compile(r"[-+]?\d[\d.]*(?:e[-+]?\d+)?")
 
@@ -68,31 +46,6 @@ class Phase:
             return None
         rate = (done - self.first_done) / (now - self.started)
         return (self.total - done) / rate
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def progress_text(task: "TaskState", now: float | None) -> str:
-    """A running task's sub-phase, count and ETA in a few words, e.g.
-    `sampling 10 prompts x 4 · 0/30` or `loss 0.41 · 12/30 (40%) · ETA 1m05s`; no ETA
-    without a clock (`now` None)."""
-    if task.progress is None:
-        return task.note or ""
-    done, total, what = task.progress
-    parts = [what] if what else []
-    if total > 0:
-        parts.append(f"{done}/{total} ({100 * done // total}%)")
-    eta = task.phase.eta(done, now) if task.phase is not None and now is not None else None
-    if eta is not None:
-        parts.append(f"ETA {format_seconds(eta)}")
-    return " · ".join(parts)
 
 
 @dataclass
@@ -153,9 +106,9 @@ class BuildState:
     def apply(self, event: dict[str, Any]) -> None:
         self.events_seen += 1
         self.last_t = event.get("t", self.last_t)
-        handler = getattr(self, "_on_" + str(event.get("type")).replace(".", "_"), None)
-        if handler is not None:
-            handler(event)
+        fold = fold_of(str(event.get("type")))
+        if fold is not None:
+            fold(self, event)
         if event.get("type") != "progress":
             self.recent.append(event)
 
@@ -235,7 +188,7 @@ class BuildState:
     def _on_build_end(self, event: dict[str, Any]) -> None:
         self.finished, self.ok, self.cancelled = True, bool(event.get("ok")), bool(event.get("cancelled"))
 
-    # --- task events (behaviorc.core.events.TASK_EVENTS) --------------------------------
+    # --- task events (behaviorc.core.events) ---------------------------------------------
 
     def _on_train_step(self, event: dict[str, Any]) -> None:
         if "steps" in event:  # steps are the progress of training, whatever progress said last
@@ -267,10 +220,10 @@ class BuildState:
         self.distilled[event["task"]] = {k: event[k] for k in ("generated", "kept", "empty",
                                                                "mean_score", "engine") if k in event}
 
-    def _on_distill_note(self, event: dict[str, Any]) -> None:
+    def _on_train_note(self, event: dict[str, Any]) -> None:
         self.notes.setdefault(event["task"], []).append(str(event.get("message", "")))
 
-    def _on_distill_served(self, event: dict[str, Any]) -> None:
+    def _on_handoff_served(self, event: dict[str, Any]) -> None:
         self.served.setdefault(event["task"], []).append(
             (int(event.get("step", 0)), float(event.get("served_margin", 0.0)), float(event.get("strength", 0.0))))
 
@@ -283,7 +236,7 @@ class BuildState:
             self._on_push({"task": event.get("task"), "url": url, "ok": True, "ms": event.get("push_ms", 0.0),
                            "requests_failed": event.get("requests_failed")})
 
-    def _on_evaluate_replies(self, event: dict[str, Any]) -> None:
+    def _on_eval_replies(self, event: dict[str, Any]) -> None:
         self.reply_tables[event["task"]] = {k: event.get(k) for k in ("scorer", "rows", "verdict", "side_by_side")}
 
     def _on_experiment_point(self, event: dict[str, Any]) -> None:
@@ -292,57 +245,24 @@ class BuildState:
                                       and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def reply_table_lines(table: dict[str, Any]) -> list[str]:
-    """A reply table (evaluate.replies' fields, evaluate.table's data) as text: a row
-    per model with 95% intervals, the verdict, then greedy replies side by side."""
-    def cell(figure: dict[str, float] | None, percent: bool = False) -> str:
-        if not figure or figure.get("mean") != figure.get("mean"):  # absent or NaN
-            return "–"
-        show = (lambda v: f"{v:.0%}") if percent else (lambda v: f"{v:.2f}")
-        return f"{show(figure['mean'])} [{show(figure['low'])}, {show(figure['high'])}]"
-
-    lines = [f"  {'model':<9} {'behavior rate':<16} {'mean score':<19} {'distinct-2':<19} "
-             f"{'NLL under base':<19} loops"]
-    for row in table.get("rows") or []:
-        lines.append(f"  {row['model']:<9} {cell(row.get('rate'), True):<16} "
-                     f"{cell(row.get('score')):<19} {cell(row.get('distinct_2')):<19} "
-                     f"{cell(row.get('nll')):<19} {row.get('looping', 0):.0%}")
-    lines += [f"  verdict: {line}" for line in table.get("verdict") or []]
-    for row in table.get("side_by_side") or []:
-        lines.append(f"  prompt: {row['prompt']}")
-        lines += [f"    {model + ':':<10}{' '.join(str(text).split())}" for model, text in row.items()
-                  if model != "prompt"]
-    return lines
+Fold = Callable[[BuildState, dict[str, Any]], None]
+EXECUTOR_FOLDS: dict[str, Fold] = {
+    "build_start": BuildState._on_build_start, "task_start": BuildState._on_task_start,
+    "progress": BuildState._on_progress, "cache_invalid": BuildState._on_cache_invalid,
+    "task_end": BuildState._on_task_end, "task_failed": BuildState._on_task_failed,
+    "expectation_unmet": BuildState._on_expectation_unmet, "build_end": BuildState._on_build_end,
+}
+TASK_EVENT_FOLDS: dict[type[TaskEvent], Fold] = {
+    TrainStep: BuildState._on_train_step, TrainEval: BuildState._on_train_eval,
+    SteerPoint: BuildState._on_steer_point, SteerVerdict: BuildState._on_steer_verdict,
+    SteerLayers: BuildState._on_steer_layers, DistillData: BuildState._on_distill_data,
+    TrainNote: BuildState._on_train_note, HandoffServed: BuildState._on_handoff_served,
+    Push: BuildState._on_push, DeployPush: BuildState._on_deploy_push,
+    EvalReplies: BuildState._on_eval_replies, ExperimentPoint: BuildState._on_experiment_point,
+}
 
 
-def process_alive(pid: int | None) -> bool:
-    """Whether process `pid` runs (a build killed with -9 never says it ended)."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    return True
-
-
-def summarize(event: dict[str, Any]) -> str:
-    """One line for an event in a log: its fields other than t/type/task."""
-    fields = {k: v for k, v in event.items() if k not in ("t", "type", "task", "tasks", "data")}
-    parts = []
-    for name, value in fields.items():
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        elif isinstance(value, (dict, list)):
-            value = _short(value)
-        elif isinstance(value, str) and "\n" in value:
-            value = value.splitlines()[0]
-        parts.append(f"{name}={value}")
-    return " ".join(parts)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def fold_of(name: str) -> Fold | None:
+    """How an event named `name` in a log changes the state; None: it does not."""
+    task_event = TASK_EVENTS.get(name)
+    return TASK_EVENT_FOLDS.get(task_event) if task_event is not None else EXECUTOR_FOLDS.get(name)
