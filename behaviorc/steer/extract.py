@@ -72,7 +72,7 @@ import torch
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.engine.protocol import Engine
-from behaviorc.formats.steering import SteeringVectors
+from behaviorc.steering_vectors import SteeringVectors
 
 Method = Literal["mean_diff", "pca", "pca_diff", "pca_center"]
 Read = Literal["last", "mean"]
