@@ -37,7 +37,7 @@ def import_model(task: ImportModel, ctx: TaskContext) -> TaskResult:
 
 def import_task_vector(task: ImportTaskVector, ctx: TaskContext) -> TaskResult:
     """artifacts: task_vector (the external file, checked against the base)."""
-    from behaviorc.formats.safetensors_io import fingerprint
+    from behaviorc.formats.safetensors_io import content_sha256
     from behaviorc.compose.taskvector import check_task_vector
 
     path = Path(task.external.path)
@@ -46,7 +46,7 @@ def import_task_vector(task: ImportTaskVector, ctx: TaskContext) -> TaskResult:
         metadata = check_task_vector(path, Path(base))
     return TaskResult(artifacts={"task_vector": str(path)},
                       data={"sha256": task.external.fingerprint.removeprefix("sha256:")
-                            or fingerprint(path),
+                            or content_sha256(path),
                             "metadata": metadata})
 
 

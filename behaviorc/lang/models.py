@@ -1,8 +1,8 @@
 """Where a model or an externally trained behavior comes from, and its fingerprint.
 
-Fingerprints change when the model's files do, so cache keys follow them; computing one
-never loads weights (a built-in's is its builder version, a folder's hashes its config
-and lists its files' names, sizes and modification times).
+A fingerprint is a string that changes when the model's files do, so cache keys follow
+it; computing one never loads weights (a built-in's is its builder version, a folder's
+is its `stat_fingerprint`, a hub id's the id).
 """
 
 from __future__ import annotations
@@ -80,10 +80,12 @@ def read_model_folder(name: ast.Str, path: str, sink: DiagnosticSink) -> tuple[i
         return None
     layers = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers")
                         if isinstance(config.get("text_config"), dict) else None)
-    return (layers if isinstance(layers, int) else None), folder_fingerprint(path, raw)
+    return (layers if isinstance(layers, int) else None), stat_fingerprint(path, raw)
 
 
-def folder_fingerprint(path: str, config: bytes) -> str:
+def stat_fingerprint(path: str, config: bytes) -> str:
+    """A folder's config (its content) and its files' names, sizes and modification
+    times: cheap to compute for a folder of gigabytes, and changed by any rewrite."""
     digest = hashlib.sha256(config)
     for entry in sorted(os.scandir(path), key=lambda e: e.name):
         if entry.is_file():
