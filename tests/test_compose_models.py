@@ -16,7 +16,7 @@ from behaviorc.compose.composition import Composition, Term, compose
 from behaviorc.compose.merge import MergeOptions, merged_delta
 from behaviorc.core.merge_methods import METHODS
 from behaviorc.core.files import sha256_file
-from behaviorc.formats.safetensors_io import fingerprint
+from behaviorc.formats.safetensors_io import content_sha256
 from behaviorc.compose.taskvector import check_task_vector, extract_task_vector
 
 
@@ -67,8 +67,8 @@ def test_task_vector_holds_exactly_the_changed_parameters(workspace, tiny_gdn):
     with safe_open(workspace / "b.safetensors", "pt") as handle:
         meta = handle.metadata()
     assert meta["source"] == "b" and meta["method"] == "difference"
-    assert meta["base_sha256"] == fingerprint(tiny_gdn)
-    assert meta["finetuned_sha256"] == fingerprint(workspace / "tuned_b")
+    assert meta["base_fingerprint"] == content_sha256(tiny_gdn)
+    assert meta["finetuned_sha256"] == content_sha256(workspace / "tuned_b")
 
 
 def test_composed_tiny_gdn_loads_in_transformers_with_the_expected_weights(workspace, tiny_gdn,
@@ -106,7 +106,7 @@ def test_composed_tiny_gdn_loads_in_transformers_with_the_expected_weights(works
     assert written["expression"] == "a - b * 0.5"
     assert [(t["behavior"], t["weight"]) for t in written["terms"]] == [("a", 1.0), ("b", -0.5)]
     assert written["terms"][0]["sha256"] == sha256_file(workspace / "a.safetensors")
-    assert written["base"]["fingerprint"] == fingerprint(tiny_gdn)
+    assert written["base"]["fingerprint"] == content_sha256(tiny_gdn)
 
 
 def test_negating_a_vector_and_adding_it_back_returns_the_base_exactly(workspace, tiny_gdn,
@@ -318,6 +318,19 @@ def test_show_and_the_mergekit_export(workspace, tiny_gdn, tmp_path, capsys):
     assert main(["show", str(workspace / "a.safetensors")]) == 0
     described = capsys.readouterr().out
     assert "task vector" in described and "gdn.proj" in described
+
+
+def test_a_task_vector_of_an_older_build_still_shows_its_base(workspace, tiny_gdn, tmp_path, capsys):
+    from safetensors import safe_open
+
+    with safe_open(workspace / "a.safetensors", "pt") as handle:
+        header = handle.metadata()
+    fingerprint = header.pop("base_fingerprint")
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(workspace / "a.safetensors"), old, metadata={**header, "base_sha256": fingerprint})
+    assert check_task_vector(old, tiny_gdn)["base_fingerprint"] == fingerprint
+    assert main(["show", str(old)]) == 0
+    assert f"base_fingerprint: {fingerprint}" in capsys.readouterr().out
 
 
 def test_cli_errors_are_diagnostics(tiny_gdn, tmp_path, capsys):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from behaviorc.core.diagnostics import BehaviorError
-from behaviorc.model.loading import load_model, resolve_model_source, validate_model_folder
+from behaviorc.model.loading import load_model, validate_model_folder
+from behaviorc.model.resolve import resolve_model_folder
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def gdn_copy(tiny_gdn, tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny-gdn", "tiny-dense"])
 def test_builtins_load_in_transformers(name):
-    folder = resolve_model_source(name)
+    folder = resolve_model_folder(name)
     model, tokenizer = load_model(folder, dtype="float32", device="cpu")
     ids = tokenizer(["Use the existing parser."], return_tensors="pt")
     logits = model(**ids).logits
@@ -90,9 +91,9 @@ def test_pickle_weights_refused(gdn_copy):
 
 def test_missing_folder_and_offline_hub_id(tmp_path):
     with pytest.raises(BehaviorError, match="no model folder"):
-        resolve_model_source(str(tmp_path / "nowhere"))
+        resolve_model_folder(str(tmp_path / "nowhere"))
     with pytest.raises(BehaviorError) as err:
-        resolve_model_source("some-org/not-cached-model")
+        resolve_model_folder("some-org/not-cached-model")
     message = err.value.render()
     assert "offline" in message and "`some-org/not-cached-model`" in message
     assert "local folder" in message
@@ -117,4 +118,4 @@ def test_cached_hub_id_resolves_offline(tiny_dense, tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert resolve_model_source("some-org/tiny-dense") == snapshot
+    assert resolve_model_folder("some-org/tiny-dense") == snapshot

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from behaviorc.core.diagnostics import BehaviorError, Location
-from behaviorc.formats.steering import (SteeringVectors, add, combine, export_gguf, load_steering,
-                                     negate, read_gguf, save_steering, scale)
+from behaviorc.formats.steering import export_gguf, load_steering, read_gguf, save_steering
+from behaviorc.steering_vectors import SteeringVectors
 
 
 def make(layers=(1, 3), hidden=8, seed=0, **fields) -> SteeringVectors:
@@ -77,14 +77,14 @@ def test_read_gguf_of_another_architecture_is_refused(tmp_path):
 
 def test_arithmetic():
     a, b = make(layers=(1, 2), seed=1), make(layers=(2, 3), seed=2)
-    total = add(a, b)
+    total = a + b
     assert total.layers == (1, 2, 3)
     assert torch.allclose(total.directions[2], a.directions[2] + b.directions[2])
     assert torch.equal(total.directions[1], a.directions[1])
     assert torch.equal(total.directions[3], b.directions[3])
-    assert torch.equal(negate(a).directions[1], -a.directions[1])
-    assert torch.allclose(scale(a, 2.5).directions[2], 2.5 * a.directions[2])
-    mixed = combine([(a, 1.0), (b, 0.5), (a, -0.8)], provenance="a - 0.8 a + 0.5 b")
+    assert torch.equal((-a).directions[1], -a.directions[1])
+    assert torch.allclose((a * 2.5).directions[2], 2.5 * a.directions[2])
+    mixed = SteeringVectors.combine([(a, 1.0), (b, 0.5), (a, -0.8)], provenance="a - 0.8 a + 0.5 b")
     assert torch.allclose(mixed.directions[2], 0.2 * a.directions[2] + 0.5 * b.directions[2], atol=1e-6)
     assert mixed.provenance == "a - 0.8 a + 0.5 b"
     assert torch.allclose((a - a).directions[1], torch.zeros(8))
@@ -93,9 +93,9 @@ def test_arithmetic():
 
 def test_combining_vectors_of_different_models_is_refused():
     with pytest.raises(BehaviorError, match="different models"):
-        add(make(), make(model="tiny-dense"))
+        make() + make(model="tiny-dense")
     with pytest.raises(BehaviorError, match="hidden size"):
-        add(make(hidden=8), make(hidden=4))
+        make(hidden=8) + make(hidden=4)
 
 
 def test_load_missing_file_names_the_file_and_location(tmp_path):

@@ -13,7 +13,8 @@ from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
 from behaviorc.measure.margin import behavior_margin
 from behaviorc.pipeline.kinds import ExtractSteering, MeasureBase, ResolveModel, TrainBehavior, VerifySteering
 from behaviorc.steer.extract import extract
-from behaviorc.formats.steering import SteeringVectors, load_steering, read_gguf
+from behaviorc.formats.steering import load_steering, read_gguf
+from behaviorc.steering_vectors import SteeringVectors
 from behaviorc.steer.verify import check_fits, verify
 from test_steer_extract import engine, planted_pairs, tied_gdn  # noqa: F401 (fixtures)
 

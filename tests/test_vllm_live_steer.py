@@ -22,7 +22,8 @@ from behaviorc.engine.vllm.named_vectors import (register_vectors, registered_ve
                                             unregister_vector)
 from behaviorc.engine.vllm.traffic import RequestLoop
 from behaviorc.engine.vllm.client import VLLMEngine
-from behaviorc.formats.steering import SteeringVectors, save_steering
+from behaviorc.formats.steering import save_steering
+from behaviorc.steering_vectors import SteeringVectors
 
 PROMPTS = ["I will use the existing", "The model wants", "def add(a, b):", "Yes, and then"]
 BF16_TOLERANCE = 0.03

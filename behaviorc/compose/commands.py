@@ -203,7 +203,7 @@ def _folder_text(path: Path, record: dict[str, Any]) -> str:
 def _task_vector_text(record: dict[str, Any]) -> str:
     meta = record["metadata"]
     lines = [f"{record['path']}: task vector, {record['tensors']} tensors"]
-    for key in ("source", "method", "base", "base_sha256", "finetuned", "finetuned_sha256"):
+    for key in ("source", "method", "base", "base_fingerprint", "finetuned", "finetuned_sha256"):
         if key in meta:
             lines.append(f"  {key + ':':<18}{meta[key]}")
     lines.append("  entries by parameter group:")

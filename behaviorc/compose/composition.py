@@ -32,7 +32,7 @@ from behaviorc.compose.mergekit_yaml import mergekit_yaml
 from behaviorc.core.merge_methods import terms_problem
 from behaviorc.formats.safetensors_io import (
     FLOAT_DTYPES, INDEX_FILE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder,
-    fingerprint, from_float32, plan_shards, row_blocks, to_float32, write_index)
+    content_sha256, from_float32, plan_shards, row_blocks, to_float32, write_index)
 from behaviorc.compose.sources import DeltaSource, check_finite, open_source
 from behaviorc.core.files import PROVENANCE_FILE
 
@@ -148,7 +148,7 @@ def _start_fingerprints(composition: Composition, hasher: ThreadPoolExecutor
         if str(path) in known:
             job.set_result(known[str(path)])
         else:
-            job = hasher.submit(fingerprint, Path(path))
+            job = hasher.submit(content_sha256, Path(path))
         jobs[str(path)] = job
     return jobs
 

@@ -22,7 +22,7 @@ import numpy as np
 from behaviorc.core.atomic import atomic_folder
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.formats.peft_lora import CONFIG_FILE, WEIGHTS_FILE, adapter_config, lora_key
-from behaviorc.formats.safetensors_io import WeightFolder, fingerprint, to_float32
+from behaviorc.formats.safetensors_io import WeightFolder, content_sha256, to_float32
 from behaviorc.compose.sources import check_finite, open_source
 
 # PEFT's and vLLM's common default. On smollm2-135m the demo's trained behavior keeps
@@ -160,7 +160,7 @@ def _write(result: LoraExport, factors: dict[str, np.ndarray], base_dir: Path,
         (staging / CONFIG_FILE).write_text(
             json.dumps(adapter_config(result.ranks, base_dir.resolve()), indent=2) + "\n")
         save_file(factors, str(staging / WEIGHTS_FILE),
-                  metadata={"format": "pt", "base_sha256": fingerprint(base_dir),
+                  metadata={"format": "pt", "base_sha256": content_sha256(base_dir),
                             "choice": result.choice,
                             "energy_kept": f"{result.energy_kept_share:.6f}"})
 

@@ -50,7 +50,9 @@ class TaskVectorSource:
         self.path = Path(path)
         self.file = SafetensorsFile(self.path)
         self.tensors = self.file.tensors
-        self.metadata = self.file.metadata
+        self.metadata = dict(self.file.metadata)
+        if "base_sha256" in self.metadata:  # the key of task vectors written by older builds
+            self.metadata.setdefault("base_fingerprint", self.metadata.pop("base_sha256"))
 
     def check_against(self, base: WeightFolder) -> None:
         for name, info in self.tensors.items():

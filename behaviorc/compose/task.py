@@ -37,7 +37,7 @@ def import_model(task: ImportModel, ctx: TaskContext) -> TaskResult:
 
 def import_task_vector(task: ImportTaskVector, ctx: TaskContext) -> TaskResult:
     """artifacts: task_vector (the external file, checked against the base)."""
-    from behaviorc.formats.safetensors_io import fingerprint
+    from behaviorc.formats.safetensors_io import content_sha256
     from behaviorc.compose.taskvector import check_task_vector
 
     path = Path(task.external.path)
@@ -46,7 +46,7 @@ def import_task_vector(task: ImportTaskVector, ctx: TaskContext) -> TaskResult:
         metadata = check_task_vector(path, Path(base))
     return TaskResult(artifacts={"task_vector": str(path)},
                       data={"sha256": task.external.fingerprint.removeprefix("sha256:")
-                            or fingerprint(path),
+                            or content_sha256(path),
                             "metadata": metadata})
 
 
@@ -100,7 +100,8 @@ def compose_behaviors(task: ComposeBehaviors, ctx: TaskContext) -> TaskResult:
 
 def _compose_steering(task: ComposeBehaviors, ctx: TaskContext) -> None:
     """The same weighted sum of the steering vectors of the terms that steer."""
-    from behaviorc.formats.steering import combine, load_steering, save_steering
+    from behaviorc.formats.steering import load_steering, save_steering
+    from behaviorc.steering_vectors import SteeringVectors
 
     by_behavior = {steering.name: steering for steering in task.steering}
     strength = dict(zip(by_behavior, task.steering_strengths))
@@ -109,7 +110,7 @@ def _compose_steering(task: ComposeBehaviors, ctx: TaskContext) -> None:
 
     weighted = [(vectors(by_behavior[term.behavior]), term.weight * strength[term.behavior])
                 for term in task.compose.terms if term.behavior in by_behavior]
-    save_steering(combine(weighted, provenance=task.compose.expression),
+    save_steering(SteeringVectors.combine(weighted, provenance=task.compose.expression),
                   ctx.out / STEERING_FILE)
 
 

@@ -2,8 +2,9 @@
 
 Only parameters that differ are stored, in float32 (the difference of two bfloat16 or
 float16 values is exact in float32). The header metadata says where the vector came
-from: the base and fine-tuned folders with a sha256 of each, the method and the source
-(the behavior or file it stands for). Applying vectors is a composition with
+from: the base folder with its fingerprint (`base_fingerprint`: the spec's model
+fingerprint in a build, else the content sha256), the fine-tuned folder with its content
+sha256, the method and the source (the behavior or file it stands for). Applying vectors is a composition with
 `task_arithmetic` (`behaviorc.compose.composition`).
 """
 
@@ -18,8 +19,8 @@ from behaviorc import __version__
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.core.atomic import atomic_file
 from behaviorc.formats.safetensors_io import (
-    STORAGE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, fingerprint, row_blocks,
-    computable)
+    STORAGE, PlannedTensor, StreamWriter, TensorInfo, WeightFolder, computable,
+    content_sha256, row_blocks)
 from behaviorc.compose.sources import (
     TaskVectorSource, check_finite, check_same_parameters, check_stored_finite)
 
@@ -27,8 +28,7 @@ FORMAT = "behaviorc.task_vector/1"
 
 
 def extract_task_vector(base_dir: Path, finetuned_dir: Path, out_file: Path, *,
-                        source: str = "", base_fingerprint: str = "",
-                        finetuned_fingerprint: str = "", overwrite: bool = False,
+                        source: str = "", base_fingerprint: str = "", overwrite: bool = False,
                         metadata: dict[str, str] | None = None) -> dict[str, str]:
     """Write tau for a fine-tuned folder against its base; returns the file's metadata
     with its own `sha256` added."""
@@ -41,9 +41,9 @@ def extract_task_vector(base_dir: Path, finetuned_dir: Path, out_file: Path, *,
             "method": "difference",
             "source": source,
             "base": str(Path(base_dir).resolve()),
-            "base_sha256": base_fingerprint or fingerprint(Path(base_dir)),
+            "base_fingerprint": base_fingerprint or content_sha256(Path(base_dir)),
             "finetuned": str(Path(finetuned_dir).resolve()),
-            "finetuned_sha256": finetuned_fingerprint or fingerprint(Path(finetuned_dir)),
+            "finetuned_sha256": content_sha256(Path(finetuned_dir)),
             "tensors": str(len(changed)),
             "behaviorc_version": __version__,
             **(metadata or {}),

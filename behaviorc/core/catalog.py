@@ -1,8 +1,11 @@
-"""The built-in models a spec can name without a folder, with what the checker needs to
-know of them before any is made (`behaviorc.model.builtin` makes them)."""
+"""The model names a spec can use: the built-in models it can name without a folder,
+with what the checker needs to know of them before any is made
+(`behaviorc.model.builtin` makes them), and what a hub id looks like. The checker
+(`behaviorc.lang.models`) and the loader (`behaviorc.model.resolve`) both follow them."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,3 +42,11 @@ BUILTIN_MODELS: dict[str, BuiltinInfo] = {
 def builtin_path(name: str) -> Path:
     """The folder a built-in model is made in, once, in behaviorc's cache."""
     return cache_root() / "models" / f"{name}-v{BUILDER_VERSION}"
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether a model source is written as a Hugging Face hub id (`org/name`)."""
+    return _HUB_ID.fullmatch(source) is not None

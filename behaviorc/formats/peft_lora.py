@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from behaviorc.core.diagnostics import BehaviorError
-from behaviorc.formats.safetensors_io import SafetensorsFile, WeightFolder, fingerprint
+from behaviorc.formats.safetensors_io import SafetensorsFile, WeightFolder, content_sha256
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -152,7 +152,7 @@ def _check_against_base(path: Path, factors: dict[str, dict[str, tuple[int, ...]
                     f"{path}: module `{module}` maps {pair['A'][1]} -> {pair['B'][0]} "
                     f"features, the base's weight {in_features} -> {out_features}",
                     hint="was the adapter made for another model?")
-    if base_sha256 and base_sha256 != fingerprint(base_dir):
+    if base_sha256 and base_sha256 != content_sha256(base_dir):
         raise BehaviorError(f"{path}: made for another base (sha256 {base_sha256[:12]}...), "
                             f"not {base_dir}",
                             hint="export the adapter against the model the server serves")

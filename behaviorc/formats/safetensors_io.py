@@ -419,7 +419,7 @@ def sha256_files(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(path: Path) -> str:
+def content_sha256(path: Path) -> str:
     """sha256 of a task-vector file, or over a model folder's config and weight files."""
     path = Path(path)
     if path.is_file():

@@ -1,7 +1,4 @@
-"""Steering vectors as an artifact: one float32 direction per decoder layer.
-
-Layer numbers follow the Engine convention: 0-based decoder-layer indices, the vector
-for layer L read from and added to the residual stream at the output of layer L.
+"""Steering vectors as files (`behaviorc.steering_vectors` is the type they hold).
 
 Two file formats:
 
@@ -22,17 +19,16 @@ vector at layer 0 cannot be exported: `export_gguf` says so instead of dropping 
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import torch
 
 from behaviorc.core.atomic import atomic_file
 from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.steering_vectors import SteeringVectors
 
 FORMAT = "behaviorc.steering"
 FORMAT_VERSION = "1"
@@ -42,157 +38,25 @@ _LAYER_TENSOR = re.compile(r"layer\.(0|[1-9][0-9]*)")
 _GGUF_TENSOR = re.compile(r"direction\.(0|[1-9][0-9]*)")
 
 
-@dataclass(frozen=True)
-class SteeringVectors:
-    """Directions by layer plus where they came from.
-
-    `directions` is normalized on construction: sorted by layer, float32, contiguous,
-    on the CPU. Construction refuses empty sets, mismatched sizes and non-finite values.
-    """
-
-    directions: Mapping[int, torch.Tensor]
-    method: str  # mean_diff | pca | combination | imported
-    model: str  # the model folder or name the hidden states came from
-    read: str = "mean"  # last | mean | mixed
-    spec_hash: str = ""
-    model_type: str = ""  # config.model_type; GGUF's model hint
-    provenance: str = ""  # e.g. the compose expression that made a combination
-    extra: Mapping[str, str] = field(default_factory=dict)  # free-form string metadata
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "directions", _checked_directions(self.directions))
-        object.__setattr__(self, "extra", dict(self.extra))
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return tuple(self.directions)
-
-    @property
-    def hidden_size(self) -> int:
-        return next(iter(self.directions.values())).numel()
-
-    @property
-    def norms(self) -> dict[int, float]:
-        return {layer: float(v.norm()) for layer, v in self.directions.items()}
-
-    def metadata(self) -> dict[str, str]:
-        """The string metadata written with the tensors."""
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "method": self.method,
-            "model": self.model,
-            "model_type": self.model_type,
-            "read": self.read,
-            "spec_hash": self.spec_hash,
-            "provenance": self.provenance,
-            "layers": json.dumps(list(self.layers)),
-            "hidden_size": str(self.hidden_size),
-            "norms": json.dumps({str(k): v for k, v in self.norms.items()}),
-            "extra": json.dumps(dict(self.extra), sort_keys=True),
-        }
-
-    def with_directions(self, directions: Mapping[int, torch.Tensor], **changes: Any) -> "SteeringVectors":
-        """The same provenance with new directions (and any field changed by name)."""
-        return replace(self, directions=directions, **changes)
-
-    def select(self, layers: Sequence[int]) -> "SteeringVectors":
-        """Only the given layers (each must be present)."""
-        missing = [layer for layer in layers if layer not in self.directions]
-        if missing:
-            raise BehaviorError(f"steering vectors have no layer {missing[0]} "
-                                f"(they have layers {list(self.layers)})")
-        return self.with_directions({layer: self.directions[layer] for layer in layers})
-
-    def __add__(self, other: "SteeringVectors") -> "SteeringVectors":
-        return add(self, other)
-
-    def __sub__(self, other: "SteeringVectors") -> "SteeringVectors":
-        return combine([(self, 1.0), (other, -1.0)])
-
-    def __neg__(self) -> "SteeringVectors":
-        return negate(self)
-
-    def __mul__(self, factor: float) -> "SteeringVectors":
-        return scale(self, factor)
-
-    __rmul__ = __mul__
-
-
-def _checked_directions(directions: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    where = "steering vectors"
-    if not directions:
-        raise BehaviorError(f"{where}: no layers")
-    checked: dict[int, torch.Tensor] = {}
-    size: int | None = None
-    for layer in sorted(directions):
-        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
-            raise BehaviorError(f"{where}: layer {layer!r} is not a layer number (0 or more)")
-        vector = torch.as_tensor(directions[layer])
-        if vector.dim() != 1:
-            raise BehaviorError(f"{where}: layer {layer} has shape {list(vector.shape)}, "
-                                "expected one vector [hidden]")
-        vector = vector.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        if size is None:
-            size = vector.numel()
-        elif vector.numel() != size:
-            raise BehaviorError(f"{where}: layer {layer} has {vector.numel()} values, "
-                                f"other layers have {size}")
-        if not bool(torch.isfinite(vector).all()):
-            raise BehaviorError(f"{where}: layer {layer} has NaN or infinite values")
-        checked[layer] = vector
-    return checked
-
-
-# ---------------------------------------------------------------- arithmetic
-
-def combine(terms: Sequence[tuple[SteeringVectors, float]], provenance: str = "") -> SteeringVectors:
-    """sum_i weight_i * vectors_i over the union of their layers (a layer a term lacks
-    counts as zero for it). All terms must come from the same model."""
-    if not terms:
-        raise BehaviorError("nothing to combine: no steering vectors")
-    first = terms[0][0]
-    for vectors, _ in terms[1:]:
-        if vectors.model != first.model:
-            raise BehaviorError(f"cannot combine steering vectors of different models: "
-                                f"`{first.model}` and `{vectors.model}`")
-        if vectors.hidden_size != first.hidden_size:
-            raise BehaviorError(f"cannot combine steering vectors of hidden size "
-                                f"{first.hidden_size} and {vectors.hidden_size}")
-    summed: dict[int, torch.Tensor] = {}
-    for vectors, weight in terms:
-        for layer, vector in vectors.directions.items():
-            summed[layer] = summed.get(layer, torch.zeros_like(vector)) + float(weight) * vector
-    methods = {vectors.method for vectors, _ in terms}
-    reads = {vectors.read for vectors, _ in terms}
-    spec_hashes = {vectors.spec_hash for vectors, _ in terms}
-    return SteeringVectors(
-        directions=summed,
-        method=methods.pop() if len(methods) == 1 else "combination",
-        model=first.model,
-        read=reads.pop() if len(reads) == 1 else "mixed",
-        spec_hash=spec_hashes.pop() if len(spec_hashes) == 1 else "",
-        model_type=first.model_type,
-        provenance=provenance or " + ".join(
-            f"{weight:g} * ({vectors.provenance or vectors.method})" for vectors, weight in terms),
-    )
-
-
-def add(a: SteeringVectors, b: SteeringVectors) -> SteeringVectors:
-    return combine([(a, 1.0), (b, 1.0)])
-
-
-def negate(vectors: SteeringVectors) -> SteeringVectors:
-    return scale(vectors, -1.0)
-
-
-def scale(vectors: SteeringVectors, factor: float) -> SteeringVectors:
-    if not math.isfinite(factor):
-        raise BehaviorError(f"cannot scale steering vectors by {factor}")
-    return vectors.with_directions({layer: factor * v for layer, v in vectors.directions.items()})
-
-
 # ---------------------------------------------------------------- safetensors
+
+def steering_metadata(vectors: SteeringVectors) -> dict[str, str]:
+    """The string metadata written with the tensors."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": vectors.method,
+        "model": vectors.model,
+        "model_type": vectors.model_type,
+        "read": vectors.read,
+        "spec_hash": vectors.spec_hash,
+        "provenance": vectors.provenance,
+        "layers": json.dumps(list(vectors.layers)),
+        "hidden_size": str(vectors.hidden_size),
+        "norms": json.dumps({str(k): v for k, v in vectors.norms.items()}),
+        "extra": json.dumps(dict(vectors.extra), sort_keys=True),
+    }
+
 
 def save_steering(vectors: SteeringVectors, path: str | Path) -> Path:
     """Write `vectors` as safetensors, atomically (a reader never sees half a file)."""
@@ -201,7 +65,7 @@ def save_steering(vectors: SteeringVectors, path: str | Path) -> Path:
     path = Path(path)
     tensors = {f"layer.{layer}": v for layer, v in vectors.directions.items()}
     with atomic_file(path, overwrite=True) as staging:
-        save_file(tensors, str(staging), metadata=vectors.metadata())
+        save_file(tensors, str(staging), metadata=steering_metadata(vectors))
     return path
 
 
@@ -289,7 +153,7 @@ def export_gguf(vectors: SteeringVectors, path: str | Path) -> Path:
         writer.add_string(f"{GGUF_ARCH}.model_hint", vectors.model_type or vectors.model)
         writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(vectors.directions))
         # Our provenance rides along under our own prefix; llama.cpp ignores unknown keys.
-        for key, value in vectors.metadata().items():
+        for key, value in steering_metadata(vectors).items():
             if key not in ("layers", "norms", "hidden_size"):
                 writer.add_string(f"behaviorc.{key}", value)
         for layer, vector in vectors.directions.items():
@@ -341,7 +205,3 @@ def read_gguf(path: str | Path, loc: Location | None = None) -> SteeringVectors:
         )
     except BehaviorError as err:
         raise BehaviorError(f"{where}: {err}", loc) from None
-
-
-# ---------------------------------------------------------------- files
-

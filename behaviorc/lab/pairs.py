@@ -227,11 +227,11 @@ def _read_questions(path: Path) -> list[str]:
 def _embedded(model: str, loaded=None):
     """The model as an embedded engine (the same engine when `loaded` is that model)."""
     from behaviorc.engine.embedded import EmbeddedEngine
-    from behaviorc.model.loading import resolve_model_source
+    from behaviorc.model.resolve import resolve_model_folder
 
     if loaded is not None and loaded.info.name == model:
         return loaded
-    return EmbeddedEngine.load(resolve_model_source(model), name=model)
+    return EmbeddedEngine.load(resolve_model_folder(model), name=model)
 
 
 def _embedded_ask(engine) -> Ask:

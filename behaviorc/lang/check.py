@@ -23,7 +23,7 @@ from behaviorc.lang.context import ModelContext, model_texts
 from behaviorc.lang.data import DataFiles, resolve_path
 from behaviorc.lang.linear import canonical_text, linearize, references
 from behaviorc.core.files import sha256_file
-from behaviorc.lang.models import read_model_folder, resolve_model_source
+from behaviorc.lang.models import check_model_source, read_model_folder
 from behaviorc.lang.parse import parse_text
 from behaviorc.lang.sections import Sections
 from behaviorc.lang.values import (MAX_LORA_RANK, MAX_SEED, MAX_STEPS, MAX_TIMEOUT_S, MIN_TIMEOUT_S,
@@ -250,7 +250,7 @@ class _Checker:
         device = self.values.choice(options.one("device"), DEVICES, "device")
         thinking = self.values.switch(options.one("thinking"), False)
         self._plain_name(decl.name)
-        source = resolve_model_source(decl.source, base, self.sink)
+        source = check_model_source(decl.source, base, self.sink)
         if source is None:
             return None
         model = ir.ModelDecl(name=name, source=source.source, kind=source.kind,

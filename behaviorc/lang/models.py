@@ -1,8 +1,8 @@
 """Where a model or an externally trained behavior comes from, and its fingerprint.
 
-Fingerprints change when the model's files do, so cache keys follow them; computing one
-never loads weights (a built-in's is its builder version, a folder's hashes its config
-and lists its files' names, sizes and modification times).
+A fingerprint is a string that changes when the model's files do, so cache keys follow
+it; computing one never loads weights (a built-in's is its builder version, a folder's
+is its `stat_fingerprint`, a hub id's the id).
 """
 
 from __future__ import annotations
@@ -10,17 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 from behaviorc.core.diagnostics import DiagnosticSink, did_you_mean
 from behaviorc.lang import ast
 from behaviorc.lang.data import resolve_path
-from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS as BUILTINS
+from behaviorc.core.catalog import BUILDER_VERSION, BUILTIN_MODELS as BUILTINS, is_hub_id
 from behaviorc.core.textfiles import TextFileError, read_bytes
-
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 
 
 @dataclass(frozen=True)
@@ -31,8 +28,10 @@ class ModelSource:
     fingerprint: str
 
 
-def resolve_model_source(name: ast.Str, base_dir: str, sink: DiagnosticSink) -> ModelSource | None:
-    """A built-in name, an existing folder (relative to the spec), else a hub id."""
+def check_model_source(name: ast.Str, base_dir: str, sink: DiagnosticSink) -> ModelSource | None:
+    """What a spec's model names, at check time (nothing is built, read from the hub or
+    loaded): a built-in name, an existing folder (relative to the spec), else a hub id;
+    None after reporting an error to `sink`."""
     source = name.value
     if source in BUILTINS:
         layers = BUILTINS[source].num_layers
@@ -44,7 +43,7 @@ def resolve_model_source(name: ast.Str, base_dir: str, sink: DiagnosticSink) -> 
             return None
         layers, fingerprint = folder
         return ModelSource(os.path.abspath(path), "folder", layers, fingerprint)
-    if HUB_ID.match(source) and not source.startswith((".", "~")):
+    if is_hub_id(source):
         return ModelSource(source, "hub", None, f"hub:{source}")
     if "/" in source or source.startswith((".", "~")) or not source.strip():
         sink.error(f"model folder `{source}` not found", name.loc,
@@ -81,10 +80,12 @@ def read_model_folder(name: ast.Str, path: str, sink: DiagnosticSink) -> tuple[i
         return None
     layers = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers")
                         if isinstance(config.get("text_config"), dict) else None)
-    return (layers if isinstance(layers, int) else None), folder_fingerprint(path, raw)
+    return (layers if isinstance(layers, int) else None), stat_fingerprint(path, raw)
 
 
-def folder_fingerprint(path: str, config: bytes) -> str:
+def stat_fingerprint(path: str, config: bytes) -> str:
+    """A folder's config (its content) and its files' names, sizes and modification
+    times: cheap to compute for a folder of gigabytes, and changed by any rewrite."""
     digest = hashlib.sha256(config)
     for entry in sorted(os.scandir(path), key=lambda e: e.name):
         if entry.is_file():

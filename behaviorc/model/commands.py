@@ -78,9 +78,10 @@ def write_model(args: argparse.Namespace) -> int:
 
 
 def show_model(args: argparse.Namespace) -> int:
-    from behaviorc.model.loading import resolve_model_source, validate_model_folder
+    from behaviorc.model.loading import validate_model_folder
+    from behaviorc.model.resolve import resolve_model_folder
 
-    folder = resolve_model_source(args.source)
+    folder = resolve_model_folder(args.source)
     adapter = validate_model_folder(folder)
     kinds = " ".join("G" if kind == "gdn" else "A" for kind in adapter.layer_kinds)
     print(f"{args.source}: {folder}")

@@ -1,9 +1,10 @@
-"""Finding, checking and loading models: built-in names, local folders, cached hub ids.
+"""Checking and loading model folders (`behaviorc.model.resolve` finds the folder a
+model source names).
 
-Everything here works offline: hub ids are looked up only in the local Hugging Face
-cache, and nothing is ever downloaded. A model folder is checked before transformers
-sees it, so a missing config, a truncated safetensors file or an unknown dtype is a
-BehaviorError naming the file, never a traceback from deep inside a loader.
+Everything here works offline: nothing is ever downloaded. A model folder is checked
+before transformers sees it, so a missing config, a truncated safetensors file or an
+unknown dtype is a BehaviorError naming the file, never a traceback from deep inside a
+loader.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from behaviorc.core.diagnostics import BehaviorError, Location, located_at
 from behaviorc.core.context import TOO_LONG_HINT, over_context, positions_in
 from behaviorc.core.vocabulary import DTYPES
 from behaviorc.model.adapter import ArchitectureAdapter
-from behaviorc.model.builtin import BUILTINS, BuildProgress, ensure_builtin
 
 # Set before transformers / huggingface_hub are first imported, so nothing is fetched.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,42 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # What config.json may say about the stored dtype (both spellings transformers writes).
 _CONFIG_DTYPES = {"float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "auto"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def resolve_model_source(source: str, loc: Location | None = None,
-                         progress: BuildProgress | None = None) -> Path:
-    """The local folder for a built-in name, a folder path, or a cached hub id."""
-    if source in BUILTINS:
-        return ensure_builtin(source, progress)
-    path = Path(source).expanduser()
-    if path.exists():
-        validate_model_folder(path, loc)
-        return path.resolve()
-    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
-        folder = _cached_hub_snapshot(source, loc)
-        validate_model_folder(folder, loc)
-        return folder
-    raise BehaviorError(
-        f"no model folder `{source}`", loc,
-        hint=f"use a built-in ({', '.join(BUILTINS)}), a local Hugging Face folder, "
-             "or a hub id already in the local cache")
-
-
-def _cached_hub_snapshot(repo_id: str, loc: Location | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        raise BehaviorError(
-            f"this machine is offline; `{repo_id}` is not in the local Hugging Face cache "
-            "and cannot be downloaded", loc,
-            hint="download it on a connected machine (`huggingface-cli download "
-                 f"{repo_id} --local-dir DIR`), copy the folder here and point `model` "
-                 "at the local folder") from None
 
 
 def validate_model_folder(path: Path, loc: Location | None = None) -> ArchitectureAdapter:

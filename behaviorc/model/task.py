@@ -7,7 +7,8 @@ from typing import ClassVar
 from behaviorc.core import ir
 
 from behaviorc.core.diagnostics import located_at
-from behaviorc.model.loading import resolve_model_source, validate_model_folder
+from behaviorc.model.loading import validate_model_folder
+from behaviorc.model.resolve import resolve_model_folder
 from behaviorc.core.task import Task, TaskContext, TaskResult
 
 
@@ -17,7 +18,7 @@ def resolve_model(task: ResolveModel, ctx: TaskContext) -> TaskResult:
     ctx.progress(0, 1, f"resolving {decl.source}")
     # Problems inside the folder name their file; the others, the spec's model line.
     with located_at(decl.loc):
-        path = resolve_model_source(
+        path = resolve_model_folder(
             decl.source, decl.loc,
             progress=lambda step, steps, loss: ctx.progress(
                 step, steps, f"building {decl.source} (once): loss {loss:.3f}"))

@@ -135,9 +135,11 @@ def _suffix(path: Path) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from behaviorc.formats.steering import steering_metadata
+
     vectors = read_any(args.path)
     if args.json:
-        print(json.dumps(vectors.metadata(), indent=2))
+        print(json.dumps(steering_metadata(vectors), indent=2))
         return 0
     print(f"{args.path}: {len(vectors.layers)} layer(s), hidden size {vectors.hidden_size}")
     print(f"  method {vectors.method}, read {vectors.read}, model {vectors.model or '?'}"

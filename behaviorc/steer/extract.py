@@ -73,7 +73,7 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.core.vocabulary import Orientation, ReadPosition, SteerMethod
 from behaviorc.engine.protocol import Engine
-from behaviorc.formats.steering import SteeringVectors
+from behaviorc.steering_vectors import SteeringVectors
 
 Progress = Callable[[int, int, str], None]  # done, total, what is being done
 

@@ -47,7 +47,7 @@ import torch
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
 from behaviorc.engine.protocol import Engine, steered
-from behaviorc.formats.steering import SteeringVectors
+from behaviorc.steering_vectors import SteeringVectors
 from behaviorc.measure.margin import per_pair_margins
 from behaviorc.measure.nll import general_nll
 from behaviorc.measure.capability import capability_accuracy
