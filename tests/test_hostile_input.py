@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Diagnostic, Location
-from behaviorc.engine.vllm.weights import ServedWeights
+from behaviorc.engine.vllm.inside.weights import ServedWeights
 from behaviorc.lang.check import check_file
 from behaviorc.lang.fmt import format_text
 

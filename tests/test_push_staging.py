@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from behaviorc.engine.vllm.weights import ServedWeights, all_finite, layer_group
+from behaviorc.engine.vllm.inside.weights import ServedWeights, all_finite, layer_group
 
 
 @pytest.fixture

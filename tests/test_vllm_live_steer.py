@@ -17,7 +17,9 @@ import torch
 
 from behaviorc.cli import main
 from behaviorc.core.diagnostics import BehaviorError
-from behaviorc.engine.vllm.live_steer import SteerSpecError, cache_salt, parse_steer
+from behaviorc.engine.hooks import add_to_output
+from behaviorc.engine.vllm.inside.steer_spec import SteerSpecError, cache_salt, parse_steer
+from behaviorc.engine.vllm.inside.steering import ScheduledRequest, token_coefficients
 from behaviorc.engine.vllm.named_vectors import (register_vectors, registered_vectors,
                                             unregister_vector)
 from behaviorc.engine.vllm.traffic import RequestLoop
@@ -42,6 +44,36 @@ def test_steer_argument_is_read_and_refused_clearly():
     assert len(salt) <= 128 and "@" not in salt and "/" not in salt
     assert salt != cache_salt((("happy", 1.0),), {"happy": "d1"}, None)
     assert salt != cache_salt((("happy", 2.0),), {"happy": "d2"}, None)  # re-pushed vector
+
+
+def test_each_request_steers_only_its_own_rows_of_the_batch():
+    index = {"concise": 0, "happy": 1}
+    batch = [ScheduledRequest(0, 3, {"steer": "happy:2"}),
+             ScheduledRequest(3, 4, {}),  # unsteered, batched between steered ones
+             ScheduledRequest(4, 6, {"steer": "concise:-1,happy:0.5,gone:3", "other": 1})]
+    assert token_coefficients(batch, index, 7).tolist() == [
+        [0.0, 2.0], [0.0, 2.0], [0.0, 2.0], [0.0, 0.0], [-1.0, 0.5], [-1.0, 0.5],
+        [0.0, 0.0]]  # the last row: padding past the scheduled tokens
+    unsteered = [ScheduledRequest(0, 2, {}), ScheduledRequest(2, 3, {"steer": "gone:1"})]
+    assert token_coefficients(unsteered, index, 3) is None
+    assert token_coefficients([], index, 3) is None
+
+
+def test_one_hook_adds_a_vector_or_per_token_additions_to_either_output_form():
+    layer = torch.nn.Identity()
+    hidden, residual = torch.zeros(3, 2), torch.ones(3, 2)
+    coefficients = torch.tensor([[1.0], [0.0], [2.0]])
+    per_token = add_to_output(lambda stream: coefficients[: stream.shape[0]] @ torch.tensor([[1.0, -1.0]]))
+    handle = layer.register_forward_hook(per_token)
+    out, kept = layer((hidden, residual))
+    assert out.tolist() == [[1.0, -1.0], [0.0, 0.0], [2.0, -2.0]] and kept is residual
+    handle.remove()
+    handle = layer.register_forward_hook(add_to_output(torch.tensor([0.5, 0.5])))
+    assert layer(hidden).tolist() == [[0.5, 0.5]] * 3
+    handle.remove()
+    nothing = layer.register_forward_hook(add_to_output(lambda stream: None))
+    assert layer(hidden) is hidden
+    nothing.remove()
 
 
 # ---------------------------------------------------------------- against the server

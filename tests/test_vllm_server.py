@@ -47,12 +47,12 @@ def test_api_key_guards_every_route_but_health(monkeypatch, tiny_gdn):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from behaviorc.engine.vllm.server import API_KEY_ENV, guard_all_routes
+    from behaviorc.engine.vllm.inside.middleware import API_KEY_ENV, guard_all_routes
 
     command = server_command(tiny_gdn, "0.0.0.0", 8000, api_key="secret")
     middlewares = [command[i + 1] for i, arg in enumerate(command) if arg == "--middleware"]
     # Added last, so Starlette runs it first: nothing else sees an unauthorized request.
-    assert middlewares[-1] == "behaviorc.engine.vllm.server.guard_all_routes"
+    assert middlewares[-1] == "behaviorc.engine.vllm.inside.middleware.guard_all_routes"
     monkeypatch.setenv(API_KEY_ENV, "secret")
     app = FastAPI()
     app.middleware("http")(guard_all_routes)

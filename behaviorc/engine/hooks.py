@@ -2,12 +2,16 @@
 
 A transformers decoder layer returns its output hidden states (a tensor, or a tuple
 whose first item is the tensor in older layers); both hooks here handle either form.
+A vLLM decoder layer returns `(hidden, residual)` and the next layer's fused add-norm
+makes `hidden + residual` the residual stream, so adding to the first item adds to the
+residual stream at that layer's output there too: the embedded engine and behaviorc's
+vLLM worker steer with the same hook.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -16,13 +20,22 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def add_to_output(delta: torch.Tensor):
-    """A forward hook adding `delta` to a layer's output at every position."""
+# What a steering hook adds: one tensor at every position, or a function of the layer's
+# output hidden states giving the addition for this forward pass (None: nothing).
+Addition = Union[torch.Tensor, Callable[[torch.Tensor], Union[torch.Tensor, None]]]
+
+
+def add_to_output(delta: Addition):
+    """A forward hook adding `delta` to a layer's output hidden states."""
 
     def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        hidden = _hidden(output)
+        added = delta(hidden) if callable(delta) else delta
+        if added is None:
+            return None
         if isinstance(output, tuple):
-            return (output[0] + delta, *output[1:])
-        return output + delta
+            return (hidden + added, *output[1:])
+        return hidden + added
 
     return hook
 

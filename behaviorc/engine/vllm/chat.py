@@ -67,7 +67,7 @@ class Conversation:
 
     def ask(self, text: str, compare: bool = False) -> tuple[str, str | None]:
         """The steered answer, and the unsteered one to the same history when `compare`."""
-        from behaviorc.engine.vllm.live_steer import format_steer, parse_steer
+        from behaviorc.engine.vllm.inside.steer_spec import format_steer, parse_steer
 
         try:
             steer = format_steer(parse_steer(self.steer))

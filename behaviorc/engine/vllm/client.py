@@ -1,5 +1,5 @@
 """The Engine protocol over HTTP, against a live vLLM server running behaviorc's worker
-extension (see `behaviorc.engine.vllm.server` and `behaviorc.engine.vllm.worker`)."""
+extension (see `behaviorc.engine.vllm.server` and `behaviorc.engine.vllm.inside.extension`)."""
 
 from __future__ import annotations
 

@@ -20,12 +20,12 @@ import httpcore
 import httpx
 
 from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.engine.vllm.inside.middleware import API_KEY_ENV
 
 REQUEST_TIMEOUT_S = 120.0  # default for a call; BEHAVIORC_SERVER_TIMEOUT_S overrides it
 PUSH_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "BEHAVIORC_SERVER_TIMEOUT_S"
 KEEPALIVE_S = 2.0
-API_KEY_ENV = "BEHAVIORC_API_KEY"  # the key for servers that need one (never on a command line)
 NOT_REPEATABLE = {"/collective_rpc"}  # requests that may change the server's state
 HEALTH_TIMEOUT_S = 5.0  # a server's /health answers in milliseconds, even under load
 

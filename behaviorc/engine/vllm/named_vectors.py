@@ -1,5 +1,5 @@
 """The client side of a server's registry of named steering vectors (see
-`behaviorc.engine.vllm.live_steer`): register, list and remove vectors that requests then
+`behaviorc.engine.vllm.inside.steering`): register, list and remove vectors that requests then
 choose with `"vllm_xargs": {"steer": "name:strength,..."}`.
 
 Every change is checked by the server before anything changes (layers in range, one value

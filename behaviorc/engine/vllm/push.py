@@ -1,6 +1,6 @@
 """All-or-nothing weight pushes into live vLLM servers (one or several replicas).
 
-A push never stops a server: the worker extension (`behaviorc.engine.vllm.worker`) loads the
+A push never stops a server: the worker extension (`behaviorc.engine.vllm.inside`) loads the
 new weights in place between two forward steps while requests keep flowing (HOGWILD).
 Weights travel in checkpoint format, so vLLM itself fuses q/k/v, gate/up, the GDN
 projections and the MoE experts into its own layouts.

@@ -9,16 +9,15 @@ then SIGKILL; the shared memory its processes held is removed with them. Its lif
 tied to the process that started it: when that one dies, even by SIGKILL, the kernel
 sends the server SIGTERM (a parent-death signal), so no server outlives its owner. The development routes behaviorc needs (`/collective_rpc`,
 `/reset_prefix_cache`) are not covered by vLLM's API key, which guards only `/v1`;
-when a key is set, `guard_all_routes` (loaded into the server with `--middleware`)
-guards every route but `/health`. The key reaches the server through its environment,
-never its command line.
+when a key is set, `guard_all_routes` (loaded into the server with `--middleware`, see
+`behaviorc.engine.vllm.inside.middleware`) guards every route but `/health`. The key
+reaches the server through its environment, never its command line.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.vllm.http import API_KEY_ENV, check_api_key
@@ -36,11 +35,14 @@ from behaviorc.engine.vllm.http import API_KEY_ENV, check_api_key
 if TYPE_CHECKING:
     import httpx
 
-WORKER_EXTENSION = "behaviorc.engine.vllm.worker.BehaviorWorker"
-# Checks and cache-salts per-request steering (`vllm_xargs.steer`); see engine/vllm/live_steer.py.
-STEER_MIDDLEWARE = "behaviorc.engine.vllm.live_steer.SteerRequests"
-# Closes the development routes and worker methods behaviorc does not use; see engine/vllm/guard.py.
-GUARD_MIDDLEWARE = "behaviorc.engine.vllm.guard.WorkerCalls"
+# What vLLM loads into its processes: engine/vllm/inside/.
+WORKER_EXTENSION = "behaviorc.engine.vllm.inside.extension.BehaviorWorker"
+# Checks and cache-salts per-request steering (`vllm_xargs.steer`).
+STEER_MIDDLEWARE = "behaviorc.engine.vllm.inside.middleware.SteerRequests"
+# Closes the development routes and worker methods behaviorc does not use.
+GUARD_MIDDLEWARE = "behaviorc.engine.vllm.inside.middleware.WorkerCalls"
+# Requires the API key on every route but /health, when the server has one.
+API_KEY_MIDDLEWARE = "behaviorc.engine.vllm.inside.middleware.guard_all_routes"
 VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM 0.32 reads it when no --api-key is given
 READY_TIMEOUT_S = 600.0
 WAITING_INTERVAL_S = 10.0  # how often a starting server's phase is told
@@ -48,7 +50,7 @@ WAITING_INTERVAL_S = 10.0  # how often a starting server's phase is told
 # many more loaded on the CPU side, and refuses adapters above the rank it was started with.
 LORA_SLOTS = 4
 LORA_CPU_CACHE = 16
-LORA_MIDDLEWARE = "behaviorc.engine.vllm.lora.PromptLogprobsGuard"
+LORA_MIDDLEWARE = "behaviorc.engine.vllm.inside.middleware.PromptLogprobsGuard"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max ranks vLLM 0.32 accepts
 STOP_GRACE_S = 15.0
 
@@ -172,7 +174,7 @@ def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
     if api_key:
         # The key itself goes in the environment (server_environment): any local user
         # reads a command line with `ps`.
-        command += ["--middleware", f"{__name__}.guard_all_routes"]
+        command += ["--middleware", API_KEY_MIDDLEWARE]
     return command
 
 
@@ -190,7 +192,7 @@ def server_environment(api_key: str | None, tensor_parallel_size: int = 1,
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tensor_parallel_size))
     env.pop(VLLM_API_KEY_ENV, None)
     if api_key:
-        env[API_KEY_ENV] = api_key  # read by guard_all_routes
+        env[API_KEY_ENV] = api_key  # read by inside.middleware.guard_all_routes
         env[VLLM_API_KEY_ENV] = api_key  # vLLM's own check of /v1, as `--api-key` would
     return env
 
@@ -371,16 +373,3 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
     return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
-
-async def guard_all_routes(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Server-side: require the API key on every route but /health (runs inside vLLM).
-    /health stays open so load balancers and `behaviorc` can probe it; it says only
-    that the server runs."""
-    from fastapi.responses import JSONResponse
-
-    key = os.environ.get(API_KEY_ENV, "")
-    if key and request.url.path != "/health":
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given, key):
-            return JSONResponse({"error": "Unauthorized"}, status_code=401)
-    return await call_next(request)

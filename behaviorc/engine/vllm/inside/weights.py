@@ -1,6 +1,6 @@
 """What a vLLM worker serves, in checkpoint format, and how a push is checked against it.
 
-Runs inside the worker (see `behaviorc.engine.vllm.worker`); nothing here touches vLLM. A
+Runs inside the worker (see `worker_state`); nothing here touches vLLM. A
 served value is read again from its source: a safetensors file (the model folder or a
 pushed folder) or a tensor kept in memory (a pushed state dict, whose file the client
 deletes after the push).

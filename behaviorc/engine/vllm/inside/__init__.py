@@ -1,0 +1,13 @@
+"""The code vLLM loads into its own processes (nothing here runs in behaviorc's).
+
+- `plugin`: in every vLLM process (entry point group `vllm.general_plugins`).
+- `middleware`: in the API server process (`--middleware`): the routes and worker calls
+  a server opens, checks of per-request steering, the API key on every route.
+- `extension` (`--worker-extension-cls`), with `worker_state`, `steering`, `weights` and
+  `vllm_internals` (the one module that reads vLLM's worker internals): in each worker
+  process.
+- `steer_spec`: the `steer` request argument, read here and written by clients.
+
+The launcher (`behaviorc.engine.vllm.server`) names these to vLLM; nothing here imports
+the client side.
+"""

@@ -1,0 +1,244 @@
+"""What behaviorc keeps in a vLLM worker, and what each worker call does with it.
+
+Steering. `set_steering` adds `strength * vector` to the output of chosen decoder layers
+for every request (the hook of `behaviorc.engine.hooks`). Named vectors (`steering`)
+steer only the requests that name them: before each forward pass the state reads which
+tokens of the batch belong to which request and builds their coefficients.
+
+Weights. A push is staged, then committed. Staging reads every pushed tensor once,
+checking names, shapes and dtypes against the served checkpoint and that every value is
+finite, leaves out the decoder layers whose values did not change, and completes each
+layer the push changes with the served values of its other tensors (vLLM rebuilds a
+fused module, e.g. qkv or the MoE experts, from all of its parts). Committing feeds
+those checkpoint-format tensors to vLLM's own `load_weights` (`VllmWorker.load_weights`),
+so vLLM fuses and repacks them into its kernel layouts. The worker remembers where each
+served value can be read again (the model folder, a pushed folder, or memory for a
+pushed state dict), so a rollback loads the previous values of the same tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from behaviorc.engine.hooks import add_to_output
+from behaviorc.engine.vllm.inside.steering import (
+    EMPTY, Registry, Shape, build_registry, registration_problems, token_coefficients,
+    vector_problems)
+from behaviorc.engine.vllm.inside.vllm_internals import VllmWorker
+from behaviorc.engine.vllm.inside.weights import ServedWeights
+
+
+def _layer_kinds(config: Any, count: int) -> list[str]:
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * count
+    return ["gdn" if kind == "linear_attention" else "attention" for kind in kinds[:count]]
+
+
+class WorkerState:
+    """One per worker, made on the extension's first call; requests are plain values
+    (the decoded JSON of a worker call) and so are the answers."""
+
+    def __init__(self, worker: VllmWorker):
+        self.worker = worker
+        self._served: ServedWeights | None = None  # read on the first push
+        self._steering: list[Any] = []  # hooks of set_steering
+        self._registry = EMPTY
+        self._registry_hooks: list[Any] = []
+        self._coefficients: torch.Tensor | None = None  # of the forward pass running
+        self._counts = {"steered_passes": 0, "mixed_passes": 0}
+
+    # --- model description ---
+
+    def info(self) -> dict[str, Any]:
+        config, text = self.worker.config(), self.worker.text_config()
+        count = len(self.worker.decoder_layers())
+        return {
+            "path": str(self.worker.folder()),
+            "architecture": (getattr(config, "architectures", None) or ["?"])[0],
+            "num_layers": count,
+            "hidden_size": int(text.hidden_size),
+            "layer_kinds": _layer_kinds(text, count),
+            "dtype": str(self.worker.dtype()).removeprefix("torch."),
+            "start_token_id": self.worker.start_token_id(),
+        }
+
+    def _shape(self) -> Shape:
+        return Shape(len(self.worker.decoder_layers()), int(self.worker.text_config().hidden_size),
+                     float(torch.finfo(self.worker.dtype()).max))
+
+    # --- steering every request ---
+
+    def set_steering(self, request: Any) -> dict[str, Any]:
+        """request: {"strength": float, "vectors": {"layer": [floats]}}; replaces all steering."""
+        strength = request.get("strength") if isinstance(request, dict) else None
+        if type(strength) not in (int, float) or not math.isfinite(strength):
+            raise ValueError(f"the steering strength must be a finite number, not {strength!r}")
+        # Everything is checked before the steering in place is touched: a refused
+        # request leaves it as it was.
+        problems = vector_problems("steering", request.get("vectors"), strength, self._shape())
+        if problems:
+            raise ValueError("; ".join(problems))
+        layers = self.worker.decoder_layers()
+        additions = {int(key): values for key, values in request["vectors"].items()}
+        self.clear_steering()
+        for index, values in additions.items():
+            layer = layers[index]
+            reference = next(layer.parameters())
+            delta = torch.tensor(values, dtype=torch.float32) * strength
+            delta = delta.to(device=reference.device, dtype=reference.dtype)
+            self._steering.append(layer.register_forward_hook(add_to_output(delta)))
+        return {"layers": sorted(additions), "strength": strength}
+
+    def clear_steering(self) -> dict[str, Any]:
+        removed = len(self._steering)
+        for handle in self._steering:
+            handle.remove()
+        self._steering = []
+        return {"removed": removed}
+
+    # --- named vectors, steering the requests that name them ---
+
+    def register_vector(self, request: Any) -> dict[str, Any]:
+        """request: {"name", "vectors": {"layer": [floats]}}. Checks everything first;
+        a refused vector changes nothing. Re-registering a name replaces its vector."""
+        name = request.get("name")
+        problems = registration_problems(name, request.get("vectors"), self._registry,
+                                         self._shape())
+        if problems:
+            return {"ok": False, "problems": problems}
+        vectors = {int(k): [float(x) for x in v] for k, v in request["vectors"].items()}
+        self._install({**self._registry.sources, name: vectors})
+        return {"ok": True, "name": name, "layers": list(self._registry.layers[name]),
+                "digest": self._registry.digests[name]}
+
+    def unregister_vector(self, request: Any) -> dict[str, Any]:
+        """request: {"name"}. Requests already running with it go on without it."""
+        name = request.get("name")
+        sources = dict(self._registry.sources)
+        if name not in sources:
+            return {"ok": False, "problems": [f"no steering vector named `{name}` is "
+                                              f"registered (registered: "
+                                              f"{', '.join(sorted(sources)) or 'none'})"]}
+        del sources[name]
+        self._install(sources)
+        return {"ok": True, "name": name}
+
+    def vector_names(self) -> dict[str, Any]:
+        """{name: {"layers", "digest", "norms"}} for every registered vector."""
+        registry = self._registry
+        return {name: {"layers": list(registry.layers[name]), "digest": registry.digests[name],
+                       "norms": {str(k): v for k, v in registry.norms[name].items()}}
+                for name in registry.names}
+
+    def steering_counts(self) -> dict[str, int]:
+        """Forward passes that steered some tokens, and those that also held unsteered
+        requests (a test of per-request steering needs the second to be non-zero)."""
+        return dict(self._counts)
+
+    def _install(self, sources: Mapping[str, Mapping[int, list[float]]]) -> None:
+        """Build the new snapshot completely, then swap it in and re-hook the layers."""
+        registry = build_registry(sources, int(self.worker.text_config().hidden_size),
+                                  self.worker.device())
+        for handle in self._registry_hooks:
+            handle.remove()
+        self._registry = registry
+        self._coefficients = None
+        self._registry_hooks = self._hook(registry) if registry.names else []
+
+    def _hook(self, registry: Registry) -> list[Any]:
+        layers = self.worker.decoder_layers()
+        handles = [self.worker.before_each_forward(self._plan)]
+        for layer in sorted(registry.matrices):
+            handles.append(layers[layer].register_forward_hook(
+                add_to_output(self._per_token(registry.matrices[layer]))))
+        return handles
+
+    def _plan(self, tokens: int) -> None:
+        """Before a forward pass: the coefficients of its tokens (None when no request in
+        it is steered)."""
+        requests = self.worker.scheduled_requests(tokens)
+        coefficients = token_coefficients(requests, self._registry.index, tokens)
+        if coefficients is not None:
+            self._counts["steered_passes"] += 1
+            self._counts["mixed_passes"] += any(not request.steer for request in requests)
+            coefficients = coefficients.to(next(iter(self._registry.matrices.values())).device)
+        self._coefficients = coefficients
+
+    def _per_token(self, matrix: torch.Tensor) -> Any:
+        """What a layer steered by the registry adds: C @ V_layer. Unsteered tokens' rows
+        are zero: adding an exact 0 leaves them unchanged."""
+
+        def addition(hidden: torch.Tensor) -> torch.Tensor | None:
+            coefficients = self._coefficients
+            if coefficients is None:
+                return None
+            return (coefficients[: hidden.shape[0]] @ matrix).to(hidden.dtype)
+
+        return addition
+
+    # --- weights ---
+
+    def served(self) -> ServedWeights:
+        if self._served is None:
+            self._served = ServedWeights.of_folder(self.worker.folder())
+        return self._served
+
+    def stage(self, request: Any) -> dict[str, Any]:
+        """request: {"token", "path": folder, "complete": bool, "transient": bool}. Checks
+        the weights and reads them for `commit`; changes nothing served."""
+        problems = self.served().stage(
+            str(request["token"]), Path(request["path"]), bool(request["complete"]),
+            bool(request["transient"]))
+        return {"ok": not problems, "problems": problems}
+
+    def commit(self, request: Any) -> dict[str, Any]:
+        """request: {"token"}. Load the staged weights. If vLLM fails part-way, the
+        previous values of the same tensors are loaded back and the answer says what
+        failed."""
+        token = request["token"]
+        served = self.served()
+        staged = served.staged
+        if staged is None or staged.token != token:
+            return {"ok": False, "problems": ["another push was staged since this one was "
+                                              "checked; nothing changed"]}
+        served.staged = None
+        previous = {name: served.sources[name] for name in staged.tensors}
+        started = time.perf_counter()
+        try:
+            self.worker.load_weights(staged.tensors)
+        except Exception as err:  # vLLM's loader fails in many ways; all mean: roll back
+            self.worker.load_weights(served.read(previous))
+            return {"ok": False, "problems": [f"vLLM could not load the weights: {err!r}; "
+                                              f"the previous weights are back"]}
+        served.sources.update(staged.sources)
+        served.previous, served.previous_token = previous, token
+        return {"ok": True, "tensors": len(staged.tensors), "pushed": staged.pushed,
+                "seconds": {"read": staged.read_seconds,
+                            "load": time.perf_counter() - started}}
+
+    def push(self, request: Any) -> dict[str, Any]:
+        """Stage and commit in one call (a push to a single server)."""
+        staged = self.stage(request)
+        return self.commit(request) if staged["ok"] else staged
+
+    def discard(self, request: Any) -> dict[str, Any]:
+        """request: {"token"}. Drop that staged push (another replica refused it)."""
+        served = self.served()
+        if served.staged is not None and served.staged.token == request["token"]:
+            served.staged = None
+        return {"ok": True}
+
+    def rollback(self, request: Any) -> dict[str, Any]:
+        """request: {"token"}. Undo that push, the last one committed (another replica
+        refused it)."""
+        served = self.served()
+        if not served.previous or served.previous_token != request["token"]:
+            return {"ok": False, "problems": ["the push to undo is not the last one here"]}
+        self.worker.load_weights(served.read(served.previous))
+        served.sources.update(served.previous)
+        served.previous, served.previous_token = {}, ""
+        return {"ok": True}
