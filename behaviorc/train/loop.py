@@ -286,9 +286,10 @@ class _StepLog:
             events.append(StepEvent(step.step, loss, grad_norm, step.lr, int(limited_total - self.limited_total),
                                     step.tokens / max(step.seconds, 1e-9), step.skipped))
             self.limited_total = limited_total
-        self.summary.losses += losses
-        self.summary.loss_first = self.summary.losses[0] if self.summary.loss_first is None else self.summary.loss_first
-        self.summary.limiter_activations = self.limited_before_start + int(self.limited_total)
+        summary = self.summary
+        summary.losses += losses
+        summary.loss_first = summary.losses[0] if summary.loss_first is None else summary.loss_first
+        summary.limiter_activations = self.limited_before_start + int(self.limited_total)
         for event in events:
             self.on_step(event)
 

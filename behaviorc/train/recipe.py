@@ -95,8 +95,10 @@ class TrainingRecipe:
         self.pairs: Sequence[ir.Pair] = task.eval_pairs
         self.general = task.general or DEFAULT_GENERAL_TEXTS  # what training costs is always measured
         self.model_path: str = ctx.result(task.model).data["path"]
-        self.steering_file = ctx.result(task.steering).path(task.steering.artifact("steering")) if task.steering else None
-        self.strength: float = ctx.result(task.strength_from).data["strength"] if task.strength_from else task.strength
+        self.steering_file = (ctx.result(task.steering).path(task.steering.artifact("steering"))
+                              if task.steering else None)
+        self.strength: float = (ctx.result(task.strength_from).data["strength"] if task.strength_from
+                                else task.strength)
         self.anchored = self.spec.mix is not None and self.spec.mix.anchor == "kl"
         # what a teacher or an anchor may cost besides the general NLL (plain fine-tuning skips it)
         self.probed = self.distill is not None or self.anchored
@@ -273,13 +275,7 @@ class TrainingRecipe:
         self.warnings = list(examples.warnings)
         for warning in self.warnings:
             self.ctx.emit(TrainNote(warning))
-        mix = encode_texts(tokenizer, spec.mix.texts) if spec.mix else []
-        taught = examples.taught + [TeacherRow(s, s.context, False, 1.0, 1.0) for s in (mix if self.anchored else [])]
-        positions = context_positions(model.config)
-        for kind, sequences in (("training example", examples.behavior), ("general text", mix)):
-            for number, sequence in enumerate(sequences, 1):
-                refuse_over_context(sequence.tokens, positions, f"{kind} {number}", spec.loc)
-        schedule = BatchSchedule(examples.behavior, mix, spec.batch, spec.mix.ratio if spec.mix else 0.0, spec.seed)
+        schedule, taught = self._schedule(examples)
         checkpoint = self.ctx.scratch / "checkpoint"
         layers = self.adapter.decoder_layers(model)
 
@@ -312,10 +308,29 @@ class TrainingRecipe:
         self.ctx.check_cancelled()
         metrics.update(summary.metrics())
         self.data.update(losses=summary.losses, resumed_from=summary.resumed_from)
+        self._flag_memorised(examples.behavior, taught)
+
+    def _schedule(self, examples: Examples) -> tuple[BatchSchedule, list[TeacherRow]]:
+        """The batches of every step (the behavior's sequences and the general mix), and
+        the rows that learn a teacher's distribution (`anchor kl`: the mix's too)."""
+        spec, tokenizer = self.spec, self.tokenizer
+        mix = encode_texts(tokenizer, spec.mix.texts) if spec.mix else []
+        anchors = mix if self.anchored else []
+        taught = examples.taught + [TeacherRow(s, s.context, False, 1.0, 1.0) for s in anchors]
+        positions = context_positions(self.model.config)
+        for kind, sequences in (("training example", examples.behavior), ("general text", mix)):
+            for number, sequence in enumerate(sequences, 1):
+                refuse_over_context(sequence.tokens, positions, f"{kind} {number}", spec.loc)
+        ratio = spec.mix.ratio if spec.mix else 0.0
+        return BatchSchedule(examples.behavior, mix, spec.batch, ratio, spec.seed), taught
+
+    def _flag_memorised(self, behavior: Sequence[TrainSequence], taught: Sequence[TeacherRow]) -> None:
+        """Warn when the last loss on token targets is near 0."""
         learned = {row.sequence for row in taught}
-        tokens_learned = [s for s in examples.behavior if s not in learned]
-        if tokens_learned and metrics["loss_last"] < MEMORISED:
-            self.warnings.append(f"the training loss fell to {metrics['loss_last']:.3f} on "
+        tokens_learned = [s for s in behavior if s not in learned]
+        loss_last = self.metrics["loss_last"]
+        if tokens_learned and loss_last < MEMORISED:
+            self.warnings.append(f"the training loss fell to {loss_last:.3f} on "
                                  f"{len(set(tokens_learned))} examples: the model has memorised them, and its "
                                  "replies may copy them (more prompts or samples, fewer steps, or `objective kl`)")
             self.ctx.emit(TrainNote(self.warnings[-1]))
@@ -346,7 +361,8 @@ class TrainingRecipe:
         if self.directions:
             _keep(metrics, "projection_after",
                   projection_score(engine, self.directions, self.shown, self.replies["trained"]))
-        self.data["replies"] = [{"prompt": prompt, **{which: texts[i].strip() for which, texts in self.replies.items()}}
+        self.data["replies"] = [{"prompt": prompt,
+                                 **{which: texts[i].strip() for which, texts in self.replies.items()}}
                                 for i, prompt in enumerate(self.shown)]
         if "margin_steered" in metrics:
             gain = metrics["margin_steered"] - metrics["margin_before"]
