@@ -5,11 +5,13 @@
 2. The optimizer: APOLLO, APOLLO-Mini or AdamW, over the targets in name order.
 3. Each step: the batch for that step (a pure function of seed and step), the response
    loss (context frozen or full), gradient norm and clipping, a NaN/inf guard that skips
-   the step and counts it, the learning rate of the schedule, the optimizer step, an event.
-   The step reads the device once (loss, gradient norm, limiter count together): the
-   guard's check. Its event is sent during the next step, when its limiter count has
-   come back with that step's read, so the device is never waited on between steps.
-4. Checkpoints every `checkpoint_every` steps; a loop started over an existing
+   the step and counts it, the learning rate of the schedule, the optimizer step. The
+   guard's finiteness check is the step's one wait on the device; its loss, gradient norm
+   and limiter count stay there.
+4. Every `log_every` steps, each checkpoint's and the last: the figures of the steps
+   since the last log point, read from the device in one transfer, and an event for
+   each of those steps (as nanoGPT and torchtune read their loss only to log).
+5. Checkpoints every `checkpoint_every` steps; a loop started over an existing
    checkpoint resumes from it and ends with the same weights as one never interrupted,
    also from one a distributed training wrote (behaviorc.train.dcp).
 
@@ -40,6 +42,7 @@ from behaviorc.train.teacher import Distribution, kl_loss_sum
 
 COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
 CHECKPOINT_EVERY = 50  # steps between a build's training checkpoints, on one process or several
+LOG_EVERY = 10  # steps between reads of the loop's figures from the device (and its events)
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,7 @@ def train(
     *,
     pad_id: int,
     on_step: Callable[[StepEvent], None] = lambda event: None,
+    log_every: int = LOG_EVERY,
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 0,
     reuse_contexts: bool = False,
@@ -167,12 +171,14 @@ def train(
     sharded: ShardedRun | None = None,
     teacher: Mapping[TrainSequence, Distribution] | None = None,
 ) -> TrainSummary:
-    """Train `targets` of `model` in place for `spec.steps` steps. `extra_loss`, when
-    given, is added to each step's response loss; it is called with this process's
-    batch and the step's whole batch right after the forward of that loss, so hooks it
-    holds on the model have seen the batch. With `sharded`, this process is one rank of
-    a data-parallel training (behaviorc.train.distributed). Sequences in `teacher` learn
-    its distribution instead of their tokens (`ResponseLoss`)."""
+    """Train `targets` of `model` in place for `spec.steps` steps. `on_step` hears of
+    every step, in order, at the log point that read its figures: while the weights are
+    those of that log point's step. `extra_loss`, when given, is added to each step's
+    response loss; it is called with this process's batch and the step's whole batch
+    right after the forward of that loss, so hooks it holds on the model have seen the
+    batch. With `sharded`, this process is one rank of a data-parallel training
+    (behaviorc.train.distributed); every rank logs at the same steps. Sequences in
+    `teacher` learn its distribution instead of their tokens (`ResponseLoss`)."""
     for param in model.parameters():
         param.requires_grad_(False)
     params = [targets[name] for name in sorted(targets)]
@@ -182,7 +188,7 @@ def train(
     response_loss = ResponseLoss(model, spec.context, pad_id, reuse_contexts, teacher)
     summary = TrainSummary()
 
-    start = resumed_limited = 0
+    start = 0
     if checkpoint_dir is not None and (checkpoint_dir / METADATA).is_file():
         load = (load_distributed_checkpoint if is_distributed_checkpoint(checkpoint_dir)
                 else load_checkpoint if sharded is None else load_whole_checkpoint)
@@ -191,41 +197,28 @@ def train(
         summary.steps_skipped = int(scalars["steps_skipped"])
         summary.loss_first = scalars["loss_first"]
         summary.losses = [float(v) for v in scalars.get("losses", ())]
-        # the optimizer's count restarts with it: what the steps before the checkpoint limited
         summary.limiter_activations = int(scalars.get("limiter_activations", 0))
-        resumed_limited = summary.limiter_activations
+    log = _StepLog(summary, on_step)
 
-    # One read from the device per step: the loss and gradient norm of this step (the
-    # NaN/inf guard needs them before the optimizer step) with the limiter count after
-    # the previous step. So each step's event goes out during the next step, once the
-    # count is known, and nothing waits on the device between an optimizer step and the
-    # next forward (nanoGPT reads its loss only when it logs; here every step logs).
-    pending: _Pending | None = None
     for step in range(start, spec.steps):
         began = time.perf_counter()
-        if pending is not None:
-            pending.seconds = began - pending.began
         whole = schedule.at(step)  # every rank's sequences: the step's tokens/s are theirs
         batch = whole if sharded is None else sharded.local(whole)
         loss, count = response_loss(batch)
         extra = extra_loss(batch, whole) if extra_loss is not None else None
         if sharded is not None:  # this rank's share of the whole batch's loss
             loss, whole_loss = sharded.mean(loss, count, extra)
-        elif extra is not None:
-            loss = loss + extra
+            step_loss = torch.tensor(whole_loss, dtype=torch.float64)
+        else:
+            if extra is not None:
+                loss = loss + extra
+            step_loss = loss.detach()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip if spec.clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # sharded gradients: a DTensor of partial sums
             grad_norm = grad_norm.full_tensor()
-        loss_value, grad_norm_value, limited_total = _read(loss.detach(), grad_norm, _limiter_total(optimizer))
-        if sharded is not None:
-            loss_value = whole_loss
-        if pending is not None:
-            listening = time.perf_counter()
-            on_step(pending.event(limited_total))
-            began += time.perf_counter() - listening  # a listener's time is no step's
         lr = learning_rate(step, spec)
-        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm_value))
+        skipped = not _finite(step_loss, grad_norm)
         if skipped:
             summary.steps_skipped += 1
         else:
@@ -233,50 +226,78 @@ def train(
                 group["lr"] = lr
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        summary.losses.append(loss_value)
-        summary.loss_first = summary.losses[0] if summary.loss_first is None else summary.loss_first
-        pending = _Pending(step + 1, loss_value, grad_norm_value, lr, skipped, sum(s.tokens for s in whole),
-                           began, limited_total, summary)
-
         done = step + 1
+        log.add(_Unread(done, step_loss, grad_norm.detach(), _limiter_total(optimizer).clone(), lr, skipped,
+                        sum(s.tokens for s in whole), time.perf_counter() - began))
+
         # The last step checkpoints too: the caller measures and saves for minutes after
         # it, and a kill then must not cost the training (the store drops the checkpoint
         # with the task's stored result).
-        if checkpoint_dir is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == spec.steps):
+        checkpointing = (checkpoint_dir is not None and checkpoint_every > 0
+                         and (done % checkpoint_every == 0 or done == spec.steps))
+        if checkpointing or done % log_every == 0 or done == spec.steps:
+            log.flush()  # a checkpoint's loop scalars cover the steps it holds
+        if checkpointing:
             save = save_checkpoint if sharded is None else save_distributed_checkpoint
-            [limited_now] = _read(_limiter_total(optimizer))
             save(checkpoint_dir, targets, optimizer,
                  {"step": done, "steps_skipped": summary.steps_skipped, "loss_first": summary.loss_first,
-                  "losses": summary.losses, "limiter_activations": resumed_limited + int(limited_now)})
-    if pending is not None:
-        [limited_total] = _read(_limiter_total(optimizer))
-        pending.seconds = time.perf_counter() - pending.began
-        on_step(pending.event(limited_total))
+                  "losses": summary.losses, "limiter_activations": summary.limiter_activations})
     for param in params:
         param.requires_grad_(False)
     return summary
 
 
-@dataclass
-class _Pending:
-    """A step done whose event waits for its limiter count (read with the next step's figures)."""
+@dataclass(frozen=True)
+class _Unread:
+    """A step done, its device figures not read yet."""
 
     step: int
-    loss: float
-    grad_norm: float
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    limited_total: torch.Tensor  # the optimizer's limiter count after this step
     lr: float
     skipped: bool
     tokens: int
-    began: float
-    limited_before: float
-    summary: TrainSummary
-    seconds: float = 0.0
+    seconds: float
 
-    def event(self, limited_total: float) -> StepEvent:
-        limited = int(limited_total - self.limited_before)
-        self.summary.limiter_activations += limited
-        return StepEvent(self.step, self.loss, self.grad_norm, self.lr, limited,
-                         self.tokens / max(self.seconds, 1e-9), self.skipped)
+
+class _StepLog:
+    """The steps since the last log point; `flush` reads their figures in one transfer,
+    adds them to the summary and tells `on_step` of each."""
+
+    def __init__(self, summary: TrainSummary, on_step: Callable[[StepEvent], None]):
+        self.summary, self.on_step = summary, on_step
+        self.unread: list[_Unread] = []
+        # The optimizer's limiter count restarts with it, so a resumed loop adds to the
+        # activations its checkpoint recorded.
+        self.limited_before_start = summary.limiter_activations
+        self.limited_total = 0.0
+
+    def add(self, step: _Unread) -> None:
+        self.unread.append(step)
+
+    def flush(self) -> None:
+        steps, self.unread = self.unread, []
+        count = len(steps)
+        values = _read(*(s.loss for s in steps), *(s.grad_norm for s in steps), *(s.limited_total for s in steps))
+        losses, grad_norms, limited_totals = values[:count], values[count:2 * count], values[2 * count:]
+        events = []
+        for step, loss, grad_norm, limited_total in zip(steps, losses, grad_norms, limited_totals):
+            events.append(StepEvent(step.step, loss, grad_norm, step.lr, int(limited_total - self.limited_total),
+                                    step.tokens / max(step.seconds, 1e-9), step.skipped))
+            self.limited_total = limited_total
+        summary = self.summary
+        summary.losses += losses
+        summary.loss_first = summary.losses[0] if summary.loss_first is None else summary.loss_first
+        summary.limiter_activations = self.limited_before_start + int(self.limited_total)
+        for event in events:
+            self.on_step(event)
+
+
+def _finite(*values: torch.Tensor) -> bool:
+    """Whether every scalar is finite: the NaN/inf guard's one read of the device."""
+    device = values[-1].device
+    return bool(torch.isfinite(torch.stack([v.detach().to(device, torch.float64) for v in values])).all())
 
 
 def _limiter_total(optimizer: torch.optim.Optimizer) -> torch.Tensor:

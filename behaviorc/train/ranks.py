@@ -6,9 +6,10 @@ task it has made the training's data (the spec's examples, distilled samples, th
 mix, as token ids) and sends the other ranks the task's id, its model folder, its
 checkpoint folder and that data (`lead_training`); they find the task in their own
 reading of the spec, which must be the same (the task's key is checked), load the model
-and train with it (`follow`). After every step rank 0 says whether the training goes
-on, so a build stopped on rank 0 (Ctrl-C, the dashboard, a failed hand-off) stops every
-rank at the same step; at the end of the build it sends `done` and the others exit.
+and train with it (`follow`). With every step's event (the loop sends them at its log
+points, the same steps on every rank) rank 0 says whether the training goes on, so a
+build stopped on rank 0 (Ctrl-C, the dashboard, a failed hand-off) stops every rank at
+the same step; at the end of the build it sends `done` and the others exit.
 
 A rank that fails mid-training cannot tell the others where it stopped: it exits, and
 the launcher stops the rest (torch.distributed.elastic). Checkpoints are written whole or

@@ -11,18 +11,6 @@ from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.model.task import ResolveModel
 
 
-def train_behavior(task: TrainBehavior, ctx: TaskContext) -> TaskResult:
-    from behaviorc.train.recipe import run_training
-
-    steering = ctx.result(task.steering).path(task.steering.artifact("steering")) if task.steering else None
-    strength = ctx.result(task.strength_from).data["strength"] if task.strength_from else task.strength
-    return run_training(
-        ctx, task_id=task.id, task_key=task.key, name=task.name,
-        model_path=ctx.result(task.model).data["path"], decl=task.model.decl,
-        train_spec=task.train, eval_pairs=task.eval_pairs, general=task.general,
-        steering_file=steering, strength=strength, handoff=task.handoff, loc=task.loc)
-
-
 class TrainBehavior(Task):
     """APOLLO fine-tuning of the behavior's targets. artifacts: model (a Hugging Face
     folder). metrics: core.TRAIN."""
@@ -51,4 +39,6 @@ class TrainBehavior(Task):
         return self.handoff is None
 
     def execute(self, ctx: TaskContext) -> TaskResult:
-        return train_behavior(self, ctx)
+        from behaviorc.train.recipe import TrainingRecipe
+
+        return TrainingRecipe(self, ctx).run()
