@@ -8,7 +8,7 @@
    the step and counts it, the learning rate of the schedule, the optimizer step. The
    guard's finiteness check is the step's one wait on the device; its loss, gradient norm
    and limiter count stay there.
-4. Every `log_every` steps, each checkpoint's and the last: the figures of the steps
+4. Every `log_every` steps (`log_interval`), each checkpoint's and the last: the figures of the steps
    since the last log point, read from the device in one transfer, and an event for
    each of those steps (as nanoGPT and torchtune read their loss only to log).
 5. Checkpoints every `checkpoint_every` steps; a loop started over an existing
@@ -42,7 +42,15 @@ from behaviorc.train.teacher import Distribution, kl_loss_sum
 
 COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
 CHECKPOINT_EVERY = 50  # steps between a build's training checkpoints, on one process or several
-LOG_EVERY = 10  # steps between reads of the loop's figures from the device (and its events)
+LOG_EVERY = 10  # steps between reads of the loop's figures from an accelerator (and its events)
+
+
+def log_interval(device: torch.device) -> int:
+    """Steps between log points: LOG_EVERY on an accelerator, which runs ahead of the
+    host until a read; every step on a CPU, where the figures are on the host already,
+    so progress and a Stop are heard at each step (a step of a real model there takes
+    seconds)."""
+    return 1 if device.type == "cpu" else LOG_EVERY
 
 
 @dataclass(frozen=True)
@@ -163,7 +171,7 @@ def train(
     *,
     pad_id: int,
     on_step: Callable[[StepEvent], None] = lambda event: None,
-    log_every: int = LOG_EVERY,
+    log_every: int | None = None,
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 0,
     reuse_contexts: bool = False,
@@ -184,6 +192,7 @@ def train(
     params = [targets[name] for name in sorted(targets)]
     for param in params:
         param.requires_grad_(True)
+    log_every = log_every or log_interval(params[0].device)
     optimizer = make_optimizer(spec.optimizer, params, spec.lr, spec.seed)
     response_loss = ResponseLoss(model, spec.context, pad_id, reuse_contexts, teacher)
     summary = TrainSummary()

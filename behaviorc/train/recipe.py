@@ -55,7 +55,7 @@ from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, 
 from behaviorc.train.distributed import current_world
 from behaviorc.train.distill_data import distill_data
 from behaviorc.train.handoff import LiveHandoff, live_handoff, trained_tensors
-from behaviorc.train.loop import CHECKPOINT_EVERY, LOG_EVERY, StepEvent, train
+from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, log_interval, train
 from behaviorc.train.ranks import lead_training
 from behaviorc.train.teacher import Teacher, TeacherRow
 
@@ -299,7 +299,9 @@ class TrainingRecipe:
                                         self.targets, examples.matching)
             else:
                 # a push sends the weights of its own step, so every push step is a log point
-                log_every = math.gcd(LOG_EVERY, self.live.push_every) if self.live else LOG_EVERY
+                log_every = log_interval(next(iter(self.targets.values())).device)
+                if self.live:
+                    log_every = math.gcd(log_every, self.live.push_every)
                 summary = train(model, self.targets, schedule, spec, pad_id=tokenizer.pad_token_id,
                                 on_step=self._on_step, log_every=log_every, checkpoint_dir=checkpoint,
                                 checkpoint_every=CHECKPOINT_EVERY, extra_loss=extra, teacher=distributions)
