@@ -235,3 +235,20 @@ def test_moving_a_project_keeps_every_task_key(tmp_path: Path) -> None:
         keys.append({t.id: t.key for t in lower(load_spec(str(folder / "distill.behavior"))).tasks})
     assert keys[0] == keys[1]
     assert "train:listen" in keys[0]
+
+
+def test_the_tiny_copies_plan_the_tasks_of_the_example_specs() -> None:
+    """tests/data/specs keeps tiny-model copies of specs/ with settings a tiny model
+    needs (a fixed layer and strength, fewer steps): they must still run the pipeline
+    the examples run, task for task, or the fast tests stop covering what users build."""
+    copies = sorted(TINY_SPECS.glob("*.behavior"))
+    compared = 0
+    for copy in copies:
+        example = SPECS / copy.name
+        if not example.is_file() or "behavior " not in copy.read_text():
+            continue  # qwen35.behavior has no example; common.behavior only declares the model
+        real, tiny = lower(load_spec(str(example))), lower(load_spec(str(copy)))
+        assert [t.id for t in tiny.tasks] == [t.id for t in real.tasks], copy.name
+        assert [type(t).__name__ for t in tiny.tasks] == [type(t).__name__ for t in real.tasks], copy.name
+        compared += 1
+    assert compared >= 4
