@@ -39,7 +39,7 @@ def test_public_host_needs_an_api_key():
 def test_unknown_model_is_named_with_a_hint(tmp_path):
     with pytest.raises(BehaviorError) as caught:
         start_server("tiny-gnd")
-    assert "neither a built-in model nor a model folder" in caught.value.render()
+    assert "no model folder `tiny-gnd`" in caught.value.render()
     assert "did you mean `tiny-gdn`?" in caught.value.render()
 
 

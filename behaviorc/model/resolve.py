@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from behaviorc.core.catalog import is_hub_id
-from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.core.diagnostics import BehaviorError, Location, did_you_mean
 from behaviorc.model.builtin import BUILTINS, BuildProgress, ensure_builtin
 from behaviorc.model.loading import validate_model_folder
 
@@ -32,8 +32,8 @@ def resolve_model_folder(source: str, loc: Location | None = None,
         return folder
     raise BehaviorError(
         f"no model folder `{source}`", loc,
-        hint=f"use a built-in ({', '.join(BUILTINS)}), a local Hugging Face folder, "
-             "or a hub id already in the local cache")
+        hint=did_you_mean(source, BUILTINS) or f"use a built-in ({', '.join(BUILTINS)}), a local Hugging Face "
+                                                "folder, or a hub id already in the local cache")
 
 
 def _cached_hub_snapshot(repo_id: str, loc: Location | None) -> Path:

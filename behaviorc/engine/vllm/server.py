@@ -70,24 +70,15 @@ class Server:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A built-in model's folder (built on first use) or an existing local folder."""
-    from behaviorc.model.builtin import BUILTINS, ensure_builtin
+    """The folder to serve (`model.resolve`: a built-in, a folder or a cached hub id), its
+    tensors checked against its config: vLLM would fail on a wrong shape with a traceback
+    that names no file."""
+    from behaviorc.model.loading import check_tensor_shapes
+    from behaviorc.model.resolve import resolve_model_folder
 
-    if str(model) in BUILTINS:
-        return ensure_builtin(str(model))
-    folder = Path(model).expanduser()
-    if (folder / "config.json").is_file():
-        from behaviorc.model.loading import check_tensor_shapes, validate_model_folder
-
-        # Before vLLM sees it: vLLM would unpickle a .bin file, or fail on a wrong shape,
-        # with a traceback that names no file.
-        validate_model_folder(folder)
-        check_tensor_shapes(folder)
-        return folder.resolve()
-    from behaviorc.core.diagnostics import did_you_mean
-    raise BehaviorError(
-        f"`{model}` is neither a built-in model nor a model folder with a config.json",
-        hint=did_you_mean(str(model), BUILTINS) or f"built-in models: {', '.join(BUILTINS)}")
+    folder = resolve_model_folder(str(model))
+    check_tensor_shapes(folder)
+    return folder
 
 
 def served_model_name(model: str | Path) -> str:
