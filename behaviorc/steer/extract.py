@@ -224,7 +224,7 @@ def score_layers(positives: dict[int, torch.Tensor], negatives: dict[int, torch.
 
 def _candidates(scores: Sequence[LayerScore]) -> list[LayerScore]:
     # Layer 0 only when it is the only layer: llama.cpp cannot carry a control vector
-    # there (see steer.vectors), and repeng does not read it either.
+    # there (see formats.steering on GGUF numbering), and repeng does not read it either.
     return [s for s in scores if s.layer > 0] or list(scores)
 
 

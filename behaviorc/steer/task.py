@@ -53,7 +53,7 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
         "relative_norms": {str(layer): vectors.norms[layer] / extraction.state_norms[layer]
                            for layer in vectors.layers if extraction.state_norms.get(layer)},
     }
-    # llama.cpp keeps no control vector for layer 0 (see steer.vectors); the GGUF holds
+    # llama.cpp keeps no control vector for layer 0 (see formats.steering on GGUF numbering); the GGUF holds
     # the other layers and the data says which it left out.
     exportable = [layer for layer in vectors.layers if layer > 0]
     if exportable:

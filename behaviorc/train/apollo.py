@@ -26,7 +26,7 @@ Scale alpha. A column of R~ has r entries of magnitude ~1, a column of AdamW's s
 gradient has d, while ||R[:, j]|| ~= ||G[:, j]|| (Johnson-Lindenstrauss). So s_j is about
 sqrt(r/d) times AdamW's channel factor and alpha = sqrt(d / r) brings the update back to
 AdamW's magnitude, which lets the same learning rates work (checked by a test: the first
-update's RMS is AdamW's). In DESIGN.md's `alpha = sqrt(n/r)`, n is this d: the side the
+update's RMS is AdamW's). In the paper's `alpha = sqrt(n/r)`, n is this d: the side the
 projection compresses, the smaller one. The paper's code takes a hand-tuned `scale` with
 alpha = sqrt(scale) (1 for APOLLO, 128 for APOLLO-Mini); pass `scale` to set alpha
 directly instead of this default.
