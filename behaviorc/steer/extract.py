@@ -48,15 +48,9 @@ it makes the wanted ones likely, but distillation trains on what the steered mod
 kept is the one with the largest `distillable` effect, the margin gain that the wanted
 completions' lift accounts for, min(effect, lift) (`best_layer`), among the candidates
 whose steered greedy replies still read as text (measure.replies.text_broke: no loops,
-no collapsed distinct-2 against the plain model's replies). Measured on
-smollm2-135m with the demo's cheerful pairs (its eval pairs, strength 2, the whole
-direction): layer 21 raised the margin most (+0.52) but the positives only +0.08 (the
-negatives fell 0.44), and distilling it kept 40% and 49% of the gain (`steered_share`,
-two training seeds); layer 22 raised the margin +0.45 with the positives +0.27 and kept
-108%; layer 23, +0.32 with the positives +0.26, kept 68%; layer 18, +0.48 with the
-positives +0.05, kept 26%, though its samples read as cheerful as any. Held out in
-folds, the candidates 21, 22 and 23 lift the positives -0.03, +0.07 and +0.19, so the
-demo's build picks 23. The scores come back so the build can report the figures it
+no collapsed distinct-2 against the plain model's replies). The measurements behind
+this rule (smollm2-135m, the demo's pairs, each candidate layer distilled) are in the
+README's Defaults. The scores come back so the build can report the figures it
 chose from.
 """
 
