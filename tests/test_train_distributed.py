@@ -189,10 +189,11 @@ def test_a_build_on_two_processes_stores_the_model_of_one(tmp_path, one_process_
 
 def test_a_distilled_behavior_trains_on_two_processes_to_the_weights_of_one(tmp_path):
     """Rank 0 samples the steered model; the samples travel to the other rank as token
-    ids, so both train on the batches one process would. With activation matching (on
-    here: its loss adds a term to the plain one) each rank computes the steered targets
-    with its sharded model, and the term is normalised over the whole batch, as in one
-    process."""
+    ids, and the steered teacher's distributions over them (`objective kl`, the default)
+    as rank 0 read them, so both train on the batches one process would. With activation
+    matching (on here: its loss adds a term to the KL) each rank computes the steered
+    targets with its sharded model, and the term is normalised over the whole batch, as
+    in one process."""
     reference, out = tmp_path / "reference", tmp_path / "out"
     text = DISTILL_SPEC.replace("max_tokens 8", "max_tokens 8  match_activations 1.0")
     spec = write_spec(tmp_path / "spec", 6, text)

@@ -3,7 +3,7 @@
 Every process runs the same `behaviorc build` command. Rank 0 runs the build as one
 process would: every task, artifact, event and the report. When it reaches a training
 task it has made the training's data (the spec's examples, distilled samples, the general
-mix, as token ids) and sends the other ranks the task's id, its model folder, its
+mix, as token ids; the teacher's distributions over them, read with its whole model) and sends the other ranks the task's id, its model folder, its
 checkpoint folder and that data (`lead_training`); they find the task in their own
 reading of the spec, which must be the same (the task's key is checked), load the model
 and train with it (`follow`). With every step's event (the loop sends them at its log
@@ -24,8 +24,9 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -35,6 +36,7 @@ from behaviorc.train.activations import Matching
 from behaviorc.train.data import BatchSchedule, TrainSequence
 from behaviorc.train.distributed import ShardedRun, World, device_mesh, full_tensors, load_sharded
 from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, TrainSummary, train
+from behaviorc.train.teacher import Distribution
 
 
 LOST_PEER_GRACE_S = 2.0
@@ -46,9 +48,10 @@ class _Stopped(Exception):
 
 
 def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, path: Path, schedule: BatchSchedule,
-                   matching: Matching | None, checkpoint: Path, on_step: Callable[[StepEvent], None]
-                   ) -> tuple[TrainSummary, dict[str, Any]]:
-    """One rank's part of a training, from the model in `path`."""
+                   matching: Matching | None, teacher: Mapping[TrainSequence, Distribution] | None,
+                   checkpoint: Path, on_step: Callable[[StepEvent], None]) -> tuple[TrainSummary, dict[str, Any]]:
+    """One rank's part of a training, from the model in `path`; `teacher`: the teacher's
+    distributions rank 0 read with its whole model (`objective kl`, `anchor kl`)."""
     from behaviorc.model.adapter import ArchitectureAdapter
     from behaviorc.model.chat import set_thinking
     from behaviorc.model.loading import load_tokenizer
@@ -60,11 +63,14 @@ def shard_training(decl: ir.ModelDecl, train_spec: ir.Train, path: Path, schedul
     # every rank runs the same target forwards, gathering the layers together
     matched = (matching.start(model, adapter.decoder_layers(model), tokenizer.pad_token_id, train_spec.context)
                if matching is not None else nullcontext())
+    device = next(model.parameters()).device
+    taught = {sequence: replace(d, tokens=d.tokens.to(device), logprobs=d.logprobs.to(device), rest=d.rest.to(device))
+              for sequence, d in (teacher or {}).items()}
     with matched as extra:  # None without matching
         return train_sharded(model, adapter, schedule, train_spec,
                              pad_id=tokenizer.pad_token_id, start_token=start_token(tokenizer),
                              on_step=on_step, checkpoint_dir=checkpoint,
-                             checkpoint_every=CHECKPOINT_EVERY, extra_loss=extra)
+                             checkpoint_every=CHECKPOINT_EVERY, extra_loss=extra, teacher=taught)
 
 
 def train_sharded(model: torch.nn.Module, adapter: Any, schedule: Any, spec: Any, *, pad_id: int,
@@ -80,10 +86,11 @@ def train_sharded(model: torch.nn.Module, adapter: Any, schedule: Any, spec: Any
 def lead_training(world: World, task_id: str, task_key: str, decl: ir.ModelDecl,
                   train_spec: ir.Train, path: Path, schedule: BatchSchedule, checkpoint: Path,
                   on_step: Callable[[StepEvent], None], targets: dict[str, Any],
-                  matching: Matching | None) -> TrainSummary:
+                  matching: Matching | None, teacher: Mapping[TrainSequence, Distribution] | None) -> TrainSummary:
     """Rank 0: train task `task_id` on every rank and copy the result into `targets`."""
     world.send({"train": task_id, "key": task_key, "path": str(path), "checkpoint": str(checkpoint),
-                **_schedule_message(schedule), "matching": _matching_message(matching)})
+                **_schedule_message(schedule), "matching": _matching_message(matching),
+                "teacher": _teacher_message(teacher)})
 
     def step_then_agree(event: StepEvent) -> None:
         try:
@@ -94,7 +101,7 @@ def lead_training(world: World, task_id: str, task_key: str, decl: ir.ModelDecl,
         world.agree(stop=False)
 
     try:
-        summary, weights = shard_training(decl, train_spec, path, schedule, matching, checkpoint,
+        summary, weights = shard_training(decl, train_spec, path, schedule, matching, teacher, checkpoint,
                                           step_then_agree)
     except _Stopped as stop:  # raise what stopped it, now that every rank knows
         raise stop.__context__ from None
@@ -147,7 +154,8 @@ def follow(world: World, tasks: Callable[[], dict[str, Any]]) -> int:
                                 hint="every node of a distributed build must see the same spec and data")
         try:
             shard_training(task.model.decl, task.train, Path(message["path"]), _message_schedule(message),
-                           _message_matching(message["matching"]), Path(message["checkpoint"]), agree)
+                           _message_matching(message["matching"]), _message_teacher(message["teacher"]),
+                           Path(message["checkpoint"]), agree)
         except _Stopped:
             continue
 
@@ -177,6 +185,23 @@ def _message_matching(message: dict[str, Any] | None) -> Matching | None:
     directions = {int(layer): torch.tensor(vector, dtype=torch.float32)
                   for layer, vector in message["directions"].items()}
     return Matching(message["weight"], message["strength"], directions, tuple(_sequences(message["sequences"])))
+
+
+def _teacher_message(teacher: Mapping[TrainSequence, Distribution] | None) -> list[dict[str, Any]] | None:
+    if not teacher:
+        return None
+    # float32 log-probs survive JSON exactly; a lumped rest of -inf travels as -Infinity
+    return [{"sequence": [list(s.context), list(s.response)], "tokens": d.tokens.tolist(),
+             "logprobs": d.logprobs.float().tolist(), "rest": d.rest.float().tolist(), "weight": d.weight,
+             "temperature": d.temperature} for s, d in teacher.items()]
+
+
+def _message_teacher(message: list[dict[str, Any]] | None) -> dict[TrainSequence, Distribution] | None:
+    if message is None:
+        return None
+    return {TrainSequence(tuple(m["sequence"][0]), tuple(m["sequence"][1])): Distribution(
+        torch.tensor(m["tokens"], dtype=torch.long), torch.tensor(m["logprobs"], dtype=torch.float32),
+        torch.tensor(m["rest"], dtype=torch.float32), m["weight"], m["temperature"]) for m in message}
 
 
 def _token_ids(sequences: Sequence[TrainSequence]) -> list[list[list[int]]]:

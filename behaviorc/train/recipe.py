@@ -142,10 +142,6 @@ class TrainingRecipe:
         if self.world is not None and self.task.handoff is not None:
             raise BehaviorError("a live hand-off trains in one process: it reads the weights as they "
                                 "train", spec.loc, hint="build without --nproc, or drop `handoff on`")
-        if self.world is not None and (self.anchored or (distill is not None and distill.objective.name == "kl")):
-            raise BehaviorError("a teacher's distribution (`objective kl`, `anchor kl`) trains in one "
-                                "process", (spec.mix.loc if self.anchored else distill.loc) or spec.loc,
-                                hint="build without --nproc, or write `objective sft` / drop `anchor kl`")
 
     @property
     def steering_loc(self) -> Location | None:
@@ -296,7 +292,7 @@ class TrainingRecipe:
             if self.world is not None:
                 summary = lead_training(self.world, self.task.id, self.task.key, self.task.model.decl, spec,
                                         Path(self.model_path), schedule, checkpoint, self._on_step,
-                                        self.targets, examples.matching)
+                                        self.targets, examples.matching, distributions)
             else:
                 # a push sends the weights of its own step, so every push step is a log point
                 log_every = log_interval(next(iter(self.targets.values())).device)
