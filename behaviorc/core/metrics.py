@@ -8,6 +8,7 @@ metrics of the tasks a behavior lowers to.
 """
 
 from __future__ import annotations
+from behaviorc.core.vocabulary import REPLY_MODELS
 
 METRICS: dict[str, str] = {
     # The behavior margin: mean per-token log-prob of the positive minus the negative
@@ -119,7 +120,6 @@ LORA_EXPORT: tuple[str, ...] = ("energy_kept", "uncarried_energy")
 EXPERIMENT_POINT: tuple[str, ...] = ("rate", "rate_stderr", "malformed", "margin", "general_nll",
                                      "arithmetic_accuracy")
 
-REPLY_MODELS: tuple[str, ...] = ("base", "prompted", "steered", "trained")
 REPLY_KINDS: tuple[str, ...] = ("behavior_rate", "behavior_score", "distinct_2", "repeated_share",
                                 "reply_nll")
 

@@ -56,6 +56,11 @@ SCORE_KINDS: tuple[ScoreKind, ...] = get_args(ScoreKind)
 ExternalKind = Literal["model", "task_vector"]
 EXTERNAL_KINDS: tuple[ExternalKind, ...] = get_args(ExternalKind)
 
+# The models a reply table answers with: the base model, the base model told the
+# behavior in a system prompt, the steered model and the trained one (steering off).
+ReplyModel = Literal["base", "prompted", "steered", "trained"]
+REPLY_MODELS: tuple[ReplyModel, ...] = get_args(ReplyModel)
+
 # Where a model's files come from: a built-in name, a local folder or a hub id.
 ModelSourceKind = Literal["builtin", "folder", "hub"]
 

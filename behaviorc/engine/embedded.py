@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from behaviorc.core.vocabulary import READ_POSITIONS, ReadPosition
 from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 from behaviorc.core.context import TOO_LONG_HINT, longest_piece, shown, surely_too_long
 from behaviorc.engine.hooks import add_to_output, capture_outputs
@@ -198,11 +199,11 @@ class EmbeddedEngine:
     @torch.inference_mode()
     def hidden_states(self, prompts: Sequence[str], completions: Sequence[str],
                       layers: Sequence[int],
-                      read: Literal["last", "mean"] = "mean",
+                      read: ReadPosition = "mean",
                       after_final_norm: bool = False) -> dict[int, torch.Tensor]:
         _same_length(prompts, completions)
         wanted = sorted(set(self._check_layers(layers)))
-        if read not in ("last", "mean"):
+        if read not in READ_POSITIONS:
             raise BehaviorError(f"unknown read `{read}`", hint="`last` or `mean`")
         encoded = [self._encode(p, c) for p, c in zip(prompts, completions)]
         if read == "mean":

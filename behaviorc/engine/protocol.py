@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
+from behaviorc.core.vocabulary import ReadPosition
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Engine(Protocol):
 
     def hidden_states(self, prompts: Sequence[str], completions: Sequence[str],
                       layers: Sequence[int],
-                      read: Literal["last", "mean"] = "mean",
+                      read: ReadPosition = "mean",
                       after_final_norm: bool = False) -> dict[int, torch.Tensor]:
         """Residual stream at the output of each layer, [n, hidden] per layer: at the
         last token of prompt+completion, or averaged over the completion's tokens. The

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from behaviorc.core.metrics import REPLY_MODELS
+from behaviorc.core.vocabulary import REPLY_MODELS
 from behaviorc.measure.replies import Reply, ReplyStats, summarize, text_broke, versus
 
 SHOWN_PROMPTS = 3  # prompts whose greedy replies the summary prints side by side

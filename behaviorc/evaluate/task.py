@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from behaviorc.core.vocabulary import ReplyModel
 from behaviorc.core import ir
 from behaviorc.core.events import EvalReplies
 from behaviorc.core.metrics import REPLY_TABLE
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.model.task import ResolveModel
 
-Variant = Literal["base", "prompted", "steered", "trained"]
 
 
 def _base_engine(task: AnswerPrompts | ReplyTable, ctx: TaskContext):
@@ -101,7 +101,7 @@ class AnswerPrompts(Task):
     kind: ClassVar[str] = "evaluate.answer"
     parallel_safe: ClassVar[bool] = True
     model: ResolveModel  # the base model: it answers (base, prompted, steered) and reads
-    variant: Variant
+    variant: ReplyModel
     prompts: tuple[str, ...]
     samples: int
     max_tokens: int

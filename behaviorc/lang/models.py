@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Literal
 
+from behaviorc.core.vocabulary import ModelSourceKind
 from behaviorc.core.diagnostics import DiagnosticSink, did_you_mean
 from behaviorc.lang import ast
 from behaviorc.lang.data import resolve_path
@@ -23,7 +23,7 @@ from behaviorc.core.textfiles import TextFileError, read_bytes
 @dataclass(frozen=True)
 class ModelSource:
     source: str
-    kind: Literal["builtin", "folder", "hub"]
+    kind: ModelSourceKind
     num_layers: int | None
     fingerprint: str
 

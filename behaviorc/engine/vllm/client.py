@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+from behaviorc.core.vocabulary import ReadPosition
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.protocol import ModelInfo
 from behaviorc.engine.vllm.http import ServerClient
@@ -149,7 +150,7 @@ class VLLMEngine:
 
     def hidden_states(self, prompts: Sequence[str], completions: Sequence[str],
                       layers: Sequence[int],
-                      read: Literal["last", "mean"] = "mean",
+                      read: ReadPosition = "mean",
                       after_final_norm: bool = False) -> dict[int, Any]:
         raise BehaviorError(
             "reading hidden states is not supported by the vLLM engine",
