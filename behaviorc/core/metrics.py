@@ -8,6 +8,7 @@ metrics of the tasks a behavior lowers to.
 """
 
 from __future__ import annotations
+
 from behaviorc.core.vocabulary import REPLY_MODELS
 
 METRICS: dict[str, str] = {
