@@ -67,7 +67,7 @@ def _deploy_adapter(task: DeployModel, ctx: TaskContext) -> TaskResult:
     the target's name, replacing an adapter of that name; requests naming it get the
     behavior, the others none, and nothing restarts."""
     from behaviorc.engine.vllm.http import ServerClient
-    from behaviorc.engine.vllm.lora import push_adapter, remove_adapter, served
+    from behaviorc.engine.vllm.lora import push_adapter
     from behaviorc.engine.vllm.server import LORA_RANKS
     from behaviorc.engine.vllm.traffic import RequestLoop
 
@@ -86,9 +86,7 @@ def _deploy_adapter(task: DeployModel, ctx: TaskContext) -> TaskResult:
                 client = ServerClient(url, task.deploy.api_key, task.deploy.timeout)
                 try:
                     with located_at(task.deploy.loc):
-                        if name in served(client).adapters:
-                            remove_adapter(client, name)
-                        push_adapter(client, adapter, name, base)
+                        push_adapter(client, adapter, name, base, replace=True)
                 finally:
                     client.close()
         seconds = time.perf_counter() - started

@@ -43,9 +43,10 @@ def served(client: ServerClient) -> Served:
 
 
 def push_adapter(client: ServerClient, adapter: Path, name: str,
-                 base: Path | None = None) -> CheckedAdapter:
+                 base: Path | None = None, replace: bool = False) -> CheckedAdapter:
     """Check `adapter` against the served model (or `base`, when the server's folder is
-    not readable here) and load it under `name`."""
+    not readable here) and load it under `name`; `replace`: an adapter of that name goes
+    first (a deploy's newer build of it), once the new one has passed its checks."""
     if not _NAME.match(name):
         raise BehaviorError(f"adapter name `{name}` is not usable as a request's model name",
                             hint="letters, digits and _ . : - (at most 64), starting with a "
@@ -54,7 +55,7 @@ def push_adapter(client: ServerClient, adapter: Path, name: str,
     if name == now.model:
         raise BehaviorError(f"`{name}` is the served model's own name; requests naming it "
                             f"get no adapter", hint="choose another name")
-    if name in now.adapters:
+    if name in now.adapters and not replace:
         raise BehaviorError(f"an adapter named `{name}` is already loaded on {client.url} "
                             f"(from {now.adapters[name]})",
                             hint=f"`behaviorc lora remove {client.url} {name}` first")
@@ -64,6 +65,8 @@ def push_adapter(client: ServerClient, adapter: Path, name: str,
                             f"the adapter cannot be checked against it",
                             hint="give the base model folder with --base")
     checked = check_adapter(adapter, base_dir)
+    if name in now.adapters:
+        _unload(client, name)
     client.request("POST", "/v1/load_lora_adapter", f"loading LoRA adapter `{name}`",
                    {"lora_name": name, "lora_path": str(Path(adapter).resolve())})
     return checked
@@ -73,5 +76,9 @@ def remove_adapter(client: ServerClient, name: str) -> None:
     if name not in served(client).adapters:
         raise BehaviorError(f"no adapter named `{name}` is loaded on {client.url}",
                             hint=f"`behaviorc lora list {client.url}` lists them")
+    _unload(client, name)
+
+
+def _unload(client: ServerClient, name: str) -> None:
     client.request("POST", "/v1/unload_lora_adapter", f"unloading LoRA adapter `{name}`",
                    {"lora_name": name})
