@@ -34,7 +34,7 @@ class SteeringVectors:
     """
 
     directions: Mapping[int, torch.Tensor]
-    method: str  # mean_diff | pca | combination | imported
+    method: str  # a steering method (core.vocabulary.SteerMethod), `combination` or `imported`
     model: str  # the model folder or name the hidden states came from
     read: str = "mean"  # last | mean | mixed
     spec_hash: str = ""
