@@ -58,7 +58,7 @@ import torch
 
 from behaviorc.core.merge_methods import METHODS as METHODS_TRAITS
 from behaviorc.formats.safetensors_io import (
-    PlannedTensor, StreamWriter, WeightFolder, fingerprint, to_float32)
+    PlannedTensor, StreamWriter, WeightFolder, content_sha256, to_float32)
 
 SIZES = {
     "tiny": dict(hidden=256, layers=2, intermediate=768, vocab=8000, heads=4, kv_heads=2),
@@ -488,7 +488,7 @@ def main() -> None:
         hashing = time.perf_counter()
         for base, tuned in models.values():
             for folder in (base, *tuned):
-                fingerprint(folder)
+                content_sha256(folder)
         hash_inputs_s = time.perf_counter() - hashing
         shapes = parameter_shapes(size)
         parameters = sum(torch.Size(s).numel() for _, s in shapes)

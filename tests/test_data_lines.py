@@ -24,7 +24,7 @@ def huge_pair_line(folder: Path, mib: int) -> int:
 
 def test_a_line_over_the_limit_is_never_held_whole(tmp_path: Path) -> None:
     size = huge_pair_line(tmp_path, 96)
-    code, err, _, peak_mib = behaviorc("check", "s.behavior", cwd=tmp_path)
+    code, err, peak_mib = behaviorc("check", "s.behavior", cwd=tmp_path)
     assert_located_failure(code, err, "s.behavior:3:17: error: pairs.jsonl:1: the line of 96.0 MiB")
     # Under the line's own size (the interpreter and behaviorc take ~70 MiB); read whole,
     # the file, its text, its lines and the record took 4 times the line.
@@ -33,7 +33,7 @@ def test_a_line_over_the_limit_is_never_held_whole(tmp_path: Path) -> None:
 
 def test_a_raised_limit_costs_a_few_times_the_line(tiny_gdn: Path, tmp_path: Path) -> None:
     size = huge_pair_line(tmp_path, 64)
-    code, err, _, peak_mib = behaviorc("check", "s.behavior", cwd=tmp_path,
+    code, err, peak_mib = behaviorc("check", "s.behavior", cwd=tmp_path,
                                        env={"BEHAVIORC_MAX_LINE_BYTES": str(128 * MIB)})
     # Accepted by the reader, the prompt is refused at check: tiny-gdn's context is known.
     assert_located_failure(code, err, "s.behavior:3:3: error: in `b`'s steer section")
