@@ -295,9 +295,8 @@ class TrainingRecipe:
                                         self.targets, examples.matching, distributions)
             else:
                 # a push sends the weights of its own step, so every push step is a log point
-                log_every = log_interval(next(iter(self.targets.values())).device)
-                if self.live:
-                    log_every = math.gcd(log_every, self.live.push_every)
+                log_every = (math.gcd(log_interval(next(iter(self.targets.values())).device), self.live.push_every)
+                             if self.live else None)  # None: the loop's own interval
                 summary = train(model, self.targets, schedule, spec, pad_id=tokenizer.pad_token_id,
                                 on_step=self._on_step, log_every=log_every, checkpoint_dir=checkpoint,
                                 checkpoint_every=CHECKPOINT_EVERY, extra_loss=extra, teacher=distributions)
