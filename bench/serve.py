@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -37,11 +36,10 @@ from typing import Iterator
 import torch
 
 from behaviorc.engine.vllm.client import VLLMEngine
-from behaviorc.engine.vllm.http import ServerClient
 from behaviorc.engine.vllm.named_vectors import register_vectors, unregister_vector
 from behaviorc.engine.vllm.server import (READY_TIMEOUT_S, Server, free_port, resolve_model_dir, serve,
                                           server_environment, stop_server, wait_until_ready)
-from behaviorc.model.tiny import tokenizer_corpus
+from live_steer import make_prompts, served_tokens_per_s  # bench/: the same prompts and client loop
 
 TARGET_RATIO = 0.97
 HOST = "127.0.0.1"
@@ -68,32 +66,12 @@ def plain_vllm(model_dir: Path, eager: bool, max_model_len: int, log_dir: Path) 
         stop_server(server)
 
 
-def make_prompts(count: int) -> list[str]:
-    sentences = tokenizer_corpus()
-    return [" ".join(sentences[(i * 7 + k) % len(sentences)] for k in range(1 + i % 3)) for i in range(count)]
-
-
-def complete(client: ServerClient, model: str, prompt: str, tokens: int, steer: str | None) -> int:
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
-    if steer:
-        body["vllm_xargs"] = {"steer": steer}
-    answer = client.request("POST", "/v1/completions", "generating", body)
-    return int(answer["usage"]["completion_tokens"])
-
-
-def throughput(client: ServerClient, model: str, prompts: list[str], steers: list[str | None], tokens: int,
-               concurrency: int) -> float:
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        generated = sum(pool.map(lambda job: complete(client, model, job[0], tokens, job[1]), zip(prompts, steers)))
-    return generated / (time.perf_counter() - started)
-
-
-def latency(client: ServerClient, model: str, prompts: list[str], tokens: int) -> float:
+def latency(engine: VLLMEngine, prompts: list[str], tokens: int) -> float:
+    """The median seconds of one request alone."""
     seconds = []
     for prompt in prompts:
         started = time.perf_counter()
-        complete(client, model, prompt, tokens, None)
+        served_tokens_per_s(engine, [prompt], [None], tokens, 1)
         seconds.append(time.perf_counter() - started)
     return statistics.median(seconds)
 
@@ -146,7 +124,7 @@ def main() -> None:
 
         registered(True)
         for server, steers, _ in runs.values():  # warm: compile, caches
-            throughput(clients[server].client, clients[server].served_model_name, prompts[:4], steers[:4], 4, 4)
+            served_tokens_per_s(clients[server], prompts[:4], steers[:4], 4, 4)
         tok_s = dict.fromkeys(runs, 0.0)
         median_s = dict.fromkeys(("vllm", "vllm-eager", "behaviorc"), float("inf"))
         for _ in range(args.rounds):
@@ -154,12 +132,12 @@ def main() -> None:
                 engine = clients[server]
                 if server == "behaviorc":
                     registered(with_vectors)
-                tok_s[run] = max(tok_s[run], throughput(engine.client, engine.served_model_name, prompts, steers,
-                                                        args.tokens, args.concurrency))
+                tok_s[run] = max(tok_s[run], served_tokens_per_s(engine, prompts, steers, args.tokens,
+                                                                 args.concurrency))
             for server in median_s:
                 engine = clients[server]
-                median_s[server] = min(median_s[server], latency(
-                    engine.client, engine.served_model_name, prompts[:args.latency_requests], args.tokens))
+                median_s[server] = min(median_s[server], latency(engine, prompts[:args.latency_requests],
+                                                                 args.tokens))
     ratio = tok_s["behaviorc idle"] / tok_s["vllm"]
     figures = {"model": str(args.model), "prompts": len(prompts), "tokens": args.tokens,
                "concurrency": args.concurrency, "tok_s": {k: round(v, 1) for k, v in tok_s.items()},
