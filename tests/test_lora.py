@@ -126,7 +126,8 @@ def live(tiny_dense, tmp_path_factory):
         tuned = tuned_copy(tiny_dense, root / f"tuned-{name}", seed=seed, scale=3.0)
         export_lora(tuned, model_dir, root / name, RankChoice(rank=8))
         adapters[name] = (root / name, tuned)
-    with serve(model_dir, log_path=root / "server.log", lora_rank=8) as server:
+    # eager starts a minute sooner; the session's tiny-gdn server tests the compiled one
+    with serve(model_dir, log_path=root / "server.log", lora_rank=8, eager=True) as server:
         yield server, adapters
 
 

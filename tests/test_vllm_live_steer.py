@@ -1,5 +1,6 @@
-"""Steering per request on the session's vLLM server (tiny-gdn): the registry of named
-vectors, `vllm_xargs.steer`, the prefix cache, the CLI and steering-only deploys.
+"""Steering per request on the session's vLLM server (tiny-gdn, compiled as `behaviorc
+serve` runs it): the registry of named vectors, `vllm_xargs.steer`, the prefix cache, the
+CLI and steering-only deploys, and the steering tables the compiled graph reads.
 
 References come from the same server in another state, as a separate server would give
 them: unsteered answers with nothing registered and no steering, steered answers with the
@@ -19,11 +20,13 @@ from behaviorc.cli import main
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.hooks import add_to_output
 from behaviorc.engine.vllm.inside.steer_spec import SteerSpecError, cache_salt, parse_steer
-from behaviorc.engine.vllm.inside.steering import ScheduledRequest, token_coefficients
+from behaviorc.engine.vllm.inside.steering import (ScheduledRequest, SteeringSlots,
+                                                   token_coefficients)
 from behaviorc.engine.vllm.named_vectors import (register_vectors, registered_vectors,
                                             unregister_vector)
 from behaviorc.engine.vllm.traffic import RequestLoop
 from behaviorc.engine.vllm.client import VLLMEngine
+from behaviorc.engine.vllm.server import plain_vllm_server
 from behaviorc.formats.steering import save_steering
 from behaviorc.steering_vectors import SteeringVectors
 
@@ -51,12 +54,48 @@ def test_each_request_steers_only_its_own_rows_of_the_batch():
     batch = [ScheduledRequest(0, 3, {"steer": "happy:2"}),
              ScheduledRequest(3, 4, {}),  # unsteered, batched between steered ones
              ScheduledRequest(4, 6, {"steer": "concise:-1,happy:0.5,gone:3", "other": 1})]
-    assert token_coefficients(batch, index, 7).tolist() == [
+    assert token_coefficients(batch, index, 7, columns=2).tolist() == [
         [0.0, 2.0], [0.0, 2.0], [0.0, 2.0], [0.0, 0.0], [-1.0, 0.5], [-1.0, 0.5],
         [0.0, 0.0]]  # the last row: padding past the scheduled tokens
     unsteered = [ScheduledRequest(0, 2, {}), ScheduledRequest(2, 3, {"steer": "gone:1"})]
     assert token_coefficients(unsteered, index, 3) is None
     assert token_coefficients([], index, 3) is None
+
+
+def test_a_graph_traced_with_nothing_steered_steers_by_the_tables_written_later():
+    """What a compiled server relies on: the graph is traced once, at start-up, when no
+    vector exists; afterwards only the tables' values change. A recompile would hide a
+    graph that depended on what was steered at tracing time, so one is an error here."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    slots = SteeringSlots(layers=2, hidden=4, max_tokens=8, device=torch.device("cpu"))
+    for index, layer in enumerate(layers):
+        layer.register_forward_hook(slots.hook(index))
+    tokens = torch.randn(3, 4)
+    plain = layers(tokens)
+    assert torch.equal(layers(tokens), plain)  # eager and idle: no addition at all
+
+    compiled = torch.compile(layers, backend="aot_eager", dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(compiled(tokens), plain)  # traced now, idle: adds zeros
+        vector = torch.randn(4)
+        slots.write_column(3, {1: vector})
+        slots.set_tokens(_coefficients(slots, {0: 2.0, 2: -1.0}, column=3))
+        steered = compiled(tokens)
+        assert torch.allclose(steered[0], plain[0] + 2 * vector, atol=1e-6)
+        assert torch.equal(steered[1], plain[1])  # an unsteered token: exactly as before
+        assert torch.allclose(steered[2], plain[2] - vector, atol=1e-6)
+        assert torch.allclose(layers(tokens), steered, atol=1e-6)  # eager agrees
+        slots.set_tokens(None)
+        assert torch.equal(compiled(tokens), plain)  # and every row is zero again
+
+
+def _coefficients(slots: SteeringSlots, rows: dict[int, float], column: int) -> torch.Tensor:
+    """Coefficients of 3 tokens: `rows[token]` in `column`, zero elsewhere."""
+    coefficients = torch.zeros(3, slots.coefficients.shape[1])
+    for row, value in rows.items():
+        coefficients[row, column] = value
+    return coefficients
 
 
 def test_one_hook_adds_a_vector_or_per_token_additions_to_either_output_form():
@@ -167,6 +206,23 @@ def test_steered_and_unsteered_requests_batched_together_match_separate_servers(
     after = live.client.rpc("behaviorc_steer_stats", doing="reading steering counts")
     # Forward passes that held steered and unsteered requests at once did happen.
     assert after["mixed_passes"] > before["mixed_passes"]
+
+
+def test_the_compiled_server_serves_unsteered_requests_as_plain_vllm_does(
+        clean, directions, vllm_server, tmp_path):
+    """The session's server runs compiled, the steering tables inside its graph, adding
+    exact zeros to the rows of unsteered requests: their answers are plain `vllm
+    serve`'s (compiled too), to the last bit, with vectors registered. (Its steered
+    answers are the embedded engine's: tests/test_vllm_engine.py.)"""
+    live = clean
+    assert live.client.rpc("behaviorc_info", doing="describing")["compiled"]
+    for name, vectors in directions.items():
+        register_vectors(live.client, name, vectors)
+    with plain_vllm_server(vllm_server.model_dir, tmp_path / "plain.log") as plain, \
+            VLLMEngine(plain.url) as plain_live:
+        for prompt in PROMPTS:
+            assert complete(live, prompt) == complete(plain_live, prompt)
+            assert differs(complete(live, prompt, "happy:2,concise:-1.5"), complete(live, prompt))
 
 
 def test_a_steered_request_never_reuses_prefixes_cached_with_other_steering(

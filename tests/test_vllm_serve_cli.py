@@ -205,7 +205,8 @@ def test_killing_serve_outright_stops_vllm_and_frees_its_port_and_memory(tiny_de
 
     port = free_port("127.0.0.1")
     serving = ServeProcess(subprocess.Popen(
-        [sys.executable, "-m", "behaviorc.cli", "serve", str(tiny_dense), "--port", str(port)],
+        [sys.executable, "-m", "behaviorc.cli", "serve", str(tiny_dense), "--port", str(port),
+         "--eager"],  # what is killed does not matter, only that it dies; eager starts sooner
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"}))
     try:

@@ -72,8 +72,20 @@ def test_serve_help_teaches(capsys):
         main(["serve", "--help"])
     text = capsys.readouterr().out
     assert "behaviorc serve smollm2-135m" in text
-    assert "--api-key" in text
+    assert "--api-key" in text and "--eager" in text
     assert all(name in text for name in BUILTIN_MODELS)
+
+
+def test_servers_compile_unless_asked_to_run_eager(tiny_gdn):
+    """Compiled by default, with behaviorc's loader (the steering tables must be hooked
+    on before vLLM traces the model) and a compile-cache key of its own."""
+    compiled = server_command(tiny_gdn, "127.0.0.1", 8000, None)
+    assert "--enforce-eager" not in compiled
+    assert compiled[compiled.index("--load-format") + 1] == "behaviorc"
+    assert "behaviorc" in compiled[compiled.index("--additional-config") + 1]
+    eager = server_command(tiny_gdn, "127.0.0.1", 8000, None, eager=True)
+    assert "--enforce-eager" in eager and "--load-format" in eager
+    assert "--additional-config" not in eager
 
 
 def test_tensor_parallel_size_passes_through_to_vllm(tiny_gdn):

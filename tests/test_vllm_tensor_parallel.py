@@ -27,7 +27,9 @@ def test_two_shards_serve_push_and_steer_as_one(tiny_dense, tmp_path):
     shutil.copytree(tiny_dense, model_dir)
     expected = EmbeddedEngine.load(str(model_dir), dtype="bfloat16", device="cpu").completion_logprobs(
         PROMPTS, COMPLETIONS)
-    with serve(model_dir, log_path=tmp_path / "server.log", tensor_parallel_size=2) as server:
+    # eager: compiling once per shard would double the start on two cores
+    with serve(model_dir, log_path=tmp_path / "server.log", tensor_parallel_size=2,
+               eager=True) as server:
         assert "--tensor-parallel-size" in " ".join(server.process.args)
         engine = VLLMEngine(server.url)
         served = engine.completion_logprobs(PROMPTS, COMPLETIONS)

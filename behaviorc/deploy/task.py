@@ -108,8 +108,10 @@ def _servers(task: DeployModel, ctx: TaskContext, stack: ExitStack,
 
     if task.deploy.urls == "auto":
         ctx.progress(0, 3, "starting a vLLM server")
+        # It serves this task's checks and stops with it: compiling would cost more
+        # than it saves.
         urls = [stack.enter_context(serve(ctx.result(task.model).data["path"],
-                                          lora_rank=lora_rank)).url]
+                                          lora_rank=lora_rank, eager=True)).url]
     else:
         urls = list(task.deploy.urls)
     ctx.check_cancelled()

@@ -99,7 +99,8 @@ def live_handoff(deploy: ir.Deploy | None, ctx: TaskContext, base: str,
     with ExitStack() as stack:
         if deploy.urls == "auto":
             ctx.progress(0, steps, "starting a vLLM server")
-            urls, push_base = [stack.enter_context(serve(base)).url], None
+            # it serves the hand-off's checks and stops with the task: eager starts faster
+            urls, push_base = [stack.enter_context(serve(base, eager=True)).url], None
         else:
             urls, push_base = list(deploy.urls), Path(base)
         handoff = LiveHandoff(urls, directions, strength, pairs, margin_before,

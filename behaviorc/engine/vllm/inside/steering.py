@@ -1,13 +1,20 @@
 """Steering chosen per request on a live vLLM server: the worker's registry of named
-vectors and which tokens of a batch each one steers. Nothing here reads vLLM: the
-worker state (`worker_state`) hands these functions plain values read by
-`vllm_internals`.
+vectors, which tokens of a batch each one steers, and the fixed-address tensors the
+decoder layers read it from. Nothing here reads vLLM: the worker state
+(`worker_state`) hands these functions plain values read by `vllm_internals`.
 
 Before each forward pass the worker knows which tokens of the batch belong to which
 request and each request's `steer` argument (see `steer_spec`), and builds a per-token
-coefficient matrix C [tokens, vectors]; each steered layer adds `C @ V_layer` to its
-output. Rows of unsteered tokens are exactly zero, so their hidden states are
-bit-for-bit what they would be with no registry at all, whatever is batched beside them.
+coefficient matrix C [tokens, columns]; each decoder layer adds `C @ T_layer` to its
+output, where column 0 of the tables T holds the steering set for every request
+(`set_steering`) and columns 1.. the registered vectors. Rows of unsteered tokens are
+exactly zero, so their hidden states are bit-for-bit what they would be with no
+registry at all, whatever is batched beside them.
+
+The tables and C are allocated once, when vLLM loads the model and before it compiles
+it (`SteeringSlots`); every change writes into them in place. A graph torch.compile
+traced (and a CUDA graph captured from it) reads them at fixed addresses, so it keeps
+steering by the current values without being traced again.
 
 Registry changes run as worker RPCs, which vLLM executes between forward passes: a
 forward pass sees the whole registry before a change or the whole registry after it.
@@ -22,10 +29,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from behaviorc.engine.hooks import add_to_output
 from behaviorc.engine.vllm.inside.steer_spec import (
     NAME_PATTERN, STEER_ARG, SteerSpecError, parse_steer, vector_digest)
 
 MAX_REGISTERED = 64  # named vectors one server keeps (each holds layers x hidden floats)
+SERVER_WIDE = 0  # the column of `set_steering`'s vector, on for every token
+COLUMNS = 1 + MAX_REGISTERED
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -34,34 +44,72 @@ class Registry:
     """An immutable snapshot: replaced whole on every change, never edited."""
 
     names: tuple[str, ...]
-    index: Mapping[str, int]
+    index: Mapping[str, int]  # name -> its column of the steering tables (1..)
     digests: Mapping[str, str]
     layers: Mapping[str, tuple[int, ...]]
     norms: Mapping[str, Mapping[int, float]]
-    matrices: Mapping[int, torch.Tensor]  # layer -> [len(names), hidden] float32, zero rows where absent
     sources: Mapping[str, Mapping[int, list[float]]]  # name -> the registered values
 
 
-EMPTY = Registry((), {}, {}, {}, {}, {}, {})
+EMPTY = Registry((), {}, {}, {}, {}, {})
 
 
-def build_registry(sources: Mapping[str, Mapping[int, list[float]]], hidden: int,
-                   device: torch.device) -> Registry:
-    """The snapshot of `sources` (name -> {layer: values}), its matrices on `device`."""
+def build_registry(sources: Mapping[str, Mapping[int, list[float]]]) -> Registry:
+    """The snapshot of `sources` (name -> {layer: values})."""
     names = tuple(sorted(sources))
-    matrices: dict[int, torch.Tensor] = {}
-    for row, name in enumerate(names):
-        for layer, values in sources[name].items():
-            matrix = matrices.setdefault(layer, torch.zeros(len(names), hidden))
-            matrix[row] = torch.tensor(values, dtype=torch.float32)
     return Registry(
-        names=names, index={name: i for i, name in enumerate(names)},
+        names=names, index={name: SERVER_WIDE + 1 + i for i, name in enumerate(names)},
         digests={name: vector_digest(sources[name]) for name in names},
         layers={name: tuple(sorted(sources[name])) for name in names},
         norms={name: {layer: float(torch.tensor(v, dtype=torch.float64).norm())
                       for layer, v in sorted(sources[name].items())} for name in names},
-        matrices={layer: m.to(device) for layer, m in matrices.items()},
         sources=dict(sources))
+
+
+class SteeringSlots:
+    """What every decoder layer of a served model adds: `C[:tokens] @ tables[layer]`.
+
+    Made once per worker when the model loads, before vLLM compiles it, and hooked on
+    every layer; afterwards only written in place. Traced by torch.compile, the addition
+    is always in the graph (adding exact zeros when nothing steers); run eagerly, it is
+    skipped while nothing steers and on layers no vector touches, so an eager server
+    with no steering runs no extra operation.
+    """
+
+    def __init__(self, layers: int, hidden: int, max_tokens: int, device: torch.device):
+        self.tables = torch.zeros(layers, COLUMNS, hidden, device=device)
+        self.coefficients = torch.zeros(max_tokens, COLUMNS, device=device)
+        self.layers_in_use = [False] * layers
+        self.steering = False  # some row of `coefficients` is not zero
+        self._written_rows = 0
+
+    def hook(self, layer: int) -> Any:
+        """The forward hook of decoder layer `layer`."""
+        table, coefficients = self.tables[layer], self.coefficients
+
+        def addition(hidden: torch.Tensor) -> torch.Tensor | None:
+            if not torch.compiler.is_compiling() and not (
+                    self.steering and self.layers_in_use[layer]):
+                return None
+            return (coefficients[: hidden.shape[0]] @ table).to(hidden.dtype)
+
+        return add_to_output(addition)
+
+    def write_column(self, column: int, vectors: Mapping[int, torch.Tensor]) -> None:
+        """Column `column` of every layer's table: `vectors[layer]`, zero elsewhere."""
+        self.tables[:, column].zero_()
+        for layer, vector in vectors.items():
+            self.tables[layer, column].copy_(vector)
+        self.layers_in_use = [bool(table.any()) for table in self.tables]
+
+    def set_tokens(self, coefficients: torch.Tensor | None) -> None:
+        """The coefficients of the forward pass about to run (None: it steers nothing)."""
+        if self._written_rows:
+            self.coefficients[: self._written_rows].zero_()
+        rows = 0 if coefficients is None else coefficients.shape[0]
+        if rows:
+            self.coefficients[:rows].copy_(coefficients)
+        self._written_rows, self.steering = rows, bool(rows)
 
 
 @dataclass(frozen=True)
@@ -132,8 +180,8 @@ class ScheduledRequest:
 
 
 def token_coefficients(requests: Sequence[ScheduledRequest], index: Mapping[str, int],
-                       tokens: int) -> torch.Tensor | None:
-    """C [tokens, len(index)]: the strength of each registered vector (column `index[name]`)
+                       tokens: int, columns: int = COLUMNS) -> torch.Tensor | None:
+    """C [tokens, columns]: the strength of each registered vector (column `index[name]`)
     on each token of the batch; None when no request in it is steered by a registered one."""
     coefficients = None
     for request in requests:
@@ -142,7 +190,7 @@ def token_coefficients(requests: Sequence[ScheduledRequest], index: Mapping[str,
             if column is None:  # removed after the server admitted the request
                 continue
             if coefficients is None:
-                coefficients = torch.zeros(tokens, len(index))
+                coefficients = torch.zeros(tokens, columns)
             coefficients[request.start:request.end, column] = strength
     return coefficients
 

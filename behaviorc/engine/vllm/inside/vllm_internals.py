@@ -1,6 +1,7 @@
 """Everything behaviorc reads or calls of a vLLM worker's internals (vLLM 0.32): the
-model runner, its model and config, the persistent batch, and the layerwise weight
-reload. A vLLM upgrade that moves any of these changes this module only.
+model runner, its model and config, the persistent batch, the layerwise weight reload,
+and the model loader that hooks the steering tables on before vLLM compiles the model.
+A vLLM upgrade that moves any of these changes this module only.
 """
 
 from __future__ import annotations
@@ -12,8 +13,47 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from behaviorc.engine.vllm.inside.steering import ScheduledRequest
+from behaviorc.engine.vllm.inside import LOAD_FORMAT
+from behaviorc.engine.vllm.inside.steering import ScheduledRequest, SteeringSlots
 from behaviorc.engine.vllm.inside.weights import layer_group
+
+SLOTS_ATTRIBUTE = "behaviorc_steering"  # where the loaded model keeps its SteeringSlots
+
+
+def text_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    if hasattr(model, "get_language_model"):  # a vision-language model: its text model
+        model = model.get_language_model()
+    return list(model.model.layers)
+
+
+def register_steerable_loader() -> None:
+    """Make `--load-format behaviorc` vLLM's default loader followed by
+    `hook_steering_slots`. A loader is the one place vLLM lets a plugin act on the model
+    after its weights are in and before its first forward pass, which is when
+    torch.compile traces it."""
+    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    @register_model_loader(LOAD_FORMAT)
+    class SteerableModelLoader(DefaultModelLoader):
+        def __init__(self, load_config: Any):
+            load_config.load_format = "auto"  # which files to read: the default's choice
+            super().__init__(load_config)
+
+        def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
+            model = super().load_model(vllm_config, model_config, prefix)
+            hook_steering_slots(model, int(model_config.hf_text_config.hidden_size),
+                                vllm_config.scheduler_config.max_num_batched_tokens)
+            return model
+
+
+def hook_steering_slots(model: torch.nn.Module, hidden: int, max_tokens: int) -> SteeringSlots:
+    layers = text_decoder_layers(model)
+    slots = SteeringSlots(len(layers), hidden, max_tokens, next(model.parameters()).device)
+    for index, layer in enumerate(layers):
+        layer.register_forward_hook(slots.hook(index))
+    setattr(model, SLOTS_ATTRIBUTE, slots)
+    return slots
 
 
 class VllmWorker:
@@ -32,10 +72,23 @@ class VllmWorker:
         return self._runner.get_model()
 
     def decoder_layers(self) -> list[torch.nn.Module]:
-        model = self.model()
-        if hasattr(model, "get_language_model"):  # a vision-language model: its text model
-            model = model.get_language_model()
-        return list(model.model.layers)
+        return text_decoder_layers(self.model())
+
+    def steering_slots(self) -> SteeringSlots:
+        """The steering tables the loader hooked on (`register_steerable_loader`); hooked
+        on now when the server was started with another loader, which only an eager
+        server can take: a compiled graph never calls a hook added after it was traced."""
+        slots = getattr(self.model(), SLOTS_ATTRIBUTE, None)
+        if slots is not None:
+            return slots
+        if self.compiled():
+            raise RuntimeError(
+                f"this server was started without `--load-format {LOAD_FORMAT}`, so its "
+                f"compiled model has no steering hooks; start it with `behaviorc serve`, or "
+                f"add `--load-format {LOAD_FORMAT}` (or `--enforce-eager`) to vLLM's command")
+        return hook_steering_slots(
+            self.model(), int(self.text_config().hidden_size),
+            self._worker.vllm_config.scheduler_config.max_num_batched_tokens)
 
     def config(self) -> Any:
         """The Hugging Face config of the served model."""
@@ -50,6 +103,10 @@ class VllmWorker:
 
     def dtype(self) -> torch.dtype:
         return self._runner.model_config.dtype
+
+    def compiled(self) -> bool:
+        """Whether vLLM compiled the model (torch.compile, and CUDA graphs on a GPU)."""
+        return not self._runner.model_config.enforce_eager
 
     def device(self) -> torch.device:
         return next(self.model().parameters()).device

@@ -1,9 +1,10 @@
 """What behaviorc keeps in a vLLM worker, and what each worker call does with it.
 
 Steering. `set_steering` adds `strength * vector` to the output of chosen decoder layers
-for every request (the hook of `behaviorc.engine.hooks`). Named vectors (`steering`)
-steer only the requests that name them: before each forward pass the state reads which
-tokens of the batch belong to which request and builds their coefficients.
+for every request; named vectors steer only the requests that name them. Both are
+columns of the steering tables every layer reads (`steering.SteeringSlots`): before each
+forward pass the state reads which tokens of the batch belong to which request and
+writes their coefficients.
 
 Weights. A push is staged, then committed. Staging reads every pushed tensor once,
 checking names, shapes and dtypes against the served checkpoint and that every value is
@@ -25,10 +26,9 @@ from typing import Any, Mapping
 
 import torch
 
-from behaviorc.engine.hooks import add_to_output
 from behaviorc.engine.vllm.inside.steering import (
-    EMPTY, Registry, Shape, build_registry, registration_problems, token_coefficients,
-    vector_problems)
+    COLUMNS, EMPTY, SERVER_WIDE, Shape, build_registry, registration_problems,
+    token_coefficients, vector_problems)
 from behaviorc.engine.vllm.inside.vllm_internals import VllmWorker
 from behaviorc.engine.vllm.inside.weights import ServedWeights
 
@@ -45,11 +45,11 @@ class WorkerState:
     def __init__(self, worker: VllmWorker):
         self.worker = worker
         self._served: ServedWeights | None = None  # read on the first push
-        self._steering: list[Any] = []  # hooks of set_steering
+        self._slots = worker.steering_slots()
+        self._server_wide: list[int] = []  # the layers set_steering steers
         self._registry = EMPTY
-        self._registry_hooks: list[Any] = []
-        self._coefficients: torch.Tensor | None = None  # of the forward pass running
         self._counts = {"steered_passes": 0, "mixed_passes": 0}
+        worker.before_each_forward(self._plan)
 
     # --- model description ---
 
@@ -64,6 +64,7 @@ class WorkerState:
             "layer_kinds": _layer_kinds(text, count),
             "dtype": str(self.worker.dtype()).removeprefix("torch."),
             "start_token_id": self.worker.start_token_id(),
+            "compiled": self.worker.compiled(),
         }
 
     def _shape(self) -> Shape:
@@ -82,22 +83,19 @@ class WorkerState:
         problems = vector_problems("steering", request.get("vectors"), strength, self._shape())
         if problems:
             raise ValueError("; ".join(problems))
-        layers = self.worker.decoder_layers()
-        additions = {int(key): values for key, values in request["vectors"].items()}
-        self.clear_steering()
-        for index, values in additions.items():
-            layer = layers[index]
-            reference = next(layer.parameters())
-            delta = torch.tensor(values, dtype=torch.float32) * strength
-            delta = delta.to(device=reference.device, dtype=reference.dtype)
-            self._steering.append(layer.register_forward_hook(add_to_output(delta)))
-        return {"layers": sorted(additions), "strength": strength}
+        reference = next(self.worker.model().parameters())
+        additions = {int(key): torch.tensor(values, dtype=torch.float32) * strength
+                     for key, values in request["vectors"].items()}
+        # rounded to the served dtype first: what adding it in that dtype adds
+        self._slots.write_column(SERVER_WIDE, {
+            layer: delta.to(reference.dtype).float() for layer, delta in additions.items()})
+        self._server_wide = sorted(additions)
+        return {"layers": self._server_wide, "strength": strength}
 
     def clear_steering(self) -> dict[str, Any]:
-        removed = len(self._steering)
-        for handle in self._steering:
-            handle.remove()
-        self._steering = []
+        removed = len(self._server_wide)
+        self._slots.write_column(SERVER_WIDE, {})
+        self._server_wide = []
         return {"removed": removed}
 
     # --- named vectors, steering the requests that name them ---
@@ -140,45 +138,29 @@ class WorkerState:
         return dict(self._counts)
 
     def _install(self, sources: Mapping[str, Mapping[int, list[float]]]) -> None:
-        """Build the new snapshot completely, then swap it in and re-hook the layers."""
-        registry = build_registry(sources, int(self.worker.text_config().hidden_size),
-                                  self.worker.device())
-        for handle in self._registry_hooks:
-            handle.remove()
+        """Swap in the new snapshot and write every registry column of the tables."""
+        registry = build_registry(sources)
+        for name, column in registry.index.items():
+            self._slots.write_column(column, {layer: torch.tensor(values)
+                                              for layer, values in sources[name].items()})
+        for column in range(len(registry.names) + 1, len(self._registry.names) + 1):
+            self._slots.write_column(column, {})
         self._registry = registry
-        self._coefficients = None
-        self._registry_hooks = self._hook(registry) if registry.names else []
-
-    def _hook(self, registry: Registry) -> list[Any]:
-        layers = self.worker.decoder_layers()
-        handles = [self.worker.before_each_forward(self._plan)]
-        for layer in sorted(registry.matrices):
-            handles.append(layers[layer].register_forward_hook(
-                add_to_output(self._per_token(registry.matrices[layer]))))
-        return handles
 
     def _plan(self, tokens: int) -> None:
-        """Before a forward pass: the coefficients of its tokens (None when no request in
-        it is steered)."""
-        requests = self.worker.scheduled_requests(tokens)
-        coefficients = token_coefficients(requests, self._registry.index, tokens)
-        if coefficients is not None:
-            self._counts["steered_passes"] += 1
-            self._counts["mixed_passes"] += any(not request.steer for request in requests)
-            coefficients = coefficients.to(next(iter(self._registry.matrices.values())).device)
-        self._coefficients = coefficients
-
-    def _per_token(self, matrix: torch.Tensor) -> Any:
-        """What a layer steered by the registry adds: C @ V_layer. Unsteered tokens' rows
-        are zero: adding an exact 0 leaves them unchanged."""
-
-        def addition(hidden: torch.Tensor) -> torch.Tensor | None:
-            coefficients = self._coefficients
+        """Before a forward pass: the coefficients of its tokens."""
+        coefficients = None
+        if self._registry.names:
+            requests = self.worker.scheduled_requests(tokens)
+            coefficients = token_coefficients(requests, self._registry.index, tokens)
+            if coefficients is not None:
+                self._counts["steered_passes"] += 1
+                self._counts["mixed_passes"] += any(not request.steer for request in requests)
+        if self._server_wide:
             if coefficients is None:
-                return None
-            return (coefficients[: hidden.shape[0]] @ matrix).to(hidden.dtype)
-
-        return addition
+                coefficients = torch.zeros(tokens, COLUMNS)
+            coefficients[:, SERVER_WIDE] = 1.0
+        self._slots.set_tokens(coefficients)
 
     # --- weights ---
 
