@@ -26,7 +26,10 @@ pytestmark = pytest.mark.vllm
 PROMPTS = ["I will use", "The model", "def add(a, b):", ""]
 COMPLETIONS = [" the existing parser.", " wants the data", "\n    return a + b", "Yes."]
 # vLLM and transformers both run bfloat16 here; their log-probs differ by rounding only.
-BF16_TOLERANCE = 0.03
+# vLLM and transformers both run bfloat16 and round differently. Measured against the
+# embedded engine after pushes of `changed_weights` seeds 1-4: eager 0.012-0.033,
+# compiled 0.024-0.032 (seed 0, no push: 0.004); a push that did not land moves > 0.1.
+BF16_TOLERANCE = 0.05
 
 
 def max_difference(a: list[list[float]], b: list[list[float]]) -> float:

@@ -72,7 +72,8 @@ def served_dense(tiny_dense, tmp_path_factory) -> Iterator[tuple[ServeProcess, P
     model_dir = tmp_path_factory.mktemp("serve") / "tiny-dense"
     shutil.copytree(tiny_dense, model_dir)
     process = subprocess.Popen(
-        [sys.executable, "-m", "behaviorc.cli", "serve", str(model_dir)],
+        # eager starts a minute sooner; the session's tiny-gdn server runs compiled
+        [sys.executable, "-m", "behaviorc.cli", "serve", str(model_dir), "--eager"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "BEHAVIORC_API_KEY": KEY})
     serving = ServeProcess(process)
@@ -230,6 +231,45 @@ def test_killing_serve_outright_stops_vllm_and_frees_its_port_and_memory(tiny_de
     finally:
         if serving.process.poll() is None:
             serving.process.kill()
+
+
+def test_killing_serve_while_vllm_starts_stops_it_too(tiny_dense):
+    """kill -9 of `behaviorc serve` while vLLM starts: vLLM takes the SIGTERM that the
+    parent-death signal sends it then, and waits in its engine handshake for ever, the
+    engine core beside it; the launcher watch of behaviorc's plugin kills the group."""
+    serving = ServeProcess(subprocess.Popen(
+        [sys.executable, "-m", "behaviorc.cli", "serve", str(tiny_dense), "--eager"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        group = None
+        while group is None or not _engine_core_started(group):  # mid-start: the handshake
+            assert "press Ctrl-C to stop" not in serving.output, "vLLM was ready before the check"
+            assert serving.process.poll() is None and time.monotonic() < deadline, serving.output
+            group = next((int(p.name) for p in Path("/proc").iterdir()
+                          if p.name.isdigit() and _parent(p) == serving.process.pid), None)
+            time.sleep(0.2)
+        serving.process.send_signal(signal.SIGKILL)
+        serving.wait(timeout=60)
+        deadline = time.monotonic() + 120  # the watch waits 15 s for vLLM to stop itself
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _group_alive(group), "vLLM outlived behaviorc serve"
+    finally:
+        if serving.process.poll() is None:
+            serving.process.kill()
+
+
+def _engine_core_started(group: int) -> bool:
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.getpgid(int(proc.name)) == group \
+                    and b"EngineCore" in (proc / "cmdline").read_bytes():
+                return True
+        except (OSError, ProcessLookupError):
+            continue  # a process that ended meanwhile
+    return False
 
 
 def _parent(proc: Path) -> int:

@@ -88,7 +88,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # The server runs in its own process group, out of reach of the terminal's Ctrl-C,
     # of its hang-up when it closes and of a SIGTERM sent to us: each must end here, so
     # the server is stopped too. (Were this process killed outright, the server's
-    # parent-death signal stops it: see engine/vllm/server.py.)
+    # parent-death signal stops it, or, while it still starts, behaviorc's plugin in it:
+    # see engine/vllm/server.py and inside/plugin.py.)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.vllm.http import API_KEY_ENV, check_api_key
-from behaviorc.engine.vllm.inside import LOAD_FORMAT
+from behaviorc.engine.vllm.inside import LAUNCHER_ENV, LOAD_FORMAT
 
 if TYPE_CHECKING:
     import httpx
@@ -193,6 +193,7 @@ def server_command(model_dir: Path, host: str, port: int, api_key: str | None,
 def server_environment(api_key: str | None, tensor_parallel_size: int = 1,
                        lora_rank: int = 0) -> dict[str, str]:
     env = dict(os.environ)
+    env[LAUNCHER_ENV] = str(os.getpid())  # the server stops once this process is gone
     env["VLLM_SERVER_DEV_MODE"] = "1"  # opens /collective_rpc and /reset_prefix_cache
     if lora_rank:  # opens /v1/load_lora_adapter and /v1/unload_lora_adapter
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"

@@ -3,7 +3,8 @@ every process that resolves or runs a model: the server, the engine core, the wo
 and the subprocess that inspects model classes).
 
 It registers `--load-format behaviorc` (`vllm_internals.register_steerable_loader`),
-which hooks the steering tables onto the model before vLLM compiles it.
+which hooks the steering tables onto the model before vLLM compiles it, and in the
+server's first process watches the process that started it (`stop_when_orphaned`).
 
 vLLM's Qwen3.5 module imports `smart_resize` from transformers'
 `qwen2_vl.image_processing_qwen2_vl`, a module that imports torchvision at its top. No
@@ -19,10 +20,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import signal
 import sys
+import threading
+import time
+
+from behaviorc.engine.vllm.inside import LAUNCHER_ENV
 
 TORCHVISION_MODULE = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
 WITHOUT_TORCHVISION = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
+ORPHAN_GRACE_S = 15.0  # for vLLM to stop on the SIGTERM its launcher's death sent it (as stop_server)
 
 
 def register() -> None:
@@ -31,3 +39,27 @@ def register() -> None:
     from behaviorc.engine.vllm.inside.vllm_internals import register_steerable_loader
 
     register_steerable_loader()
+    stop_when_orphaned()
+
+
+_watching: list[threading.Thread] = []
+
+
+def stop_when_orphaned() -> None:
+    """In the process the launcher started (its parent is LAUNCHER_ENV's process id):
+    once the launcher is gone, give vLLM ORPHAN_GRACE_S to stop on the SIGTERM the
+    kernel sent it then (`server._die_with`), and kill its whole process group if it has
+    not. A server told to stop while it starts up waits forever in the engine's
+    handshake, the engine core waiting beside it; nothing else would ever stop them."""
+    launcher = os.environ.get(LAUNCHER_ENV, "")
+    if _watching or not launcher.isdigit() or os.getppid() != int(launcher):
+        return  # not the first process of a server behaviorc started, or watched already
+
+    def watch() -> None:
+        while os.getppid() == int(launcher):
+            time.sleep(1.0)
+        time.sleep(ORPHAN_GRACE_S)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    _watching.append(threading.Thread(target=watch, name="behaviorc-launcher-watch", daemon=True))
+    _watching[0].start()
