@@ -26,7 +26,7 @@ from behaviorc.engine.vllm.named_vectors import (register_vectors, registered_ve
                                             unregister_vector)
 from behaviorc.engine.vllm.traffic import RequestLoop
 from behaviorc.engine.vllm.client import VLLMEngine
-from behaviorc.engine.vllm.server import plain_vllm_server
+from behaviorc.engine.vllm.server import COMPILING, plain_vllm_server
 from behaviorc.formats.steering import save_steering
 from behaviorc.steering_vectors import SteeringVectors
 
@@ -216,6 +216,7 @@ def test_the_compiled_server_serves_unsteered_requests_as_plain_vllm_does(
     answers are the embedded engine's: tests/test_vllm_engine.py.)"""
     live = clean
     assert live.client.rpc("behaviorc_info", doing="describing")["compiled"]
+    assert COMPILING in vllm_server.log_path.read_text(errors="replace")  # `serve` names that phase
     for name, vectors in directions.items():
         register_vectors(live.client, name, vectors)
     with plain_vllm_server(vllm_server.model_dir, tmp_path / "plain.log") as plain, \

@@ -95,6 +95,7 @@ def served_model_name(model: str | Path) -> str:
     return folder.parent.name if folder.name == "model" and folder.parent.name else folder.name
 
 
+COMPILING = "Warming up model for the compilation"  # only a compiled server logs it
 # What vLLM's log says as it starts, in the order it says it: (a phrase of its
 # messages, what a person is told). The last one found is where it got to.
 STARTUP_PHASES = (
@@ -102,8 +103,7 @@ STARTUP_PHASES = (
     ("Initializing a V1 LLM engine", "starting the engine (its worker imports torch and vLLM)"),
     ("Starting to load model", "loading the weights"),
     ("Loading weights took", "weights loaded; profiling memory"),
-    ("Warming up model for the compilation", "compiling the model (a minute or more on a CPU; "
-                                             "`--eager` skips it)"),
+    (COMPILING, "compiling the model (a minute or more on a CPU; `--eager` skips it)"),
     ("KV cache size", "allocating the KV cache and warming up"),
     ("init engine", "engine ready; starting the HTTP server"),
     ("Starting vLLM server on", "opening the HTTP server"),
