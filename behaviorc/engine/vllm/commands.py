@@ -63,11 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "own context, lowered to what the KV-cache memory holds)")
     parser.add_argument("--eager", action="store_true",
                         help="run vLLM eagerly (`--enforce-eager`): no torch.compile and no "
-                             "CUDA graphs. It starts faster and serves slower (here, on a CPU: "
-                             "tiny-gdn 0.70x, smollm2 about the same). Steering per request and "
-                             "weight pushes work either way: the steering tables are in the "
-                             "compiled graph. On a GPU behaviorc uses piecewise CUDA graphs, not "
-                             "full ones, because each pass's steering is written before it runs")
+                             "CUDA graphs. It starts in about half the time and serves slower "
+                             "where compiling pays (python bench/serve.py measures both). "
+                             "Steering per request and weight pushes work either way: the "
+                             "steering tables are in the compiled graph. On a GPU behaviorc uses "
+                             "piecewise CUDA graphs, not full ones, because each pass's steering "
+                             "is written before it runs")
     parser.set_defaults(run=run_serve)
     chat.register(subparsers)
 
