@@ -79,7 +79,7 @@ def test_a_graph_traced_with_nothing_steered_steers_by_the_tables_written_later(
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert torch.equal(compiled(tokens), plain)  # traced now, idle: adds zeros
         vector = torch.randn(4)
-        slots.write_column(3, {1: vector})
+        slots.write_columns({3: {1: vector}})
         slots.set_tokens(_coefficients(slots, {0: 2.0, 2: -1.0}, column=3))
         steered = compiled(tokens)
         assert torch.allclose(steered[0], plain[0] + 2 * vector, atol=1e-6)

@@ -80,8 +80,7 @@ class SteeringSlots:
         self.tables = torch.zeros(layers, COLUMNS, hidden, device=device)
         self.coefficients = torch.zeros(max_tokens, COLUMNS, device=device)
         self.layers_in_use = [False] * layers
-        self.steering = False  # some row of `coefficients` is not zero
-        self._written_rows = 0
+        self._written_rows = 0  # rows of `coefficients` the last pass set
 
     def hook(self, layer: int) -> Any:
         """The forward hook of decoder layer `layer`."""
@@ -95,11 +94,17 @@ class SteeringSlots:
 
         return add_to_output(addition)
 
-    def write_column(self, column: int, vectors: Mapping[int, torch.Tensor]) -> None:
-        """Column `column` of every layer's table: `vectors[layer]`, zero elsewhere."""
-        self.tables[:, column].zero_()
-        for layer, vector in vectors.items():
-            self.tables[layer, column].copy_(vector)
+    @property
+    def steering(self) -> bool:
+        """Whether some row of `coefficients` is not zero."""
+        return bool(self._written_rows)
+
+    def write_columns(self, columns: Mapping[int, Mapping[int, torch.Tensor]]) -> None:
+        """For each column given, every layer's table: `vectors[layer]`, zero elsewhere."""
+        for column, vectors in columns.items():
+            self.tables[:, column].zero_()
+            for layer, vector in vectors.items():
+                self.tables[layer, column].copy_(vector)
         self.layers_in_use = [bool(table.any()) for table in self.tables]
 
     def set_tokens(self, coefficients: torch.Tensor | None) -> None:
@@ -109,7 +114,7 @@ class SteeringSlots:
         rows = 0 if coefficients is None else coefficients.shape[0]
         if rows:
             self.coefficients[:rows].copy_(coefficients)
-        self._written_rows, self.steering = rows, bool(rows)
+        self._written_rows = rows
 
 
 @dataclass(frozen=True)

@@ -83,18 +83,17 @@ class WorkerState:
         problems = vector_problems("steering", request.get("vectors"), strength, self._shape())
         if problems:
             raise ValueError("; ".join(problems))
-        reference = next(self.worker.model().parameters())
         additions = {int(key): torch.tensor(values, dtype=torch.float32) * strength
                      for key, values in request["vectors"].items()}
         # rounded to the served dtype first: what adding it in that dtype adds
-        self._slots.write_column(SERVER_WIDE, {
-            layer: delta.to(reference.dtype).float() for layer, delta in additions.items()})
+        self._slots.write_columns({SERVER_WIDE: {
+            layer: delta.to(self.worker.dtype()).float() for layer, delta in additions.items()}})
         self._server_wide = sorted(additions)
         return {"layers": self._server_wide, "strength": strength}
 
     def clear_steering(self) -> dict[str, Any]:
         removed = len(self._server_wide)
-        self._slots.write_column(SERVER_WIDE, {})
+        self._slots.write_columns({SERVER_WIDE: {}})
         self._server_wide = []
         return {"removed": removed}
 
@@ -140,11 +139,11 @@ class WorkerState:
     def _install(self, sources: Mapping[str, Mapping[int, list[float]]]) -> None:
         """Swap in the new snapshot and write every registry column of the tables."""
         registry = build_registry(sources)
-        for name, column in registry.index.items():
-            self._slots.write_column(column, {layer: torch.tensor(values)
-                                              for layer, values in sources[name].items()})
-        for column in range(len(registry.names) + 1, len(self._registry.names) + 1):
-            self._slots.write_column(column, {})
+        freed = range(len(registry.names) + 1, len(self._registry.names) + 1)
+        self._slots.write_columns({
+            **{column: {} for column in freed},
+            **{column: {layer: torch.tensor(values) for layer, values in sources[name].items()}
+               for name, column in registry.index.items()}})
         self._registry = registry
 
     def _plan(self, tokens: int) -> None:
