@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -183,6 +184,25 @@ def test_auto_prefers_the_layer_that_steers_over_the_one_that_separates():
     assert best_layer([LayerScore(1, 0.5, 1.0), LayerScore(2, 0.7, 1.0)]) == 2  # none measured
 
 
+def test_auto_keeps_the_layer_whose_replies_score_highest_among_those_that_lift_the_positives():
+    # smollm2-135m, the demo's cheerful pairs (steer.extract's scores in report.json):
+    # layer 21's replies score highest, but its steering makes the plain completions
+    # unlikely rather than the cheerful ones likely; of the rest, 23's replies score highest
+    scores = [LayerScore(1, 0.98, 1.0, effect=0.238, lift=0.033, behavior=0.54),
+              LayerScore(21, 0.97, 1.0, effect=0.645, lift=-0.027, behavior=0.76),
+              LayerScore(22, 0.98, 1.0, effect=0.591, lift=0.073, behavior=0.52),
+              LayerScore(23, 0.97, 1.0, effect=0.469, lift=0.186, behavior=0.69)]
+    assert best_layer(scores) == 23
+    said = choice(scores, 23)
+    assert said.startswith("layer 23: its steered replies score highest for the behavior (0.69)")
+    assert "left out, their steering made the unwanted completions unlikely" in said
+    assert "layer 21 (margin +0.645, positives -0.027)" in said
+    # the reply score decides over a larger distillable effect (23's is 0.186, 22's 0.073)
+    assert best_layer([replace(scores[3], behavior=0.5), scores[2]]) == 22
+    # a layer whose text broke is no choice however its replies score
+    assert best_layer([replace(scores[2], behavior=0.9, broke=("50% of replies loop",)), scores[3]]) == 23
+
+
 def test_auto_prefers_the_effect_that_makes_the_wanted_completions_likelier():
     # smollm2-135m, the demo's cheerful pairs: 21 steers most by making the negatives
     # unlikely and distils 40% of its gain; 22 lifts the positives and distils 108%
@@ -194,8 +214,7 @@ def test_auto_prefers_the_effect_that_makes_the_wanted_completions_likelier():
     assert both_rise.distillable == 0.2
     assert best_layer([both_rise, wanted_rises]) == 22
     said = choice([unwanted_falls, wanted_rises], 22)
-    assert "layer 22" in said and "layer 21 raised the margin more (+0.52)" in said
-    assert "raised the margin more" not in choice([wanted_rises], 22)  # the strongest, kept
+    assert said.startswith("layer 22: the largest distillable effect (+0.27")
     # no layer lifts the positives (the pirate pairs on smollm2-135m): a warning that names
     # the layer, for the task's terminal line
     falling = [LayerScore(20, 0.9, 1.0, effect=0.3, lift=-0.1), LayerScore(21, 0.9, 1.0, effect=0.2, lift=-0.4)]

@@ -41,15 +41,20 @@ mean-difference direction of the other half (two folds, see `score_layers`), the
 steers with each of the `EFFECT_CANDIDATES` best-separating layers' fold directions at
 `EFFECT_STRENGTH` and measures, on the held-out pairs, the margin gain (`effect`) and
 the gain of the positives' own log-prob (`lift`) (`measure_effects`). Separating pairs
-well does not make a layer steer well, and steering well does not make it distil: a
-margin rises as much when the steering makes the unwanted completions unlikely as when
+well does not make a layer steer well, and steering well does not make it distil:
+a margin rises as much when the steering makes the unwanted completions unlikely as when
 it makes the wanted ones likely, but distillation trains on what the steered model
-*says*, which can only teach the plain model to make such text likely. So the layer
-kept is the one with the largest `distillable` effect, the margin gain that the wanted
-completions' lift accounts for, min(effect, lift) (`best_layer`), among the candidates
-whose steered greedy replies still read as text (measure.replies.text_broke: no loops,
-no collapsed distinct-2 against the plain model's replies). The measurements behind
-this rule (smollm2-135m, the demo's pairs, each candidate layer distilled) are in the
+*says*, which can only teach the plain model to make such text likely. And a person
+judges a behavior by the replies, not by the margin. So each candidate answers a few
+prompts steered, and the layer kept is the one whose replies score highest for the
+behavior (`best_layer`), among the candidates whose text still reads as text
+(measure.replies.text_broke: no loops, no collapsed distinct-2 against the plain
+model's replies) and whose steering makes the wanted completions likelier: a positive
+`distillable` effect, the margin gain that the positives' lift accounts for,
+min(effect, lift). Where no candidate lifts the positives, the largest distillable
+effect decides. (Each candidate's replies are scored by the projection on its own
+direction, calibrated on the pairs at its layer: 0 the negatives, 1 the positives, so
+the scores of different layers share a scale.) The measurements behind this rule (smollm2-135m, the demo's pairs, each candidate layer distilled) are in the
 README's Defaults. The scores come back so the build can report the figures it
 chose from.
 """
@@ -57,6 +62,7 @@ chose from.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -223,15 +229,25 @@ def _candidates(scores: Sequence[LayerScore]) -> list[LayerScore]:
 
 
 def best_layer(scores: Sequence[LayerScore]) -> int:
-    """The layer with the largest distillable steering effect (the margin gain, then
-    consistency, then the shallower layer break ties) among those whose steered replies
-    did not break (all of them when every one broke), or without measured effects the
-    most consistent one (accuracy breaks ties, then the shallower layer)."""
+    """The layer whose steered replies score highest for the behavior among the
+    candidates whose replies did not break and whose steering lifts the positives
+    (distillable > 0); where none lifts them, the largest distillable effect among those
+    whose replies held (all of them when every one broke). The distillable effect, the
+    margin gain, consistency, then the shallower layer break ties. Without measured
+    effects: the most consistent layer (accuracy, then the shallower layer break ties)."""
     measured = [s for s in _candidates(scores) if s.distillable is not None]
-    measured = [s for s in measured if not s.broke] or measured
-    if measured:
-        return max(measured, key=lambda s: (s.distillable, s.effect, s.consistency, -s.layer)).layer
-    return max(_candidates(scores), key=lambda s: (s.consistency, s.accuracy, -s.layer)).layer
+    if not measured:
+        return max(_candidates(scores), key=lambda s: (s.consistency, s.accuracy, -s.layer)).layer
+    held = [s for s in measured if not s.broke] or measured
+    lifting = [s for s in held if s.distillable > 0]
+    if lifting:
+        return max(lifting, key=lambda s: (-math.inf if s.behavior is None else s.behavior,
+                                           *_by_distillable(s))).layer
+    return max(held, key=_by_distillable).layer
+
+
+def _by_distillable(score: LayerScore) -> tuple[float, float, float, int]:
+    return score.distillable, score.effect, score.consistency, -score.layer
 
 
 def choice(scores: Sequence[LayerScore], chosen: int) -> str:
@@ -240,20 +256,26 @@ def choice(scores: Sequence[LayerScore], chosen: int) -> str:
     if not measured:
         return f"layer {chosen}: the most consistent separation of held-out pairs"
     kept = next(s for s in measured if s.layer == chosen)
-    said = (f"layer {chosen}: the largest distillable effect ({kept.distillable:+.3g}: margin "
-            f"{kept.effect:+.3g}, positives {kept.lift:+.3g}) of the {len(measured)} best-separating "
-            f"layers steered at strength {EFFECT_STRENGTH:g}")
-    if kept.behavior is not None:
-        said += f"; its replies score {kept.behavior:.2f} for the behavior"
+    tried = f"of the {len(measured)} best-separating layers steered at strength {EFFECT_STRENGTH:g}"
+    effect = f"margin {kept.effect:+.3g}, positives {kept.lift:+.3g}"
+    if kept.distillable > 0 and kept.behavior is not None:
+        said = (f"layer {chosen}: its steered replies score highest for the behavior "
+                f"({kept.behavior:.2f}) {tried} whose text held and whose steering made the "
+                f"wanted completions likelier ({effect})")
+    else:
+        said = f"layer {chosen}: the largest distillable effect ({kept.distillable:+.3g}: {effect}) {tried}"
+        if kept.behavior is not None:
+            said += f"; its replies score {kept.behavior:.2f} for the behavior"
     broken = [s for s in measured if s.broke]
     if broken:
         said += "; left out, their steered replies broke: " + ", ".join(
             f"layer {s.layer} ({s.broke[0]})" for s in broken)
-    strongest = measured[0]
-    if strongest.layer != chosen and not strongest.broke:
-        said += (f"; layer {strongest.layer} raised the margin more ({strongest.effect:+.3g}) but "
-                 f"the positives less ({strongest.lift:+.3g}): the rest of its gain made the "
-                 "negatives unlikely, which sampled text cannot teach")
+    unlifted = [s for s in measured if not s.broke and s.distillable <= 0 < kept.distillable]
+    if unlifted:
+        said += ("; left out, their steering made the unwanted completions unlikely rather "
+                 "than the wanted ones likely, which sampled text cannot teach: " + ", ".join(
+                     f"layer {s.layer} (margin {s.effect:+.3g}, positives {s.lift:+.3g})"
+                     for s in unlifted))
     return said
 
 

@@ -149,12 +149,14 @@ class ExtractSteering(Task):
     """Steering vectors from contrast pairs. artifacts: vectors (safetensors, a
     `layer.{L}` tensor per layer), control_vector (GGUF). data: layers, norms, and for
     `auto` the per-layer scores that chose them (separation; effect, lift and
-    distillable effect for the steered candidates) and the choice, in words."""
+    distillable effect, reply score and broken text for the steered candidates) and the
+    choice, in words."""
 
     kind: ClassVar[str] = "steer.extract"
     # 2: `layers auto` keeps the largest distillable effect; 3: several layers share the
-    # strength; 4: `layers auto` leaves out layers whose steered replies break
-    version: ClassVar[int] = 4
+    # strength; 4: `layers auto` leaves out layers whose steered replies break; 5: it
+    # keeps the layer whose steered replies score highest among those lifting the positives
+    version: ClassVar[int] = 5
     reports: ClassVar[tuple[str, ...]] = STEER_EXTRACT
     provides: ClassVar[dict[str, str]] = {"steering": "vectors"}
     parallel_safe: ClassVar[bool] = True
