@@ -40,6 +40,15 @@ def add_to_output(delta: Addition):
     return hook
 
 
+def added_from(delta: torch.Tensor, hidden: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """What `generated` steering adds to `hidden` [batch, positions, hidden]: `delta` at
+    positions `first[row]` and later of each row, exact zeros before them (so those
+    positions keep their unsteered values bit for bit)."""
+    columns = torch.arange(hidden.shape[1], device=hidden.device)
+    steered = columns[None, :] >= first.to(hidden.device)[:, None]
+    return steered[..., None].to(hidden.dtype) * delta
+
+
 class _StopForward(Exception):
     """Raised from the deepest capture hook: nothing after that layer is computed."""
 

@@ -142,7 +142,8 @@ def run_show(args: argparse.Namespace) -> int:
         print(json.dumps(steering_metadata(vectors), indent=2))
         return 0
     print(f"{args.path}: {len(vectors.layers)} layer(s), hidden size {vectors.hidden_size}")
-    print(f"  method {vectors.method}, read {vectors.read}, model {vectors.model or '?'}"
+    print(f"  method {vectors.method}, read {vectors.read}, positions {vectors.positions}, "
+          f"model {vectors.model or '?'}"
           + (f" ({vectors.model_type})" if vectors.model_type else ""))
     if vectors.provenance:
         print(f"  made by {vectors.provenance}")
@@ -162,12 +163,17 @@ def _selected(vectors: Any, layers: str) -> Any:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from behaviorc.formats.steering import export_gguf, save_steering
+    import sys
+
+    from behaviorc.formats.steering import GGUF_POSITIONS_NOTE, export_gguf, save_steering
 
     target = _suffix(args.out)
     vectors = _selected(read_any(args.source), args.layers)
     (export_gguf if target == ".gguf" else save_steering)(vectors, args.out)
-    print(f"wrote {args.out}: layers {', '.join(map(str, vectors.layers))}")
+    print(f"wrote {args.out}: layers {', '.join(map(str, vectors.layers))}, "
+          f"positions {vectors.positions}")
+    if target == ".gguf" and vectors.positions != "all":
+        print(GGUF_POSITIONS_NOTE, file=sys.stderr)
     return 0
 
 

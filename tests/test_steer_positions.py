@@ -1,0 +1,180 @@
+"""`steer { positions generated }`: steering only the positions whose output chooses a
+reply token (the last prompt token and every token after it; behaviorc.engine.protocol
+defines it). Checked on the tiny models against independent references: a plain
+forward of the whole model with a hook of the test's own that adds the vector from
+position n-1 on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.engine.embedded import EmbeddedEngine
+from behaviorc.engine.hooks import capture_outputs
+from behaviorc.steering_vectors import SteeringVectors
+
+PROMPTS = ["Use the existing parser.", "We should write a new parser instead of the old code now", ""]
+COMPLETIONS = [" I'll use the existing parser.", " ok, sure", "Hello, world."]
+LAYER, STRENGTH = 1, 8.0
+
+
+@pytest.fixture(scope="module", params=["tiny_gdn", "tiny_dense"])
+def engine(request):
+    return EmbeddedEngine.load(request.getfixturevalue(request.param), device="cpu")
+
+
+def _vector() -> torch.Tensor:
+    return torch.randn(128, generator=torch.Generator().manual_seed(0))
+
+
+def _own_hook(engine: EmbeddedEngine, first: int):
+    """The test's own `generated` steering of one unpadded row: the vector added at
+    positions `first` and later of the steered layer's output."""
+    delta = STRENGTH * _vector()
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        added = hidden.clone()
+        added[:, first:] += delta
+        return (added, *output[1:]) if isinstance(output, tuple) else added
+
+    return engine.adapter.decoder_layers(engine.model)[LAYER].register_forward_hook(hook)
+
+
+def _last_layer_states(engine: EmbeddedEngine) -> list[torch.Tensor]:
+    """The last layer's output at every position of each pair, one row per call."""
+    layers = engine.adapter.decoder_layers(engine.model)
+    last = len(layers) - 1
+    states = []
+    for prompt, completion in zip(PROMPTS, COMPLETIONS):
+        with capture_outputs(layers, [last], stop_after_deepest=False) as captured:
+            engine.completion_logprobs([prompt], [completion])
+        states.append(captured[last][0].clone())
+    return states
+
+
+def test_generated_steers_from_the_last_prompt_token_and_leaves_the_prompt_before_it(engine):
+    base = _last_layer_states(engine)
+    with_all, generated = [], []
+    for positions, found in (("all", with_all), ("generated", generated)):
+        engine.set_steering({LAYER: _vector()}, STRENGTH, positions)
+        found.extend(_last_layer_states(engine))
+        engine.clear_steering()
+    assert [torch.equal(a, b) for a, b in zip(_last_layer_states(engine), base)] == [True] * 3
+    for (prompt, completion), plain, everywhere, chosen in zip(
+            zip(PROMPTS, COMPLETIONS), base, with_all, generated):
+        _, prompt_len = engine._encode(prompt, completion)
+        before = slice(0, prompt_len - 1)
+        assert torch.equal(chosen[before], plain[before])  # bit for bit
+        assert (chosen[prompt_len - 1:] - plain[prompt_len - 1:]).abs().amax(-1).min() > 1e-3
+        assert (everywhere - plain).abs().amax(-1).min() > 1e-3  # `all`: every position moved
+
+
+def test_generated_log_probs_are_those_of_a_forward_steered_from_the_last_prompt_token(engine):
+    plain = engine.completion_logprobs(PROMPTS, COMPLETIONS)
+    engine.set_steering({LAYER: _vector()}, STRENGTH, "all")
+    everywhere = engine.completion_logprobs(PROMPTS, COMPLETIONS)
+    engine.set_steering({LAYER: _vector()}, STRENGTH, "generated")
+    batched = engine.completion_logprobs(PROMPTS, COMPLETIONS)
+    engine.clear_steering()
+    for i, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        ids, prompt_len = engine._encode(prompt, completion)
+        handle = _own_hook(engine, prompt_len - 1)
+        try:
+            with torch.no_grad():
+                logits = engine.model(input_ids=torch.tensor([ids])).logits[0].float()
+        finally:
+            handle.remove()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        reference = [logprobs[t - 1, ids[t]].item() for t in range(prompt_len, len(ids))]
+        assert torch.allclose(torch.tensor(batched[i]), torch.tensor(reference), atol=1e-5, rtol=0)
+        assert max(abs(a - b) for a, b in zip(batched[i], plain[i])) > 1e-3
+        # a one-token prompt (the empty one: its start token) has nothing before its last
+        differs_from_all = max(abs(a - b) for a, b in zip(batched[i], everywhere[i])) > 1e-3
+        assert differs_from_all == (prompt_len > 1)
+    assert engine.completion_logprobs(PROMPTS, COMPLETIONS) == plain  # cleared exactly
+
+
+def test_generation_with_a_cache_steers_what_greedy_decoding_by_the_definition_does(engine):
+    """The engine's generate (left-padded, KV cache: the prompt's pass steers its last
+    position, each later pass its one token) chooses the same tokens as greedy decoding
+    that re-reads the whole sequence each step, steered from the last prompt token on."""
+    new_tokens = 5
+    plain = engine.generate(PROMPTS, max_new_tokens=new_tokens)
+    engine.set_steering({LAYER: _vector()}, STRENGTH, "generated")
+    try:
+        steered = engine.generate(PROMPTS, max_new_tokens=new_tokens)
+    finally:
+        engine.clear_steering()
+    assert steered != plain
+    for prompt, text in zip(PROMPTS, steered):
+        ids = engine._prompt_ids(prompt)
+        first = len(ids) - 1
+        handle = _own_hook(engine, first)
+        try:
+            with torch.no_grad():
+                for _ in range(new_tokens):
+                    logits = engine.model(input_ids=torch.tensor([ids])).logits[0, -1]
+                    ids.append(int(logits.argmax()))
+                    if ids[-1] == engine.tokenizer.eos_token_id:
+                        break
+        finally:
+            handle.remove()
+        assert engine.tokenizer.decode(ids[first + 1:], skip_special_tokens=True) == text
+
+
+def test_generated_steering_refuses_a_forward_outside_the_engines_passes(engine):
+    engine.set_steering({LAYER: _vector()}, STRENGTH, "generated")
+    try:
+        with pytest.raises(BehaviorError, match="outside them"):
+            engine.model(input_ids=torch.tensor([[1, 2, 3]]))
+        with pytest.raises(BehaviorError, match="unknown steered positions `sideways`"):
+            engine.set_steering({LAYER: _vector()}, STRENGTH, "sideways")
+    finally:
+        engine.clear_steering()
+
+
+# ---------------------------------------------------------------- language and files
+
+SPEC = ('model base = "tiny-gdn"\nbehavior b on base {\n  steer {\n'
+        '    pair "p" { positive "a" negative "b" }\n    positions WORD\n  }\n}\n')
+
+
+def test_positions_is_checked_formatted_and_defaults_to_all():
+    from behaviorc.lang.check import check_text
+    from behaviorc.lang.fmt import format_text
+
+    spec, diagnostics = check_text(SPEC.replace("WORD", "generated"), "x.behavior")
+    assert spec is not None, diagnostics
+    assert spec.behaviors[0].steer.positions == "generated"
+    formatted, _ = format_text(SPEC.replace("WORD", "generated"), "x.behavior")
+    assert "    positions generated\n" in formatted
+    spec, _ = check_text(SPEC.replace("    positions WORD\n", ""), "x.behavior")
+    assert spec.behaviors[0].steer.positions == "all"
+    spec, diagnostics = check_text(SPEC.replace("WORD", "sideways"), "x.behavior")
+    assert spec is None
+    [error] = [d for d in diagnostics if d.severity == "error"]
+    assert (error.loc.line, error.loc.column) == (5, 15)
+    assert "`sideways`" in error.message and "generated" in (error.hint or "")
+
+
+def _vectors(positions: str = "generated") -> SteeringVectors:
+    return SteeringVectors({1: _vector()}, method="mean_diff", model="m", positions=positions)
+
+
+def test_files_keep_positions_and_combining_different_positions_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from behaviorc.formats.steering import export_gguf, load_steering, read_gguf, save_steering
+
+    assert load_steering(save_steering(_vectors(), tmp_path / "v.safetensors")).positions == "generated"
+    assert read_gguf(export_gguf(_vectors(), tmp_path / "v.gguf")).positions == "generated"
+    save_file({"layer.1": _vector()}, str(tmp_path / "old.safetensors"), metadata={"method": "pca"})
+    assert load_steering(tmp_path / "old.safetensors").positions == "all"
+    save_file({"layer.1": _vector()}, str(tmp_path / "bad.safetensors"), metadata={"positions": "most"})
+    with pytest.raises(BehaviorError, match="bad.safetensors.*unknown positions `most`"):
+        load_steering(tmp_path / "bad.safetensors")
+    assert (_vectors() + 2 * _vectors()).positions == "generated"
+    with pytest.raises(BehaviorError, match="different positions: `generated` and `all`"):
+        SteeringVectors.combine([(_vectors(), 1.0), (_vectors("all"), 1.0)])
