@@ -135,6 +135,51 @@ def test_generated_steering_refuses_a_forward_outside_the_engines_passes(engine)
         engine.clear_steering()
 
 
+# ---------------------------------------------------------------- training's teachers
+
+def test_the_kl_teacher_and_activation_targets_steer_as_the_engine_does(tiny_dense):
+    """The KL teacher's steered distributions and activation matching's steered states
+    register their own hooks on the model they train: with `generated` they are the
+    embedded engine's steered log-probs and hidden states."""
+    from behaviorc.train.activations import matched_span, steered_targets
+    from behaviorc.train.data import TrainSequence
+    from behaviorc.train.teacher import Teacher, TeacherRow
+
+    engine = EmbeddedEngine.load(tiny_dense, device="cpu")
+    layers = engine.adapter.decoder_layers(engine.model)
+    directions = {LAYER: _vector(), LAYER + 1: -_vector()}
+    prompts, completions = PROMPTS[:2], COMPLETIONS[:2]
+    sequences = []
+    for prompt, completion in zip(prompts, completions):
+        ids, prompt_len = engine._encode(prompt, completion)
+        sequences.append(TrainSequence(tuple(ids[:prompt_len]), tuple(ids[prompt_len:])))
+    found = {}
+    for positions in ("generated", "all"):
+        teacher = Teacher(tuple(TeacherRow(s, s.context, True, 1.0, 1.0) for s in sequences),
+                          directions, STRENGTH, top_k=0, positions=positions)
+        found[positions] = teacher.distributions(engine.model, layers, engine._pad_id)
+    engine.set_steering(directions, STRENGTH, "generated")
+    try:
+        expected = engine.completion_logprobs(prompts, completions)
+        with capture_outputs(layers, [LAYER + 1], stop_after_deepest=False) as captured:
+            engine.completion_logprobs(prompts[:1], completions[:1])
+    finally:
+        engine.clear_steering()
+    for s, want in zip(sequences, expected):
+        def read(positions: str) -> torch.Tensor:
+            found_here = found[positions][s]  # every token's, sorted: find the response's
+            chosen = found_here.tokens == torch.tensor(s.response)[:, None]
+            return found_here.logprobs[chosen]
+        assert torch.allclose(read("generated"), torch.tensor(want), atol=1e-5, rtol=0)
+        assert (read("generated") - read("all")).abs().max() > 1e-3
+    targets = {positions: steered_targets(engine.model, layers, directions, STRENGTH, sequences[:1],
+                                          engine._pad_id, positions)[sequences[0]]
+               for positions in ("generated", "all")}
+    span = matched_span(sequences[0], "full")
+    assert torch.allclose(targets["generated"].states[LAYER + 1], captured[LAYER + 1][0, span], atol=1e-5)
+    assert (targets["generated"].states[LAYER + 1] - targets["all"].states[LAYER + 1]).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------- language and files
 
 SPEC = ('model base = "tiny-gdn"\nbehavior b on base {\n  steer {\n'
@@ -159,6 +204,21 @@ def test_positions_is_checked_formatted_and_defaults_to_all():
     assert "`sideways`" in error.message and "generated" in (error.hint or "")
 
 
+def test_changing_positions_reruns_what_steers_and_nothing_else(tmp_path):
+    from test_lang_plan import keys, pairs
+
+    spec = ('model m = "tiny-gdn"\nbehavior a {{ steer {{ {positions} {p} }}\n'
+            '  train {{ {train} }} }}\n')
+    for train, steered in (('example "x" { response " y" }', set()),  # trains no steering
+                           ('distill steering { prompt "go" }', {"train:a", "task_vector:a"})):
+        unset, everywhere, generated = (
+            keys(spec.format(positions=setting, p=pairs(6), train=train), tmp_path)
+            for setting in ("", "positions all", "positions generated"))
+        assert unset == everywhere
+        assert {task for task in unset if unset[task] != generated[task]} == {
+            "steer.extract:a", "steer.verify:a", *steered}
+
+
 def _vectors(positions: str = "generated") -> SteeringVectors:
     return SteeringVectors({1: _vector()}, method="mean_diff", model="m", positions=positions)
 
@@ -178,3 +238,33 @@ def test_files_keep_positions_and_combining_different_positions_is_refused(tmp_p
     assert (_vectors() + 2 * _vectors()).positions == "generated"
     with pytest.raises(BehaviorError, match="different positions: `generated` and `all`"):
         SteeringVectors.combine([(_vectors(), 1.0), (_vectors("all"), 1.0)])
+
+
+# ---------------------------------------------------------------- vLLM's batches
+
+def test_vllm_token_coefficients_steer_generated_rows_across_a_chunked_prefill():
+    from behaviorc.engine.vllm.inside.steering import (
+        COLUMNS, SERVER_WIDE, ScheduledRequest, token_coefficients, with_server_wide)
+
+    index = {"all": 1, "gen": 2}
+    # A 10-token prompt prefilled in chunks of 4 (positions 0-3, 4-7, 8-9), beside a
+    # request decoding its 13th token (position 12) and one steered by `all`.
+    def batch(first_position: int, rows: int) -> list[ScheduledRequest]:
+        return [ScheduledRequest(0, rows, {"steer": "gen:2"}, first_position, prompt_tokens=10),
+                ScheduledRequest(rows, rows + 1, {"steer": "gen:3"}, 12, prompt_tokens=5),
+                ScheduledRequest(rows + 1, rows + 3, {"steer": "all:1"}, 0, prompt_tokens=2)]
+
+    generated = frozenset({2})
+    columns = [token_coefficients(batch(first, rows), index, rows + 3, generated=generated)[:, 1:3].tolist()
+               for first, rows in ((0, 4), (4, 4), (8, 2))]
+    assert columns[0] == [[0, 0]] * 4 + [[0, 3]] + [[1, 0]] * 2
+    assert columns[1] == [[0, 0]] * 4 + [[0, 3]] + [[1, 0]] * 2
+    assert columns[2] == [[0, 0], [0, 2]] + [[0, 3]] + [[1, 0]] * 2  # from position 9 on
+    # `steer_from` (a prompt that holds a reply to score) moves where `generated` starts
+    scored = [ScheduledRequest(0, 6, {"steer": "gen:1", "steer_from": 3}, 0, prompt_tokens=6)]
+    assert token_coefficients(scored, index, 6, generated=generated)[:, 2].tolist() == [0, 0, 0, 1, 1, 1]
+    # the server-wide column: every row with `all`, each request's generated rows otherwise
+    wide = with_server_wide(None, batch(8, 2), 6, "generated")[:, SERVER_WIDE].tolist()
+    assert wide == [0, 1, 1, 0, 1, 0]  # the `all:1` request's prompt ends at position 1
+    assert with_server_wide(None, batch(8, 2), 6, "all")[:, SERVER_WIDE].tolist() == [1] * 6
+    assert with_server_wide(None, [], 3, "generated").shape == (3, COLUMNS)

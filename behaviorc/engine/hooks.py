@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
+from behaviorc.core.vocabulary import SteerPositions
+
 
 def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
@@ -47,6 +49,12 @@ def added_from(delta: torch.Tensor, hidden: torch.Tensor, first: torch.Tensor) -
     columns = torch.arange(hidden.shape[1], device=hidden.device)
     steered = columns[None, :] >= first.to(hidden.device)[:, None]
     return steered[..., None].to(hidden.dtype) * delta
+
+
+def steering_addition(delta: torch.Tensor, positions: SteerPositions, first: torch.Tensor) -> Addition:
+    """What steering at `positions` adds in a forward pass whose rows' last prompt tokens
+    sit at `first[row]` (behaviorc.engine.protocol defines the positions)."""
+    return delta if positions == "all" else (lambda hidden: added_from(delta, hidden, first))
 
 
 class _StopForward(Exception):

@@ -99,7 +99,9 @@ def _register_server_commands(commands: Any) -> None:
         "checks every layer (in range, one value per hidden unit, finite) before it "
         "changes anything; a name already registered is replaced, and the next forward "
         "pass uses the new vector. Requests choose it with "
-        "\"vllm_xargs\": {\"steer\": \"NAME:STRENGTH\"}; nothing else is steered.")
+        "\"vllm_xargs\": {\"steer\": \"NAME:STRENGTH\"}; nothing else is steered. It steers "
+        "the positions the file says (`steer show`: its behavior's `steer { positions }`; "
+        "`generated`: only the tokens that choose the reply).")
     push.add_argument("path", type=Path, help="a .safetensors or .gguf steering file")
     push.add_argument("--name", required=True, help="the name requests will use, e.g. happy")
     push.add_argument("--layers", default="", help="comma-separated layers to send (default: all)")
@@ -182,9 +184,9 @@ def run_push(args: argparse.Namespace) -> int:
 
     vectors = _selected(read_any(args.path), args.layers)
     with _client(args) as client:
-        answer = register_vectors(client, args.name, vectors.directions)
-    print(f"{args.name}: layers {', '.join(map(str, answer['layers']))} on {args.url} "
-          f"(digest {answer['digest']})")
+        answer = register_vectors(client, args.name, vectors.directions, vectors.positions)
+    print(f"{args.name}: layers {', '.join(map(str, answer['layers']))}, positions "
+          f"{vectors.positions} on {args.url} (digest {answer['digest']})")
     print(f"steer a request with \"vllm_xargs\": {{\"steer\": \"{args.name}:1\"}}")
     return 0
 
@@ -201,8 +203,8 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"{args.url}: no named steering vectors")
     for name, entry in sorted(registry.items()):
         norms = ", ".join(f"{layer}: {norm:.4g}" for layer, norm in entry["norms"].items())
-        print(f"{name}  layers {', '.join(map(str, entry['layers']))}  norms {{{norms}}}  "
-              f"digest {entry['digest']}")
+        print(f"{name}  layers {', '.join(map(str, entry['layers']))}  positions "
+              f"{entry.get('positions', 'all')}  norms {{{norms}}}  digest {entry['digest']}")
     return 0
 
 
