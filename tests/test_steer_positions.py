@@ -204,6 +204,21 @@ def test_positions_is_checked_formatted_and_defaults_to_all():
     assert "`sideways`" in error.message and "generated" in (error.hint or "")
 
 
+def test_a_composition_of_behaviors_steering_different_positions_is_refused_at_check():
+    from behaviorc.lang.check import check_text
+
+    behavior = ('behavior {} on base {{\n  steer {{ pair "p" {{ positive " yes" negative " no" }} {} }}\n'
+                '  train {{ example "x" {{ response " y" }} }}\n}}\n')
+    text = ('model base = "tiny-gdn"\n' + behavior.format("a", "positions generated")
+            + behavior.format("b", "") + "compose c = a + b\n")
+    spec, diagnostics = check_text(text, "x.behavior")
+    assert spec is None
+    [error] = [d for d in diagnostics if d.severity == "error"]
+    assert error.loc.line == 10 and "`b` steers `all` positions and `a` `generated`" in error.message
+    spec, _ = check_text(text.replace('" no" }  }', '" no" } positions generated }'), "x.behavior")
+    assert spec is not None and spec.compositions[0].name == "c"
+
+
 def test_changing_positions_reruns_what_steers_and_nothing_else(tmp_path):
     from test_lang_plan import keys, pairs
 
@@ -223,7 +238,7 @@ def _vectors(positions: str = "generated") -> SteeringVectors:
     return SteeringVectors({1: _vector()}, method="mean_diff", model="m", positions=positions)
 
 
-def test_files_keep_positions_and_combining_different_positions_is_refused(tmp_path):
+def test_files_keep_positions_and_combining_different_positions_is_refused(tmp_path, capsys):
     from safetensors.torch import save_file
 
     from behaviorc.formats.steering import export_gguf, load_steering, read_gguf, save_steering
@@ -236,6 +251,11 @@ def test_files_keep_positions_and_combining_different_positions_is_refused(tmp_p
     with pytest.raises(BehaviorError, match="bad.safetensors.*unknown positions `most`"):
         load_steering(tmp_path / "bad.safetensors")
     assert (_vectors() + 2 * _vectors()).positions == "generated"
+    from behaviorc.cli import main
+    assert main(["steer", "show", str(tmp_path / "v.safetensors")]) == 0
+    assert "positions generated" in capsys.readouterr().out
+    assert main(["steer", "convert", str(tmp_path / "v.safetensors"), str(tmp_path / "w.gguf")]) == 0
+    assert "llama.cpp steers every position" in capsys.readouterr().err
     with pytest.raises(BehaviorError, match="different positions: `generated` and `all`"):
         SteeringVectors.combine([(_vectors(), 1.0), (_vectors("all"), 1.0)])
 

@@ -203,8 +203,8 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"{args.url}: no named steering vectors")
     for name, entry in sorted(registry.items()):
         norms = ", ".join(f"{layer}: {norm:.4g}" for layer, norm in entry["norms"].items())
-        print(f"{name}  layers {', '.join(map(str, entry['layers']))}  positions "
-              f"{entry.get('positions', 'all')}  norms {{{norms}}}  digest {entry['digest']}")
+        print(f"{name}  layers {', '.join(map(str, entry['layers']))}  norms {{{norms}}}  "
+              f"positions {entry.get('positions', 'all')}  digest {entry['digest']}")
     return 0
 
 
