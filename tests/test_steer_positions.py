@@ -135,6 +135,15 @@ def test_generated_steering_refuses_a_forward_outside_the_engines_passes(engine)
         engine.clear_steering()
 
 
+def test_extraction_writes_the_positions_its_vectors_steer(engine):
+    from behaviorc.core import ir
+    from behaviorc.steer.extract import extract
+
+    pairs = [ir.Pair(prompt=p, positive=" Yes.", negative=" No.") for p in PROMPTS[:2]]
+    assert extract(engine, pairs, [LAYER]).vectors.positions == "all"
+    assert extract(engine, pairs, [LAYER], positions="generated").vectors.positions == "generated"
+
+
 # ---------------------------------------------------------------- training's teachers
 
 def test_the_kl_teacher_and_activation_targets_steer_as_the_engine_does(tiny_dense):
