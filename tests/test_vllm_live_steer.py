@@ -343,6 +343,9 @@ def test_generated_steering_per_request_and_server_wide_is_the_embedded_engines(
         live.clear_steering()
     assert max(abs(a - b) for row, want in zip(served, expected)
                for a, b in zip(row, want)) <= BF16_TOLERANCE
+    refused = httpx.post(f"{live.url}/v1/completions", json={
+        "model": live.served_model_name, "prompt": "Hi", "vllm_xargs": {"steer": steer, "steer_from": -1}})
+    assert refused.status_code == 400 and "`steer_from` must be a token position" in refused.text
 
 
 def test_unknown_names_and_bad_strengths_get_a_400_naming_them(clean, directions):

@@ -157,15 +157,16 @@ class SteerRequests:
         xargs = request.get("vllm_xargs")
         if isinstance(xargs, dict) and STEER_FROM_ARG in xargs:
             steer_from(xargs[STEER_FROM_ARG])
-        terms = parse_steer(xargs[STEER_ARG]) if isinstance(xargs, dict) and STEER_ARG in xargs else ()
-        if isinstance(xargs, dict) and STEER_ARG in xargs and not terms:
+        named = isinstance(xargs, dict) and STEER_ARG in xargs
+        terms = parse_steer(xargs[STEER_ARG]) if named else ()
+        if named and not terms:
             del xargs[STEER_ARG]
         served = await self._known(scope, {name for name, _ in terms})
         vectors = served["vectors"]
         generated = served["server_wide"]["positions"] != "all" or any(
             vectors.get(name, {}).get("positions") == "generated" for name, _ in terms)
         if not terms and not generated:
-            return json.dumps(request).encode()
+            return json.dumps(request).encode() if named else body
         digests = {name: entry["digest"] for name, entry in vectors.items()}
         unknown = [name for name, _ in terms if name not in digests]
         if unknown:
