@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.core.diagnostics import BehaviorError, did_you_mean
+from behaviorc.core.vocabulary import STEER_POSITIONS, SteerPositions
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,16 @@ class SteeringVectors:
     model_type: str = ""  # config.model_type; GGUF's model hint
     provenance: str = ""  # e.g. the compose expression that made a combination
     extra: Mapping[str, str] = field(default_factory=dict)  # free-form string metadata
+    # the positions they steer (behaviorc.engine.protocol defines `generated`); the
+    # behavior's `steer { positions }`, carried so every engine they reach steers alike
+    positions: SteerPositions = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "directions", _checked_directions(self.directions))
+        if self.positions not in STEER_POSITIONS:
+            raise BehaviorError(f"steering vectors: unknown positions `{self.positions}`",
+                                hint=did_you_mean(str(self.positions), STEER_POSITIONS)
+                                or f"one of {', '.join(STEER_POSITIONS)}")
         object.__setattr__(self, "extra", dict(self.extra))
 
     @property
@@ -74,7 +82,8 @@ class SteeringVectors:
     def combine(cls, terms: Sequence[tuple["SteeringVectors", float]],
                 provenance: str = "") -> "SteeringVectors":
         """sum_i weight_i * vectors_i over the union of their layers (a layer a term lacks
-        counts as zero for it). All terms must come from the same model."""
+        counts as zero for it). All terms must come from the same model and steer the
+        same positions."""
         if not terms:
             raise BehaviorError("nothing to combine: no steering vectors")
         first = terms[0][0]
@@ -85,6 +94,11 @@ class SteeringVectors:
             if vectors.hidden_size != first.hidden_size:
                 raise BehaviorError(f"cannot combine steering vectors of hidden size "
                                     f"{first.hidden_size} and {vectors.hidden_size}")
+            if vectors.positions != first.positions:
+                raise BehaviorError(
+                    f"cannot combine steering vectors that steer different positions: "
+                    f"`{first.positions}` and `{vectors.positions}`",
+                    hint="give their behaviors the same `steer { positions ... }`")
         summed: dict[int, torch.Tensor] = {}
         for vectors, weight in terms:
             for layer, vector in vectors.directions.items():
@@ -99,6 +113,7 @@ class SteeringVectors:
             read=reads.pop() if len(reads) == 1 else "mixed",
             spec_hash=spec_hashes.pop() if len(spec_hashes) == 1 else "",
             model_type=first.model_type,
+            positions=first.positions,
             provenance=provenance or " + ".join(
                 f"{weight:g} * ({vectors.provenance or vectors.method})" for vectors, weight in terms),
         )

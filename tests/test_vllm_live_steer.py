@@ -25,6 +25,7 @@ from behaviorc.engine.vllm.inside.steering import (ScheduledRequest, SteeringSlo
 from behaviorc.engine.vllm.named_vectors import (register_vectors, registered_vectors,
                                             unregister_vector)
 from behaviorc.engine.vllm.traffic import RequestLoop
+from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.engine.vllm.client import VLLMEngine
 from behaviorc.engine.vllm.server import COMPILING, plain_vllm_server
 from behaviorc.formats.steering import save_steering
@@ -271,6 +272,80 @@ def prefix_cache_hits(live: VLLMEngine) -> float:
     text = live.client._http.get("/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+GENERATED_STRENGTH = 0.1  # the made-up vectors saturate the tiny model above 0.2
+
+
+def scored_reply(live: VLLMEngine, ids: list[int], steer: str | None) -> tuple[list[float], str, list[float]]:
+    """A greedy reply to the prompt `ids`: the prompt's log-probs, the reply and its log-probs."""
+    body = {"model": live.served_model_name, "prompt": ids, "max_tokens": 6, "temperature": 0.0,
+            "logprobs": 0, "prompt_logprobs": 0, "ignore_eos": True}
+    if steer is not None:
+        body["vllm_xargs"] = {"steer": steer}
+    choice = live.client.request("POST", "/v1/completions", "completing", body)["choices"][0]
+    prompt = [float(next(iter(entry.values()))["logprob"]) for entry in choice["prompt_logprobs"][1:]]
+    return prompt, choice["text"], choice["logprobs"]["token_logprobs"]
+
+
+def test_generated_steering_per_request_and_server_wide_is_the_embedded_engines(
+        clean, directions, vllm_server):
+    """`generated` (the last prompt token and after; behaviorc.engine.protocol) on the
+    compiled server, per request beside unsteered requests and server-wide, against the
+    embedded engine steered the same way on the same weights."""
+    live = clean
+    embedded = EmbeddedEngine.load(vllm_server.model_dir, dtype="bfloat16")
+    vector = directions["happy"]
+    register_vectors(live.client, "gen", vector, "generated")
+    register_vectors(live.client, "every", vector)  # the same vector at `all` positions
+    assert {name: entry["positions"] for name, entry in registered_vectors(live.client).items()} \
+        == {"gen": "generated", "every": "all"}
+    steer = f"gen:{GENERATED_STRENGTH}"
+    rows = {p: embedded._prompt_ids(p) for p in PROMPTS}
+    plain = {p: scored_reply(live, rows[p], None) for p in PROMPTS}
+    alone = {p: scored_reply(live, rows[p], steer) for p in PROMPTS}
+    replies = {p: alone[p][1] for p in PROMPTS}
+    embedded.set_steering(vector, GENERATED_STRENGTH, "generated")
+    expected = embedded.completion_logprobs(PROMPTS, [replies[p] for p in PROMPTS])
+    embedded.clear_steering()
+    for p, want in zip(PROMPTS, expected):
+        prompt_logprobs, _, reply_logprobs = alone[p]
+        # the prompt's tokens are read unsteered (at `all` they are not); the reply is
+        # the embedded engine's
+        assert max(abs(a - b) for a, b in zip(prompt_logprobs, plain[p][0])) <= BF16_TOLERANCE
+        everywhere = scored_reply(live, rows[p], f"every:{GENERATED_STRENGTH}")[0]
+        assert max(abs(a - b) for a, b in zip(everywhere, plain[p][0])) > 0.1
+        assert len(want) == len(reply_logprobs)
+        assert max(abs(a - b) for a, b in zip(reply_logprobs, want)) <= BF16_TOLERANCE
+    assert any(differs(alone[p][1:], plain[p][1:]) for p in PROMPTS)
+
+    before = live.client.rpc("behaviorc_steer_stats", doing="reading steering counts")
+    work = [(p, s) for p in PROMPTS for s in (None, steer)] * 3
+    with ThreadPoolExecutor(8) as pool:
+        held = pool.submit(scored_reply, live, rows[PROMPTS[0]] * 8, steer)  # a long one runs through
+        answers = list(pool.map(lambda job: scored_reply(live, rows[job[0]], job[1]), work))
+        held.result()
+    for (p, s), answer in zip(work, answers):
+        reference = alone[p] if s else plain[p]
+        assert answer[1] == reference[1]
+        assert max(abs(a - b) for a, b in zip(answer[0] + answer[2], reference[0] + reference[2])) \
+            <= BF16_TOLERANCE
+    after = live.client.rpc("behaviorc_steer_stats", doing="reading steering counts")
+    assert after["mixed_passes"] > before["mixed_passes"]
+
+    # server-wide: scoring sends prompt and completion as one vLLM prompt (`steer_from`)
+    completions = [replies[p] for p in PROMPTS]
+    live.set_steering(vector, GENERATED_STRENGTH, "generated")
+    try:
+        served = live.completion_logprobs(PROMPTS, completions)
+        assert [scored_reply(live, rows[p], None)[1] for p in PROMPTS] == completions
+    finally:
+        live.clear_steering()
+    assert max(abs(a - b) for row, want in zip(served, expected)
+               for a, b in zip(row, want)) <= BF16_TOLERANCE
+    refused = httpx.post(f"{live.url}/v1/completions", json={
+        "model": live.served_model_name, "prompt": "Hi", "vllm_xargs": {"steer": steer, "steer_from": -1}})
+    assert refused.status_code == 400 and "`steer_from` must be a token position" in refused.text
 
 
 def test_unknown_names_and_bad_strengths_get_a_400_naming_them(clean, directions):

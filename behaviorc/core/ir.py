@@ -21,6 +21,7 @@ from behaviorc.core.merge_methods import (DEFAULT_EPS, DEFAULT_EPSILON, DEFAULT_
                                           DEFAULT_MAX_ITER, DEFAULT_TOL, MergeMethod)
 from behaviorc.core.vocabulary import (ChatRole, ContextMode, Device, DType, ExternalKind,
                                        FinalNormReading, LrSchedule, ModelSourceKind,
+                                       SteerPositions,
                                        ObjectiveName, OptimizerName, Orientation, ReadPosition,
                                        ScoreKind, SteerMethod)
 
@@ -90,6 +91,7 @@ class Steer(Node):
     read: ReadPosition = "mean"
     orient: Orientation = "mean"
     final_norm: FinalNormReading = "before"
+    positions: SteerPositions = "all"  # the positions steering adds to
     pairs: tuple[Pair, ...]
     sources: tuple[DataFile, ...] = ()
     sweep: tuple[float, ...] = ()  # strengths for the verification sweep; empty: none

@@ -72,6 +72,9 @@ class Task(BaseModel):
     # Bump when a method's implementation changes what it produces: cached results of
     # the old version are then not reused.
     version: ClassVar[int] = 1
+    # Fields added to a kind after its keys were in use: while one holds its default it
+    # is left out of the key, so the tasks built before it keep their keys and results.
+    keyless_defaults: ClassVar[tuple[str, ...]] = ()
     # Whether the executor may run this task in a worker process beside others (`--jobs`).
     # True only for self-contained work: it reads its inputs and upstream results and
     # writes ctx.out, loading any engine it needs for itself. A task that holds a live
@@ -111,6 +114,8 @@ class Task(BaseModel):
             name: _plain(getattr(self, name))
             for name in type(self).model_fields
             if name != "loc" and not _holds_tasks(getattr(self, name))
+            and not (name in self.keyless_defaults
+                     and getattr(self, name) == type(self).model_fields[name].default)
         }
         payload = {
             "kind": self.kind,

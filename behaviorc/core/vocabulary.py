@@ -20,6 +20,12 @@ STEER_METHODS: tuple[SteerMethod, ...] = get_args(SteerMethod)
 ReadPosition = Literal["last", "mean"]
 READ_POSITIONS: tuple[ReadPosition, ...] = get_args(ReadPosition)
 
+# Which positions a behavior's steering adds to: every position (`all`), or only those
+# whose output chooses a reply token (`generated`; defined once, in
+# behaviorc.engine.protocol's docstring).
+SteerPositions = Literal["all", "generated"]
+STEER_POSITIONS: tuple[SteerPositions, ...] = get_args(SteerPositions)
+
 # A direction's sign: the mean difference projects positively on it (`mean`), or most
 # pairs' differences do (`vote`, repeng's rule).
 Orientation = Literal["mean", "vote"]

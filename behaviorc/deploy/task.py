@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, located_at
@@ -21,6 +21,9 @@ from behaviorc.core.events import DeployPush
 from behaviorc.core.metrics import DEPLOY
 from behaviorc.core.task import Task, TaskContext, TaskResult
 from behaviorc.model.task import ResolveModel
+
+if TYPE_CHECKING:
+    from behaviorc.steering_vectors import SteeringVectors
 
 
 def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
@@ -45,11 +48,11 @@ def deploy_model(task: DeployModel, ctx: TaskContext) -> TaskResult:
         steered = []
         if task.deploy.steering and task.steering is not None:
             ctx.progress(2, 3, "turning steering on")
-            directions = _steering_directions(task, ctx)
+            vectors = _steering_vectors(task, ctx)
             for url in urls:
                 with VLLMEngine(url, api_key, timeout=timeout) as engine, located_at(task.deploy.loc):
-                    engine.set_steering(directions, task.steering_strength)
-            steered = sorted(directions)
+                    engine.set_steering(vectors.directions, task.steering_strength, vectors.positions)
+            steered = list(vectors.layers)
         if task.deploy.named:
             ctx.progress(2, 3, f"registering `{task.deploy.target}`")
             steered = _register_named(task, ctx, urls)
@@ -131,7 +134,8 @@ def _deploy_steering(task: DeployModel, ctx: TaskContext) -> TaskResult:
     from behaviorc.engine.vllm.traffic import RequestLoop
 
     api_key, timeout = task.deploy.api_key, task.deploy.timeout
-    directions = _steering_directions(task, ctx) if task.deploy.steering else {}
+    vectors = _steering_vectors(task, ctx) if task.deploy.steering else None
+    directions = vectors.directions if vectors else {}
     with ExitStack() as stack:
         urls = _servers(task, ctx, stack)
         if task.deploy.named:
@@ -150,7 +154,7 @@ def _deploy_steering(task: DeployModel, ctx: TaskContext) -> TaskResult:
                 for engine in engines:
                     with located_at(task.deploy.loc):
                         if directions:
-                            engine.set_steering(directions, task.steering_strength)
+                            engine.set_steering(directions, task.steering_strength, vectors.positions)
                         else:
                             engine.clear_steering()
                     done.append(engine)
@@ -184,23 +188,24 @@ def _register_named(task: DeployModel, ctx: TaskContext, urls: list[str]) -> lis
     from behaviorc.engine.vllm.http import ServerClient
     from behaviorc.engine.vllm.named_vectors import register_vectors
 
-    directions = {layer: vector * task.steering_strength
-                  for layer, vector in _steering_directions(task, ctx).items()}
+    vectors = _steering_vectors(task, ctx)
+    directions = {layer: vector * task.steering_strength for layer, vector in vectors.directions.items()}
     for url in urls:
         client = ServerClient(url, task.deploy.api_key, task.deploy.timeout)
         try:
             with located_at(task.deploy.loc):
-                register_vectors(client, task.deploy.target, directions)
+                register_vectors(client, task.deploy.target, directions, vectors.positions)
         finally:
             client.close()
     return sorted(directions)
 
 
-def _steering_directions(task: DeployModel, ctx: TaskContext) -> dict:
+def _steering_vectors(task: DeployModel, ctx: TaskContext) -> SteeringVectors:
+    """The behavior's vectors, which carry the positions they steer."""
     from behaviorc.formats.steering import load_steering
 
     path = ctx.result(task.steering).path(task.steering.artifact("steering"))
-    return dict(load_steering(path, task.deploy.loc).directions)
+    return load_steering(path, task.deploy.loc)
 
 
 class DeployModel(Task):

@@ -11,6 +11,13 @@ log-probs equal unbatched ones to float rounding. Generation left-pads (new toke
 follow every prompt directly); masked inputs reach the GDN state as zeros, so the
 state stays exactly zero across padding.
 
+`generated` steering (behaviorc.engine.protocol defines it) needs each forward pass's
+first steered position of every row: generation steers each pass's last position (the
+prompt's pass is then its last token, each later pass is one new token), scoring and
+reading steer from each row's last prompt token. The method running the pass says
+which (`_steering_from`); a forward pass of the model outside them while `generated`
+steering is set is refused rather than steered at the wrong positions.
+
 Tokenization: a prompt is first rendered as the model reads it (behaviorc.model.chat:
 the user's turn of a chat model's template, plain text otherwise); a completion's tokens
 are those of prompt+completion after the prompt's tokens. An empty prompt is scored
@@ -20,15 +27,16 @@ after one start token (BOS, else EOS), so the first token of a text has a predic
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from behaviorc.core.vocabulary import READ_POSITIONS, ReadPosition
+from behaviorc.core.vocabulary import READ_POSITIONS, STEER_POSITIONS, ReadPosition, SteerPositions
 from behaviorc.core.diagnostics import BehaviorError, did_you_mean
 from behaviorc.core.context import TOO_LONG_HINT, longest_piece, shown, surely_too_long
-from behaviorc.engine.hooks import add_to_output, capture_outputs
+from behaviorc.engine.hooks import add_to_output, added_from, capture_outputs
 from behaviorc.engine.protocol import ModelInfo
 from behaviorc.model.adapter import ArchitectureAdapter
 from behaviorc.model.chat import PromptFormat, model_prompt, prompt_format, system_prompted
@@ -46,6 +54,9 @@ class EmbeddedEngine:
         self.batch_size = batch_size
         self._layers = self.adapter.decoder_layers(model)
         self._steering: list[Any] = []
+        # each row's first steered position for the pass about to run (None: no pass
+        # of this engine's is running); read only by `generated` steering
+        self._first_steered: Callable[[torch.Tensor], torch.Tensor] | None = None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if pad is None or start is None:
@@ -161,8 +172,9 @@ class EmbeddedEngine:
             torch.manual_seed(seed)
             for batch in self._batches(rows):
                 ids, mask = self._left_padded([rows[i] for i in batch])
-                out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                          generation_config=config)
+                with self._steering_from(_last_position):
+                    out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                              generation_config=config)
                 new = out[:, ids.shape[1]:].tolist()
                 for i, tokens in zip(batch, new):
                     texts[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -181,7 +193,8 @@ class EmbeddedEngine:
         head = self.model.get_output_embeddings()
         for batch in self._batches(rows):
             ids, mask = self._right_padded([rows[i] for i in batch])
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            with self._steering_from(self._last_prompt_token([encoded[i] for i in batch])):
+                hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             for row, i in enumerate(batch):
                 full, prompt_len = encoded[i]
                 if len(full) <= prompt_len:
@@ -223,7 +236,8 @@ class EmbeddedEngine:
                                 hint="read it before the final norm (the default)")
         for batch in self._batches(rows):
             ids, mask = self._right_padded([rows[i] for i in batch])
-            with capture_outputs(self._layers, wanted) as captured:
+            with self._steering_from(self._last_prompt_token([encoded[i] for i in batch])), \
+                    capture_outputs(self._layers, wanted) as captured:
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
             for layer in wanted:
                 states = captured[layer]
@@ -248,7 +262,12 @@ class EmbeddedEngine:
 
     # ---------------------------------------------------------------- steering
 
-    def set_steering(self, vectors: Mapping[int, torch.Tensor], strength: float) -> None:
+    def set_steering(self, vectors: Mapping[int, torch.Tensor], strength: float,
+                     positions: SteerPositions = "all") -> None:
+        if positions not in STEER_POSITIONS:
+            raise BehaviorError(f"unknown steered positions `{positions}`",
+                                hint=did_you_mean(str(positions), STEER_POSITIONS)
+                                or f"one of {', '.join(STEER_POSITIONS)}")
         deltas: dict[int, torch.Tensor] = {}
         for layer in self._check_layers(list(vectors)):
             vector = torch.as_tensor(vectors[layer])
@@ -261,8 +280,37 @@ class EmbeddedEngine:
             param = next(self.model.parameters())
             deltas[layer] = (float(strength) * vector.float()).to(param.device, param.dtype)
         self.clear_steering()
-        self._steering = [self._layers[layer].register_forward_hook(add_to_output(delta))
-                          for layer, delta in deltas.items()]
+        self._steering = [self._layers[layer].register_forward_hook(add_to_output(
+            delta if positions == "all" else self._generated(delta)))
+            for layer, delta in deltas.items()]
+
+    def _generated(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def addition(hidden: torch.Tensor) -> torch.Tensor:
+            if self._first_steered is None:
+                raise BehaviorError(
+                    "`generated` steering is added by the engine's own passes (generate, "
+                    "completion_logprobs, hidden_states, gdn_state); a forward pass of the "
+                    "model outside them cannot tell which positions choose the reply",
+                    hint="run the model through the engine, or steer `all` positions")
+            return added_from(delta, hidden, self._first_steered(hidden))
+
+        return addition
+
+    @contextmanager
+    def _steering_from(self, first: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """The block's forward passes steer (if `generated` steering is set) each row
+        from position `first(hidden)[row]` on."""
+        self._first_steered = first
+        try:
+            yield
+        finally:
+            self._first_steered = None
+
+    @staticmethod
+    def _last_prompt_token(encoded: Sequence[tuple[list[int], int]]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Right-padded rows of (ids, prompt length): each row from its last prompt token."""
+        first = torch.tensor([prompt_len - 1 for _, prompt_len in encoded])
+        return lambda hidden: first
 
     def clear_steering(self) -> None:
         for handle in self._steering:
@@ -306,8 +354,15 @@ class EmbeddedEngine:
                 f"layer {layer} is a full-attention layer and has no recurrent state",
                 hint=f"GDN layers: {', '.join(map(str, gdn))}" if gdn else "this model has no GDN layers")
         ids = torch.tensor([self._prompt_ids(prompt)], device=self.device)
-        cache = self.model.get_decoder()(input_ids=ids, use_cache=True).past_key_values
+        with self._steering_from(_last_position):  # as the prompt's pass of generation
+            cache = self.model.get_decoder()(input_ids=ids, use_cache=True).past_key_values
         return cache.layers[layer].recurrent_states[0][0].float().cpu()
+
+
+def _last_position(hidden: torch.Tensor) -> torch.Tensor:
+    """A generation pass steers its last position: the prompt's pass its last token (the
+    prompts are left-padded), each later pass its one new token."""
+    return torch.full((hidden.shape[0],), hidden.shape[1] - 1)
 
 
 def _same_length(prompts: Sequence[str], completions: Sequence[str]) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
+from behaviorc.core.vocabulary import SteerPositions
+
 
 def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
@@ -38,6 +40,21 @@ def add_to_output(delta: Addition):
         return hidden + added
 
     return hook
+
+
+def added_from(delta: torch.Tensor, hidden: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """What `generated` steering adds to `hidden` [batch, positions, hidden]: `delta` at
+    positions `first[row]` and later of each row, exact zeros before them (so those
+    positions keep their unsteered values bit for bit)."""
+    columns = torch.arange(hidden.shape[1], device=hidden.device)
+    steered = columns[None, :] >= first.to(hidden.device)[:, None]
+    return steered[..., None].to(hidden.dtype) * delta
+
+
+def steering_addition(delta: torch.Tensor, positions: SteerPositions, first: torch.Tensor) -> Addition:
+    """What steering at `positions` adds in a forward pass whose rows' last prompt tokens
+    sit at `first[row]` (behaviorc.engine.protocol defines the positions)."""
+    return delta if positions == "all" else (lambda hidden: added_from(delta, hidden, first))
 
 
 class _StopForward(Exception):

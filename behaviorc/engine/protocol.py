@@ -6,8 +6,19 @@ training verification, composition checks and experiments talk only to this prot
 
 Conventions:
 - Layers are 0-based decoder-layer indices. Steering at layer L adds
-  `strength * vector` to the residual stream at the output of decoder layer L, at every
-  position, for every request until cleared.
+  `strength * vector` to the residual stream at the output of decoder layer L, for every
+  request until cleared, at the positions `positions` names (the behavior's
+  `steer { positions }`, carried by its `SteeringVectors`):
+  - `all`: every position, the prompt's too.
+  - `generated`: every position whose output chooses a reply token, i.e. the LAST
+    prompt token and every token after it; a prompt's earlier positions are read as
+    unsteered. In each kind of forward pass that means:
+    - generating (the prompt's pass, then one pass per new token): the prompt's pass
+      steers only its last position; each later pass steers all of its positions;
+    - scoring or reading a given completion after a prompt of n tokens: positions n-1
+      and later of that sequence (0-based);
+    - vLLM: a token at position p of a request whose prompt has n tokens is steered iff
+      p >= n - 1 (also when vLLM splits the prompt into chunks).
 - A prompt is the user's words: a chat model reads it as the user's turn of its chat
   template, followed by the cue for its reply; a model without a template (or a prompt
   already holding the template's special tokens) reads it as written
@@ -26,7 +37,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
-from behaviorc.core.vocabulary import ReadPosition
+from behaviorc.core.vocabulary import ReadPosition, SteerPositions
 
 
 @dataclass(frozen=True)
@@ -70,8 +81,10 @@ class Engine(Protocol):
         layer's states pass the model's final norm first (transformers'
         `hidden_states[-1]`)."""
 
-    def set_steering(self, vectors: Mapping[int, torch.Tensor], strength: float) -> None:
-        """Replace all steering with `strength * vectors[layer]` at each layer."""
+    def set_steering(self, vectors: Mapping[int, torch.Tensor], strength: float,
+                     positions: SteerPositions = "all") -> None:
+        """Replace all steering with `strength * vectors[layer]` at each layer, added at
+        `positions` (the module's conventions say which those are)."""
 
     def clear_steering(self) -> None:
         """Remove all steering; log-probs return exactly to the unsteered ones."""
@@ -82,10 +95,11 @@ class Engine(Protocol):
 
 
 @contextmanager
-def steered(engine: Engine, vectors: Mapping[int, torch.Tensor], strength: float) -> Iterator[Engine]:
-    """`engine` steered by `strength * vectors` for the block, and unsteered after it,
-    also when the block fails."""
-    engine.set_steering(vectors, strength)
+def steered(engine: Engine, vectors: Mapping[int, torch.Tensor], strength: float,
+            positions: SteerPositions = "all") -> Iterator[Engine]:
+    """`engine` steered by `strength * vectors` at `positions` for the block, and
+    unsteered after it, also when the block fails."""
+    engine.set_steering(vectors, strength, positions)
     try:
         yield engine
     finally:

@@ -30,10 +30,10 @@ def answer_prompts(task: AnswerPrompts, ctx: TaskContext) -> TaskResult:
     from behaviorc.measure.replies import answer, read_by
 
     base = _base_engine(task, ctx)
-    engine, steering, strength, data = base, None, 0.0, {}
+    engine, steering, strength, positions, data = base, None, 0.0, "all", {}
     if task.variant == "steered":
         vectors = load_steering(ctx.result(task.source).path(task.source.artifact("steering")), task.loc)
-        steering = vectors.directions
+        steering, positions = vectors.directions, vectors.positions
         strength = ctx.result(task.verification).data["strength"] if task.strength == "auto" \
             else task.strength
         data["strength"] = strength
@@ -42,7 +42,7 @@ def answer_prompts(task: AnswerPrompts, ctx: TaskContext) -> TaskResult:
         engine = ctx.engine(str(folder), task.model.decl.dtype, task.model.decl.device)
     ctx.progress(0, 2, f"{task.variant} model answering {len(task.prompts)} prompts")
     replies = answer(engine, task.prompts, task.samples, system=task.system, steering=steering,
-                     strength=strength, max_new_tokens=task.max_tokens)
+                     strength=strength, positions=positions, max_new_tokens=task.max_tokens)
     ctx.progress(1, 2, "reading the replies with the base model")
     replies = read_by(base, replies)
     return TaskResult(data={**data, "variant": task.variant,

@@ -3,7 +3,8 @@
 Two file formats:
 
 - safetensors (the build artifact): tensors `layer.{L}`, string metadata (method,
-  layers, model, spec hash, norms, read side). `save_steering` / `load_steering`.
+  layers, model, spec hash, norms, read side, steered positions; a file without
+  `positions` steers `all`). `save_steering` / `load_steering`.
 - GGUF control vectors (for llama.cpp and repeng): architecture `controlvector`,
   tensors `direction.{L}`, keys `controlvector.model_hint` and
   `controlvector.layer_count`. `export_gguf` / `read_gguf`.
@@ -14,6 +15,11 @@ of decoder layer N; repeng writes `direction.{layer}` for the 0-based layer whos
 output it read (`hidden_states[layer + 1]`). So `direction.L` here is exactly our layer
 L, with no shift. llama.cpp refuses `direction.0` (it keeps no vector for layer 0), so a
 vector at layer 0 cannot be exported: `export_gguf` says so instead of dropping it.
+
+GGUF has no field for the steered positions: llama.cpp adds a control vector at every
+position. Ours rides in the `behaviorc.positions` key, so behaviorc reads a GGUF back
+as written; `steer convert` says when llama.cpp will steer more positions than the
+vectors ask for (`GGUF_POSITIONS_NOTE`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from behaviorc.steering_vectors import SteeringVectors
 FORMAT = "behaviorc.steering"
 FORMAT_VERSION = "1"
 GGUF_ARCH = "controlvector"
+GGUF_POSITIONS_NOTE = ("note: llama.cpp steers every position with a control vector; these "
+                       "vectors steer `generated` positions in behaviorc (kept in the file's "
+                       "`behaviorc.positions` key)")
 
 _LAYER_TENSOR = re.compile(r"layer\.(0|[1-9][0-9]*)")
 _GGUF_TENSOR = re.compile(r"direction\.(0|[1-9][0-9]*)")
@@ -49,6 +58,7 @@ def steering_metadata(vectors: SteeringVectors) -> dict[str, str]:
         "model": vectors.model,
         "model_type": vectors.model_type,
         "read": vectors.read,
+        "positions": vectors.positions,
         "spec_hash": vectors.spec_hash,
         "provenance": vectors.provenance,
         "layers": json.dumps(list(vectors.layers)),
@@ -104,6 +114,7 @@ def load_steering(path: str | Path, loc: Location | None = None) -> SteeringVect
             method=metadata.get("method", "imported"),
             model=metadata.get("model", ""),
             read=metadata.get("read", "mean"),
+            positions=metadata.get("positions", "all"),  # files from before positions existed
             spec_hash=metadata.get("spec_hash", ""),
             model_type=metadata.get("model_type", ""),
             provenance=metadata.get("provenance", ""),
@@ -198,6 +209,7 @@ def read_gguf(path: str | Path, loc: Location | None = None) -> SteeringVectors:
             method=ours.get("method", "imported"),
             model=ours.get("model", strings.get(f"{GGUF_ARCH}.model_hint", "")),
             read=ours.get("read", "last"),  # repeng and llama.cpp read the last token
+            positions=ours.get("positions", "all"),  # as llama.cpp steers
             spec_hash=ours.get("spec_hash", ""),
             model_type=strings.get(f"{GGUF_ARCH}.model_hint", ""),
             provenance=ours.get("provenance", ""),

@@ -38,7 +38,8 @@ def _engine(task: MeasurePoint | GdnStates, ctx: TaskContext) -> Any:
 
 @contextmanager
 def _steered(engine: Any, task: MeasurePoint | GdnStates, ctx: TaskContext) -> Iterator[None]:
-    """The task's steering on for the block (none when it has no vectors or strength 0)."""
+    """The task's steering on for the block, at the vectors' positions (none when it has
+    no vectors or strength 0)."""
     from behaviorc.engine.protocol import steered
     from behaviorc.formats.steering import load_steering
 
@@ -46,7 +47,7 @@ def _steered(engine: Any, task: MeasurePoint | GdnStates, ctx: TaskContext) -> I
         yield
         return
     vectors = load_steering(ctx.result(task.steering).path("vectors"))
-    with steered(engine, vectors.directions, task.strength):
+    with steered(engine, vectors.directions, task.strength, vectors.positions):
         yield
 
 

@@ -96,6 +96,7 @@ class _Facts:
     trains: bool
     external: str | None  # the word after `from`, as written (checked in _external)
     strength_auto: bool = False  # its steer strength is chosen at build time
+    positions: str = "all"  # the positions its steering steers, as written
 
 
     @property
@@ -266,7 +267,8 @@ class _Checker:
         keys = {s.key for s in decl.sections or ()}
         external = decl.external.kind.name if decl.external else None
         return _Facts(self._model_of(decl.model, decl.name.loc, report=False),
-                      "steer" in keys, "train" in keys, external, _strength_auto(decl))
+                      "steer" in keys, "train" in keys, external, _strength_auto(decl),
+                      _steer_word(decl, "positions") or "all")
 
     def _fixed_strength(self, name: str, loc: Location, use: str) -> None:
         """`strength auto` is chosen when the build verifies; `use` needs it at plan time."""
@@ -381,6 +383,12 @@ class _Checker:
                 self.sink.error(f"every behavior in `{decl.name.name}` cancels out: it composes "
                                 "nothing", decl.expr.loc,
                                 "give at least one behavior a weight other than 0")
+        steered = {name: self.facts[name].positions for name, _ in terms if self.facts[name].steers}
+        if len(set(steered.values())) > 1:
+            (first, one), (second, other) = sorted(steered.items(), key=lambda item: item[1])[:2]
+            self.sink.error(f"`{first}` steers `{one}` positions and `{second}` `{other}`: a "
+                            "composition adds their steering vectors into one", decl.expr.loc,
+                            "give them the same `steer { positions ... }`")
         if len(models) > 1:
             (first, _), (second, ref) = list(models.items())[:2]
             self.sink.error(f"`{ref.name}` is on model `{second}`, other terms on `{first}`",
@@ -710,9 +718,14 @@ def _declare_hint() -> str:
 
 
 def _strength_auto(decl: ast.BehaviorDecl) -> bool:
+    return _steer_word(decl, "strength") == "auto"
+
+
+def _steer_word(decl: ast.BehaviorDecl, key: str) -> str | None:
+    """The word a behavior's steer section gives `key`, as written (None: not a word)."""
     for section in decl.sections or ():
         if section.key == "steer":
             for setting in section.block or ():
-                if setting.key == "strength" and isinstance(setting.values[0], ast.Word):
-                    return setting.values[0].name == "auto"
-    return False
+                if setting.key == key and isinstance(setting.values[0], ast.Word):
+                    return setting.values[0].name
+    return None

@@ -9,6 +9,7 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import DiagnosticSink, Location, did_you_mean
 from behaviorc.core.vocabulary import (CONTEXT_MODES, FINAL_NORM_READINGS, LR_SCHEDULES,
                                        OBJECTIVES, OPTIMIZERS, ORIENTATIONS, READ_POSITIONS,
+                                       STEER_POSITIONS,
                                        SCORE_KINDS, STEER_METHODS, TEACHERS)
 from behaviorc.lang import ast
 from behaviorc.lang.data import DataFiles, read_example, read_pair, read_prompt, read_text
@@ -44,6 +45,8 @@ class Sections:
         orient = self.values.choice(block.one("orient"), ORIENTATIONS, "orientation") or "mean"
         final_norm = (self.values.choice(block.one("final_norm"), FINAL_NORM_READINGS,
                                          "final_norm reading") or "before")
+        positions = (self.values.choice(block.one("positions"), STEER_POSITIONS,
+                                        "steered positions") or "all")
         strength = self._strength(block.one("strength"))
         if isinstance(strength, float) and strength > 20:
             self.sink.warning(f"strength {strength:g} is very strong: steered text often stops "
@@ -65,7 +68,7 @@ class Sections:
         if len(self.sink.errors) > errors or strength is None or budget is None:
             return None
         return ir.Steer(layers=layers, method=method, strength=strength, read=read,
-                        orient=orient, final_norm=final_norm,
+                        orient=orient, final_norm=final_norm, positions=positions,
                         pairs=tuple(pairs), sources=tuple(sources),
                         sweep=tuple(s for s in sweep if s is not None), **budget, loc=section.loc)
 

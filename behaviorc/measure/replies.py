@@ -2,9 +2,11 @@
 
 The API (steering, training and the reply table call these):
 
-    replies = answer(engine, prompts, samples=2, system=None, steering=None, strength=0.0)
+    replies = answer(engine, prompts, samples=2, system=None, steering=None, strength=0.0,
+                     positions="all")
         # per prompt: one greedy reply, then `samples` sampled ones (seeded), as `Reply`s;
-        # `system` asks with a system prompt, `steering` ({layer: vector}) steers
+        # `system` asks with a system prompt, `steering` ({layer: vector}) steers at
+        # `positions` (the vectors' own)
     replies = read_by(base_engine, replies)
         # each reply's length in tokens and mean per-token NLL under `base_engine`
         # (unsteered), read after its plain prompt, so every model is read alike
@@ -32,6 +34,7 @@ from typing import Mapping, Protocol, Sequence
 import torch
 
 from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.core.vocabulary import SteerPositions
 from behaviorc.engine.protocol import Engine, steered
 from behaviorc.measure.intervals import Interval, bootstrap_mean
 from behaviorc.measure.margin import PairLike
@@ -90,22 +93,24 @@ def reply_prompts(pairs: Sequence[PairLike], count: int = REPLY_PROMPTS) -> list
 
 
 def sample_replies(engine: Engine, prompts: Sequence[str], max_new_tokens: int = REPLY_TOKENS,
-                   steering: Mapping[int, object] | None = None, strength: float = 0.0) -> list[str]:
-    """Greedy replies to `prompts` as generated, steered by `steering` at `strength` when
-    given (the steering is cleared afterwards)."""
+                   steering: Mapping[int, object] | None = None, strength: float = 0.0,
+                   positions: SteerPositions = "all") -> list[str]:
+    """Greedy replies to `prompts` as generated, steered by `steering` at `strength` and
+    `positions` when given (the steering is cleared afterwards)."""
     return [r.text for r in answer(engine, prompts, samples=0, max_new_tokens=max_new_tokens,
-                                   steering=steering, strength=strength)]
+                                   steering=steering, strength=strength, positions=positions)]
 
 
 def answer(engine: Engine, prompts: Sequence[str], samples: int = SAMPLES, *,
            system: str | None = None, steering: Mapping[int, object] | None = None,
-           strength: float = 0.0, max_new_tokens: int = REPLY_TOKENS,
+           strength: float = 0.0, positions: SteerPositions = "all",
+           max_new_tokens: int = REPLY_TOKENS,
            temperature: float = SAMPLE_TEMPERATURE, seed: int = 0) -> list[Reply]:
     """Per prompt, the greedy reply and then `samples` sampled ones (one seeded batch, so
     the same model gives the same replies), asked with the `system` prompt when given
-    and steered by `steering` at `strength` (cleared afterwards)."""
+    and steered by `steering` at `strength` and `positions` (cleared afterwards)."""
     asked = [engine.with_system(system, p) for p in prompts] if system else list(prompts)
-    with steered(engine, steering, strength) if steering else nullcontext():
+    with steered(engine, steering, strength, positions) if steering else nullcontext():
         greedy = engine.generate(asked, max_new_tokens=max_new_tokens, temperature=0.0)
         drawn = engine.generate([p for p in asked for _ in range(samples)], max_new_tokens=max_new_tokens,
                                 temperature=temperature, seed=seed) if samples else []

@@ -168,7 +168,8 @@ class _Lowering:
                               "from (an optimistic margin)")
         extract = self._add(ExtractSteering(
             name=b.name, model=model, layers=steer.layers, method=steer.method, read=steer.read,
-            orient=steer.orient, final_norm=steer.final_norm, pairs=extract_pairs, loc=steer.loc))
+            orient=steer.orient, final_norm=steer.final_norm, positions=steer.positions,
+            pairs=extract_pairs, loc=steer.loc))
         self.steering[b.name] = extract
         # The base model measured apart: no strength, layer or method in its key.
         base = self._add(MeasureBase(name=b.name, model=model, pairs=verify_pairs, general=general,

@@ -99,7 +99,9 @@ def _register_server_commands(commands: Any) -> None:
         "checks every layer (in range, one value per hidden unit, finite) before it "
         "changes anything; a name already registered is replaced, and the next forward "
         "pass uses the new vector. Requests choose it with "
-        "\"vllm_xargs\": {\"steer\": \"NAME:STRENGTH\"}; nothing else is steered.")
+        "\"vllm_xargs\": {\"steer\": \"NAME:STRENGTH\"}; nothing else is steered. It steers "
+        "the positions the file says (`steer show`: its behavior's `steer { positions }`; "
+        "`generated`: only the tokens that choose the reply).")
     push.add_argument("path", type=Path, help="a .safetensors or .gguf steering file")
     push.add_argument("--name", required=True, help="the name requests will use, e.g. happy")
     push.add_argument("--layers", default="", help="comma-separated layers to send (default: all)")
@@ -142,7 +144,8 @@ def run_show(args: argparse.Namespace) -> int:
         print(json.dumps(steering_metadata(vectors), indent=2))
         return 0
     print(f"{args.path}: {len(vectors.layers)} layer(s), hidden size {vectors.hidden_size}")
-    print(f"  method {vectors.method}, read {vectors.read}, model {vectors.model or '?'}"
+    print(f"  method {vectors.method}, read {vectors.read}, positions {vectors.positions}, "
+          f"model {vectors.model or '?'}"
           + (f" ({vectors.model_type})" if vectors.model_type else ""))
     if vectors.provenance:
         print(f"  made by {vectors.provenance}")
@@ -162,12 +165,17 @@ def _selected(vectors: Any, layers: str) -> Any:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from behaviorc.formats.steering import export_gguf, save_steering
+    import sys
+
+    from behaviorc.formats.steering import GGUF_POSITIONS_NOTE, export_gguf, save_steering
 
     target = _suffix(args.out)
     vectors = _selected(read_any(args.source), args.layers)
     (export_gguf if target == ".gguf" else save_steering)(vectors, args.out)
-    print(f"wrote {args.out}: layers {', '.join(map(str, vectors.layers))}")
+    print(f"wrote {args.out}: layers {', '.join(map(str, vectors.layers))}, "
+          f"positions {vectors.positions}")
+    if target == ".gguf" and vectors.positions != "all":
+        print(GGUF_POSITIONS_NOTE, file=sys.stderr)
     return 0
 
 
@@ -176,9 +184,9 @@ def run_push(args: argparse.Namespace) -> int:
 
     vectors = _selected(read_any(args.path), args.layers)
     with _client(args) as client:
-        answer = register_vectors(client, args.name, vectors.directions)
-    print(f"{args.name}: layers {', '.join(map(str, answer['layers']))} on {args.url} "
-          f"(digest {answer['digest']})")
+        answer = register_vectors(client, args.name, vectors.directions, vectors.positions)
+    print(f"{args.name}: layers {', '.join(map(str, answer['layers']))}, positions "
+          f"{vectors.positions} on {args.url} (digest {answer['digest']})")
     print(f"steer a request with \"vllm_xargs\": {{\"steer\": \"{args.name}:1\"}}")
     return 0
 
@@ -196,7 +204,7 @@ def run_list(args: argparse.Namespace) -> int:
     for name, entry in sorted(registry.items()):
         norms = ", ".join(f"{layer}: {norm:.4g}" for layer, norm in entry["norms"].items())
         print(f"{name}  layers {', '.join(map(str, entry['layers']))}  norms {{{norms}}}  "
-              f"digest {entry['digest']}")
+              f"positions {entry.get('positions', 'all')}  digest {entry['digest']}")
     return 0
 
 

@@ -71,7 +71,7 @@ import torch
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
-from behaviorc.core.vocabulary import Orientation, ReadPosition, SteerMethod
+from behaviorc.core.vocabulary import Orientation, ReadPosition, SteerMethod, SteerPositions
 from behaviorc.engine.protocol import Engine
 from behaviorc.steering_vectors import SteeringVectors
 
@@ -298,13 +298,15 @@ def choice_warnings(scores: Sequence[LayerScore], chosen: int) -> tuple[str, ...
 def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[int, torch.Tensor],
                     negatives: dict[int, torch.Tensor], scores: Sequence[LayerScore],
                     method: SteerMethod, read: ReadPosition = "mean", orient: Orientation = "mean",
-                    progress: Progress | None = None) -> list[LayerScore]:
+                    progress: Progress | None = None,
+                    positions: SteerPositions = "all") -> list[LayerScore]:
     """`scores` with the held-out steering effect and lift of the best-separating layers:
     for each fold (as in `score_layers`) the direction from one half steers the other
     half at EFFECT_STRENGTH; the gains of their mean margin and of their positives' mean
     log-prob per token are averaged over folds. Each candidate's whole direction then
     answers `REPLY_CHECK_PROMPTS` prompts greedily at that strength: the replies' behavior
-    score and whether their text broke against the plain model's (measure.replies)."""
+    score and whether their text broke against the plain model's (measure.replies). All
+    of it steers at `positions`, as the chosen vectors will."""
     from behaviorc.engine.protocol import steered
     from behaviorc.measure.margin import per_pair_logprobs
     from behaviorc.measure.projection import REPLY_TOKENS
@@ -322,7 +324,7 @@ def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[in
         margin_gains, lifts = [], []
         for train, held in folds:
             vector = direction(positives[layer][train], negatives[layer][train], method, orient)
-            with steered(engine, {layer: vector}, EFFECT_STRENGTH):
+            with steered(engine, {layer: vector}, EFFECT_STRENGTH, positions):
                 steered_positives, steered_negatives = per_pair_logprobs(engine, [pairs[i] for i in held])
             rises = [p - plain_positives[i] for p, i in zip(steered_positives, held)]
             falls = [plain_negatives[i] - n for n, i in zip(steered_negatives, held)]
@@ -346,7 +348,8 @@ def measure_effects(engine: Engine, pairs: Sequence[ir.Pair], positives: dict[in
                             float((positives[layer].double() @ unit).mean())) if read == "mean" \
             else Projection.calibrate(engine, {layer: whole}, pairs)
         said = read_by(engine, answer(engine, prompts, samples=0, steering={layer: whole},
-                                      strength=EFFECT_STRENGTH, max_new_tokens=REPLY_TOKENS))
+                                      strength=EFFECT_STRENGTH, max_new_tokens=REPLY_TOKENS,
+                                      positions=positions))
         stats = summarize(said, scorer.scores(said))
         replies[layer] = (stats.score.mean, tuple(text_broke(stats, plain_stats)))
     return [replace(s, effect=effects[s.layer][0], lift=effects[s.layer][1],
@@ -358,8 +361,10 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
             method: SteerMethod = "mean_diff", read: ReadPosition = "mean",
             batch_size: int = DEFAULT_BATCH,
             progress: Progress | None = None, loc: Location | None = None, *,
-            orient: Orientation = "mean", after_final_norm: bool = False) -> Extraction:
-    """Steering vectors for `pairs` at `layers` (or the best layer, for `auto`)."""
+            orient: Orientation = "mean", after_final_norm: bool = False,
+            positions: SteerPositions = "all") -> Extraction:
+    """Steering vectors for `pairs` at `layers` (or the best layer, for `auto`), to steer
+    at `positions` (which `auto` measures the candidate layers' effects with)."""
     check_pairs(pairs, loc)
     info = engine.info
     if layers == "auto":
@@ -381,7 +386,7 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
     if layers == "auto":
         scores = tuple(score_layers(positives, negatives))
         scores = tuple(measure_effects(engine, pairs, positives, negatives, scores, method, read,
-                                       orient, progress))
+                                       orient, progress, positions))
         wanted = [best_layer(scores)]
     # Several layers share the strength: each adds its direction over the number of
     # layers, so `layers 12..18` at strength S moves the residual stream about as far as
@@ -389,7 +394,7 @@ def extract(engine: Engine, pairs: Sequence[ir.Pair], layers: Sequence[int] | Li
     directions = {layer: direction(positives[layer], negatives[layer], method, orient) / len(wanted)
                   for layer in wanted}
     vectors = SteeringVectors(
-        directions=directions, method=method, model=info.name, read=read,
+        directions=directions, method=method, model=info.name, read=read, positions=positions,
         model_type=model_type(info.path) or info.architecture)
     state_norms = {layer: float(torch.cat([positives[layer], negatives[layer]]).norm(dim=1).mean())
                    for layer in wanted}

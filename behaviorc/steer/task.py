@@ -13,7 +13,8 @@ from behaviorc.core import ir
 from behaviorc.core.events import SteerLayers, SteerPoint, SteerVerdict
 from behaviorc.core.metrics import STEER_BASE, STEER_EXTRACT, STEER_VERIFY
 from behaviorc.core.task import Task, TaskContext, TaskResult
-from behaviorc.core.vocabulary import FinalNormReading, Orientation, ReadPosition, SteerMethod
+from behaviorc.core.vocabulary import (FinalNormReading, Orientation, ReadPosition, SteerMethod,
+                                       SteerPositions)
 from behaviorc.model.chat import set_thinking, thinking_mode
 from behaviorc.model.task import ResolveModel
 
@@ -35,7 +36,7 @@ def extract_steering(task: ExtractSteering, ctx: TaskContext) -> TaskResult:
     engine = _engine(task, ctx)
     extraction = extract(
         engine, task.pairs, task.layers, task.method, task.read, orient=task.orient,
-        after_final_norm=task.final_norm == "after",
+        after_final_norm=task.final_norm == "after", positions=task.positions,
         progress=ctx.progress,
         loc=task.loc)
     # The task key names exactly the inputs these vectors came from.
@@ -157,6 +158,7 @@ class ExtractSteering(Task):
     # strength; 4: `layers auto` leaves out layers whose steered replies break; 5: it
     # keeps the layer whose steered replies score highest among those lifting the positives
     version: ClassVar[int] = 5
+    keyless_defaults: ClassVar[tuple[str, ...]] = ("positions",)
     reports: ClassVar[tuple[str, ...]] = STEER_EXTRACT
     provides: ClassVar[dict[str, str]] = {"steering": "vectors"}
     parallel_safe: ClassVar[bool] = True
@@ -167,6 +169,8 @@ class ExtractSteering(Task):
     read: ReadPosition
     orient: Orientation = "mean"
     final_norm: FinalNormReading = "before"
+    # written into the vectors: everything steered with them steers these positions
+    positions: SteerPositions = "all"
     pairs: tuple[ir.Pair, ...]  # the extraction split
 
     def execute(self, ctx: TaskContext) -> TaskResult:

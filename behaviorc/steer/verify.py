@@ -196,7 +196,7 @@ def measure_at(engine: Engine, vectors: SteeringVectors | None, strength: float,
     replies for the behavior."""
     engine.clear_steering()
     on = vectors is not None and strength != 0
-    with steered(engine, vectors.directions, strength) if on else nullcontext(engine):
+    with steered(engine, vectors.directions, strength, vectors.positions) if on else nullcontext(engine):
         margins = per_pair_margins(engine, pairs)
         if full:
             nll = general_nll(engine, general)
@@ -385,7 +385,7 @@ def verify(engine: Engine, vectors: SteeringVectors, strength: float | Literal["
     else:
         used = float(strength)
     if used != 0:
-        with steered(engine, vectors.directions, used):
+        with steered(engine, vectors.directions, used, vectors.positions):
             measured[used] = replace(measured[used], capability=capability_accuracy(engine))
     control = measure_at(engine, control_vectors(vectors), used, pairs, general, before, full=False)
     result = Verification(before=before, steered=measured[used],

@@ -23,7 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from behaviorc.engine.hooks import add_to_output, capture_outputs
+from behaviorc.core.vocabulary import SteerPositions
+from behaviorc.engine.hooks import add_to_output, capture_outputs, steering_addition
 from behaviorc.train.data import TrainSequence
 
 TARGET_BATCH = 16
@@ -46,9 +47,11 @@ class Target:
 @torch.no_grad()
 def steered_targets(model: torch.nn.Module, layers: Sequence[torch.nn.Module],
                     directions: Mapping[int, torch.Tensor], strength: float,
-                    sequences: Sequence[TrainSequence], pad_id: int) -> dict[TrainSequence, Target]:
-    """Each sequence's steered hidden states at the steered layers over the positions
-    that predict its response, and how far the steering moved them."""
+                    sequences: Sequence[TrainSequence], pad_id: int,
+                    positions: SteerPositions = "all") -> dict[TrainSequence, Target]:
+    """Each sequence's steered hidden states (steered at `positions`) at the steered
+    layers over the positions that predict its response, and how far the steering moved
+    them."""
     param = next(model.parameters())
     deltas = {layer: (strength * vector.float()).to(param.device, param.dtype)
               for layer, vector in directions.items()}
@@ -56,8 +59,8 @@ def steered_targets(model: torch.nn.Module, layers: Sequence[torch.nn.Module],
     unique = list(dict.fromkeys(sequences))
     for start in range(0, len(unique), TARGET_BATCH):
         batch = unique[start:start + TARGET_BATCH]
-        plain = _states(model, layers, batch, list(deltas), pad_id, {})
-        steered = _states(model, layers, batch, list(deltas), pad_id, deltas)
+        plain = _states(model, layers, batch, list(deltas), pad_id, {}, positions)
+        steered = _states(model, layers, batch, list(deltas), pad_id, deltas, positions)
         for s, base, target in zip(batch, plain, steered):
             moved = sum(float((target[layer] - base[layer]).pow(2).sum()) for layer in deltas)
             targets[s] = Target(target, moved)
@@ -66,7 +69,7 @@ def steered_targets(model: torch.nn.Module, layers: Sequence[torch.nn.Module],
 
 def _states(model: torch.nn.Module, layers: Sequence[torch.nn.Module], batch: Sequence[TrainSequence],
             wanted: Sequence[int], pad_id: int,
-            deltas: Mapping[int, torch.Tensor]) -> list[dict[int, torch.Tensor]]:
+            deltas: Mapping[int, torch.Tensor], positions: SteerPositions) -> list[dict[int, torch.Tensor]]:
     device = next(model.parameters()).device
     width = max(s.tokens for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=device)
@@ -74,7 +77,9 @@ def _states(model: torch.nn.Module, layers: Sequence[torch.nn.Module], batch: Se
     for row, s in enumerate(batch):
         ids[row, :s.tokens] = torch.tensor(s.context + s.response, device=device)
         mask[row, :s.tokens] = 1
-    steering = [layers[layer].register_forward_hook(add_to_output(delta)) for layer, delta in deltas.items()]
+    first = torch.tensor([len(s.context) - 1 for s in batch])
+    steering = [layers[layer].register_forward_hook(add_to_output(steering_addition(delta, positions, first)))
+                for layer, delta in deltas.items()]
     try:
         # The steering hooks were registered first, so the capture sees steered outputs.
         # The whole model runs, not its decoder up to the deepest layer: a sharded model
@@ -99,10 +104,12 @@ class Matching:
     strength: float
     directions: Mapping[int, torch.Tensor]
     sequences: tuple[TrainSequence, ...]  # the distilled ones: the rest has nothing to match
+    positions: SteerPositions = "all"  # where the steering adds (the vectors' own)
 
     def start(self, model: torch.nn.Module, layers: Sequence[torch.nn.Module], pad_id: int,
               mode: str) -> "ActivationMatch":
-        targets = steered_targets(model, layers, self.directions, self.strength, self.sequences, pad_id)
+        targets = steered_targets(model, layers, self.directions, self.strength, self.sequences, pad_id,
+                                  self.positions)
         return ActivationMatch(layers, targets, self.weight, mode)
 
 

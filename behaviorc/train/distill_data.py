@@ -34,6 +34,7 @@ import torch
 
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location
+from behaviorc.core.vocabulary import SteerPositions
 from behaviorc.engine.protocol import Engine, steered
 from behaviorc.measure.repetition import repeated_ngram_share
 from behaviorc.measure.replies import LOOP_SHARE
@@ -114,15 +115,16 @@ def _nested(flat: list, responses: Sequence[Sequence[str]]) -> list[list]:
 
 def score_samples(engine: Engine, prompts: Sequence[str], responses: Sequence[Sequence[str]],
                   directions: Mapping[int, torch.Tensor], strength: float,
-                  teacher_prompts: Sequence[str] | None = None
+                  teacher_prompts: Sequence[str] | None = None, positions: SteerPositions = "all"
                   ) -> tuple[list[list[float | None]], list[list[float | None]]]:
     """For every response: teacher minus plain mean log-prob per token, and its NLL per
     token under the plain model; None for one without tokens. The teacher reads
-    `teacher_prompts` (default `prompts`) steered by `directions` (none: unsteered).
+    `teacher_prompts` (default `prompts`) steered by `directions` at `positions` (none:
+    unsteered).
     Leaves the engine unsteered."""
     flat_prompts, flat_responses = _flat(prompts, responses)
     flat_teacher, _ = _flat(teacher_prompts or prompts, responses)
-    with steered(engine, directions, strength) if directions else nullcontext():
+    with steered(engine, directions, strength, positions) if directions else nullcontext():
         with_teacher = engine.completion_logprobs(flat_teacher, flat_responses)
     plain = engine.completion_logprobs(flat_prompts, flat_responses)
     scores = [(sum(t) / len(t) - sum(p) / len(p)) if t else None for t, p in zip(with_teacher, plain)]
@@ -146,7 +148,8 @@ def keep_best(prompts: Sequence[str], responses: Sequence[Sequence[str]],
 
 def distill_data(generator: Engine, scorer: Engine, directions: Mapping[int, torch.Tensor],
                  strength: float, distill: ir.Distill, seed: int,
-                 loc: Location | None = None, teacher_prompts: Sequence[str] | None = None) -> DistillData:
+                 loc: Location | None = None, teacher_prompts: Sequence[str] | None = None,
+                 positions: SteerPositions = "all") -> DistillData:
     """Sample the teacher from `generator` (the caller has set its steering, or a live
     server serves it), which reads `teacher_prompts` (default the prompts: a steered
     teacher without a system prompt); score the samples on `scorer` (the same base
@@ -157,7 +160,7 @@ def distill_data(generator: Engine, scorer: Engine, directions: Mapping[int, tor
                             loc, hint="give the steer section a non-zero `strength`")
     prompts = list(distill.prompts)
     responses = generate_samples(generator, teacher_prompts or prompts, distill, seed)
-    scores, nll = score_samples(scorer, prompts, responses, directions, strength, teacher_prompts)
+    scores, nll = score_samples(scorer, prompts, responses, directions, strength, teacher_prompts, positions)
     plain_replies = generate_samples(scorer, prompts, distill, seed, samples=1)
     _, plain_nll_nested = score_samples(scorer, prompts, plain_replies, {}, 0.0)
     plain_nll_values = [v for vs in plain_nll_nested for v in vs if v is not None]

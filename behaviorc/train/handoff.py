@@ -43,6 +43,7 @@ from behaviorc.engine.vllm.traffic import RequestLoop
 from behaviorc.engine.vllm.client import VLLMEngine
 from behaviorc.measure.margin import behavior_margin
 from behaviorc.core.task import TaskContext
+from behaviorc.core.vocabulary import SteerPositions
 
 PROBES_AT_MOST = 1_000_000  # per server: RequestLoop's default (1000) ends in minutes
 
@@ -88,10 +89,11 @@ def lowered_strength(strength: float, gain_weights: float, gain_steered: float) 
 
 @contextmanager
 def live_handoff(deploy: ir.Deploy | None, ctx: TaskContext, base: str,
-                 directions: Mapping[int, torch.Tensor], strength: float, pairs: Sequence[ir.Pair],
-                 steps: int, margin_before: float, margin_steered: float) -> Iterator["LiveHandoff | None"]:
+                 directions: Mapping[int, torch.Tensor], strength: float, positions: SteerPositions,
+                 pairs: Sequence[ir.Pair], steps: int, margin_before: float,
+                 margin_steered: float) -> Iterator["LiveHandoff | None"]:
     """The hand-off of a training task whose deploy says `handoff on`, started and serving
-    `base` (a model folder) steered, for the length of the block; None without one. With
+    `base` (a model folder) steered at `positions`, for the length of the block; None without one. With
     `auto` the task owns a vLLM server of `base` for as long."""
     if deploy is None:
         yield None
@@ -105,7 +107,7 @@ def live_handoff(deploy: ir.Deploy | None, ctx: TaskContext, base: str,
             urls, push_base = list(deploy.urls), Path(base)
         handoff = LiveHandoff(urls, directions, strength, pairs, margin_before,
                               margin_steered, push_every=deploy.push_every, emit=ctx.emit,
-                              api_key=deploy.api_key, timeout=deploy.timeout)
+                              api_key=deploy.api_key, timeout=deploy.timeout, positions=positions)
         stack.callback(handoff.close)
         handoff.start(push_base)
         yield handoff
@@ -117,8 +119,10 @@ class LiveHandoff:
     def __init__(self, urls: Sequence[str], directions: Mapping[int, torch.Tensor], strength: float,
                  pairs: Sequence[ir.Pair], margin_before: float, margin_steered: float,
                  push_every: int = 0, emit: Callable[[TaskEvent], None] = lambda event: None,
-                 api_key: str | None = None, timeout: float | None = None):
+                 api_key: str | None = None, timeout: float | None = None,
+                 positions: SteerPositions = "all"):
         self.urls, self.directions, self.strength = list(urls), dict(directions), strength
+        self.positions = positions
         self.push_every = push_every
         self.pairs, self.margin_before = pairs, margin_before
         self.gain_steered = margin_steered - margin_before
@@ -187,7 +191,7 @@ class LiveHandoff:
     def _steer(self, strength: float) -> None:
         for engine in self._engines:
             if strength > 0:
-                engine.set_steering(self.directions, strength)
+                engine.set_steering(self.directions, strength, self.positions)
             else:
                 engine.clear_steering()
         self.served = strength

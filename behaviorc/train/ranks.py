@@ -174,7 +174,7 @@ def _matching_message(matching: Matching | None) -> dict[str, Any] | None:
     if matching is None:
         return None
     # float32 values survive JSON exactly (as float64 numbers)
-    return {"weight": matching.weight, "strength": matching.strength,
+    return {"weight": matching.weight, "strength": matching.strength, "positions": matching.positions,
             "directions": {str(layer): vector.float().tolist() for layer, vector in matching.directions.items()},
             "sequences": _token_ids(matching.sequences)}
 
@@ -184,7 +184,8 @@ def _message_matching(message: dict[str, Any] | None) -> Matching | None:
         return None
     directions = {int(layer): torch.tensor(vector, dtype=torch.float32)
                   for layer, vector in message["directions"].items()}
-    return Matching(message["weight"], message["strength"], directions, tuple(_sequences(message["sequences"])))
+    return Matching(message["weight"], message["strength"], directions, tuple(_sequences(message["sequences"])),
+                    message["positions"])
 
 
 def _teacher_message(teacher: Mapping[TrainSequence, Distribution] | None) -> list[dict[str, Any]] | None:

@@ -36,6 +36,7 @@ from behaviorc.core import ir
 from behaviorc.core.diagnostics import BehaviorError, Location, located_at
 from behaviorc.core.events import DistillData, TrainEval, TrainNote, TrainStep
 from behaviorc.core.task import Task, TaskContext, TaskResult
+from behaviorc.core.vocabulary import SteerPositions
 from behaviorc.engine.embedded import EmbeddedEngine
 from behaviorc.engine.protocol import Engine, steered
 from behaviorc.formats.steering import load_steering
@@ -119,7 +120,7 @@ class TrainingRecipe:
         self.measure_before()
         # with a live hand-off, the base is served steered from here on
         with live_handoff(self.task.handoff, self.ctx, self.model_path, self.directions, self.strength,
-                          self.pairs, self.steps, self.metrics.get("margin_before", 0.0),
+                          self.positions, self.pairs, self.steps, self.metrics.get("margin_before", 0.0),
                           self.metrics.get("margin_steered", 0.0)) as self.live:
             examples = self.examples(self.live.generator() if self.live else self.engine)
             self.fit(examples)
@@ -161,8 +162,10 @@ class TrainingRecipe:
         with located_at(self.spec.loc):
             self.targets = self.adapter.parameters(self.model, self.spec.targets)
         self.engine = EmbeddedEngine(self.model, self.tokenizer, name=decl.source, path=self.model_path)
-        self.directions: dict[int, torch.Tensor] = (
-            dict(load_steering(self.steering_file, self.steering_loc).directions) if self.steering_file else {})
+        vectors = load_steering(self.steering_file, self.steering_loc) if self.steering_file else None
+        self.directions: dict[int, torch.Tensor] = dict(vectors.directions) if vectors else {}
+        # every steered pass of this task (teacher, targets, replies, the hand-off) steers these
+        self.positions: SteerPositions = vectors.positions if vectors else "all"
         self.data: dict[str, Any] = {"targets": sorted(self.targets), "served": [],
                                      "prompt_format": self.engine.prompt_format,
                                      "thinking": thinking_mode(self.tokenizer)}
@@ -173,17 +176,18 @@ class TrainingRecipe:
         teacher's system prompt (`margin_teacher`), the general NLL, and greedy replies to
         a few held-out prompts from the base, prompted and steered model."""
         engine, metrics, directions, strength = self.engine, self.metrics, self.directions, self.strength
+        positions = self.positions
         if self.pairs:
             metrics["margin_before"] = behavior_margin(engine, self.pairs)
             if directions:
-                with steered(engine, directions, strength):
+                with steered(engine, directions, strength, positions):
                     metrics["margin_steered"] = behavior_margin(engine, self.pairs)
             self.ctx.emit(TrainEval(step=0, margin=metrics["margin_before"],
                                     margin_steered=metrics.get("margin_steered")))
         if self.pairs and self.system is not None:
             teacher_pairs = [ir.Pair(prompt=system_prompted(self.tokenizer, self.system, p.prompt),
                                      positive=p.positive, negative=p.negative) for p in self.pairs]
-            with steered(engine, directions, strength) if self.distill.steering else nullcontext():
+            with steered(engine, directions, strength, positions) if self.distill.steering else nullcontext():
                 metrics["margin_teacher"] = behavior_margin(engine, teacher_pairs)
         metrics["general_nll_before"] = general_nll(engine, self.general)
         if self.probed:
@@ -197,7 +201,8 @@ class TrainingRecipe:
             self.replies["prompted"] = sample_replies(
                 engine, [system_prompted(self.tokenizer, self.system, p) for p in self.shown])
         if directions:
-            self.replies["steered"] = sample_replies(engine, self.shown, steering=directions, strength=strength)
+            self.replies["steered"] = sample_replies(engine, self.shown, steering=directions, strength=strength,
+                                                     positions=positions)
             # How much of the trait the replies express, read by the base model unsteered.
             for which, name in (("base", "projection_before"), ("steered", "projection_steered")):
                 _keep(metrics, name, projection_score(engine, directions, self.shown, self.replies[which]))
@@ -227,9 +232,10 @@ class TrainingRecipe:
         directions = self.directions if distill.steering else {}
         # A hand-off samples the served, steered model; otherwise this copy, steered here.
         own = generator is self.engine
-        with steered(self.engine, directions, self.strength) if own and directions else nullcontext():
+        with steered(self.engine, directions, self.strength, self.positions) if own and directions \
+                else nullcontext():
             data = distill_data(generator, self.engine, directions, self.strength, distill,
-                                self.spec.seed, loc, teacher_prompts)
+                                self.spec.seed, loc, teacher_prompts, self.positions)
         self.ctx.emit(DistillData(generated=data.generated, kept=len(data.kept), empty=data.empty,
                                   mean_score=data.mean_score, engine="embedded" if own else "vllm"))
         examples.metrics.update(
@@ -258,7 +264,7 @@ class TrainingRecipe:
                                                       objective.temperature))
         if distill.match_activations > 0:
             examples.matching = Matching(distill.match_activations, self.strength, self.directions,
-                                         tuple(distilled))
+                                         tuple(distilled), self.positions)
 
     def fit(self, examples: Examples) -> None:
         """The training loop (`behaviorc.train.loop`), checkpointing into the task's scratch
@@ -284,7 +290,7 @@ class TrainingRecipe:
             if taught:
                 self.ctx.progress(0, self.steps, f"the teacher's distributions over {len(taught)} sequences")
                 teacher = Teacher(tuple(taught), self.directions, self.strength,
-                                  self.distill.objective.top_k if self.distill else 0)
+                                  self.distill.objective.top_k if self.distill else 0, self.positions)
                 distributions = teacher.distributions(model, layers, tokenizer.pad_token_id)
             if examples.matching is not None or taught:
                 metrics["seconds_targets"] = time.perf_counter() - began

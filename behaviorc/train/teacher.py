@@ -10,7 +10,7 @@ KL(teacher || student), whose minimum is the teacher itself.
 The distributions are computed once, before training, with the base weights: the
 teacher reads its own context (the prompt with the teacher's system prompt, for a prompt
 teacher) followed by the response's tokens, with the behavior's steering on for a
-steered teacher, and off for the general-data anchor (`anchor kl`: the base model as it
+steered teacher (at its positions: with `generated`, from the context's last token on), and off for the general-data anchor (`anchor kl`: the base model as it
 was). Each position keeps its `top_k` tokens' log-probs and one lumped outcome, "any
 other token", whose log-prob is what the k leave, so a sample set of R positions costs
 R x (k + 1) numbers, not R x vocabulary. The student's distribution is lumped over the
@@ -26,7 +26,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from behaviorc.engine.hooks import add_to_output
+from behaviorc.core.vocabulary import SteerPositions
+from behaviorc.engine.hooks import add_to_output, steering_addition
 from behaviorc.train.data import TrainSequence
 from behaviorc.train.frozen import padded_ids
 
@@ -70,6 +71,7 @@ class Teacher:
     directions: Mapping[int, torch.Tensor]
     strength: float
     top_k: int  # 0: the whole vocabulary
+    positions: SteerPositions = "all"  # where the steering adds (the vectors' own)
 
     @torch.no_grad()
     def distributions(self, model: torch.nn.Module, layers: Sequence[torch.nn.Module],
@@ -82,8 +84,10 @@ class Teacher:
             rows = [r for r in self.rows if r.steered == steered]
             for start in range(0, len(rows), TEACHER_BATCH):
                 batch = rows[start:start + TEACHER_BATCH]
-                hooks = [layers[layer].register_forward_hook(add_to_output(delta))
-                         for layer, delta in deltas.items()] if steered else []
+                first = torch.tensor([len(r.context) - 1 for r in batch])
+                hooks = [layers[layer].register_forward_hook(
+                    add_to_output(steering_addition(delta, self.positions, first)))
+                    for layer, delta in deltas.items()] if steered else []
                 try:
                     found.update(self._read(model, batch, pad_id))
                 finally:

@@ -13,7 +13,10 @@ from behaviorc.core.diagnostics import BehaviorError
 DESCRIPTION = """\
 Chat with a model served by `behaviorc serve`. --steer picks named steering vectors the
 server holds (`behaviorc steer push URL FILE --name happy`) and their strengths, for
-this conversation's requests only: other clients of the server are not steered. With a
+this conversation's requests only: other clients of the server are not steered. Each
+vector steers the positions its file said when it was pushed (its behavior's
+`steer { positions }`: every token, or only the tokens that choose the reply;
+`behaviorc steer list URL` shows them). With a
 PROMPT it answers once and exits; without one it reads your messages line by line.
 
 In a conversation:

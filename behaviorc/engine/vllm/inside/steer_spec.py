@@ -6,6 +6,10 @@ A server keeps a registry of named steering vectors (`behaviorc steer push URL F
 request arguments:
 
     POST /v1/chat/completions {"messages": [...], "vllm_xargs": {"steer": "happy:2,concise:-1"}}
+
+A vector that steers `generated` positions steers a request's tokens from its prompt's
+last one on; `"steer_from": N` in the same arguments moves that to position N (0-based),
+for a request whose prompt already holds a reply to score (prompt log-probs).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import re
 from typing import Any, Mapping
 
 STEER_ARG = "steer"  # the key in vllm_xargs
+STEER_FROM_ARG = "steer_from"  # where `generated` steering starts, when not the prompt's last token
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 MAX_TERMS = 16
 
@@ -55,14 +60,25 @@ def parse_steer(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(terms.items()))
 
 
+def steer_from(value: Any) -> int:
+    """The `steer_from` argument, checked: a position, 0 or more."""
+    if type(value) is not int or value < 0:
+        raise SteerSpecError(f"`{STEER_FROM_ARG}` must be a token position (a whole number, 0 "
+                             f"or more), not {json.dumps(value)}")
+    return value
+
+
 def format_steer(terms: Mapping[str, float] | tuple[tuple[str, float], ...]) -> str:
     items = terms.items() if isinstance(terms, Mapping) else terms
     return ",".join(f"{name}:{strength:g}" for name, strength in items)
 
 
-def vector_digest(vectors: Mapping[int, list[float]]) -> str:
-    """A short content hash of a registered vector (the cache salt changes with it)."""
+def vector_digest(vectors: Mapping[int, list[float]], positions: str = "all") -> str:
+    """A short content hash of a registered vector and the positions it steers (the
+    cache salt changes with them)."""
     payload = json.dumps({str(k): vectors[k] for k in sorted(vectors)}, separators=(",", ":"))
+    if positions != "all":  # digests of vectors steering `all` read as before positions existed
+        payload += positions
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

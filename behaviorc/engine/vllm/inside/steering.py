@@ -11,6 +11,13 @@ output, where column 0 of the tables T holds the steering set for every request
 exactly zero, so their hidden states are bit-for-bit what they would be with no
 registry at all, whatever is batched beside them.
 
+Each column steers `all` the tokens of the requests it applies to, or the `generated`
+ones (behaviorc.engine.protocol defines them): a token at position p of a request whose
+prompt has n tokens is steered iff p >= n - 1. A request's scheduled tokens are
+consecutive positions from the number of its tokens already computed, so in a chunked
+prefill the first chunks steer nothing and the chunk holding the prompt's last token
+steers from it on; in decoding every token is steered.
+
 The tables and C are allocated once, when vLLM loads the model and before it compiles
 it (`SteeringSlots`); every change writes into them in place. A graph torch.compile
 traced (and a CUDA graph captured from it) reads them at fixed addresses, so it keeps
@@ -29,12 +36,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from behaviorc.core.vocabulary import STEER_POSITIONS, SteerPositions
 from behaviorc.engine.hooks import add_to_output
 from behaviorc.engine.vllm.inside.steer_spec import (
-    NAME_PATTERN, STEER_ARG, SteerSpecError, parse_steer, vector_digest)
+    NAME_PATTERN, STEER_ARG, STEER_FROM_ARG, SteerSpecError, parse_steer, vector_digest)
 
 MAX_REGISTERED = 64  # named vectors one server keeps (each holds layers x hidden floats)
-SERVER_WIDE = 0  # the column of `set_steering`'s vector, on for every token
+SERVER_WIDE = 0  # the column of `set_steering`'s vector, on for every request
 COLUMNS = 1 + MAX_REGISTERED
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -49,21 +57,30 @@ class Registry:
     layers: Mapping[str, tuple[int, ...]]
     norms: Mapping[str, Mapping[int, float]]
     sources: Mapping[str, Mapping[int, list[float]]]  # name -> the registered values
+    positions: Mapping[str, SteerPositions]  # name -> the positions it steers
+
+    @property
+    def generated(self) -> frozenset[int]:
+        """The columns that steer only `generated` positions."""
+        return frozenset(self.index[name] for name in self.names
+                         if self.positions[name] == "generated")
 
 
-EMPTY = Registry((), {}, {}, {}, {}, {})
+EMPTY = Registry((), {}, {}, {}, {}, {}, {})
 
 
-def build_registry(sources: Mapping[str, Mapping[int, list[float]]]) -> Registry:
-    """The snapshot of `sources` (name -> {layer: values})."""
+def build_registry(sources: Mapping[str, Mapping[int, list[float]]],
+                   positions: Mapping[str, SteerPositions]) -> Registry:
+    """The snapshot of `sources` (name -> {layer: values}) steering `positions` (name ->
+    its positions)."""
     names = tuple(sorted(sources))
     return Registry(
         names=names, index={name: SERVER_WIDE + 1 + i for i, name in enumerate(names)},
-        digests={name: vector_digest(sources[name]) for name in names},
+        digests={name: vector_digest(sources[name], positions[name]) for name in names},
         layers={name: tuple(sorted(sources[name])) for name in names},
         norms={name: {layer: float(torch.tensor(v, dtype=torch.float64).norm())
                       for layer, v in sorted(sources[name].items())} for name in names},
-        sources=dict(sources))
+        sources=dict(sources), positions={name: positions[name] for name in names})
 
 
 class SteeringSlots:
@@ -159,6 +176,14 @@ def vector_problems(label: str, vectors: Any, strength: float, shape: Shape) -> 
     return problems
 
 
+def positions_problems(positions: Any) -> list[str]:
+    """What is wrong with `positions` as the positions a vector steers."""
+    if positions in STEER_POSITIONS:
+        return []
+    return [f"unknown steered positions {json.dumps(positions)} (one of "
+            f"{', '.join(STEER_POSITIONS)})"]
+
+
 def registration_problems(name: Any, vectors: Any, registry: Registry, shape: Shape) -> list[str]:
     """What is wrong with registering `vectors` as `name` next to `registry`."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
@@ -173,21 +198,38 @@ def registration_problems(name: Any, vectors: Any, registry: Registry, shape: Sh
 @dataclass(frozen=True)
 class ScheduledRequest:
     """A request of a forward pass's batch: its tokens are rows [start, end) of the
-    batch, `args` its free-form request arguments (vLLM's `extra_args`)."""
+    batch, `args` its free-form request arguments (vLLM's `extra_args`). Row `start`
+    holds the token at position `first_position` of the request, whose prompt has
+    `prompt_tokens` tokens (`generated` steering starts at its last one, or at the
+    request's `steer_from`)."""
 
     start: int
     end: int
     args: Mapping[str, Any]
+    first_position: int = 0
+    prompt_tokens: int = 0
 
     @property
     def steer(self) -> str | None:
         return self.args.get(STEER_ARG) or None
 
+    @property
+    def first_generated(self) -> int:
+        """The first row `generated` steering steers: the prompt's last token's (or
+        `steer_from`'s), `start` when the rows begin after it, `end` when they all come
+        before it."""
+        first = self.args.get(STEER_FROM_ARG)
+        if type(first) is not int:  # the middleware refuses any other value
+            first = self.prompt_tokens - 1
+        return min(self.end, self.start + max(0, first - self.first_position))
+
 
 def token_coefficients(requests: Sequence[ScheduledRequest], index: Mapping[str, int],
-                       tokens: int, columns: int = COLUMNS) -> torch.Tensor | None:
+                       tokens: int, columns: int = COLUMNS,
+                       generated: frozenset[int] = frozenset()) -> torch.Tensor | None:
     """C [tokens, columns]: the strength of each registered vector (column `index[name]`)
-    on each token of the batch; None when no request in it is steered by a registered one."""
+    on each token of the batch, on the request's `generated` rows only for the columns in
+    `generated`; None when no request in it is steered by a registered one."""
     coefficients = None
     for request in requests:
         for name, strength in _parsed(request.steer) if request.steer else ():
@@ -196,7 +238,23 @@ def token_coefficients(requests: Sequence[ScheduledRequest], index: Mapping[str,
                 continue
             if coefficients is None:
                 coefficients = torch.zeros(tokens, columns)
-            coefficients[request.start:request.end, column] = strength
+            first = request.first_generated if column in generated else request.start
+            coefficients[first:request.end, column] = strength
+    return coefficients
+
+
+def with_server_wide(coefficients: torch.Tensor | None, requests: Sequence[ScheduledRequest],
+                     tokens: int, positions: SteerPositions) -> torch.Tensor:
+    """`coefficients` (None: all zero) with the server-wide column on: for every token
+    (`all`; padding rows too, which nothing reads), or for each request's `generated`
+    rows."""
+    if coefficients is None:
+        coefficients = torch.zeros(tokens, COLUMNS)
+    if positions == "all":
+        coefficients[:, SERVER_WIDE] = 1.0
+    else:
+        for request in requests:
+            coefficients[request.first_generated:request.end, SERVER_WIDE] = 1.0
     return coefficients
 
 

@@ -146,10 +146,14 @@ class VllmWorker:
         if int(starts[-1]) > tokens:
             return []
         requests = []
+        # a request's scheduled tokens run from position `num_computed_tokens` on (what the
+        # runner's own positions are made from)
+        computed, prompts = batch.num_computed_tokens_cpu, batch.num_prompt_tokens
         for position, req_id in enumerate(batch.req_ids[:count]):
             params = getattr(runner.requests.get(req_id), "sampling_params", None)
             requests.append(ScheduledRequest(int(starts[position]), int(starts[position + 1]),
-                                             getattr(params, "extra_args", None) or {}))
+                                             getattr(params, "extra_args", None) or {},
+                                             int(computed[position]), int(prompts[position])))
         return requests
 
     # --- loading weights ---

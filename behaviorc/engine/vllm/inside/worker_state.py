@@ -3,8 +3,9 @@
 Steering. `set_steering` adds `strength * vector` to the output of chosen decoder layers
 for every request; named vectors steer only the requests that name them. Both are
 columns of the steering tables every layer reads (`steering.SteeringSlots`): before each
-forward pass the state reads which tokens of the batch belong to which request and
-writes their coefficients.
+forward pass the state reads which tokens of the batch belong to which request (and,
+for `generated` steering, where each request's prompt ends) and writes their
+coefficients.
 
 Weights. A push is staged, then committed. Staging reads every pushed tensor once,
 checking names, shapes and dtypes against the served checkpoint and that every value is
@@ -27,8 +28,8 @@ from typing import Any, Mapping
 import torch
 
 from behaviorc.engine.vllm.inside.steering import (
-    COLUMNS, EMPTY, SERVER_WIDE, Shape, build_registry, registration_problems,
-    token_coefficients, vector_problems)
+    EMPTY, SERVER_WIDE, Shape, build_registry, positions_problems, registration_problems,
+    token_coefficients, vector_problems, with_server_wide)
 from behaviorc.engine.vllm.inside.vllm_internals import VllmWorker
 from behaviorc.engine.vllm.inside.weights import ServedWeights
 
@@ -47,6 +48,7 @@ class WorkerState:
         self._served: ServedWeights | None = None  # read on the first push
         self._slots = worker.steering_slots()
         self._server_wide: list[int] = []  # the layers set_steering steers
+        self._server_wide_positions = "all"
         self._registry = EMPTY
         self._counts = {"steered_passes": 0, "mixed_passes": 0}
         worker.before_each_forward(self._plan)
@@ -74,13 +76,16 @@ class WorkerState:
     # --- steering every request ---
 
     def set_steering(self, request: Any) -> dict[str, Any]:
-        """request: {"strength": float, "vectors": {"layer": [floats]}}; replaces all steering."""
+        """request: {"strength": float, "vectors": {"layer": [floats]}, "positions": "all"
+        (the default) | "generated"}; replaces all steering."""
         strength = request.get("strength") if isinstance(request, dict) else None
         if type(strength) not in (int, float) or not math.isfinite(strength):
             raise ValueError(f"the steering strength must be a finite number, not {strength!r}")
+        positions = request.get("positions", "all")
         # Everything is checked before the steering in place is touched: a refused
         # request leaves it as it was.
-        problems = vector_problems("steering", request.get("vectors"), strength, self._shape())
+        problems = (positions_problems(positions)
+                    + vector_problems("steering", request.get("vectors"), strength, self._shape()))
         if problems:
             raise ValueError("; ".join(problems))
         additions = {int(key): torch.tensor(values, dtype=torch.float32) * strength
@@ -89,26 +94,35 @@ class WorkerState:
         self._slots.write_columns({SERVER_WIDE: {
             layer: delta.to(self.worker.dtype()).float() for layer, delta in additions.items()}})
         self._server_wide = sorted(additions)
-        return {"layers": self._server_wide, "strength": strength}
+        self._server_wide_positions = positions
+        return {"layers": self._server_wide, "strength": strength, "positions": positions}
 
     def clear_steering(self) -> dict[str, Any]:
         removed = len(self._server_wide)
         self._slots.write_columns({SERVER_WIDE: {}})
         self._server_wide = []
+        self._server_wide_positions = "all"
         return {"removed": removed}
+
+    def server_wide(self) -> dict[str, Any]:
+        """{"layers", "positions"} of the steering every request gets (no layers: none)."""
+        return {"layers": self._server_wide, "positions": self._server_wide_positions}
 
     # --- named vectors, steering the requests that name them ---
 
     def register_vector(self, request: Any) -> dict[str, Any]:
-        """request: {"name", "vectors": {"layer": [floats]}}. Checks everything first;
-        a refused vector changes nothing. Re-registering a name replaces its vector."""
+        """request: {"name", "vectors": {"layer": [floats]}, "positions": "all" (the
+        default) | "generated"}. Checks everything first; a refused vector changes
+        nothing. Re-registering a name replaces its vector."""
         name = request.get("name")
-        problems = registration_problems(name, request.get("vectors"), self._registry,
-                                         self._shape())
+        positions = request.get("positions", "all")
+        problems = positions_problems(positions) + registration_problems(
+            name, request.get("vectors"), self._registry, self._shape())
         if problems:
             return {"ok": False, "problems": problems}
         vectors = {int(k): [float(x) for x in v] for k, v in request["vectors"].items()}
-        self._install({**self._registry.sources, name: vectors})
+        self._install({**self._registry.sources, name: vectors},
+                      {**self._registry.positions, name: positions})
         return {"ok": True, "name": name, "layers": list(self._registry.layers[name]),
                 "digest": self._registry.digests[name]}
 
@@ -121,14 +135,15 @@ class WorkerState:
                                               f"registered (registered: "
                                               f"{', '.join(sorted(sources)) or 'none'})"]}
         del sources[name]
-        self._install(sources)
+        self._install(sources, self._registry.positions)
         return {"ok": True, "name": name}
 
     def vector_names(self) -> dict[str, Any]:
-        """{name: {"layers", "digest", "norms"}} for every registered vector."""
+        """{name: {"layers", "digest", "norms", "positions"}} for every registered vector."""
         registry = self._registry
         return {name: {"layers": list(registry.layers[name]), "digest": registry.digests[name],
-                       "norms": {str(k): v for k, v in registry.norms[name].items()}}
+                       "norms": {str(k): v for k, v in registry.norms[name].items()},
+                       "positions": registry.positions[name]}
                 for name in registry.names}
 
     def steering_counts(self) -> dict[str, int]:
@@ -136,9 +151,10 @@ class WorkerState:
         requests (a test of per-request steering needs the second to be non-zero)."""
         return dict(self._counts)
 
-    def _install(self, sources: Mapping[str, Mapping[int, list[float]]]) -> None:
+    def _install(self, sources: Mapping[str, Mapping[int, list[float]]],
+                 positions: Mapping[str, str]) -> None:
         """Swap in the new snapshot and write every registry column of the tables."""
-        registry = build_registry(sources)
+        registry = build_registry(sources, positions)
         freed = range(len(registry.names) + 1, len(self._registry.names) + 1)
         self._slots.write_columns({
             **{column: {} for column in freed},
@@ -149,16 +165,17 @@ class WorkerState:
     def _plan(self, tokens: int) -> None:
         """Before a forward pass: the coefficients of its tokens."""
         coefficients = None
+        per_request = self._server_wide and self._server_wide_positions != "all"
+        requests = self.worker.scheduled_requests(tokens) if self._registry.names or per_request else []
         if self._registry.names:
-            requests = self.worker.scheduled_requests(tokens)
-            coefficients = token_coefficients(requests, self._registry.index, tokens)
+            coefficients = token_coefficients(requests, self._registry.index, tokens,
+                                              generated=self._registry.generated)
             if coefficients is not None:
                 self._counts["steered_passes"] += 1
                 self._counts["mixed_passes"] += any(not request.steer for request in requests)
         if self._server_wide:
-            if coefficients is None:
-                coefficients = torch.zeros(tokens, COLUMNS)
-            coefficients[:, SERVER_WIDE] = 1.0
+            coefficients = with_server_wide(coefficients, requests, tokens,
+                                            self._server_wide_positions)
         self._slots.set_tokens(coefficients)
 
     # --- weights ---
