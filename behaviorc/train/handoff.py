@@ -46,6 +46,7 @@ from behaviorc.core.task import TaskContext
 from behaviorc.core.vocabulary import SteerPositions
 
 PROBES_AT_MOST = 1_000_000  # per server: RequestLoop's default (1000) ends in minutes
+PROBE_PAUSE_S = 1.0  # between probes: enough to see serving go on through every push
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,10 @@ class LiveHandoff:
         self.api_key, self.timeout = api_key, timeout
         self._engines = [VLLMEngine(url, api_key, timeout=timeout) for url in self.urls]
         # Probes for the whole hand-off, however long training runs.
-        self._probes = RequestLoop(self.urls, threads=1, limit=PROBES_AT_MOST, api_key=api_key)
+        # Paced: back to back, the probes kept a CPU server's worker busy and starved the
+        # training beside it (smollm2 on 2 cores: a step took minutes instead of seconds).
+        self._probes = RequestLoop(self.urls, threads=1, limit=PROBES_AT_MOST, api_key=api_key,
+                                   pause=PROBE_PAUSE_S)
 
     def generator(self) -> Engine:
         """The first server, serving the steered behavior: distillation samples it."""

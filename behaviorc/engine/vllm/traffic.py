@@ -38,6 +38,7 @@ class RequestLoop:
     api_key: str | None = None
     timeout: float = 60.0
     extra: dict = field(default_factory=dict)  # more request fields, e.g. vllm_xargs
+    pause: float = 0.0  # seconds each client waits after a request (0: back to back)
     requests: list[Request] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: list[threading.Thread] = field(default_factory=list)
@@ -87,6 +88,8 @@ class RequestLoop:
                 except (httpx.HTTPError, ValueError) as err:
                     ok, error = False, f"{type(err).__name__}: {err}"
                 self._record(started, ok, error)
+                if self.pause:
+                    self._stop.wait(self.pause)
 
     def _record(self, started: float, ok: bool, error: str) -> None:
         with self._lock:
