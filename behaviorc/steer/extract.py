@@ -54,9 +54,9 @@ model's replies) and whose steering makes the wanted completions likelier: a pos
 min(effect, lift). Where no candidate lifts the positives, the largest distillable
 effect decides. (Each candidate's replies are scored by the projection on its own
 direction, calibrated on the pairs at its layer: 0 the negatives, 1 the positives, so
-the scores of different layers share a scale.) The measurements behind this rule (smollm2-135m, the demo's pairs, each candidate layer distilled) are in the
-README's Defaults. The scores come back so the build can report the figures it
-chose from.
+the scores of different layers share a scale.) The measurements behind this rule
+(smollm2-135m, the demo's pairs, each candidate layer distilled) are in the README's
+Defaults. The scores come back so the build can report the figures it chose from.
 """
 
 from __future__ import annotations
