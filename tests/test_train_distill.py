@@ -286,6 +286,31 @@ def test_kl_distillation_teaches_the_steered_distribution_and_measures_forgettin
     assert result.data["warnings"] == []
 
 
+def test_general_texts_are_taught_with_the_steering_on(tied_gdn, tmp_path, monkeypatch):
+    """`objective kl { general 2 }`: besides the samples, the student learns the steered
+    model's distribution on every built-in general text, at that weight. (What it buys
+    on the real model is README's, "Defaults": on the tiny model the samples alone
+    already carry the steering to any text.)"""
+    from transformers import AutoTokenizer
+
+    from behaviorc.train.data import encode_texts
+    from behaviorc.train.general_texts import GENERAL_TEACHING_TEXTS
+    from behaviorc.train.teacher import Teacher
+
+    read = []
+    real = Teacher.distributions
+    monkeypatch.setattr(Teacher, "distributions", lambda self, *a, **k: read.append(self) or real(self, *a, **k))
+    result = run_plan(distill_plan(tied_gdn, steps=2, match_activations=0.0,
+                                   objective=ir.Objective(name="kl", top_k=16, general=2.0)), tmp_path / "out")
+    assert "steered_share" in result.metrics
+    rows = {row.sequence: row for row in read[0].rows}
+    general = encode_texts(AutoTokenizer.from_pretrained(tied_gdn), GENERAL_TEACHING_TEXTS)
+    assert len(general) == len(GENERAL_TEACHING_TEXTS)
+    for sequence in general:
+        assert rows[sequence].steered and rows[sequence].weight == 2.0
+    assert len(rows) == len(general) + 2 * 8  # and the 8 kept samples and 8 plain replies
+
+
 def test_a_prompt_teacher_needs_no_pairs_and_its_student_reads_no_system_prompt(tied_gdn, tmp_path):
     """Context distillation: the teacher is the base reading a system prompt; the student
     trains without it."""

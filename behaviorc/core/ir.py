@@ -134,6 +134,9 @@ class Objective(Node):
     top_k: int = 64  # 0: the whole vocabulary
     temperature: float = 1.0
     plain: float = 1.0
+    # With a steered teacher: the weight of its distribution on general texts (built in,
+    # behaviorc.train.general_texts), where the steering shows beside any prompt; 0: off
+    general: float = 0.0
 
 
 class Distill(Node):

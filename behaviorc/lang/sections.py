@@ -341,10 +341,19 @@ class Sections:
             name=name, top_k=top_k,
             temperature=self.values.number(block.one("temperature"), low=0, low_open=True,
                                            default=defaults.temperature),
-            plain=self.values.number(block.one("plain"), low=0, default=defaults.plain))
+            plain=self.values.number(block.one("plain"), low=0, default=defaults.plain),
+            general=self._general_weight(block.one("general"), defaults.general))
         if None in options.values():
             return None
         return ir.Objective(**options)
+
+    def _general_weight(self, setting: ast.Setting | None, default: float) -> float | None:
+        if setting is not None and not isinstance(setting.values[0], ast.Num):
+            self.sink.error("`general` in `objective kl` is a weight", setting.values[0].loc,
+                            "write e.g. `general 1`: the steered teacher's distribution on built-in "
+                            "general texts, beside the samples")
+            return None
+        return self.values.number(setting, low=0, default=default)
 
     def _distill(self, setting: ast.Setting | None, base: str, steers: bool) -> ir.Distill | None:
         if setting is None:
@@ -375,6 +384,10 @@ class Sections:
         if teachers is not None and not teachers[0] and matching is not None:
             self.sink.error("`match_activations` pulls the hidden states toward the steered model's: "
                             "a prompt teacher has none", matching.key_loc,
+                            "drop it, or distill `steering + prompt \"...\"`")
+        if teachers is not None and not teachers[0] and objective is not None and objective.general > 0:
+            self.sink.error("`general` teaches the steered model's distribution on general texts: "
+                            "a prompt teacher has no steering", block.one("objective").key_loc,
                             "drop it, or distill `steering + prompt \"...\"`")
         if None in options.values() or not prompts or teachers is None or objective is None:
             return None
@@ -408,6 +421,10 @@ class Sections:
             sources.append(replies["source"])
         general: list[str] = []
         for setting in block.all("general"):
+            if not isinstance(setting.values[0], ast.Str):
+                self.sink.error("`general` in an eval section names a file of texts", setting.values[0].loc,
+                                'write `general "data/general.jsonl"`: the texts the general NLL is measured on')
+                continue
             loaded = self.data.load(setting.values[0], base, read_text, TEXT_LINE)
             if loaded:
                 general.extend(loaded.records)

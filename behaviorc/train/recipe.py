@@ -55,6 +55,7 @@ from behaviorc.train.activations import Matching
 from behaviorc.train.data import BatchSchedule, TrainSequence, encode_examples, encode_texts
 from behaviorc.train.distributed import current_world
 from behaviorc.train.distill_data import distill_data
+from behaviorc.train.general_texts import GENERAL_TEACHING_TEXTS
 from behaviorc.train.handoff import LiveHandoff, live_handoff, trained_tensors
 from behaviorc.train.loop import CHECKPOINT_EVERY, StepEvent, log_interval, train
 from behaviorc.train.ranks import lead_training
@@ -256,6 +257,11 @@ class TrainingRecipe:
                                                     for s in data.plain], loc)
                 examples.behavior += plain
                 sets.append((data.plain, plain, objective.plain))
+            if objective.general > 0 and directions:
+                general = encode_texts(tokenizer, GENERAL_TEACHING_TEXTS)
+                examples.behavior += general
+                examples.taught.extend(TeacherRow(sequence, sequence.context, True, objective.general,
+                                                  objective.temperature) for sequence in general)
             for samples, sequences, weight in sets:
                 for sample, sequence in zip(samples, sequences):
                     context = (tuple(tokenizer(system_prompted(tokenizer, distill.system, sample.prompt)).input_ids)
