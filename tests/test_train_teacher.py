@@ -60,6 +60,23 @@ def test_lumping_is_zero_at_the_teacher_and_has_a_finite_gradient():
     assert (full.detach() >= -1e-6).all()
 
 
+def test_the_texts_general_teaches_are_not_those_the_general_nll_is_measured_on():
+    """`objective kl { general W }` trains on its own texts: a build's reported general NLL
+    (the built-in texts, or a spec's) must not be measured on what it trained toward."""
+    import json
+    from pathlib import Path
+
+    from behaviorc.measure.general import DEFAULT_GENERAL_TEXTS
+    from behaviorc.train.general_texts import GENERAL_TEACHING_TEXTS
+
+    specs = Path(__file__).resolve().parents[1] / "specs" / "data"
+    measured = set(DEFAULT_GENERAL_TEXTS)
+    for path in specs.glob("*general*.jsonl"):
+        measured |= {json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()}
+    assert len(GENERAL_TEACHING_TEXTS) == len(set(GENERAL_TEACHING_TEXTS)) == 24
+    assert not measured & set(GENERAL_TEACHING_TEXTS)
+
+
 @pytest.fixture(scope="module")
 def dense(tiny_dense):
     from behaviorc.model.loading import load_model
