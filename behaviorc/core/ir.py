@@ -135,8 +135,9 @@ class Objective(Node):
     temperature: float = 1.0
     plain: float = 1.0
     # With a steered teacher: the weight of its distribution on general texts (built in,
-    # behaviorc.train.general_texts), where the steering shows beside any prompt; 0: off
-    general: float = 0.0
+    # behaviorc.train.general_texts), where the steering shows beside any prompt; 0: off.
+    # Left out of dumps while off, so the cache keys of builds from before it stay.
+    general: float = Field(default=0.0, exclude_if=lambda weight: weight == 0.0)
 
 
 class Distill(Node):
