@@ -379,7 +379,8 @@ class Sections:
             match_activations=self.values.number(block.one("match_activations"), low=0,
                                            default=defaults.match_activations),
         )
-        objective = self._objective(block.one("objective"))
+        objective_setting = block.one("objective")
+        objective = self._objective(objective_setting)
         matching = block.one("match_activations")
         if teachers is not None and not teachers[0] and matching is not None:
             self.sink.error("`match_activations` pulls the hidden states toward the steered model's: "
@@ -387,7 +388,7 @@ class Sections:
                             "drop it, or distill `steering + prompt \"...\"`")
         if teachers is not None and not teachers[0] and objective is not None and objective.general > 0:
             self.sink.error("`general` teaches the steered model's distribution on general texts: "
-                            "a prompt teacher has no steering", block.one("objective").key_loc,
+                            "a prompt teacher has no steering", objective_setting.key_loc,
                             "drop it, or distill `steering + prompt \"...\"`")
         if None in options.values() or not prompts or teachers is None or objective is None:
             return None
@@ -422,8 +423,9 @@ class Sections:
         general: list[str] = []
         for setting in block.all("general"):
             if not isinstance(setting.values[0], ast.Str):
-                self.sink.error("`general` in an eval section names a file of texts", setting.values[0].loc,
-                                'write `general "data/general.jsonl"`: the texts the general NLL is measured on')
+                self.sink.error("`general` in an eval section names a file of texts",
+                                setting.values[0].loc, 'write `general "data/general.jsonl"`: '
+                                "the texts the general NLL is measured on")
                 continue
             loaded = self.data.load(setting.values[0], base, read_text, TEXT_LINE)
             if loaded:

@@ -11,7 +11,8 @@ The distributions are computed once, before training, with the base weights: the
 teacher reads its own context (the prompt with the teacher's system prompt, for a prompt
 teacher) followed by the response's tokens, with the behavior's steering on for a
 steered teacher (at its positions: with `generated`, from the context's last token on),
-and off for the general-data anchor (`anchor kl`: the base model as it was). Each position keeps its `top_k` tokens' log-probs and one lumped outcome, "any
+and off for the general-data anchor (`anchor kl`: the base model as it was). Each
+position keeps its `top_k` tokens' log-probs and one lumped outcome, "any
 other token", whose log-prob is what the k leave, so a sample set of R positions costs
 R x (k + 1) numbers, not R x vocabulary. The student's distribution is lumped over the
 same k tokens, so the KL is over k + 1 outcomes and is exact for k = the vocabulary
