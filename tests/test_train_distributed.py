@@ -55,12 +55,14 @@ def train_one_process(model_path: Path, optimizer: str, checkpoint: Path | None 
     return {name: param.detach().clone() for name, param in targets.items()}
 
 
-def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                        atol: float = 1e-5) -> None:
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
         # atol: Adam's first steps divide by |g|, so an element whose gradient is near
         # zero moves by up to lr on a rounding difference of the reduction order
-        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=atol,
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 @pytest.mark.parametrize("optimizer", ["apollo", "adamw"])
@@ -207,7 +209,11 @@ def test_a_distilled_behavior_trains_on_two_processes_to_the_weights_of_one(tmp_
     # the reported loss is the whole batch's, the matching term included
     expected = [e["loss"] for e in events(reference) if e["type"] == "train.step"]
     assert [e["loss"] for e in steps] == pytest.approx(expected, rel=1e-5)
-    assert_same_weights(trained_weights(out), trained_weights(reference))
+    # Here the matching term's targets are read by each rank's sharded model, so rounding
+    # enters the gradients and not only their reduction order: on an AMD EPYC one element
+    # in 16,384 ended 1.08e-5 from one process's (lr 1e-3). A lost or doubled shard of the
+    # batch would move most elements by a sizeable part of lr.
+    assert_same_weights(trained_weights(out), trained_weights(reference), atol=1e-4)
     assert "seconds_targets" in train_task(reference)["metrics"]  # the matching ran
 
 
