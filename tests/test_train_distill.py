@@ -9,6 +9,7 @@ import torch
 from behaviorc.core import ir
 from behaviorc.core.diagnostics import Location
 from behaviorc.train.distill_data import distill_data, keep_best
+from behaviorc.train.general_texts import GENERAL_TEACHING_TEXTS
 from behaviorc.train.handoff import lowered_strength, trained_tensors
 from behaviorc.pipeline.kinds import ExtractSteering, ResolveModel, TrainBehavior
 from test_steer_extract import OBJECTS, SUBJECTS, VERBS, planted_pairs, tied_gdn  # noqa: F401 (fixture)
@@ -273,6 +274,23 @@ def test_looping_samples_are_dropped_and_a_looping_teacher_is_refused(embedded, 
     assert refused.value.diagnostics[0].loc == LOC
 
 
+def test_a_no_repeat_teacher_keeps_its_looping_samples_but_not_a_teacher_that_only_loops(embedded, directions):
+    """With `no_repeat` a looping sample is kept: the student learns from the teacher's
+    distribution over it with the repeats banned. A teacher whose samples mostly loop is
+    still refused."""
+    from behaviorc.core.diagnostics import BehaviorError
+
+    spec = distill_spec(samples=2, keep=2)
+    data = distill_data(LoopingEngine(embedded, every=4), embedded, directions, 4.0, spec, seed=0, loc=LOC,
+                        keep_looping=True)
+    assert data.looping == 0 and data.looping_kept >= 4 and f"{data.looping_kept} looping" in data.kept_looping
+    assert LoopingEngine.LOOP in {s.response for s in data.kept}
+    with pytest.raises(BehaviorError) as refused:
+        distill_data(LoopingEngine(embedded, every=1), embedded, directions, 4.0, spec, seed=0, loc=LOC,
+                     keep_looping=True)
+    assert "loops or breaks: 16 of its 16 samples (16 looping" in str(refused.value)
+
+
 def test_kl_distillation_teaches_the_steered_distribution_and_measures_forgetting(tied_gdn, tmp_path):
     result = run_plan(distill_plan(tied_gdn, steps=6, match_activations=0.0,
                                    objective=ir.Objective(name="kl", top_k=16, plain=1.0)), tmp_path / "out")
@@ -294,7 +312,6 @@ def test_general_texts_are_taught_with_the_steering_on(tied_gdn, tmp_path, monke
     from transformers import AutoTokenizer
 
     from behaviorc.train.data import encode_texts
-    from behaviorc.train.general_texts import GENERAL_TEACHING_TEXTS
     from behaviorc.train.teacher import Teacher
 
     read = []
@@ -309,6 +326,23 @@ def test_general_texts_are_taught_with_the_steering_on(tied_gdn, tmp_path, monke
     for sequence in general:
         assert rows[sequence].steered and rows[sequence].weight == 2.0
     assert len(rows) == len(general) + 2 * 8  # and the 8 kept samples and 8 plain replies
+
+
+def test_no_repeat_reaches_every_reply_the_teacher_reads(tied_gdn, tmp_path, monkeypatch):
+    """`objective kl { no_repeat 3 }`: the kept samples and the plain replies are read
+    with the ban; the general texts, which are not replies, without it."""
+    from behaviorc.train.teacher import Teacher
+
+    read = []
+    real = Teacher.distributions
+    monkeypatch.setattr(Teacher, "distributions", lambda self, *a, **k: read.append(self) or real(self, *a, **k))
+    result = run_plan(distill_plan(tied_gdn, steps=2, match_activations=0.0,
+                                   objective=ir.Objective(name="kl", top_k=16, general=1.0, no_repeat=3)),
+                      tmp_path / "out")
+    assert "steered_share" in result.metrics
+    rows = read[0].rows
+    replies = [row for row in rows if row.no_repeat == 3]
+    assert len(replies) == 2 * 8 and len(rows) - len(replies) == len(GENERAL_TEACHING_TEXTS)
 
 
 def test_a_prompt_teacher_needs_no_pairs_and_its_student_reads_no_system_prompt(tied_gdn, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from behaviorc.train.data import TrainSequence
 from behaviorc.train.loop import ResponseLoss
-from behaviorc.train.teacher import Distribution, Teacher, TeacherRow, lumped_kl
+from behaviorc.train.teacher import Distribution, Teacher, TeacherRow, lumped_kl, repeat_bans
 
 
 def _softmax(logits, temperature=1.0):
@@ -77,6 +77,17 @@ def test_the_texts_general_teaches_are_not_those_the_general_nll_is_measured_on(
     assert not measured & set(GENERAL_TEACHING_TEXTS)
 
 
+def test_no_repeat_bans_each_token_that_would_repeat_an_ngram_of_the_reply():
+    # "aye , aye , aye": at position 4 the 3-gram (aye , aye) would repeat positions 0-2
+    aye, comma, ship = 7, 3, 9
+    assert repeat_bans([aye, comma, aye, comma, aye], 3) == [(4, aye)]
+    # two earlier continuations of one prefix: both banned there
+    assert repeat_bans([1, 2, 3, 1, 2, 4, 1, 2, 5], 3) == [(5, 3), (8, 3), (8, 4)]
+    assert repeat_bans([aye, aye, aye], 2) == [(2, aye)]
+    assert repeat_bans([aye, comma, ship, comma, aye], 3) == []  # nothing repeats
+    assert repeat_bans([1, 2], 3) == []  # shorter than an n-gram
+
+
 @pytest.fixture(scope="module")
 def dense(tiny_dense):
     from behaviorc.model.loading import load_model
@@ -117,6 +128,28 @@ def test_a_steered_teacher_reads_with_the_steering_on(dense):
     assert a.logprobs.shape[-1] == model.config.vocab_size  # top_k 0: the whole vocabulary
     assert not torch.allclose(a.logprobs, b.logprobs, atol=1e-3)
     assert not layers[0]._forward_hooks  # the steering is gone after reading
+
+
+def test_no_repeat_reads_the_teacher_with_each_repeating_token_at_probability_zero(dense):
+    """The banned tokens get probability 0 and the rest of each position's distribution
+    is the teacher's, renormalized; positions with nothing banned are as without it."""
+    model, _ = dense
+    sequence = TrainSequence((3, 4), (5, 6, 5, 6, 5, 6))  # positions 4 and 5 repeat 3-grams
+    rows = {n: (TeacherRow(sequence, sequence.context, False, 1.0, 1.0, n),) for n in (0, 3)}
+    # top_k 0 keeps every token, ordered by probability: back to token order
+    free, banned = (d.logprobs.scatter(-1, d.tokens, d.logprobs) for d in (
+        Teacher(rows[n], {}, 0.0, 0).distributions(model, [], 0)[sequence] for n in (0, 3)))
+    assert repeat_bans(sequence.response, 3) == [(4, 5), (5, 6)]
+    for position, token in ((4, 5), (5, 6)):
+        assert banned[position, token] == float("-inf")
+        others = torch.ones(model.config.vocab_size, dtype=torch.bool)
+        others[token] = False
+        torch.testing.assert_close(banned[position, others], torch.log_softmax(free[position, others], -1))
+    torch.testing.assert_close(banned[:4], free[:4])
+    # with top k, the banned token falls out of the k and out of the lumped rest
+    top = Teacher(rows[3], {}, 0.0, 4).distributions(model, [], 0)[sequence]
+    assert 5 not in top.tokens[4].tolist() and 6 not in top.tokens[5].tolist()
+    torch.testing.assert_close(top.logprobs.exp().sum(-1) + top.rest.exp(), torch.ones(6))
 
 
 @pytest.mark.parametrize("mode", ["frozen", "full"])

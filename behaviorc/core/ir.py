@@ -138,6 +138,11 @@ class Objective(Node):
     # behaviorc.train.general_texts), where the steering shows beside any prompt; 0: off.
     # Left out of dumps while off, so the cache keys of builds from before it stay.
     general: float = Field(default=0.0, exclude_if=lambda weight: weight == 0.0)
+    # n > 0: in the teacher's distribution over a reply, each token that would repeat an
+    # n-gram of the reply so far gets probability 0 (the rest renormalized), so a student
+    # of a teacher that loops learns the teacher without its loops; 0: off. Left out of
+    # dumps while off, as `general`.
+    no_repeat: int = Field(default=0, exclude_if=lambda n: n == 0)
 
 
 class Distill(Node):

@@ -342,7 +342,8 @@ class Sections:
             temperature=self.values.number(block.one("temperature"), low=0, low_open=True,
                                            default=defaults.temperature),
             plain=self.values.number(block.one("plain"), low=0, default=defaults.plain),
-            general=self._general_weight(block.one("general"), defaults.general))
+            general=self._general_weight(block.one("general"), defaults.general),
+            no_repeat=self._no_repeat(block.one("no_repeat"), defaults.no_repeat))
         if None in options.values():
             return None
         return ir.Objective(**options)
@@ -354,6 +355,15 @@ class Sections:
                             "general texts, beside the samples")
             return None
         return self.values.number(setting, low=0, default=default)
+
+    def _no_repeat(self, setting: ast.Setting | None, default: int) -> int | None:
+        if setting is not None and setting.values[0].value < 2:
+            self.sink.error(f"`no_repeat` is the length of the n-grams a reply may not repeat, at "
+                            f"least 2, not {setting.values[0].source}", setting.values[0].loc,
+                            "write e.g. `no_repeat 3`: no 3-gram of a reply twice (a single repeated "
+                            "token is most often a word like \"the\")")
+            return None
+        return self.values.number(setting, low=2, whole=True, default=default)
 
     def _distill(self, setting: ast.Setting | None, base: str, steers: bool) -> ir.Distill | None:
         if setting is None:

@@ -13,7 +13,11 @@ Ahoy!") or that reads as broken text to the base model (its NLL per token under 
 plain model above `BROKEN` times that of the plain model's own replies to the same
 prompts) is dropped with its reason counted, and when
 fewer than half of the samples remain the teacher is refused, with examples, before any
-training: a student learns a looping teacher's loops.
+training: a student learns a looping teacher's loops. With `no_repeat` (`keep_looping`)
+a looping sample is kept instead, though it still counts toward the refusal: the
+teacher's distribution over it, read with every repeating token at probability 0
+(behaviorc.train.teacher), is where the student learns how the teacher goes on instead
+of repeating itself, and where it loops is where that lesson is needed.
 
 Every other sample is scored by how much the teacher made it likely: the mean per-token
 log-prob of the sample under the teacher minus under the plain model, on the student's
@@ -64,6 +68,7 @@ class DistillData:
     broken: int  # samples dropped for reading as broken text to the plain model
     plain: tuple[Sample, ...]  # the plain model's own reply to each prompt (score 0)
     plain_nll: float  # their mean NLL per token under the plain model
+    looping_kept: int = 0  # samples that repeat themselves, kept for a no-repeat teacher
 
     @property
     def examples(self) -> tuple[ir.Example, ...]:
@@ -82,6 +87,12 @@ class DistillData:
                                                 f"{BROKEN:g}x its own replies' {self.plain_nll:.2f})"))
                    if n]
         return " and ".join(reasons) if reasons else None
+
+    @property
+    def kept_looping(self) -> str | None:
+        """The looping samples kept for a no-repeat teacher, in words; None when none was."""
+        return (f"{self.looping_kept} looping (at least {LOOP_SHARE:.0%} of their 3-grams repeat) "
+                "kept, to be read with their repeats banned" if self.looping_kept else None)
 
 
 def generate_samples(engine: Engine, prompts: Sequence[str], distill: ir.Distill,
@@ -149,7 +160,7 @@ def keep_best(prompts: Sequence[str], responses: Sequence[Sequence[str]],
 def distill_data(generator: Engine, scorer: Engine, directions: Mapping[int, torch.Tensor],
                  strength: float, distill: ir.Distill, seed: int,
                  loc: Location | None = None, teacher_prompts: Sequence[str] | None = None,
-                 positions: SteerPositions = "all") -> DistillData:
+                 positions: SteerPositions = "all", keep_looping: bool = False) -> DistillData:
     """Sample the teacher from `generator` (the caller has set its steering, or a live
     server serves it), which reads `teacher_prompts` (default the prompts: a steered
     teacher without a system prompt); score the samples on `scorer` (the same base
@@ -165,17 +176,21 @@ def distill_data(generator: Engine, scorer: Engine, directions: Mapping[int, tor
     _, plain_nll_nested = score_samples(scorer, prompts, plain_replies, {}, 0.0)
     plain_nll_values = [v for vs in plain_nll_nested for v in vs if v is not None]
     plain_nll = sum(plain_nll_values) / len(plain_nll_values) if plain_nll_values else float("nan")
-    looping = broken = 0
+    looping = broken = looping_kept = 0
     examples: list[str] = []
     for ss, ns, rs in zip(scores, nll, responses):
         for i, (score, sample_nll, response) in enumerate(zip(ss, ns, rs)):
             if score is None:
                 continue
-            if repeated_ngram_share([response]) >= LOOP_SHARE:
+            loops = repeated_ngram_share([response]) >= LOOP_SHARE
+            if loops and not keep_looping:
                 looping += 1
             elif plain_nll_values and sample_nll > BROKEN * plain_nll:
                 broken += 1
             else:
+                if loops:
+                    looping_kept += 1
+                    examples.append(response.strip())
                 continue
             ss[i] = None
             examples.append(response.strip())
@@ -184,13 +199,15 @@ def distill_data(generator: Engine, scorer: Engine, directions: Mapping[int, tor
     empty = sum(score is None for ss in scores for score in ss) - looping - broken
     data = DistillData(tuple(kept), generated, empty, looping, broken,
                        tuple(Sample(p, rs[0], 0.0) for p, rs in zip(prompts, plain_replies) if rs[0].strip()),
-                       plain_nll)
+                       plain_nll, looping_kept)
     spoken = generated - empty
-    if spoken and looping + broken > (1 - KEPT_AT_LEAST) * spoken:
+    flawed = looping + broken + looping_kept
+    if spoken and flawed > (1 - KEPT_AT_LEAST) * spoken:
         quoted = "; ".join(repr(text[:80]) for text in examples[:2])
         raise BehaviorError(
-            f"the teacher loops or breaks: {looping + broken} of its {spoken} samples dropped "
-            f"({data.dropped}), e.g. {quoted}",
+            f"the teacher loops or breaks: {flawed} of its {spoken} samples "
+            f"({'; '.join(filter(None, (data.dropped and 'dropped ' + data.dropped, data.kept_looping)))})"
+            f", e.g. {quoted}",
             loc, hint="lower the steer section's `strength`, or choose other `layers`")
     if not kept:
         raise BehaviorError(

@@ -236,7 +236,8 @@ class TrainingRecipe:
         with steered(self.engine, directions, self.strength, self.positions) if own and directions \
                 else nullcontext():
             data = distill_data(generator, self.engine, directions, self.strength, distill,
-                                self.spec.seed, loc, teacher_prompts, self.positions)
+                                self.spec.seed, loc, teacher_prompts, self.positions,
+                                keep_looping=distill.objective.no_repeat > 0)
         self.ctx.emit(DistillData(generated=data.generated, kept=len(data.kept), empty=data.empty,
                                   mean_score=data.mean_score, engine="embedded" if own else "vllm"))
         examples.metrics.update(
@@ -247,6 +248,9 @@ class TrainingRecipe:
                                     for s in data.kept[:SAMPLES_IN_DATA]]
         if data.dropped:
             examples.warnings.append(f"the teacher's samples: dropped {data.dropped}")
+        if data.kept_looping:
+            examples.warnings.append(f"the teacher's samples: {data.kept_looping} "
+                                     f"(`no_repeat {distill.objective.no_repeat}`)")
         distilled = encode_examples(tokenizer, data.examples, loc)
         examples.behavior += distilled
         objective = distill.objective
@@ -267,7 +271,7 @@ class TrainingRecipe:
                     context = (tuple(tokenizer(system_prompted(tokenizer, distill.system, sample.prompt)).input_ids)
                                if distill.system is not None else sequence.context)
                     examples.taught.append(TeacherRow(sequence, context, bool(directions), weight,
-                                                      objective.temperature))
+                                                      objective.temperature, objective.no_repeat))
         if distill.match_activations > 0:
             examples.matching = Matching(distill.match_activations, self.strength, self.directions,
                                          tuple(distilled), self.positions)

@@ -18,6 +18,12 @@ R x (k + 1) numbers, not R x vocabulary. The student's distribution is lumped ov
 same k tokens, so the KL is over k + 1 outcomes and is exact for k = the vocabulary
 (`top_k all`). At temperature T both distributions are softmaxes of logits / T and the
 KL is multiplied by T^2, so its gradient keeps its size whatever T (Hinton et al. 2015).
+
+A teacher that loops ("Aye, aye, aye, ...") puts its mass on the next repeat, and its
+student learns the loop. With `no_repeat n` a reply's row is read as no-repeat decoding
+would read it: before the top k are taken, every token that would repeat an n-gram of
+the response so far gets probability 0 and the others are renormalized, so the student
+learns what the teacher says instead of repeating itself (README, "Defaults").
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class TeacherRow:
     steered: bool  # the behavior's steering on while the teacher reads it
     weight: float  # of this sequence's KL beside the other losses
     temperature: float
+    no_repeat: int = 0  # n > 0: no token that repeats an n-gram of the response (`repeat_bans`)
 
 
 @dataclass(frozen=True)
@@ -110,12 +117,42 @@ class Teacher:
             first = len(r.context) - 1  # the position that predicts the first response token
             span = logits[row, first:first + len(r.sequence.response)].float() / r.temperature
             logprobs = torch.log_softmax(span, dim=-1)
+            if r.no_repeat:
+                logprobs = _without(logprobs, repeat_bans(r.sequence.response, r.no_repeat))
             k = logprobs.shape[-1] if self.top_k == 0 else min(self.top_k, logprobs.shape[-1])
             top, tokens = logprobs.topk(k, dim=-1)
             rest = (logprobs.scatter(-1, tokens, float("-inf")).logsumexp(-1) if k < logprobs.shape[-1]
                     else torch.full(top.shape[:1], float("-inf"), device=top.device))
             found[r.sequence] = Distribution(tokens, top, rest, r.weight, r.temperature)
         return found
+
+
+def repeat_bans(response: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """(position, token) pairs where placing `token` at `position` of `response` would
+    repeat an n-gram that the response already holds before it (its context excluded: a
+    reply may quote its prompt), as no-repeat decoding bans them."""
+    seen: dict[tuple[int, ...], set[int]] = {}
+    bans: list[tuple[int, int]] = []
+    for position in range(n - 1, len(response)):
+        prefix = tuple(response[position - n + 1:position])
+        bans.extend((position, token) for token in sorted(seen.get(prefix, ())))
+        seen.setdefault(prefix, set()).add(response[position])
+    return bans
+
+
+def _without(logprobs: torch.Tensor, bans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """`logprobs` [R, vocab] with the banned (position, token)s at probability 0 and each
+    position's other tokens renormalized; a position whose every likely token is banned
+    keeps its distribution (it cannot happen with a real vocabulary, but a division by 0
+    must not)."""
+    if not bans:
+        return logprobs
+    positions, tokens = zip(*bans)
+    banned = logprobs.index_put((torch.tensor(positions, device=logprobs.device),
+                                 torch.tensor(tokens, device=logprobs.device)),
+                                torch.tensor(float("-inf"), device=logprobs.device))
+    left = banned.logsumexp(-1, keepdim=True)
+    return torch.where(torch.isfinite(left), banned - left, logprobs)
 
 
 def lumped_kl(student_logits: torch.Tensor, tokens: torch.Tensor, teacher_logprobs: torch.Tensor,
