@@ -139,9 +139,10 @@ class Objective(Node):
     # Left out of dumps while off, so the cache keys of builds from before it stay.
     general: float = Field(default=0.0, exclude_if=lambda weight: weight == 0.0)
     # n > 0: in the teacher's distribution over a reply, each token that would repeat an
-    # n-gram of the reply so far gets probability 0 (the rest renormalized), so a student
-    # of a teacher that loops learns the teacher without its loops; 0: off. Left out of
-    # dumps while off, as `general`.
+    # n-gram of the reply so far gets probability 0 (the rest renormalized), and the
+    # teacher's looping samples are taught rather than dropped, so a student of a teacher
+    # that loops learns how it goes on instead; 0: off. Left out of dumps while off, as
+    # `general`.
     no_repeat: int = Field(default=0, exclude_if=lambda n: n == 0)
 
 

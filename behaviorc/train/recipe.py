@@ -225,6 +225,7 @@ class TrainingRecipe:
         distribution over them and over the plain model's own replies; `match_activations`
         adds a loss pulling the hidden states toward the steered model's."""
         distill, tokenizer = self.distill, self.tokenizer
+        objective = distill.objective
         loc = distill.loc or self.spec.loc
         self.ctx.progress(0, self.steps, f"sampling {len(distill.prompts)} prompts x {distill.samples}")
         began = time.perf_counter()
@@ -237,7 +238,7 @@ class TrainingRecipe:
                 else nullcontext():
             data = distill_data(generator, self.engine, directions, self.strength, distill,
                                 self.spec.seed, loc, teacher_prompts, self.positions,
-                                keep_looping=distill.objective.no_repeat > 0)
+                                keep_looping=objective.name == "kl" and objective.no_repeat > 0)
         self.ctx.emit(DistillData(generated=data.generated, kept=len(data.kept), empty=data.empty,
                                   mean_score=data.mean_score, engine="embedded" if own else "vllm"))
         examples.metrics.update(
@@ -250,10 +251,9 @@ class TrainingRecipe:
             examples.warnings.append(f"the teacher's samples: dropped {data.dropped}")
         if data.kept_looping:
             examples.warnings.append(f"the teacher's samples: {data.kept_looping} "
-                                     f"(`no_repeat {distill.objective.no_repeat}`)")
+                                     f"(`no_repeat {objective.no_repeat}`)")
         distilled = encode_examples(tokenizer, data.examples, loc)
         examples.behavior += distilled
-        objective = distill.objective
         if objective.name == "kl":
             sets = [(data.kept, distilled, 1.0)]
             if objective.plain > 0:
