@@ -10,11 +10,9 @@ engine). Every test leaves the server with nothing registered and no steering.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-
 import pytest
 import torch
 
@@ -161,39 +159,6 @@ def complete(live: VLLMEngine, prompt: str, steer: str | None = None,
     return choice["text"], choice["logprobs"]["token_logprobs"]
 
 
-LONG = 1024  # tokens of a request that runs through others: a second or more here
-
-
-def steer_stats(live: VLLMEngine) -> dict[str, int]:
-    return live.client.rpc("behaviorc_steer_stats", doing="reading steering counts")
-
-
-def mixed_batches(live: VLLMEngine, held: list, jobs: list, check, rounds: int = 3) -> None:
-    """Run the `held` calls (long requests, at least one of them steered) and, once the
-    server has run a steered pass, the `jobs` on 8 threads; `check` the jobs' results, in
-    order. Until the server counts a forward pass that held steered and unsteered
-    requests at once (what the caller's check is about), up to `rounds` times: on a
-    loaded machine a held request can end before the jobs' threads reach the server."""
-    before = steer_stats(live)
-    for _ in range(rounds):
-        steered = steer_stats(live)["steered_passes"]
-        with ThreadPoolExecutor(8) as pool:
-            started = [pool.submit(call) for call in held]
-            deadline = time.monotonic() + 60
-            while steer_stats(live)["steered_passes"] == steered and not any(f.done() for f in started):
-                assert time.monotonic() < deadline, "the held requests never ran"
-                time.sleep(0.005)
-            answers = list(pool.map(lambda job: job(), jobs))
-            for request in started:
-                request.result()
-        check(answers)
-        after = steer_stats(live)
-        if after["mixed_passes"] > before["mixed_passes"]:
-            return
-    raise AssertionError(f"no forward pass held steered and unsteered requests at once in {rounds} "
-                         f"rounds: {before} -> {after}")
-
-
 def assert_same(got: tuple[str, list[float]], expected: tuple[str, list[float]]) -> None:
     assert got[0] == expected[0]
     assert max(abs(a - b) for a, b in zip(got[1], expected[1])) <= BF16_TOLERANCE
@@ -226,18 +191,22 @@ def test_steered_and_unsteered_requests_batched_together_match_separate_servers(
 
     for name, vectors in directions.items():
         register_vectors(live.client, name, vectors)
+    before = live.client.rpc("behaviorc_steer_stats", doing="reading steering counts")
     work = [(p, steer) for p in PROMPTS for steer in (None, "happy:2", "happy:2,concise:-1.5")] * 3
     expected = {None: plain, "happy:2": happy, "happy:2,concise:-1.5": both}
-
-    def check(answers):
-        for (prompt, steer), answer in zip(work, answers):
-            assert_same(answer, expected[steer][prompt])
-
-    # Two long answers, one steered, run all through the short ones: forward passes then
-    # hold steered and unsteered requests at once, however fast the short ones go.
-    mixed_batches(live, [lambda steer=steer: complete(live, PROMPTS[0], steer, LONG, ignore_eos=True)
-                         for steer in (None, "happy:2")],
-                  [lambda job=job: complete(live, *job) for job in work], check)
+    with ThreadPoolExecutor(8) as pool:
+        # Two long answers, one steered, run all through the short ones: forward passes
+        # then hold steered and unsteered requests at once, however fast the short ones go.
+        held = [pool.submit(complete, live, PROMPTS[0], steer, 256, ignore_eos=True)
+                for steer in (None, "happy:2")]
+        answers = list(pool.map(lambda job: complete(live, *job), work))
+        for request in held:
+            request.result()
+    for (prompt, steer), answer in zip(work, answers):
+        assert_same(answer, expected[steer][prompt])
+    after = live.client.rpc("behaviorc_steer_stats", doing="reading steering counts")
+    # Forward passes that held steered and unsteered requests at once did happen.
+    assert after["mixed_passes"] > before["mixed_passes"]
 
 
 def test_the_compiled_server_serves_unsteered_requests_as_plain_vllm_does(
@@ -308,10 +277,9 @@ def prefix_cache_hits(live: VLLMEngine) -> float:
 GENERATED_STRENGTH = 0.1  # the made-up vectors saturate the tiny model above 0.2
 
 
-def scored_reply(live: VLLMEngine, ids: list[int], steer: str | None,
-                 max_tokens: int = 6) -> tuple[list[float], str, list[float]]:
+def scored_reply(live: VLLMEngine, ids: list[int], steer: str | None) -> tuple[list[float], str, list[float]]:
     """A greedy reply to the prompt `ids`: the prompt's log-probs, the reply and its log-probs."""
-    body = {"model": live.served_model_name, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
+    body = {"model": live.served_model_name, "prompt": ids, "max_tokens": 6, "temperature": 0.0,
             "logprobs": 0, "prompt_logprobs": 0, "ignore_eos": True}
     if steer is not None:
         body["vllm_xargs"] = {"steer": steer}
@@ -351,17 +319,19 @@ def test_generated_steering_per_request_and_server_wide_is_the_embedded_engines(
         assert max(abs(a - b) for a, b in zip(reply_logprobs, want)) <= BF16_TOLERANCE
     assert any(differs(alone[p][1:], plain[p][1:]) for p in PROMPTS)
 
+    before = live.client.rpc("behaviorc_steer_stats", doing="reading steering counts")
     work = [(p, s) for p in PROMPTS for s in (None, steer)] * 3
-
-    def check(answers):
-        for (p, s), answer in zip(work, answers):
-            reference = alone[p] if s else plain[p]
-            assert answer[1] == reference[1]
-            assert max(abs(a - b) for a, b in zip(answer[0] + answer[2], reference[0] + reference[2])) \
-                <= BF16_TOLERANCE
-
-    mixed_batches(live, [lambda: scored_reply(live, rows[PROMPTS[0]] * 8, steer)],
-                  [lambda job=job: scored_reply(live, rows[job[0]], job[1]) for job in work], check)
+    with ThreadPoolExecutor(8) as pool:
+        held = pool.submit(scored_reply, live, rows[PROMPTS[0]] * 8, steer)  # a long one runs through
+        answers = list(pool.map(lambda job: scored_reply(live, rows[job[0]], job[1]), work))
+        held.result()
+    for (p, s), answer in zip(work, answers):
+        reference = alone[p] if s else plain[p]
+        assert answer[1] == reference[1]
+        assert max(abs(a - b) for a, b in zip(answer[0] + answer[2], reference[0] + reference[2])) \
+            <= BF16_TOLERANCE
+    after = live.client.rpc("behaviorc_steer_stats", doing="reading steering counts")
+    assert after["mixed_passes"] > before["mixed_passes"]
 
     # server-wide: scoring sends prompt and completion as one vLLM prompt (`steer_from`)
     completions = [replies[p] for p in PROMPTS]
