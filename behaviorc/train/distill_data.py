@@ -94,6 +94,16 @@ class DistillData:
         return (f"{self.looping_kept} looping (at least {LOOP_SHARE:.0%} of their 3-grams repeat) "
                 "kept, to be read with their repeats banned" if self.looping_kept else None)
 
+    @property
+    def flawed(self) -> int:
+        """Samples that loop or break, dropped or kept: what refuses a teacher."""
+        return self.looping + self.broken + self.looping_kept
+
+    @property
+    def flaws(self) -> str:
+        """Those samples and what became of them, in words."""
+        return "; ".join(filter(None, (self.dropped and f"dropped {self.dropped}", self.kept_looping)))
+
 
 def generate_samples(engine: Engine, prompts: Sequence[str], distill: ir.Distill,
                      seed: int, samples: int | None = None) -> list[list[str]]:
@@ -201,13 +211,11 @@ def distill_data(generator: Engine, scorer: Engine, directions: Mapping[int, tor
                        tuple(Sample(p, rs[0], 0.0) for p, rs in zip(prompts, plain_replies) if rs[0].strip()),
                        plain_nll, looping_kept)
     spoken = generated - empty
-    flawed = looping + broken + looping_kept
-    if spoken and flawed > (1 - KEPT_AT_LEAST) * spoken:
+    if spoken and data.flawed > (1 - KEPT_AT_LEAST) * spoken:
         quoted = "; ".join(repr(text[:80]) for text in examples[:2])
         raise BehaviorError(
-            f"the teacher loops or breaks: {flawed} of its {spoken} samples "
-            f"({'; '.join(filter(None, (data.dropped and 'dropped ' + data.dropped, data.kept_looping)))})"
-            f", e.g. {quoted}",
+            f"the teacher loops or breaks: {data.flawed} of its {spoken} samples ({data.flaws}), "
+            f"e.g. {quoted}",
             loc, hint="lower the steer section's `strength`, or choose other `layers`")
     if not kept:
         raise BehaviorError(
